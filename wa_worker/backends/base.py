@@ -1,0 +1,194 @@
+"""The one interface every WhatsApp backend implements.
+
+A *backend* creates one *session* per instance. A session connects to WhatsApp,
+reports what happens through an :class:`EventSink` (plain dataclass events, never
+library objects), sends text, and disconnects. The instance runner
+(:mod:`wa_worker.instances.runner`) owns the lifecycle; the backend only
+translates between its library and these types.
+
+Rules every backend follows:
+
+* ``connect()`` returns once the attempt has *started*; the outcome arrives as
+  events (:class:`QrCode`, :class:`Connected`, :class:`Disconnected`,
+  :class:`LoggedOut`).
+* The sink is called on the worker's event loop. It never blocks on the
+  network (the runner only queues or journals), so a backend may await it
+  directly from its library callback.
+* ``send_text`` returns the WhatsApp message id or raises :class:`SendError`.
+* ``disconnect()`` closes the connection and keeps the stored session; only
+  ``LoggedOut`` (from the phone) makes the runner wipe the auth folder.
+* ``close()`` releases everything the session holds (threads, files); it is
+  idempotent and bounded in time.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class QrCode:
+    """A new pairing QR string (the text to encode, not an image)."""
+
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """Logged in and online. ``jid`` is our own JID when the backend knows it."""
+
+    jid: str | None = None
+    push_name: str | None = None
+
+    @property
+    def phone_number(self) -> str | None:
+        if not self.jid:
+            return None
+        user = self.jid.split("@", 1)[0]
+        return user.split(":", 1)[0].split(".", 1)[0] or None
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The connection ended; the runner reconnects with backoff.
+
+    ``reason`` is a short machine word (``network``, ``connect_failure``,
+    ``stream_replaced``, ``temporary_ban``, ``connect_timeout`` ...).
+    ``retry_after_s`` lets a backend demand a minimum wait (e.g. a temporary
+    ban's expiry); ``None`` means "use the normal backoff".
+    """
+
+    reason: str = "network"
+    detail: str | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedOut:
+    """The phone unlinked this device: the session is dead and must be wiped."""
+
+    reason: str = "logged_out"
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A received message with a non-empty text body.
+
+    ``chat_jid`` is the conversation (a user JID, or a group ``…@g.us``);
+    ``sender_jid`` the author (in groups the participant, otherwise equal to
+    ``chat_jid`` for incoming messages or our own JID when ``from_me``).
+    ``timestamp`` is seconds since the epoch.
+    """
+
+    wa_message_id: str
+    chat_jid: str
+    sender_jid: str
+    body: str
+    from_me: bool = False
+    is_group: bool = False
+    push_name: str | None = None
+    timestamp: float = 0.0
+    own_jid: str | None = None
+
+
+BackendEvent = QrCode | Connected | Disconnected | LoggedOut | InboundMessage
+
+EventSink = Callable[[BackendEvent], Awaitable[None]]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class BackendError(Exception):
+    """Base class of backend failures."""
+
+
+class SendError(BackendError):
+    """A send did not reach WhatsApp. ``permanent`` means retrying is pointless
+    (e.g. the recipient does not exist); the relay reports it as failed either
+    way (never re-sends on its own)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class NotConnectedError(SendError):
+    """The session is not connected right now."""
+
+
+# --------------------------------------------------------------------------- interface
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """What the runner may show about a session (health, simulator control)."""
+
+    instance_id: str
+    state: str
+    jid: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class Session(abc.ABC):
+    """One instance's connection to WhatsApp."""
+
+    instance_id: str
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Start connecting; outcomes arrive through the sink."""
+
+    @abc.abstractmethod
+    async def send_text(self, to_jid: str, body: str) -> str:
+        """Send a text message; return the WhatsApp message id."""
+
+    @abc.abstractmethod
+    async def disconnect(self) -> None:
+        """Close the connection, keep the stored session (never log out)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every resource the session holds. Idempotent, bounded."""
+
+
+class Backend(abc.ABC):
+    """A factory of sessions, one per instance, storing them under ``auth_root``."""
+
+    name: str = "abstract"
+
+    def __init__(self, auth_root: Path) -> None:
+        self.auth_root = auth_root
+
+    def auth_dir(self, instance_id: str) -> Path:
+        return self.auth_root / instance_id
+
+    @abc.abstractmethod
+    def has_session(self, instance_id: str) -> bool:
+        """True when a paired session is stored for ``instance_id``."""
+
+    def stored_instances(self) -> list[str]:
+        """Instance ids with a stored session (resumed at start-up)."""
+        from ..ids import is_valid_instance_id
+
+        if not self.auth_root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.auth_root.iterdir()
+            if p.is_dir() and is_valid_instance_id(p.name) and self.has_session(p.name)
+        )
+
+    @abc.abstractmethod
+    async def open_session(self, instance_id: str, sink: EventSink) -> Session:
+        """Create (not yet connect) the session of ``instance_id``."""
+
+    async def aclose(self) -> None:
+        """Release backend-wide resources (thread pools, relays)."""
