@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # --- the Node worker's variables
     EDGE_BASE_URL: HttpUrl
     WORKER_SECRET: SecretStr = Field(min_length=8)
-    PORT: int = Field(3000, ge=1, le=65535)
+    PORT: int = Field(3000, ge=0, le=65535)  # 0: any free port (tests)
     AUTH_DIR: Path = Path("/data/auth")
     INSTANCE_POLL_MS: int = Field(10_000, ge=100, le=3_600_000)
     MSG_POLL_MS: int = Field(2_000, ge=50, le=3_600_000)

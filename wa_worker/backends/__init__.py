@@ -1,0 +1,23 @@
+"""WhatsApp backends: one interface (``base``), a real one (``neonize_backend``)
+and an in-process fake network (``simulator``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from .base import Backend
+
+
+def make_backend(settings: "Settings") -> "Backend":
+    """The backend named by ``WA_BACKEND``."""
+    auth = Path(settings.AUTH_DIR)
+    if settings.WA_BACKEND.value == "simulator":
+        from .simulator import SimulatorBackend
+
+        return SimulatorBackend(auth, auto_scan_ms=settings.SIMULATOR_AUTO_SCAN_MS)
+    from .neonize_backend import NeonizeBackend
+
+    return NeonizeBackend(auth, connect_timeout_s=settings.CONNECT_TIMEOUT_S)

@@ -190,5 +190,12 @@ class Backend(abc.ABC):
     async def open_session(self, instance_id: str, sink: EventSink) -> Session:
         """Create (not yet connect) the session of ``instance_id``."""
 
+    async def __aenter__(self) -> "Backend":
+        """Start backend-wide services (the worker enters the backend once)."""
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         """Release backend-wide resources (thread pools, relays)."""

@@ -1,0 +1,177 @@
+"""A real HTTP edge proxy on loopback (aiohttp) for end-to-end tests.
+
+It keeps the Node proxy's harshest semantics: a queued message is returned by
+every ``/queued-messages`` call until ``/mark-sent`` or ``/mark-failed``
+succeeds, so a worker that re-sends on a lost acknowledgement is caught. Faults
+are injected per endpoint (``fail``: next N calls answer 500; ``hang``: next N
+calls sleep past the client's timeout; ``status``: a fixed answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+SECRET = "test-secret-0123456789"
+
+
+@dataclass
+class FakeProxy:
+    secret: str = SECRET
+    shape: str = "list"  # "list" | "object" (response shapes of the two proxy families)
+    batch: bool = False  # support GET /queued-messages without instanceId
+    mark_failed_supported: bool = True
+    instances: dict[str, dict[str, Any]] = field(default_factory=dict)
+    queue: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    sent_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    failed_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    inbound: list[dict[str, Any]] = field(default_factory=list)
+    statuses: list[dict[str, Any]] = field(default_factory=list)
+    calls: Counter[str] = field(default_factory=Counter)
+    fail: Counter[str] = field(default_factory=Counter)
+    hang: Counter[str] = field(default_factory=Counter)
+    fixed_status: dict[str, int] = field(default_factory=dict)
+    random_fault_rate: float = 0.0
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+    hang_s: float = 3.0
+    gone: set[str] = field(default_factory=set)
+    enqueued_at: dict[str, float] = field(default_factory=dict)
+    sent_at: dict[str, float] = field(default_factory=dict)
+    on_queue_call: Any = None
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    # ---------------------------------------------------------------- helpers for tests
+
+    def add_instance(self, iid: str, status: str = "DISCONNECTED") -> None:
+        self.instances[iid] = {"status": status, "qr_code": None}
+
+    def enqueue(self, iid: str, mid: str, to: str, body: str) -> None:
+        self.queue[iid].append({"id": mid, "to": to, "body": body})
+        self.enqueued_at[mid] = time.monotonic()
+
+    def status_of(self, iid: str) -> str | None:
+        inst = self.instances.get(iid)
+        return inst["status"] if inst else None
+
+    def statuses_of(self, iid: str) -> list[dict[str, Any]]:
+        return [s for s in self.statuses if s["instanceId"] == iid]
+
+    def inbound_ids(self) -> list[str]:
+        return [p["wa_message_id"] for p in self.inbound]
+
+    # ---------------------------------------------------------------- server
+
+    async def start(self) -> "FakeProxy":
+        app = web.Application()
+        app.router.add_get("/disconnected-instances", self._disconnected)
+        app.router.add_post("/update-status", self._update_status)
+        app.router.add_get("/queued-messages", self._queued)
+        app.router.add_post("/mark-sent", self._mark_sent)
+        app.router.add_post("/mark-failed", self._mark_failed)
+        app.router.add_post("/inbound", self._inbound)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _gate(self, request: web.Request, endpoint: str) -> web.Response | None:
+        self.calls[endpoint] += 1
+        if request.headers.get("Authorization") != f"Bearer {self.secret}":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        if self.hang[endpoint] > 0:
+            self.hang[endpoint] -= 1
+            await asyncio.sleep(self.hang_s)
+            return web.json_response({"error": "slow"}, status=504)
+        if self.fail[endpoint] > 0:
+            self.fail[endpoint] -= 1
+            return web.json_response({"error": "injected"}, status=500)
+        if endpoint in self.fixed_status:
+            return web.json_response({"error": "fixed"}, status=self.fixed_status[endpoint])
+        if self.random_fault_rate and self.rng.random() < self.random_fault_rate:
+            if self.rng.random() < 0.3:
+                await asyncio.sleep(self.hang_s)
+            return web.json_response({"error": "random"}, status=503)
+        return None
+
+    def _wrap(self, key: str, items: list[Any]) -> Any:
+        return items if self.shape == "list" else {key: items}
+
+    async def _disconnected(self, request: web.Request) -> web.Response:
+        if (r := await self._gate(request, "disconnected-instances")) is not None:
+            return r
+        items = [{"id": i, "priority": 0} for i, v in self.instances.items()
+                 if v["status"] in ("DISCONNECTED", "CONNECTING")]
+        return web.json_response(self._wrap("instances", items))
+
+    async def _update_status(self, request: web.Request) -> web.Response:
+        if (r := await self._gate(request, "update-status")) is not None:
+            return r
+        body = await request.json()
+        iid = body.get("instanceId")
+        if iid in self.gone or iid not in self.instances:
+            return web.json_response({"error": "not found"}, status=404)
+        assert set(("instanceId", "status", "qr_code")) <= set(body), body
+        self.statuses.append(body)
+        self.instances[iid].update(status=body["status"], qr_code=body["qr_code"])
+        return web.json_response({"ok": True})
+
+    async def _queued(self, request: web.Request) -> web.Response:
+        if (r := await self._gate(request, "queued-messages")) is not None:
+            return r
+        iid = request.query.get("instanceId")
+        if self.on_queue_call is not None:
+            self.on_queue_call(iid)
+        if iid is None:
+            if not self.batch:
+                return web.json_response({"error": "instanceId required"}, status=400)
+            items = [{**m, "instanceId": i} for i, q in self.queue.items() for m in q]
+            return web.json_response({"messages": items})
+        if iid in self.gone:
+            return web.json_response({"error": "not found"}, status=404)
+        return web.json_response(self._wrap("messages", list(self.queue.get(iid, []))))
+
+    def _remove(self, mid: str) -> None:
+        for q in self.queue.values():
+            q[:] = [m for m in q if m["id"] != mid]
+
+    async def _mark_sent(self, request: web.Request) -> web.Response:
+        if (r := await self._gate(request, "mark-sent")) is not None:
+            return r
+        body = await request.json()
+        self.sent_marks[body["messageId"]].append(body["wa_message_id"])
+        self.sent_at.setdefault(body["messageId"], time.monotonic())
+        self._remove(body["messageId"])
+        return web.json_response({"ok": True})
+
+    async def _mark_failed(self, request: web.Request) -> web.Response:
+        if not self.mark_failed_supported:
+            self.calls["mark-failed"] += 1
+            return web.json_response({"error": "no such route"}, status=404)
+        if (r := await self._gate(request, "mark-failed")) is not None:
+            return r
+        body = await request.json()
+        self.failed_marks[body["messageId"]].append(body["error"])
+        self._remove(body["messageId"])
+        return web.json_response({"ok": True})
+
+    async def _inbound(self, request: web.Request) -> web.Response:
+        if (r := await self._gate(request, "inbound")) is not None:
+            return r
+        raw = await request.read()
+        self.inbound.append(json.loads(raw))
+        return web.json_response({"ok": True})

@@ -1,0 +1,306 @@
+"""An in-process fake WhatsApp network.
+
+It behaves like the real backend where the worker can tell: sessions are stored
+under ``AUTH_DIR/<id>/`` (so a restarted worker resumes them without a QR), an
+unpaired session shows rotating QR codes until the phone "scans", events arrive
+asynchronously, sends can fail, the network can drop and the phone can unlink
+the device. Every delivered message is appended to
+``AUTH_DIR/<id>/simulator-sent.jsonl`` so tests can count deliveries across
+restarts and crashes.
+
+It is driven through the worker's HTTP server (``/simulator/...``, see
+``wa_worker.http.server``) or directly from tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..fsutil import FILE_MODE, append_private, ensure_private_dir
+from ..ids import USER_SERVER, is_group_jid, normalize_recipient
+from .base import (
+    Backend,
+    Connected,
+    Disconnected,
+    EventSink,
+    InboundMessage,
+    LoggedOut,
+    NotConnectedError,
+    QrCode,
+    SendError,
+    Session,
+)
+
+log = logging.getLogger("wa_worker.simulator")
+
+SESSION_FILE = "simulator-session.json"
+SENT_FILE = "simulator-sent.jsonl"
+
+
+class SimulatorError(Exception):
+    """A control request that does not fit the instance's state (HTTP 409)."""
+
+
+@dataclass
+class _Phone:
+    """What the simulated WhatsApp servers know about one linked device."""
+
+    jid: str
+    push_name: str
+
+
+def _fake_phone(instance_id: str) -> str:
+    digest = int(hashlib.sha256(instance_id.encode()).hexdigest(), 16)
+    return "55119" + str(digest % 10**8).zfill(8)
+
+
+class SimulatorSession(Session):
+    def __init__(self, backend: "SimulatorBackend", instance_id: str, sink: EventSink) -> None:
+        self.backend = backend
+        self.instance_id = instance_id
+        self.sink = sink
+        self.state = "idle"  # idle | qr | connected | disconnected | logged_out | closed
+        self.qr: str | None = None
+        self.qr_count = 0
+        self.jid: str | None = None
+        self._tg: Any = None
+        self._cancel: anyio.CancelScope | None = None
+        self._scanned = anyio.Event()
+
+    # ---------------------------------------------------------------- Session API
+
+    async def connect(self) -> None:
+        if self.state == "closed":
+            raise SendError("session closed")
+        self._scanned = anyio.Event()
+        self.state = "connecting"
+        self.backend._spawn(self._connect_flow)
+
+    async def _connect_flow(self) -> None:
+        await anyio.sleep(self.backend.connect_delay_s)
+        if self.state != "connecting":
+            return
+        phone = self.backend._load_phone(self.instance_id)
+        if phone is not None:
+            await self._go_online(phone)
+            return
+        self.state = "qr"
+        with anyio.CancelScope() as scope:
+            self._cancel = scope
+            auto = self.backend.auto_scan_ms
+            while self.state == "qr":
+                self.qr_count += 1
+                self.qr = f"2@sim-{self.instance_id}-{self.qr_count}-{secrets.token_urlsafe(24)},simkey,{self.qr_count}"
+                await self.sink(QrCode(self.qr))
+                with anyio.move_on_after(auto / 1000 if auto is not None else self.backend.qr_rotate_s):
+                    await self._scanned.wait()
+                if self._scanned.is_set() or (auto is not None and self.state == "qr"):
+                    self._scanned = anyio.Event()
+                    await self._pair()
+                    return
+
+    async def _pair(self) -> None:
+        phone = _Phone(jid=f"{_fake_phone(self.instance_id)}@{USER_SERVER}", push_name=f"Sim {self.instance_id}")
+        self.backend._save_phone(self.instance_id, phone)
+        await self._go_online(phone)
+
+    async def _go_online(self, phone: _Phone) -> None:
+        self.state = "connected"
+        self.qr = None
+        self.jid = phone.jid
+        await self.sink(Connected(jid=phone.jid, push_name=phone.push_name))
+
+    async def send_text(self, to_jid: str, body: str) -> str:
+        if self.state != "connected":
+            raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
+        await anyio.sleep(self.backend.send_delay_s)
+        if self.backend.fail_sends.get(self.instance_id, 0) > 0:
+            self.backend.fail_sends[self.instance_id] -= 1
+            raise SendError("simulated send failure")
+        if self.state != "connected":
+            raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
+        wa_id = "SIM" + secrets.token_hex(8).upper()
+        record = {"to": to_jid, "body": body, "wa_message_id": wa_id, "ts": time.time()}
+        self.backend._record_sent(self.instance_id, record)
+        if self.backend.crash_after_send:
+            # fault injection for the journal's crash tests: die like kill -9,
+            # after WhatsApp has the message and before the worker records it
+            os.kill(os.getpid(), signal.SIGKILL)
+        return wa_id
+
+    async def disconnect(self) -> None:
+        if self.state in ("connecting", "qr", "connected"):
+            self.state = "disconnected"
+            if self._cancel is not None:
+                self._cancel.cancel()
+
+    async def close(self) -> None:
+        await self.disconnect()
+        self.state = "closed"
+        self.backend._forget(self)
+
+    # ---------------------------------------------------------------- the phone's side
+
+    def scan(self) -> None:
+        if self.state != "qr":
+            raise SimulatorError(f"no QR to scan: instance is {self.state}")
+        self._scanned.set()
+
+    async def drop(self) -> None:
+        if self.state not in ("connected", "qr", "connecting"):
+            raise SimulatorError(f"nothing to drop: instance is {self.state}")
+        await self.disconnect()
+        await self.sink(Disconnected("network", "simulated network loss"))
+
+    async def logout(self) -> None:
+        if self.state != "connected":
+            raise SimulatorError(f"not linked: instance is {self.state}")
+        self.state = "logged_out"
+        self.backend._delete_phone(self.instance_id)
+        await self.sink(LoggedOut("logged_out", "device removed from the phone"))
+
+    async def receive(self, from_: str, body: str, chat_id: str | None = None, push_name: str | None = None,
+                      is_group: bool = False, from_me: bool = False) -> str:
+        if self.state != "connected":
+            raise SimulatorError(f"not connected: instance is {self.state}")
+        sender = normalize_recipient(from_)
+        chat = normalize_recipient(chat_id) if chat_id else sender
+        group = is_group or is_group_jid(chat)
+        if group and not is_group_jid(chat):
+            raise SimulatorError("is_group needs a chat_id ending in @g.us")
+        wa_id = "SIMIN" + secrets.token_hex(8).upper()
+        await self.sink(InboundMessage(
+            wa_message_id=wa_id,
+            chat_jid=chat,
+            sender_jid=self.jid if from_me and self.jid else sender,
+            body=body,
+            from_me=from_me,
+            is_group=group,
+            push_name=push_name,
+            timestamp=time.time(),
+            own_jid=self.jid,
+        ))
+        return wa_id
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.instance_id, "state": self.state, "jid": self.jid, "qr": self.qr,
+                "qr_count": self.qr_count, "fail_sends": self.backend.fail_sends.get(self.instance_id, 0)}
+
+
+class SimulatorBackend(Backend):
+    name = "simulator"
+
+    def __init__(self, auth_root: Path, *, auto_scan_ms: int | None = None, connect_delay_s: float = 0.02,
+                 send_delay_s: float = 0.0, qr_rotate_s: float = 20.0) -> None:
+        super().__init__(auth_root)
+        self.auto_scan_ms = auto_scan_ms
+        self.connect_delay_s = connect_delay_s
+        self.send_delay_s = send_delay_s
+        self.qr_rotate_s = qr_rotate_s
+        self.sessions: dict[str, SimulatorSession] = {}
+        self.fail_sends: dict[str, int] = {}
+        self.crash_after_send = False
+        self._send_tg: Any = None
+        self._tg_cm: Any = None
+
+    # the backend's own tasks (connect flows) live in a task group the worker enters
+    async def __aenter__(self) -> "SimulatorBackend":
+        self._tg_cm = anyio.create_task_group()
+        self._send_tg = await self._tg_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        self._send_tg.cancel_scope.cancel()
+        return await self._tg_cm.__aexit__(*exc)
+
+    def _spawn(self, fn: Any) -> None:
+        if self._send_tg is None:
+            raise RuntimeError("SimulatorBackend must be entered (async with) before sessions connect")
+        self._send_tg.start_soon(fn)
+
+    # ---------------------------------------------------------------- storage
+
+    def _session_path(self, instance_id: str) -> Path:
+        return self.auth_dir(instance_id) / SESSION_FILE
+
+    def has_session(self, instance_id: str) -> bool:
+        return self._load_phone(instance_id) is not None
+
+    def _load_phone(self, instance_id: str) -> _Phone | None:
+        try:
+            data = json.loads(self._session_path(instance_id).read_text())
+            return _Phone(jid=str(data["jid"]), push_name=str(data.get("push_name", "")))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save_phone(self, instance_id: str, phone: _Phone) -> None:
+        folder = ensure_private_dir(self.auth_dir(instance_id))
+        tmp = folder / (SESSION_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"jid": phone.jid, "push_name": phone.push_name, "paired_at": time.time()}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / SESSION_FILE)
+
+    def _delete_phone(self, instance_id: str) -> None:
+        try:
+            self._session_path(instance_id).unlink()
+        except FileNotFoundError:
+            pass
+
+    def _record_sent(self, instance_id: str, record: dict[str, Any]) -> None:
+        folder = ensure_private_dir(self.auth_dir(instance_id))
+        append_private(folder / SENT_FILE, json.dumps(record, ensure_ascii=False) + "\n")
+
+    def sent(self, instance_id: str) -> list[dict[str, Any]]:
+        path = self.auth_dir(instance_id) / SENT_FILE
+        try:
+            lines = path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line after a crash
+            out.append({"to": rec["to"], "body": rec["body"], "wa_message_id": rec["wa_message_id"]})
+        return out
+
+    # ---------------------------------------------------------------- sessions
+
+    async def open_session(self, instance_id: str, sink: EventSink) -> SimulatorSession:
+        ensure_private_dir(self.auth_root)
+        ensure_private_dir(self.auth_dir(instance_id))
+        session = SimulatorSession(self, instance_id, sink)
+        old = self.sessions.get(instance_id)
+        if old is not None and old.state != "closed":
+            await old.close()
+        self.sessions[instance_id] = session
+        return session
+
+    def _forget(self, session: SimulatorSession) -> None:
+        if self.sessions.get(session.instance_id) is session:
+            # keep the closed session visible to /simulator/instances until replaced
+            pass
+
+    def session(self, instance_id: str) -> SimulatorSession:
+        s = self.sessions.get(instance_id)
+        if s is None:
+            raise KeyError(instance_id)
+        return s
+
+    def set_fail_sends(self, instance_id: str, count: int) -> None:
+        self.fail_sends[instance_id] = max(0, int(count))

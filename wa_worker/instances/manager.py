@@ -1,0 +1,208 @@
+"""All instances of this worker: discovery, resume, exactly one runner each,
+the optional batch poller, wake-ups and graceful stop."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import anyio
+
+from ..edge.client import EdgeClient, EdgeError, EndpointMissing
+from ..edge.models import InstanceRef, QueuedMessage
+from ..ids import is_valid_instance_id
+from ..timing import AdaptiveInterval
+from .runner import InstanceRunner, Outcome, RunnerContext, State
+
+log = logging.getLogger("wa_worker.manager")
+
+
+class InstanceManager:
+    def __init__(self, ctx: RunnerContext, edge: EdgeClient, *, instance_poll_s: float, instance_poll_max_s: float,
+                 batch_poll: bool, resume_jitter_s: float = 2.0) -> None:
+        self.ctx = ctx
+        self.edge = edge
+        self.runners: dict[str, InstanceRunner] = {}
+        self.discovery_interval = AdaptiveInterval(instance_poll_s, instance_poll_max_s)
+        self.batch_poll = batch_poll
+        self.batch_supported: bool | None = None  # None: not probed yet
+        self.batch_interval = AdaptiveInterval(ctx.msg_poll_s, ctx.msg_poll_max_s)
+        self.resume_jitter_s = resume_jitter_s
+        self.outcomes: Counter[str] = Counter()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._discovery_wake = anyio.Event()
+        self._batch_wake = anyio.Event()
+        self._stopping = False
+        self._last_discovered: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------------ queries
+
+    def batch_mode(self) -> bool:
+        return self.batch_supported is True
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(r.state.value for r in self.runners.values())
+        return {
+            "total": len(self.runners),
+            "connected": c[State.CONNECTED.value],
+            "connecting": c[State.CONNECTING.value] + c[State.STARTING.value],
+            "reconnecting": c[State.RECONNECTING.value],
+        }
+
+    # ------------------------------------------------------------------ control
+
+    def wake(self, instance_id: str | None = None) -> int:
+        """Poll now: one instance or all. Coalesced. Returns how many were woken."""
+        if self.batch_mode():
+            self.batch_interval.activity()
+            self._batch_wake.set()
+            return 1 if instance_id is None or instance_id in self.runners else 0
+        if instance_id is not None:
+            r = self.runners.get(instance_id)
+            if r is None:
+                return 0
+            r.wake()
+            return 1
+        for r in self.runners.values():
+            r.wake()
+        return len(self.runners)
+
+    def ensure(self, instance_id: str, *, initial_delay_s: float = 0.0) -> bool:
+        """Start a runner unless one is already running. True if started."""
+        if self._stopping or self._tg is None or not is_valid_instance_id(instance_id):
+            return False
+        if instance_id in self.runners:
+            return False
+        runner = InstanceRunner(instance_id, self.ctx, initial_delay_s=initial_delay_s)
+        self.runners[instance_id] = runner
+        self._tg.start_soon(self._run_runner, runner)
+        return True
+
+    async def _run_runner(self, runner: InstanceRunner) -> None:
+        try:
+            outcome = await runner.run()
+            self.outcomes[outcome.value] += 1
+            if outcome is Outcome.LOGGED_OUT:
+                # the proxy now lists it as DISCONNECTED: look soon, for a fresh QR
+                self.discovery_interval.activity()
+        except Exception:
+            log.exception("%s: runner crashed; it will be restarted by discovery", runner.instance_id)
+            self.outcomes["crashed"] += 1
+        finally:
+            if self.runners.get(runner.instance_id) is runner:
+                del self.runners[runner.instance_id]
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        self._discovery_wake.set()
+        self._batch_wake.set()
+        for r in list(self.runners.values()):
+            r.stop()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop every runner gracefully within ``grace_s``; whatever is left is cancelled."""
+        self.request_stop()
+        with anyio.move_on_after(grace_s):
+            for r in list(self.runners.values()):
+                await r.wait_stopped()
+
+    # ------------------------------------------------------------------ loops
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self._resume_stored()
+            tg.start_soon(self._discovery_loop)
+            if self.batch_poll:
+                tg.start_soon(self._batch_loop)
+            # runners are children of this task group; it ends when stop() is done
+            while not self._stopping:
+                self._discovery_wake = anyio.Event()
+                await self._discovery_wake.wait()
+            await self._wait_runners()
+            tg.cancel_scope.cancel()
+
+    async def _wait_runners(self) -> None:
+        for r in list(self.runners.values()):
+            await r.wait_stopped()
+
+    def _resume_stored(self) -> None:
+        """Sessions on disk are resumed even if the proxy thinks they are
+        CONNECTED (a crash left it stale). Spread over a few seconds."""
+        stored = self.ctx.backend.stored_instances()
+        if stored:
+            log.info("resuming %d stored session(s)", len(stored))
+        spread = min(self.resume_jitter_s, 0.01 * len(stored))
+        for iid in stored:
+            self.ensure(iid, initial_delay_s=self.ctx.rng.random() * spread)
+
+    async def _discovery_loop(self) -> None:
+        while not self._stopping:
+            try:
+                refs = await self.edge.disconnected_instances()
+            except EdgeError:
+                wait = self.discovery_interval.idle()
+            else:
+                started = self._start_discovered(refs)
+                ids = frozenset(r.id for r in refs)
+                if started or ids != self._last_discovered:
+                    self.discovery_interval.activity()
+                    wait = self.discovery_interval.floor_s
+                else:
+                    wait = self.discovery_interval.idle()
+                self._last_discovered = ids
+            with anyio.move_on_after(wait):
+                await self._discovery_wake.wait()
+            self._discovery_wake = anyio.Event() if not self._stopping else self._discovery_wake
+
+    def _start_discovered(self, refs: list[InstanceRef]) -> int:
+        started = 0
+        for ref in sorted(refs, key=lambda r: -r.priority):
+            if self.ensure(ref.id, initial_delay_s=self.ctx.rng.random() * 0.05 if started else 0.0):
+                started += 1
+        if started:
+            log.info("discovery started %d instance(s)", started)
+        return started
+
+    async def _batch_loop(self) -> None:
+        """One ``GET /queued-messages`` for every instance, if the proxy supports it."""
+        while not self._stopping:
+            self._batch_wake = anyio.Event()
+            connected = [r for r in self.runners.values() if r.state is State.CONNECTED]
+            wait: float
+            if not connected:
+                wait = self.batch_interval.floor_s
+            else:
+                try:
+                    messages = await self.edge.queued_messages_batch()
+                except EndpointMissing:
+                    log.info("the proxy does not support batch polling: polling per instance")
+                    self.batch_supported = False
+                    return
+                except EdgeError:
+                    wait = self.batch_interval.idle()
+                else:
+                    if self.batch_supported is None:
+                        log.info("the proxy supports batch polling: one call serves every instance")
+                        self.batch_supported = True
+                    wait = self._dispatch(messages)
+            with anyio.move_on_after(wait):
+                await self._batch_wake.wait()
+
+    def _dispatch(self, messages: list[QueuedMessage]) -> float:
+        if not messages:
+            return self.batch_interval.idle()
+        by_instance: dict[str, list[QueuedMessage]] = {}
+        for m in messages:
+            if m.instance_id is not None:
+                by_instance.setdefault(m.instance_id, []).append(m)
+        for iid, batch in by_instance.items():
+            r = self.runners.get(iid)
+            if r is None or not r.offer(batch):
+                log.debug("batch: %d message(s) for %s which is not connected here", len(batch), iid)
+        self.batch_interval.activity()
+        return self.batch_interval.floor_s
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [r.describe() for r in self.runners.values()]

@@ -1,0 +1,391 @@
+"""One instance's life: connect, show QR, stay connected, reconnect, stop.
+
+State machine (``InstanceRunner.state``)::
+
+    starting ──connect──▶ connecting ──QR──▶ connecting (qr shown, pushed)
+                              │                   │ scanned
+                              ▼                   ▼
+                          connected ◀─────────────┘
+                              │ Disconnected / connect timeout
+                              ▼
+                         reconnecting ──backoff 1 s…60 s + jitter──▶ connecting
+    LoggedOut ─▶ wipe auth folder ─▶ stopped     proxy 404/410 ─▶ stopped (files kept)
+    stop() ─▶ report DISCONNECTED (shutdown) ─▶ disconnect (never log out) ─▶ stopped
+
+The runner owns three loops, all inside its own task group: the lifecycle
+(events from the backend), the status reporter (latest status wins, retried)
+and, while connected, the outbound poller (never two polls at once).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from ..backends.base import (
+    Backend,
+    BackendEvent,
+    Connected,
+    Disconnected,
+    InboundMessage,
+    LoggedOut,
+    QrCode,
+    Session,
+)
+from ..backends.qr import qr_png_data_url
+from ..edge.client import EdgeClient, EdgeError, InstanceGone
+from ..edge.models import QueuedMessage, Status, StatusUpdate
+from ..fsutil import wipe_dir
+from ..storage.store import StoreUnavailable
+from ..timing import AdaptiveInterval, Backoff, Clock
+
+if TYPE_CHECKING:
+    from ..relays.inbound import InboundRelay
+    from ..relays.outbound import OutboundRelay
+
+log = logging.getLogger("wa_worker.instance")
+
+CLOSE_TIMEOUT_S = 10.0
+STATUS_RETRY_BASE_S = 1.0
+STATUS_RETRY_CAP_S = 60.0
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    STOPPED = "stopped"
+
+
+class Outcome(str, enum.Enum):
+    RETRY = "retry"
+    LOGGED_OUT = "logged_out"
+    GONE = "gone"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class _Control:
+    """Sentinels the runner sends itself through its event stream."""
+
+    kind: str  # "stop" | "gone"
+
+
+@dataclass
+class RunnerContext:
+    """What every runner shares (built once by the worker)."""
+
+    backend: Backend
+    edge: EdgeClient
+    outbound: "OutboundRelay"
+    inbound: "InboundRelay"
+    clock: Clock
+    msg_poll_s: float
+    msg_poll_max_s: float
+    connect_timeout_s: float
+    start_limiter: anyio.CapacityLimiter
+    store_writable: Callable[[], bool]
+    batch_mode: Callable[[], bool]
+    on_event: Callable[[str, BackendEvent], None] | None = None
+    rng: random.Random = random.Random()
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+
+
+class StatusReporter:
+    """Pushes the instance's latest status to the proxy; a newer status replaces
+    an unsent older one (a stale QR is never worth retrying)."""
+
+    def __init__(self, instance_id: str, edge: EdgeClient, clock: Clock, on_gone: Callable[[], None],
+                 rng: random.Random) -> None:
+        self.instance_id = instance_id
+        self.edge = edge
+        self.clock = clock
+        self.on_gone = on_gone
+        self.rng = rng
+        self._desired: StatusUpdate | None = None
+        self._version = 0
+        self._pushed_version = 0
+        self._changed = anyio.Event()
+        self._pushed = anyio.Event()
+
+    def set(self, status: Status, qr_code: str | None = None, *, phone_number: str | None = None,
+            reason: str | None = None) -> None:
+        self._desired = StatusUpdate(instanceId=self.instance_id, status=status, qr_code=qr_code,
+                                     phone_number=phone_number, reason=reason)
+        self._version += 1
+        self._pushed = anyio.Event()
+        self._changed.set()
+
+    async def run(self) -> None:
+        backoff = Backoff(STATUS_RETRY_BASE_S, STATUS_RETRY_CAP_S, rng=self.rng)
+        while True:
+            if self._pushed_version == self._version:
+                self._changed = anyio.Event()
+                await self._changed.wait()
+                continue
+            version, update = self._version, self._desired
+            assert update is not None
+            try:
+                await self.edge.update_status(update)
+            except InstanceGone:
+                self.on_gone()
+                self._pushed_version = version
+                self._pushed.set()
+                return
+            except EdgeError:
+                self._changed = anyio.Event()
+                with anyio.move_on_after(backoff.next_delay()):
+                    await self._changed.wait()  # a newer status cuts the wait short
+                continue
+            backoff.reset()
+            self._pushed_version = version
+            if version == self._version:
+                self._pushed.set()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until the latest status is pushed (bounded)."""
+        if self._pushed_version == self._version:
+            return True
+        with anyio.move_on_after(timeout_s):
+            await self._pushed.wait()
+            return True
+        return False
+
+
+class InstanceRunner:
+    def __init__(self, instance_id: str, ctx: RunnerContext, *, initial_delay_s: float = 0.0) -> None:
+        self.instance_id = instance_id
+        self.ctx = ctx
+        self.state = State.STARTING
+        self.initial_delay_s = initial_delay_s
+        self.phone_number: str | None = None
+        self.outcome: Outcome | None = None
+        self.reconnects = 0
+        self._stop_requested = False
+        self._events_tx: MemoryObjectSendStream[Any] | None = None
+        self._wake = anyio.Event()
+        self._inbox_tx, self._inbox_rx = anyio.create_memory_object_stream[list[QueuedMessage]](64)
+        self.poll_interval = AdaptiveInterval(ctx.msg_poll_s, ctx.msg_poll_max_s)
+        self.status = StatusReporter(instance_id, ctx.edge, ctx.clock, self._gone, ctx.rng)
+        self._stopped_event = anyio.Event()
+
+    # ------------------------------------------------------------------ control
+
+    def stop(self) -> None:
+        """Ask for a graceful stop (report, disconnect, keep the session)."""
+        self._stop_requested = True
+        self._post(_Control("stop"))
+
+    def wake(self) -> None:
+        """Poll the queue now (coalesced: many wakes, one poll)."""
+        self.poll_interval.activity()
+        self._wake.set()
+
+    def offer(self, messages: list[QueuedMessage]) -> bool:
+        """Batch mode: messages fetched for this instance by the batch poller."""
+        if self.state != State.CONNECTED:
+            return False
+        try:
+            self._inbox_tx.send_nowait(messages)
+        except anyio.WouldBlock:
+            return False
+        return True
+
+    def _gone(self) -> None:
+        self._post(_Control("gone"))
+
+    def _post(self, item: Any) -> None:
+        if self._events_tx is not None:
+            try:
+                self._events_tx.send_nowait(item)
+            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+
+    async def wait_stopped(self) -> None:
+        await self._stopped_event.wait()
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> Outcome:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.status.run)
+                outcome = await self._lifecycle()
+                # let the last status reach the proxy, then end the reporter
+                await self.status.flush(5.0)
+                tg.cancel_scope.cancel()
+            self.outcome = outcome
+            return outcome
+        finally:
+            self.state = State.STOPPED
+            self._stopped_event.set()
+
+    async def _lifecycle(self) -> Outcome:
+        backoff = Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng)
+        if self.initial_delay_s > 0:
+            tx, rx = anyio.create_memory_object_stream[Any](1)
+            self._events_tx = tx
+            with anyio.move_on_after(self.initial_delay_s):
+                await rx.receive()  # only a stop/gone can arrive here
+                return Outcome.GONE if self._stop_requested is False else Outcome.STOPPED
+        while True:
+            if self._stop_requested:
+                return Outcome.STOPPED
+            outcome, retry_after = await self._connection_once(backoff)
+            if outcome is not Outcome.RETRY:
+                return outcome
+            self.state = State.RECONNECTING
+            self.reconnects += 1
+            delay = backoff.next_delay()
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            log.info("%s: reconnecting in %.1fs", self.instance_id, delay)
+            tx, rx = anyio.create_memory_object_stream[Any](4)
+            self._events_tx = tx
+            if self._stop_requested:
+                return Outcome.STOPPED
+            with anyio.move_on_after(delay):
+                ctl = await rx.receive()
+                return Outcome.GONE if ctl.kind == "gone" else Outcome.STOPPED
+
+    async def _connection_once(self, backoff: Backoff) -> tuple[Outcome, float | None]:
+        """One session from open to close. Returns the outcome and an optional
+        minimum wait before the next attempt."""
+        tx, rx = anyio.create_memory_object_stream[Any](128)
+        self._events_tx = tx
+        iid = self.instance_id
+
+        async def sink(event: BackendEvent) -> None:
+            if isinstance(event, InboundMessage):
+                self.ctx.inbound.accept(iid, event)
+                self.wake()  # a conversation is active: look for replies sooner
+            else:
+                try:
+                    await tx.send(event)
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    pass  # the session outlived its connection attempt: ignore
+            if self.ctx.on_event is not None:
+                try:
+                    self.ctx.on_event(iid, event)
+                except Exception:  # a hook must never break the runner
+                    log.exception("on_event hook failed")
+
+        self.state = State.CONNECTING
+        session: Session | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                async with self.ctx.start_limiter:
+                    session = await self.ctx.backend.open_session(iid, sink)
+                    await session.connect()
+                    first = await self._first_event(rx)
+                result = await self._handle_events(first, rx, session, tg, backoff)
+                tg.cancel_scope.cancel()
+                return result
+        finally:
+            tx.close()
+            if session is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
+                    try:
+                        await session.disconnect()
+                        await session.close()
+                    except Exception:
+                        log.exception("%s: closing the session failed", iid)
+
+    async def _first_event(self, rx: MemoryObjectReceiveStream[Any]) -> Any:
+        with anyio.move_on_after(self.ctx.connect_timeout_s):
+            return await rx.receive()
+        return Disconnected("connect_timeout", f"no QR and no connection within {self.ctx.connect_timeout_s:g}s")
+
+    async def _handle_events(self, event: Any, rx: MemoryObjectReceiveStream[Any], session: Session,
+                             tg: anyio.abc.TaskGroup, backoff: Backoff) -> tuple[Outcome, float | None]:
+        iid = self.instance_id
+        connected = False
+        while True:
+            if isinstance(event, _Control):
+                if event.kind == "gone":
+                    log.warning("%s: the proxy no longer knows this instance: stopping (auth files kept)", iid)
+                    return Outcome.GONE, None
+                if connected:
+                    self.status.set(Status.DISCONNECTED, None, reason="shutdown")
+                return Outcome.STOPPED, None
+            if isinstance(event, QrCode):
+                self.state = State.CONNECTING
+                log.info("%s: new QR code (scan it in WhatsApp > Linked devices)", iid)
+                self.status.set(Status.CONNECTING, qr_png_data_url(event.code))
+            elif isinstance(event, Connected):
+                backoff.reset()
+                connected = True
+                self.state = State.CONNECTED
+                self.phone_number = event.phone_number
+                log.info("%s: connected", iid)
+                self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
+                self.poll_interval.activity()
+                tg.start_soon(self._outbound_loop, session)
+            elif isinstance(event, Disconnected):
+                log.warning("%s: disconnected (%s%s)", iid, event.reason, f": {event.detail}" if event.detail else "")
+                self.status.set(Status.DISCONNECTED, None, reason=event.reason)
+                return Outcome.RETRY, event.retry_after_s
+            elif isinstance(event, LoggedOut):
+                log.warning("%s: logged out from the phone: wiping its session; a new QR on next discovery", iid)
+                self.status.set(Status.DISCONNECTED, None, reason="logged_out")
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
+                    await session.close()
+                wipe_dir(self.ctx.backend.auth_dir(iid))
+                return Outcome.LOGGED_OUT, None
+            event = await rx.receive()
+
+    # ------------------------------------------------------------------ outbound
+
+    async def _outbound_loop(self, session: Session) -> None:
+        """Poll while connected; one poll at a time; adaptive interval."""
+        iid = self.instance_id
+        while True:
+            self._wake = anyio.Event()
+            if not self.ctx.store_writable():
+                wait = 5.0  # pull no new work we could not journal
+            elif self.ctx.batch_mode():
+                wait = await self._drain_inbox(session)
+            else:
+                try:
+                    messages = await self.ctx.edge.queued_messages(iid)
+                except InstanceGone:
+                    self._gone()
+                    return
+                except EdgeError:
+                    wait = self.poll_interval.idle()
+                else:
+                    wait = await self._process(session, messages)
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await self._wake.wait()
+
+    async def _drain_inbox(self, session: Session) -> float:
+        with anyio.move_on_after(self.ctx.msg_poll_max_s):
+            messages = await self._inbox_rx.receive()
+            return await self._process(session, messages)
+        return 0.0
+
+    async def _process(self, session: Session, messages: list[QueuedMessage]) -> float:
+        if not messages:
+            return self.poll_interval.idle()
+        try:
+            new = await self.ctx.outbound.process(self.instance_id, session, messages)
+        except StoreUnavailable:
+            return 5.0
+        self.poll_interval.activity()
+        # more may be queued behind what we just sent: ask again at once, but never
+        # spin on a proxy that keeps re-offering messages we already handled
+        return 0.0 if new else self.poll_interval.floor_s
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.instance_id, "state": self.state.value, "reconnects": self.reconnects,
+                "poll_interval_s": round(self.poll_interval.current_s, 3)}
