@@ -39,6 +39,8 @@ class FakeProxy:
     hang: Counter[str] = field(default_factory=Counter)
     fixed_status: dict[str, int] = field(default_factory=dict)
     random_fault_rate: float = 0.0
+    lose_response_rate: float = 0.0  # do the work, then answer 503 (a lost acknowledgement)
+    inbound_posts: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     hang_s: float = 3.0
     gone: set[str] = field(default_factory=set)
@@ -47,6 +49,7 @@ class FakeProxy:
     on_queue_call: Any = None
     url: str = ""
     _runner: web.AppRunner | None = None
+    _inbound_keys: set[tuple[str, str]] = field(default_factory=set)
 
     # ---------------------------------------------------------------- helpers for tests
 
@@ -156,7 +159,7 @@ class FakeProxy:
         self.sent_marks[body["messageId"]].append(body["wa_message_id"])
         self.sent_at.setdefault(body["messageId"], time.monotonic())
         self._remove(body["messageId"])
-        return web.json_response({"ok": True})
+        return self._maybe_lose({"ok": True})
 
     async def _mark_failed(self, request: web.Request) -> web.Response:
         if not self.mark_failed_supported:
@@ -167,11 +170,20 @@ class FakeProxy:
         body = await request.json()
         self.failed_marks[body["messageId"]].append(body["error"])
         self._remove(body["messageId"])
-        return web.json_response({"ok": True})
+        return self._maybe_lose({"ok": True})
 
     async def _inbound(self, request: web.Request) -> web.Response:
         if (r := await self._gate(request, "inbound")) is not None:
             return r
-        raw = await request.read()
-        self.inbound.append(json.loads(raw))
-        return web.json_response({"ok": True})
+        body = json.loads(await request.read())
+        self.inbound_posts += 1
+        key = (body["instanceId"], body["wa_message_id"])
+        if key not in self._inbound_keys:  # (instanceId, wa_message_id) is unique, as the contract asks
+            self._inbound_keys.add(key)
+            self.inbound.append(body)
+        return self._maybe_lose({"ok": True})
+
+    def _maybe_lose(self, ok: dict[str, Any]) -> web.Response:
+        if self.lose_response_rate and self.rng.random() < self.lose_response_rate:
+            return web.json_response({"error": "response lost"}, status=503)
+        return web.json_response(ok)

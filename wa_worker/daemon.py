@@ -58,6 +58,7 @@ class Worker:
         on_event: Callable[[str, BackendEvent], None] | None = None,
         rng: random.Random | None = None,
         host: str = "0.0.0.0",
+        retry_cap_s: float = 300.0,
     ) -> None:
         self.settings = settings
         self.clock = clock or Clock()
@@ -67,8 +68,8 @@ class Worker:
                                        timeout_s=settings.EDGE_TIMEOUT_S)
         self.store = Store(settings.STATE_DB, clock=self.clock)
         self.inbound = InboundRelay(self.store, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
-                                    clock=self.clock, rng=self.rng)
-        self.acks = Acknowledger(self.store, self.edge, clock=self.clock, rng=self.rng)
+                                    clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
+        self.acks = Acknowledger(self.store, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
         self.outbound = OutboundRelay(self.store, self.acks)
         self.host = host
         self.port: int | None = None  # the bound port, once serving
@@ -207,6 +208,8 @@ class Worker:
 
     def _recover_journal(self) -> None:
         at_least_once = self.settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE
+        # a restart is the moment to retry everything pending, not hours later
+        self.store.retry_all_now()
         ids = self.store.recover_unknown_sends(at_least_once)
         if ids:
             if at_least_once:

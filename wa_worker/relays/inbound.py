@@ -50,8 +50,11 @@ def inbound_payload(instance_id: str, msg: InboundMessage) -> dict[str, Any]:
 
 class InboundRelay:
     def __init__(self, store: Store, edge: EdgeClient, *, ttl_s: float, clock: Clock | None = None,
-                 concurrency: int = 16, rng: random.Random | None = None) -> None:
+                 concurrency: int = 16, rng: random.Random | None = None, retry_base_s: float = RETRY_BASE_S,
+                 retry_cap_s: float = RETRY_CAP_S) -> None:
         self.store = store
+        self.retry_base_s = retry_base_s
+        self.retry_cap_s = retry_cap_s
         self.edge = edge
         self.ttl_s = ttl_s
         self.clock = clock or Clock()
@@ -118,7 +121,7 @@ class InboundRelay:
             except EdgeError as exc:
                 try:
                     if exc.transient:
-                        delay = backoff_delay(row.attempts, RETRY_BASE_S, RETRY_CAP_S, self.rng)
+                        delay = backoff_delay(row.attempts, self.retry_base_s, self.retry_cap_s, self.rng)
                         self.store.inbound_retry_later(row.seq, delay, str(exc))
                     else:
                         self.store.inbound_dead_letter(row, "rejected by proxy", exc.status, exc.body)

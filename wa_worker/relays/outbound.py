@@ -94,8 +94,11 @@ class Acknowledger:
     """Retries ``mark-sent`` / ``mark-failed`` for journal rows until acknowledged."""
 
     def __init__(self, store: Store, edge: EdgeClient, *, clock: Clock | None = None, concurrency: int = 8,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, retry_base_s: float = ACK_RETRY_BASE_S,
+                 retry_cap_s: float = ACK_RETRY_CAP_S) -> None:
         self.store = store
+        self.retry_base_s = retry_base_s
+        self.retry_cap_s = retry_cap_s
         self.edge = edge
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
@@ -144,7 +147,7 @@ class Acknowledger:
             except EdgeError as exc:
                 try:
                     if exc.transient:
-                        delay = backoff_delay(row.ack_attempts, ACK_RETRY_BASE_S, ACK_RETRY_CAP_S, self.rng)
+                        delay = backoff_delay(row.ack_attempts, self.retry_base_s, self.retry_cap_s, self.rng)
                         self.store.ack_retry_later(row.message_id, delay, str(exc))
                     else:
                         self.store.ack_rejected(row, "rejected by proxy", exc.status, exc.body)

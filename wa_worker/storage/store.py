@@ -323,6 +323,12 @@ class Store:
                 self.record_failure(mid, row.instance_id if row else "?", "delivery_unknown")
         return ids
 
+    def retry_all_now(self) -> None:
+        now = self._now()
+        self._write("UPDATE inbound SET next_attempt_at = ? WHERE next_attempt_at > ?", (now, now))
+        self._write("UPDATE outbound SET next_ack_at = ? WHERE state IN ('sent','failing') AND next_ack_at > ?",
+                    (now, now))
+
     @staticmethod
     def _outbound_row(r: sqlite3.Row) -> OutboundRow:
         return OutboundRow(r["message_id"], r["instance_id"], r["state"], r["wa_message_id"], r["error"],
