@@ -1,0 +1,389 @@
+"""``wa-worker dev``: the CLI helpers, the terminal printer, the state folder, and
+the whole thing end to end with the simulator backend in a real subprocess."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from wa_worker.backends.base import Connected, QrCode
+from wa_worker.dev.background import BackgroundProxy
+from wa_worker.dev.cli import main
+from wa_worker.dev.proxy import ProxyEvent
+from wa_worker.dev.state import DevPaths, DevStateError, resolve_secret
+from wa_worker.dev.store import Store
+from wa_worker.dev.terminal import TerminalPrinter, render_qr
+
+SECRET = "cli-test-secret-abcdef"
+
+
+# ---------------------------------------------------------------------------- helpers against a proxy
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("WORKER_SECRET", raising=False)
+    monkeypatch.delenv("WA_DEV_PROXY_URL", raising=False)
+    d = tmp_path / ".wa-worker"
+    DevPaths(d).prepare()
+    (d / "secret").write_text(SECRET + "\n")
+    return d
+
+
+@pytest.fixture
+def proxy(state_dir: Path):
+    store = Store(state_dir / "proxy.db")
+    with BackgroundProxy(store, SECRET) as bp:
+        (state_dir / "proxy-url").write_text(bp.url + "\n")
+        yield bp
+    store.close()
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_instance_add_and_list(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
+    d = str(state_dir)
+    code, out, _ = run_cli(capsys, "instance", "list", "--dir", d)
+    assert code == 0 and "no instances" in out
+    code, out, _ = run_cli(capsys, "instance", "add", "acme-sales", "--dir", d)
+    assert code == 0 and "added instance acme-sales (DISCONNECTED)" in out
+    code, out, _ = run_cli(capsys, "--dir", d, "instance", "add", "acme-vip", "--priority", "5")
+    assert code == 0
+    assert proxy.store.get_instance("acme-vip")["priority"] == 5
+    code, _, err = run_cli(capsys, "instance", "add", "acme-sales", "--dir", d)
+    assert code == 1 and "already exists" in err
+    proxy.store.update_status("acme-sales", "CONNECTED", qr_code=None, phone_number="5511999990000")
+    code, out, _ = run_cli(capsys, "instance", "list", "--dir", d)
+    assert code == 0
+    assert re.search(r"acme-sales\s+CONNECTED\s+\+5511999990000", out)
+    assert re.search(r"acme-vip\s+DISCONNECTED", out)
+
+
+def test_bad_instance_name_is_a_usage_error(state_dir: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["instance", "add", "no/slashes", "--dir", str(state_dir)])
+    assert exc.value.code == 2
+
+
+def test_send_and_messages(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
+    d = str(state_dir)
+    proxy.store.add_instance("acme")
+    code, out, _ = run_cli(capsys, "send", "acme", "+55 11 99999-0000", "Olá, mundo", "--dir", d)
+    assert code == 0
+    mid = re.search(r"queued (m-[0-9a-f]+)", out).group(1)
+    msg = proxy.store.get_message(mid)
+    assert (msg["instanceId"], msg["to"], msg["body"], msg["status"]) == ("acme", "+55 11 99999-0000", "Olá, mundo", "queued")
+    proxy.store.add_inbound("acme", {"wa_message_id": "W1", "from": "5511988887777@s.whatsapp.net", "body": "oi",
+                                     "push_name": "Maria"})
+    code, out, _ = run_cli(capsys, "messages", "--dir", d)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert "out  acme  → +55 11 99999-0000  [queued] Olá, mundo" in lines[0] and mid in lines[0]
+    assert "in   acme  ← 5511988887777@s.whatsapp.net (Maria)  oi" in lines[1]
+    code, out, _ = run_cli(capsys, "messages", "--dir", d, "--json", "--instance", "acme")
+    assert code == 0 and '"wa_message_id": "W1"' in out and mid in out
+    code, _, err = run_cli(capsys, "send", "ghost", "5511999990000", "x", "--dir", d)
+    assert code == 1 and "unknown instance ghost" in err
+    code, _, err = run_cli(capsys, "messages", "--dir", d, "--limit", "0")
+    assert code == 2
+
+
+def test_send_wait(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
+    """``--wait`` returns 0 once a worker marks the message sent, 1 on failure."""
+    proxy.store.add_instance("acme")
+
+    def fake_worker(outcome: str) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for m in proxy.store.claim_messages("acme"):
+                if outcome == "sent":
+                    proxy.store.mark_sent(m["id"], "WA-1")
+                else:
+                    proxy.store.mark_failed(m["id"], "send failed: boom")
+                return
+            time.sleep(0.05)
+
+    for outcome, expected in (("sent", 0), ("failed", 1)):
+        t = threading.Thread(target=fake_worker, args=(outcome,))
+        t.start()
+        code, out, _ = run_cli(capsys, "send", "acme", "5511999990000", "x", "--wait", "--dir", str(state_dir))
+        t.join()
+        assert code == expected, out
+        assert ("sent m-" in out and "WA-1" in out) if expected == 0 else "send failed: boom" in out
+    code, out, _ = run_cli(capsys, "send", "acme", "5511999990000", "x", "--wait", "--timeout", "0.5",
+                           "--dir", str(state_dir))
+    assert code == 1 and "still not sent" in out
+
+
+def test_secret_and_url_resolution(proxy: BackgroundProxy, state_dir: Path, capsys, monkeypatch) -> None:
+    d = str(state_dir)
+    # explicit URL and secret win
+    code, _, _ = run_cli(capsys, "instance", "list", "--dir", d, "--proxy-url", proxy.url, "--secret", SECRET)
+    assert code == 0
+    code, out, err = run_cli(capsys, "instance", "list", "--dir", d, "--secret", "wrong-secret-123")
+    assert code == 1 and "refused the secret" in err and "wrong-secret-123" not in out + err
+    monkeypatch.setenv("WORKER_SECRET", "wrong-from-env-123")
+    code, _, err = run_cli(capsys, "instance", "list", "--dir", d)
+    assert code == 1 and "refused the secret" in err
+    monkeypatch.setenv("WORKER_SECRET", SECRET)
+    monkeypatch.setenv("WA_DEV_PROXY_URL", proxy.url)
+    code, _, _ = run_cli(capsys, "instance", "list", "--dir", str(state_dir.parent / "elsewhere"))
+    assert code == 0
+
+
+def test_helper_errors_without_proxy_or_secret(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("WORKER_SECRET", raising=False)
+    monkeypatch.delenv("WA_DEV_PROXY_URL", raising=False)
+    code, _, err = run_cli(capsys, "messages", "--dir", str(tmp_path / "none"))
+    assert code == 1 and "no secret" in err and "start `wa-worker dev` first" in err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, err = run_cli(capsys, "messages", "--dir", str(tmp_path), "--secret", SECRET,
+                           "--proxy-url", f"http://127.0.0.1:{port}")
+    assert code == 1 and "cannot reach the dev proxy" in err
+
+
+# ---------------------------------------------------------------------------- state folder
+
+
+def test_secret_generated_private_and_reused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("WORKER_SECRET", raising=False)
+    paths = DevPaths(tmp_path / "state")
+    with pytest.raises(DevStateError):
+        resolve_secret(paths)
+    first = resolve_secret(paths, create=True)
+    assert len(first) >= 32
+    assert stat.S_IMODE(paths.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(paths.secret_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(paths.auth_dir.stat().st_mode) == 0o700
+    assert resolve_secret(paths, create=True) == first
+    assert resolve_secret(paths) == first
+    monkeypatch.setenv("WORKER_SECRET", "from-the-environment")
+    assert resolve_secret(paths) == "from-the-environment"
+    assert resolve_secret(paths, "from-the-flag") == "from-the-flag"
+    with pytest.raises(DevStateError):
+        resolve_secret(paths, "short")
+
+
+# ---------------------------------------------------------------------------- terminal printer
+
+
+def text_qr_to_image(block: str):
+    from PIL import Image
+
+    rows: list[list[int]] = []
+    for line in block.splitlines():
+        top, bottom = [], []
+        for ch in line:
+            top.append(1 if ch in "█▀" else 0)
+            bottom.append(1 if ch in "█▄" else 0)
+        rows += [top, bottom]
+    width = max(len(r) for r in rows)
+    scale = 8
+    img = Image.new("L", (width * scale, len(rows) * scale), 255)
+    for y, row in enumerate(rows):
+        for x, dark in enumerate(row):
+            if dark:
+                img.paste(0, (x * scale, y * scale, (x + 1) * scale, (y + 1) * scale))
+    return img
+
+
+def test_terminal_qr_is_scannable() -> None:
+    zxingcpp = pytest.importorskip("zxingcpp")
+    # a whatsmeow-like pairing string (ref, noise key, identity key, adv secret)
+    code = "2@" + "A" * 80 + "," + "bm9pc2Uta2V5LWJhc2U2NA" * 2 + "=," + "aWRlbnRpdHk" * 3 + "=,YWR2LXNlY3JldA=="
+    block = render_qr(code, color=False)
+    found = zxingcpp.read_barcodes(text_qr_to_image(block))
+    assert [f.text for f in found] == [code]
+    colored = render_qr(code, color=True)
+    assert colored.splitlines()[0].startswith("\x1b[30;107m") and colored.endswith("\x1b[0m")
+
+
+def test_printer_lines_and_qr_dedupe() -> None:
+    buf = io.StringIO()
+    p = TerminalPrinter(buf, page_url="http://127.0.0.1:8787/")
+    assert p.color is False
+    p.worker_event("acme", QrCode("2@first"))
+    p.worker_event("acme", QrCode("2@first"))  # the same code again is not reprinted
+    p.worker_event("acme", QrCode("2@second"))
+    p.worker_event("acme", Connected(jid="5511999990000@s.whatsapp.net"))
+    p.worker_event("acme", QrCode("2@second"))  # after a new pairing it is shown again
+    p.proxy_event(ProxyEvent("status", "acme", {"old_status": "CONNECTING", "status": "CONNECTED",
+                                               "phone_number": "5511999990000"}))
+    p.proxy_event(ProxyEvent("status", "acme", {"old_status": "CONNECTED", "status": "DISCONNECTED",
+                                               "reason": "logged_out"}))
+    msg = {"id": "m-1", "instanceId": "acme", "to": "5511988887777", "body": "line one\nline two",
+           "wa_message_id": "W1", "error": "send failed: \x1b[31mred"}
+    p.proxy_event(ProxyEvent("queued", "acme", {"message": msg}))
+    p.proxy_event(ProxyEvent("sent", "acme", {"message": msg}))
+    p.proxy_event(ProxyEvent("failed", "acme", {"message": msg}))
+    p.proxy_event(ProxyEvent("inbound", "acme", {"message": {
+        "from": "5511988887777@s.whatsapp.net", "push_name": "Mal\x1b]0;pwned\x07", "body": "oi\x1b[2J"}}))
+    out = buf.getvalue()
+    assert out.count("scan this QR code") == 3
+    assert "open http://127.0.0.1:8787/" in out
+    assert "[acme] status CONNECTING → CONNECTED as +5511999990000" in out
+    assert "[acme] status CONNECTED → DISCONNECTED (logged_out)" in out
+    assert "[acme] queued m-1 → 5511988887777: line one line two" in out
+    assert "[acme] sent m-1 → 5511988887777 (wa id W1)" in out
+    assert "[acme] failed m-1 → 5511988887777: send failed: \\x1b[31mred" in out
+    assert "← 5511988887777@s.whatsapp.net (Mal\\x1b]0;pwned\\x07): oi\\x1b[2J" in out
+    assert "\x1b" not in out and "\x07" not in out
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wa(*args: str, cwd: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wa_worker", "dev", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_dev_simulator_end_to_end(tmp_path: Path) -> None:
+    proxy_port, worker_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKER_SECRET", "WA_DEV_PROXY_URL")}
+    env["PYTHONUNBUFFERED"] = "1"
+    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wa_worker", "dev", "--simulator",
+             "--proxy-port", str(proxy_port), "--port", str(worker_port)],
+            cwd=tmp_path, env=env, stdout=out_f, stderr=err_f,
+        )
+    try:
+        state = tmp_path / ".wa-worker"
+        wait_until(lambda: (state / "proxy-url").exists(), 30, "the proxy to start")
+        secret = (state / "secret").read_text().strip()
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert stat.S_IMODE((state / "secret").stat().st_mode) == 0o600
+        assert (state / "proxy-url").read_text().strip() == f"http://127.0.0.1:{proxy_port}"
+
+        # the first instance appears and the simulator "scans" its QR code
+        def connected() -> bool:
+            r = wa("instance", "list", cwd=tmp_path, env=env)
+            return r.returncode == 0 and re.search(r"^default\s+CONNECTED\s+\+\d+", r.stdout, re.M) is not None
+
+        wait_until(connected, 60, "the default instance to be CONNECTED")
+
+        r = wa("send", "default", "+55 11 99999-0000", "hello from the e2e test", "--wait", "--timeout", "30",
+               cwd=tmp_path, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "sent m-" in r.stdout
+        r = wa("messages", cwd=tmp_path, env=env)
+        assert r.returncode == 0
+        assert re.search(r"out  default  → \+55 11 99999-0000  \[sent\] hello from the e2e test", r.stdout)
+
+        # a contact writes to the simulated phone
+        resp = httpx.post(
+            f"http://127.0.0.1:{worker_port}/simulator/instances/default/inbound",
+            headers={"Authorization": f"Bearer {secret}"},
+            json={"from": "5511988887777", "body": "hi"},
+            trust_env=False,
+        )
+        assert resp.status_code == 200, resp.text
+
+        def inbound_listed() -> bool:
+            r = wa("messages", cwd=tmp_path, env=env)
+            return re.search(r"in   default  ← 5511988887777@s\.whatsapp\.net\S*  hi$", r.stdout, re.M) is not None
+
+        wait_until(inbound_listed, 30, "the inbound message")
+
+        # a second instance added with the helper gets connected too
+        r = wa("instance", "add", "second", cwd=tmp_path, env=env)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: "CONNECTED" in wa("instance", "list", cwd=tmp_path, env=env).stdout.split("second")[-1],
+                   60, "the second instance")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(45)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    stdout, stderr = out_path.read_text(), err_path.read_text()
+    assert code == 0, stdout + stderr
+    assert secret not in stdout and secret not in stderr
+    assert f"reference proxy on http://127.0.0.1:{proxy_port}/" in stdout
+    assert "[default] scan this QR code" in stdout
+    assert "[default] status CONNECTING → CONNECTED" in stdout
+    assert "[default] sent m-" in stdout
+    assert "[default] ← 5511988887777@s.whatsapp.net" in stdout and ": hi" in stdout
+    assert "[default] status CONNECTED → DISCONNECTED (shutdown)" in stdout
+    assert not (state / "proxy-url").exists()
+    assert (state / "proxy.db").exists() and (state / "state" / "wa-worker.db").exists()
+
+    # the QR block printed in the terminal decodes
+    zxingcpp = pytest.importorskip("zxingcpp")
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if "scan this QR code" in line) + 1
+    block = []
+    for line in lines[start:]:
+        if not line.strip() and block and not set(block[-1]) - {" "}:
+            break
+        if line and set(line) <= set(" █▀▄"):
+            block.append(line)
+        else:
+            break
+    found = zxingcpp.read_barcodes(text_qr_to_image("\n".join(block)))
+    assert len(found) == 1 and found[0].text
+
+
+@pytest.mark.slow
+def test_dev_proxy_only_and_busy_port(tmp_path: Path) -> None:
+    """``wa-worker dev proxy`` serves alone; a second one on the same port fails clearly."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKER_SECRET", "WA_DEV_PROXY_URL")}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wa_worker", "dev", "proxy", "--proxy-port", str(port), "--instance", "solo"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_until(lambda: (tmp_path / ".wa-worker" / "proxy-url").exists(), 30, "the proxy")
+        r = wa("instance", "list", cwd=tmp_path, env=env)
+        assert r.returncode == 0 and re.search(r"^solo\s+DISCONNECTED", r.stdout, re.M)
+        again = wa("proxy", "--proxy-port", str(port), cwd=tmp_path, env=env, timeout=30)
+        assert again.returncode == 1 and "cannot listen" in again.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "worker        not started" in out

@@ -1,0 +1,313 @@
+"""The dev page in a real headless Chromium (Debian's ``chromium`` package).
+
+* ``--dump-dom`` after the page's JS ran: status, QR image, messages;
+* the DevTools protocol (aiohttp websocket client, no Playwright): type into
+  the form, click "Queue", check the proxy's database; watch a live status
+  change; take a screenshot and decode the QR code off it with zxing-cpp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import qrcode
+
+from wa_worker.dev.background import BackgroundProxy
+from wa_worker.dev.store import Store
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+SECRET = "browser-test-secret-123"
+QR_TEXT = "2@dev-page-test,AbCdEfGh0123456789=,IjKlMnOp=,QrStUvWx="
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--no-proxy-server",
+    "--hide-scrollbars",
+    "--window-size=1280,1500",
+]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or (os.path.exists("/usr/bin/chromium") and "/usr/bin/chromium") or None
+    if not path:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is required in CI (Debian package `chromium`)")
+        pytest.skip("chromium is not installed (apt-get install chromium); CI runs this test")
+    return path
+
+
+def qr_data_url(text: str) -> str:
+    img = qrcode.make(text, box_size=6, border=4)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path):
+    store = Store(tmp_path / "proxy.db")
+    store.add_instance("acme-sales")
+    store.update_status("acme-sales", "CONNECTING", qr_code=qr_data_url(QR_TEXT))
+    store.add_instance("acme-support", priority=1)
+    store.update_status("acme-support", "CONNECTED", qr_code=None, phone_number="5511999990000")
+    sent = store.queue_message("acme-support", "+55 11 98888-7777", "Your order has shipped")
+    store.claim_messages("acme-support")
+    store.mark_sent(sent["id"], "3EB0C767D71D9A4B21F4")
+    store.add_inbound(
+        "acme-support",
+        {
+            "wa_message_id": "3A1B2C3D4E5F",
+            "from": "5511988887777@s.whatsapp.net",
+            "to": "5511999990000@s.whatsapp.net",
+            "body": "Oi, tudo bem?",
+            "push_name": "Maria",
+            "timestamp": time.time(),
+        },
+    )
+    with BackgroundProxy(store, SECRET) as bp:
+        yield bp
+    store.close()
+
+
+def test_dump_dom_after_scripts(proxy: BackgroundProxy, tmp_path: Path) -> None:
+    chromium = _chromium()
+    out = subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            proxy.url + "/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    dom = out.stdout
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'data-refreshed="' in dom, "the page's script did not refresh the state"
+    assert 'class="live ok"' in dom
+    assert 'data-instance-id="acme-sales"' in dom and 'data-instance-id="acme-support"' in dom
+    assert 'class="status status-CONNECTING"' in dom and 'class="status status-CONNECTED"' in dom
+    assert 'src="data:image/png;base64,' in dom
+    assert "+5511999990000" in dom
+    assert "Your order has shipped" in dom and "mstatus-sent" in dom
+    assert "Oi, tudo bem?" in dom and "Maria" in dom
+    assert SECRET not in dom
+
+
+# ---------------------------------------------------------------------------- DevTools protocol
+
+
+class Browser:
+    """Just enough of the DevTools protocol over aiohttp's websocket client."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._id = 0
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        my_id = self._id
+        await self.ws.send_str(json.dumps({"id": my_id, "method": method, "params": params}))
+        while True:
+            msg = await asyncio.wait_for(self.ws.receive(), 30)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                raise RuntimeError(f"devtools websocket closed: {msg.type}")
+            data = json.loads(msg.data)
+            if data.get("id") == my_id:
+                if "error" in data:
+                    raise RuntimeError(f"{method}: {data['error']}")
+                return data.get("result", {})
+
+    async def eval(self, expression: str) -> Any:
+        res = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"JS error in {expression!r}: {res['exceptionDetails']}")
+        return res["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float = 10.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = await self.eval(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {expression}")
+            await asyncio.sleep(0.1)
+
+    async def type_into(self, selector: str, text: str) -> None:
+        await self.click(selector)
+        await self.send("Input.insertText", text=text)
+
+    async def click(self, selector: str) -> None:
+        box = await self.eval(
+            f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
+            " el.scrollIntoView({block: 'center'}); const r = el.getBoundingClientRect();"
+            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()"
+        )
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            await self.send(
+                "Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], button="left", clickCount=1
+            )
+
+
+def _devtools_port(profile: Path, proc: subprocess.Popen, timeout: float = 30.0) -> int:
+    marker = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"chromium exited with {proc.returncode}")
+        try:
+            first = marker.read_text().splitlines()[0]
+            return int(first)
+        except (OSError, IndexError, ValueError):
+            time.sleep(0.1)
+    raise TimeoutError("chromium did not open its DevTools port")
+
+
+@pytest.fixture
+def chromium_devtools(tmp_path: Path):
+    chromium = _chromium()
+    profile = tmp_path / "profile-cdp"
+    log = open(tmp_path / "chromium.log", "wb")
+    proc = subprocess.Popen(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield _devtools_port(profile, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+async def _drive(port: int, proxy: BackgroundProxy, shot: Path) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+            targets = await resp.json(content_type=None)
+        page = next(t for t in targets if t.get("type") == "page")
+        async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=64 * 1024 * 1024) as ws:
+            b = Browser(ws)
+            await b.send("Page.enable")
+            await b.send("Runtime.enable")
+            await b.send("Page.navigate", url=proxy.url + "/")
+            await b.wait_for("document.body && document.body.dataset.refreshed >= 1")
+
+            seen: dict[str, Any] = {}
+            seen["statuses"] = await b.eval(
+                "Object.fromEntries([...document.querySelectorAll('article.instance')].map("
+                "a => [a.dataset.instanceId, a.querySelector('[data-field=status]').textContent]))"
+            )
+            seen["qr_visible"] = await b.eval(
+                "(() => { const i = document.querySelector('[data-instance-id=\"acme-sales\"] img.qr');"
+                " return !i.hidden && i.complete && i.naturalWidth > 0 && i.src.startsWith('data:image/png'); })()"
+            )
+
+            # screenshot with the QR code on it
+            png = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+            shot.write_bytes(base64.b64decode(png["data"]))
+
+            # a real user: pick the instance, type, click
+            await b.eval("document.querySelector('#queue-form select').value = 'acme-support'")
+            await b.type_into("#queue-form input[name=to]", "+55 11 97777-6666")
+            await b.type_into("#queue-form textarea[name=body]", "Hello from Chromium")
+            await b.click("#queue-form button[type=submit]")
+            seen["result"] = await b.wait_for(
+                "(() => { const t = document.querySelector('#queue-form [data-field=result]').textContent;"
+                " return t.startsWith('queued') ? t : ''; })()"
+            )
+            seen["row_status"] = await b.wait_for(
+                "(() => { const r = [...document.querySelectorAll('#outbound-rows tr')].find("
+                "tr => tr.textContent.includes('Hello from Chromium'));"
+                " return r && r.querySelector('.mstatus').textContent; })()"
+            )
+            seen["body_cleared"] = await b.eval("document.querySelector('#queue-form textarea').value === ''")
+
+            # an error from the proxy is shown, not swallowed
+            await b.type_into("#queue-form textarea[name=body]", "x")
+            await b.eval("document.querySelector('#queue-form input[name=to]').value = '   '")
+            await b.eval("document.querySelector('#queue-form input[name=to]').removeAttribute('required')")
+            await b.click("#queue-form button[type=submit]")
+            seen["error"] = await b.wait_for(
+                "(() => { const e = document.querySelector('#queue-form .result.error'); return e && e.textContent; })()"
+            )
+
+            # live update: the worker reports CONNECTED, the QR disappears without a reload
+            proxy.store.update_status("acme-sales", "CONNECTED", qr_code=None, phone_number="5511911112222")
+            await b.wait_for(
+                "document.querySelector('[data-instance-id=\"acme-sales\"] [data-field=status]').textContent"
+                " === 'CONNECTED'"
+            )
+            seen["qr_hidden"] = await b.eval(
+                "document.querySelector('[data-instance-id=\"acme-sales\"] img.qr').hidden"
+            )
+            seen["detail"] = await b.eval(
+                "document.querySelector('[data-instance-id=\"acme-sales\"] [data-field=detail]').textContent"
+            )
+
+            # add an instance from the page
+            await b.type_into("#instance-form input[name=id]", "acme-new")
+            await b.click("#instance-form button[type=submit]")
+            await b.wait_for("!!document.querySelector('[data-instance-id=\"acme-new\"]')")
+            seen["options"] = await b.eval(
+                "[...document.querySelectorAll('#queue-form option')].map(o => o.value)"
+            )
+            return seen
+
+
+def test_page_in_chromium(proxy: BackgroundProxy, chromium_devtools: int, tmp_path: Path) -> None:
+    shot = tmp_path / "dev-page.png"
+    seen = asyncio.run(asyncio.wait_for(_drive(chromium_devtools, proxy, shot), 90))
+
+    assert seen["statuses"] == {"acme-sales": "CONNECTING", "acme-support": "CONNECTED"}
+    assert seen["qr_visible"] is True
+
+    rows = [m for m in proxy.store.list_outbound() if m["body"] == "Hello from Chromium"]
+    assert len(rows) == 1
+    assert rows[0]["instanceId"] == "acme-support" and rows[0]["to"] == "+55 11 97777-6666"
+    assert rows[0]["status"] == "queued"
+    assert seen["result"] == f"queued {rows[0]['id']}"
+    assert seen["row_status"] == "queued" and seen["body_cleared"] is True
+    assert seen["error"] == "to is required"
+
+    assert seen["qr_hidden"] is True and seen["detail"] == "+5511911112222"
+    assert proxy.store.has_instance("acme-new")
+    assert seen["options"] == ["acme-sales", "acme-support", "acme-new"]
+
+    # the QR code on the screenshot is scannable and carries the pairing text
+    zxingcpp = pytest.importorskip("zxingcpp")
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        assert img.width >= 1000
+        codes = zxingcpp.read_barcodes(img.convert("RGB"))
+    assert [c.text for c in codes] == [QR_TEXT]
+    if os.environ.get("WA_DEV_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["WA_DEV_KEEP_SCREENSHOT"])

@@ -1,0 +1,282 @@
+"""``wa-worker dev …``: local development without any external service.
+
+    wa-worker dev [--simulator] [--dir DIR] [--proxy-port N] [--port N] ...
+        the reference proxy + the worker in one process (Ctrl-C stops both)
+    wa-worker dev proxy [--dir DIR] [--proxy-port N] [--port N]
+        the reference proxy alone (run a worker yourself against it)
+    wa-worker dev instance add NAME [--priority N]
+    wa-worker dev instance list
+    wa-worker dev send INSTANCE TO TEXT [--wait] [--timeout S]
+    wa-worker dev messages [--instance ID] [--limit N] [--json]
+
+The helpers talk HTTP to the running proxy; they find it and its secret through
+the state folder (``--dir``, default ``./.wa-worker``), or ``--proxy-url`` /
+``$WA_DEV_PROXY_URL`` and ``--secret`` / ``$WORKER_SECRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..ids import is_valid_instance_id
+from .state import DEFAULT_DIR, DevPaths, DevStateError, resolve_secret
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _instance_id(value: str) -> str:
+    if not is_valid_instance_id(value):
+        raise argparse.ArgumentTypeError("must match ^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+    return value
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("must be between 0 and 65535")
+    return port
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return number
+
+
+def _add_dir(p: argparse.ArgumentParser, *, top: bool) -> None:
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_DIR if top else argparse.SUPPRESS,
+        help="state folder (default ./.wa-worker)",
+    )
+
+
+def _add_serve_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    d = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--proxy-host", default=d("127.0.0.1"), help="proxy bind address (default 127.0.0.1)")
+    p.add_argument("--proxy-port", type=_port, default=d(8787), help="proxy port (default 8787)")
+    p.add_argument("--port", type=_port, default=d(3000), help="worker health/wake port, PORT (default 3000)")
+    p.add_argument(
+        "--instance",
+        type=_instance_id,
+        default=d("default"),
+        help="id of the instance created when there is none (default: default)",
+    )
+    p.add_argument(
+        "--no-instance",
+        dest="create_instance",
+        action="store_false",
+        default=d(True),
+        help="do not create a first instance",
+    )
+    p.add_argument("--secret", default=d(None), help="shared secret (default: $WORKER_SECRET or DIR/secret)")
+
+
+def _helper_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    _add_dir(p, top=False)
+    p.add_argument("--proxy-url", default=None, help="proxy URL (default: the running one, else :8787)")
+    p.add_argument("--secret", default=argparse.SUPPRESS, help="shared secret (default: $WORKER_SECRET or DIR/secret)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wa-worker dev",
+        description="Reference proxy + worker in one process, state in a local folder.",
+        epilog="Helpers: wa-worker dev {proxy,instance,send,messages} --help",
+    )
+    _add_dir(parser, top=True)
+    parser.add_argument(
+        "--simulator",
+        action="store_true",
+        help="use the offline simulator backend (QR codes are scanned automatically)",
+    )
+    _add_serve_options(parser, top=True)
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="WARNING", help="worker log level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="same as --log-level INFO")
+    parser.add_argument("--no-qr", dest="print_qr", action="store_false", help="do not draw QR codes in the terminal")
+
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    helper = _helper_parent()
+
+    p_proxy = sub.add_parser("proxy", help="run the reference proxy alone")
+    _add_dir(p_proxy, top=False)
+    _add_serve_options(p_proxy, top=False)
+
+    p_inst = sub.add_parser("instance", help="manage instances")
+    inst_sub = p_inst.add_subparsers(dest="instance_command", metavar="ACTION", required=True)
+    p_add = inst_sub.add_parser("add", parents=[helper], help="add an instance (the worker connects it)")
+    p_add.add_argument("name", type=_instance_id, metavar="NAME")
+    p_add.add_argument("--priority", type=int, default=0, help="higher connects first (default 0)")
+    inst_sub.add_parser("list", parents=[helper], help="list instances and their status")
+
+    p_send = sub.add_parser("send", parents=[helper], help="queue a message")
+    p_send.add_argument("instance", type=_instance_id, metavar="INSTANCE")
+    p_send.add_argument("to", metavar="TO", help="phone number (+55 11 99999-0000) or JID")
+    p_send.add_argument("text", metavar="TEXT")
+    p_send.add_argument("--wait", action="store_true", help="wait until the message is sent or failed")
+    p_send.add_argument("--timeout", type=_positive, default=30.0, help="with --wait, seconds (default 30)")
+
+    p_msgs = sub.add_parser("messages", parents=[helper], help="recent inbound and outbound messages")
+    p_msgs.add_argument("--instance", type=_instance_id, default=None, help="only this instance")
+    p_msgs.add_argument("--limit", type=int, default=20, help="per direction (default 20, max 500)")
+    p_msgs.add_argument("--json", action="store_true", help="print the raw JSON")
+    return parser
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _serve(args: argparse.Namespace, *, with_worker: bool) -> int:
+    from .runner import DevOptions, run
+
+    level = "INFO" if getattr(args, "verbose", False) and args.log_level == "WARNING" else args.log_level
+    opts = DevOptions(
+        dir=args.dir,
+        simulator=args.simulator,
+        proxy_host=args.proxy_host,
+        proxy_port=args.proxy_port,
+        port=args.port,
+        instance=args.instance,
+        create_instance=args.create_instance,
+        log_level=level,
+        print_qr=args.print_qr,
+        with_worker=with_worker,
+        secret=args.secret,
+    )
+    return run(opts)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import DevClient, resolve_proxy_url
+
+    paths = DevPaths(args.dir)
+    secret = resolve_secret(paths, getattr(args, "secret", None), create=False)
+    return DevClient(resolve_proxy_url(paths, args.proxy_url), secret)
+
+
+def _clock(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _cmd_instance(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.instance_command == "add":
+            inst = c.add_instance(args.name, args.priority)
+            print(f"added instance {inst['id']} ({inst['status']}); the worker picks it up at its next poll")
+            return 0
+        instances = c.list_instances()
+    if not instances:
+        print("no instances (add one with: wa-worker dev instance add NAME)")
+        return 0
+    width = max(len(i["id"]) for i in instances)
+    for i in instances:
+        detail = ""
+        if i.get("phone_number") and i["status"] == "CONNECTED":
+            detail = "+" + _one_line(i["phone_number"])
+        elif i.get("reason"):
+            detail = "reason: " + _one_line(i["reason"])
+        elif i.get("has_qr"):
+            detail = "waiting for a QR scan"
+        print(f"{i['id']:<{width}}  {i['status']:<12}  {detail}".rstrip())
+    return 0
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        msg = c.queue(args.instance, args.to, args.text)
+        print(f"queued {msg['id']} for {args.instance} → {msg['to']}")
+        if not args.wait:
+            return 0
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            for m in c.messages(args.instance, limit=500)["outbound"]:
+                if m["id"] != msg["id"]:
+                    continue
+                if m["status"] == "sent":
+                    print(f"sent {m['id']} (wa id {m.get('wa_message_id')})")
+                    return 0
+                if m["status"] == "failed":
+                    print(f"failed {m['id']}: {m.get('error')}")
+                    return 1
+        print(f"still not sent after {args.timeout:g}s (is the instance connected?)")
+        return 1
+
+
+def _cmd_messages(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 500:
+        print("wa-worker dev: --limit must be between 1 and 500", file=sys.stderr)
+        return 2
+    with _client(args) as c:
+        data = c.messages(args.instance, args.limit)
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return 0
+    rows: list[tuple[float, str]] = []
+    for m in data.get("outbound", []):
+        note = m.get("error") if m["status"] == "failed" else ""
+        rows.append(
+            (
+                m["created_at"] or 0,
+                f"{_clock(m['created_at'])}  out  {m['instanceId']}  → {_one_line(m['to'])}  [{m['status']}] "
+                f"{_one_line(m['body'])}" + (f"  ({_one_line(note)})" if note else "") + f"  {m['id']}",
+            )
+        )
+    for m in data.get("inbound", []):
+        who = _one_line(m["from"]) + (f" ({_one_line(m['push_name'])})" if m.get("push_name") else "")
+        rows.append(
+            (
+                m["received_at"] or 0,
+                f"{_clock(m['received_at'])}  in   {m['instanceId']}  ← {who}  {_one_line(m['body'])}",
+            )
+        )
+    if not rows:
+        print("no messages yet")
+    for _, line in sorted(rows, key=lambda r: r[0]):
+        print(line)
+    return 0
+
+
+def _one_line(text: str) -> str:
+    from .terminal import _clip
+
+    return _clip(text, 120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from .client import ClientError
+
+    try:
+        if args.command is None:
+            return _serve(args, with_worker=True)
+        if args.command == "proxy":
+            args.simulator = False
+            return _serve(args, with_worker=False)
+        if args.command == "instance":
+            return _cmd_instance(args)
+        if args.command == "send":
+            return _cmd_send(args)
+        if args.command == "messages":
+            return _cmd_messages(args)
+    except (ClientError, DevStateError) as exc:
+        print(f"wa-worker dev: {exc}", file=sys.stderr)
+        return 1
+    parser.print_help()
+    return 2

@@ -1,0 +1,96 @@
+"""A small synchronous client of the dev proxy's API, used by the CLI helpers."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from .state import DevPaths
+
+PROXY_URL_ENV = "WA_DEV_PROXY_URL"
+DEFAULT_PROXY_URL = "http://127.0.0.1:8787"
+
+
+class ClientError(Exception):
+    """One line for the user (never contains the secret)."""
+
+
+def resolve_proxy_url(paths: DevPaths, explicit: str | None = None) -> str:
+    """``--proxy-url``, else ``$WA_DEV_PROXY_URL``, else the URL the running
+    ``wa-worker dev`` wrote to the state folder, else ``http://127.0.0.1:8787``."""
+    if explicit:
+        return explicit.rstrip("/")
+    env = os.environ.get(PROXY_URL_ENV)
+    if env:
+        return env.rstrip("/")
+    try:
+        recorded = paths.proxy_url_file.read_text().strip()
+    except OSError:
+        recorded = ""
+    if recorded.startswith(("http://", "https://")):
+        return recorded.rstrip("/")
+    return DEFAULT_PROXY_URL
+
+
+class DevClient:
+    def __init__(self, base_url: str, secret: str, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {secret}"},
+            timeout=timeout,
+            trust_env=False,  # loopback: never through an HTTP(S)_PROXY
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "DevClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise ClientError(
+                f"cannot reach the dev proxy at {self.base_url}: is `wa-worker dev` running? "
+                "(see --proxy-url / --dir)"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise ClientError(f"request to the dev proxy failed: {type(exc).__name__}") from None
+        if resp.status_code in (401, 403):
+            raise ClientError(
+                "the dev proxy refused the secret (it uses the one in its state folder: check --dir, "
+                "--secret and $WORKER_SECRET)"
+            )
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {}
+        if resp.status_code >= 400:
+            message = data.get("error") if isinstance(data, dict) else None
+            raise ClientError(message or f"the dev proxy answered HTTP {resp.status_code}")
+        if not isinstance(data, dict):
+            raise ClientError("unexpected answer from the dev proxy")
+        return data
+
+    def list_instances(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/dev/instances").get("instances", []))
+
+    def add_instance(self, instance_id: str, priority: int = 0) -> dict[str, Any]:
+        return dict(self._call("POST", "/dev/instances", json={"id": instance_id, "priority": priority})["instance"])
+
+    def queue(self, instance_id: str, to: str, body: str) -> dict[str, Any]:
+        data = self._call("POST", "/dev/messages", json={"instanceId": instance_id, "to": to, "body": body})
+        return dict(data["message"])
+
+    def messages(self, instance_id: str | None = None, limit: int = 50) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if instance_id:
+            params["instanceId"] = instance_id
+        return self._call("GET", "/dev/messages", params=params)
