@@ -21,6 +21,13 @@ class Clock:
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(max(0.0, seconds))
 
+    async def wait(self, event: anyio.Event, timeout: float) -> bool:
+        """Wait for ``event`` at most ``timeout`` seconds; True if it was set."""
+        with anyio.move_on_after(max(0.0, timeout)):
+            await event.wait()
+            return True
+        return False
+
 
 @dataclass(slots=True)
 class Backoff:

@@ -91,6 +91,14 @@ class SimulatorSession(Session):
         await anyio.sleep(self.backend.connect_delay_s)
         if self.state != "connecting":
             return
+        if self.backend.stall_connects.get(self.instance_id, 0) > 0:
+            self.backend.stall_connects[self.instance_id] -= 1
+            return  # a dial that never completes: no QR, no connection, no error
+        if self.backend.fail_connects.get(self.instance_id, 0) > 0:
+            self.backend.fail_connects[self.instance_id] -= 1
+            self.state = "disconnected"
+            await self.sink(Disconnected("connect_failure", "simulated dial failure"))
+            return
         phone = self.backend._load_phone(self.instance_id)
         if phone is not None:
             await self._go_online(phone)
@@ -210,6 +218,8 @@ class SimulatorBackend(Backend):
         self.qr_rotate_s = qr_rotate_s
         self.sessions: dict[str, SimulatorSession] = {}
         self.fail_sends: dict[str, int] = {}
+        self.fail_connects: dict[str, int] = {}
+        self.stall_connects: dict[str, int] = {}
         self.crash_after_send = False
         self._send_tg: Any = None
         self._tg_cm: Any = None

@@ -142,14 +142,19 @@ def build_app(worker: "Worker") -> web.Application:
                 return _json({"error": str(exc)}, 409)
             return _json({"ok": True})
 
-        async def sim_fail_sends(request: web.Request) -> web.Response:
-            s = session_of(request)
-            data = await read_json(request)
-            count = data.get("count")
-            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 1_000_000:
-                return _json({"error": "'count' must be an integer >= 0"}, 400)
-            sim.set_fail_sends(s.instance_id, count)
-            return _json({"ok": True, "count": count})
+        def counter_route(table: dict[str, int]) -> Any:
+            async def handler(request: web.Request) -> web.Response:
+                iid = request.match_info["id"]
+                if not is_valid_instance_id(iid):
+                    return _json({"error": "invalid instance id"}, 400)
+                data = await read_json(request)
+                count = data.get("count")
+                if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= 1_000_000:
+                    return _json({"error": "'count' must be an integer >= 0"}, 400)
+                table[iid] = count
+                return _json({"ok": True, "count": count})
+
+            return handler
 
         async def sim_crash_after_send(_: web.Request) -> web.Response:
             sim.crash_after_send = True
@@ -161,6 +166,8 @@ def build_app(worker: "Worker") -> web.Application:
         app.router.add_get("/simulator/instances/{id}/sent", sim_sent)
         app.router.add_post("/simulator/instances/{id}/drop", sim_drop)
         app.router.add_post("/simulator/instances/{id}/logout", sim_logout)
-        app.router.add_post("/simulator/instances/{id}/fail-sends", sim_fail_sends)
+        app.router.add_post("/simulator/instances/{id}/fail-sends", counter_route(sim.fail_sends))
+        app.router.add_post("/simulator/instances/{id}/fail-connects", counter_route(sim.fail_connects))
+        app.router.add_post("/simulator/instances/{id}/stall-connects", counter_route(sim.stall_connects))
         app.router.add_post("/simulator/crash-after-next-send", sim_crash_after_send)
     return app

@@ -13,7 +13,7 @@ from ..edge.client import EdgeClient, EdgeError, EndpointMissing
 from ..edge.models import InstanceRef, QueuedMessage
 from ..ids import is_valid_instance_id
 from ..timing import AdaptiveInterval
-from .runner import InstanceRunner, Outcome, RunnerContext, State
+from .runner import InstanceRunner, Outcome, RunnerContext, State, _wake_gap
 
 log = logging.getLogger("wa_worker.manager")
 
@@ -152,8 +152,7 @@ class InstanceManager:
                 else:
                     wait = self.discovery_interval.idle()
                 self._last_discovered = ids
-            with anyio.move_on_after(wait):
-                await self._discovery_wake.wait()
+            await self.ctx.clock.wait(self._discovery_wake, wait)
             self._discovery_wake = anyio.Event() if not self._stopping else self._discovery_wake
 
     def _start_discovered(self, refs: list[InstanceRef]) -> int:
@@ -169,6 +168,7 @@ class InstanceManager:
         """One ``GET /queued-messages`` for every instance, if the proxy supports it."""
         while not self._stopping:
             self._batch_wake = anyio.Event()
+            last_start = self.ctx.clock.monotonic()
             connected = [r for r in self.runners.values() if r.state is State.CONNECTED]
             wait: float
             if not connected:
@@ -187,8 +187,8 @@ class InstanceManager:
                         log.info("the proxy supports batch polling: one call serves every instance")
                         self.batch_supported = True
                     wait = self._dispatch(messages)
-            with anyio.move_on_after(wait):
-                await self._batch_wake.wait()
+            if await self.ctx.clock.wait(self._batch_wake, wait):
+                await _wake_gap(self.ctx.clock, last_start)
 
     def _dispatch(self, messages: list[QueuedMessage]) -> float:
         if not messages:

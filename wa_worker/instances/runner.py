@@ -53,8 +53,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("wa_worker.instance")
 
 CLOSE_TIMEOUT_S = 10.0
+# A burst of wake-ups costs at most one poll per WAKE_MIN_GAP_S per instance: the
+# first wake polls at once, the ones arriving meanwhile merge into one more poll.
+WAKE_MIN_GAP_S = 0.1
 STATUS_RETRY_BASE_S = 1.0
 STATUS_RETRY_CAP_S = 60.0
+
+
+async def _wake_gap(clock: Clock, last_start: float) -> None:
+    gap = clock.monotonic() - last_start
+    if gap < WAKE_MIN_GAP_S:
+        await clock.sleep(WAKE_MIN_GAP_S - gap)
 
 
 class State(str, enum.Enum):
@@ -170,6 +179,7 @@ class InstanceRunner:
         self.phone_number: str | None = None
         self.outcome: Outcome | None = None
         self.reconnects = 0
+        self.last_backoff_s: float | None = None
         self._stop_requested = False
         self._events_tx: MemoryObjectSendStream[Any] | None = None
         self._wake = anyio.Event()
@@ -177,12 +187,15 @@ class InstanceRunner:
         self.poll_interval = AdaptiveInterval(ctx.msg_poll_s, ctx.msg_poll_max_s)
         self.status = StatusReporter(instance_id, ctx.edge, ctx.clock, self._gone, ctx.rng)
         self._stopped_event = anyio.Event()
+        self._gone_flag = False
+        self._interrupt = anyio.Event()  # cuts backoff waits short on stop/gone
 
     # ------------------------------------------------------------------ control
 
     def stop(self) -> None:
         """Ask for a graceful stop (report, disconnect, keep the session)."""
         self._stop_requested = True
+        self._interrupt.set()
         self._post(_Control("stop"))
 
     def wake(self) -> None:
@@ -201,6 +214,8 @@ class InstanceRunner:
         return True
 
     def _gone(self) -> None:
+        self._gone_flag = True
+        self._interrupt.set()
         self._post(_Control("gone"))
 
     def _post(self, item: Any) -> None:
@@ -232,12 +247,10 @@ class InstanceRunner:
     async def _lifecycle(self) -> Outcome:
         backoff = Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng)
         if self.initial_delay_s > 0:
-            tx, rx = anyio.create_memory_object_stream[Any](1)
-            self._events_tx = tx
-            with anyio.move_on_after(self.initial_delay_s):
-                await rx.receive()  # only a stop/gone can arrive here
-                return Outcome.GONE if self._stop_requested is False else Outcome.STOPPED
+            await self.ctx.clock.wait(self._interrupt, self.initial_delay_s)
         while True:
+            if self._gone_flag:
+                return Outcome.GONE
             if self._stop_requested:
                 return Outcome.STOPPED
             outcome, retry_after = await self._connection_once(backoff)
@@ -248,14 +261,9 @@ class InstanceRunner:
             delay = backoff.next_delay()
             if retry_after is not None:
                 delay = max(delay, retry_after)
+            self.last_backoff_s = delay
             log.info("%s: reconnecting in %.1fs", self.instance_id, delay)
-            tx, rx = anyio.create_memory_object_stream[Any](4)
-            self._events_tx = tx
-            if self._stop_requested:
-                return Outcome.STOPPED
-            with anyio.move_on_after(delay):
-                ctl = await rx.receive()
-                return Outcome.GONE if ctl.kind == "gone" else Outcome.STOPPED
+            await self.ctx.clock.wait(self._interrupt, delay)
 
     async def _connection_once(self, backoff: Backoff) -> tuple[Outcome, float | None]:
         """One session from open to close. Returns the outcome and an optional
@@ -350,6 +358,7 @@ class InstanceRunner:
         iid = self.instance_id
         while True:
             self._wake = anyio.Event()
+            last_start = self.ctx.clock.monotonic()
             if not self.ctx.store_writable():
                 wait = 5.0  # pull no new work we could not journal
             elif self.ctx.batch_mode():
@@ -364,9 +373,8 @@ class InstanceRunner:
                     wait = self.poll_interval.idle()
                 else:
                     wait = await self._process(session, messages)
-            if wait > 0:
-                with anyio.move_on_after(wait):
-                    await self._wake.wait()
+            if wait > 0 and await self.ctx.clock.wait(self._wake, wait):
+                await _wake_gap(self.ctx.clock, last_start)
 
     async def _drain_inbox(self, session: Session) -> float:
         with anyio.move_on_after(self.ctx.msg_poll_max_s):
