@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test command (README "Run the tests", and what .ci/run executes).
+# Installs what the suite needs, on a fresh machine too:
+#   * a virtualenv (.venv, or $WA_VENV) with wa-worker and its [test] extras;
+#   * PostgreSQL 15 + Deno for the Supabase kit (scripts/ci_prepare_supabase.sh);
+#   * Debian's chromium for the dev page's browser test (when run as root).
+# Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -x
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+source scripts/_venv.sh
+ensure_venv test
+
+bash scripts/ci_prepare_supabase.sh
+
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    log="$(mktemp)"
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } >"$log" 2>&1 \
+        || { tail -n 20 "$log" >&2; echo "test.sh: could not install chromium" >&2; }
+    rm -f "$log"
+fi
+
+exec "$VENV/bin/python" -m pytest "$@"

@@ -1,0 +1,120 @@
+"""README, .env.example, easypanel.yml, Dockerfile, .ci/run and the code agree."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from wa_worker.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = Settings.model_fields
+REQUIRED = {name for name, f in FIELDS.items() if f.is_required()}
+
+
+def default_text(name: str) -> str:
+    value = FIELDS[name].default
+    if value is None:
+        return ""
+    if hasattr(value, "value"):
+        return str(value.value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def parse_env(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def test_env_example_lists_every_setting_with_its_default():
+    env = parse_env((ROOT / ".env.example").read_text())
+    assert set(env) == set(FIELDS)
+    for name in FIELDS:
+        if name not in REQUIRED:
+            assert env[name] == default_text(name), name
+
+
+def test_readme_configuration_table_matches_settings():
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \|", readme, re.M))
+    assert set(rows) == set(FIELDS)
+    for name, cell in rows.items():
+        cell = cell.strip()
+        if name in REQUIRED:
+            assert cell == "*required*", name
+        elif default_text(name) == "":
+            assert cell == "*(empty)*", name
+        else:
+            assert cell == f"`{default_text(name)}`", name
+
+
+def test_easypanel_service_agrees_with_settings_and_dockerfile():
+    doc = yaml.safe_load((ROOT / "easypanel.yml").read_text())
+    (service,) = doc["services"]
+    assert service["type"] == "app"
+    data = service["data"]
+    assert data["build"] == {"type": "dockerfile", "file": "Dockerfile"}
+    assert (ROOT / data["build"]["file"]).exists()
+    env = parse_env(data["env"])
+    assert REQUIRED <= set(env)
+    assert set(env) <= set(FIELDS)
+    for name, value in env.items():
+        if name not in REQUIRED:
+            assert value == default_text(name), name
+    (mount,) = data["mounts"]
+    assert mount["type"] == "volume" and mount["mountPath"] == "/data"
+    for path_setting in ("AUTH_DIR", "STATE_DB"):
+        assert Path(default_text(path_setting)).is_relative_to(mount["mountPath"])
+    port = int(default_text("PORT"))
+    assert data["ports"] == [{"published": port, "target": port}]
+    assert data["healthCheck"] == {"path": "/health", "port": port}
+    assert data["deploy"]["replicas"] == 1
+
+
+def test_dockerfile_essentials():
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    assert "slim" in base and "alpine" not in base
+    assert "libmagic1" in text
+    assert re.search(r"^USER (?!root)\S+", text, re.M)
+    assert re.search(r"^VOLUME /data$", text, re.M)
+    assert re.search(rf"^EXPOSE {default_text('PORT')}$", text, re.M)
+    assert re.search(r'^CMD \["wa-worker"\]$', text, re.M)
+    health = re.search(r"^HEALTHCHECK .*?(?=\n\n)", text, re.M | re.S).group(0)
+    assert "curl" not in health and "/health" in health
+    assert f"AUTH_DIR={default_text('AUTH_DIR')}" in text and f"STATE_DB={default_text('STATE_DB')}" in text
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quickstart", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [ln.split("#")[0].strip() for ln in quick.strip().splitlines()]
+    assert len(commands) == 2, commands
+    run, test = commands
+    assert run.startswith("scripts/dev.sh") and test == "scripts/test.sh"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^exec bash scripts/test\.sh$", ci, re.M)
+    for script in ("scripts/dev.sh", "scripts/test.sh"):
+        assert (ROOT / script).stat().st_mode & 0o111
+
+
+def test_console_script_and_module_entry_point():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["wa-worker"] == "wa_worker.cli:main"
+    deps = " ".join(project["dependencies"])
+    for dep in ("neonize", "httpx", "anyio", "pydantic-settings", "qrcode", "pillow", "aiohttp"):
+        assert dep in deps
+    assert (ROOT / "wa_worker" / "__main__.py").exists()
