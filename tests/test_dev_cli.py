@@ -368,7 +368,7 @@ def test_dev_simulator_end_to_end(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_dev_proxy_only_and_busy_port(tmp_path: Path) -> None:
-    """``wa-worker dev proxy`` serves alone; a second one on the same port fails clearly."""
+    """``wa-worker dev proxy`` serves alone; a busy port or a busy state folder fails clearly."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("WORKER_SECRET", "WA_DEV_PROXY_URL")}
     env["PYTHONUNBUFFERED"] = "1"
@@ -380,8 +380,14 @@ def test_dev_proxy_only_and_busy_port(tmp_path: Path) -> None:
         wait_until(lambda: (tmp_path / ".wa-worker" / "proxy-url").exists(), 30, "the proxy")
         r = wa("instance", "list", cwd=tmp_path, env=env)
         assert r.returncode == 0 and re.search(r"^solo\s+DISCONNECTED", r.stdout, re.M)
-        again = wa("proxy", "--proxy-port", str(port), cwd=tmp_path, env=env, timeout=30)
+        again = wa("proxy", "--proxy-port", str(port), "--dir", str(tmp_path / "other"), cwd=tmp_path, env=env,
+                   timeout=30)
         assert again.returncode == 1 and "cannot listen" in again.stderr
+        # the same state folder twice (two workers on one AUTH_DIR) is refused
+        same = wa("--simulator", "--proxy-port", str(free_port()), "--port", str(free_port()), cwd=tmp_path, env=env,
+                  timeout=30)
+        assert same.returncode == 1 and "in use by another" in same.stderr
+        assert (tmp_path / ".wa-worker" / "proxy-url").exists()
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from aiohttp import web
 
 from .proxy import create_app
-from .state import DevPaths, resolve_secret
+from .state import DevPaths, DevStateError, FolderLock, resolve_secret
 from .store import Store
 from .terminal import TerminalPrinter
 
@@ -252,14 +252,24 @@ async def _serve(run: DevRun) -> int:
 
 def run(opts: DevOptions, out: TextIO | None = None) -> int:
     """Run until SIGINT/SIGTERM; 0 on a clean stop."""
-    dev = DevRun(opts, out)
+    try:
+        dev = DevRun(opts, out)
+        lock = FolderLock(dev.paths).acquire()
+    except DevStateError as exc:
+        print(f"wa-worker dev: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _run(dev)
+    finally:
+        lock.release()
+
+
+def _run(dev: DevRun) -> int:
+    opts = dev.opts
     _setup_logging(opts.log_level, dev.secret)
 
     async def main() -> int:
-        try:
-            await dev.start_proxy()
-        except DevRunError:
-            raise
+        await dev.start_proxy()
         return await _serve(dev)
 
     try:

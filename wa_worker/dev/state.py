@@ -12,6 +12,7 @@ Layout (folder 0700, files 0600)::
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ class DevPaths:
     @property
     def proxy_url_file(self) -> Path:
         return self.root / "proxy-url"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "lock"
 
     @property
     def auth_dir(self) -> Path:
@@ -107,3 +112,29 @@ def resolve_secret(paths: DevPaths, explicit: str | None = None, *, create: bool
     value = secrets.token_urlsafe(32)
     write_private(paths.secret_file, value + "\n")
     return value
+
+
+class FolderLock:
+    """An exclusive lock on the state folder, held while ``wa-worker dev`` runs
+    (two workers must never share one AUTH_DIR). Released when the process ends."""
+
+    def __init__(self, paths: DevPaths) -> None:
+        self.paths = paths
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DevStateError(
+                f"{self.paths.root} is in use by another `wa-worker dev` (stop it, or use another --dir)"
+            ) from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
