@@ -255,3 +255,26 @@ async def test_auto_scan(proxy, tmp_path):
     proxy.add_instance("acme")
     async with running_worker(make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=50)):
         await wait_until(lambda: proxy.status_of("acme") == "CONNECTED")
+
+
+async def test_a_backend_exception_is_a_failed_attempt_not_a_dead_runner(proxy, tmp_path):
+    from pathlib import Path
+
+    from wa_worker.backends.simulator import SimulatorBackend
+
+    class Flaky(SimulatorBackend):
+        failures = 2
+
+        async def open_session(self, instance_id, sink):
+            if self.failures:
+                self.failures -= 1
+                raise OSError("library exploded")
+            return await super().open_session(instance_id, sink)
+
+    proxy.add_instance("acme")
+    settings = make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=0)
+    async with running_worker(settings, backend=Flaky(Path(settings.AUTH_DIR), auto_scan_ms=0)) as w:
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", timeout=10)
+        reasons = [s.get("reason") for s in proxy.statuses_of("acme") if s["status"] == "DISCONNECTED"]
+        assert reasons[:1] == ["connect_failure"]
+        assert w.manager.runners["acme"].reconnects == 2

@@ -34,6 +34,7 @@ class InstanceManager:
         self._discovery_wake = anyio.Event()
         self._batch_wake = anyio.Event()
         self._stopping = False
+        self._stop_event = anyio.Event()
         self._last_discovered: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ queries
@@ -84,8 +85,9 @@ class InstanceManager:
             outcome = await runner.run()
             self.outcomes[outcome.value] += 1
             if outcome is Outcome.LOGGED_OUT:
-                # the proxy now lists it as DISCONNECTED: look soon, for a fresh QR
+                # the proxy now lists it as DISCONNECTED: look now, for a fresh QR
                 self.discovery_interval.activity()
+                self._discovery_wake.set()
         except Exception:
             log.exception("%s: runner crashed; it will be restarted by discovery", runner.instance_id)
             self.outcomes["crashed"] += 1
@@ -95,6 +97,7 @@ class InstanceManager:
 
     def request_stop(self) -> None:
         self._stopping = True
+        self._stop_event.set()
         self._discovery_wake.set()
         self._batch_wake.set()
         for r in list(self.runners.values()):
@@ -117,9 +120,7 @@ class InstanceManager:
             if self.batch_poll:
                 tg.start_soon(self._batch_loop)
             # runners are children of this task group; it ends when stop() is done
-            while not self._stopping:
-                self._discovery_wake = anyio.Event()
-                await self._discovery_wake.wait()
+            await self._stop_event.wait()
             await self._wait_runners()
             tg.cancel_scope.cancel()
 

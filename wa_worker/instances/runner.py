@@ -292,9 +292,19 @@ class InstanceRunner:
         try:
             async with anyio.create_task_group() as tg:
                 async with self.ctx.start_limiter:
-                    session = await self.ctx.backend.open_session(iid, sink)
-                    await session.connect()
-                    first = await self._first_event(rx)
+                    if self._stop_requested or self._gone_flag:
+                        return (Outcome.GONE if self._gone_flag else Outcome.STOPPED), None
+                    try:
+                        session = await self.ctx.backend.open_session(iid, sink)
+                        await session.connect()
+                    except Exception as exc:  # a library error is a failed attempt, not a dead runner
+                        log.exception("%s: could not start a connection", iid)
+                        first: Any = Disconnected("connect_failure", f"{type(exc).__name__}: {exc}"[:200])
+                    else:
+                        first = await self._first_event(rx)
+                if session is None:
+                    self.status.set(Status.DISCONNECTED, None, reason="connect_failure")
+                    return Outcome.RETRY, None
                 result = await self._handle_events(first, rx, session, tg, backoff)
                 tg.cancel_scope.cancel()
                 return result
