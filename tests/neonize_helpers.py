@@ -220,3 +220,49 @@ def message_event(
         Message=wa_message,
         IsEdit=is_edit,
     )
+
+
+# --------------------------------------------------------------------------- gate stress (subprocess)
+
+
+async def _gate_stress(seconds: float, root: str) -> tuple[int, int]:
+    """Client starts/stops (Go map writers) racing Go calls (readers), through the backend."""
+    from pathlib import Path
+
+    from wa_worker.backends.base import Disconnected
+    from wa_worker.backends.neonize_backend import NeonizeBackend, _Neonize
+
+    backend = NeonizeBackend(Path(root), connect_timeout_s=10)
+    deadline = time.monotonic() + seconds
+    counts = [0, 0]
+
+    async def churn(i: int) -> None:
+        rec = Recorder()
+        session = await backend.open_session(f"churn{i}", rec)
+        while time.monotonic() < deadline:
+            rec.events.clear()
+            await session.connect()
+            await rec.wait_for(lambda e: isinstance(e, Disconnected), timeout=10)
+            await session.disconnect()
+            counts[0] += 1
+        await session.close()
+
+    async def read(i: int) -> None:
+        rec = Recorder()
+        session = await backend.open_session(f"reader{i}", rec)
+        gocode = _Neonize.get().gocode
+        while time.monotonic() < deadline:
+            await session._go_call("IsConnected", lambda: gocode.IsConnected(b"churn0#1-x"), timeout=5)
+            counts[1] += 1
+
+    await asyncio.gather(*(churn(i) for i in range(6)), *(read(i) for i in range(6)))
+    await backend.aclose()
+    return counts[0], counts[1]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1] == "gate-stress":
+        starts, reads = asyncio.run(_gate_stress(float(sys.argv[2]), sys.argv[3]))
+        print(f"OK starts={starts} reads={reads}")

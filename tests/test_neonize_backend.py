@@ -470,6 +470,25 @@ def test_relay_tunnels_counts_revokes_and_chains(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow
+def test_concurrent_starts_and_calls_do_not_crash_go(tmp_path: Path) -> None:
+    """Unguarded, 6 threads starting clients + 6 calling IsConnected die within
+    seconds ("fatal error: concurrent map read and map write"); through the
+    backend's gate they must not. Runs in a subprocess: a Go fatal error kills it."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.neonize_helpers", "gate-stress", "6", str(tmp_path / "auth")],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert "concurrent map" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("OK ")][-1]
+    starts, reads = (int(part.split("=")[1]) for part in line.split()[1:])
+    assert starts >= 30 and reads >= 100, line
+
+
 def test_go_map_gate_and_call_pool() -> None:
     gate = GoMapGate(settle_s=0.05)
     assert gate.enter_reader(0)

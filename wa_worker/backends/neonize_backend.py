@@ -93,6 +93,7 @@ from .base import (
 from .connect_relay import ConnectRelay, RelayTicket
 from .neonize_events import identity_from_event, is_terminal, map_event, map_login_status
 from .threads import (
+    CallNotStarted,
     CallPool,
     CallTimeout,
     GoMapGate,
@@ -278,6 +279,8 @@ class NeonizeSession(Session):
             if "not connected" in text.lower() or "client is nil" in text.lower():
                 raise NotConnectedError(text) from None
             raise SendError(text) from None
+        except CallNotStarted as exc:
+            raise SendError(f"not sent: {exc}") from None
         except CallTimeout as exc:
             raise SendError(f"send outcome unknown: {exc}") from None
         if not resp.ID:
@@ -354,7 +357,10 @@ class NeonizeSession(Session):
         uuid = f"{self.instance_id}#{seq}-{secrets.token_hex(4)}".encode()
         hold = WriterHold(GO_GATE)
         upstream = self.upstream_proxy or backend.upstream_for(self.instance_id)
-        ticket = backend.relay.issue(self.instance_id, upstream=upstream, on_first_request=hold.release)
+        try:
+            ticket = backend.relay.issue(self.instance_id, upstream=upstream, on_first_request=hold.release)
+        except ValueError as exc:
+            raise BackendError(f"instance {self.instance_id}: bad upstream proxy: {exc}") from None
         att = _Attempt(seq=seq, uuid=uuid, ticket=ticket, hold=hold)
 
         client = nz.NewAClient(str(self.db_path), uuid=uuid.decode())
@@ -544,13 +550,13 @@ class NeonizeSession(Session):
             if writer:
                 hold = WriterHold(GO_GATE)
                 if not hold.acquire(timeout=gate_timeout):
-                    raise CallTimeout(f"{name}: go map gate busy")
+                    raise CallNotStarted(f"{name}: go map gate busy")
                 try:
                     return fn()
                 finally:
                     hold.release()
             if not GO_GATE.enter_reader(timeout=gate_timeout):
-                raise CallTimeout(f"{name}: go map gate busy")
+                raise CallNotStarted(f"{name}: go map gate busy")
             return fn()
 
         key = f"{self.instance_id}/{'ctl' if writer or name == 'IsConnected' else 'send'}"

@@ -54,7 +54,7 @@ def default_pool_size(cpu_count: int | None = None) -> int:
 class GoMapGate:
     """Readers/writer gate around goneonize's unlocked Go maps (see module doc)."""
 
-    def __init__(self, settle_s: float = 0.05) -> None:
+    def __init__(self, settle_s: float = 0.02) -> None:
         self.settle_s = settle_s
         self._cond = threading.Condition()
         self._writer = False
@@ -118,6 +118,10 @@ class CallTimeout(Exception):
     """A blocking call did not finish in time (its thread may still be busy)."""
 
 
+class CallNotStarted(CallTimeout):
+    """The call was refused before reaching Go (per-key cap reached, gate busy)."""
+
+
 class CallPool:
     """Bounded thread pool for short blocking calls.
 
@@ -147,7 +151,7 @@ class CallPool:
             raise RuntimeError("call pool is closed")
         with self._lock:
             if self._in_flight.get(key, 0) >= self.per_key_limit:
-                raise CallTimeout(f"{self.per_key_limit} calls of {key!r} already in flight")
+                raise CallNotStarted(f"{self.per_key_limit} calls of {key!r} already in flight")
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
 
         def release(_: object) -> None:
