@@ -260,6 +260,8 @@ class NeonizeSession(Session):
             if att is not None and att.teardown is not None:
                 await self._wait(att.teardown, self.backend.close_timeout_s)
             await self.backend._ensure_started()
+            if self._closed:  # closed while we waited
+                raise BackendError(f"session {self.instance_id} is closed")
             self._prepare_store()
             self._start_attempt()
 
@@ -281,6 +283,8 @@ class NeonizeSession(Session):
             raise SendError(text) from None
         except CallNotStarted as exc:
             raise SendError(f"not sent: {exc}") from None
+        except RuntimeError as exc:  # backend closed under us
+            raise NotConnectedError(f"not sent: {exc}") from None
         except CallTimeout as exc:
             raise SendError(f"send outcome unknown: {exc}") from None
         if not resp.ID:
