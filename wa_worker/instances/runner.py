@@ -128,8 +128,11 @@ class StatusReporter:
 
     def set(self, status: Status, qr_code: str | None = None, *, phone_number: str | None = None,
             reason: str | None = None) -> None:
-        self._desired = StatusUpdate(instanceId=self.instance_id, status=status, qr_code=qr_code,
-                                     phone_number=phone_number, reason=reason)
+        update = StatusUpdate(instanceId=self.instance_id, status=status, qr_code=qr_code,
+                              phone_number=phone_number, reason=reason)
+        if update == self._desired and self._pushed_version == self._version:
+            return  # the proxy already has exactly this (e.g. every failed reconnect attempt)
+        self._desired = update
         self._version += 1
         self._pushed = anyio.Event()
         self._changed.set()
