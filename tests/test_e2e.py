@@ -48,11 +48,13 @@ async def test_qr_is_a_real_png_then_connected(proxy, tmp_path, shape):
         await wait_until(lambda: proxy.status_of("acme") == "CONNECTED")
         last = proxy.statuses_of("acme")[-1]
         assert last["qr_code"] is None and last["phone_number"].isdigit()
-        # listed again while connected: still exactly one runner and one session
+        # listed again while connected (the SaaS reset its row): still exactly one runner and
+        # one session, and the proxy is told again that the instance is CONNECTED
+        sessions_before = w.backend.sessions["acme"]
         proxy.instances["acme"]["status"] = "DISCONNECTED"
-        before = proxy.calls["disconnected-instances"]
-        await wait_until(lambda: proxy.calls["disconnected-instances"] >= before + 3)
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="status re-asserted")
         assert list(w.manager.runners) == ["acme"]
+        assert w.backend.sessions["acme"] is sessions_before
         assert w.health()["instances"]["connected"] == 1
         # auth folder is private
         folder = tmp_path / "auth" / "acme"

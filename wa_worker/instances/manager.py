@@ -159,6 +159,12 @@ class InstanceManager:
     def _start_discovered(self, refs: list[InstanceRef]) -> int:
         started = 0
         for ref in sorted(refs, key=lambda r: -r.priority):
+            running = self.runners.get(ref.id)
+            if running is not None:
+                if running.state is State.CONNECTED:
+                    # listed as needing a connection while we hold it: the proxy is stale
+                    running.status.reassert()
+                continue
             if self.ensure(ref.id, initial_delay_s=self.ctx.rng.random() * 0.05 if started else 0.0):
                 started += 1
         if started:

@@ -137,6 +137,13 @@ class StatusReporter:
         self._pushed = anyio.Event()
         self._changed.set()
 
+    def reassert(self) -> None:
+        """Push the current status again: the proxy evidently lost or overwrote it."""
+        if self._desired is not None and self._pushed_version == self._version:
+            self._version += 1
+            self._pushed = anyio.Event()
+            self._changed.set()
+
     async def run(self) -> None:
         backoff = Backoff(STATUS_RETRY_BASE_S, STATUS_RETRY_CAP_S, rng=self.rng)
         while True:
