@@ -21,13 +21,13 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from ..fsutil import FILE_MODE, append_private, ensure_private_dir
+from ..fsutil import append_private, ensure_private_dir, write_private
 from ..ids import USER_SERVER, is_group_jid, normalize_recipient
 from .base import (
     Backend,
@@ -256,13 +256,8 @@ class SimulatorBackend(Backend):
 
     def _save_phone(self, instance_id: str, phone: _Phone) -> None:
         folder = ensure_private_dir(self.auth_dir(instance_id))
-        tmp = folder / (SESSION_FILE + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"jid": phone.jid, "push_name": phone.push_name, "paired_at": time.time()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / SESSION_FILE)
+        write_private(folder / SESSION_FILE,
+                      json.dumps({"jid": phone.jid, "push_name": phone.push_name, "paired_at": time.time()}))
 
     def _delete_phone(self, instance_id: str) -> None:
         try:

@@ -18,7 +18,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import FILE_MODE, ensure_private_dir
+from ..fsutil import FILE_MODE, ensure_private_dir, write_private
 
 DEFAULT_DIR = Path(".wa-worker")
 SECRET_ENV = "WORKER_SECRET"
@@ -63,19 +63,6 @@ class DevPaths:
         ensure_private_dir(self.auth_dir)
         ensure_private_dir(self.state_db.parent)
         return self
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a 0600 file atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, FILE_MODE)
-    os.replace(tmp, path)
 
 
 def read_secret_file(paths: DevPaths) -> str | None:
