@@ -280,3 +280,20 @@ async def test_a_backend_exception_is_a_failed_attempt_not_a_dead_runner(proxy, 
         reasons = [s.get("reason") for s in proxy.statuses_of("acme") if s["status"] == "DISCONNECTED"]
         assert reasons[:1] == ["connect_failure"]
         assert w.manager.runners["acme"].reconnects == 2
+
+
+async def test_descriptor_exhaustion_restarts_gracefully(proxy, tmp_path):
+    from wa_worker.fdguard import EXIT_FD_EXHAUSTED
+
+    proxy.add_instance("acme")
+    async with running_worker(make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=0)) as w:
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED")
+        used, limit = w.health()["process"]["open_fds"], w.health()["process"]["fd_limit"]
+        assert 0 < used < limit
+        assert w.not_ready_reasons() == []
+        w.fds.warn_ratio = used / limit / 2
+        assert "file descriptors nearly exhausted" in w.not_ready_reasons()
+        w.fds.restart_ratio = used / limit / 2
+        await wait_until(lambda: w._done.is_set(), timeout=15, what="graceful self-restart")
+        assert w.exit_code == EXIT_FD_EXHAUSTED
+        assert proxy.statuses_of("acme")[-1]["reason"] == "shutdown"

@@ -32,6 +32,7 @@ from .backends import make_backend
 from .backends.base import Backend, BackendEvent
 from .config import ConfigError, Settings, UnknownSendPolicy, load_settings
 from .edge.client import EdgeClient
+from .fdguard import EXIT_FD_EXHAUSTED, FdBudget, raise_fd_limit
 from .instances.manager import InstanceManager
 from .instances.runner import RunnerContext
 from .logutil import setup_logging
@@ -76,6 +77,8 @@ class Worker:
         self.started_at = time.time()
         self._stop = anyio.Event()
         self._done = anyio.Event()
+        self.fds = FdBudget()
+        self.exit_code = 0
         self.manager = InstanceManager(
             RunnerContext(
                 backend=self.backend,
@@ -122,6 +125,7 @@ class Worker:
                 "duplicates_suppressed": self.outbound.duplicates_suppressed,
             },
             "store": {"writable": self.store.writable},
+            "process": dict(zip(("open_fds", "fd_limit"), self.fds.usage())),
             "edge": {
                 "calls": sum(self.edge.calls.values()),
                 "failures": sum(self.edge.failures.values()),
@@ -139,6 +143,8 @@ class Worker:
             reasons.append(f"edge proxy unreachable for {time.monotonic() - last:.0f}s")
         if not self.store.writable:
             reasons.append("state store not writable")
+        if self.fds.level() != "ok":
+            reasons.append("file descriptors nearly exhausted")
         if self._stop.is_set():
             reasons.append("shutting down")
         return reasons
@@ -226,6 +232,12 @@ class Worker:
             if not self.store.writable and self.store.probe_writable():
                 self.acks.wake()
                 self.inbound.wake()
+            if self.fds.level() == "restart" and not self._stop.is_set():
+                used, limit = self.fds.usage()
+                log.error("file descriptors nearly exhausted (%d of %d): restarting gracefully (exit %d) "
+                          "for a fresh budget; sessions resume from disk", used, limit, EXIT_FD_EXHAUSTED)
+                self.exit_code = EXIT_FD_EXHAUSTED
+                self.request_stop()
             if now - last_prune > HOUSEKEEPING_EVERY_S:
                 last_prune = now
                 try:
@@ -238,7 +250,7 @@ class Worker:
 # ---------------------------------------------------------------------- entry point
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings) -> int:
     worker = Worker(settings)
     async with anyio.create_task_group() as tg:
 
@@ -251,6 +263,7 @@ async def _serve(settings: Settings) -> None:
         tg.start_soon(on_signals)
         await worker.run()
         tg.cancel_scope.cancel()
+    return worker.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wa-worker: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.LOG_LEVEL.value, [settings.WORKER_SECRET.get_secret_value()])
+    raise_fd_limit()
     try:
-        anyio.run(_serve, settings)
+        return anyio.run(_serve, settings)
     except KeyboardInterrupt:
-        pass
+        return 0
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    return 0
