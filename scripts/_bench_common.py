@@ -1,0 +1,424 @@
+"""Shared pieces of the benchmarks (``bench_scale.py``, ``bench_journal.py``).
+
+* :class:`BenchProxy` - a trimmed loopback edge proxy (aiohttp). Unlike
+  ``tests/fakeproxy.FakeProxy`` (which re-offers every message until it is
+  marked, to catch double sends) it *claims* what it hands out, like the
+  Supabase kit's ``queued -> sending`` update: a benchmark then measures the
+  worker, not re-offers. It counts calls per endpoint, timestamps every
+  enqueue / poll / mark-sent / CONNECTED, and can run inside the benchmark's
+  event loop or as its own process (``python scripts/_bench_common.py proxy``,
+  with ``/_bench/*`` control routes).
+* :class:`WorkerProc` - ``python -m wa_worker`` in a subprocess, with
+  ``/proc`` readers for its CPU time and RSS.
+* small statistics helpers and an event-loop lag monitor (to show whether the
+  benchmark process - the proxy - was saturated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict, deque
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-0123456789"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def pct(values: list[float], p: float) -> float | None:
+    """Percentile with linear interpolation (p in 0..100)."""
+    if not values:
+        return None
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0]
+    k = (len(xs) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    out = []
+    for k, r in enumerate(cells):
+        out.append("| " + " | ".join(c.rjust(widths[i]) if k else c.ljust(widths[i]) for i, c in enumerate(r)) + " |")
+        if k == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------- /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- the proxy
+
+
+class BenchProxy:
+    def __init__(self, *, batch: bool = False, secret: str = SECRET, poll_limit: int = 100) -> None:
+        self.secret = secret
+        self.batch = batch
+        self.poll_limit = poll_limit
+        self.instances: dict[str, str] = {}  # id -> status
+        self.queue: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+        self.calls: Counter[str] = Counter()
+        self.enqueued_wall: dict[str, float] = {}
+        self.enqueued_mono: dict[str, float] = {}
+        self.sent_mono: dict[str, float] = {}
+        self.sent_waiters: dict[str, asyncio.Event] = {}
+        self.failed: dict[str, str] = {}
+        self.inbound_keys: set[tuple[str, str]] = set()
+        self.inbound_last_mono: float | None = None
+        self.connected_at: dict[str, float] = {}  # first CONNECTED since reset_connected()
+        self.first_call_mono: float | None = None
+        self.record_polls = False
+        self.poll_times: dict[str | None, list[float]] = defaultdict(list)
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    # ------------------------------------------------------------------ driving
+
+    def add_instance(self, iid: str) -> None:
+        self.instances[iid] = "DISCONNECTED"
+
+    def enqueue(self, iid: str, mid: str, to: str = "5511988887777", body: str | None = None) -> None:
+        self.queue[iid].append({"id": mid, "to": to, "body": body or mid})
+        self.enqueued_wall[mid] = time.time()
+        self.enqueued_mono[mid] = time.monotonic()
+
+    def waiter(self, mid: str) -> asyncio.Event:
+        ev = self.sent_waiters.get(mid)
+        if ev is None:
+            ev = self.sent_waiters[mid] = asyncio.Event()
+            if mid in self.sent_mono:
+                ev.set()
+        return ev
+
+    def reset_connected(self) -> None:
+        self.connected_at.clear()
+        self.first_call_mono = None
+        for iid in self.instances:
+            self.instances[iid] = "DISCONNECTED"
+
+    def all_connected(self) -> bool:
+        return len(self.connected_at) >= len(self.instances)
+
+    def stats(self) -> dict[str, Any]:
+        return {"calls": dict(self.calls), "sent": len(self.sent_mono), "failed": len(self.failed),
+                "inbound": len(self.inbound_keys), "inbound_last_mono": self.inbound_last_mono,
+                "connected": len(self.connected_at), "queued": sum(len(q) for q in self.queue.values())}
+
+    # ------------------------------------------------------------------ server
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/disconnected-instances", self._disconnected)
+        app.router.add_post("/update-status", self._update_status)
+        app.router.add_get("/queued-messages", self._queued)
+        app.router.add_post("/mark-sent", self._mark_sent)
+        app.router.add_post("/mark-failed", self._mark_failed)
+        app.router.add_post("/inbound", self._inbound)
+        app.router.add_post("/_bench/setup", self._ctl_setup)
+        app.router.add_post("/_bench/enqueue", self._ctl_enqueue)
+        app.router.add_get("/_bench/stats", self._ctl_stats)
+        return app
+
+    async def start(self, port: int = 0) -> "BenchProxy":
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _gate(self, request: web.Request, endpoint: str) -> web.Response | None:
+        self.calls[endpoint] += 1
+        if self.first_call_mono is None:
+            self.first_call_mono = time.monotonic()
+        if request.headers.get("Authorization") != f"Bearer {self.secret}":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return None
+
+    async def _disconnected(self, request: web.Request) -> web.Response:
+        if (r := self._gate(request, "disconnected-instances")) is not None:
+            return r
+        return web.json_response([{"id": i} for i, s in self.instances.items() if s != "CONNECTED"])
+
+    async def _update_status(self, request: web.Request) -> web.Response:
+        if (r := self._gate(request, "update-status")) is not None:
+            return r
+        body = await request.json()
+        iid = body.get("instanceId")
+        if iid not in self.instances:
+            return web.json_response({"error": "not found"}, status=404)
+        self.instances[iid] = body["status"]
+        if body["status"] == "CONNECTED":
+            self.connected_at.setdefault(iid, time.monotonic())
+        return web.json_response({"ok": True})
+
+    def _claim(self, iid: str, limit: int) -> list[dict[str, Any]]:
+        q = self.queue.get(iid)
+        out: list[dict[str, Any]] = []
+        while q and len(out) < limit:
+            out.append(q.popleft())
+        return out
+
+    async def _queued(self, request: web.Request) -> web.Response:
+        if (r := self._gate(request, "queued-messages")) is not None:
+            return r
+        iid = request.query.get("instanceId")
+        if self.record_polls:
+            self.poll_times[iid].append(time.monotonic())
+        if iid is None:
+            if not self.batch:
+                return web.json_response({"error": "instanceId required"}, status=400)
+            items: list[dict[str, Any]] = []
+            for i in list(self.queue):
+                if len(items) >= self.poll_limit:
+                    break
+                items.extend({**m, "instanceId": i} for m in self._claim(i, self.poll_limit - len(items)))
+            return web.json_response({"messages": items})
+        if iid not in self.instances:
+            return web.json_response({"error": "not found"}, status=404)
+        return web.json_response(self._claim(iid, self.poll_limit))
+
+    async def _mark_sent(self, request: web.Request) -> web.Response:
+        if (r := self._gate(request, "mark-sent")) is not None:
+            return r
+        body = await request.json()
+        mid = body["messageId"]
+        if mid not in self.sent_mono:
+            self.sent_mono[mid] = time.monotonic()
+            ev = self.sent_waiters.get(mid)
+            if ev is not None:
+                ev.set()
+        return web.json_response({"ok": True})
+
+    async def _mark_failed(self, request: web.Request) -> web.Response:
+        if (r := self._gate(request, "mark-failed")) is not None:
+            return r
+        body = await request.json()
+        self.failed[body["messageId"]] = body.get("error", "")
+        return web.json_response({"ok": True})
+
+    async def _inbound(self, request: web.Request) -> web.Response:
+        if (r := self._gate(request, "inbound")) is not None:
+            return r
+        body = await request.json()
+        self.inbound_keys.add((body["instanceId"], body["wa_message_id"]))
+        self.inbound_last_mono = time.monotonic()
+        return web.json_response({"ok": True})
+
+    # ------------------------------------------------------------------ control (subprocess mode)
+
+    async def _ctl_setup(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        for iid in body.get("instances", []):
+            self.add_instance(iid)
+        return web.json_response({"ok": True})
+
+    async def _ctl_enqueue(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        ids = body["instances"]
+        prefix = body.get("prefix", "m")
+        n = int(body["count"])
+        for k in range(n):
+            self.enqueue(ids[k % len(ids)], f"{prefix}{k}")
+        return web.json_response({"ok": True, "enqueued": n})
+
+    async def _ctl_stats(self, request: web.Request) -> web.Response:
+        s = self.stats()
+        s["cpu_s"] = cpu_seconds(os.getpid())
+        s["last_sent_mono"] = max(self.sent_mono.values()) if self.sent_mono else None
+        return web.json_response(s)
+
+
+class ProxyProc:
+    """A :class:`BenchProxy` in its own process (so it does not share a core with an in-process worker)."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "proxy", str(self.port)],
+                                     stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+# ---------------------------------------------------------------------- the worker
+
+
+def worker_env(base: Path, proxy_url: str, **extra: Any) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("EDGE_", "WORKER_", "WA_", "SIMULATOR_", "MSG_", "INSTANCE_", "BATCH_", "STATE_",
+                                "AUTH_"))}
+    env.update(
+        EDGE_BASE_URL=proxy_url,
+        WORKER_SECRET=SECRET,
+        PORT=str(free_port()),
+        AUTH_DIR=str(base / "auth"),
+        STATE_DB=str(base / "state" / "wa-worker.db"),
+        WA_BACKEND="simulator",
+        LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class WorkerProc:
+    """``python -m wa_worker`` in a subprocess (cwd = its own folder, so no stray ``.env`` is read)."""
+
+    def __init__(self, base: Path, env: dict[str, str]) -> None:
+        self.base = base
+        self.env = env
+        self.port = int(env["PORT"])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_mono = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, **extra: Any) -> None:
+        env = dict(self.env)
+        env.update({k: str(v) for k, v in extra.items()})
+        env["PORT"] = str(free_port())
+        self.port = int(env["PORT"])
+        self.base.mkdir(parents=True, exist_ok=True)
+        log = open(self.base / "worker.log", "ab")
+        self.started_mono = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "wa_worker"], env=env, cwd=self.base, stdout=log,
+                                     stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+
+    async def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class LoopLag:
+    """How late a 50 ms ticker wakes up: a saturated event loop (proxy) shows here."""
+
+    def __init__(self, tick_s: float = 0.05) -> None:
+        self.tick_s = tick_s
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(self.tick_s)
+            self.lags.append(time.monotonic() - t - self.tick_s)
+
+    def start(self) -> None:
+        self.lags.clear()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> dict[str, float | None]:
+        if self._task is not None:
+            self._task.cancel()
+        return {"p99_ms": (pct(self.lags, 99) or 0) * 1000, "max_ms": max(self.lags, default=0) * 1000}
+
+
+def read_sent_log(auth_dir: Path) -> dict[str, float]:
+    """body (= message id in these benchmarks) -> simulator send time (wall clock)."""
+    out: dict[str, float] = {}
+    if not auth_dir.exists():
+        return out
+    for d in auth_dir.iterdir():
+        f = d / "simulator-sent.jsonl"
+        if not f.exists():
+            continue
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            out[rec["body"]] = rec["ts"]
+    return out
+
+
+async def _serve_proxy(port: int) -> None:
+    proxy = await BenchProxy().start(port)
+    print(f"bench proxy on {proxy.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    await proxy.stop()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "proxy":
+        asyncio.run(_serve_proxy(int(sys.argv[2])))
+    else:
+        print("usage: _bench_common.py proxy PORT", file=sys.stderr)
+        sys.exit(2)
