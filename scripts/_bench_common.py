@@ -163,7 +163,7 @@ class BenchProxy:
         app.router.add_get("/_bench/stats", self._ctl_stats)
         return app
 
-    async def start(self, port: int = 0) -> "BenchProxy":
+    async def start(self, port: int = 0) -> BenchProxy:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)

@@ -43,13 +43,13 @@ import anyio
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import ROOT, SECRET, ProxyProc, cpu_seconds, fmt, table  # noqa: E402
+from _bench_common import ROOT, SECRET, ProxyProc, cpu_seconds, fmt, table
 
 sys.path.insert(0, str(ROOT))
-from wa_worker.backends.simulator import SimulatorBackend  # noqa: E402
-from wa_worker.config import Settings  # noqa: E402
-from wa_worker.daemon import Worker  # noqa: E402
-from wa_worker.storage.store import Store  # noqa: E402
+from wa_worker.backends.simulator import SimulatorBackend
+from wa_worker.config import Settings
+from wa_worker.daemon import Worker
+from wa_worker.storage.store import Store
 
 
 def log(msg: str) -> None:

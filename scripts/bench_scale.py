@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -39,7 +40,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (  # noqa: E402
+from _bench_common import (
     SECRET,
     BenchProxy,
     LoopLag,
@@ -158,7 +159,7 @@ async def idle_window(scs: list[Scenario], window_s: float) -> dict[str, Any]:
         total = sum(calls.values())
         # cross-check from the poll timestamps: the mean gap between one poller's consecutive polls
         gaps = []
-        for key, ts in sc.proxy.poll_times.items():
+        for ts in sc.proxy.poll_times.values():
             if len(ts) >= 2:
                 gaps.append((ts[-1] - ts[0]) / (len(ts) - 1))
         sc.out["idle"] = {
@@ -232,6 +233,8 @@ async def run_polling(sc: Scenario, spread_s: float, target: int, rng: random.Ra
 
 
 async def run_wake(sc: Scenario, samples: int, rng: random.Random, http: aiohttp.ClientSession) -> None:
+    lag = LoopLag()
+    lag.start()
     order = list(sc.ids)
     rng.shuffle(order)
     url = f"http://127.0.0.1:{sc.worker.port}/wake"
@@ -250,6 +253,7 @@ async def run_wake(sc: Scenario, samples: int, rng: random.Random, http: aiohttp
         # >= WAKE_MIN_GAP_S (0.1 s) apart: isolated wake-ups, not a coalesced burst
         await asyncio.sleep(rng.uniform(0.12, 0.2))
     sc.out["wake_mids"] = mids
+    sc.out["wake_proxy_loop_lag"] = lag.stop()
 
 
 def latency_stats(sc: Scenario, mids: list[str], sent_wall: dict[str, float]) -> dict[str, Any]:
@@ -257,7 +261,8 @@ def latency_stats(sc: Scenario, mids: list[str], sent_wall: dict[str, float]) ->
     send = [(sent_wall[m] - p.enqueued_wall[m]) * 1000 for m in mids if m in sent_wall]
     ack = [(p.sent_mono[m] - p.enqueued_mono[m]) * 1000 for m in mids if m in p.sent_mono]
     return {"samples": len(mids), "send_ms": {"p50": pct(send, 50), "p99": pct(send, 99), "max": max(send, default=None)},
-            "mark_sent_ms": {"p50": pct(ack, 50), "p99": pct(ack, 99), "max": max(ack, default=None)}}
+            "mark_sent_ms": {"p50": pct(ack, 50), "p99": pct(ack, 99), "max": max(ack, default=None)},
+            "raw_send_ms": [round(x, 2) for x in send], "raw_mark_sent_ms": [round(x, 2) for x in ack]}
 
 
 def check_idle_served(sc: Scenario, mids: list[str]) -> int:
@@ -338,13 +343,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for sc in node.values():
             await sc.worker.stop()
 
-        # 7. wake-up latency, one worker at a time (ms-scale: keep the machine quiet)
+        # 7. wake-up latency, one worker at a time (ms-scale: keep the machine quiet). This process
+        # (the proxies) holds many objects by now: freeze them and pause its GC so that a collection
+        # here does not delay the /mark-sent timestamps.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         async with aiohttp.ClientSession() as http:
             for n in sizes if not args.no_wake else []:
                 for sc in (adaptive[n], batch[n]):
                     await run_wake(sc, args.wake_samples if n < 500 else max(20, args.wake_samples // 2), rng, http)
                     log(f"{sc.key}: wake-up latency done")
     finally:
+        gc.enable()
         for sc in every:
             if hasattr(sc, "worker"):
                 await sc.worker.stop()
@@ -406,6 +417,9 @@ def report(r: dict[str, Any]) -> str:
                          x.get("not_served_at_cap", "")])
     lines.append(table(["mode", "N", "samples", "send p50", "send p99", "send max", "ack p50", "ack p99",
                         "not at cap"], rows))
+    lags = [S[k]["wake_proxy_loop_lag"]["max_ms"] for k in S if "wake_proxy_loop_lag" in S[k]]
+    if lags:
+        lines.append(f"proxy process event-loop lag during the wake-up phases: max {max(lags):.1f} ms")
     lines.append("")
     base_rss = S["baseline-0"]["idle"]["rss_kib_mean"]
     base_cpu = S["baseline-0"]["idle"]["cpu_pct_core"]
