@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     READY_MAX_PROXY_SILENCE_S: float = Field(120.0, gt=0)
 
     # --- scale and cost
-    MSG_POLL_MAX_MS: int = Field(30_000, ge=50, le=3_600_000)
+    MSG_POLL_MAX_MS: int = Field(60_000, ge=50, le=3_600_000)
     INSTANCE_POLL_MAX_MS: int = Field(60_000, ge=100, le=3_600_000)
     CONNECT_TIMEOUT_S: float = Field(30.0, gt=0, le=600)
     START_CONCURRENCY: int = Field(8, ge=1, le=256)

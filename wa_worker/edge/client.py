@@ -67,12 +67,15 @@ class EdgeClient:
         timeout_s: float = 10.0,
         http: httpx.AsyncClient | None = None,
         max_connections: int = 64,
+        max_keepalive: int = 8,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # few idle keep-alive connections: httpcore scans its pool on every request,
+            # in time quadratic in the pool size (docs/performance.md)
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive),
         )
         self._timeout = httpx.Timeout(timeout_s)
         self._headers = {
