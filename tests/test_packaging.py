@@ -118,3 +118,42 @@ def test_console_script_and_module_entry_point():
     for dep in ("neonize", "httpx", "anyio", "pydantic-settings", "qrcode", "pillow", "aiohttp"):
         assert dep in deps
     assert (ROOT / "wa_worker" / "__main__.py").exists()
+
+
+def test_dockerfile_healthcheck_command_really_checks_health(tmp_path):
+    """Run the HEALTHCHECK's exact command against a live health server and a dead port."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    text = (ROOT / "Dockerfile").read_text()
+    cmd = json.loads(re.search(r"HEALTHCHECK .*?CMD (\[.*?\])\s*$", text, re.M | re.S).group(1))
+    assert cmd[0] == "python"
+    cmd[0] = sys.executable
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            ok = self.path == "/health"
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            self.wfile.write(b'{"status":"ok"}')
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "PORT": str(server.server_address[1])}
+        assert subprocess.run(cmd, env=env, timeout=20).returncode == 0
+    finally:
+        server.shutdown()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    env = {**os.environ, "PORT": str(dead)}
+    assert subprocess.run(cmd, env=env, timeout=20, capture_output=True).returncode != 0
