@@ -40,6 +40,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wa_worker.config import Settings  # noqa: E402
 from _bench_common import (
     SECRET,
     BenchProxy,
@@ -54,17 +55,19 @@ from _bench_common import (
     worker_env,
 )
 
-CAP_S = 30.0  # MSG_POLL_MAX_MS (default 30 s; --msg-poll-max-ms changes it for the adaptive and batch workers)
-FLOOR_S = 2.0  # MSG_POLL_MS
+# the shipped defaults, read from the settings model so the benchmark follows them
+_D = {name: f.default for name, f in Settings.model_fields.items()}
+CAP_S = _D["MSG_POLL_MAX_MS"] / 1000  # --msg-poll-max-ms changes it for the adaptive and batch workers
+FLOOR_S = _D["MSG_POLL_MS"] / 1000
 NODE_MSG_S = 2.0
 NODE_INSTANCE_S = 10.0
-DISCOVERY_CAP_S = 60.0
+DISCOVERY_CAP_S = _D["INSTANCE_POLL_MAX_MS"] / 1000
+_SHIPPED = dict(MSG_POLL_MS=_D["MSG_POLL_MS"], MSG_POLL_MAX_MS=_D["MSG_POLL_MAX_MS"],
+                INSTANCE_POLL_MS=_D["INSTANCE_POLL_MS"], INSTANCE_POLL_MAX_MS=_D["INSTANCE_POLL_MAX_MS"])
 
 MODES = {
-    "adaptive": dict(MSG_POLL_MS=2000, MSG_POLL_MAX_MS=30000, INSTANCE_POLL_MS=10000, INSTANCE_POLL_MAX_MS=60000,
-                     BATCH_POLL="false"),
-    "batch": dict(MSG_POLL_MS=2000, MSG_POLL_MAX_MS=30000, INSTANCE_POLL_MS=10000, INSTANCE_POLL_MAX_MS=60000,
-                  BATCH_POLL="true"),
+    "adaptive": dict(_SHIPPED, BATCH_POLL="false"),
+    "batch": dict(_SHIPPED, BATCH_POLL="true"),
     "node": dict(MSG_POLL_MS=2000, MSG_POLL_MAX_MS=2000, INSTANCE_POLL_MS=10000, INSTANCE_POLL_MAX_MS=10000,
                  BATCH_POLL="false"),
 }
@@ -485,8 +488,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--window", type=float, default=None, help="idle window in seconds (default: 2 cap periods = 60)")
     ap.add_argument("--warmup", type=float, default=None,
                     help="seconds after the last CONNECTED before the window (default: time to reach the cap + 10 = 40)")
-    ap.add_argument("--msg-poll-max-ms", type=int, default=30000,
-                    help="MSG_POLL_MAX_MS of the adaptive and batch workers (default 30000, the shipped default)")
+    ap.add_argument("--msg-poll-max-ms", type=int, default=_D["MSG_POLL_MAX_MS"],
+                    help=f"MSG_POLL_MAX_MS of the adaptive and batch workers (default {_D['MSG_POLL_MAX_MS']}, "
+                         "the shipped default)")
     ap.add_argument("--pythonpath", default=None, help="prepended to the workers' PYTHONPATH (experiments)")
     ap.add_argument("--no-wake", action="store_true", help="skip the wake-up latency phase")
     ap.add_argument("--poll-samples", type=int, default=100, help="polling-only samples per worker (default 100)")
