@@ -298,7 +298,9 @@ def test_mark_failed(proxy: BackgroundProxy, http: httpx.Client, clock: Clock, e
 
 @pytest.mark.parametrize("path", ["/mark-sent", "/mark-failed"])
 def test_mark_errors(proxy: BackgroundProxy, http: httpx.Client, path: str) -> None:
-    assert http.post(path, json={"messageId": "m-nope", "wa_message_id": "x", "error": "e"}).status_code == 404
+    # an unknown id is answered 200 (found: false): a 404 would switch the worker's /mark-failed off
+    r = http.post(path, json={"messageId": "m-nope", "wa_message_id": "x", "error": "e"})
+    assert r.status_code == 200 and r.json()["found"] is False
     assert http.post(path, json={"wa_message_id": "x", "error": "e"}).status_code == 400
     assert http.post(path, json={"messageId": 5}).status_code == 400
     assert http.post(path, json={"messageId": ""}).status_code == 400

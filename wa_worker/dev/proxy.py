@@ -312,7 +312,9 @@ async def mark_sent(request: web.Request) -> web.Response:
     try:
         msg, changed = proxy.store.mark_sent(message_id, wa_id)
     except UnknownMessage:
-        raise ApiError(404, f"unknown message {message_id}") from None
+        # 200, not 404: the worker reads a 404 from /mark-failed as "endpoint not
+        # implemented" and would stop reporting failures (the Supabase kit does the same)
+        return web.json_response({"ok": False, "found": False})
     if changed:
         proxy.emit("sent", msg["instanceId"], message=msg)
     return web.json_response({"ok": True, "status": msg["status"]})
@@ -328,7 +330,7 @@ async def mark_failed(request: web.Request) -> web.Response:
     try:
         msg, changed = proxy.store.mark_failed(message_id, error[:2000])
     except UnknownMessage:
-        raise ApiError(404, f"unknown message {message_id}") from None
+        return web.json_response({"ok": False, "found": False})  # see mark_sent
     if changed:
         proxy.emit("failed", msg["instanceId"], message=msg)
     return web.json_response({"ok": True, "status": msg["status"]})
