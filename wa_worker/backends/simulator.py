@@ -74,7 +74,6 @@ class SimulatorSession(Session):
         self.qr: str | None = None
         self.qr_count = 0
         self.jid: str | None = None
-        self._tg: Any = None
         self._cancel: anyio.CancelScope | None = None
         self._scanned = anyio.Event()
 
@@ -155,8 +154,7 @@ class SimulatorSession(Session):
 
     async def close(self) -> None:
         await self.disconnect()
-        self.state = "closed"
-        self.backend._forget(self)
+        self.state = "closed"  # stays listed in /simulator/instances until replaced
 
     # ---------------------------------------------------------------- the phone's side
 
@@ -221,23 +219,23 @@ class SimulatorBackend(Backend):
         self.fail_connects: dict[str, int] = {}
         self.stall_connects: dict[str, int] = {}
         self.crash_after_send = False
-        self._send_tg: Any = None
+        self._flows: Any = None  # task group of the sessions' connect flows
         self._tg_cm: Any = None
 
     # the backend's own tasks (connect flows) live in a task group the worker enters
     async def __aenter__(self) -> "SimulatorBackend":
         self._tg_cm = anyio.create_task_group()
-        self._send_tg = await self._tg_cm.__aenter__()
+        self._flows = await self._tg_cm.__aenter__()
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
-        self._send_tg.cancel_scope.cancel()
+        self._flows.cancel_scope.cancel()
         return await self._tg_cm.__aexit__(*exc)
 
     def _spawn(self, fn: Any) -> None:
-        if self._send_tg is None:
+        if self._flows is None:
             raise RuntimeError("SimulatorBackend must be entered (async with) before sessions connect")
-        self._send_tg.start_soon(fn)
+        self._flows.start_soon(fn)
 
     # ---------------------------------------------------------------- storage
 
@@ -295,11 +293,6 @@ class SimulatorBackend(Backend):
             await old.close()
         self.sessions[instance_id] = session
         return session
-
-    def _forget(self, session: SimulatorSession) -> None:
-        if self.sessions.get(session.instance_id) is session:
-            # keep the closed session visible to /simulator/instances until replaced
-            pass
 
     def session(self, instance_id: str) -> SimulatorSession:
         s = self.sessions.get(instance_id)

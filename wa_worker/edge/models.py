@@ -48,16 +48,6 @@ class QueuedMessage:
     instance_id: str | None = None
 
 
-@dataclass(slots=True)
-class Rejections:
-    """Counts of records the reader refused, by reason (shown in health)."""
-
-    counts: dict[str, int]
-
-    def add(self, reason: str) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + 1
-
-
 def _list_from(payload: Any, key: str) -> list[Any] | None:
     if isinstance(payload, list):
         return payload

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from ..backends.simulator import SimulatorBackend, SimulatorError
 from ..ids import is_valid_instance_id
 
 if TYPE_CHECKING:
@@ -58,7 +59,10 @@ def build_app(worker: "Worker") -> web.Application:
             return await handler(request)
         if not authorized(request):
             return _json({"error": "unauthorized"}, 401)
-        return await handler(request)
+        try:
+            return await handler(request)
+        except SimulatorError as exc:  # a control request that does not fit the instance's state
+            return _json({"error": str(exc)}, 409)
 
     app.middlewares.append(guard)
 
@@ -84,8 +88,6 @@ def build_app(worker: "Worker") -> web.Application:
     app.router.add_get("/ready", ready)
     app.router.add_post("/wake", wake)
 
-    from ..backends.simulator import SimulatorBackend, SimulatorError
-
     backend = worker.backend
     if isinstance(backend, SimulatorBackend):
         sim: SimulatorBackend = backend
@@ -100,10 +102,7 @@ def build_app(worker: "Worker") -> web.Application:
             return _json([s.describe() for s in sim.sessions.values()])
 
         async def sim_scan(request: web.Request) -> web.Response:
-            try:
-                session_of(request).scan()
-            except SimulatorError as exc:
-                return _json({"error": str(exc)}, 409)
+            session_of(request).scan()
             return _json({"ok": True})
 
         async def sim_inbound(request: web.Request) -> web.Response:
@@ -119,9 +118,7 @@ def build_app(worker: "Worker") -> web.Application:
                                         push_name=push_name if isinstance(push_name, str) else None,
                                         is_group=bool(data.get("is_group", False)),
                                         from_me=bool(data.get("from_me", False)))
-            except SimulatorError as exc:
-                return _json({"error": str(exc)}, 409)
-            except ValueError as exc:
+            except ValueError as exc:  # an unusable 'from' / 'chat_id'
                 return _json({"error": str(exc)}, 400)
             return _json({"wa_message_id": wa_id})
 
@@ -129,17 +126,11 @@ def build_app(worker: "Worker") -> web.Application:
             return _json(sim.sent(session_of(request).instance_id))
 
         async def sim_drop(request: web.Request) -> web.Response:
-            try:
-                await session_of(request).drop()
-            except SimulatorError as exc:
-                return _json({"error": str(exc)}, 409)
+            await session_of(request).drop()
             return _json({"ok": True})
 
         async def sim_logout(request: web.Request) -> web.Response:
-            try:
-                await session_of(request).logout()
-            except SimulatorError as exc:
-                return _json({"error": str(exc)}, 409)
+            await session_of(request).logout()
             return _json({"ok": True})
 
         def counter_route(table: dict[str, int]) -> Any:

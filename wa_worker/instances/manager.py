@@ -33,7 +33,6 @@ class InstanceManager:
         self._tg: anyio.abc.TaskGroup | None = None
         self._discovery_wake = anyio.Event()
         self._batch_wake = anyio.Event()
-        self._stopping = False
         self._stop_event = anyio.Event()
         self._last_discovered: frozenset[str] = frozenset()
 
@@ -71,7 +70,7 @@ class InstanceManager:
 
     def ensure(self, instance_id: str, *, initial_delay_s: float = 0.0) -> bool:
         """Start a runner unless one is already running. True if started."""
-        if self._stopping or self._tg is None or not is_valid_instance_id(instance_id):
+        if self._stop_event.is_set() or self._tg is None or not is_valid_instance_id(instance_id):
             return False
         if instance_id in self.runners:
             return False
@@ -96,7 +95,6 @@ class InstanceManager:
                 del self.runners[runner.instance_id]
 
     def request_stop(self) -> None:
-        self._stopping = True
         self._stop_event.set()
         self._discovery_wake.set()
         self._batch_wake.set()
@@ -139,7 +137,8 @@ class InstanceManager:
             self.ensure(iid, initial_delay_s=self.ctx.rng.random() * spread)
 
     async def _discovery_loop(self) -> None:
-        while not self._stopping:
+        while not self._stop_event.is_set():
+            self._discovery_wake = anyio.Event()
             try:
                 refs = await self.edge.disconnected_instances()
             except EdgeError:
@@ -154,7 +153,6 @@ class InstanceManager:
                     wait = self.discovery_interval.idle()
                 self._last_discovered = ids
             await self.ctx.clock.wait(self._discovery_wake, wait)
-            self._discovery_wake = anyio.Event() if not self._stopping else self._discovery_wake
 
     def _start_discovered(self, refs: list[InstanceRef]) -> int:
         started = 0
@@ -173,7 +171,7 @@ class InstanceManager:
 
     async def _batch_loop(self) -> None:
         """One ``GET /queued-messages`` for every instance, if the proxy supports it."""
-        while not self._stopping:
+        while not self._stop_event.is_set():
             self._batch_wake = anyio.Event()
             last_start = self.ctx.clock.monotonic()
             connected = [r for r in self.runners.values() if r.state is State.CONNECTED]

@@ -113,11 +113,10 @@ class StatusReporter:
     """Pushes the instance's latest status to the proxy; a newer status replaces
     an unsent older one (a stale QR is never worth retrying)."""
 
-    def __init__(self, instance_id: str, edge: EdgeClient, clock: Clock, on_gone: Callable[[], None],
+    def __init__(self, instance_id: str, edge: EdgeClient, on_gone: Callable[[], None],
                  rng: random.Random) -> None:
         self.instance_id = instance_id
         self.edge = edge
-        self.clock = clock
         self.on_gone = on_gone
         self.rng = rng
         self._desired: StatusUpdate | None = None
@@ -186,8 +185,6 @@ class InstanceRunner:
         self.ctx = ctx
         self.state = State.STARTING
         self.initial_delay_s = initial_delay_s
-        self.phone_number: str | None = None
-        self.outcome: Outcome | None = None
         self.reconnects = 0
         self.last_backoff_s: float | None = None
         self._stop_requested = False
@@ -195,7 +192,7 @@ class InstanceRunner:
         self._wake = anyio.Event()
         self._inbox_tx, self._inbox_rx = anyio.create_memory_object_stream[list[QueuedMessage]](64)
         self.poll_interval = AdaptiveInterval(ctx.msg_poll_s, ctx.msg_poll_max_s)
-        self.status = StatusReporter(instance_id, ctx.edge, ctx.clock, self._gone, ctx.rng)
+        self.status = StatusReporter(instance_id, ctx.edge, self._gone, ctx.rng)
         self._stopped_event = anyio.Event()
         self._gone_flag = False
         self._interrupt = anyio.Event()  # cuts backoff waits short on stop/gone
@@ -248,7 +245,6 @@ class InstanceRunner:
                 # let the last status reach the proxy, then end the reporter
                 await self.status.flush(5.0)
                 tg.cancel_scope.cancel()
-            self.outcome = outcome
             return outcome
         finally:
             self.state = State.STOPPED
@@ -353,7 +349,6 @@ class InstanceRunner:
                 backoff.reset()
                 connected = True
                 self.state = State.CONNECTED
-                self.phone_number = event.phone_number
                 log.info("%s: connected", iid)
                 self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
                 self.poll_interval.activity()
