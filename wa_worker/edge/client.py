@@ -34,12 +34,14 @@ class EdgeError(Exception):
     """A failed proxy call. ``transient`` errors are worth retrying."""
 
     def __init__(self, endpoint: str, message: str, *, status: int | None = None, transient: bool = True,
-                 body: str | None = None) -> None:
+                 body: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(f"{endpoint}: {message}")
         self.endpoint = endpoint
         self.status = status
         self.transient = transient
         self.body = body
+        # the least the caller should wait before retrying (429/503 Retry-After), already capped
+        self.retry_after_s = retry_after_s
 
 
 class InstanceGone(EdgeError):

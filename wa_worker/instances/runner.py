@@ -401,7 +401,8 @@ class InstanceRunner:
         if not messages:
             return self.poll_interval.idle()
         try:
-            new = await self.ctx.outbound.process(self.instance_id, session, messages)
+            new = await self.ctx.outbound.process(self.instance_id, session, messages,
+                                                  stopping=lambda: self._stop_requested)
         except StoreUnavailable:
             return 5.0
         self.poll_interval.activity()

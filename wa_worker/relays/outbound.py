@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 
 import anyio
 
@@ -37,11 +38,16 @@ class OutboundRelay:
         self.failed = 0
         self.duplicates_suppressed = 0
 
-    async def process(self, instance_id: str, session: Session, messages: list[QueuedMessage]) -> int:
+    async def process(self, instance_id: str, session: Session, messages: list[QueuedMessage], *,
+                      stopping: Callable[[], bool] = lambda: False) -> int:
         """Handle a poll's messages in order; returns how many were new.
+        ``stopping`` is checked before each message: on a stop the rest stays
+        queued at the proxy for the next run (never journaled, never sent).
         Raises :class:`StoreUnavailable` (nothing is sent without a journal)."""
         new = 0
         for msg in messages:
+            if stopping():
+                break
             if await self._one(instance_id, session, msg):
                 new += 1
         return new
