@@ -87,3 +87,30 @@ async def test_worker_against_the_supabase_function(clean_wa_db: WaDb, edge_func
     assert row()["status"] == "DISCONNECTED"
     # nothing was sent twice
     assert len(w.backend.sent("acme")) == 3
+
+
+async def test_poisoned_inbound_does_not_block_its_chat(clean_wa_db: WaDb, edge_function: EdgeFunction, tmp_path):
+    """A message with NUL characters used to be a 500, retried forever, holding back its whole chat."""
+    db = clean_wa_db
+    db.insert_instance("acme")
+    settings = make_settings(tmp_path, edge_function.base_url, WORKER_SECRET=edge_function.secret,
+                             EDGE_TIMEOUT_S=10)
+
+    async def poll(cond, timeout: float = 20.0, what: str = "condition"):
+        deadline = anyio.current_time() + timeout
+        while not await anyio.to_thread.run_sync(cond):
+            if anyio.current_time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {db.inbound_rows('acme')}")
+            await anyio.sleep(0.1)
+
+    async with running_worker(settings) as w:
+        await poll(lambda: (db.instance("acme") or {}).get("status") == "CONNECTING", what="QR")
+        w.backend.session("acme").scan()
+        await poll(lambda: (db.instance("acme") or {}).get("status") == "CONNECTED", what="CONNECTED")
+        s = w.backend.session("acme")
+        poisoned = await s.receive("5511977776666", "zero\x00byte", push_name="A\x00na")
+        normal = await s.receive("5511977776666", "depois")
+        await poll(lambda: len(db.inbound_rows("acme")) == 2, what="both messages stored")
+        rows = db.inbound_rows("acme")
+        assert [(r["wa_message_id"], r["body"], r["push_name"]) for r in rows] == [
+            (poisoned, "zerobyte", "Ana"), (normal, "depois", None)]
