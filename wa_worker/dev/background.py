@@ -12,7 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .proxy import PROXY_KEY, DevProxy, ProxyEventCallback, create_app
+from .app import create_app
+from .proxy import PROXY_KEY, DevProxy, ProxyEventCallback
 from .store import Store
 
 
@@ -33,7 +34,7 @@ class BackgroundProxy:
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
+        self._serving = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._stop: asyncio.Event | None = None
@@ -53,6 +54,8 @@ class BackgroundProxy:
             raise TimeoutError("the dev proxy did not start")
         if self._error is not None:
             raise self._error
+        if not self._serving:
+            raise RuntimeError("the dev proxy failed to start")
         return self
 
     def _main(self) -> None:
@@ -61,23 +64,25 @@ class BackgroundProxy:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         try:
-            self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, self.port)
+            await runner.setup()
+            site = web.TCPSite(runner, self.host, self.port)
             await site.start()
             server: Any = getattr(site, "_server", None)
             if server is not None and server.sockets:
                 self.port = server.sockets[0].getsockname()[1]
-        except BaseException as exc:  # report to start()
+            self._serving = True
+        except OSError as exc:  # e.g. a busy port: start() raises it
             self._error = exc
-            self._ready.set()
+            await runner.cleanup()
             return
-        self._ready.set()
+        finally:
+            self._ready.set()  # anything else: start() says so, the traceback is on stderr
         try:
             await self._stop.wait()
         finally:
-            await self._runner.cleanup()
+            await runner.cleanup()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._loop is not None and self._stop is not None and self._thread and self._thread.is_alive():

@@ -1,6 +1,7 @@
-"""The reference edge proxy: an aiohttp app implementing docs/proxy-contract.md over SQLite.
+"""The reference edge proxy: docs/proxy-contract.md over SQLite, and the dev API.
 
-Routes (all but the page need ``Authorization: Bearer <secret>``):
+Routes (all need ``Authorization: Bearer <secret>``; :mod:`wa_worker.dev.app`
+checks it):
 
 contract (called by the worker)
     GET  /disconnected-instances
@@ -9,12 +10,15 @@ contract (called by the worker)
     POST /mark-sent
     POST /mark-failed
     POST /inbound
-dev API (called by ``wa-worker dev instance|send|messages``)
+dev API (called by ``wa-worker dev instance|send|messages``, and by the page)
     GET  /dev/instances              POST /dev/instances   {"id", "priority"?}
     GET  /dev/messages[?instanceId=&limit=]
     POST /dev/messages   {"instanceId", "to", "body"}
-page (loopback only, no bearer; see :mod:`wa_worker.dev.page`)
-    GET  /   GET /ui/state   POST /ui/queue   POST /ui/instances   GET /static/…
+
+Public surface (what :mod:`wa_worker.dev.page` and :mod:`wa_worker.dev.app`
+use): :class:`DevProxy` (stored under :data:`PROXY_KEY`), :class:`ApiError`,
+:func:`error_response`, :func:`public_instance`, :func:`add_api_routes` and the
+dev API handlers. This module imports neither the page nor the app.
 
 Queueing a message (dev API or page) calls the worker's ``POST /wake`` (best
 effort) so it goes out at once.
@@ -95,9 +99,6 @@ class DevProxy:
 
     # -------------------------------------------------------------- events
 
-    def subscribe(self, callback: ProxyEventCallback) -> None:
-        self._listeners.append(callback)
-
     def emit(self, kind: str, instance_id: str, **data: Any) -> None:
         event = ProxyEvent(kind, instance_id, data)
         for cb in list(self._listeners):
@@ -137,7 +138,7 @@ class DevProxy:
             ) as resp:
                 await resp.read()
                 log.debug("wake %s -> %s", instance_id, resp.status)
-        except Exception as exc:  # best effort: the worker polls anyway
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # best effort: the worker polls anyway
             log.debug("wake %s failed: %s", instance_id, type(exc).__name__)
 
     async def aclose(self) -> None:
@@ -189,7 +190,7 @@ PROXY_KEY: web.AppKey[DevProxy] = web.AppKey("dev_proxy", DevProxy)
 # ---------------------------------------------------------------------------- helpers
 
 
-def _error(status: int, message: str) -> web.Response:
+def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
@@ -216,7 +217,7 @@ def _opt_str(data: dict[str, Any], key: str) -> str | None:
 def _instance_param(value: Any, *, name: str = "instanceId") -> str:
     if not is_valid_instance_id(value):
         raise ApiError(400, f"{name} is missing or invalid")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _limit(request: web.Request, default: int = 50) -> int:
@@ -230,27 +231,6 @@ def _limit(request: web.Request, default: int = 50) -> int:
     if not 1 <= value <= MAX_LIMIT:
         raise ApiError(400, f"limit must be between 1 and {MAX_LIMIT}")
     return value
-
-
-def is_page_path(path: str) -> bool:
-    return path == "/" or path.startswith("/ui/") or path.startswith("/static/") or path == "/favicon.ico"
-
-
-@web.middleware
-async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    proxy = request.app[PROXY_KEY]
-    if is_page_path(request.path):
-        from .page import check_local
-
-        denied = check_local(request)
-        if denied is not None:
-            return denied
-    elif not proxy.check_bearer(request):
-        return _error(401, "missing or wrong bearer token")
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _error(exc.status, exc.message)
 
 
 # ---------------------------------------------------------------------------- contract
@@ -364,7 +344,8 @@ async def inbound(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- dev API
 
 
-def _public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str, Any]:
+def public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str, Any]:
+    """An instance as the dev API shows it; ``with_qr`` adds the QR (PNG data URLs only)."""
     out = {
         "id": inst["id"],
         "status": inst["status"],
@@ -383,14 +364,14 @@ def _public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str
 
 async def dev_list_instances(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    return web.json_response({"instances": [_public_instance(i) for i in proxy.store.list_instances()]})
+    return web.json_response({"instances": [public_instance(i) for i in proxy.store.list_instances()]})
 
 
 async def dev_add_instance(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     data = await _json_object(request)
     inst = proxy.add_instance(data.get("id"), data.get("priority", 0))
-    return web.json_response({"instance": _public_instance(inst)}, status=201)
+    return web.json_response({"instance": public_instance(inst)}, status=201)
 
 
 async def dev_list_messages(request: web.Request) -> web.Response:
@@ -416,22 +397,11 @@ async def dev_queue_message(request: web.Request) -> web.Response:
     return web.json_response({"message": msg}, status=201)
 
 
-# ---------------------------------------------------------------------------- app
+# ---------------------------------------------------------------------------- routes
 
 
-def create_app(
-    store: Store,
-    secret: str,
-    *,
-    wake_url: str | None = None,
-    on_event: ProxyEventCallback | None = None,
-) -> web.Application:
-    """Build the proxy app. ``wake_url`` is the worker's base URL (``http://127.0.0.1:3000``)."""
-    from .page import add_page_routes
-
-    proxy = DevProxy(store, secret, wake_url=wake_url, on_event=on_event)
-    app = web.Application(middlewares=[_middleware], client_max_size=1024 * 1024)
-    app[PROXY_KEY] = proxy
+def add_api_routes(app: web.Application) -> None:
+    """The contract and the dev API (``app[PROXY_KEY]`` must be set)."""
     app.router.add_get("/disconnected-instances", disconnected_instances)
     app.router.add_post("/update-status", update_status)
     app.router.add_get("/queued-messages", queued_messages)
@@ -442,10 +412,3 @@ def create_app(
     app.router.add_post("/dev/instances", dev_add_instance)
     app.router.add_get("/dev/messages", dev_list_messages)
     app.router.add_post("/dev/messages", dev_queue_message)
-    add_page_routes(app)
-
-    async def _cleanup(app: web.Application) -> None:
-        await app[PROXY_KEY].aclose()
-
-    app.on_cleanup.append(_cleanup)
-    return app
