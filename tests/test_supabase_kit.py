@@ -557,6 +557,10 @@ def test_inbound_nul_is_stripped_and_stored(fn: EdgeFunction, wa_db: WaDb) -> No
     assert row["raw"]["body"] == "ab" and row["raw"]["extra"] == {"key": ["x"]}
     # the replay is recognised as such
     assert fn.request("POST", "inbound", json=msg).json()["duplicate"] is True
+    # a "__proto__" key is data like any other (cleaning the body does not turn it into a prototype)
+    r = post_raw(fn, "inbound", '{"__proto__":{"body":"from the prototype"},"instanceId":"acme",'
+                                '"wa_message_id":"P1","from":"1@s.whatsapp.net"}')
+    assert r.status_code == 400 and "body is required" in r.json()["error"], r.text
 
 
 @deno

@@ -139,12 +139,11 @@ async function readJson(req: Request, repair: readonly string[] = []): Promise<J
   if (value === null || typeof value !== "object" || Array.isArray(value)) {
     throw bad("body must be a JSON object");
   }
-  const body: Json = {};
-  for (const [key, item] of Object.entries(value as Json)) {
+  // Object.fromEntries defines own properties: a "__proto__" key stays data.
+  return Object.fromEntries(Object.entries(value as Json).map(([key, item]) => {
     const field = storable(key, "a field name", false);
-    body[field] = clean(item, field, repair.includes(field));
-  }
-  return body;
+    return [field, clean(item, field, repair.includes(field))];
+  }));
 }
 
 const NUL_RE = /\u0000/g;
@@ -160,12 +159,10 @@ function clean(value: unknown, path: string, repairSurrogates: boolean): unknown
   if (typeof value === "string") return storable(value, path, repairSurrogates);
   if (Array.isArray(value)) return value.map((v, i) => clean(v, `${path}[${i}]`, repairSurrogates));
   if (value !== null && typeof value === "object") {
-    const out: Json = {};
-    for (const [k, v] of Object.entries(value as Json)) {
+    return Object.fromEntries(Object.entries(value as Json).map(([k, v]) => {
       const key = storable(k, `a field name in ${path}`, repairSurrogates);
-      out[key] = clean(v, `${path}.${key}`, repairSurrogates);
-    }
-    return out;
+      return [key, clean(v, `${path}.${key}`, repairSurrogates)];
+    }));
   }
   return value;
 }
