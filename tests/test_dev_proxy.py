@@ -344,6 +344,37 @@ def test_inbound_unique_and_replay(proxy: BackgroundProxy, http: httpx.Client, e
     assert [m["wa_message_id"] for m in listed["inbound"]] == ["3A1B2C3D4E5F"]
 
 
+def test_inbound_poisoned_text(proxy: BackgroundProxy, http: httpx.Client) -> None:
+    """As the Supabase kit: NUL removed and stored; a lone surrogate is a 400, never a 500
+    (a 5xx would be retried and hold back the chat); the page's JSON stays valid."""
+    add(proxy, "a")
+    r = http.post("/inbound", json=inbound_body(wa_message_id="N1", body="a\x00b", push_name="Ma\x00ria"))
+    assert r.status_code == 200, r.text
+    stored = proxy.store.list_inbound("a")[0]
+    assert (stored["body"], stored["push_name"]) == ("ab", "Maria")
+    for field in ("body", "push_name", "from"):
+        raw = json.dumps(inbound_body(wa_message_id=f"S-{field}")).replace(
+            f'"{field}": "', f'"{field}": "\\ud800', 1)
+        r = http.post("/inbound", content=raw.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.json()["error"], (field, r.status_code, r.text)
+    for ts in ("NaN", "Infinity"):
+        raw = json.dumps(inbound_body(wa_message_id="T")).replace("1763900000", ts)
+        r = http.post("/inbound", content=raw.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (ts, r.text)
+    assert len(proxy.store.list_inbound("a")) == 1
+    json.loads(httpx.get(proxy.url + "/ui/state", trust_env=False).text)  # strict JSON, no NaN/Infinity
+    # mark-failed's error is a diagnostic: repaired, not refused
+    mid = queue(http, "a")["id"]
+    http.get("/queued-messages", params={"instanceId": "a"})
+    raw = '{"messageId": "%s", "error": "send failed: \\u0000x\\ud800"}' % mid
+    r = http.post("/mark-failed", content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert proxy.store.list_outbound("a")[0]["error"] == "send failed: x\ufffd"
+    raw = '{"instanceId": "a", "to": "5511999990000", "body": "\\udfff"}'
+    r = http.post("/dev/messages", content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]
+
+
 def test_inbound_minimal_fields(proxy: BackgroundProxy, http: httpx.Client) -> None:
     add(proxy, "a")
     body = {"instanceId": "a", "from": "120363@g.us", "body": "x", "wa_message_id": "W2"}
@@ -361,6 +392,9 @@ def test_inbound_minimal_fields(proxy: BackgroundProxy, http: httpx.Client) -> N
         ({"from": 5511}, 400),
         ({"from_me": "yes"}, 400),
         ({"timestamp": "today"}, 400),
+        ({"timestamp": -1}, 400),
+        ({"timestamp": 1e30}, 400),
+        ({"timestamp": 253402300800000}, 400),
         ({"push_name": 3}, 400),
     ],
 )

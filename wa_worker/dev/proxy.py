@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_CHARS = 65_536
 MAX_LIMIT = 500
+END_OF_9999 = 253_402_300_800  # 10000-01-01T00:00:00Z in Unix seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +215,49 @@ def _opt_str(data: dict[str, Any], key: str) -> str | None:
     return value
 
 
+def _storable_text(text: str, where: str, repair: bool) -> str:
+    text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone UTF-16 surrogate ("\ud800" in the JSON): not a character
+        if not repair:
+            raise ApiError(
+                400, f"{where} contains a lone UTF-16 surrogate (not a character; it cannot be stored)"
+            ) from None
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _storable(value: Any, where: str, repair: bool = False) -> Any:
+    if isinstance(value, str):
+        return _storable_text(value, where, repair)
+    if isinstance(value, list):
+        return [_storable(v, f"{where}[{i}]", repair) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {_storable_text(k, f"a field name in {where}", repair): _storable(v, f"{where}.{k}", repair)
+                for k, v in value.items()}
+    return value
+
+
+def storable(data: dict[str, Any], *, repair: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``data`` as it can be stored, as the Supabase kit does: NUL characters removed
+    from every string; a lone surrogate is a 400, except in the fields of ``repair``
+    (diagnostics), where it becomes U+FFFD."""
+    return {_storable_text(k, "a field name", False): _storable(v, k, k in repair) for k, v in data.items()}
+
+
+def _timestamp(value: Any) -> float | None:
+    """Unix seconds (a number above 1e11 is read as milliseconds); 400 if not a time before year 10000."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, "timestamp must be a number")
+    seconds = value / 1000 if value > 1e11 else value
+    if not 0 <= seconds < END_OF_9999:  # also NaN and infinities
+        raise ApiError(400, "timestamp is out of range (a Unix time before the year 10000)")
+    return float(value)
+
+
 def _instance_param(value: Any, *, name: str = "instanceId") -> str:
     if not is_valid_instance_id(value):
         raise ApiError(400, f"{name} is missing or invalid")
@@ -243,7 +287,7 @@ async def disconnected_instances(request: web.Request) -> web.Response:
 
 async def update_status(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     instance_id = _instance_param(data.get("instanceId"))
     status = data.get("status")
     if status not in STATUSES:
@@ -284,7 +328,7 @@ async def queued_messages(request: web.Request) -> web.Response:
 
 async def mark_sent(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     message_id = data.get("messageId")
     if not isinstance(message_id, str) or not message_id:
         raise ApiError(400, "messageId is required")
@@ -302,7 +346,7 @@ async def mark_sent(request: web.Request) -> web.Response:
 
 async def mark_failed(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request), repair=("error",))
     message_id = data.get("messageId")
     if not isinstance(message_id, str) or not message_id:
         raise ApiError(400, "messageId is required")
@@ -318,7 +362,7 @@ async def mark_failed(request: web.Request) -> web.Response:
 
 async def inbound(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     instance_id = _instance_param(data.get("instanceId"))
     for key in ("wa_message_id", "from", "body"):
         value = data.get(key)
@@ -329,9 +373,7 @@ async def inbound(request: web.Request) -> web.Response:
     for key in ("from_me", "is_group"):
         if data.get(key) is not None and not isinstance(data.get(key), bool):
             raise ApiError(400, f"{key} must be a boolean")
-    ts = data.get("timestamp")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float))):
-        raise ApiError(400, "timestamp must be a number")
+    _timestamp(data.get("timestamp"))
     try:
         msg, inserted = proxy.store.add_inbound(instance_id, data)
     except UnknownInstance:
@@ -369,7 +411,7 @@ async def dev_list_instances(request: web.Request) -> web.Response:
 
 async def dev_add_instance(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     inst = proxy.add_instance(data.get("id"), data.get("priority", 0))
     return web.json_response({"instance": public_instance(inst)}, status=201)
 
@@ -392,7 +434,7 @@ async def dev_list_messages(request: web.Request) -> web.Response:
 
 async def dev_queue_message(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     msg = proxy.queue_message(data.get("instanceId"), data.get("to"), data.get("body"))
     return web.json_response({"message": msg}, status=201)
 
