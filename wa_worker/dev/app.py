@@ -32,10 +32,6 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(exc.status, exc.message)
 
 
-async def _close_proxy(app: web.Application) -> None:
-    await app[PROXY_KEY].aclose()
-
-
 def create_app(
     store: Store,
     secret: str,
@@ -43,10 +39,10 @@ def create_app(
     wake_url: str | None = None,
     on_event: ProxyEventCallback | None = None,
 ) -> web.Application:
-    """Build the proxy app. ``wake_url`` is the worker's base URL (``http://127.0.0.1:3000``)."""
+    """Build the proxy app. ``wake_url`` is the worker's base URL (``http://127.0.0.1:3000``);
+    whoever serves the app runs ``app[PROXY_KEY].run_waker()`` in its task group."""
     app = web.Application(middlewares=[_guard], client_max_size=1024 * 1024)
     app[PROXY_KEY] = DevProxy(store, secret, wake_url=wake_url, on_event=on_event)
     add_api_routes(app)
     add_page_routes(app)
-    app.on_cleanup.append(_close_proxy)
     return app

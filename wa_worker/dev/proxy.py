@@ -21,12 +21,12 @@ use): :class:`DevProxy` (stored under :data:`PROXY_KEY`), :class:`ApiError`,
 dev API handlers. This module imports neither the page nor the app.
 
 Queueing a message (dev API or page) calls the worker's ``POST /wake`` (best
-effort) so it goes out at once.
+effort) so it goes out at once; :meth:`DevProxy.run_waker` does the calling and
+must run in the owner's task group.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import anyio
 from aiohttp import web
 
 from ..ids import is_valid_instance_id
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_CHARS = 65_536
 MAX_LIMIT = 500
+MAX_PENDING_WAKES = 1000
 END_OF_9999 = 253_402_300_800  # 10000-01-01T00:00:00Z in Unix seconds
 
 
@@ -95,8 +97,8 @@ class DevProxy:
         self.wake_url = wake_url
         self.wake_timeout_s = wake_timeout_s
         self._listeners: list[ProxyEventCallback] = [on_event] if on_event else []
-        self._wake_tasks: set[asyncio.Task[None]] = set()
-        self._client: aiohttp.ClientSession | None = None
+        self._wake_ids: set[str | None] = set()  # None: every instance
+        self._wake_ready: anyio.Event | None = None  # exists while run_waker runs
 
     # -------------------------------------------------------------- events
 
@@ -120,36 +122,42 @@ class DevProxy:
     # -------------------------------------------------------------- wake forwarding
 
     def wake(self, instance_id: str | None) -> None:
-        """Ask the worker to poll now (fire and forget; errors are ignored)."""
+        """Ask the worker to poll now: recorded here, posted by :meth:`run_waker`
+        (bursts coalesce; errors are ignored, the worker polls anyway)."""
         if not self.wake_url:
             return
-        task = asyncio.get_running_loop().create_task(self._wake(instance_id))
-        self._wake_tasks.add(task)
-        task.add_done_callback(self._wake_tasks.discard)
+        if len(self._wake_ids) >= MAX_PENDING_WAKES:
+            self._wake_ids = {None}  # bounded: wake every instance instead
+        self._wake_ids.add(instance_id)
+        if self._wake_ready is not None:
+            self._wake_ready.set()
 
-    async def _wake(self, instance_id: str | None) -> None:
+    async def run_waker(self) -> None:
+        """Post the recorded wake-ups to the worker's ``POST /wake`` until cancelled.
+
+        Runs in its owner's task group (``wa-worker dev``, :class:`BackgroundProxy`)."""
+        if not self.wake_url:
+            await anyio.sleep_forever()
+        timeout = aiohttp.ClientTimeout(total=self.wake_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as client:
+            while True:
+                self._wake_ready = anyio.Event()
+                if not self._wake_ids:
+                    await self._wake_ready.wait()
+                ids, self._wake_ids = self._wake_ids, set()
+                for instance_id in [None] if None in ids else sorted(i for i in ids if i is not None):
+                    await self._post_wake(client, instance_id)
+
+    async def _post_wake(self, client: aiohttp.ClientSession, instance_id: str | None) -> None:
         assert self.wake_url
-        if self._client is None or self._client.closed:
-            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.wake_timeout_s))
         url = self.wake_url.rstrip("/") + "/wake"
         body = {"instanceId": instance_id} if instance_id else {}
         try:
-            async with self._client.post(
-                url, json=body, headers={"Authorization": f"Bearer {self._secret_str}"}
-            ) as resp:
+            async with client.post(url, json=body, headers={"Authorization": f"Bearer {self._secret_str}"}) as resp:
                 await resp.read()
                 log.debug("wake %s -> %s", instance_id, resp.status)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # best effort: the worker polls anyway
             log.debug("wake %s failed: %s", instance_id, type(exc).__name__)
-
-    async def aclose(self) -> None:
-        for task in list(self._wake_tasks):
-            task.cancel()
-        if self._wake_tasks:
-            await asyncio.gather(*self._wake_tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
 
     # -------------------------------------------------------------- shared actions
 

@@ -26,6 +26,7 @@ from ..daemon import Worker
 from ..fsutil import write_private
 from ..logutil import setup_logging
 from .app import create_app
+from .proxy import PROXY_KEY, DevProxy
 from .state import DevPaths, DevStateError, FolderLock, resolve_secret
 from .store import Store
 from .terminal import TerminalPrinter
@@ -75,8 +76,9 @@ class DevRun:
         self.out.flush()
 
     @contextlib.asynccontextmanager
-    async def serving_proxy(self) -> AsyncIterator[Store]:
-        """The proxy listening, its URL in the state folder, for the duration of the block."""
+    async def serving_proxy(self) -> AsyncIterator[DevProxy]:
+        """The proxy listening, its URL in the state folder, for the duration of the block
+        (the caller runs the yielded proxy's ``run_waker``)."""
         o = self.opts
         async with contextlib.AsyncExitStack() as stack:
             store = self.store = Store(self.paths.proxy_db)
@@ -105,7 +107,7 @@ class DevRun:
             if o.create_instance and store.count_instances() == 0:
                 store.add_instance(o.instance)
                 self.created_instance = o.instance
-            yield store
+            yield app[PROXY_KEY]
 
     def _forget_proxy_url(self) -> None:
         with contextlib.suppress(OSError):
@@ -275,11 +277,12 @@ async def _main(dev: DevRun) -> int:
         # installed first and removed last: a second Ctrl-C while everything
         # shuts down is absorbed instead of killing the process half-way
         signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
-        await stack.enter_async_context(dev.serving_proxy())
+        proxy = await stack.enter_async_context(dev.serving_proxy())
         worker = dev.make_worker() if dev.opts.with_worker else None
         stop = anyio.Event()
         tg = await stack.enter_async_context(anyio.create_task_group())
         tg.start_soon(_relay_signals, signals, stop)
+        tg.start_soon(proxy.run_waker)
         if worker is None:
             dev.banner()
             await stop.wait()
