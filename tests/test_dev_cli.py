@@ -393,3 +393,19 @@ def test_dev_proxy_only_and_busy_port(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "worker        not started" in out
+
+
+@pytest.mark.slow
+def test_dev_worker_port_busy(tmp_path: Path) -> None:
+    """The worker cannot listen: one clear line, exit 1, the proxy closed and its URL file removed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKER_SECRET", "WA_DEV_PROXY_URL")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = wa("--simulator", "--proxy-port", str(free_port()), "--port", str(port), cwd=tmp_path, env=env,
+               timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the worker stopped: OSError" in r.stdout and f"is port {port} busy?" in r.stdout
+    assert not (tmp_path / ".wa-worker" / "proxy-url").exists()
+    assert "Traceback" not in r.stderr

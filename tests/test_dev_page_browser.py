@@ -83,6 +83,10 @@ def proxy(tmp_path: Path):
             "timestamp": time.time(),
         },
     )
+    # user text that must be shown as text, never run as markup
+    store.queue_message("acme-support", "<b>to</b>", "<script>alert(1)</script>")
+    store.add_inbound("acme-support", {"wa_message_id": "XSS1", "from": "5511977776666@s.whatsapp.net",
+                                       "body": "<img src=x onerror=alert(1)>", "push_name": "<i>x</i>"})
     with BackgroundProxy(store, SECRET) as bp:
         yield bp
     store.close()
@@ -114,6 +118,9 @@ def test_dump_dom_after_scripts(proxy: BackgroundProxy, tmp_path: Path) -> None:
     assert "Your order has shipped" in dom and "mstatus-sent" in dom
     assert "Oi, tudo bem?" in dom and "Maria" in dom
     assert SECRET not in dom
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and "<script>alert(1)</script>" not in dom
+    assert "&lt;img src=x onerror=alert(1)&gt;" in dom and "<img src=x" not in dom
+    assert "&lt;b&gt;to&lt;/b&gt;" in dom and "(&lt;i&gt;x&lt;/i&gt;)" in dom and "<i>x</i>" not in dom
 
 
 # ---------------------------------------------------------------------------- DevTools protocol
@@ -146,8 +153,8 @@ class Browser:
             raise RuntimeError(f"JS error in {expression!r}: {res['exceptionDetails']}")
         return res["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, expression: str, within: float = 10.0) -> Any:
+        deadline = time.monotonic() + within
         while True:
             value = await self.eval(expression)
             if value:
@@ -208,7 +215,7 @@ def chromium_devtools(tmp_path: Path):
         log.close()
 
 
-async def _drive(port: int, proxy: BackgroundProxy, shot: Path) -> dict[str, Any]:
+async def _drive(port: int, proxy: BackgroundProxy) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
             targets = await resp.json(content_type=None)
@@ -232,7 +239,7 @@ async def _drive(port: int, proxy: BackgroundProxy, shot: Path) -> dict[str, Any
 
             # screenshot with the QR code on it
             png = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-            shot.write_bytes(base64.b64decode(png["data"]))
+            seen["screenshot"] = base64.b64decode(png["data"])
 
             # a real user: pick the instance, type, click
             await b.eval("document.querySelector('#queue-form select').value = 'acme-support'")
@@ -284,7 +291,8 @@ async def _drive(port: int, proxy: BackgroundProxy, shot: Path) -> dict[str, Any
 
 def test_page_in_chromium(proxy: BackgroundProxy, chromium_devtools: int, tmp_path: Path) -> None:
     shot = tmp_path / "dev-page.png"
-    seen = asyncio.run(asyncio.wait_for(_drive(chromium_devtools, proxy, shot), 90))
+    seen = asyncio.run(asyncio.wait_for(_drive(chromium_devtools, proxy), 90))
+    shot.write_bytes(seen["screenshot"])
 
     assert seen["statuses"] == {"acme-sales": "CONNECTING", "acme-support": "CONNECTED"}
     assert seen["qr_visible"] is True

@@ -344,6 +344,37 @@ def test_inbound_unique_and_replay(proxy: BackgroundProxy, http: httpx.Client, e
     assert [m["wa_message_id"] for m in listed["inbound"]] == ["3A1B2C3D4E5F"]
 
 
+def test_inbound_poisoned_text(proxy: BackgroundProxy, http: httpx.Client) -> None:
+    """As the Supabase kit: NUL removed and stored; a lone surrogate is a 400, never a 500
+    (a 5xx would be retried and hold back the chat); the page's JSON stays valid."""
+    add(proxy, "a")
+    r = http.post("/inbound", json=inbound_body(wa_message_id="N1", body="a\x00b", push_name="Ma\x00ria"))
+    assert r.status_code == 200, r.text
+    stored = proxy.store.list_inbound("a")[0]
+    assert (stored["body"], stored["push_name"]) == ("ab", "Maria")
+    for field in ("body", "push_name", "from"):
+        raw = json.dumps(inbound_body(wa_message_id=f"S-{field}")).replace(
+            f'"{field}": "', f'"{field}": "\\ud800', 1)
+        r = http.post("/inbound", content=raw.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "surrogate" in r.json()["error"], (field, r.status_code, r.text)
+    for ts in ("NaN", "Infinity"):
+        raw = json.dumps(inbound_body(wa_message_id="T")).replace("1763900000", ts)
+        r = http.post("/inbound", content=raw.encode(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (ts, r.text)
+    assert len(proxy.store.list_inbound("a")) == 1
+    json.loads(httpx.get(proxy.url + "/ui/state", trust_env=False).text)  # strict JSON, no NaN/Infinity
+    # mark-failed's error is a diagnostic: repaired, not refused
+    mid = queue(http, "a")["id"]
+    http.get("/queued-messages", params={"instanceId": "a"})
+    raw = '{"messageId": "%s", "error": "send failed: \\u0000x\\ud800"}' % mid
+    r = http.post("/mark-failed", content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert proxy.store.list_outbound("a")[0]["error"] == "send failed: x\ufffd"
+    raw = '{"instanceId": "a", "to": "5511999990000", "body": "\\udfff"}'
+    r = http.post("/dev/messages", content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]
+
+
 def test_inbound_minimal_fields(proxy: BackgroundProxy, http: httpx.Client) -> None:
     add(proxy, "a")
     body = {"instanceId": "a", "from": "120363@g.us", "body": "x", "wa_message_id": "W2"}
@@ -361,6 +392,9 @@ def test_inbound_minimal_fields(proxy: BackgroundProxy, http: httpx.Client) -> N
         ({"from": 5511}, 400),
         ({"from_me": "yes"}, 400),
         ({"timestamp": "today"}, 400),
+        ({"timestamp": -1}, 400),
+        ({"timestamp": 1e30}, 400),
+        ({"timestamp": 253402300800000}, 400),
         ({"push_name": 3}, 400),
     ],
 )
@@ -464,10 +498,11 @@ def test_wake_errors_are_ignored(tmp_path: Path) -> None:
 
 def test_page_needs_no_bearer_but_a_local_host(proxy: BackgroundProxy) -> None:
     add(proxy, "acme")
-    r = httpx.get(proxy.url + "/", trust_env=False)
-    assert r.status_code == 200 and "acme" in r.text and SECRET not in r.text
+    r = httpx.get(proxy.url + "/", trust_env=False)  # the static shell; app.js renders /ui/state into it
+    assert r.status_code == 200 and '<script src="/static/app.js"' in r.text and SECRET not in r.text
     assert "default-src 'none'" in r.headers["Content-Security-Policy"]
-    assert httpx.get(proxy.url + "/ui/state", trust_env=False).json()["instances"][0]["id"] == "acme"
+    r = httpx.get(proxy.url + "/ui/state", trust_env=False)
+    assert r.json()["instances"][0]["id"] == "acme" and SECRET not in r.text
     assert httpx.get(proxy.url + "/static/app.js", trust_env=False).status_code == 200
     # DNS rebinding: a foreign Host name is refused
     r = httpx.get(proxy.url + "/ui/state", headers={"Host": "evil.example:8787"}, trust_env=False)
@@ -525,9 +560,16 @@ def test_page_qr_only_png_data_urls(proxy: BackgroundProxy, http: httpx.Client) 
 
 
 def test_page_escapes_html(proxy: BackgroundProxy, http: httpx.Client) -> None:
+    """User text never reaches the page as markup: the HTML is a static shell, the data is JSON,
+    and app.js renders it as text (in Chromium: test_dev_page_browser::test_dump_dom_after_scripts)."""
     add(proxy, "a")
     queue(http, "a", to="<b>to</b>", body="<script>alert(1)</script>")
     http.post("/inbound", json=inbound_body(body="<img src=x onerror=alert(1)>", push_name="<i>x</i>"))
     page = httpx.get(proxy.url + "/", trust_env=False).text
-    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "<img src=x" not in page and "<i>x</i>" not in page
+    assert "alert(1)" not in page and "<b>to</b>" not in page and "<i>x</i>" not in page
+    r = httpx.get(proxy.url + "/ui/state", trust_env=False)
+    assert r.headers["Content-Type"].startswith("application/json")
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    state = r.json()
+    assert state["outbound"][0]["body"] == "<script>alert(1)</script>"
+    assert state["inbound"][0]["push_name"] == "<i>x</i>"

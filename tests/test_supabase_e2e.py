@@ -7,7 +7,7 @@ import anyio
 import pytest
 
 from tests.conftest import make_settings, running_worker, wait_until
-from tests.pg_helpers import (  # noqa: F401  (fixtures are used by name)
+from tests.pg_helpers import (
     EdgeFunction,
     WaDb,
     clean_wa_db,
@@ -18,6 +18,8 @@ from tests.pg_helpers import (  # noqa: F401  (fixtures are used by name)
 from wa_worker.relays.inbound import inbound_payload
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.deno, pytest.mark.slow]
+# fixtures, requested by name below
+FIXTURES = (clean_wa_db, edge_function, pg_server, wa_db)
 
 
 async def test_worker_against_the_supabase_function(clean_wa_db: WaDb, edge_function: EdgeFunction, tmp_path):
@@ -29,12 +31,12 @@ async def test_worker_against_the_supabase_function(clean_wa_db: WaDb, edge_func
     def row(iid: str = "acme") -> dict:
         return db.instance(iid) or {}
 
-    async def poll(cond, timeout: float = 20.0, what: str = "condition"):
+    async def poll(cond, within: float = 20.0, what: str = "condition"):
         # psql round trips are blocking: run the check in a thread
         async def check():
             return await anyio.to_thread.run_sync(cond)
 
-        deadline = anyio.current_time() + timeout
+        deadline = anyio.current_time() + within
         while True:
             if await check():
                 return
@@ -87,3 +89,30 @@ async def test_worker_against_the_supabase_function(clean_wa_db: WaDb, edge_func
     assert row()["status"] == "DISCONNECTED"
     # nothing was sent twice
     assert len(w.backend.sent("acme")) == 3
+
+
+async def test_poisoned_inbound_does_not_block_its_chat(clean_wa_db: WaDb, edge_function: EdgeFunction, tmp_path):
+    """A message with NUL characters used to be a 500, retried forever, holding back its whole chat."""
+    db = clean_wa_db
+    db.insert_instance("acme")
+    settings = make_settings(tmp_path, edge_function.base_url, WORKER_SECRET=edge_function.secret,
+                             EDGE_TIMEOUT_S=10)
+
+    async def poll(cond, within: float = 20.0, what: str = "condition"):
+        deadline = anyio.current_time() + within
+        while not await anyio.to_thread.run_sync(cond):
+            if anyio.current_time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}: {db.inbound_rows('acme')}")
+            await anyio.sleep(0.1)
+
+    async with running_worker(settings) as w:
+        await poll(lambda: (db.instance("acme") or {}).get("status") == "CONNECTING", what="QR")
+        w.backend.session("acme").scan()
+        await poll(lambda: (db.instance("acme") or {}).get("status") == "CONNECTED", what="CONNECTED")
+        s = w.backend.session("acme")
+        poisoned = await s.receive("5511977776666", "zero\x00byte", push_name="A\x00na")
+        normal = await s.receive("5511977776666", "depois")
+        await poll(lambda: len(db.inbound_rows("acme")) == 2, what="both messages stored")
+        rows = db.inbound_rows("acme")
+        assert [(r["wa_message_id"], r["body"], r["push_name"]) for r in rows] == [
+            (poisoned, "zerobyte", "Ana"), (normal, "depois", None)]

@@ -526,3 +526,157 @@ def test_function_typechecks(tmp_path) -> None:
         import shutil
 
         shutil.rmtree(staged.parent, ignore_errors=True)
+
+
+# ------------------------------------------------- poisoned input (issue #8)
+# Inbound is delivered in order per chat: a 500 makes the worker retry the
+# same message and every later message of that chat waits. Bad data is
+# stored cleaned (NUL) or refused with a 400, never a 500.
+
+
+def inbound_msg(wa_id: str, **extra) -> dict:
+    return {"instanceId": "acme", "wa_message_id": wa_id, "from": "5511988887777@s.whatsapp.net",
+            "chat_id": "5511988887777@s.whatsapp.net", "body": "oi", **extra}
+
+
+def post_raw(fn: EdgeFunction, endpoint: str, raw_json: str):
+    """POST a JSON text as is (Python's json module would not let us write a lone surrogate escape)."""
+    return fn.request("POST", endpoint, content=raw_json.encode(), headers={"Content-Type": "application/json"})
+
+
+@deno
+def test_inbound_nul_is_stripped_and_stored(fn: EdgeFunction, wa_db: WaDb) -> None:
+    wa_db.insert_instance("acme", "CONNECTED")
+    msg = inbound_msg("NUL1", body="a\x00b\x00", push_name="Ma\x00ria", to="5511999990000@s.whatsapp.net\x00",
+                      extra={"k\x00ey": ["x\x00"]})
+    r = fn.request("POST", "inbound", json=msg)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"ok": True, "duplicate": False}
+    row = wa_db.inbound_rows("acme")[0]
+    assert (row["body"], row["push_name"], row["to"]) == ("ab", "Maria", "5511999990000@s.whatsapp.net")
+    assert row["raw"]["body"] == "ab" and row["raw"]["extra"] == {"key": ["x"]}
+    # the replay is recognised as such
+    assert fn.request("POST", "inbound", json=msg).json()["duplicate"] is True
+    # a "__proto__" key is data like any other (cleaning the body does not turn it into a prototype)
+    r = post_raw(fn, "inbound", '{"__proto__":{"body":"from the prototype"},"instanceId":"acme",'
+                                '"wa_message_id":"P1","from":"1@s.whatsapp.net"}')
+    assert r.status_code == 400 and "body is required" in r.json()["error"], r.text
+
+
+@deno
+def test_inbound_lone_surrogate_is_400(fn: EdgeFunction, wa_db: WaDb) -> None:
+    wa_db.insert_instance("acme", "CONNECTED")
+    for raw in ('{"instanceId":"acme","wa_message_id":"S1","from":"1@s.whatsapp.net","body":"x\\ud800y"}',
+                '{"instanceId":"acme","wa_message_id":"S2","from":"1@s.whatsapp.net","body":"x\\udfff"}',
+                '{"instanceId":"acme","wa_message_id":"S3","from":"1@s.whatsapp.net","body":"ok",'
+                '"push_name":"\\ud83d"}',
+                '{"instanceId":"acme","wa_message_id":"S4","from":"1@s.whatsapp.net","body":"ok",'
+                '"future":{"deep":["\\udc00"]}}'):
+        r = post_raw(fn, "inbound", raw)
+        assert r.status_code == 400, (raw, r.status_code, r.text)
+        assert "surrogate" in r.json()["error"]
+    # a proper pair (an emoji, escaped) is a character and is stored
+    r = post_raw(fn, "inbound", '{"instanceId":"acme","wa_message_id":"S5","from":"1@s.whatsapp.net",'
+                                '"body":"\\ud83d\\ude00"}')
+    assert r.status_code == 200, r.text
+    assert [row["body"] for row in wa_db.inbound_rows("acme")] == ["\U0001F600"]
+
+
+@deno
+def test_inbound_bad_timestamp_is_400(fn: EdgeFunction, wa_db: WaDb) -> None:
+    wa_db.insert_instance("acme", "CONNECTED")
+    # above 1e11 the number is read as milliseconds; the range ends at 9999-12-31
+    for i, ts in enumerate((1e30, -1, "abc", "", 1e20, 253402300800000)):
+        r = fn.request("POST", "inbound", json=inbound_msg(f"T{i}", timestamp=ts))
+        assert r.status_code == 400, (ts, r.status_code, r.text)
+        assert "timestamp" in r.json()["error"]
+    assert wa_db.inbound_rows("acme") == []
+    # the edges of the range are stored
+    for i, ts in enumerate((0, 1e11, 253402300799999)):
+        r = fn.request("POST", "inbound", json=inbound_msg(f"OK{i}", timestamp=ts))
+        assert r.status_code == 200, (ts, r.text)
+    assert len(wa_db.inbound_rows("acme")) == 3
+
+
+@deno
+def test_writes_strip_nul_on_every_endpoint(fn: EdgeFunction, wa_db: WaDb) -> None:
+    wa_db.insert_instance("acme")
+    r = fn.request("POST", "update-status", json={"instanceId": "acme", "status": "CONNECTED", "qr_code": None,
+                                                  "phone_number": "5511\x00999"})
+    assert r.status_code == 200, r.text
+    assert wa_db.instance("acme")["phone_number"] == "5511999"
+    r = fn.request("POST", "update-status", json={"instanceId": "acme", "status": "DISCONNECTED",
+                                                  "reason": "net\x00work"})
+    assert r.status_code == 200 and wa_db.instance("acme")["last_reason"] == "network"
+    sent, failed = wa_db.insert_outbound("acme", "123456", "a"), wa_db.insert_outbound("acme", "123456", "b")
+    r = fn.request("POST", "mark-sent", json={"messageId": sent, "wa_message_id": "3EB\x000"})
+    assert r.status_code == 200 and wa_db.outbound(sent)["wa_message_id"] == "3EB0"
+    # mark-failed's error is a diagnostic: a lone surrogate is repaired, not refused
+    r = post_raw(fn, "mark-failed", '{"messageId":"%s","error":"send failed: \\u0000x\\ud800"}' % failed)
+    assert r.status_code == 200, r.text
+    assert wa_db.outbound(failed)["error"] == "send failed: x\ufffd"
+    # elsewhere a lone surrogate is a 400 and changes nothing
+    r = post_raw(fn, "update-status", '{"instanceId":"acme","status":"CONNECTED","phone_number":"\\udc00"}')
+    assert r.status_code == 400 and wa_db.instance("acme")["status"] == "DISCONNECTED"
+
+
+@deno
+def test_database_data_errors_are_400(fn: EdgeFunction, wa_db: WaDb) -> None:
+    """A payload the database refuses (SQLSTATE class 22/23, e.g. a SaaS's own rule) is the caller's fault: 400."""
+    wa_db.insert_instance("acme", "CONNECTED")
+    mid = wa_db.insert_outbound("acme", "123456", "hi")
+    wa_db.psql("""
+        alter table wa_inbound add constraint saas_no_spam check (body <> 'spam');
+        create function saas_reject_reason() returns trigger language plpgsql as $$
+        begin
+            if new.last_reason = 'weird' then raise exception 'bad reason' using errcode = '22023'; end if;
+            return new;
+        end $$;
+        create function saas_reject_error() returns trigger language plpgsql as $$
+        begin
+            if new.error = 'weird' then raise exception 'bad error' using errcode = '22P02'; end if;
+            return new;
+        end $$;
+        create trigger saas_reject_reason before update on wa_instances
+            for each row execute function saas_reject_reason();
+        create trigger saas_reject_error before update on wa_outbound
+            for each row execute function saas_reject_error();
+    """)
+    try:
+        r = fn.request("POST", "inbound", json=inbound_msg("SPAM", body="spam"))
+        assert r.status_code == 400 and "23514" in r.json()["error"], r.text
+        r = fn.request("POST", "update-status", json={"instanceId": "acme", "status": "DISCONNECTED",
+                                                      "reason": "weird"})
+        assert r.status_code == 400 and "22023" in r.json()["error"], r.text
+        r = fn.request("POST", "mark-failed", json={"messageId": mid, "error": "weird"})
+        assert r.status_code == 400 and "22P02" in r.json()["error"], r.text
+        # the unknown-instance rule (a foreign key, class 23 too) still answers 404
+        r = fn.request("POST", "inbound", json={**inbound_msg("G"), "instanceId": "ghost"})
+        assert r.status_code == 404
+    finally:
+        wa_db.psql("""
+            alter table wa_inbound drop constraint if exists saas_no_spam;
+            drop trigger if exists saas_reject_reason on wa_instances;
+            drop trigger if exists saas_reject_error on wa_outbound;
+            drop function if exists saas_reject_reason();
+            drop function if exists saas_reject_error();
+        """)
+    assert wa_db.inbound_rows("acme") == [] and wa_db.outbound(mid)["status"] == "queued"
+
+
+@deno
+def test_unreachable_database_is_503_not_400() -> None:
+    """Server faults stay 5xx (the worker retries them)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    fn = EdgeFunction(f"postgresql://postgres@127.0.0.1:{dead_port}/nope")
+    fn.start()
+    try:
+        r = fn.request("POST", "inbound", json=inbound_msg("X"))
+        assert r.status_code == 503, r.text
+        assert r.json() == {"error": "database unavailable"}
+    finally:
+        fn.stop()

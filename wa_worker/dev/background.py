@@ -2,17 +2,23 @@
 
     with BackgroundProxy(Store(":memory:"), "s3cret-value") as proxy:
         httpx.get(proxy.url + "/disconnected-instances", headers=...)
+
+The thread runs its own anyio event loop; its task group owns the proxy's
+wake-up forwarder.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from typing import Any
 
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from aiohttp import web
 
-from .proxy import PROXY_KEY, DevProxy, ProxyEventCallback, create_app
+from .app import create_app
+from .proxy import PROXY_KEY, DevProxy, ProxyEventCallback
 from .store import Store
 
 
@@ -31,12 +37,12 @@ class BackgroundProxy:
         self.app = create_app(store, secret, wake_url=wake_url, on_event=on_event)
         self.host = host
         self.port = port
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._stop: asyncio.Event | None = None
+        self._serving = False
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._stop: anyio.Event | None = None
 
     @property
     def proxy(self) -> DevProxy:
@@ -47,41 +53,45 @@ class BackgroundProxy:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> "BackgroundProxy":
-        self._thread = threading.Thread(target=self._main, name="dev-proxy", daemon=True)
+        self._thread = threading.Thread(target=anyio.run, args=(self._serve,), name="dev-proxy", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError("the dev proxy did not start")
         if self._error is not None:
             raise self._error
+        if not self._serving:
+            raise RuntimeError("the dev proxy failed to start")
         return self
 
-    def _main(self) -> None:
-        asyncio.run(self._serve())
-
     async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        self._token = anyio.lowlevel.current_token()
+        self._stop = anyio.Event()
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         try:
-            self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, self.port)
+            await runner.setup()
+            site = web.TCPSite(runner, self.host, self.port)
             await site.start()
             server: Any = getattr(site, "_server", None)
             if server is not None and server.sockets:
                 self.port = server.sockets[0].getsockname()[1]
-        except BaseException as exc:  # report to start()
+            self._serving = True
+        except OSError as exc:  # e.g. a busy port: start() raises it
             self._error = exc
-            self._ready.set()
+            await runner.cleanup()
             return
-        self._ready.set()
-        try:
-            await self._stop.wait()
         finally:
-            await self._runner.cleanup()
+            self._ready.set()  # anything else: start() says so, the traceback is on stderr
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.proxy.run_waker)
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            await runner.cleanup()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._loop is not None and self._stop is not None and self._thread and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._token is not None and self._stop is not None and self._thread and self._thread.is_alive():
+            anyio.from_thread.run_sync(self._stop.set, token=self._token)
         if self._thread is not None:
             self._thread.join(timeout)
 

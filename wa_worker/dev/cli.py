@@ -21,10 +21,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from ..ids import is_valid_instance_id
+from .client import ClientError, DevClient, resolve_proxy_url
 from .state import DEFAULT_DIR, DevPaths, DevStateError, resolve_secret
+from .text import clip
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -142,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, *, with_worker: bool) -> int:
+    # imported here, not for a cycle: the helpers (send, messages, ...) start
+    # 0.3 s faster without the daemon and aiohttp
     from .runner import DevOptions, run
 
     level = "INFO" if getattr(args, "verbose", False) and args.log_level == "WARNING" else args.log_level
@@ -161,9 +164,7 @@ def _serve(args: argparse.Namespace, *, with_worker: bool) -> int:
     return run(opts)
 
 
-def _client(args: argparse.Namespace) -> Any:
-    from .client import DevClient, resolve_proxy_url
-
+def _client(args: argparse.Namespace) -> DevClient:
     paths = DevPaths(args.dir)
     secret = resolve_secret(paths, getattr(args, "secret", None), create=False)
     return DevClient(resolve_proxy_url(paths, args.proxy_url), secret)
@@ -253,16 +254,12 @@ def _cmd_messages(args: argparse.Namespace) -> int:
 
 
 def _one_line(text: str) -> str:
-    from .terminal import _clip
-
-    return _clip(text, 120)
+    return clip(text, 120)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from .client import ClientError
-
     try:
         if args.command is None:
             return _serve(args, with_worker=True)

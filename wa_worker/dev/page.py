@@ -1,7 +1,9 @@
 """The dev page: instances with status and live QR, recent messages, a form to queue one.
 
-Server-rendered HTML plus a little vanilla JS (``static/app.js``) that polls
-``GET /ui/state`` every second. No build step.
+``GET /`` is a static shell (``static/index.html``); ``static/app.js`` fetches
+``GET /ui/state`` (JSON) and renders everything, the first paint included,
+then again every second. The forms post to ``/ui/queue`` and
+``/ui/instances``, which are the dev API's handlers. No build step.
 
 The page has **no login**. It is only answered to loopback clients that use a
 loopback host name (``127.0.0.1``, ``localhost``, ``[::1]``): the peer address
@@ -15,18 +17,20 @@ browser sends them, a same-origin ``Origin`` / ``Sec-Fetch-Site``.
 
 from __future__ import annotations
 
-import html
 import ipaddress
 import time
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .proxy import PROXY_KEY, dev_add_instance, dev_queue_message, public_instance
 
 STATIC_DIR = Path(__file__).with_name("static")
 CSRF_HEADER = "X-WA-Dev"
+INDEX_HTML = STATIC_DIR / "index.html"
 RECENT = 30
-POLL_MS = 1000
 
 _LOCAL_HOSTNAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -98,163 +102,40 @@ def check_local(request: web.Request) -> web.Response | None:
 
 
 def page_state(request: web.Request) -> dict[str, Any]:
-    from .proxy import PROXY_KEY, _public_instance
-
+    """Everything the page shows (the secret is never part of it)."""
     store = request.app[PROXY_KEY].store
     return {
-        "instances": [_public_instance(i, with_qr=True) for i in store.list_instances()],
+        "instances": [public_instance(i, with_qr=True) for i in store.list_instances()],
         "outbound": store.list_outbound(limit=RECENT),
         "inbound": store.list_inbound(limit=RECENT),
         "server_time": time.time(),
     }
 
 
-# ---------------------------------------------------------------------------- rendering
-
-_e = html.escape
-
-
-def _clock(ts: float | None) -> str:
-    if not ts:
-        return ""
-    return time.strftime("%H:%M:%S", time.localtime(ts))
-
-
-def _instance_detail(inst: dict[str, Any]) -> str:
-    if inst["status"] == "CONNECTED" and inst.get("phone_number"):
-        return "+" + inst["phone_number"]
-    if inst["status"] == "DISCONNECTED" and inst.get("reason"):
-        return "reason: " + inst["reason"]
-    if inst["status"] == "CONNECTING" and inst.get("qr_code"):
-        return "scan the QR code: WhatsApp › Linked devices › Link a device"
-    if inst["status"] == "CONNECTING":
-        return "connecting…"
-    return "waiting for the worker…"
-
-
-def _render_instance(inst: dict[str, Any]) -> str:
-    qr = inst.get("qr_code")
-    qr_html = (
-        f'<img class="qr" data-field="qr" alt="QR code to link {_e(inst["id"])}" src="{_e(qr)}">'
-        if qr
-        else '<img class="qr" data-field="qr" alt="" hidden>'
-    )
-    return (
-        f'<article class="instance" data-instance-id="{_e(inst["id"])}">'
-        f'<header><h3>{_e(inst["id"])}</h3>'
-        f'<span class="status status-{_e(inst["status"])}" data-field="status">{_e(inst["status"])}</span>'
-        "</header>"
-        f'<p class="detail" data-field="detail">{_e(_instance_detail(inst))}</p>'
-        f"{qr_html}</article>"
-    )
-
-
-def _render_outbound_row(m: dict[str, Any]) -> str:
-    note = m.get("error") or m.get("wa_message_id") or ""
-    return (
-        f'<tr data-message-id="{_e(m["id"])}"><td>{_e(_clock(m["created_at"]))}</td>'
-        f'<td>{_e(m["instanceId"])}</td><td>{_e(m["to"])}</td><td class="body">{_e(m["body"])}</td>'
-        f'<td><span class="mstatus mstatus-{_e(m["status"])}">{_e(m["status"])}</span></td>'
-        f'<td class="note">{_e(note)}</td></tr>'
-    )
-
-
-def _render_inbound_row(m: dict[str, Any]) -> str:
-    sender = m.get("push_name") or ""
-    who = m["from"] + (f" ({sender})" if sender else "")
-    return (
-        f'<tr data-wa-message-id="{_e(m["wa_message_id"])}"><td>{_e(_clock(m["received_at"]))}</td>'
-        f'<td>{_e(m["instanceId"])}</td><td>{_e(who)}</td><td class="body">{_e(m["body"])}</td></tr>'
-    )
-
-
-def render_page(state: dict[str, Any]) -> str:
-    instances = state["instances"]
-    cards = "".join(_render_instance(i) for i in instances) or '<p class="empty">No instances yet.</p>'
-    options = "".join(f'<option value="{_e(i["id"])}">{_e(i["id"])}</option>' for i in instances)
-    outbound = "".join(_render_outbound_row(m) for m in state["outbound"])
-    inbound = "".join(_render_inbound_row(m) for m in state["inbound"])
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>wa-worker dev</title>
-<link rel="stylesheet" href="/static/style.css">
-<script src="/static/app.js" defer></script>
-</head>
-<body data-poll-ms="{POLL_MS}">
-<header class="top">
-  <h1>wa-worker dev</h1>
-  <span id="live" class="live" title="page refresh">connecting…</span>
-  <p class="note">Local reference proxy. This page has no login: it is only served to this
-  machine (loopback). The worker's endpoints still need the bearer secret.</p>
-</header>
-<main>
-<section id="instances">
-  <h2>Instances</h2>
-  <div id="instance-list">{cards}</div>
-  <form id="instance-form" class="inline" autocomplete="off">
-    <label>New instance <input name="id" required pattern="[A-Za-z0-9][A-Za-z0-9_\\-]{{0,127}}"
-      placeholder="acme-sales"></label>
-    <button type="submit">Add</button>
-    <span class="result" role="status" data-field="result"></span>
-  </form>
-</section>
-<section id="send">
-  <h2>Queue a message</h2>
-  <form id="queue-form" autocomplete="off">
-    <label>Instance <select name="instanceId" required>{options}</select></label>
-    <label>To <input name="to" required placeholder="+55 11 99999-0000 or …@g.us"></label>
-    <label class="wide">Text <textarea name="body" rows="2" required placeholder="Hello!"></textarea></label>
-    <button type="submit">Queue</button>
-    <span class="result" role="status" data-field="result"></span>
-  </form>
-  <noscript><p class="note">The forms need JavaScript.</p></noscript>
-</section>
-<section id="outbound">
-  <h2>Outbound <small>(newest first)</small></h2>
-  <table><thead><tr><th>Time</th><th>Instance</th><th>To</th><th>Text</th><th>Status</th><th>Detail</th></tr></thead>
-  <tbody id="outbound-rows">{outbound}</tbody></table>
-</section>
-<section id="inbound">
-  <h2>Inbound <small>(newest first)</small></h2>
-  <table><thead><tr><th>Time</th><th>Instance</th><th>From</th><th>Text</th></tr></thead>
-  <tbody id="inbound-rows">{inbound}</tbody></table>
-</section>
-</main>
-</body>
-</html>
-"""
-
-
 # ---------------------------------------------------------------------------- handlers
 
 
-async def index(request: web.Request) -> web.Response:
-    return web.Response(
-        text=render_page(page_state(request)), content_type="text/html", headers=_SECURITY_HEADERS
-    )
+def is_page_path(path: str) -> bool:
+    return path == "/" or path.startswith("/ui/") or path.startswith("/static/") or path == "/favicon.ico"
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(INDEX_HTML, headers=_SECURITY_HEADERS)
 
 
 async def ui_state(request: web.Request) -> web.Response:
     return web.json_response(page_state(request), headers=_SECURITY_HEADERS)
 
 
-async def ui_queue(request: web.Request) -> web.Response:
-    from .proxy import PROXY_KEY, _json_object
+def _secured(handler: Handler) -> Handler:
+    """``handler`` with the page's security headers on its answer."""
 
-    data = await _json_object(request)
-    msg = request.app[PROXY_KEY].queue_message(data.get("instanceId"), data.get("to"), data.get("body"))
-    return web.json_response({"message": msg}, status=201, headers=_SECURITY_HEADERS)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        response = await handler(request)
+        response.headers.update(_SECURITY_HEADERS)
+        return response
 
-
-async def ui_add_instance(request: web.Request) -> web.Response:
-    from .proxy import PROXY_KEY, _json_object, _public_instance
-
-    data = await _json_object(request)
-    inst = request.app[PROXY_KEY].add_instance(data.get("id"), 0)
-    return web.json_response({"instance": _public_instance(inst)}, status=201, headers=_SECURITY_HEADERS)
+    return wrapped
 
 
 async def favicon(request: web.Request) -> web.Response:
@@ -264,7 +145,7 @@ async def favicon(request: web.Request) -> web.Response:
 def add_page_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/ui/state", ui_state)
-    app.router.add_post("/ui/queue", ui_queue)
-    app.router.add_post("/ui/instances", ui_add_instance)
+    app.router.add_post("/ui/queue", _secured(dev_queue_message))
+    app.router.add_post("/ui/instances", _secured(dev_add_instance))
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_static("/static/", STATIC_DIR)

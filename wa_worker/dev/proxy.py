@@ -1,6 +1,7 @@
-"""The reference edge proxy: an aiohttp app implementing docs/proxy-contract.md over SQLite.
+"""The reference edge proxy: docs/proxy-contract.md over SQLite, and the dev API.
 
-Routes (all but the page need ``Authorization: Bearer <secret>``):
+Routes (all need ``Authorization: Bearer <secret>``; :mod:`wa_worker.dev.app`
+checks it):
 
 contract (called by the worker)
     GET  /disconnected-instances
@@ -9,20 +10,23 @@ contract (called by the worker)
     POST /mark-sent
     POST /mark-failed
     POST /inbound
-dev API (called by ``wa-worker dev instance|send|messages``)
+dev API (called by ``wa-worker dev instance|send|messages``, and by the page)
     GET  /dev/instances              POST /dev/instances   {"id", "priority"?}
     GET  /dev/messages[?instanceId=&limit=]
     POST /dev/messages   {"instanceId", "to", "body"}
-page (loopback only, no bearer; see :mod:`wa_worker.dev.page`)
-    GET  /   GET /ui/state   POST /ui/queue   POST /ui/instances   GET /static/…
+
+Public surface (what :mod:`wa_worker.dev.page` and :mod:`wa_worker.dev.app`
+use): :class:`DevProxy` (stored under :data:`PROXY_KEY`), :class:`ApiError`,
+:func:`error_response`, :func:`public_instance`, :func:`add_api_routes` and the
+dev API handlers. This module imports neither the page nor the app.
 
 Queueing a message (dev API or page) calls the worker's ``POST /wake`` (best
-effort) so it goes out at once.
+effort) so it goes out at once; :meth:`DevProxy.run_waker` does the calling and
+must run in the owner's task group.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import anyio
 from aiohttp import web
 
 from ..ids import is_valid_instance_id
@@ -46,6 +51,8 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_CHARS = 65_536
 MAX_LIMIT = 500
+MAX_PENDING_WAKES = 1000
+END_OF_9999 = 253_402_300_800  # 10000-01-01T00:00:00Z in Unix seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +97,10 @@ class DevProxy:
         self.wake_url = wake_url
         self.wake_timeout_s = wake_timeout_s
         self._listeners: list[ProxyEventCallback] = [on_event] if on_event else []
-        self._wake_tasks: set[asyncio.Task[None]] = set()
-        self._client: aiohttp.ClientSession | None = None
+        self._wake_ids: set[str | None] = set()  # None: every instance
+        self._wake_ready: anyio.Event | None = None  # exists while run_waker runs
 
     # -------------------------------------------------------------- events
-
-    def subscribe(self, callback: ProxyEventCallback) -> None:
-        self._listeners.append(callback)
 
     def emit(self, kind: str, instance_id: str, **data: Any) -> None:
         event = ProxyEvent(kind, instance_id, data)
@@ -118,36 +122,42 @@ class DevProxy:
     # -------------------------------------------------------------- wake forwarding
 
     def wake(self, instance_id: str | None) -> None:
-        """Ask the worker to poll now (fire and forget; errors are ignored)."""
+        """Ask the worker to poll now: recorded here, posted by :meth:`run_waker`
+        (bursts coalesce; errors are ignored, the worker polls anyway)."""
         if not self.wake_url:
             return
-        task = asyncio.get_running_loop().create_task(self._wake(instance_id))
-        self._wake_tasks.add(task)
-        task.add_done_callback(self._wake_tasks.discard)
+        if len(self._wake_ids) >= MAX_PENDING_WAKES:
+            self._wake_ids = {None}  # bounded: wake every instance instead
+        self._wake_ids.add(instance_id)
+        if self._wake_ready is not None:
+            self._wake_ready.set()
 
-    async def _wake(self, instance_id: str | None) -> None:
+    async def run_waker(self) -> None:
+        """Post the recorded wake-ups to the worker's ``POST /wake`` until cancelled.
+
+        Runs in its owner's task group (``wa-worker dev``, :class:`BackgroundProxy`)."""
+        if not self.wake_url:
+            await anyio.sleep_forever()
+        timeout = aiohttp.ClientTimeout(total=self.wake_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as client:
+            while True:
+                self._wake_ready = anyio.Event()
+                if not self._wake_ids:
+                    await self._wake_ready.wait()
+                ids, self._wake_ids = self._wake_ids, set()
+                for instance_id in [None] if None in ids else sorted(i for i in ids if i is not None):
+                    await self._post_wake(client, instance_id)
+
+    async def _post_wake(self, client: aiohttp.ClientSession, instance_id: str | None) -> None:
         assert self.wake_url
-        if self._client is None or self._client.closed:
-            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.wake_timeout_s))
         url = self.wake_url.rstrip("/") + "/wake"
         body = {"instanceId": instance_id} if instance_id else {}
         try:
-            async with self._client.post(
-                url, json=body, headers={"Authorization": f"Bearer {self._secret_str}"}
-            ) as resp:
+            async with client.post(url, json=body, headers={"Authorization": f"Bearer {self._secret_str}"}) as resp:
                 await resp.read()
                 log.debug("wake %s -> %s", instance_id, resp.status)
-        except Exception as exc:  # best effort: the worker polls anyway
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # best effort: the worker polls anyway
             log.debug("wake %s failed: %s", instance_id, type(exc).__name__)
-
-    async def aclose(self) -> None:
-        for task in list(self._wake_tasks):
-            task.cancel()
-        if self._wake_tasks:
-            await asyncio.gather(*self._wake_tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
 
     # -------------------------------------------------------------- shared actions
 
@@ -189,7 +199,7 @@ PROXY_KEY: web.AppKey[DevProxy] = web.AppKey("dev_proxy", DevProxy)
 # ---------------------------------------------------------------------------- helpers
 
 
-def _error(status: int, message: str) -> web.Response:
+def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
@@ -213,10 +223,53 @@ def _opt_str(data: dict[str, Any], key: str) -> str | None:
     return value
 
 
+def _storable_text(text: str, where: str, repair: bool) -> str:
+    text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone UTF-16 surrogate ("\ud800" in the JSON): not a character
+        if not repair:
+            raise ApiError(
+                400, f"{where} contains a lone UTF-16 surrogate (not a character; it cannot be stored)"
+            ) from None
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+def _storable(value: Any, where: str, repair: bool = False) -> Any:
+    if isinstance(value, str):
+        return _storable_text(value, where, repair)
+    if isinstance(value, list):
+        return [_storable(v, f"{where}[{i}]", repair) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {_storable_text(k, f"a field name in {where}", repair): _storable(v, f"{where}.{k}", repair)
+                for k, v in value.items()}
+    return value
+
+
+def storable(data: dict[str, Any], *, repair: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``data`` as it can be stored, as the Supabase kit does: NUL characters removed
+    from every string; a lone surrogate is a 400, except in the fields of ``repair``
+    (diagnostics), where it becomes U+FFFD."""
+    return {_storable_text(k, "a field name", False): _storable(v, k, k in repair) for k, v in data.items()}
+
+
+def _timestamp(value: Any) -> float | None:
+    """Unix seconds (a number above 1e11 is read as milliseconds); 400 if not a time before year 10000."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, "timestamp must be a number")
+    seconds = value / 1000 if value > 1e11 else value
+    if not 0 <= seconds < END_OF_9999:  # also NaN and infinities
+        raise ApiError(400, "timestamp is out of range (a Unix time before the year 10000)")
+    return float(value)
+
+
 def _instance_param(value: Any, *, name: str = "instanceId") -> str:
     if not is_valid_instance_id(value):
         raise ApiError(400, f"{name} is missing or invalid")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def _limit(request: web.Request, default: int = 50) -> int:
@@ -232,27 +285,6 @@ def _limit(request: web.Request, default: int = 50) -> int:
     return value
 
 
-def is_page_path(path: str) -> bool:
-    return path == "/" or path.startswith("/ui/") or path.startswith("/static/") or path == "/favicon.ico"
-
-
-@web.middleware
-async def _middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    proxy = request.app[PROXY_KEY]
-    if is_page_path(request.path):
-        from .page import check_local
-
-        denied = check_local(request)
-        if denied is not None:
-            return denied
-    elif not proxy.check_bearer(request):
-        return _error(401, "missing or wrong bearer token")
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return _error(exc.status, exc.message)
-
-
 # ---------------------------------------------------------------------------- contract
 
 
@@ -263,7 +295,7 @@ async def disconnected_instances(request: web.Request) -> web.Response:
 
 async def update_status(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     instance_id = _instance_param(data.get("instanceId"))
     status = data.get("status")
     if status not in STATUSES:
@@ -304,7 +336,7 @@ async def queued_messages(request: web.Request) -> web.Response:
 
 async def mark_sent(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     message_id = data.get("messageId")
     if not isinstance(message_id, str) or not message_id:
         raise ApiError(400, "messageId is required")
@@ -322,7 +354,7 @@ async def mark_sent(request: web.Request) -> web.Response:
 
 async def mark_failed(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request), repair=("error",))
     message_id = data.get("messageId")
     if not isinstance(message_id, str) or not message_id:
         raise ApiError(400, "messageId is required")
@@ -338,7 +370,7 @@ async def mark_failed(request: web.Request) -> web.Response:
 
 async def inbound(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     instance_id = _instance_param(data.get("instanceId"))
     for key in ("wa_message_id", "from", "body"):
         value = data.get(key)
@@ -349,9 +381,7 @@ async def inbound(request: web.Request) -> web.Response:
     for key in ("from_me", "is_group"):
         if data.get(key) is not None and not isinstance(data.get(key), bool):
             raise ApiError(400, f"{key} must be a boolean")
-    ts = data.get("timestamp")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float))):
-        raise ApiError(400, "timestamp must be a number")
+    _timestamp(data.get("timestamp"))
     try:
         msg, inserted = proxy.store.add_inbound(instance_id, data)
     except UnknownInstance:
@@ -364,7 +394,8 @@ async def inbound(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------- dev API
 
 
-def _public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str, Any]:
+def public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str, Any]:
+    """An instance as the dev API shows it; ``with_qr`` adds the QR (PNG data URLs only)."""
     out = {
         "id": inst["id"],
         "status": inst["status"],
@@ -383,14 +414,14 @@ def _public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str
 
 async def dev_list_instances(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    return web.json_response({"instances": [_public_instance(i) for i in proxy.store.list_instances()]})
+    return web.json_response({"instances": [public_instance(i) for i in proxy.store.list_instances()]})
 
 
 async def dev_add_instance(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     inst = proxy.add_instance(data.get("id"), data.get("priority", 0))
-    return web.json_response({"instance": _public_instance(inst)}, status=201)
+    return web.json_response({"instance": public_instance(inst)}, status=201)
 
 
 async def dev_list_messages(request: web.Request) -> web.Response:
@@ -411,27 +442,16 @@ async def dev_list_messages(request: web.Request) -> web.Response:
 
 async def dev_queue_message(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = await _json_object(request)
+    data = storable(await _json_object(request))
     msg = proxy.queue_message(data.get("instanceId"), data.get("to"), data.get("body"))
     return web.json_response({"message": msg}, status=201)
 
 
-# ---------------------------------------------------------------------------- app
+# ---------------------------------------------------------------------------- routes
 
 
-def create_app(
-    store: Store,
-    secret: str,
-    *,
-    wake_url: str | None = None,
-    on_event: ProxyEventCallback | None = None,
-) -> web.Application:
-    """Build the proxy app. ``wake_url`` is the worker's base URL (``http://127.0.0.1:3000``)."""
-    from .page import add_page_routes
-
-    proxy = DevProxy(store, secret, wake_url=wake_url, on_event=on_event)
-    app = web.Application(middlewares=[_middleware], client_max_size=1024 * 1024)
-    app[PROXY_KEY] = proxy
+def add_api_routes(app: web.Application) -> None:
+    """The contract and the dev API (``app[PROXY_KEY]`` must be set)."""
     app.router.add_get("/disconnected-instances", disconnected_instances)
     app.router.add_post("/update-status", update_status)
     app.router.add_get("/queued-messages", queued_messages)
@@ -442,10 +462,3 @@ def create_app(
     app.router.add_post("/dev/instances", dev_add_instance)
     app.router.add_get("/dev/messages", dev_list_messages)
     app.router.add_post("/dev/messages", dev_queue_message)
-    add_page_routes(app)
-
-    async def _cleanup(app: web.Application) -> None:
-        await app[PROXY_KEY].aclose()
-
-    app.on_cleanup.append(_cleanup)
-    return app

@@ -1,19 +1,32 @@
-"""``wa-worker dev``: the reference proxy and the worker in one process and one event loop."""
+"""``wa-worker dev``: the reference proxy and the worker in one process and one event loop.
+
+Structured like the daemon (anyio): :func:`_main` holds an ``AsyncExitStack``
+(signal receiver, proxy, task group: closed in reverse order, whatever
+happened); :func:`_supervise` owns the worker's task group and starts the
+worker with ``await tg.start(...)`` (the banner comes once it serves).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import anyio
 from aiohttp import web
+from anyio.abc import TaskStatus
 
-from .proxy import create_app
+from ..config import ConfigError, Settings, load_settings
+from ..daemon import Worker
+from ..fsutil import write_private
+from ..logutil import setup_logging
+from .app import create_app
+from .proxy import PROXY_KEY, DevProxy
 from .state import DevPaths, DevStateError, FolderLock, resolve_secret
 from .store import Store
 from .terminal import TerminalPrinter
@@ -21,7 +34,6 @@ from .terminal import TerminalPrinter
 log = logging.getLogger("wa_worker.dev")
 
 SHUTDOWN_TIMEOUT_S = 30.0
-
 
 @dataclass(slots=True)
 class DevOptions:
@@ -47,7 +59,7 @@ def _url_host(host: str) -> str:
 
 
 class DevRun:
-    """Start/stop the pieces; :func:`run` wires them to the signals."""
+    """The pieces of one ``wa-worker dev`` run; :func:`run` drives them."""
 
     def __init__(self, opts: DevOptions, out: TextIO | None = None) -> None:
         self.opts = opts
@@ -55,51 +67,51 @@ class DevRun:
         self.paths = DevPaths(opts.dir.resolve()).prepare()
         self.secret = resolve_secret(self.paths, opts.secret, create=True)
         self.store: Store | None = None
-        self.runner: web.AppRunner | None = None
         self.proxy_url = ""
-        self.printer: TerminalPrinter | None = None
+        self.printer = TerminalPrinter(self.out, print_qr=opts.print_qr)
         self.created_instance: str | None = None
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
         self.out.flush()
 
-    async def start_proxy(self) -> None:
+    @contextlib.asynccontextmanager
+    async def serving_proxy(self) -> AsyncIterator[DevProxy]:
+        """The proxy listening, its URL in the state folder, for the duration of the block
+        (the caller runs the yielded proxy's ``run_waker``)."""
         o = self.opts
-        self.store = Store(self.paths.proxy_db)
-        self.printer = TerminalPrinter(self.out, print_qr=o.print_qr)
-        app = create_app(
-            self.store,
-            self.secret,
-            wake_url=f"http://127.0.0.1:{o.port}",
-            on_event=self.printer.proxy_event,
-        )
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, o.proxy_host, o.proxy_port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self.runner.cleanup()
-            self.runner = None
-            self.store.close()
-            self.store = None
-            raise DevRunError(
-                f"cannot listen on {o.proxy_host}:{o.proxy_port} ({exc.strerror or exc}); "
-                "is another `wa-worker dev` running? (use --proxy-port)"
-            ) from None
-        port = o.proxy_port
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            port = server.sockets[0].getsockname()[1]
-        self.proxy_url = f"http://{_url_host(o.proxy_host)}:{port}"
-        self.printer.page_url = self.proxy_url + "/"
-        from .state import write_private
+        async with contextlib.AsyncExitStack() as stack:
+            store = self.store = Store(self.paths.proxy_db)
+            stack.callback(store.close)
+            app = create_app(store, self.secret, wake_url=f"http://127.0.0.1:{o.port}",
+                             on_event=self.printer.proxy_event)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            site = web.TCPSite(runner, o.proxy_host, o.proxy_port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise DevRunError(
+                    f"cannot listen on {o.proxy_host}:{o.proxy_port} ({exc.strerror or exc}); "
+                    "is another `wa-worker dev` running? (use --proxy-port)"
+                ) from None
+            port = o.proxy_port
+            server = getattr(site, "_server", None)
+            if server is not None and server.sockets:
+                port = server.sockets[0].getsockname()[1]
+            self.proxy_url = f"http://{_url_host(o.proxy_host)}:{port}"
+            self.printer.page_url = self.proxy_url + "/"
+            write_private(self.paths.proxy_url_file, self.proxy_url + "\n")
+            stack.callback(self._forget_proxy_url)
+            if o.create_instance and store.count_instances() == 0:
+                store.add_instance(o.instance)
+                self.created_instance = o.instance
+            yield app[PROXY_KEY]
 
-        write_private(self.paths.proxy_url_file, self.proxy_url + "\n")
-        if o.create_instance and self.store.count_instances() == 0:
-            self.store.add_instance(o.instance)
-            self.created_instance = o.instance
+    def _forget_proxy_url(self) -> None:
+        with contextlib.suppress(OSError):
+            self.paths.proxy_url_file.unlink()
 
     def banner(self) -> None:
         o = self.opts
@@ -123,12 +135,10 @@ class DevRun:
             "  Ctrl-C stops everything",
         ]
         self.say("\n".join(lines))
-        if self.created_instance and self.printer is not None:
+        if self.created_instance:
             self.printer.line(self.created_instance, "instance created (first run)")
 
-    def worker_settings(self) -> Any:
-        from ..config import load_settings
-
+    def worker_settings(self) -> Settings:
         o = self.opts
         overrides: dict[str, Any] = dict(
             EDGE_BASE_URL=self.proxy_url,
@@ -145,15 +155,18 @@ class DevRun:
             overrides["SIMULATOR_AUTO_SCAN_MS"] = 1500
         return load_settings(**overrides)
 
-    async def stop_proxy(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-        if self.store is not None:
-            self.store.close()
-            self.store = None
-        with contextlib.suppress(OSError):
-            self.paths.proxy_url_file.unlink()
+    def make_worker(self) -> Worker:
+        """The worker wired to this run's proxy; :class:`DevRunError` if it cannot be built."""
+        try:
+            settings = self.worker_settings()
+        except ConfigError as exc:
+            raise DevRunError(str(exc)) from None
+        # loopback only: the worker's /wake and simulator controls are for this machine
+        try:
+            return Worker(settings, on_event=self.printer.worker_event, host="127.0.0.1")
+        except ImportError as exc:
+            hint = "" if self.opts.simulator else " (try --simulator)"
+            raise DevRunError(f"the {settings.WA_BACKEND.value} backend is not available: {exc}{hint}") from None
 
 
 class DevRunError(Exception):
@@ -171,83 +184,116 @@ def _describe(exc: BaseException) -> str:
     return f"{type(leaf).__name__}: {leaf}"
 
 
-def _setup_logging(level: str, secret: str) -> None:
+# ---------------------------------------------------------------------- tasks
+
+
+async def _relay_signals(signals: AsyncIterator[int], stop: anyio.Event) -> None:
+    async for _ in signals:
+        stop.set()
+
+
+@dataclass(slots=True)
+class _WorkerOutcome:
+    ended: anyio.Event = field(default_factory=anyio.Event)
+    error: Exception | None = None
+
+
+class _StartedOnce:
+    """Forwards the worker's ``task_status.started()`` and remembers that it came."""
+
+    def __init__(self, task_status: TaskStatus[None]) -> None:
+        self._task_status = task_status
+        self.done = False
+
+    def started(self, value: object = None) -> None:
+        self.done = True
+        self._task_status.started()
+
+
+async def _run_worker(
+    worker: Worker, outcome: _WorkerOutcome, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the worker; "started" once it serves, or once it failed to start (``outcome`` says so)."""
+    status = _StartedOnce(task_status)
     try:
-        from ..logutil import setup_logging
-    except ImportError:  # pragma: no cover - logutil ships with the package
-        logging.basicConfig(level=level, stream=sys.stderr)
-        return
-    setup_logging(level, [secret])
-
-
-async def _serve(run: DevRun) -> int:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    installed: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-
-    worker_task: asyncio.Task[None] | None = None
-    worker: Any = None
-    code = 0
-    try:
-        if run.opts.with_worker:
-            from ..config import ConfigError
-
-            try:
-                from ..daemon import Worker
-            except ImportError as exc:
-                raise DevRunError(f"the worker is not available in this build ({exc})") from None
-            try:
-                settings = run.worker_settings()
-            except ConfigError as exc:
-                raise DevRunError(str(exc)) from None
-            assert run.printer is not None
-            # loopback only: the worker's /wake and simulator controls are for this machine
-            try:
-                worker = Worker(settings, on_event=run.printer.worker_event, host="127.0.0.1")
-            except ImportError as exc:
-                hint = "" if run.opts.simulator else " (try --simulator)"
-                raise DevRunError(f"the {settings.WA_BACKEND.value} backend is not available: {exc}{hint}") from None
-        run.banner()
-        if worker is not None:
-            worker_task = asyncio.create_task(worker.run(), name="wa-worker")
-            stop_task = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({worker_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            stop_task.cancel()
-            if worker_task in done:
-                exc = worker_task.exception() if not worker_task.cancelled() else None
-                if exc is not None:
-                    run.say(f"wa-worker dev: the worker stopped: {_describe(exc)}")
-                    if isinstance(_leaf(exc), OSError):
-                        run.say(f"  (is port {run.opts.port} busy? choose another with --port)")
-                else:
-                    run.say("wa-worker dev: the worker stopped")
-                code = 1
-                worker_task = None
-        else:
-            await stop.wait()
+        await worker.run(task_status=status)
+    except Exception as exc:  # any failure is reported by _supervise, the run exits 1
+        log.debug("the worker failed", exc_info=True)
+        outcome.error = exc
     finally:
-        if worker_task is not None:
-            run.say("wa-worker dev: stopping (the worker reports its instances DISCONNECTED)…")
-            worker.request_stop()
-            try:
-                await asyncio.wait_for(asyncio.shield(worker_task), SHUTDOWN_TIMEOUT_S)
-            except asyncio.CancelledError:
-                pass
-            except asyncio.TimeoutError:
-                run.say("wa-worker dev: the worker did not stop in time")
-                worker_task.cancel()
-                code = 1
-            except Exception as exc:  # noqa: BLE001 - report and exit non-zero
-                run.say(f"wa-worker dev: the worker failed while stopping: {_describe(exc)}")
-                code = 1
-        await run.stop_proxy()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        outcome.ended.set()
+        if not status.done:
+            task_status.started()
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    """Return as soon as one of ``events`` is set."""
+    async with anyio.create_task_group() as tg:
+
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
+
+
+def _report_end(dev: DevRun, error: Exception | None) -> None:
+    if error is None:
+        dev.say("wa-worker dev: the worker stopped")
+        return
+    dev.say(f"wa-worker dev: the worker stopped: {_describe(error)}")
+    if isinstance(_leaf(error), OSError):
+        dev.say(f"  (is port {dev.opts.port} busy? choose another with --port)")
+
+
+async def _supervise(dev: DevRun, worker: Worker, stop: anyio.Event) -> int:
+    """Run the worker until it ends by itself (exit code 1) or ``stop`` asks for a graceful stop (0)."""
+    outcome = _WorkerOutcome()
+    async with anyio.create_task_group() as tg:
+        await tg.start(_run_worker, worker, outcome)
+        if not outcome.ended.is_set():
+            dev.banner()
+            await _first_of(stop, outcome.ended)
+        if outcome.ended.is_set():
+            _report_end(dev, outcome.error)
+            return 1
+        dev.say("wa-worker dev: stopping (the worker reports its instances DISCONNECTED)…")
+        worker.request_stop()
+        with anyio.move_on_after(SHUTDOWN_TIMEOUT_S):
+            await outcome.ended.wait()
+        if not outcome.ended.is_set():
+            dev.say("wa-worker dev: the worker did not stop in time")
+            tg.cancel_scope.cancel()
+            return 1
+    if outcome.error is not None:
+        dev.say(f"wa-worker dev: the worker failed while stopping: {_describe(outcome.error)}")
+        return 1
+    return 0
+
+
+async def _main(dev: DevRun) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        # installed first and removed last: a second Ctrl-C while everything
+        # shuts down is absorbed instead of killing the process half-way
+        signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM))
+        proxy = await stack.enter_async_context(dev.serving_proxy())
+        worker = dev.make_worker() if dev.opts.with_worker else None
+        stop = anyio.Event()
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        tg.start_soon(_relay_signals, signals, stop)
+        tg.start_soon(proxy.run_waker)
+        if worker is None:
+            dev.banner()
+            await stop.wait()
+            code = 0
+        else:
+            code = await _supervise(dev, worker, stop)
+        tg.cancel_scope.cancel()
     return code
+
+
+# ---------------------------------------------------------------------- entry point
 
 
 def run(opts: DevOptions, out: TextIO | None = None) -> int:
@@ -259,23 +305,12 @@ def run(opts: DevOptions, out: TextIO | None = None) -> int:
         print(f"wa-worker dev: {exc}", file=sys.stderr)
         return 1
     try:
-        return _run(dev)
-    finally:
-        lock.release()
-
-
-def _run(dev: DevRun) -> int:
-    opts = dev.opts
-    _setup_logging(opts.log_level, dev.secret)
-
-    async def main() -> int:
-        await dev.start_proxy()
-        return await _serve(dev)
-
-    try:
-        return asyncio.run(main())
+        setup_logging(opts.log_level, [dev.secret])
+        return anyio.run(_main, dev)
     except DevRunError as exc:
         print(f"wa-worker dev: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a signal before the handlers were installed
+    except KeyboardInterrupt:  # a signal before the receiver was installed
         return 0
+    finally:
+        lock.release()

@@ -90,7 +90,6 @@ class StatusChange:
     status: str
     phone_number: str | None
     reason: str | None
-    qr_changed: bool
 
 
 class Store:
@@ -197,7 +196,6 @@ class Store:
             status=status,
             phone_number=phone,
             reason=new_reason,
-            qr_changed=(old["qr_code"] != qr_code),
         )
 
     # ------------------------------------------------------------------ outbound

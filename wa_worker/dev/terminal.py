@@ -21,7 +21,9 @@ from typing import Any, TextIO
 import qrcode
 from qrcode.constants import ERROR_CORRECT_L
 
+from ..backends.base import Connected, LoggedOut, QrCode
 from .proxy import ProxyEvent
+from .text import clip
 
 QUIET_ZONE = 2  # modules of white border (the spec says 4; 2 scans fine on screens)
 
@@ -49,9 +51,9 @@ def render_qr(data: str, *, color: bool, border: int = QUIET_ZONE) -> str:
     if len(matrix) % 2:
         matrix.append([False] * len(matrix[0]))
     lines = []
-    for top, bottom in zip(matrix[0::2], matrix[1::2]):
+    for top, bottom in zip(matrix[0::2], matrix[1::2], strict=True):
         chars = []
-        for t, b in zip(top, bottom):
+        for t, b in zip(top, bottom, strict=True):
             chars.append("█" if t and b else "▀" if t else "▄" if b else " ")
         line = "".join(chars)
         lines.append(f"{_PAPER}{line}{_RESET}" if color else line)
@@ -100,8 +102,6 @@ class TerminalPrinter:
 
     def worker_event(self, instance_id: str, event: Any) -> None:
         """The ``on_event`` hook of the worker: prints new pairing QR codes."""
-        from ..backends.base import Connected, LoggedOut, QrCode
-
         if isinstance(event, QrCode):
             if not self.print_qr or self._last_qr.get(instance_id) == event.code:
                 return
@@ -129,35 +129,22 @@ class TerminalPrinter:
         elif event.kind == "status":
             text = f"{d.get('old_status')} → {self._bold(str(d.get('status')))}"
             if d.get("status") == "CONNECTED" and d.get("phone_number"):
-                text += f" as +{_clip(d['phone_number'], 30)}"
+                text += f" as +{clip(d['phone_number'], 30)}"
             if d.get("status") == "DISCONNECTED" and d.get("reason"):
-                text += f" ({_clip(d['reason'], 80)})"
+                text += f" ({clip(d['reason'], 80)})"
             self.line(iid, "status " + text)
         elif event.kind == "queued":
             m = d["message"]
-            self.line(iid, f"queued {m['id']} → {_clip(m['to'], 80)}: {_clip(m['body'])}")
+            self.line(iid, f"queued {m['id']} → {clip(m['to'], 80)}: {clip(m['body'])}")
         elif event.kind == "sent":
             m = d["message"]
-            wa = f" (wa id {_clip(m['wa_message_id'], 80)})" if m.get("wa_message_id") else ""
-            self.line(iid, f"sent {m['id']} → {_clip(m['to'], 80)}{wa}")
+            wa = f" (wa id {clip(m['wa_message_id'], 80)})" if m.get("wa_message_id") else ""
+            self.line(iid, f"sent {m['id']} → {clip(m['to'], 80)}{wa}")
         elif event.kind == "failed":
             m = d["message"]
-            self.line(iid, f"failed {m['id']} → {_clip(m['to'], 80)}: {_clip(m.get('error'))}")
+            self.line(iid, f"failed {m['id']} → {clip(m['to'], 80)}: {clip(m.get('error'))}")
         elif event.kind == "inbound":
             m = d["message"]
-            who = _clip(m["from"], 80) + (f" ({_clip(m['push_name'], 60)})" if m.get("push_name") else "")
+            who = clip(m["from"], 80) + (f" ({clip(m['push_name'], 60)})" if m.get("push_name") else "")
             arrow = "→ (from me)" if m.get("from_me") else "←"
-            self.line(iid, f"{arrow} {who}: {_clip(m['body'])}")
-
-
-def _safe(text: object) -> str:
-    """Neutralise control characters (ANSI escapes in a stranger's message, say)."""
-    return "".join(
-        ch if ch.isprintable() or ch == " " else ("\\x%02x" % ord(ch) if ord(ch) < 256 else "\\u%04x" % ord(ch))
-        for ch in str(text)
-    )
-
-
-def _clip(text: object, limit: int = 200) -> str:
-    one_line = _safe(" ".join(str(text).split()))
-    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+            self.line(iid, f"{arrow} {who}: {clip(m['body'])}")

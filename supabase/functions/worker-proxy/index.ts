@@ -16,6 +16,12 @@
 //   POST /mark-failed
 //   POST /inbound
 //
+// Bad input is a 400 with {"error": ...}, never a 500: NUL characters are
+// removed from every string, a lone UTF-16 surrogate is refused, and a
+// PostgreSQL data error (SQLSTATE class 22 or 23) is answered 400, so that
+// the worker sets a poisoned record aside instead of retrying it (inbound
+// messages are delivered in order per chat: a 5xx would block the chat).
+//
 // Environment:
 //   WORKER_SECRET          required, shared with the worker
 //   SUPABASE_DB_URL        required (set by Supabase)
@@ -38,6 +44,7 @@ const MAX_TEXT = 65_536; // message bodies
 const MAX_SHORT = 512; // ids, JIDs, names, reasons
 const MAX_ERROR = 4_000;
 const MAX_QR = 1_000_000;
+const END_OF_9999 = 253_402_300_800; // 10000-01-01T00:00:00Z in Unix seconds
 
 function envInt(name: string, fallback: number): number {
   const raw = Deno.env.get(name);
@@ -116,7 +123,11 @@ async function authorized(req: Request): Promise<boolean> {
 
 type Json = Record<string, unknown>;
 
-async function readJson(req: Request): Promise<Json> {
+// Reads the JSON object body and makes every string in it storable:
+// NUL (U+0000) is removed (PostgreSQL text and jsonb cannot hold it), and a
+// lone UTF-16 surrogate (e.g. "\ud800", not a character) is a 400, except in
+// the top-level fields listed in `repair`, where it becomes U+FFFD.
+async function readJson(req: Request, repair: readonly string[] = []): Promise<Json> {
   const text = await req.text();
   if (encoder.encode(text).length > MAX_BODY_BYTES) throw new HttpError(413, "request body too large");
   let value: unknown;
@@ -128,7 +139,32 @@ async function readJson(req: Request): Promise<Json> {
   if (value === null || typeof value !== "object" || Array.isArray(value)) {
     throw bad("body must be a JSON object");
   }
-  return value as Json;
+  // Object.fromEntries defines own properties: a "__proto__" key stays data.
+  return Object.fromEntries(Object.entries(value as Json).map(([key, item]) => {
+    const field = storable(key, "a field name", false);
+    return [field, clean(item, field, repair.includes(field))];
+  }));
+}
+
+const NUL_RE = /\u0000/g;
+
+function storable(text: string, where: string, repairSurrogates: boolean): string {
+  const out = text.includes("\u0000") ? text.replace(NUL_RE, "") : text;
+  if (out.isWellFormed()) return out;
+  if (repairSurrogates) return out.toWellFormed();
+  throw bad(`${where} contains a lone UTF-16 surrogate (not a character; it cannot be stored)`);
+}
+
+function clean(value: unknown, path: string, repairSurrogates: boolean): unknown {
+  if (typeof value === "string") return storable(value, path, repairSurrogates);
+  if (Array.isArray(value)) return value.map((v, i) => clean(v, `${path}[${i}]`, repairSurrogates));
+  if (value !== null && typeof value === "object") {
+    return Object.fromEntries(Object.entries(value as Json).map(([k, v]) => {
+      const key = storable(k, `a field name in ${path}`, repairSurrogates);
+      return [key, clean(v, `${path}.${key}`, repairSurrogates)];
+    }));
+  }
+  return value;
 }
 
 function instanceId(value: unknown, field = "instanceId"): string {
@@ -169,13 +205,16 @@ function optionalBoolean(body: Json, field: string): boolean {
   return value;
 }
 
-// Unix time in seconds (milliseconds accepted too); null when absent.
+// Unix time in seconds (milliseconds accepted too: anything above 1e11);
+// null when absent. Negative, non-numeric or after 9999-12-31 → 400.
 function optionalTimestamp(body: Json, field: string): number | null {
   const value = body[field];
   if (value === undefined || value === null) return null;
   const n = typeof value === "string" && value.trim() !== "" ? Number(value) : value;
   if (typeof n !== "number" || !Number.isFinite(n) || n < 0) throw bad(`${field} must be a Unix time in seconds`);
-  return n > 1e11 ? n / 1000 : n;
+  const seconds = n > 1e11 ? n / 1000 : n;
+  if (seconds >= END_OF_9999) throw bad(`${field} is out of range (after 9999-12-31)`);
+  return seconds;
 }
 
 function limitParam(url: URL): number {
@@ -317,10 +356,10 @@ async function markSent(req: Request): Promise<Response> {
 
 // POST /mark-failed {messageId, error}. Never overrides 'sent'.
 async function markFailed(req: Request): Promise<Response> {
-  const body = await readJson(req);
+  const body = await readJson(req, ["error"]); // a diagnostic: repaired rather than refused
   const id = messageId(body.messageId);
   let error = optionalString(body, "error", Number.MAX_SAFE_INTEGER) ?? "failed";
-  if (error.length > MAX_ERROR) error = error.slice(0, MAX_ERROR);
+  if (error.length > MAX_ERROR) error = error.slice(0, MAX_ERROR).toWellFormed(); // never half a pair
   const sql = db();
   const rows = await sql`
     update public.wa_outbound set status = 'failed', error = ${error}
@@ -398,6 +437,13 @@ export async function handler(req: Request): Promise<Response> {
   } catch (e) {
     if (e instanceof HttpError) return json(e.status, { error: e.message });
     const code = (e as { code?: string }).code ?? "";
+    // SQLSTATE class 22 (data exception) and 23 (integrity constraint): the
+    // caller's data cannot be stored. A 400 makes the worker set the record
+    // aside instead of retrying it forever (a 500 would block its chat).
+    if (/^2[23][0-9A-Z]{3}$/.test(code)) {
+      console.warn(`worker-proxy ${req.method} ${url.pathname}: rejected data: ${code} ${(e as Error).message}`);
+      return json(400, { error: `the database refused the data (${code}): ${(e as Error).message}` });
+    }
     // Connection problems and serialization failures are transient (503 →
     // the worker backs off and retries); anything else is a 500.
     const transient = /^(08|40|53|57P)/.test(code) ||

@@ -1,4 +1,5 @@
-// wa-worker dev page: polls /ui/state and redraws; the forms post JSON to /ui/*.
+// wa-worker dev page: index.html is a static shell; this script renders everything from
+// GET /ui/state (JSON), the first paint included, then every second. The forms post JSON to /ui/*.
 // Everything user-controlled goes through textContent / attributes, never innerHTML.
 "use strict";
 

@@ -1,0 +1,48 @@
+"""The dev proxy's aiohttp application: the contract and dev API (:mod:`.proxy`)
+plus the page (:mod:`.page`), behind one access check.
+
+* page paths (``/``, ``/ui/…``, ``/static/…``): loopback only, no bearer
+  (:func:`~wa_worker.dev.page.check_local`);
+* everything else: ``Authorization: Bearer <secret>``.
+
+Imports go one way: ``app → page → proxy → store``.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .page import add_page_routes, check_local, is_page_path
+from .proxy import PROXY_KEY, ApiError, DevProxy, ProxyEventCallback, add_api_routes, error_response
+from .store import Store
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if is_page_path(request.path):
+        denied = check_local(request)
+        if denied is not None:
+            return denied
+    elif not request.app[PROXY_KEY].check_bearer(request):
+        return error_response(401, "missing or wrong bearer token")
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.message)
+
+
+def create_app(
+    store: Store,
+    secret: str,
+    *,
+    wake_url: str | None = None,
+    on_event: ProxyEventCallback | None = None,
+) -> web.Application:
+    """Build the proxy app. ``wake_url`` is the worker's base URL (``http://127.0.0.1:3000``);
+    whoever serves the app runs ``app[PROXY_KEY].run_waker()`` in its task group."""
+    app = web.Application(middlewares=[_guard], client_max_size=1024 * 1024)
+    app[PROXY_KEY] = DevProxy(store, secret, wake_url=wake_url, on_event=on_event)
+    add_api_routes(app)
+    add_page_routes(app)
+    return app
