@@ -536,3 +536,10 @@ async def test_cancelling_a_conversion_kills_ffmpeg(samples: dict[str, Path], tm
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert files_in(tmp_path / "out") == []
+
+
+def test_the_image_and_the_test_script_install_ffmpeg() -> None:
+    root = Path(__file__).resolve().parent.parent
+    apt_line = next(ln for ln in (root / "Dockerfile").read_text().splitlines() if "apt-get install" in ln)
+    assert "ffmpeg" in apt_line.split()
+    assert "apt-get install -y -qq --no-install-recommends ffmpeg" in (root / "scripts" / "test.sh").read_text()
