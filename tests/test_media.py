@@ -467,6 +467,9 @@ async def test_mp3_becomes_ogg_opus(samples: dict[str, Path], tmp_path: Path) ->
     assert out.parent == tmp_path / "voice" and out.suffix == ".ogg"
     assert ffprobe_codec(out) == "codec_name=opus\nchannels=1"
     assert is_ogg_opus(out) and stat.S_IMODE(out.stat().st_mode) == 0o600
+    head = out.read_bytes()[:64]
+    opus_head = head.index(b"OpusHead")
+    assert int.from_bytes(head[opus_head + 12 : opus_head + 16], "little") == 16000  # input rate, like WhatsApp's
     assert samples["mp3"].read_bytes() == before
     length = await duration_seconds(out)
     assert length is not None and 0.9 < length < 1.2

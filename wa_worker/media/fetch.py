@@ -196,7 +196,7 @@ async def fetch_to_file(
     except TimeoutError:
         raise MediaError(
             "media_fetch_failed",
-            f"fetching {redact_url(original)} took longer than {timeout_s:g} s (MEDIA_FETCH_TIMEOUT_S); "
+            f"fetching {redact_url(original)} took longer than {timeout_s:g} s; "
             "serve it faster or send a smaller file",
         ) from None
     except (aiohttp.ClientError, OSError) as exc:

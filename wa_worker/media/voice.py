@@ -21,9 +21,10 @@ from wa_worker.media.errors import MediaError
 from wa_worker.media.sniff import sniff_mimetype
 
 OUTPUT_LIMIT = 8 * 1024  # bytes kept of a subprocess's stdout (head) and stderr (tail)
-# Mono Opus at 48 kHz in an Ogg container, speech-tuned: what WhatsApp's own voice notes are.
-OPUS_ARGS = ("-vn", "-map_metadata", "-1", "-c:a", "libopus", "-b:a", "32k", "-ac", "1", "-ar", "48000",
-             "-application", "voip", "-f", "ogg")
+# What WhatsApp's own voice notes are: Ogg/Opus, mono, 16 kHz input rate, speech mode, 60 ms packets
+# (docs/media.md; 48 kHz notes are reported to fail on iOS).
+OPUS_ARGS = ("-vn", "-map_metadata", "-1", "-c:a", "libopus", "-b:a", "32k", "-ac", "1", "-ar", "16000",
+             "-application", "voip", "-frame_duration", "60", "-f", "ogg")
 
 
 def is_ogg_opus(path: Path) -> bool:
