@@ -36,7 +36,7 @@ def _split_data_url(data: str) -> tuple[str, str | None]:
 def estimated_size(payload: str) -> int:
     """Decoded size of ``payload`` (exact for valid base64), from its length alone."""
     chars = len(payload) - sum(payload.count(c) for c in _WHITESPACE)
-    tail = payload.rstrip()
+    tail = payload[-16:].rstrip()
     padding = len(tail) - len(tail.rstrip("="))
     return max(0, chars * 3 // 4 - min(padding, 2))
 
@@ -50,7 +50,7 @@ def decode_base64_to_file(
             data = data.decode("ascii")
         except UnicodeDecodeError:
             raise MediaError("media_invalid", "media_base64 must be ASCII base64 text") from None
-    payload, content_type = _split_data_url(data.strip())
+    payload, content_type = _split_data_url(data)
     size = estimated_size(payload)
     if size > max_bytes:
         raise MediaError(
