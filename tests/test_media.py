@@ -260,6 +260,13 @@ async def test_private_addresses_are_refused_before_any_connection(
     assert time.monotonic() - started < 2
 
 
+async def test_a_cancelled_fetch_leaves_no_partial_file(server: MediaServer, tmp_path: Path) -> None:
+    with anyio.move_on_after(0.4) as scope:
+        await fetch(f"{server.url}/drip", tmp_path)
+    assert scope.cancelled_caught
+    assert server.requests == ["/drip"] and files_in(tmp_path) == []
+
+
 async def test_allow_private_reaches_loopback(server: MediaServer, tmp_path: Path) -> None:
     got = await fetch(f"http://localhost:{server.port}/file/a.mp3", tmp_path, allow_private=True)
     assert got.size == len(PAYLOAD)
