@@ -25,6 +25,7 @@ from aiohttp import web
 from wa_worker.media import (
     FetchedMedia,
     MediaError,
+    StorageError,
     decode_base64_to_file,
     duration_seconds,
     extension_for,
@@ -338,6 +339,15 @@ class socket_closed_port:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+async def test_a_disk_problem_is_a_storage_error_not_the_senders_fault(server: MediaServer, tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the media folder should be")
+    with pytest.raises(StorageError):
+        await fetch(f"{server.url}/file/a.mp3", blocked / "media")
+    with pytest.raises(StorageError):
+        decode_base64_to_file("QUJD", blocked / "media", max_bytes=CAP)
 
 
 def test_redact_url() -> None:

@@ -25,7 +25,7 @@ from aiohttp.abc import ResolveResult
 from yarl import URL
 
 from wa_worker.media.errors import MediaError, redact_url
-from wa_worker.media.files import CappedFile, FetchedMedia
+from wa_worker.media.files import CappedFile, FetchedMedia, StorageError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressPolicy = Callable[[IPAddress], bool]
@@ -152,7 +152,8 @@ async def fetch_to_file(
     address_policy: AddressPolicy = is_public_address,
     user_agent: str = "wa-worker media fetch",
 ) -> FetchedMedia:
-    """Download ``url`` into a new 0600 file in ``dest_dir``; raise :class:`MediaError` otherwise.
+    """Download ``url`` into a new 0600 file in ``dest_dir``; raise :class:`MediaError` otherwise
+    (or :class:`~wa_worker.media.files.StorageError` when the worker's own disk fails).
 
     ``address_policy`` decides which addresses are reachable when ``allow_private`` is false
     (a seam for allowlists and tests). Partial files are removed on every failure.
@@ -199,6 +200,8 @@ async def fetch_to_file(
             f"fetching {redact_url(original)} took longer than {timeout_s:g} s; "
             "serve it faster or send a smaller file",
         ) from None
+    except StorageError:
+        raise
     except (aiohttp.ClientError, OSError) as exc:
         if isinstance(resolver, _ValidatingResolver) and resolver.refusal is not None:
             raise resolver.refusal from None

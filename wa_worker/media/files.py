@@ -24,6 +24,13 @@ class FetchedMedia:
     filename: str | None  # a bare file name (no folders), or None
 
 
+class StorageError(OSError):
+    """The worker could not write the media to its own disk (full, read-only, permissions).
+
+    Not a :class:`MediaError`: the sender did nothing wrong, the send can be retried later.
+    """
+
+
 class CappedFile:
     """``media-*`` temp file in ``dest_dir``, mode 0600; refuses to grow past ``max_bytes``.
 
@@ -32,9 +39,12 @@ class CappedFile:
     """
 
     def __init__(self, dest_dir: Path, max_bytes: int, too_large_hint: str) -> None:
-        ensure_private_dir(Path(dest_dir))
-        fd, name = tempfile.mkstemp(prefix="media-", dir=dest_dir)
-        os.fchmod(fd, FILE_MODE)
+        try:
+            ensure_private_dir(Path(dest_dir))
+            fd, name = tempfile.mkstemp(prefix="media-", dir=dest_dir)
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot create a media file in {dest_dir}: {exc.strerror}") from exc
+        os.fchmod(fd, FILE_MODE)  # mkstemp's mode already; stated, not assumed
         self._fd: int | None = fd
         self.path = Path(name)
         self.size = 0
@@ -50,9 +60,12 @@ class CappedFile:
             )
         assert self._fd is not None
         view = memoryview(chunk)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as exc:
+            raise StorageError(exc.errno, f"cannot write the media file {self.path}: {exc.strerror}") from exc
         self._hash.update(chunk)
         self.size += len(chunk)
 
