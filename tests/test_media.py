@@ -10,6 +10,7 @@ import io
 import ipaddress
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -320,34 +321,15 @@ async def test_errors_say_what_happened_without_secrets(server: MediaServer, tmp
         assert secret not in str(err), str(err)
     assert "token=***" in err.message
     # a closed port
-    with socket_closed_port() as port:
-        err = await refused(f"http://127.0.0.1:{port}/x?key=hunter2", tmp_path, code="media_fetch_failed")
+    err = await refused(f"http://127.0.0.1:{closed_port()}/x?key=hunter2", tmp_path, code="media_fetch_failed")
     assert "hunter2" not in str(err) and "could not" in err.message
 
 
-class socket_closed_port:
-    """A loopback port nobody listens on (bound then closed)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        s = socket.socket()
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then closed)."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        self.port = int(s.getsockname()[1])
-        s.close()
-        return self.port
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-async def test_a_disk_problem_is_a_storage_error_not_the_senders_fault(server: MediaServer, tmp_path: Path) -> None:
-    blocked = tmp_path / "not-a-dir"
-    blocked.write_text("a file where the media folder should be")
-    with pytest.raises(StorageError):
-        await fetch(f"{server.url}/file/a.mp3", blocked / "media")
-    with pytest.raises(StorageError):
-        decode_base64_to_file("QUJD", blocked / "media", max_bytes=CAP)
+        return int(s.getsockname()[1])
 
 
 def test_redact_url() -> None:
