@@ -332,6 +332,15 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def test_a_disk_problem_is_a_storage_error_not_the_senders_fault(server: MediaServer, tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the media folder should be")
+    with pytest.raises(StorageError):
+        await fetch(f"{server.url}/file/a.mp3", blocked / "media")
+    with pytest.raises(StorageError):
+        decode_base64_to_file("QUJD", blocked / "media", max_bytes=CAP)
+
+
 def test_redact_url() -> None:
     assert redact_url("https://u:p@h.example/a/b.jpg?x=1&y=2#f") == "https://***@h.example/a/b.jpg?x=***&y=***"
     assert redact_url("https://h.example/a.jpg") == "https://h.example/a.jpg"
