@@ -7,9 +7,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# libmagic1: neonize imports python-magic
+# libmagic1: neonize imports python-magic; ffmpeg: voice notes are converted to OGG/Opus (docs/media.md)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libmagic1 \
+ && apt-get install -y --no-install-recommends libmagic1 ffmpeg \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
