@@ -55,6 +55,22 @@ def need_ffmpeg() -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests must never reach past loopback, even if the SSRF check regresses:
+    any connect to another address fails the test instead of leaving the machine."""
+    real_connect = socket.socket.connect
+
+    def guarded(sock: socket.socket, address: Any) -> Any:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            if not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+                raise AssertionError(f"test tried to connect to non-loopback {host}: the SSRF check let it through")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
 def files_in(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
 
