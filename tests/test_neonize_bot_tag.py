@@ -214,3 +214,24 @@ def test_go_reads_the_launch_environment_not_os_environ(tmp_path: Path) -> None:
     assert late.returncode == 0 and launch.returncode == 0
     assert "init " not in late.stderr
     assert "init " in launch.stderr
+
+
+def test_bot_tag_values_follow_goneonize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wa_worker.backends.neonize.loading import bot_badge_setting, go_adds_badge, launch_environment_value
+
+    # goneonize shouldAddBotNode: strings.ToLower(strings.TrimSpace(v)) in off/none/false/0 -> no badge
+    assert not any(go_adds_badge(v) for v in ("off", "none", "false", "0", " OFF ", "False"))
+    assert all(go_adds_badge(v) for v in (None, "", "on", "1", "yes"))
+    environ = tmp_path / "environ"
+    environ.write_bytes(b"A=1\0NEONIZE_BOT_TAG=off\0B=NEONIZE_BOT_TAG=on\0")
+    assert launch_environment_value(environ) == "off"
+    environ.write_bytes(b"A=1\0")
+    assert launch_environment_value(environ) is None
+    # wa-worker dev reads WA_BOT_BADGE before its Settings exist: env, then ./.env, like Settings
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WA_BOT_BADGE", raising=False)
+    assert bot_badge_setting() is False
+    (tmp_path / ".env").write_text("WA_BOT_BADGE=true\n")
+    assert bot_badge_setting() is True
+    monkeypatch.setenv("WA_BOT_BADGE", "no")
+    assert bot_badge_setting() is False

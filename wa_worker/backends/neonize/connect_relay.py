@@ -188,18 +188,10 @@ class ConnectRelay:
             if len(head) > _HEAD_LIMIT:
                 raise ValueError("request head too large")
             method, target, headers = _parse_head(head)
-            ticket = self._tickets.get(_token_of(headers.get("proxy-authorization", "")))
-            if ticket is None or ticket.revoked:
+            ticket = self._admit(headers, task)
+            if ticket is None:
                 await _reply(writer, b"407 Proxy Authentication Required", b'Proxy-Authenticate: Basic realm="wa-worker"\r\n')
                 return
-            ticket._open.add(task)
-            ticket.connections += 1
-            cb, ticket.on_first_request = ticket.on_first_request, None
-            if cb is not None:
-                try:
-                    cb()
-                except Exception:  # noqa: BLE001
-                    self.log.exception("relay first-request callback failed")
             if method != "CONNECT":
                 await _reply(writer, b"405 Method Not Allowed")
                 return
@@ -207,19 +199,11 @@ class ConnectRelay:
             if self.allowed_ports is not None and port not in self.allowed_ports:
                 await _reply(writer, b"403 Forbidden")
                 return
-            try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    self._dial(host, port, ticket.upstream), self.dial_timeout_s
-                )
-                upstream_writer = up_writer
-            except asyncio.TimeoutError:
-                ticket.last_error = f"dial {host}:{port} timed out after {self.dial_timeout_s:g} s"
-                await _reply(writer, b"504 Gateway Timeout")
+            upstream = await self._dial_or_reply(ticket, host, port, writer)
+            if upstream is None:
                 return
-            except (OSError, RelayError, ValueError) as exc:
-                ticket.last_error = f"dial {host}:{port}: {exc}"
-                await _reply(writer, b"502 Bad Gateway")
-                return
+            up_reader, up_writer = upstream
+            upstream_writer = up_writer
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await writer.drain()
             await self._pipe(ticket, reader, writer, up_reader, up_writer)
@@ -236,6 +220,35 @@ class ConnectRelay:
             if ticket is not None:
                 ticket._open.discard(task)
             self._handlers.discard(task)
+
+    def _admit(self, headers: dict[str, str], task: "asyncio.Task[None]") -> RelayTicket | None:
+        """The live ticket named by ``Proxy-Authorization`` (None: refuse), counted."""
+        ticket = self._tickets.get(_token_of(headers.get("proxy-authorization", "")))
+        if ticket is None or ticket.revoked:
+            return None
+        ticket._open.add(task)
+        ticket.connections += 1
+        cb, ticket.on_first_request = ticket.on_first_request, None
+        if cb is not None:
+            try:
+                cb()
+            except Exception:  # noqa: BLE001 - a callback bug must not break the tunnel
+                self.log.exception("relay first-request callback failed")
+        return ticket
+
+    async def _dial_or_reply(
+        self, ticket: RelayTicket, host: str, port: int, writer: asyncio.StreamWriter
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The upstream streams, or None after answering 504/502 (reason on the ticket)."""
+        try:
+            return await asyncio.wait_for(self._dial(host, port, ticket.upstream), self.dial_timeout_s)
+        except asyncio.TimeoutError:
+            ticket.last_error = f"dial {host}:{port} timed out after {self.dial_timeout_s:g} s"
+            await _reply(writer, b"504 Gateway Timeout")
+        except (OSError, RelayError, ValueError) as exc:
+            ticket.last_error = f"dial {host}:{port}: {exc}"
+            await _reply(writer, b"502 Bad Gateway")
+        return None
 
     async def _pipe(
         self,
