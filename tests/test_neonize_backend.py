@@ -8,6 +8,7 @@ pushed through the very ctypes callbacks the Go side calls.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import sqlite3
 import stat
 import threading
@@ -41,6 +42,7 @@ from wa_worker.backends.neonize import DB_NAME, NeonizeBackend
 from wa_worker.backends.neonize import events as ne
 from wa_worker.backends.neonize.connect_relay import ConnectRelay
 from wa_worker.backends.neonize.gate import GoMapGate
+from wa_worker.backends.neonize.session import EVENT_BUFFER
 from wa_worker.backends.neonize.threads import CallPool, CallTimeout
 
 pytestmark = [pytest.mark.neonize, pytest.mark.timeout(60)]
@@ -317,6 +319,80 @@ def test_qr_callback_pair_success_and_qr_timeout(tmp_path: Path) -> None:
                 await session.close()
                 await backend.aclose()
                 await wait_no_go_threads(5)
+
+    asyncio.run(main())
+
+
+def test_go_callbacks_wait_for_a_slow_sink_bounded_and_in_order(tmp_path: Path) -> None:
+    """A Go thread hands each event to the loop and waits while the session's event
+    buffer is full: memory stays bounded, nothing is dropped, order is kept."""
+    _, e2e = _pb()
+    n = EVENT_BUFFER + 150
+
+    async def main() -> None:
+        async with StalledProxy() as stalled:
+            backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=30, upstream_proxy=stalled.url)
+            async with backend:
+                release = asyncio.Event()
+                got: list[str] = []
+
+                async def slow_sink(ev) -> None:
+                    if isinstance(ev, InboundMessage):
+                        got.append(ev.wa_message_id)
+                        await release.wait()
+
+                session, att = await _stalled_session(backend, "slow1", slow_sink)
+                alice = jid("5511888880000")
+                payloads = [
+                    message_event(e2e.Message(conversation=f"m{i}"), chat=alice, sender=alice,
+                                  msg_id=f"ID{i}").SerializePartialToString()
+                    for i in range(n)
+                ]
+                pushed = 0
+
+                def go_side() -> None:  # like whatsmeow's event goroutine: one event after another
+                    nonlocal pushed
+                    for data in payloads:
+                        buf = ctypes.create_string_buffer(data, len(data))
+                        att.callbacks["event"](att.uuid, ctypes.cast(buf, ctypes.c_void_p), len(data), MESSAGE)
+                        pushed += 1
+
+                thread = threading.Thread(target=go_side, daemon=True)
+                thread.start()
+                await asyncio.sleep(1.0)
+                assert thread.is_alive(), "the Go thread must wait while the buffer is full"
+                # one event in the sink, EVENT_BUFFER buffered, the next one waiting
+                assert EVENT_BUFFER <= pushed <= EVENT_BUFFER + 1, pushed
+                release.set()
+                for _ in range(200):
+                    if not thread.is_alive() and len(got) == n:
+                        break
+                    await asyncio.sleep(0.05)
+                assert got == [f"ID{i}" for i in range(n)]
+                await session.close()
+
+    asyncio.run(main())
+
+
+def test_backend_owns_every_task_it_starts(tmp_path: Path) -> None:
+    """Pumps, watchdogs and teardowns live in the backend's task group: none
+    before ``async with``, none left after it."""
+
+    def ours() -> list[str]:
+        return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("neonize-"))
+
+    async def main() -> None:
+        backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=30)
+        with pytest.raises(BackendError, match="not started"):
+            await backend.open_session("own1", Recorder())
+        async with StalledProxy() as stalled:
+            backend.upstream_proxy = stalled.url
+            async with backend:
+                await _stalled_session(backend, "own1", Recorder())
+                assert "neonize-sink-own1" in ours() and "neonize-watchdog-own1" in ours()
+            assert ours() == []
+            await wait_no_go_threads(5)
+        assert backend.stats() == {"sessions": 0, "go_threads": 0, "pool_size": 0, "relay_tickets": 0}
 
     asyncio.run(main())
 
