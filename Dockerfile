@@ -24,6 +24,8 @@ RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin
  && chmod 700 /data /data/auth /data/state
 
 USER wa
+# goneonize reads it at load: no "AI" badge on 1:1 messages (WA_BOT_BADGE=true turns it on)
+ENV NEONIZE_BOT_TAG=off
 ENV PORT=3000 \
     AUTH_DIR=/data/auth \
     STATE_DB=/data/state/wa-worker.db

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +48,7 @@ def snapshot() -> dict[str, int]:
 async def measure(n: int, auth: Path) -> dict[str, dict[str, int]]:
     sys.path.insert(0, str(ROOT))
     from wa_worker.backends.base import Disconnected
-    from wa_worker.backends.neonize_backend import NeonizeBackend
+    from wa_worker.backends.neonize import NeonizeBackend
 
     held: list[asyncio.StreamWriter] = []
 
@@ -95,35 +94,37 @@ async def measure(n: int, auth: Path) -> dict[str, dict[str, int]]:
         sessions, events = await run_phase(backend, prefix, want, count)
         return sessions, list(events.values())
 
-    # warm-up: import neonize, start the relay and pool, one client
-    sessions, evs = await phase("warm", "connect_failure", 1)
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in evs)), 10)
-    for s in sessions:
-        await s.close()
-    await asyncio.sleep(0.5)
-    out["baseline"] = snapshot()
+    async with backend:
+        # warm-up: import neonize, start the relay and pool, one client
+        sessions, evs = await phase("warm", "connect_failure", 1)
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in evs)), 10)
+        for s in sessions:
+            await s.close()
+        await asyncio.sleep(0.5)
+        out["baseline"] = snapshot()
 
-    # created: build N Go clients + stores; each dial fails offline and is torn down
-    sessions, evs = await phase("c", "connect_failure", n)
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in evs)), 20)
-    for s in sessions:
-        await s.close()
-    await asyncio.sleep(0.5)
-    out["created"] = snapshot()
+        # created: build N Go clients + stores; each dial fails offline and is torn down
+        sessions, evs = await phase("c", "connect_failure", n)
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in evs)), 20)
+        for s in sessions:
+            await s.close()
+        await asyncio.sleep(0.5)
+        out["created"] = snapshot()
 
-    # dialing: N clients stuck on a silent proxy
-    t0 = time.monotonic()
-    sessions, evs = await phase("d", "connect_timeout", n)
-    while len(held) < n and time.monotonic() - t0 < 5:
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)
-    out["dialing"] = snapshot()
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in evs)), 20)
-    for s in sessions:
-        await s.close()
-    await asyncio.sleep(0.5)
-    out["released"] = snapshot()
-    await backend.aclose()
+        # dialing: N clients stuck on a silent proxy
+        sessions, evs = await phase("d", "connect_timeout", n)
+        for _ in range(100):  # at most 5 s for every dial to reach the silent proxy
+            if len(held) >= n:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        out["dialing"] = snapshot()
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in evs)), 20)
+        for s in sessions:
+            await s.close()
+        await asyncio.sleep(0.5)
+        out["released"] = snapshot()
+        await backend.aclose()
     proxy.close()
     return out
 

@@ -110,9 +110,9 @@ class Recorder:
         self._changed.set()
 
     async def wait_for(
-        self, pred: Callable[[BackendEvent], bool], timeout: float = 5.0
+        self, pred: Callable[[BackendEvent], bool], timeout_s: float = 5.0
     ) -> BackendEvent:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         seen = 0
         while True:
             for ev in self.events[seen:]:
@@ -121,7 +121,7 @@ class Recorder:
             seen = len(self.events)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no matching event within {timeout} s; got {self.events!r}")
+                raise AssertionError(f"no matching event within {timeout_s} s; got {self.events!r}")
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), left)
@@ -137,33 +137,24 @@ def go_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("neonize-") and t.is_alive()]
 
 
-async def wait_no_go_threads(timeout: float = 5.0) -> float:
+async def wait_no_go_threads(timeout_s: float = 5.0) -> float:
     start = time.monotonic()
     while go_threads():
-        if time.monotonic() - start > timeout:
+        if time.monotonic() - start > timeout_s:
             raise AssertionError(f"Go threads still alive: {[t.name for t in go_threads()]}")
         await asyncio.sleep(0.05)
     return time.monotonic() - start
 
 
-def on_foreign_thread(fn: Callable[[], None]) -> None:
-    """Run ``fn`` on a new non-loop thread (like Go does) and wait for it."""
-    errors: list[BaseException] = []
+async def on_foreign_thread(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on a non-loop thread (like Go does) and wait for it without
+    blocking the loop (the backend hands Go callbacks to the loop and waits)."""
+    import anyio.to_thread
 
-    def body() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join(5)
-    if errors:
-        raise errors[0]
+    await anyio.to_thread.run_sync(fn)
 
 
-def push_event(callbacks: dict[str, Any], uuid: bytes, code: int, message: Any) -> None:
+async def push_event(callbacks: dict[str, Any], uuid: bytes, code: int, message: Any) -> None:
     """Serialize ``message`` and call the event callback Go calls, from a foreign thread."""
     data = message.SerializePartialToString()
     buf = ctypes.create_string_buffer(data, len(data))
@@ -171,10 +162,10 @@ def push_event(callbacks: dict[str, Any], uuid: bytes, code: int, message: Any) 
     def call() -> None:
         callbacks["event"](uuid, ctypes.cast(buf, ctypes.c_void_p), len(data), code)
 
-    on_foreign_thread(call)
+    await on_foreign_thread(call)
 
 
-def push_string(callbacks: dict[str, Any], kind: str, uuid: bytes, text: str) -> None:
+async def push_string(callbacks: dict[str, Any], kind: str, uuid: bytes, text: str) -> None:
     """Call the QR (``kind='qr'``) or login-status callback like Go does."""
     u = ctypes.create_string_buffer(uuid)
     s = ctypes.create_string_buffer(text.encode())
@@ -182,7 +173,7 @@ def push_string(callbacks: dict[str, Any], kind: str, uuid: bytes, text: str) ->
     def call() -> None:
         callbacks[kind](ctypes.cast(u, ctypes.c_void_p), ctypes.cast(s, ctypes.c_void_p))
 
-    on_foreign_thread(call)
+    await on_foreign_thread(call)
 
 
 # --------------------------------------------------------------------------- protobufs
@@ -230,7 +221,8 @@ async def _gate_stress(seconds: float, root: str) -> tuple[int, int]:
     from pathlib import Path
 
     from wa_worker.backends.base import Disconnected
-    from wa_worker.backends.neonize_backend import NeonizeBackend, _Neonize
+    from wa_worker.backends.neonize import NeonizeBackend
+    from wa_worker.backends.neonize.loading import NeonizeLib
 
     backend = NeonizeBackend(Path(root), connect_timeout_s=10)
     deadline = time.monotonic() + seconds
@@ -242,7 +234,7 @@ async def _gate_stress(seconds: float, root: str) -> tuple[int, int]:
         while time.monotonic() < deadline:
             rec.events.clear()
             await session.connect()
-            await rec.wait_for(lambda e: isinstance(e, Disconnected), timeout=10)
+            await rec.wait_for(lambda e: isinstance(e, Disconnected), timeout_s=10)
             await session.disconnect()
             counts[0] += 1
         await session.close()
@@ -250,13 +242,13 @@ async def _gate_stress(seconds: float, root: str) -> tuple[int, int]:
     async def read(i: int) -> None:
         rec = Recorder()
         session = await backend.open_session(f"reader{i}", rec)
-        gocode = _Neonize.get().gocode
+        gocode = NeonizeLib.get().gocode
         while time.monotonic() < deadline:
-            await session._go_call("IsConnected", lambda: gocode.IsConnected(b"churn0#1-x"), timeout=5)
+            await session._go_call("IsConnected", lambda: gocode.IsConnected(b"churn0#1-x"), timeout_s=5)
             counts[1] += 1
 
-    await asyncio.gather(*(churn(i) for i in range(6)), *(read(i) for i in range(6)))
-    await backend.aclose()
+    async with backend:
+        await asyncio.gather(*(churn(i) for i in range(6)), *(read(i) for i in range(6)))
     return counts[0], counts[1]
 
 

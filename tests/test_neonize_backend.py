@@ -8,6 +8,7 @@ pushed through the very ctypes callbacks the Go side calls.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import sqlite3
 import stat
 import threading
@@ -27,7 +28,6 @@ from tests.neonize_helpers import (
     push_string,
     wait_no_go_threads,
 )
-from wa_worker.backends import neonize_events as ne
 from wa_worker.backends.base import (
     BackendError,
     Connected,
@@ -38,9 +38,12 @@ from wa_worker.backends.base import (
     QrCode,
     SendError,
 )
-from wa_worker.backends.connect_relay import ConnectRelay
-from wa_worker.backends.neonize_backend import DB_NAME, NeonizeBackend
-from wa_worker.backends.threads import CallPool, CallTimeout, GoMapGate
+from wa_worker.backends.neonize import DB_NAME, NeonizeBackend
+from wa_worker.backends.neonize import events as ne
+from wa_worker.backends.neonize.connect_relay import ConnectRelay
+from wa_worker.backends.neonize.gate import GoMapGate
+from wa_worker.backends.neonize.session import EVENT_BUFFER
+from wa_worker.backends.neonize.threads import CallPool, CallTimeout
 
 pytestmark = [pytest.mark.neonize, pytest.mark.timeout(60)]
 
@@ -68,41 +71,42 @@ def test_store_layout_modes_and_dial_failure_retry(tmp_path: Path) -> None:
 
     async def main() -> None:
         backend = NeonizeBackend(auth, connect_timeout_s=10)
-        assert not backend.has_session("acme")  # nothing stored
-        rec = Recorder()
-        session = await backend.open_session("acme", rec)
-        baseline = threading.active_count()
-        for attempt in range(3):
-            t0 = time.monotonic()
-            await session.connect()
-            assert time.monotonic() - t0 < 1.0, "connect() must return promptly"
-            ev = await rec.wait_for(lambda e: isinstance(e, Disconnected), timeout=5)
-            # offline: the relay cannot resolve web.whatsapp.com -> 502 -> Neonize() returns
-            assert ev.reason == "connect_failure", ev
-            assert "web.whatsapp.com" in (ev.detail or "")
-            assert rec.times[-1] - t0 < 3.0
-            rec.events.clear()
-            await wait_no_go_threads(5)
-            await session.disconnect()  # what the runner does before retrying
-        info = session.info()
-        assert info.extra["attempts"] == 3 and info.extra["thread_alive"] is False
-        assert backend.stats()["relay_tickets"] == 0
-        # no thread leak: only the short-call pool may have grown (bounded)
-        assert threading.active_count() <= baseline + backend.pool.max_workers
-        await session.close()
-        await session.close()  # idempotent
+        async with backend:
+            assert not backend.has_session("acme")  # nothing stored
+            rec = Recorder()
+            session = await backend.open_session("acme", rec)
+            baseline = threading.active_count()
+            for _attempt in range(3):
+                t0 = time.monotonic()
+                await session.connect()
+                assert time.monotonic() - t0 < 1.0, "connect() must return promptly"
+                ev = await rec.wait_for(lambda e: isinstance(e, Disconnected), timeout_s=5)
+                # offline: the relay cannot resolve web.whatsapp.com -> 502 -> Neonize() returns
+                assert ev.reason == "connect_failure", ev
+                assert "web.whatsapp.com" in (ev.detail or "")
+                assert rec.times[-1] - t0 < 3.0
+                rec.events.clear()
+                await wait_no_go_threads(5)
+                await session.disconnect()  # what the runner does before retrying
+            info = session.info()
+            assert info.extra["attempts"] == 3 and info.extra["thread_alive"] is False
+            assert backend.stats()["relay_tickets"] == 0
+            # no thread leak: only the short-call pool may have grown (bounded)
+            assert threading.active_count() <= baseline + backend.pool.max_workers
+            await session.close()
+            await session.close()  # idempotent
 
-        modes = _modes(auth)
-        assert modes["auth"] == 0o700 and modes["auth/acme"] == 0o700
-        assert modes[f"auth/acme/{DB_NAME}"] == 0o600
-        assert all(m == 0o600 for name, m in modes.items() if name.count("/") == 2), modes
-        # a fresh store (whatsmeow created its schema, dial failed) is not a session
-        with sqlite3.connect(auth / "acme" / DB_NAME) as db:
-            tables = {r[0] for r in db.execute("select name from sqlite_master")}
-        assert "whatsmeow_device" in tables
-        assert not backend.has_session("acme")
-        assert backend.stored_instances() == []
-        await backend.aclose()
+            modes = _modes(auth)
+            assert modes["auth"] == 0o700 and modes["auth/acme"] == 0o700
+            assert modes[f"auth/acme/{DB_NAME}"] == 0o600
+            assert all(m == 0o600 for name, m in modes.items() if name.count("/") == 2), modes
+            # a fresh store (whatsmeow created its schema, dial failed) is not a session
+            with sqlite3.connect(auth / "acme" / DB_NAME) as db:
+                tables = {r[0] for r in db.execute("select name from sqlite_master")}
+            assert "whatsmeow_device" in tables
+            assert not backend.has_session("acme")
+            assert backend.stored_instances() == []
+            await backend.aclose()
 
     asyncio.run(main())
 
@@ -115,7 +119,7 @@ def _insert_fake_device(db_path: Path, jid_str: str) -> None:
         ddl = db.execute("select sql from sqlite_master where name='whatsmeow_device'").fetchone()[0]
         lengths = {m[0]: int(m[1]) for m in re.findall(r"length\((\w+)\)\s*=\s*(\d+)", ddl)}
         values = []
-        for _cid, name, typ, notnull, default, _pk in cols:
+        for _cid, name, typ, _notnull, _default, _pk in cols:
             if name == "jid":
                 values.append(jid_str)
             elif typ.upper() in ("BIGINT", "INTEGER"):
@@ -135,12 +139,13 @@ def test_has_session_only_for_paired_store(tmp_path: Path) -> None:
 
     async def main() -> None:
         backend = NeonizeBackend(auth, connect_timeout_s=10)
-        rec = Recorder()
-        s = await backend.open_session("paired1", rec)
-        await s.connect()
-        await rec.wait_for(lambda e: isinstance(e, Disconnected))
-        await s.close()
-        await backend.aclose()
+        async with backend:
+            rec = Recorder()
+            s = await backend.open_session("paired1", rec)
+            await s.connect()
+            await rec.wait_for(lambda e: isinstance(e, Disconnected))
+            await s.close()
+            await backend.aclose()
 
     asyncio.run(main())
     backend = NeonizeBackend(auth)
@@ -178,66 +183,67 @@ def test_events_from_go_callbacks_map_to_dataclasses(tmp_path: Path) -> None:
     async def main() -> None:
         async with StalledProxy() as stalled:
             backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=30, upstream_proxy=stalled.url)
-            rec = Recorder()
-            session, att = await _stalled_session(backend, "ev1", rec)
-            cb, uuid = att.callbacks, att.uuid
+            async with backend:
+                rec = Recorder()
+                session, att = await _stalled_session(backend, "ev1", rec)
+                cb, uuid = att.callbacks, att.uuid
 
-            # own identity (code 0, sent by goneonize before any other event), then Connected
-            me = pb.Device(JID=jid("5511999990000", device=7), PushName="Acme Sales", Initialized=True)
-            push_event(cb, uuid, DEVICE, me)
-            push_event(cb, uuid, CONNECTED, pb.Connected(status=True))
-            ev = await rec.wait_for(lambda e: isinstance(e, Connected))
-            assert ev == Connected(jid="5511999990000@s.whatsapp.net", push_name="Acme Sales")
-            assert ev.phone_number == "5511999990000"
-            assert session.state == "connected"
+                # own identity (code 0, sent by goneonize before any other event), then Connected
+                me = pb.Device(JID=jid("5511999990000", device=7), PushName="Acme Sales", Initialized=True)
+                await push_event(cb, uuid, DEVICE, me)
+                await push_event(cb, uuid, CONNECTED, pb.Connected(status=True))
+                ev = await rec.wait_for(lambda e: isinstance(e, Connected))
+                assert ev == Connected(jid="5511999990000@s.whatsapp.net", push_name="Acme Sales")
+                assert ev.phone_number == "5511999990000"
+                assert session.state == "connected"
 
-            alice = jid("5511888880000")
-            group = jid("120363012345678901", "g.us")
-            cases = [
-                (e2e.Message(conversation="hello"), dict(chat=alice, sender=jid("5511888880000", device=3))),
-                (e2e.Message(extendedTextMessage=e2e.ExtendedTextMessage(text="with link https://x.y")),
-                 dict(chat=group, sender=alice, is_group=True, msg_id="G1")),
-                (e2e.Message(imageMessage=e2e.ImageMessage(caption="a photo")), dict(chat=alice, sender=alice, msg_id="I1")),
-                (e2e.Message(conversation="status!"), dict(chat=jid("status", "broadcast"), sender=alice, msg_id="S1")),
-                (e2e.Message(protocolMessage=e2e.ProtocolMessage(type=0)), dict(chat=alice, sender=alice, msg_id="P1")),
-                (e2e.Message(reactionMessage=e2e.ReactionMessage(text="👍")), dict(chat=alice, sender=alice, msg_id="R1")),
-                (e2e.Message(conversation="sent from my phone"),
-                 dict(chat=alice, sender=jid("5511999990000", device=0), from_me=True, msg_id="M1", timestamp=1_700_000_123)),
-            ]
-            for wa_msg, kw in cases:
-                push_event(cb, uuid, MESSAGE, message_event(wa_msg, **kw))
-            await rec.wait_for(lambda e: isinstance(e, InboundMessage) and e.wa_message_id == "M1")
-            inbound = rec.of_type(InboundMessage)
-            assert [m.body for m in inbound] == ["hello", "with link https://x.y", "a photo", "sent from my phone"]
-            first = inbound[0]
-            assert first == InboundMessage(
-                wa_message_id="3EB0AAAA",
-                chat_jid="5511888880000@s.whatsapp.net",
-                sender_jid="5511888880000@s.whatsapp.net",  # device suffix dropped
-                body="hello",
-                from_me=False,
-                is_group=False,
-                push_name="Alice",
-                timestamp=1_700_000_000.0,  # neonize sends milliseconds
-                own_jid="5511999990000@s.whatsapp.net",
-            )
-            assert inbound[1].is_group and inbound[1].chat_jid == "120363012345678901@g.us"
-            assert inbound[1].sender_jid == "5511888880000@s.whatsapp.net"
-            assert inbound[3].from_me and inbound[3].timestamp == 1_700_000_123.0
+                alice = jid("5511888880000")
+                group = jid("120363012345678901", "g.us")
+                cases = [
+                    (e2e.Message(conversation="hello"), dict(chat=alice, sender=jid("5511888880000", device=3))),
+                    (e2e.Message(extendedTextMessage=e2e.ExtendedTextMessage(text="with link https://x.y")),
+                     dict(chat=group, sender=alice, is_group=True, msg_id="G1")),
+                    (e2e.Message(imageMessage=e2e.ImageMessage(caption="a photo")), dict(chat=alice, sender=alice, msg_id="I1")),
+                    (e2e.Message(conversation="status!"), dict(chat=jid("status", "broadcast"), sender=alice, msg_id="S1")),
+                    (e2e.Message(protocolMessage=e2e.ProtocolMessage(type=0)), dict(chat=alice, sender=alice, msg_id="P1")),
+                    (e2e.Message(reactionMessage=e2e.ReactionMessage(text="👍")), dict(chat=alice, sender=alice, msg_id="R1")),
+                    (e2e.Message(conversation="sent from my phone"),
+                     dict(chat=alice, sender=jid("5511999990000", device=0), from_me=True, msg_id="M1", timestamp=1_700_000_123)),
+                ]
+                for wa_msg, kw in cases:
+                    await push_event(cb, uuid, MESSAGE, message_event(wa_msg, **kw))
+                await rec.wait_for(lambda e: isinstance(e, InboundMessage) and e.wa_message_id == "M1")
+                inbound = rec.of_type(InboundMessage)
+                assert [m.body for m in inbound] == ["hello", "with link https://x.y", "a photo", "sent from my phone"]
+                first = inbound[0]
+                assert first == InboundMessage(
+                    wa_message_id="3EB0AAAA",
+                    chat_jid="5511888880000@s.whatsapp.net",
+                    sender_jid="5511888880000@s.whatsapp.net",  # device suffix dropped
+                    body="hello",
+                    from_me=False,
+                    is_group=False,
+                    push_name="Alice",
+                    timestamp=1_700_000_000.0,  # neonize sends milliseconds
+                    own_jid="5511999990000@s.whatsapp.net",
+                )
+                assert inbound[1].is_group and inbound[1].chat_jid == "120363012345678901@g.us"
+                assert inbound[1].sender_jid == "5511888880000@s.whatsapp.net"
+                assert inbound[3].from_me and inbound[3].timestamp == 1_700_000_123.0
 
-            # the phone unlinks us: LoggedOut, and the attempt is torn down
-            push_event(cb, uuid, LOGGED_OUT, pb.LoggedOut(OnConnect=False, Reason=ne.CF_LOGGED_OUT))
-            lo = await rec.wait_for(lambda e: isinstance(e, LoggedOut))
-            assert lo.reason == "logged_out"
-            assert session.state == "logged_out"
-            await wait_no_go_threads(5)  # revoking the relay ticket freed the stalled dial
-            # events of an abandoned attempt are ignored (except messages)
-            n = len(rec.events)
-            push_event(cb, uuid, STREAM_REPLACED, pb.StreamReplaced())
-            await asyncio.sleep(0.1)
-            assert len(rec.events) == n
-            await session.close()
-            await backend.aclose()
+                # the phone unlinks us: LoggedOut, and the attempt is torn down
+                await push_event(cb, uuid, LOGGED_OUT, pb.LoggedOut(OnConnect=False, Reason=ne.CF_LOGGED_OUT))
+                lo = await rec.wait_for(lambda e: isinstance(e, LoggedOut))
+                assert lo.reason == "logged_out"
+                assert session.state == "logged_out"
+                await wait_no_go_threads(5)  # revoking the relay ticket freed the stalled dial
+                # events of an abandoned attempt are ignored (except messages)
+                n = len(rec.events)
+                await push_event(cb, uuid, STREAM_REPLACED, pb.StreamReplaced())
+                await asyncio.sleep(0.1)
+                assert len(rec.events) == n
+                await session.close()
+                await backend.aclose()
 
     asyncio.run(main())
 
@@ -263,19 +269,20 @@ def test_terminal_events_end_the_attempt(tmp_path: Path, code, build, expected) 
     async def main() -> None:
         async with StalledProxy() as stalled:
             backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=30, upstream_proxy=stalled.url)
-            rec = Recorder()
-            session, att = await _stalled_session(backend, "term1", rec)
-            push_event(att.callbacks, att.uuid, code, build(pb))
-            ev = await rec.wait_for(lambda e: isinstance(e, (Disconnected, LoggedOut)))
-            assert ev == expected
-            assert rec.events == [ev]  # exactly one terminal event, nothing else
-            await wait_no_go_threads(5)
-            # retry works: a new attempt, a new Go client
-            await session.connect()
-            assert session._attempt is not att and session.state == "connecting"
-            await session.close()
-            await backend.aclose()
-            await wait_no_go_threads(5)
+            async with backend:
+                rec = Recorder()
+                session, att = await _stalled_session(backend, "term1", rec)
+                await push_event(att.callbacks, att.uuid, code, build(pb))
+                ev = await rec.wait_for(lambda e: isinstance(e, (Disconnected, LoggedOut)))
+                assert ev == expected
+                assert rec.events == [ev]  # exactly one terminal event, nothing else
+                await wait_no_go_threads(5)
+                # retry works: a new attempt, a new Go client
+                await session.connect()
+                assert session._attempt is not att and session.state == "connecting"
+                await session.close()
+                await backend.aclose()
+                await wait_no_go_threads(5)
 
     asyncio.run(main())
 
@@ -288,29 +295,104 @@ def test_qr_callback_pair_success_and_qr_timeout(tmp_path: Path) -> None:
             # (the relay's own dial timeout stays long: in real life a QR means the dial succeeded)
             backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=1.0, dial_timeout_s=30,
                                      upstream_proxy=stalled.url)
-            rec = Recorder()
-            session, att = await _stalled_session(backend, "qr1", rec)
-            push_string(att.callbacks, "qr", att.uuid, "2@first-code,abc")
-            push_string(att.callbacks, "qr", att.uuid, "2@second-code,abc")
-            await rec.wait_for(lambda e: e == QrCode("2@second-code,abc"))
-            assert rec.events == [QrCode("2@first-code,abc"), QrCode("2@second-code,abc")]
-            assert session.state == "qr"
-            # a shown QR disarms the connect watchdog (1 s here)
-            await asyncio.sleep(1.5)
-            assert len(rec.events) == 2
-            # pairing succeeded: no event by itself, but the JID is learnt
-            push_string(att.callbacks, "login", att.uuid, "success")
-            push_event(att.callbacks, att.uuid, PAIR,
-                       pb.PairStatus(Status=pb.PairStatus.SUCCESS, ID=jid("5511777770000", device=5)))
-            await asyncio.sleep(0.1)
-            assert len(rec.events) == 2 and session.own_jid == "5511777770000@s.whatsapp.net"
-            # nobody scanned in time (whatsmeow's QR channel says "timeout")
-            push_string(att.callbacks, "login", att.uuid, "timeout")
-            ev = await rec.wait_for(lambda e: isinstance(e, Disconnected))
-            assert ev == Disconnected("connect_timeout", "qr_timeout")
-            await session.close()
-            await backend.aclose()
+            async with backend:
+                rec = Recorder()
+                session, att = await _stalled_session(backend, "qr1", rec)
+                await push_string(att.callbacks, "qr", att.uuid, "2@first-code,abc")
+                await push_string(att.callbacks, "qr", att.uuid, "2@second-code,abc")
+                await rec.wait_for(lambda e: e == QrCode("2@second-code,abc"))
+                assert rec.events == [QrCode("2@first-code,abc"), QrCode("2@second-code,abc")]
+                assert session.state == "qr"
+                # a shown QR disarms the connect watchdog (1 s here)
+                await asyncio.sleep(1.5)
+                assert len(rec.events) == 2
+                # pairing succeeded: no event by itself, but the JID is learnt
+                await push_string(att.callbacks, "login", att.uuid, "success")
+                await push_event(att.callbacks, att.uuid, PAIR,
+                           pb.PairStatus(Status=pb.PairStatus.SUCCESS, ID=jid("5511777770000", device=5)))
+                await asyncio.sleep(0.1)
+                assert len(rec.events) == 2 and session.own_jid == "5511777770000@s.whatsapp.net"
+                # nobody scanned in time (whatsmeow's QR channel says "timeout")
+                await push_string(att.callbacks, "login", att.uuid, "timeout")
+                ev = await rec.wait_for(lambda e: isinstance(e, Disconnected))
+                assert ev == Disconnected("connect_timeout", "qr_timeout")
+                await session.close()
+                await backend.aclose()
+                await wait_no_go_threads(5)
+
+    asyncio.run(main())
+
+
+def test_go_callbacks_wait_for_a_slow_sink_bounded_and_in_order(tmp_path: Path) -> None:
+    """A Go thread hands each event to the loop and waits while the session's event
+    buffer is full: memory stays bounded, nothing is dropped, order is kept."""
+    _, e2e = _pb()
+    n = EVENT_BUFFER + 150
+
+    async def main() -> None:
+        async with StalledProxy() as stalled:
+            backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=30, upstream_proxy=stalled.url)
+            async with backend:
+                release = asyncio.Event()
+                got: list[str] = []
+
+                async def slow_sink(ev) -> None:
+                    if isinstance(ev, InboundMessage):
+                        got.append(ev.wa_message_id)
+                        await release.wait()
+
+                session, att = await _stalled_session(backend, "slow1", slow_sink)
+                alice = jid("5511888880000")
+                payloads = [
+                    message_event(e2e.Message(conversation=f"m{i}"), chat=alice, sender=alice,
+                                  msg_id=f"ID{i}").SerializePartialToString()
+                    for i in range(n)
+                ]
+                pushed = 0
+
+                def go_side() -> None:  # like whatsmeow's event goroutine: one event after another
+                    nonlocal pushed
+                    for data in payloads:
+                        buf = ctypes.create_string_buffer(data, len(data))
+                        att.callbacks["event"](att.uuid, ctypes.cast(buf, ctypes.c_void_p), len(data), MESSAGE)
+                        pushed += 1
+
+                thread = threading.Thread(target=go_side, daemon=True)
+                thread.start()
+                await asyncio.sleep(1.0)
+                assert thread.is_alive(), "the Go thread must wait while the buffer is full"
+                # one event in the sink, EVENT_BUFFER buffered, the next one waiting
+                assert EVENT_BUFFER <= pushed <= EVENT_BUFFER + 1, pushed
+                release.set()
+                for _ in range(200):
+                    if not thread.is_alive() and len(got) == n:
+                        break
+                    await asyncio.sleep(0.05)
+                assert got == [f"ID{i}" for i in range(n)]
+                await session.close()
+
+    asyncio.run(main())
+
+
+def test_backend_owns_every_task_it_starts(tmp_path: Path) -> None:
+    """Pumps, watchdogs and teardowns live in the backend's task group: none
+    before ``async with``, none left after it."""
+
+    def ours() -> list[str]:
+        return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("neonize-"))
+
+    async def main() -> None:
+        backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=30)
+        with pytest.raises(BackendError, match="not started"):
+            await backend.open_session("own1", Recorder())
+        async with StalledProxy() as stalled:
+            backend.upstream_proxy = stalled.url
+            async with backend:
+                await _stalled_session(backend, "own1", Recorder())
+                assert "neonize-sink-own1" in ours() and "neonize-watchdog-own1" in ours()
+            assert ours() == []
             await wait_no_go_threads(5)
+        assert backend.stats() == {"sessions": 0, "go_threads": 0, "pool_size": 0, "relay_tickets": 0}
 
     asyncio.run(main())
 
@@ -323,23 +405,24 @@ def test_send_paths(tmp_path: Path) -> None:
         async with StalledProxy() as stalled:
             backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=30, upstream_proxy=stalled.url,
                                      send_timeout_s=3)
-            rec = Recorder()
-            session = await backend.open_session("send1", rec)
-            with pytest.raises(NotConnectedError):
-                await session.send_text("5511888880000@s.whatsapp.net", "hi")
-            await session.connect()
-            with pytest.raises(NotConnectedError):  # connecting is not connected
-                await session.send_text("5511888880000@s.whatsapp.net", "hi")
-            session._attempt.connected = True  # pretend: the real Go client is not online
-            with pytest.raises(SendError) as bad:
-                await session.send_text("not-a-jid", "hi")
-            assert bad.value.permanent
-            await session.close()
-            with pytest.raises(NotConnectedError):
-                await session.send_text("5511888880000@s.whatsapp.net", "hi")
-            with pytest.raises(BackendError):
+            async with backend:
+                rec = Recorder()
+                session = await backend.open_session("send1", rec)
+                with pytest.raises(NotConnectedError):
+                    await session.send_text("5511888880000@s.whatsapp.net", "hi")
                 await session.connect()
-            await backend.aclose()
+                with pytest.raises(NotConnectedError):  # connecting is not connected
+                    await session.send_text("5511888880000@s.whatsapp.net", "hi")
+                session._attempt.connected = True  # pretend: the real Go client is not online
+                with pytest.raises(SendError) as bad:
+                    await session.send_text("not-a-jid", "hi")
+                assert bad.value.permanent
+                await session.close()
+                with pytest.raises(NotConnectedError):
+                    await session.send_text("5511888880000@s.whatsapp.net", "hi")
+                with pytest.raises(BackendError):
+                    await session.connect()
+                await backend.aclose()
 
     asyncio.run(main())
 
@@ -351,19 +434,20 @@ def test_send_reaches_go_and_fails_cleanly_when_offline(tmp_path: Path) -> None:
         async with StalledProxy() as stalled:
             backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=30, upstream_proxy=stalled.url,
                                      send_timeout_s=5)
-            rec = Recorder()
-            session, att = await _stalled_session(backend, "send2", rec)
-            # abandon the dial through the relay so the Go client exists but is offline
-            backend.relay.abort(att.ticket)
-            await rec.wait_for(lambda e: isinstance(e, Disconnected))
-            att.terminal, att.connected = False, True  # pretend it was online
-            t0 = time.monotonic()
-            with pytest.raises(SendError) as err:
-                await session.send_text("5511888880000@s.whatsapp.net", "hello")
-            assert time.monotonic() - t0 < 5
-            assert "not connected" in str(err.value).lower() or "nil" in str(err.value).lower()
-            await session.close()
-            await backend.aclose()
+            async with backend:
+                rec = Recorder()
+                session, att = await _stalled_session(backend, "send2", rec)
+                # abandon the dial through the relay so the Go client exists but is offline
+                backend.relay.abort(att.ticket)
+                await rec.wait_for(lambda e: isinstance(e, Disconnected))
+                att.terminal, att.connected = False, True  # pretend it was online
+                t0 = time.monotonic()
+                with pytest.raises(SendError) as err:
+                    await session.send_text("5511888880000@s.whatsapp.net", "hello")
+                assert time.monotonic() - t0 < 5
+                assert "not connected" in str(err.value).lower() or "nil" in str(err.value).lower()
+                await session.close()
+                await backend.aclose()
 
     asyncio.run(main())
 
@@ -375,13 +459,14 @@ def test_backend_survives_a_new_event_loop(tmp_path: Path) -> None:
     async def once(iid: str) -> None:
         from neonize.aioze import events as aio_events
 
-        rec = Recorder()
-        session = await backend.open_session(iid, rec)
-        assert aio_events.event_global_loop is asyncio.get_running_loop()
-        await session.connect()
-        ev = await rec.wait_for(lambda e: isinstance(e, Disconnected), timeout=5)
-        assert ev.reason == "connect_failure"
-        await session.close()
+        async with backend:
+            rec = Recorder()
+            session = await backend.open_session(iid, rec)
+            assert aio_events.event_global_loop is asyncio.get_running_loop()
+            await session.connect()
+            ev = await rec.wait_for(lambda e: isinstance(e, Disconnected), timeout_s=5)
+            assert ev.reason == "connect_failure"
+            await session.close()
 
     asyncio.run(once("loop1"))
     asyncio.run(once("loop2"))  # a second loop: relay and pool are rebuilt
@@ -392,16 +477,17 @@ def test_close_is_bounded_with_a_stuck_dial(tmp_path: Path) -> None:
     async def main() -> None:
         async with StalledProxy() as stalled:
             backend = NeonizeBackend(tmp_path / "auth", connect_timeout_s=30, upstream_proxy=stalled.url)
-            sessions = []
-            for i in range(3):
-                s, _ = await _stalled_session(backend, f"stuck{i}", Recorder())
-                sessions.append(s)
-            assert len(go_threads()) >= 3
-            t0 = time.monotonic()
-            await backend.aclose()  # closes every session
-            assert time.monotonic() - t0 < 3
-            await wait_no_go_threads(5)
-            assert backend.has_session("stuck0") is False
+            async with backend:
+                sessions = []
+                for i in range(3):
+                    s, _ = await _stalled_session(backend, f"stuck{i}", Recorder())
+                    sessions.append(s)
+                assert len(go_threads()) >= 3
+                t0 = time.monotonic()
+                await backend.aclose()  # closes every session
+                assert time.monotonic() - t0 < 3
+                await wait_no_go_threads(5)
+                assert backend.has_session("stuck0") is False
 
     asyncio.run(main())
 
@@ -503,13 +589,13 @@ def test_go_map_gate_and_call_pool() -> None:
         pool = CallPool(2, per_key_limit=1)
         release = threading.Event()
         with pytest.raises(CallTimeout):
-            await pool.call("a", lambda: release.wait(5), timeout=0.1)
+            await pool.call("a", lambda: release.wait(5), timeout_s=0.1)
         with pytest.raises(CallTimeout):  # "a" still has its stuck call
-            await pool.call("a", lambda: 1, timeout=1)
-        assert await pool.call("b", lambda: 2, timeout=1) == 2  # other keys unaffected
+            await pool.call("a", lambda: 1, timeout_s=1)
+        assert await pool.call("b", lambda: 2, timeout_s=1) == 2  # other keys unaffected
         release.set()
         await asyncio.sleep(0.1)
-        assert await pool.call("a", lambda: 3, timeout=1) == 3
+        assert await pool.call("a", lambda: 3, timeout_s=1) == 3
         pool.shutdown()
 
     asyncio.run(main())

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     START_CONCURRENCY: int = Field(8, ge=1, le=256)
     BATCH_POLL: bool = True
 
+    # --- neonize
+    WA_BOT_BADGE: bool = False
+
     # --- simulator backend
     SIMULATOR_AUTO_SCAN_MS: int | None = Field(None, ge=0)
 

@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wa-worker: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.LOG_LEVEL.value, [settings.WORKER_SECRET.get_secret_value()])
+    if settings.WA_BACKEND.value == "neonize":
+        from .backends.neonize.loading import ensure_bot_tag
+
+        ensure_bot_tag(settings.WA_BOT_BADGE)  # may restart this process (same pid) once
     raise_fd_limit()
     try:
         return anyio.run(_serve, settings)

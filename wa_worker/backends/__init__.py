@@ -1,5 +1,5 @@
-"""WhatsApp backends: one interface (``base``), a real one (``neonize_backend``)
-and an in-process fake network (``simulator``)."""
+"""WhatsApp backends: one interface (``base``), a real one (``neonize``, a
+package) and an in-process fake network (``simulator``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ def make_backend(settings: "Settings") -> "Backend":
         from .simulator import SimulatorBackend
 
         return SimulatorBackend(auth, auto_scan_ms=settings.SIMULATOR_AUTO_SCAN_MS)
-    from .neonize_backend import NeonizeBackend
+    from .neonize.loading import configure_bot_tag
+
+    configure_bot_tag(settings.WA_BOT_BADGE)  # before neonize is first imported
+    from .neonize import NeonizeBackend
 
     return NeonizeBackend(auth, connect_timeout_s=settings.CONNECT_TIMEOUT_S)

@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command is None:
+            if not args.simulator:  # the worker's neonize must start with the right bot tag
+                from ..backends.neonize.loading import bot_badge_setting, ensure_bot_tag
+
+                ensure_bot_tag(bot_badge_setting())
             return _serve(args, with_worker=True)
         if args.command == "proxy":
             args.simulator = False

@@ -1,30 +1,10 @@
 """A loopback HTTP CONNECT relay between the neonize clients and the network.
 
-Every neonize client is configured with the proxy
-``http://<ticket-token>:x@127.0.0.1:<port>`` (whatsmeow sends the token as
-``Proxy-Authorization``, measured), so each TCP connection the Go side opens —
-WhatsApp's websocket, media and history-sync downloads — arrives here labelled
-with its connection attempt. The relay then dials the real target, directly or
-through that attempt's upstream HTTP proxy, and copies bytes.
-
-What this buys the worker (all measured against goneonize 0.5.2):
-
-* **A kill switch.** A Go dial stuck on a silent proxy ignores ``Stop()`` and
-  ``Disconnect()`` (both block >10 s) and blocks its thread for minutes, but
-  fails within milliseconds once its socket is closed. :meth:`ConnectRelay.revoke`
-  aborts every socket of a ticket and refuses its future connections (407), so
-  an abandoned client — including whatsmeow's own background auto-reconnect —
-  can never reach WhatsApp again and fight the new session (stream replaced).
-* **Timeouts we own**: the upstream dial (DNS, TCP, proxy CONNECT) is bounded by
-  ``dial_timeout_s``; a failure is answered ``502`` at once, so the Go dial
-  fails fast and the instance reports ``connect_failure``.
-* **Per-attempt accounting** (connections, bytes each way, last error).
-* **DNS off the default executor**: names are resolved in the relay's own small
-  pool (``asyncio.open_connection`` with a host name would use the loop's
-  default executor, the very thing being protected).
-
-Only loopback clients holding a live ticket can use the relay; it is not an
-open proxy. Upstream proxies: ``http://[user:pass@]host:port`` (HTTP CONNECT).
+Every client's proxy is ``http://<ticket-token>:x@127.0.0.1:<port>``, so each TCP
+connection the Go side opens arrives labelled with its attempt; revoking the
+ticket cuts them all (why: docs/neonize.md, "The CONNECT relay"). Only loopback
+clients holding a live ticket can use it. Upstream proxies:
+``http://[user:pass@]host:port`` (HTTP CONNECT).
 """
 
 from __future__ import annotations
@@ -39,6 +19,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
+
+import anyio
 
 _HEAD_LIMIT = 16 * 1024
 _BUF = 64 * 1024
@@ -75,7 +57,7 @@ class RelayTicket:
     token: str
     proxy_url: str
     upstream: UpstreamProxy | None = None
-    on_first_request: Callable[[], None] | None = None
+    on_first_request: Callable[[], object] | None = None
     revoked: bool = False
     connections: int = 0
     bytes_up: int = 0  # client -> WhatsApp
@@ -124,6 +106,13 @@ class ConnectRelay:
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
+    async def __aenter__(self) -> "ConnectRelay":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         server, self._server = self._server, None
         if server is not None:
@@ -150,7 +139,7 @@ class ConnectRelay:
         label: str,
         *,
         upstream: str | None = None,
-        on_first_request: Callable[[], None] | None = None,
+        on_first_request: Callable[[], object] | None = None,
     ) -> RelayTicket:
         """A new ticket; give ``ticket.proxy_url`` to the client."""
         if self.port is None:
@@ -199,18 +188,10 @@ class ConnectRelay:
             if len(head) > _HEAD_LIMIT:
                 raise ValueError("request head too large")
             method, target, headers = _parse_head(head)
-            ticket = self._tickets.get(_token_of(headers.get("proxy-authorization", "")))
-            if ticket is None or ticket.revoked:
+            ticket = self._admit(headers, task)
+            if ticket is None:
                 await _reply(writer, b"407 Proxy Authentication Required", b'Proxy-Authenticate: Basic realm="wa-worker"\r\n')
                 return
-            ticket._open.add(task)
-            ticket.connections += 1
-            cb, ticket.on_first_request = ticket.on_first_request, None
-            if cb is not None:
-                try:
-                    cb()
-                except Exception:  # noqa: BLE001
-                    self.log.exception("relay first-request callback failed")
             if method != "CONNECT":
                 await _reply(writer, b"405 Method Not Allowed")
                 return
@@ -218,21 +199,14 @@ class ConnectRelay:
             if self.allowed_ports is not None and port not in self.allowed_ports:
                 await _reply(writer, b"403 Forbidden")
                 return
-            try:
-                up_reader, upstream_writer = await asyncio.wait_for(
-                    self._dial(host, port, ticket.upstream), self.dial_timeout_s
-                )
-            except asyncio.TimeoutError:
-                ticket.last_error = f"dial {host}:{port} timed out after {self.dial_timeout_s:g} s"
-                await _reply(writer, b"504 Gateway Timeout")
+            upstream = await self._dial_or_reply(ticket, host, port, writer)
+            if upstream is None:
                 return
-            except (OSError, RelayError, ValueError) as exc:
-                ticket.last_error = f"dial {host}:{port}: {exc}"
-                await _reply(writer, b"502 Bad Gateway")
-                return
+            up_reader, up_writer = upstream
+            upstream_writer = up_writer
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await writer.drain()
-            await self._pipe(ticket, reader, writer, up_reader, upstream_writer)
+            await self._pipe(ticket, reader, writer, up_reader, up_writer)
             aborted = True  # a tunnel ends when either side does: drop the rest
         except asyncio.CancelledError:
             aborted = True  # revoke/abort/aclose: reset both sides now
@@ -246,6 +220,35 @@ class ConnectRelay:
             if ticket is not None:
                 ticket._open.discard(task)
             self._handlers.discard(task)
+
+    def _admit(self, headers: dict[str, str], task: "asyncio.Task[None]") -> RelayTicket | None:
+        """The live ticket named by ``Proxy-Authorization`` (None: refuse), counted."""
+        ticket = self._tickets.get(_token_of(headers.get("proxy-authorization", "")))
+        if ticket is None or ticket.revoked:
+            return None
+        ticket._open.add(task)
+        ticket.connections += 1
+        cb, ticket.on_first_request = ticket.on_first_request, None
+        if cb is not None:
+            try:
+                cb()
+            except Exception:  # noqa: BLE001 - a callback bug must not break the tunnel
+                self.log.exception("relay first-request callback failed")
+        return ticket
+
+    async def _dial_or_reply(
+        self, ticket: RelayTicket, host: str, port: int, writer: asyncio.StreamWriter
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The upstream streams, or None after answering 504/502 (reason on the ticket)."""
+        try:
+            return await asyncio.wait_for(self._dial(host, port, ticket.upstream), self.dial_timeout_s)
+        except asyncio.TimeoutError:
+            ticket.last_error = f"dial {host}:{port} timed out after {self.dial_timeout_s:g} s"
+            await _reply(writer, b"504 Gateway Timeout")
+        except (OSError, RelayError, ValueError) as exc:
+            ticket.last_error = f"dial {host}:{port}: {exc}"
+            await _reply(writer, b"502 Bad Gateway")
+        return None
 
     async def _pipe(
         self,
@@ -267,17 +270,19 @@ class ConnectRelay:
                 dst.write(data)
                 await dst.drain()
 
-        tasks = [
-            asyncio.create_task(copy(c_reader, u_writer, True)),
-            asyncio.create_task(copy(u_reader, c_writer, False)),
-        ]
-        try:
-            # either side closing ends the tunnel (half-close is not needed by WhatsApp)
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async with anyio.create_task_group() as tg:
+
+            async def one_way(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+                try:
+                    await copy(src, dst, up)
+                except OSError:
+                    pass  # a reset ends the tunnel like a close does
+                finally:
+                    # either side closing ends the tunnel (half-close is not needed by WhatsApp)
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(one_way, c_reader, u_writer, True)
+            tg.start_soon(one_way, u_reader, c_writer, False)
 
     async def _resolve(self, host: str, port: int) -> list[tuple[int, str]]:
         loop = asyncio.get_running_loop()
@@ -288,8 +293,8 @@ class ConnectRelay:
         )
         out: list[tuple[int, str]] = []
         for family, _t, _p, _c, sockaddr in infos:
-            if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr[0]) not in out:
-                out.append((family, sockaddr[0]))
+            if family in (socket.AF_INET, socket.AF_INET6) and (family, str(sockaddr[0])) not in out:
+                out.append((family, str(sockaddr[0])))
         if not out:
             raise RelayError(f"no address for {host}")
         return out

@@ -1,39 +1,13 @@
-"""Pure mapping of neonize (whatsmeow) protobuf events to backend dataclasses.
-
-Nothing here touches a client, a thread or the event loop, and this module does
-not import neonize (importing any neonize module loads the Go library, calls
-``logging.basicConfig`` and edits ``sys.path``): events are recognised by their
-protobuf message *name* (``ev.DESCRIPTOR.name``), enums by their numeric value
-(the tests pin the numbers against neonize's own enums).
-
-Choices worth knowing:
-
-* **JIDs** are rendered ``user@server`` *without* the ``:device`` / ``.agent``
-  suffix. A sender's device number is noise for the SaaS (replies go to the
-  user, not to one of their phones/computers), and keeping it would make the
-  same person look like several senders. A JID without a user renders as its
-  server (e.g. ``s.whatsapp.net``). ``@lid`` JIDs are passed through as they
-  are (the worker can send to them).
-* **Timestamps**: neonize's Go side encodes ``MessageInfo.Timestamp`` with
-  ``time.UnixMilli()`` (goneonize ``utils/encoder.go``, since 2024); every other
-  neonize timestamp is seconds. :func:`timestamp_seconds` accepts both (values
-  above 10^11 are milliseconds; 10^11 s is the year 5138), so a future change
-  of unit on either side cannot produce dates 1000x off.
-* **Skipped messages**: no text body (reactions, stickers, polls, media
-  without caption, ...), whitespace-only bodies, ``protocolMessage`` (revokes,
-  edits, ephemeral settings, history-sync notifications), edits (``IsEdit``),
-  ``status@broadcast`` (stories) and newsletter (channel) posts.
-* **QR codes** normally arrive through neonize's *QR callback* (one string per
-  rotation, driven by whatsmeow's QR channel), not through the ``QR`` event
-  (which carries the whole list at once and is only flushed after pairing);
-  :func:`map_event` still maps a ``QR`` event to its first code.
-"""
+"""Pure mapping of neonize (whatsmeow) protobuf events to backend dataclasses,
+like mautrix's msgconv: no client, thread or loop here, and no neonize import
+(events are recognised by protobuf message name, enums by number, pinned by the
+tests). JIDs, timestamps and skipped messages: docs/neonize.md, "Events"."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import BackendEvent, Connected, Disconnected, InboundMessage, LoggedOut, QrCode
+from ..base import BackendEvent, Connected, Disconnected, InboundMessage, LoggedOut, QrCode
 
 # neonize Neonize.proto ConnectFailureReason (1-based, unlike whatsmeow's HTTP-like codes)
 CF_GENERIC = 1
@@ -161,7 +135,7 @@ def map_message(ev: Any, own_jid: str | None = None) -> InboundMessage | None:
     if body is None or not body.strip():
         return None
     from_me = bool(src.IsFromMe)
-    sender = jid_to_str(src.Sender) or (own_jid if from_me else chat)
+    sender = jid_to_str(src.Sender) or (own_jid if from_me else None) or chat
     return InboundMessage(
         wa_message_id=info.ID,
         chat_jid=chat,
