@@ -550,3 +550,13 @@ def test_placeholder_values_are_warned_about(tmp_path):
     assert len(warnings) == 2 and "WORKER_SECRET" in warnings[0] and "EDGE_BASE_URL" in warnings[1]
     assert placeholder_warnings(make_settings(tmp_path, "https://abc.supabase.co/x")) == []
 
+
+
+@respx.mock
+@pytest.mark.parametrize("body", [b"1e999", b'"ok"', b"42", b"true"])
+async def test_batch_garbage_is_transient_not_unsupported(edge, body):
+    """Old code took any non-object for "batch unsupported" and stopped batch polling for good."""
+    respx.get(f"{BASE}/queued-messages").respond(content=body)
+    with pytest.raises(EdgeError) as e:
+        await edge.queued_messages_batch()
+    assert not isinstance(e.value, EndpointMissing) and e.value.transient

@@ -360,6 +360,9 @@ class EdgeClient:
         Raises :class:`EndpointMissing` when the proxy does not support it."""
         ep = "queued-messages"
         payload = await self._request("GET", "/queued-messages", endpoint=ep, optional=True)
+        if isinstance(payload, (str, int, float, bool)):
+            # garbage, not a verdict on batch support (which would end batch polling for good)
+            return self._fail(EdgeError(ep, f"batch response is a bare {type(payload).__name__}", transient=True))
         if not (isinstance(payload, dict) and isinstance(payload.get("messages"), list)):
             # a bare list is how a per-instance proxy answers a missing parameter
             # (e.g. a filter on a null instance id): never take it for batch support
