@@ -560,3 +560,17 @@ async def test_batch_garbage_is_transient_not_unsupported(edge, body):
     with pytest.raises(EdgeError) as e:
         await edge.queued_messages_batch()
     assert not isinstance(e.value, EndpointMissing) and e.value.transient
+
+
+@respx.mock
+async def test_credentials_in_the_base_url_never_replace_the_bearer(caplog):
+    """Old code: user:pw@ became Basic auth (the bearer was never sent) and ?apikey= mangled every path."""
+    c = EdgeClient("https://bob:pw-xyz@proj.example/fn/v1/worker-proxy/?apikey=K3Y", SECRET)
+    route = respx.get("https://proj.example/fn/v1/worker-proxy/queued-messages").respond(json=[])
+    await c.queued_messages("inst-1")
+    req = route.calls.last.request
+    assert req.headers["Authorization"] == f"Bearer {SECRET}"
+    assert dict(req.url.params) == {"apikey": "K3Y", "instanceId": "inst-1"}
+    assert "pw-xyz" not in c.base_url and "K3Y" not in c.base_url
+    assert "user:password@" in caplog.text and "pw-xyz" not in caplog.text
+    await c.aclose()

@@ -440,3 +440,32 @@ def test_batch_queued_messages(batch_rig: Rig, name: str) -> None:
     rig.send_and_check(BAD)
     assert rig.get("/health").json()["edge"]["batch_mode"] is True
     rig.alive()
+
+
+def test_misconfiguration_is_loud_and_credentials_stay_hidden(tmp_path: Path) -> None:
+    """Placeholder secret (the proxy answers 401) and credentials inside EDGE_BASE_URL:
+    WARNINGs at start, an ERROR once, /ready 503 with the hint, no credential in the log."""
+    loop = _Loop()
+    proxy = HostileProxy()
+    loop.run(proxy.start())
+    host = proxy.url.removeprefix("http://")
+    env = worker_env(tmp_path, f"http://bob:pw-in-url@{host}/?apikey=key-in-url&region=eu",
+                     WORKER_SECRET="change-me-to-a-long-random-secret")
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(env, ROOT, log_path)
+    rig = Rig(proxy, loop, proc, f"http://127.0.0.1:{env['PORT']}", log_path)
+    try:
+        rig.wait(lambda: proxy.calls["disconnected-instances"] >= 3, what="discovery calls")
+        r = httpx.get(rig.base + "/ready", timeout=5)
+        assert r.status_code == 503
+        assert "secret mismatch: the proxy rejected WORKER_SECRET" in r.json()["reasons"]
+        text = log_path.read_text()
+        assert f"proxy=http://***@{host}/?apikey=***&region=eu" in text
+        assert "pw-in-url" not in text and "key-in-url" not in text
+        assert "WORKER_SECRET is still the placeholder" in text
+        assert text.count("ERROR wa_worker.edge: edge proxy misconfigured: secret mismatch") == 1
+    finally:
+        proc.terminate()
+        proc.wait(15)
+        loop.run(proxy.stop())
+        loop.close()

@@ -162,7 +162,14 @@ class EdgeClient:
         max_connections: int = 64,
         max_keepalive: int = 8,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        parsed = httpx.URL(base_url)
+        # a query in EDGE_BASE_URL (e.g. ?apikey=...) goes with every call, after the path
+        self._base_params = list(parsed.params.multi_items())
+        if parsed.userinfo:
+            # httpx would turn it into Basic auth and replace our bearer
+            log.warning("EDGE_BASE_URL contains user:password@, which is not sent: the worker authenticates "
+                        "with the bearer WORKER_SECRET")
+        self.base_url = str(parsed.copy_with(username=None, password=None, query=None, fragment=None)).rstrip("/")
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
@@ -225,7 +232,8 @@ class EdgeClient:
         try:
             try:
                 with anyio.fail_after(self.timeout_s):
-                    request = self._http.build_request(method, url, params=params, content=content,
+                    query = httpx.QueryParams([*self._base_params, *(params or {}).items()])
+                    request = self._http.build_request(method, url, params=query or None, content=content,
                                                        headers=headers, timeout=self._timeout)
                     resp = await self._http.send(request, stream=True)
                 status = resp.status_code
