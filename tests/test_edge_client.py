@@ -19,7 +19,7 @@ import respx
 from aiohttp import web
 
 from tests.conftest import make_settings, running_worker, wait_until
-from wa_worker.config import placeholder_warnings
+from wa_worker.config import ConfigError, load_settings, placeholder_warnings
 from wa_worker.edge.client import (
     NOT_FOUND_HINT,
     SECRET_HINT,
@@ -574,3 +574,11 @@ async def test_credentials_in_the_base_url_never_replace_the_bearer(caplog):
     assert "pw-xyz" not in c.base_url and "K3Y" not in c.base_url
     assert "user:password@" in caplog.text and "pw-xyz" not in caplog.text
     await c.aclose()
+
+
+@pytest.mark.parametrize("secret", ["sécret-long-enough", "with space-inside", "line\r\nInjected: x"])
+def test_a_secret_that_cannot_travel_in_a_header_is_a_config_error(secret):
+    """Old code: accepted, then every proxy call raised UnicodeEncodeError (or a protocol error)."""
+    with pytest.raises(ConfigError) as e:
+        load_settings(_env_file=None, EDGE_BASE_URL="https://p.example/x", WORKER_SECRET=secret)
+    assert "WORKER_SECRET" in str(e.value) and secret not in str(e.value)

@@ -78,6 +78,14 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return v
 
+    @field_validator("WORKER_SECRET")
+    @classmethod
+    def _header_safe(cls, v: SecretStr) -> SecretStr:
+        # it travels in an HTTP header: anything else fails every proxy call
+        if not all("!" <= c <= "~" for c in v.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces (it is sent in an HTTP header)")
+        return v
+
     @field_validator("SIMULATOR_AUTO_SCAN_MS", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
