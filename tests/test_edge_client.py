@@ -582,3 +582,24 @@ def test_a_secret_that_cannot_travel_in_a_header_is_a_config_error(secret):
     with pytest.raises(ConfigError) as e:
         load_settings(_env_file=None, EDGE_BASE_URL="https://p.example/x", WORKER_SECRET=secret)
     assert "WORKER_SECRET" in str(e.value) and secret not in str(e.value)
+
+
+async def test_a_2xx_whose_body_breaks_is_still_success_for_a_write_and_an_error_keeps_its_status():
+    """The status line is the answer; old code turned the broken body into "connection failed"
+    (a needless re-post of an accepted /inbound, and a 422 that lost its status)."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        code = 200 if request.path.endswith("/inbound") else 422
+        resp = web.StreamResponse(status=code, headers={"Content-Length": "1000"})
+        await resp.prepare(request)
+        await resp.write(b'{"ok": tr')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    async with serve(handler) as url:
+        c = EdgeClient(url, SECRET, timeout_s=2)
+        with anyio.fail_after(4):
+            await c.inbound({"x": 1})
+            with pytest.raises(EdgeError) as e:
+                await c.mark_sent("m", "W")
+        assert e.value.status == 422 and not e.value.transient
+        await c.aclose()

@@ -150,6 +150,16 @@ async def _read_prefix(resp: httpx.Response, cap: int) -> bytes:
     return b"".join(chunks)[:cap]
 
 
+async def _read_quietly(resp: httpx.Response, cap: int, deadline: float) -> bytes:
+    """What arrives of the first ``cap`` bytes before ``deadline``; b"" on a broken body."""
+    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+        try:
+            return await _read_prefix(resp, cap)
+        except httpx.HTTPError:
+            return b""
+    return b""
+
+
 class EdgeClient:
     def __init__(
         self,
@@ -242,16 +252,13 @@ class EdgeClient:
                     self._resolved(endpoint)
                     if not parse:
                         # the status is the answer: read a little (keeps the connection
-                        # reusable) but never wait or buffer for more
-                        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                            await _read_prefix(resp, _ACK_BODY_BYTES)
+                        # reusable) but never wait or buffer for more, nor fail on the rest
+                        await _read_quietly(resp, _ACK_BODY_BYTES, deadline)
                         return None
                     with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
                         raw = await _read_capped(resp, self.max_response_bytes)
                     return self._decode(endpoint, status, raw)
-                snippet = ""
-                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                    snippet = (await _read_prefix(resp, _ERROR_BODY_BYTES)).decode("utf-8", "replace")
+                snippet = (await _read_quietly(resp, _ERROR_BODY_BYTES, deadline)).decode("utf-8", "replace")
                 snippet = snippet.replace(self._secret, "***")[:300] if self._secret else snippet[:300]
             except TimeoutError:
                 return self._fail(EdgeError(endpoint, f"timed out (no complete answer within {self.timeout_s:g}s)"))
