@@ -1,15 +1,38 @@
-"""The edge client against respx: headers, both shapes, timeouts, 5xx, malformed JSON, bad ids."""
+"""The edge client against respx and real loopback servers: headers, both shapes, timeouts, 5xx,
+malformed JSON, bad ids; and every hostile answer of issue #8 (undecodable bodies, endless and
+dripping bodies, redirects, Retry-After, wrong secret/path, credentials in the URL)."""
 
 from __future__ import annotations
 
+import email.utils
 import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
+import anyio
 import httpx
 import pytest
 import respx
+from aiohttp import web
 
-from wa_worker.edge.client import EdgeClient, EdgeError, EndpointMissing, InstanceGone, Unauthorized
+from tests.conftest import make_settings, running_worker, wait_until
+from wa_worker.config import ConfigError, load_settings, placeholder_warnings
+from wa_worker.edge.client import (
+    NOT_FOUND_HINT,
+    SECRET_HINT,
+    EdgeClient,
+    EdgeError,
+    EndpointMissing,
+    InstanceGone,
+    Unauthorized,
+    decode_json,
+    parse_retry_after,
+)
 from wa_worker.edge.models import Status, StatusUpdate
+from wa_worker.logutil import RedactFilter, redact_url, url_secrets
 
 pytestmark = pytest.mark.anyio
 
@@ -194,3 +217,389 @@ async def test_batch_detection(edge):
     msgs = await edge.queued_messages_batch()
     assert [(m.id, m.instance_id) for m in msgs] == [("m", "a")]
     assert edge.rejected["message_invalid_instance_id"] == 1
+
+
+# ---------------------------------------------------------------- hostile answers (issue #8)
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+HUGE_INT = b"9" * 5000
+
+
+@respx.mock
+@pytest.mark.parametrize("body", [
+    b'{"instances":[{"id":"a","priority":Infinity}]}',
+    b'{"instances":[{"id":"a","priority":NaN}]}',
+    b'[{"id":"a","priority":-Infinity}]',
+    HUGE_INT,
+    DEEP,
+    b'{"instances": ' + DEEP + b"}",
+    b'[{"id":"\xff\xfe"}]',
+    b"\xff\xfe[\x00]\x00",
+])
+async def test_undecodable_bodies_are_edge_errors(edge, body):
+    """Old code: OverflowError / ValueError / RecursionError escaped and killed the worker."""
+    respx.get(f"{BASE}/disconnected-instances").respond(content=body)
+    respx.get(f"{BASE}/queued-messages").respond(content=body)
+    for call in (edge.disconnected_instances, lambda: edge.queued_messages("i"), edge.queued_messages_batch):
+        with pytest.raises(EdgeError) as e:
+            await call()
+        assert isinstance(e.value, EdgeError)
+
+
+@respx.mock
+async def test_out_of_range_priorities_count_as_zero(edge, caplog):
+    """Valid JSON, unusable priority: the record stays, the priority becomes 0, logged and counted."""
+    respx.get(f"{BASE}/disconnected-instances").respond(content=(
+        b'{"instances":[{"id":"a","priority":1e999},{"id":"b","priority":1.5},{"id":"c","priority":true},'
+        b'{"id":"d","priority":' + HUGE_INT + b'},{"id":"e","priority":"7"},{"id":"f","priority":-1e400},'
+        b'{"id":"g","priority":[1]},{"id":"h","priority":4.0},{"id":' + HUGE_INT + b"}]}"))
+    refs = {r.id: r.priority for r in await edge.disconnected_instances()}
+    assert refs == {"a": 0, "b": 0, "c": 0, "d": 0, "e": 7, "f": 0, "g": 0, "h": 4}
+    assert edge.rejected["invalid_priority"] == 6 and edge.rejected["invalid_instance_id"] == 1
+    assert "invalid_priority" in caplog.text
+
+
+def test_decode_json_refuses_constants_and_maps_huge_numbers_to_infinity():
+    assert decode_json(b"1e999") == float("inf")
+    assert decode_json(b"-" + HUGE_INT) == float("-inf")
+    assert decode_json(b"[12345678901234567890]") == [12345678901234567890]
+    for bad in (b"NaN", b"Infinity", DEEP, b"\xc3\x28"):
+        with pytest.raises(ValueError):
+            decode_json(bad)
+
+
+@respx.mock
+async def test_message_record_traps(edge):
+    long_id = "m" * 300
+    respx.get(f"{BASE}/queued-messages").respond(content=json.dumps([
+        {"id": long_id, "to": "5511988887777", "body": "x"},
+        {"id": "\ud800", "to": "5511988887777", "body": "lone surrogate id"},
+        {"id": "sur-body", "to": "5511988887777", "body": "a\udfffb"},
+        {"id": "big-body", "to": "5511988887777", "body": "x" * 70_000},
+        {"id": True, "to": "5511988887777", "body": "bool id"},
+        {"id": 1e300, "to": "5511988887777", "body": "float id"},
+        {"id": "list-to", "to": [[["5511988887777"]]], "body": "x"},
+        {"id": "ok", "to": "5511988887777", "body": "fine"},
+    ]).encode())
+    msgs = {m.id: m for m in await edge.queued_messages("i")}
+    assert set(msgs) == {long_id, "sur-body", "big-body", "list-to", "ok"}
+    assert msgs[long_id].problem == "message id longer than 256 characters" and msgs[long_id].jid is None
+    assert msgs["sur-body"].problem == "body is not valid Unicode"
+    assert msgs["big-body"].problem == "body longer than 65536 characters" and msgs["big-body"].body == ""
+    assert msgs["list-to"].problem == "invalid recipient: recipient is not a string" and msgs["list-to"].to == "list"
+    assert msgs["ok"].problem is None
+    assert edge.rejected["message_id_not_unicode"] == 1 and edge.rejected["message_without_id"] == 2
+
+
+@respx.mock
+@pytest.mark.parametrize("reply", [HUGE_INT, DEEP, b"\xff<html>"])
+async def test_a_2xx_to_a_write_is_success_whatever_its_body(edge, reply):
+    """The status is the answer; old code decoded the reply and crashed (or retried an accepted post)."""
+    respx.post(f"{BASE}/inbound").respond(content=reply)
+    respx.post(f"{BASE}/mark-sent").respond(content=reply)
+    respx.post(f"{BASE}/update-status").respond(content=reply)
+    await edge.inbound({"x": 1})
+    await edge.mark_sent("m", "W")
+    await edge.update_status(StatusUpdate(instanceId="i", status=Status.CONNECTED, qr_code=None))
+
+
+@respx.mock
+async def test_lone_surrogates_in_a_request_are_escaped_not_fatal(edge):
+    route = respx.post(f"{BASE}/mark-failed").respond(json={})
+    assert await edge.mark_failed("m", "send failed: \ud800") is True
+    assert json.loads(route.calls.last.request.content)["error"] == "send failed: \ud800"
+
+
+# -------------------------------------------------- real loopback servers: streaming, deadline, cap
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@asynccontextmanager
+async def serve(handler: Handler) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with anyio.move_on_after(2, shield=True):
+            await runner.cleanup()
+
+
+def endless(status: int, *, pause_s: float = 0.0, chunk: bytes = b"[" + b" " * 65535, limit_s: float = 10.0) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        t0 = time.monotonic()
+        try:
+            while time.monotonic() - t0 < limit_s:
+                await resp.write(chunk)
+                await anyio.sleep(pause_s)
+        except (ConnectionError, RuntimeError):
+            pass
+        return resp
+    return handler
+
+
+@pytest.mark.parametrize("status", [200, 500])
+async def test_endless_body_is_capped(status):
+    """Old code buffered the whole body: 5.4 GB in 27 s. Now: at most the cap, then a transient error."""
+    async with serve(endless(status)) as url:
+        c = EdgeClient(url, SECRET, timeout_s=5, max_response_bytes=1024 * 1024)
+        t0 = time.monotonic()
+        with anyio.fail_after(4):
+            with pytest.raises(EdgeError) as e:
+                await c.disconnected_instances()
+        assert time.monotonic() - t0 < 3
+        assert e.value.transient
+        if status == 200:
+            assert "EDGE_MAX_RESPONSE_BYTES" in str(e.value)
+        else:
+            assert e.value.status == 500 and len(e.value.body or "") <= 300
+        await c.aclose()
+
+
+async def test_declared_oversized_body_is_refused_before_reading():
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"[" + b" " * 4096 + b"]", content_type="application/json")
+    async with serve(handler) as url:
+        c = EdgeClient(url, SECRET, max_response_bytes=1024)
+        with pytest.raises(EdgeError, match="EDGE_MAX_RESPONSE_BYTES"):
+            await c.disconnected_instances()
+        await c.aclose()
+
+
+async def test_dripping_body_hits_the_total_deadline():
+    """One byte every 0.1 s never trips httpx's per-read timeout; the total deadline does."""
+    async with serve(endless(200, pause_s=0.1, chunk=b" ")) as url:
+        c = EdgeClient(url, SECRET, timeout_s=0.6)
+        t0 = time.monotonic()
+        with anyio.fail_after(5):
+            with pytest.raises(EdgeError, match="timed out"):
+                await c.queued_messages("i")
+        assert time.monotonic() - t0 < 1.5
+        await c.aclose()
+
+
+async def test_dripping_ack_after_a_2xx_is_still_success():
+    async with serve(endless(200, pause_s=0.1, chunk=b" ")) as url:
+        c = EdgeClient(url, SECRET, timeout_s=0.6)
+        with anyio.fail_after(5):
+            await c.mark_sent("m", "W")
+        await c.aclose()
+
+
+async def test_slow_accept_hits_the_deadline():
+    """A listening socket nobody accepts from: connect 'succeeds' in the kernel, nothing answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        c = EdgeClient(f"http://127.0.0.1:{sock.getsockname()[1]}", SECRET, timeout_s=0.5)
+        with anyio.fail_after(4):
+            with pytest.raises(EdgeError, match="timed out"):
+                await c.inbound({"x": 1})
+        await c.aclose()
+
+
+async def test_huge_headers_are_a_connection_error():
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="[]", headers={f"X-Junk-{i}": "j" * 8000 for i in range(40)})
+    async with serve(handler) as url:
+        c = EdgeClient(url, SECRET, timeout_s=2)
+        with anyio.fail_after(4):
+            with pytest.raises(EdgeError):
+                await c.disconnected_instances()
+        await c.aclose()
+
+
+# ------------------------------------------------------------------ redirects, 429, misconfiguration
+
+
+@respx.mock
+async def test_redirect_is_transient_not_followed_and_named_redacted(edge, caplog):
+    elsewhere = respx.get(host="evil.example")
+    respx.post(f"{BASE}/inbound").respond(302, headers={"Location": "https://bob:hunter22@evil.example/x?token=abc123&v=1"})
+    for _ in range(2):
+        with pytest.raises(EdgeError) as e:
+            await edge.inbound({"x": 1})
+        assert e.value.transient and e.value.status == 302
+    assert elsewhere.call_count == 0
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "https://***@evil.example/x?token=***&v=1" in errors[0].getMessage()
+    assert "hunter22" not in caplog.text and "abc123" not in caplog.text
+    assert edge.config_problem and "redirects to https://***@evil.example" in edge.config_problem
+
+
+@respx.mock
+async def test_429_and_503_carry_retry_after(edge):
+    date = email_date(time.time() + 30)
+    respx.post(f"{BASE}/mark-sent").mock(side_effect=[
+        httpx.Response(429, headers={"Retry-After": "7"}),
+        httpx.Response(503, headers={"Retry-After": date}),
+        httpx.Response(429, headers={"Retry-After": "999999"}),
+        httpx.Response(429, headers={"Retry-After": "soon"}),
+        httpx.Response(500, headers={"Retry-After": "7"}),
+    ])
+    got = []
+    for _ in range(5):
+        with pytest.raises(EdgeError) as e:
+            await edge.mark_sent("m", "W")
+        assert e.value.transient
+        got.append(e.value.retry_after_s)
+    assert got[0] == 7 and 25 <= got[1] <= 30 and got[2] == 300 and got[3] is None and got[4] is None
+
+
+def email_date(ts: float) -> str:
+    return email.utils.formatdate(ts, usegmt=True)
+
+
+def test_parse_retry_after_edges():
+    assert parse_retry_after("0") == 0 and parse_retry_after("-5") == 0
+    assert parse_retry_after("nan") is None and parse_retry_after("inf") is None
+    assert parse_retry_after(email_date(0)) == 0
+    assert parse_retry_after(None) is None and parse_retry_after("Mon, 99 Foo 2020") is None
+
+
+@respx.mock
+async def test_wrong_secret_is_a_config_problem_logged_once(edge, caplog):
+    route = respx.get(f"{BASE}/disconnected-instances")
+    route.mock(side_effect=[httpx.Response(401), httpx.Response(403), httpx.Response(200, json=[])])
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            await edge.disconnected_instances()
+    assert edge.config_problem == SECRET_HINT
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        f"edge proxy misconfigured: {SECRET_HINT} (HTTP 401 on disconnected-instances)"]
+    await edge.disconnected_instances()
+    assert edge.config_problem is None
+
+
+@respx.mock
+async def test_404_on_a_contract_path_is_a_transient_config_problem(edge, caplog):
+    respx.get(f"{BASE}/disconnected-instances").respond(404)
+    respx.post(f"{BASE}/inbound").respond(404)
+    with pytest.raises(EdgeError) as e:
+        await edge.disconnected_instances()
+    assert e.value.transient and edge.config_problem == NOT_FOUND_HINT
+    with pytest.raises(EdgeError) as e:
+        await edge.inbound({"x": 1})
+    assert e.value.transient  # old code: permanent, the message was dead-lettered
+    assert sum(r.levelno == logging.ERROR for r in caplog.records) == 1
+
+
+@respx.mock
+async def test_instance_and_optional_404s_are_not_config_problems(edge):
+    respx.post(f"{BASE}/update-status").respond(404)
+    respx.get(f"{BASE}/queued-messages").respond(404)
+    respx.post(f"{BASE}/mark-failed").respond(404)
+    with pytest.raises(InstanceGone):
+        await edge.update_status(StatusUpdate(instanceId="i", status=Status.CONNECTED, qr_code=None))
+    with pytest.raises(InstanceGone):
+        await edge.queued_messages("i")
+    with pytest.raises(EndpointMissing):
+        await edge.queued_messages_batch()
+    assert await edge.mark_failed("m", "x") is False
+    assert edge.config_problem is None
+
+
+async def test_ready_reports_the_config_problem(proxy, tmp_path):
+    proxy.secret = "not-the-workers-secret"
+    async with running_worker(make_settings(tmp_path, proxy.url)) as w:
+        await wait_until(lambda: w.edge.config_problem is not None, what="401 seen")
+        assert SECRET_HINT in w.not_ready_reasons()
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"http://127.0.0.1:{w.port}/ready")
+        assert r.status_code == 503 and SECRET_HINT in r.json()["reasons"]
+
+
+# ------------------------------------------------------------------ redaction, placeholders
+
+
+@pytest.mark.parametrize(("url", "shown", "hidden"), [
+    ("https://user:pa55word@proj.example/fn", "https://***@proj.example/fn", ["pa55word", "user"]),
+    ("https://proj.example/fn?apikey=K3Y-v4lue&region=eu", "https://proj.example/fn?apikey=***&region=eu",
+     ["K3Y-v4lue"]),
+    ("https://proj.example/fn?key=abcd1&Token=abcd2&client_secret=abcd3&x=1",
+     "https://proj.example/fn?key=***&Token=***&client_secret=***&x=1", ["abcd1", "abcd2", "abcd3"]),
+    ("https://proj.example/functions/v1/worker-proxy", "https://proj.example/functions/v1/worker-proxy", []),
+])
+def test_redact_url(url, shown, hidden):
+    assert redact_url(url) == shown
+    secrets = url_secrets(url)
+    for h in hidden:
+        assert h not in redact_url(url)
+        if h != "user":
+            assert h in secrets
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "proxy=%s", (url,), None)
+    RedactFilter(["irrelevant-secret", *secrets]).filter(record)
+    for h in hidden:
+        if h != "user":
+            assert h not in record.getMessage()
+
+
+def test_placeholder_values_are_warned_about(tmp_path):
+    s = make_settings(tmp_path, "https://your-project.supabase.co/functions/v1/worker-proxy",
+                      WORKER_SECRET="change-me-to-a-long-random-secret")
+    warnings = placeholder_warnings(s)
+    assert len(warnings) == 2 and "WORKER_SECRET" in warnings[0] and "EDGE_BASE_URL" in warnings[1]
+    assert placeholder_warnings(make_settings(tmp_path, "https://abc.supabase.co/x")) == []
+
+
+
+@respx.mock
+@pytest.mark.parametrize("body", [b"1e999", b'"ok"', b"42", b"true"])
+async def test_batch_garbage_is_transient_not_unsupported(edge, body):
+    """Old code took any non-object for "batch unsupported" and stopped batch polling for good."""
+    respx.get(f"{BASE}/queued-messages").respond(content=body)
+    with pytest.raises(EdgeError) as e:
+        await edge.queued_messages_batch()
+    assert not isinstance(e.value, EndpointMissing) and e.value.transient
+
+
+@respx.mock
+async def test_credentials_in_the_base_url_never_replace_the_bearer(caplog):
+    """Old code: user:pw@ became Basic auth (the bearer was never sent) and ?apikey= mangled every path."""
+    c = EdgeClient("https://bob:pw-xyz@proj.example/fn/v1/worker-proxy/?apikey=K3Y", SECRET)
+    route = respx.get("https://proj.example/fn/v1/worker-proxy/queued-messages").respond(json=[])
+    await c.queued_messages("inst-1")
+    req = route.calls.last.request
+    assert req.headers["Authorization"] == f"Bearer {SECRET}"
+    assert dict(req.url.params) == {"apikey": "K3Y", "instanceId": "inst-1"}
+    assert "pw-xyz" not in c.base_url and "K3Y" not in c.base_url
+    assert "user:password@" in caplog.text and "pw-xyz" not in caplog.text
+    await c.aclose()
+
+
+@pytest.mark.parametrize("secret", ["sécret-long-enough", "with space-inside", "line\r\nInjected: x"])
+def test_a_secret_that_cannot_travel_in_a_header_is_a_config_error(secret):
+    """Old code: accepted, then every proxy call raised UnicodeEncodeError (or a protocol error)."""
+    with pytest.raises(ConfigError) as e:
+        load_settings(_env_file=None, EDGE_BASE_URL="https://p.example/x", WORKER_SECRET=secret)
+    assert "WORKER_SECRET" in str(e.value) and secret not in str(e.value)
+
+
+async def test_a_2xx_whose_body_breaks_is_still_success_for_a_write_and_an_error_keeps_its_status():
+    """The status line is the answer; old code turned the broken body into "connection failed"
+    (a needless re-post of an accepted /inbound, and a 422 that lost its status)."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        code = 200 if request.path.endswith("/inbound") else 422
+        resp = web.StreamResponse(status=code, headers={"Content-Length": "1000"})
+        await resp.prepare(request)
+        await resp.write(b'{"ok": tr')
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    async with serve(handler) as url:
+        c = EdgeClient(url, SECRET, timeout_s=2)
+        with anyio.fail_after(4):
+            await c.inbound({"x": 1})
+            with pytest.raises(EdgeError) as e:
+                await c.mark_sent("m", "W")
+        assert e.value.status == 422 and not e.value.transient
+        await c.aclose()

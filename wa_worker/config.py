@@ -52,7 +52,8 @@ class Settings(BaseSettings):
     LOG_LEVEL: LogLevel = LogLevel.INFO
 
     # --- edge client
-    EDGE_TIMEOUT_S: float = Field(10.0, gt=0, le=300)
+    EDGE_TIMEOUT_S: float = Field(10.0, gt=0, le=300)  # total per call: connect, headers and body
+    EDGE_MAX_RESPONSE_BYTES: int = Field(16 * 1024 * 1024, ge=1024)
 
     # --- durable journal
     STATE_DB: Path = Path("/data/state/wa-worker.db")
@@ -80,6 +81,14 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return v
 
+    @field_validator("WORKER_SECRET")
+    @classmethod
+    def _header_safe(cls, v: SecretStr) -> SecretStr:
+        # it travels in an HTTP header: anything else fails every proxy call
+        if not all("!" <= c <= "~" for c in v.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces (it is sent in an HTTP header)")
+        return v
+
     @field_validator("SIMULATOR_AUTO_SCAN_MS", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
@@ -97,6 +106,22 @@ class Settings(BaseSettings):
     def edge_base_url(self) -> str:
         """The base URL without a trailing slash."""
         return str(self.EDGE_BASE_URL).rstrip("/")
+
+
+PLACEHOLDER_SECRET_PREFIX = "change-me"
+PLACEHOLDER_URL_PART = "your-project"
+
+
+def placeholder_warnings(settings: Settings) -> list[str]:
+    """Values still as ``.env.example`` ships them: valid, but surely not meant."""
+    out = []
+    if settings.WORKER_SECRET.get_secret_value().lower().startswith(PLACEHOLDER_SECRET_PREFIX):
+        out.append("WORKER_SECRET is still the placeholder of .env.example: set your own "
+                   "(openssl rand -hex 32), the same as the proxy's")
+    if PLACEHOLDER_URL_PART in settings.edge_base_url.lower():
+        out.append(f"EDGE_BASE_URL still contains the placeholder {PLACEHOLDER_URL_PART!r} of .env.example: "
+                   "set your proxy's URL")
+    return out
 
 
 class ConfigError(Exception):

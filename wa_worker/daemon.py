@@ -30,12 +30,12 @@ from aiohttp import web
 
 from .backends import make_backend
 from .backends.base import Backend, BackendEvent
-from .config import ConfigError, Settings, UnknownSendPolicy, load_settings
+from .config import ConfigError, Settings, UnknownSendPolicy, load_settings, placeholder_warnings
 from .edge.client import EdgeClient
 from .fdguard import EXIT_FD_EXHAUSTED, FdBudget, raise_fd_limit
 from .instances.manager import InstanceManager
 from .instances.runner import RunnerContext
-from .logutil import setup_logging
+from .logutil import redact_url, setup_logging, url_secrets
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
 from .storage.store import Store, StoreUnavailable
@@ -66,7 +66,8 @@ class Worker:
         self.rng = rng or random.Random()
         self.backend = backend or make_backend(settings)
         self.edge = edge or EdgeClient(settings.edge_base_url, settings.WORKER_SECRET.get_secret_value(),
-                                       timeout_s=settings.EDGE_TIMEOUT_S)
+                                       timeout_s=settings.EDGE_TIMEOUT_S,
+                                       max_response_bytes=settings.EDGE_MAX_RESPONSE_BYTES)
         self.store = Store(settings.STATE_DB, clock=self.clock)
         self.inbound = InboundRelay(self.store, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
                                     clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
@@ -141,6 +142,9 @@ class Worker:
             reasons.append("edge proxy not reached yet")
         elif time.monotonic() - last > self.settings.READY_MAX_PROXY_SILENCE_S:
             reasons.append(f"edge proxy unreachable for {time.monotonic() - last:.0f}s")
+        problem = self.edge.config_problem
+        if problem is not None:
+            reasons.append(problem)
         if not self.store.writable:
             reasons.append("state store not writable")
         if self.fds.level() != "ok":
@@ -187,7 +191,9 @@ class Worker:
             sockets = getattr(site._server, "sockets", None) or []
             self.port = sockets[0].getsockname()[1] if sockets else self.settings.PORT
             log.info("wa-worker up: backend=%s, proxy=%s, http=%s:%s", self.backend.name,
-                     self.settings.edge_base_url, self.host, self.port)
+                     redact_url(self.settings.edge_base_url), self.host, self.port)
+            for warning in placeholder_warnings(self.settings):
+                log.warning("%s", warning)
             async with self.backend:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.inbound.run)
@@ -272,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wa-worker: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.LOG_LEVEL.value, [settings.WORKER_SECRET.get_secret_value()])
+    setup_logging(settings.LOG_LEVEL.value,
+                  [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url)])
     if settings.WA_BACKEND.value == "neonize":
         from .backends.neonize.loading import ensure_bot_tag
 

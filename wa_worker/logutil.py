@@ -4,8 +4,57 @@ from __future__ import annotations
 
 import logging
 import sys
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# query parameters whose value is a credential (matched as substrings of the lower-cased name)
+_SECRET_PARAMS = ("key", "token", "secret", "pass", "pwd", "auth", "sig", "cred", "session", "jwt", "bearer")
+
+
+def _secret_param(name: str) -> bool:
+    lowered = name.lower()
+    return any(p in lowered for p in _SECRET_PARAMS)
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print: ``user:password@`` and the values of credential-like
+    query parameters (``apikey``, ``token``, ``secret``, ``key``…) become ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        pairs = []
+        for chunk in query.split("&"):
+            name, eq, _value = chunk.partition("=")
+            pairs.append(f"{name}=***" if eq and _secret_param(unquote(name)) else chunk)
+        query = "&".join(pairs)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The credentials inside ``url`` (raw and percent-decoded), for :class:`RedactFilter`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found: list[str] = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        user, _, password = userinfo.partition(":")
+        found += [userinfo, password, unquote(password)]
+        if not password:  # a token as the user name
+            found += [user, unquote(user)]
+    for chunk in parts.query.split("&"):
+        name, eq, value = chunk.partition("=")
+        if eq and value and _secret_param(unquote(name)):
+            found += [value, unquote(value)]
+    return sorted({s for s in found if s}, key=len, reverse=True)
 
 
 class RedactFilter(logging.Filter):
@@ -17,7 +66,8 @@ class RedactFilter(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if s and len(s) >= 4]
+        # longest first: a secret containing another is replaced whole
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:

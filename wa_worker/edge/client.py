@@ -1,21 +1,27 @@
 """HTTP client of the edge proxy (see docs/proxy-contract.md).
 
-Every call carries the bearer secret, has a timeout, and either returns parsed,
-validated data or raises :class:`EdgeError` after one clear log line. It never
+Every call carries the bearer secret, has a *total* deadline (connect, headers
+and body together) and a byte cap on what it reads, never follows a redirect,
+and either returns parsed, validated data or raises :class:`EdgeError` after
+one clear log line: whatever the proxy answers, nothing else escapes. It never
 retries by itself: the caller owns the retry policy (status pushes coalesce,
 journal rows back off, polls wait for their next turn).
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
+import math
 import time
 from collections import Counter
 from typing import Any
 
+import anyio
 import httpx
 
+from ..logutil import redact_url
 from .models import (
     InboundPayload,
     InstanceRef,
@@ -28,6 +34,17 @@ from .models import (
 )
 
 log = logging.getLogger("wa_worker.edge")
+
+DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+# what we read of an answer we do not parse: an error's snippet, a write's acknowledgement
+_ERROR_BODY_BYTES = 2048
+_ACK_BODY_BYTES = 64 * 1024
+RETRY_AFTER_CAP_S = 300.0
+# integers longer than this decode as +/-infinity (an out-of-range number every parser rejects)
+_MAX_INT_DIGITS = 64
+
+SECRET_HINT = "secret mismatch: the proxy rejected WORKER_SECRET"
+NOT_FOUND_HINT = "404 on a contract path: check the path of EDGE_BASE_URL"
 
 
 class EdgeError(Exception):
@@ -60,6 +77,89 @@ def _is_transient_status(status: int) -> bool:
     return status in (408, 425, 429) or status >= 500
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_int(text: str) -> Any:
+    if len(text) > _MAX_INT_DIGITS:
+        return -math.inf if text.startswith("-") else math.inf
+    return int(text)
+
+
+def decode_json(raw: bytes) -> Any:
+    """Strict UTF-8 JSON. ``NaN``/``Infinity`` are refused; numbers out of range
+    (``1e999``, an integer of thousands of digits) decode as infinities, which
+    the record parsers reject one by one. Raises ``ValueError`` (also for
+    non-UTF-8 input and absurd nesting)."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_int=_parse_int)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None, cap_s: float = RETRY_AFTER_CAP_S) -> float | None:
+    """``Retry-After`` in seconds or as an HTTP date, clamped to ``[0, cap_s]``; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()[:64]
+    delay: float
+    try:
+        delay = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None:
+            return None
+        delay = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(delay):
+        return None
+    return min(max(delay, 0.0), cap_s)
+
+
+async def _read_capped(resp: httpx.Response, cap: int) -> bytes:
+    """At most ``cap`` bytes of the body; :class:`_BodyTooLarge` past it."""
+    declared = resp.headers.get("content-length", "")
+    if declared.isdigit() and len(declared) < 20 and int(declared) > cap:
+        raise _BodyTooLarge(declared)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        size += len(chunk)
+        if size > cap:
+            raise _BodyTooLarge(str(size))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _read_prefix(resp: httpx.Response, cap: int) -> bytes:
+    """Up to ``cap`` bytes of the body, the rest left unread."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= cap:
+            break
+    return b"".join(chunks)[:cap]
+
+
+async def _read_quietly(resp: httpx.Response, cap: int, deadline: float) -> bytes:
+    """What arrives of the first ``cap`` bytes before ``deadline``; b"" on a broken body."""
+    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+        try:
+            return await _read_prefix(resp, cap)
+        except httpx.HTTPError:
+            return b""
+    return b""
+
+
 class EdgeClient:
     def __init__(
         self,
@@ -67,19 +167,32 @@ class EdgeClient:
         secret: str,
         *,
         timeout_s: float = 10.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         http: httpx.AsyncClient | None = None,
         max_connections: int = 64,
         max_keepalive: int = 8,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        parsed = httpx.URL(base_url)
+        # a query in EDGE_BASE_URL (e.g. ?apikey=...) goes with every call, after the path
+        self._base_params = list(parsed.params.multi_items())
+        if parsed.userinfo:
+            # httpx would turn it into Basic auth and replace our bearer
+            log.warning("EDGE_BASE_URL contains user:password@, which is not sent: the worker authenticates "
+                        "with the bearer WORKER_SECRET")
+        self.base_url = str(parsed.copy_with(username=None, password=None, query=None, fragment=None)).rstrip("/")
         self._own_http = http is None
         self._http = http or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
             # few idle keep-alive connections: httpcore scans its pool on every request,
             # in time quadratic in the pool size (docs/performance.md)
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive),
+            # never: the bearer must not travel to wherever a redirect points
+            follow_redirects=False,
         )
+        self.timeout_s = timeout_s
+        self.max_response_bytes = max_response_bytes
         self._timeout = httpx.Timeout(timeout_s)
+        self._secret = secret
         self._headers = {
             "Authorization": f"Bearer {secret}",
             "Accept": "application/json",
@@ -90,6 +203,15 @@ class EdgeClient:
         self.rejected: Counter[str] = Counter()
         self.last_ok_monotonic: float | None = None
         self.mark_failed_supported = True
+        # endpoint -> hint of a misconfiguration it revealed (cleared by its next 2xx)
+        self._problems: dict[str, str] = {}
+
+    @property
+    def config_problem(self) -> str | None:
+        """What the proxy's answers say is misconfigured (wrong secret, wrong URL
+        path, a redirect), or None. ``/ready`` reports it."""
+        hints = sorted(set(self._problems.values()))
+        return "; ".join(hints) if hints else None
 
     async def aclose(self) -> None:
         if self._own_http:
@@ -107,46 +229,107 @@ class EdgeClient:
         body: dict[str, Any] | None = None,
         instance_scoped: bool = False,
         optional: bool = False,
+        parse: bool = True,
     ) -> Any:
+        """One call. ``parse``: decode the 2xx body as JSON (reads); otherwise the
+        2xx status alone is the answer (writes) and the body is barely read."""
         self.calls[endpoint] += 1
         url = f"{self.base_url}{path}"
+        content = None if body is None else _encode(body)
+        headers = self._headers if body is None else {**self._headers, "Content-Type": "application/json"}
+        deadline = anyio.current_time() + self.timeout_s
+        resp: httpx.Response | None = None
         try:
-            resp = await self._http.request(
-                method,
-                url,
-                params=params,
-                content=None if body is None else json.dumps(body, ensure_ascii=False).encode(),
-                headers=self._headers if body is None else {**self._headers, "Content-Type": "application/json"},
-                timeout=self._timeout,
-            )
-        except httpx.TimeoutException:
-            return self._fail(EdgeError(endpoint, "timed out"))
-        except httpx.HTTPError as exc:
-            return self._fail(EdgeError(endpoint, f"connection failed ({type(exc).__name__})"))
-
-        status = resp.status_code
-        if 200 <= status < 300:
-            self.last_ok_monotonic = time.monotonic()
-            if not resp.content:
-                return None
             try:
-                return resp.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return self._fail(EdgeError(endpoint, f"HTTP {status} with a body that is not JSON", status=status))
+                with anyio.fail_after(self.timeout_s):
+                    query = httpx.QueryParams([*self._base_params, *(params or {}).items()])
+                    request = self._http.build_request(method, url, params=query or None, content=content,
+                                                       headers=headers, timeout=self._timeout)
+                    resp = await self._http.send(request, stream=True)
+                status = resp.status_code
+                if 200 <= status < 300:
+                    self.last_ok_monotonic = time.monotonic()
+                    self._resolved(endpoint)
+                    if not parse:
+                        # the status is the answer: read a little (keeps the connection
+                        # reusable) but never wait or buffer for more, nor fail on the rest
+                        await _read_quietly(resp, _ACK_BODY_BYTES, deadline)
+                        return None
+                    with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                        raw = await _read_capped(resp, self.max_response_bytes)
+                    return self._decode(endpoint, status, raw)
+                snippet = (await _read_quietly(resp, _ERROR_BODY_BYTES, deadline)).decode("utf-8", "replace")
+                snippet = snippet.replace(self._secret, "***")[:300] if self._secret else snippet[:300]
+            except TimeoutError:
+                return self._fail(EdgeError(endpoint, f"timed out (no complete answer within {self.timeout_s:g}s)"))
+            except httpx.TimeoutException:
+                return self._fail(EdgeError(endpoint, "timed out"))
+            except _BodyTooLarge as exc:
+                return self._fail(EdgeError(endpoint, f"response larger than EDGE_MAX_RESPONSE_BYTES "
+                                                      f"({self.max_response_bytes} bytes; read {exc})",
+                                            status=resp.status_code if resp is not None else None))
+            except httpx.HTTPError as exc:
+                return self._fail(EdgeError(endpoint, f"connection failed ({type(exc).__name__})"))
+        finally:
+            if resp is not None:
+                with anyio.move_on_after(1.0, shield=True):
+                    await resp.aclose()
+        return self._error_status(endpoint, resp, snippet, instance_scoped=instance_scoped, optional=optional)
+
+    def _decode(self, endpoint: str, status: int, raw: bytes) -> Any:
+        if not raw.strip():
+            return None
+        try:
+            return decode_json(raw)
+        except ValueError as exc:
+            return self._fail(EdgeError(endpoint, f"HTTP {status} with a body that is not JSON "
+                                                  f"({_short(str(exc))})", status=status))
+
+    def _error_status(self, endpoint: str, resp: httpx.Response, snippet: str, *, instance_scoped: bool,
+                      optional: bool) -> Any:
+        status = resp.status_code
         # any answer means the proxy is reachable
         self.last_ok_monotonic = time.monotonic() if status < 500 else self.last_ok_monotonic
-        snippet = resp.text[:300]
+        if 300 <= status < 400:
+            target = redact_url(resp.headers.get("location", "")[:500]) or "(no Location)"
+            self._problem(endpoint, f"the proxy redirects to {target}: set EDGE_BASE_URL to the final URL "
+                                    "(redirects are not followed)", status)
+            return self._fail(EdgeError(endpoint, f"HTTP {status} redirect to {target} (not followed)",
+                                        status=status, transient=True, body=snippet), level=logging.DEBUG)
         if status in (401, 403):
+            self._problem(endpoint, SECRET_HINT, status)
             return self._fail(Unauthorized(endpoint, f"HTTP {status}: the proxy rejected WORKER_SECRET",
-                                           status=status, transient=True, body=snippet))
+                                           status=status, transient=True, body=snippet), level=logging.DEBUG)
         if status in (404, 410) and instance_scoped:
             return self._fail(InstanceGone(endpoint, f"HTTP {status}: unknown instance", status=status,
                                            transient=False, body=snippet), level=logging.INFO)
         if status in (400, 404, 405, 501) and optional:
             return self._fail(EndpointMissing(endpoint, f"HTTP {status}: not supported by the proxy",
                                               status=status, transient=False, body=snippet), level=logging.INFO)
-        return self._fail(EdgeError(endpoint, f"HTTP {status}", status=status,
-                                    transient=_is_transient_status(status), body=snippet))
+        if status == 404:
+            # a contract path the proxy does not have: the URL is wrong, which a
+            # restart with the right one fixes; never a verdict on the record
+            self._problem(endpoint, NOT_FOUND_HINT, status)
+            return self._fail(EdgeError(endpoint, "HTTP 404", status=status, transient=True, body=snippet),
+                              level=logging.DEBUG)
+        retry_after = None
+        if status in (429, 503):
+            retry_after = parse_retry_after(resp.headers.get("retry-after"))
+        suffix = f" (retry after {retry_after:g}s)" if retry_after is not None else ""
+        return self._fail(EdgeError(endpoint, f"HTTP {status}{suffix}", status=status,
+                                    transient=_is_transient_status(status), body=snippet,
+                                    retry_after_s=retry_after))
+
+    def _problem(self, endpoint: str, hint: str, status: int) -> None:
+        """Record a misconfiguration; an ERROR only when it is news."""
+        if hint not in self._problems.values():
+            log.error("edge proxy misconfigured: %s (HTTP %d on %s)", hint, status, endpoint)
+        self._problems[endpoint] = hint
+
+    def _resolved(self, endpoint: str) -> None:
+        hint = self._problems.pop(endpoint, None)
+        if hint is not None and hint not in self._problems.values():
+            log.info("edge proxy answers %s again: resolved (%s)", endpoint, hint)
 
     def _fail(self, err: EdgeError, level: int = logging.WARNING) -> Any:
         self.failures[err.endpoint] += 1
@@ -157,7 +340,7 @@ class EdgeClient:
         for r in reasons:
             self.rejected[r] += 1
         if reasons:
-            log.warning("%s: skipped %d malformed record(s): %s", endpoint, len(reasons),
+            log.warning("%s: ignored %d malformed record(s) or field(s): %s", endpoint, len(reasons),
                         ", ".join(sorted(set(reasons))))
 
     # ------------------------------------------------------------------ contract
@@ -169,12 +352,12 @@ class EdgeClient:
         items = parse_instances(payload, rejected)
         self._reject(ep, rejected)
         if items is None:
-            self._fail(EdgeError(ep, "response is not a list of instances", transient=True))
-        return items  # type: ignore[return-value]
+            return self._fail(EdgeError(ep, "response is not a list of instances", transient=True))
+        return items
 
     async def update_status(self, update: StatusUpdate) -> None:
         await self._request("POST", "/update-status", endpoint="update-status", body=update.to_json(),
-                            instance_scoped=True)
+                            instance_scoped=True, parse=False)
 
     async def queued_messages(self, instance_id: str) -> list[QueuedMessage]:
         ep = "queued-messages"
@@ -184,14 +367,17 @@ class EdgeClient:
         items = parse_messages(payload, rejected)
         self._reject(ep, rejected)
         if items is None:
-            self._fail(EdgeError(ep, "response is not a list of messages", transient=True))
-        return items  # type: ignore[return-value]
+            return self._fail(EdgeError(ep, "response is not a list of messages", transient=True))
+        return items
 
     async def queued_messages_batch(self) -> list[QueuedMessage]:
         """Batch mode: every instance's messages in one call.
         Raises :class:`EndpointMissing` when the proxy does not support it."""
         ep = "queued-messages"
         payload = await self._request("GET", "/queued-messages", endpoint=ep, optional=True)
+        if isinstance(payload, (str, int, float, bool)):
+            # garbage, not a verdict on batch support (which would end batch polling for good)
+            return self._fail(EdgeError(ep, f"batch response is a bare {type(payload).__name__}", transient=True))
         if not (isinstance(payload, dict) and isinstance(payload.get("messages"), list)):
             # a bare list is how a per-instance proxy answers a missing parameter
             # (e.g. a filter on a null instance id): never take it for batch support
@@ -200,12 +386,12 @@ class EdgeClient:
         items = parse_messages(payload, rejected, batch=True)
         self._reject(ep, rejected)
         if items is None:
-            self._fail(EdgeError(ep, "batch response is not a list of messages", transient=True))
-        return items  # type: ignore[return-value]
+            return self._fail(EdgeError(ep, "batch response is not a list of messages", transient=True))
+        return items
 
     async def mark_sent(self, message_id: str, wa_message_id: str) -> None:
         body = MarkSent(messageId=message_id, wa_message_id=wa_message_id).model_dump()
-        await self._request("POST", "/mark-sent", endpoint="mark-sent", body=body)
+        await self._request("POST", "/mark-sent", endpoint="mark-sent", body=body, parse=False)
 
     async def mark_failed(self, message_id: str, error: str) -> bool:
         """Returns False (and stops calling) when the proxy has no such endpoint."""
@@ -213,7 +399,8 @@ class EdgeClient:
             return False
         body = MarkFailed(messageId=message_id, error=error[:500]).model_dump()
         try:
-            await self._request("POST", "/mark-failed", endpoint="mark-failed", body=body, optional=True)
+            await self._request("POST", "/mark-failed", endpoint="mark-failed", body=body, optional=True,
+                                parse=False)
         except EndpointMissing as exc:
             if exc.status == 404:
                 self.mark_failed_supported = False
@@ -225,4 +412,16 @@ class EdgeClient:
 
     async def inbound(self, payload: InboundPayload | dict[str, Any]) -> None:
         body = payload.to_json() if isinstance(payload, InboundPayload) else payload
-        await self._request("POST", "/inbound", endpoint="inbound", body=body)
+        await self._request("POST", "/inbound", endpoint="inbound", body=body, parse=False)
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # a lone surrogate (not UTF-8-encodable): ASCII escapes are valid JSON still
+        return json.dumps(body).encode()
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -9,6 +9,7 @@ are built from models with every contract field present.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,9 +63,43 @@ def _list_from(payload: Any, key: str) -> list[Any] | None:
     return None
 
 
+MAX_MESSAGE_ID_CHARS = 256
+# WhatsApp's own limit on a text message
+MAX_BODY_CHARS = 65536
+MAX_PRIORITY = 1_000_000_000
+
+
+def _utf8(value: str) -> bool:
+    """False for strings with lone surrogates (JSON ``"\\ud800"``): SQLite and
+    every encoder downstream refuse them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _priority(value: Any) -> int | None:
+    """An integral priority within +/-1e9 (``10``, ``10.0``, ``"10"``); None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and len(value) <= 12:
+        try:
+            value = int(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        return value
+    return None
+
+
 def parse_instances(payload: Any, rejected: list[str]) -> list[InstanceRef] | None:
     """``[{"id"}]``, ``{"instances": [{"id","priority"}]}`` or ``["id"]``.
-    Returns ``None`` when the payload has no list at all."""
+    Returns ``None`` when the payload has no list at all. A priority that is not
+    an integer (``Infinity``, ``1.5``, ``true``, 5000 digits) counts as 0
+    (``invalid_priority``)."""
     items = _list_from(payload, "instances")
     if items is None:
         return None
@@ -77,12 +112,13 @@ def parse_instances(payload: Any, rejected: list[str]) -> list[InstanceRef] | No
         if not is_valid_instance_id(raw_id):
             rejected.append("invalid_instance_id")
             continue
-        prio = item.get("priority", 0) if isinstance(item, dict) else 0
-        if not isinstance(prio, int) or isinstance(prio, bool):
-            try:
-                prio = int(prio)
-            except (TypeError, ValueError):
-                prio = 0
+        prio = 0
+        if isinstance(item, dict) and item.get("priority") is not None:
+            valid = _priority(item["priority"])
+            if valid is None:
+                rejected.append("invalid_priority")
+            else:
+                prio = valid
         if raw_id in seen:
             continue
         seen.add(raw_id)
@@ -92,7 +128,10 @@ def parse_instances(payload: Any, rejected: list[str]) -> list[InstanceRef] | No
 
 def parse_messages(payload: Any, rejected: list[str], *, batch: bool = False) -> list[QueuedMessage] | None:
     """``[{"id","to","body"}]`` or ``{"messages": [...]}``; in batch mode each
-    record must also carry a valid ``instanceId``. ``None``: no list at all."""
+    record must also carry a valid ``instanceId``. ``None``: no list at all.
+    A record without a usable id is skipped (it cannot be reported); any other
+    defect (too long an id, bad ``to``, empty or oversized body) becomes its
+    ``problem``, reported with ``/mark-failed``."""
     items = _list_from(payload, "messages")
     if items is None:
         return None
@@ -104,8 +143,11 @@ def parse_messages(payload: Any, rejected: list[str], *, batch: bool = False) ->
         raw_id = item.get("id", item.get("messageId"))
         if isinstance(raw_id, int) and not isinstance(raw_id, bool):
             raw_id = str(raw_id)
-        if not isinstance(raw_id, str) or not raw_id.strip() or len(raw_id) > 256:
+        if not isinstance(raw_id, str) or not raw_id.strip():
             rejected.append("message_without_id")
+            continue
+        if not _utf8(raw_id):
+            rejected.append("message_id_not_unicode")
             continue
         instance_id = item.get("instanceId", item.get("instance_id"))
         if batch and not is_valid_instance_id(instance_id):
@@ -115,17 +157,29 @@ def parse_messages(payload: Any, rejected: list[str], *, batch: bool = False) ->
         body = item.get("body", item.get("text"))
         problem: str | None = None
         jid: str | None = None
-        try:
-            jid = normalize_recipient(to)  # type: ignore[arg-type]
-        except InvalidRecipient as exc:
-            problem = f"invalid recipient: {exc}"
-        if problem is None and (not isinstance(body, str) or not body.strip()):
-            problem = "empty body" if body in (None, "") or isinstance(body, str) else "body is not text"
+        if len(raw_id) > MAX_MESSAGE_ID_CHARS:
+            problem = f"message id longer than {MAX_MESSAGE_ID_CHARS} characters"
+        elif not isinstance(to, str):
+            problem = "invalid recipient: recipient is not a string"
+        else:
+            try:
+                jid = normalize_recipient(to)
+            except InvalidRecipient as exc:
+                problem = f"invalid recipient: {exc}"
+        if problem is None:
+            if not isinstance(body, str) or not body.strip():
+                problem = "empty body" if body in (None, "") or isinstance(body, str) else "body is not text"
+            elif len(body) > MAX_BODY_CHARS:
+                problem = f"body longer than {MAX_BODY_CHARS} characters"
+            elif not _utf8(body):
+                problem = "body is not valid Unicode"
+        if problem is not None:
+            jid = None
         out.append(
             QueuedMessage(
                 id=raw_id,
-                to=to if isinstance(to, str) else repr(to),
-                body=body if isinstance(body, str) else "",
+                to=to[:320] if isinstance(to, str) and _utf8(to) else type(to).__name__,
+                body=body if isinstance(body, str) and problem is None else "",
                 jid=jid,
                 problem=problem,
                 instance_id=instance_id if is_valid_instance_id(instance_id) else None,
