@@ -292,8 +292,9 @@ class EdgeClient:
         self.last_ok_monotonic = time.monotonic() if status < 500 else self.last_ok_monotonic
         if 300 <= status < 400:
             target = redact_url(resp.headers.get("location", "")[:500]) or "(no Location)"
-            self._problem(endpoint, f"the proxy redirects to {target}: set EDGE_BASE_URL to the final URL "
-                                    "(redirects are not followed)", status)
+            # /ready is public: its reason names no host; the log line names the target
+            self._problem(endpoint, "the proxy answers with a redirect: set EDGE_BASE_URL to the final URL "
+                                    "(redirects are not followed)", status, detail=f"redirect to {target}")
             return self._fail(EdgeError(endpoint, f"HTTP {status} redirect to {target} (not followed)",
                                         status=status, transient=True, body=snippet), level=logging.DEBUG)
         if status in (401, 403):
@@ -320,10 +321,11 @@ class EdgeClient:
                                     transient=_is_transient_status(status), body=snippet,
                                     retry_after_s=retry_after))
 
-    def _problem(self, endpoint: str, hint: str, status: int) -> None:
+    def _problem(self, endpoint: str, hint: str, status: int, *, detail: str = "") -> None:
         """Record a misconfiguration; an ERROR only when it is news."""
         if hint not in self._problems.values():
-            log.error("edge proxy misconfigured: %s (HTTP %d on %s)", hint, status, endpoint)
+            log.error("edge proxy misconfigured: %s (HTTP %d on %s%s)", hint, status, endpoint,
+                      f", {detail}" if detail else "")
         self._problems[endpoint] = hint
 
     def _resolved(self, endpoint: str) -> None:
