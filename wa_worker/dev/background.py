@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
 
 from aiohttp import web
 
@@ -66,9 +65,8 @@ class BackgroundProxy:
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.host, self.port)
             await site.start()
-            server: Any = getattr(site, "_server", None)
-            if server is not None and server.sockets:
-                self.port = server.sockets[0].getsockname()[1]
+            if self._runner.addresses:
+                self.port = self._runner.addresses[0][1]
         except BaseException as exc:  # report to start()
             self._error = exc
             self._ready.set()

@@ -23,8 +23,6 @@ effort) so it goes out at once.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ..http.common import bearer_matches, read_json_object
 from ..ids import is_valid_instance_id
 from .store import (
     STATUSES,
@@ -45,6 +44,7 @@ from .store import (
 log = logging.getLogger(__name__)
 
 MAX_BODY_CHARS = 65_536
+MAX_REQUEST_BYTES = 1024 * 1024
 MAX_LIMIT = 500
 
 
@@ -109,11 +109,7 @@ class DevProxy:
     # -------------------------------------------------------------- auth
 
     def check_bearer(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(token.strip().encode(), self._secret)
+        return bearer_matches(request, self._secret)
 
     # -------------------------------------------------------------- wake forwarding
 
@@ -194,14 +190,7 @@ def _error(status: int, message: str) -> web.Response:
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        raw = await request.read()
-        data = json.loads(raw.decode("utf-8")) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ApiError(400, "body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "body must be a JSON object")
-    return data
+    return await read_json_object(request, max_bytes=MAX_REQUEST_BYTES)
 
 
 def _opt_str(data: dict[str, Any], key: str) -> str | None:
@@ -430,7 +419,7 @@ def create_app(
     from .page import add_page_routes
 
     proxy = DevProxy(store, secret, wake_url=wake_url, on_event=on_event)
-    app = web.Application(middlewares=[_middleware], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[_middleware], client_max_size=MAX_REQUEST_BYTES)
     app[PROXY_KEY] = proxy
     app.router.add_get("/disconnected-instances", disconnected_instances)
     app.router.add_post("/update-status", update_status)

@@ -88,10 +88,8 @@ class DevRun:
                 f"cannot listen on {o.proxy_host}:{o.proxy_port} ({exc.strerror or exc}); "
                 "is another `wa-worker dev` running? (use --proxy-port)"
             ) from None
-        port = o.proxy_port
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            port = server.sockets[0].getsockname()[1]
+        addresses = self.runner.addresses
+        port = addresses[0][1] if addresses else o.proxy_port
         self.proxy_url = f"http://{_url_host(o.proxy_host)}:{port}"
         self.printer.page_url = self.proxy_url + "/"
         from .state import write_private
