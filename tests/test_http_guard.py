@@ -21,12 +21,13 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from anyio.abc import SocketStream
 
+from tests.conftest import make_settings, running_worker, wait_until
 from tests.proc import ROOT
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.store import Store
 from wa_worker.fdguard import FdBudget, FdUsage, fd_usage
 from wa_worker.http.common import bearer_matches, decode_json_object, json_depth, read_json_object
-from wa_worker.http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite, max_connections_for
+from wa_worker.http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite, is_loopback, max_connections_for
 from wa_worker.http.server import build_app
 
 SECRET = "test-secret-0123456789"
@@ -74,9 +75,14 @@ GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
 # ---------------------------------------------------------------------------- connection guard
 
 
+def only_from(host: str) -> Any:
+    """Stands in for "is loopback" (every test peer is): only ``host`` gets the reserve."""
+    return lambda peer: peer == host
+
+
 @pytest.mark.anyio
 async def test_connections_over_the_cap_are_closed_at_once():
-    guard = ConnectionGuard(max_connections=3, request_timeout_s=5)
+    guard = ConnectionGuard(max_connections=3, request_timeout_s=5, reserved_for=only_from("127.0.0.2"))
     async with guarded_server(guard) as port:
         held = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(3)]
         await anyio.sleep(0.1)
@@ -95,6 +101,29 @@ async def test_connections_over_the_cap_are_closed_at_once():
         assert b"200 OK" in await fresh.receive()
         for s in [*held[1:], extra, fresh]:
             await s.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_reserve_for_the_local_health_check():
+    guard = ConnectionGuard(max_connections=2, request_timeout_s=5, reserve=1, reserved_for=only_from("127.0.0.2"))
+    async with guarded_server(guard) as port:
+        flood = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(2)]
+        guard.refusing = True  # even while descriptors run short
+        local = await anyio.connect_tcp("127.0.0.1", port, local_host="127.0.0.2")
+        await local.send(GET)
+        with anyio.fail_after(2):
+            assert b"200 OK" in await local.receive()
+        second = await anyio.connect_tcp("127.0.0.1", port, local_host="127.0.0.2")  # the reserve is full
+        assert (await closed_within(second, 1))[0] is not None
+        assert guard.stats()["refused"] == 1
+        for s in [*flood, local, second]:
+            await s.aclose()
+
+
+def test_loopback_peers():
+    assert is_loopback("127.0.0.1") and is_loopback("127.8.0.2") and is_loopback("::1")
+    assert is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("192.0.2.7") and not is_loopback("10.0.0.1") and not is_loopback("")
 
 
 @pytest.mark.anyio
@@ -153,7 +182,7 @@ async def test_a_dripped_body_is_a_408():
 
 @pytest.mark.anyio
 async def test_refusing_and_the_descriptor_ceiling():
-    guard = ConnectionGuard(max_connections=50, request_timeout_s=5)
+    guard = ConnectionGuard(max_connections=50, request_timeout_s=5, reserved_for=only_from("none"))
     async with guarded_server(guard) as port:
         guard.refusing = True
         s = await anyio.connect_tcp("127.0.0.1", port)
@@ -338,3 +367,17 @@ def test_fd_usage_at_emfile(tmp_path: Path):
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.stdout.split() == ["64", "-1", "64"], res.stderr
+
+
+@pytest.mark.anyio
+async def test_sockets_filling_the_budget_refuse_connections_instead_of_restarting(proxy, tmp_path: Path):
+    proxy.add_instance("acme")
+    async with running_worker(make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=0)) as w:
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED")
+        usage = w.fds.usage()
+        w.fds.restart_ratio = usage.open / usage.limit / 2  # over the restart level ...
+        w.fds.leak_share = 10.0  # ... but the non-socket descriptors are not the cause
+        await wait_until(lambda: w.http_guard.refusing, timeout=8, what="refusing (next housekeeping round)")
+        assert not w._stop.is_set() and w.exit_code == 0
+        assert "file descriptors nearly exhausted" in w.not_ready_reasons()
+        assert proxy.status_of("acme") == "CONNECTED"

@@ -62,8 +62,8 @@ async def worker_process(proxy: FakeProxy, tmp_path: Path, *, nofile: int | None
     finally:
         if proc.poll() is None:
             proc.terminate()
-            try:
-                proc.wait(10)
+            try:  # in a thread: the fake proxy (this loop) must keep answering the worker's goodbyes
+                await anyio.to_thread.run_sync(proc.wait, 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -168,7 +168,9 @@ async def test_slowloris_headers_and_bodies_are_cut(proxy, tmp_path):
                 tg.start_soon(loris, body_drip)
         assert len(results) == 200
         assert all(r is not None for r in results), f"{results.count(None)} of 200 still open after 16 s"
-        assert max(r for r in results if r is not None) < 15
+        closed = [r for r in results if r is not None]
+        print(f"slowloris: 200 connections closed after {min(closed):.1f} to {max(closed):.1f} s")
+        assert max(closed) < 15
         assert time.monotonic() - t0 < 20
         assert proc.poll() is None
         assert (await _fresh_get(port)).status_code == 200

@@ -4,7 +4,9 @@ not be able to exhaust the process's descriptors or hold connections forever.
 * at most ``max_connections`` open at once; one more is closed at once (it
   never reaches aiohttp), as is any connection while :attr:`ConnectionGuard.refusing`
   is set (the descriptor guard sets it when sockets fill the budget) or while
-  the accepted socket's descriptor number is past ``fd_ceiling``;
+  the accepted socket's descriptor number is past ``fd_ceiling``. A few more
+  (``reserve``) are kept for loopback peers — the container's own HEALTHCHECK —
+  so a flood from outside does not make the worker look dead;
 * a connection that has not delivered a complete request within
   ``request_timeout_s`` of opening (or of its previous response) is closed —
   idle connections and slowloris that drip header bytes alike. A request
@@ -19,6 +21,7 @@ guard when a request's handler runs).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +34,7 @@ log = logging.getLogger("wa_worker.http")
 
 REQUEST_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 256
+LOOPBACK_RESERVE = 8
 LOG_EVERY_S = 60.0
 
 
@@ -48,10 +52,14 @@ class ConnectionGuard:
         max_connections: int = MAX_CONNECTIONS,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         fd_ceiling: int | None = None,
+        reserve: int = LOOPBACK_RESERVE,
+        reserved_for: Callable[[str], bool] | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.request_timeout_s = request_timeout_s
         self.fd_ceiling = fd_ceiling
+        self.reserve = reserve
+        self._reserved_for = reserved_for or is_loopback
         self.refusing = False
         self.accepted = 0
         self.refused = 0
@@ -98,7 +106,10 @@ class ConnectionGuard:
 
     def _admit(self, conn: _GuardedConnection, transport: asyncio.BaseTransport) -> bool:
         reason = None
-        if self.refusing:
+        if self._reserved_for(_peer_host(transport)):
+            if len(self._open) >= self.max_connections + self.reserve:
+                reason = f"{self.max_connections} connections open and the reserve in use"
+        elif self.refusing:
             reason = "descriptors nearly exhausted"
         elif len(self._open) >= self.max_connections:
             reason = f"{self.max_connections} connections open"
@@ -128,6 +139,21 @@ class ConnectionGuard:
             summary = ", ".join(f"{n} {w}" for w, n in self._unlogged.items())
             self._unlogged.clear()
             log.warning("HTTP connections: %s; %d open (limit %d)", summary, len(self._open), self.max_connections)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def _peer_host(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
 def _fileno(transport: asyncio.BaseTransport) -> int:
