@@ -89,7 +89,7 @@ class ConnectionGuard:
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` that guards ``factory``'s protocols."""
-        return lambda: _GuardedConnection(self, factory())
+        return lambda: _GuardedConnection(self, factory)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -167,9 +167,10 @@ def _fileno(transport: asyncio.BaseTransport) -> int:
 class _GuardedConnection(asyncio.Protocol):
     """Stands between the transport and aiohttp's protocol: admission and the request deadline."""
 
-    def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
+    def __init__(self, guard: ConnectionGuard, factory: Callable[[], asyncio.Protocol]) -> None:
         self._guard = guard
-        self._inner = inner
+        self._factory = factory
+        self._inner: asyncio.Protocol | None = None  # aiohttp's protocol, made only once admitted
         self._transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._busy = 0
@@ -180,30 +181,33 @@ class _GuardedConnection(asyncio.Protocol):
             _abort(transport)
             return
         self._transport = transport
+        self._inner = self._factory()
         self._arm()
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._transport is not None:
+        if self._inner is not None:
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._transport is not None else None
+        return self._inner.eof_received() if self._inner is not None else None
 
     def pause_writing(self) -> None:
-        if self._transport is not None:
+        if self._inner is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._transport is not None:
+        if self._inner is not None:
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         transport, self._transport = self._transport, None
+        inner, self._inner = self._inner, None
         self._disarm()
         if transport is not None:
             self._guard._release(transport)
-            self._inner.connection_lost(exc)
+        if inner is not None:
+            inner.connection_lost(exc)
 
     # request deadline
     def request_started(self) -> None:
