@@ -87,6 +87,7 @@ async def _wait_closed(stream: SocketStream, limit_s: float) -> tuple[float | No
     return None, b""
 
 
+@pytest.mark.slow
 async def test_idle_connection_flood_neither_restarts_nor_drops_sessions(proxy, tmp_path):
     proxy.add_instance("acme")
     async with worker_process(proxy, tmp_path, nofile=LOW_NOFILE) as (proc, port, log_path):
@@ -131,6 +132,7 @@ async def test_idle_connection_flood_neither_restarts_nor_drops_sessions(proxy, 
         assert "Traceback" not in log_text
 
 
+@pytest.mark.slow
 async def test_slowloris_headers_and_bodies_are_cut(proxy, tmp_path):
     async with worker_process(proxy, tmp_path, nofile=1024) as (proc, port, log_path):
         opened: list[float] = []
