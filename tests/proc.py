@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,9 @@ def worker_env(tmp_path: Path, proxy_url: str, **extra: Any) -> dict[str, str]:
     return env
 
 
-def start_worker(env: dict[str, str], cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def start_worker(env: dict[str, str], cwd: Path, log_path: Path,
+                 preexec_fn: Callable[[], Any] | None = None) -> subprocess.Popen[bytes]:
+    """``preexec_fn`` runs in the child before exec (e.g. to lower its RLIMIT_NOFILE)."""
     log = open(log_path, "ab")
     return subprocess.Popen([sys.executable, "-m", "wa_worker"], env=env, cwd=cwd, stdout=log, stderr=log,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, preexec_fn=preexec_fn)

@@ -30,9 +30,13 @@ from aiohttp import web
 
 from .backends import make_backend
 from .backends.base import Backend, BackendEvent
+from .backends.simulator import SimulatorBackend
 from .config import ConfigError, Settings, UnknownSendPolicy, load_settings, placeholder_warnings
 from .edge.client import EdgeClient
-from .fdguard import EXIT_FD_EXHAUSTED, FdBudget, raise_fd_limit
+from .fdguard import EXIT_FD_EXHAUSTED, FdBudget, fd_limit, raise_fd_limit
+from .http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite
+from .http.server import build_app
+from .http.simulator_routes import mount_simulator_routes
 from .instances.manager import InstanceManager
 from .instances.runner import RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
@@ -79,6 +83,7 @@ class Worker:
         self._stop = anyio.Event()
         self._done = anyio.Event()
         self.fds = FdBudget()
+        self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
         self.manager = InstanceManager(
             RunnerContext(
@@ -126,7 +131,7 @@ class Worker:
                 "duplicates_suppressed": self.outbound.duplicates_suppressed,
             },
             "store": {"writable": self.store.writable},
-            "process": dict(zip(("open_fds", "fd_limit"), self.fds.usage())),
+            "process": self.fds.usage().as_health(),
             "edge": {
                 "calls": sum(self.edge.calls.values()),
                 "failures": sum(self.edge.failures.values()),
@@ -183,13 +188,11 @@ class Worker:
 
     async def _services_inner(self, task_status: Any) -> None:
         self._recover_journal()
-        runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        runner = web.AppRunner(self._app(), handle_signals=False, **SERVER_OPTIONS)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.settings.PORT, reuse_address=True)
-            await site.start()
-            sockets = getattr(site._server, "sockets", None) or []
-            self.port = sockets[0].getsockname()[1] if sockets else self.settings.PORT
+            await GuardedSite(runner, self.host, self.settings.PORT, self.http_guard).start()
+            self.port = runner.addresses[0][1] if runner.addresses else self.settings.PORT
             log.info("wa-worker up: backend=%s, proxy=%s, http=%s:%s", self.backend.name,
                      redact_url(self.settings.edge_base_url), self.host, self.port)
             for warning in placeholder_warnings(self.settings):
@@ -214,9 +217,10 @@ class Worker:
             log.info("wa-worker stopped")
 
     def _app(self) -> web.Application:
-        from .http.server import build_app
-
-        return build_app(self)
+        app = build_app(self, self.settings.WORKER_SECRET.get_secret_value(), guard=self.http_guard)
+        if isinstance(self.backend, SimulatorBackend):
+            mount_simulator_routes(app, self.backend)
+        return app
 
     def _recover_journal(self) -> None:
         at_least_once = self.settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE
@@ -238,10 +242,19 @@ class Worker:
             if not self.store.writable and self.store.probe_writable():
                 self.acks.wake()
                 self.inbound.wake()
-            if self.fds.level() == "restart" and not self._stop.is_set():
-                used, limit = self.fds.usage()
-                log.error("file descriptors nearly exhausted (%d of %d): restarting gracefully (exit %d) "
-                          "for a fresh budget; sessions resume from disk", used, limit, EXIT_FD_EXHAUSTED)
+            fds = self.fds.usage()
+            level = self.fds.level(fds)
+            if (level == "refuse") != self.http_guard.refusing:
+                self.http_guard.refusing = level == "refuse"
+                if self.http_guard.refusing:
+                    log.warning("file descriptors nearly exhausted by sockets (%d of %d, %d sockets): refusing "
+                                "new HTTP connections; no restart", fds.open, fds.limit, fds.sockets)
+                else:
+                    log.info("file descriptors back to %d of %d: accepting HTTP connections", fds.open, fds.limit)
+            if level == "restart" and not self._stop.is_set():
+                log.error("file descriptors nearly exhausted (%d of %d, %d not sockets): restarting gracefully "
+                          "(exit %d) for a fresh budget; sessions resume from disk", fds.open, fds.limit,
+                          fds.files, EXIT_FD_EXHAUSTED)
                 self.exit_code = EXIT_FD_EXHAUSTED
                 self.request_stop()
             if now - last_prune > HOUSEKEEPING_EVERY_S:

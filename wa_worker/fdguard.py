@@ -3,20 +3,32 @@
 goneonize 0.5.2 leaks one SQLite descriptor per connection attempt (its Go
 store is never closed), so an instance that keeps failing to dial slowly eats
 the process's descriptors. The worker raises its soft limit to the hard limit
-at start, shows usage in /health, fails /ready past a warning level, and past
-a restart level stops gracefully with exit code 75 (EX_TEMPFAIL) so the
-container's restart policy gives it a fresh budget — sessions are resumed from
-disk in seconds, which beats dying later on EMFILE in the middle of a send.
+at start, shows usage in /health (sockets and everything else apart), fails
+/ready past a warning level, and past a restart level:
+
+* if the leak is the cause — non-socket descriptors (files, SQLite, pipes) make
+  up at least half of the restart level — it stops gracefully with exit code
+  75 (EX_TEMPFAIL) so the container's restart policy gives it a fresh budget;
+  sessions are resumed from disk in seconds, which beats dying later on EMFILE
+  in the middle of a send;
+* otherwise sockets are the cause (connections to the HTTP server, sessions): a
+  restart would not help and would drop every session, so the HTTP server
+  refuses new connections instead (level ``refuse``) until usage falls.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 from dataclasses import dataclass
+from typing import Literal
 
 EXIT_FD_EXHAUSTED = 75
 MAX_SOFT_LIMIT = 1 << 20
+FD_DIR = "/proc/self/fd"
+
+Level = Literal["ok", "warn", "refuse", "restart"]
 
 
 def raise_fd_limit() -> int:
@@ -33,28 +45,69 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def open_fds() -> int:
+def fd_limit() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_SOFT_LIMIT if soft == resource.RLIM_INFINITY else soft
+
+
+@dataclass(frozen=True)
+class FdUsage:
+    """Open descriptors by kind. ``sockets`` is -1 when they could not be told apart."""
+
+    open: int
+    sockets: int
+    limit: int
+
+    @property
+    def files(self) -> int:
+        """Everything that is not a socket: files, SQLite, pipes, event fds."""
+        return self.open - max(self.sockets, 0)
+
+    def as_health(self) -> dict[str, int]:
+        return {"open_fds": self.open, "fd_limit": self.limit, "socket_fds": self.sockets,
+                "file_fds": self.files}
+
+
+def fd_usage(fd_dir: str = FD_DIR) -> FdUsage:
+    """Count this process's descriptors by kind (``readlink`` of each: ``socket:[…]`` or not).
+
+    At EMFILE the directory itself cannot be opened: that is reported as the
+    whole budget in use, kinds unknown. Elsewhere (no /proc) ``open`` is -1.
+    """
+    limit = fd_limit()
     try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return -1
+        names = os.listdir(fd_dir)
+    except OSError as exc:
+        return FdUsage(limit if exc.errno in (errno.EMFILE, errno.ENFILE) else -1, -1, limit)
+    opened = sockets = 0
+    for name in names:
+        try:
+            target = os.readlink(f"{fd_dir}/{name}")
+        except OSError:  # closed meanwhile (e.g. the listing's own descriptor)
+            continue
+        opened += 1
+        sockets += target.startswith("socket:")
+    return FdUsage(opened, sockets, limit)
 
 
 @dataclass
 class FdBudget:
     warn_ratio: float = 0.8
     restart_ratio: float = 0.95
+    leak_share: float = 0.5  # non-socket share of the restart level that makes a restart worth it
 
     @staticmethod
-    def usage() -> tuple[int, int]:
-        return open_fds(), resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    def usage() -> FdUsage:
+        return fd_usage()
 
-    def level(self) -> str:
-        used, limit = self.usage()
-        if used < 0 or limit <= 0:
+    def level(self, usage: FdUsage | None = None) -> Level:
+        u = usage if usage is not None else self.usage()
+        if u.open < 0 or u.limit <= 0:
             return "ok"
-        if used >= limit * self.restart_ratio:
-            return "restart"
-        if used >= limit * self.warn_ratio:
+        restart_at = u.limit * self.restart_ratio
+        if u.open >= restart_at:
+            leaking = u.sockets >= 0 and u.files >= restart_at * self.leak_share
+            return "restart" if leaking else "refuse"
+        if u.open >= u.limit * self.warn_ratio:
             return "warn"
         return "ok"

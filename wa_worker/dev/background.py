@@ -10,7 +10,6 @@ wake-up forwarder.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -71,9 +70,8 @@ class BackgroundProxy:
             await runner.setup()
             site = web.TCPSite(runner, self.host, self.port)
             await site.start()
-            server: Any = getattr(site, "_server", None)
-            if server is not None and server.sockets:
-                self.port = server.sockets[0].getsockname()[1]
+            if runner.addresses:
+                self.port = runner.addresses[0][1]
             self._serving = True
         except OSError as exc:  # e.g. a busy port: start() raises it
             self._error = exc

@@ -27,8 +27,6 @@ must run in the owner's task group.
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ import aiohttp
 import anyio
 from aiohttp import web
 
+from ..http.common import bearer_matches, read_json_object
 from ..ids import is_valid_instance_id
 from .store import (
     STATUSES,
@@ -50,6 +49,7 @@ from .store import (
 log = logging.getLogger(__name__)
 
 MAX_BODY_CHARS = 65_536
+MAX_REQUEST_BYTES = 1024 * 1024
 MAX_LIMIT = 500
 MAX_PENDING_WAKES = 1000
 END_OF_9999 = 253_402_300_800  # 10000-01-01T00:00:00Z in Unix seconds
@@ -113,11 +113,7 @@ class DevProxy:
     # -------------------------------------------------------------- auth
 
     def check_bearer(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        return hmac.compare_digest(token.strip().encode(), self._secret)
+        return bearer_matches(request, self._secret)
 
     # -------------------------------------------------------------- wake forwarding
 
@@ -204,14 +200,7 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        raw = await request.read()
-        data = json.loads(raw.decode("utf-8")) if raw else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ApiError(400, "body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "body must be a JSON object")
-    return data
+    return await read_json_object(request, max_bytes=MAX_REQUEST_BYTES)
 
 
 def _opt_str(data: dict[str, Any], key: str) -> str | None:

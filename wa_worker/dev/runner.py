@@ -96,10 +96,8 @@ class DevRun:
                     f"cannot listen on {o.proxy_host}:{o.proxy_port} ({exc.strerror or exc}); "
                     "is another `wa-worker dev` running? (use --proxy-port)"
                 ) from None
-            port = o.proxy_port
-            server = getattr(site, "_server", None)
-            if server is not None and server.sockets:
-                port = server.sockets[0].getsockname()[1]
+            addresses = runner.addresses
+            port = addresses[0][1] if addresses else o.proxy_port
             self.proxy_url = f"http://{_url_host(o.proxy_host)}:{port}"
             self.printer.page_url = self.proxy_url + "/"
             write_private(self.paths.proxy_url_file, self.proxy_url + "\n")
