@@ -13,6 +13,10 @@ Task tree (anyio, structured; every loop has this one owner)::
             ├── discovery loop       GET /disconnected-instances
             ├── batch poller         GET /queued-messages (all instances), optional
             └── InstanceRunner × N   lifecycle + status reporter + outbound poller
+
+Every loop runs under :func:`wa_worker.supervise.forever` (runners under the
+manager's own supervision): an exception is logged, counted and the loop
+restarted after a clamped backoff; ``/ready`` reports each loop's last success.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -36,10 +41,12 @@ from .fdguard import EXIT_FD_EXHAUSTED, FdBudget, raise_fd_limit
 from .instances.manager import InstanceManager
 from .instances.runner import RunnerContext
 from .logutil import setup_logging
+from .preflight import StartupError, check_paths
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
 from .storage.store import Store, StoreUnavailable
-from .timing import Clock
+from .supervise import LoopHealth, forever
+from .timing import Backoff, Clock
 
 log = logging.getLogger("wa_worker")
 
@@ -67,7 +74,7 @@ class Worker:
         self.backend = backend or make_backend(settings)
         self.edge = edge or EdgeClient(settings.edge_base_url, settings.WORKER_SECRET.get_secret_value(),
                                        timeout_s=settings.EDGE_TIMEOUT_S)
-        self.store = Store(settings.STATE_DB, clock=self.clock)
+        self.store = _open_store(settings.STATE_DB, self.clock)
         self.inbound = InboundRelay(self.store, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
                                     clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
         self.acks = Acknowledger(self.store, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
@@ -100,13 +107,20 @@ class Worker:
             instance_poll_max_s=settings.INSTANCE_POLL_MAX_MS / 1000,
             batch_poll=settings.BATCH_POLL,
         )
+        self.housekeeping_health = LoopHealth("housekeeping", self.clock, stale_after_s=3 * STORE_PROBE_EVERY_S)
+        # the relays have no heartbeat of their own: only their crashes count
+        self.inbound_health = LoopHealth("inbound relay", self.clock)
+        self.acks_health = LoopHealth("acknowledger", self.clock)
+        for h in self.loops():
+            if h.stale_after_s is not None:  # a slow proxy is the edge check's business, not the loop's
+                h.stale_after_s = max(h.stale_after_s, settings.READY_MAX_PROXY_SILENCE_S)
 
     # ------------------------------------------------------------------ queries
 
     def health(self) -> dict[str, Any]:
         try:
             counts = self.store.counts()
-        except Exception:
+        except (sqlite3.Error, StoreUnavailable):  # health must answer even when the journal cannot
             counts = {}
         return {
             "status": "ok",
@@ -125,13 +139,14 @@ class Worker:
                 "duplicates_suppressed": self.outbound.duplicates_suppressed,
             },
             "store": {"writable": self.store.writable},
-            "process": dict(zip(("open_fds", "fd_limit"), self.fds.usage())),
+            "process": dict(zip(("open_fds", "fd_limit"), self.fds.usage(), strict=True)),
             "edge": {
                 "calls": sum(self.edge.calls.values()),
                 "failures": sum(self.edge.failures.values()),
                 "rejected_records": sum(self.edge.rejected.values()),
                 "batch_mode": self.manager.batch_mode(),
             },
+            "loops": self.loop_ages(),
         }
 
     def not_ready_reasons(self) -> list[str]:
@@ -147,7 +162,20 @@ class Worker:
             reasons.append("file descriptors nearly exhausted")
         if self._stop.is_set():
             reasons.append("shutting down")
+        reasons.extend(self.loop_problems())
         return reasons
+
+    def loops(self) -> list[LoopHealth]:
+        return [self.housekeeping_health, self.inbound_health, self.acks_health, *self.manager.loops()]
+
+    def loop_ages(self) -> dict[str, Any]:
+        """Each supervised loop: last success age, failing, failure count."""
+        now = self.clock.monotonic()
+        return {h.name: h.describe(now) for h in self.loops()}
+
+    def loop_problems(self) -> list[str]:
+        now = self.clock.monotonic()
+        return [r for h in self.loops() if (r := h.not_ready_reason(now)) is not None]
 
     def wake(self, instance_id: str | None = None) -> int:
         return self.manager.wake(instance_id)
@@ -190,9 +218,9 @@ class Worker:
                      self.settings.edge_base_url, self.host, self.port)
             async with self.backend:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self.inbound.run)
-                    tg.start_soon(self.acks.run)
-                    tg.start_soon(self._housekeeping)
+                    tg.start_soon(self._supervised, self.inbound.run, self.inbound_health)
+                    tg.start_soon(self._supervised, self.acks.run, self.acks_health)
+                    tg.start_soon(self._supervised, self._housekeeping, self.housekeeping_health)
                     tg.start_soon(self.manager.run)
                     task_status.started(self)
                     await self._stop.wait()
@@ -225,6 +253,10 @@ class Worker:
                 log.warning("%d send(s) interrupted by a crash are reported as delivery_unknown "
                             "(UNKNOWN_SEND_POLICY=at_most_once)", len(ids))
 
+    async def _supervised(self, fn: Callable[[], Any], health: LoopHealth) -> None:
+        await forever(health.name, fn, clock=self.clock, health=health, log_to=log,
+                      backoff=Backoff(1.0, 60.0, rng=self.rng))
+
     async def _housekeeping(self) -> None:
         last_prune = 0.0
         while True:
@@ -244,7 +276,19 @@ class Worker:
                     self.store.prune()
                 except StoreUnavailable:
                     pass
+            self.housekeeping_health.ok()
             await self.clock.sleep(STORE_PROBE_EVERY_S)
+
+
+def _open_store(path: Any, clock: Clock) -> Store:
+    """Open the journal; a file SQLite cannot use is a start-up error, never repaired or replaced."""
+    try:
+        return Store(path, clock=clock)
+    except sqlite3.DatabaseError as exc:
+        raise StartupError(f"STATE_DB {path} cannot be used as a SQLite database ({exc}) "
+                           "(file kept untouched)") from None
+    except OSError as exc:
+        raise StartupError(f"STATE_DB {path} cannot be opened ({exc.strerror or exc})") from None
 
 
 # ---------------------------------------------------------------------- entry point
@@ -272,10 +316,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wa-worker: {exc}", file=sys.stderr)
         return 2
+    try:
+        check_paths(settings.AUTH_DIR, settings.STATE_DB)
+    except StartupError as exc:
+        print(f"wa-worker: {exc}", file=sys.stderr)
+        return 2
     setup_logging(settings.LOG_LEVEL.value, [settings.WORKER_SECRET.get_secret_value()])
     raise_fd_limit()
     try:
         return anyio.run(_serve, settings)
+    except StartupError as exc:
+        print(f"wa-worker: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
