@@ -49,8 +49,8 @@ def check_state_db(path: Path) -> None:
         return
     try:
         st = path.stat()
-    except FileNotFoundError:
-        st = None
+    except (FileNotFoundError, NotADirectoryError):
+        st = None  # the folder check below names the cause
     except OSError as exc:
         raise StartupError(f"STATE_DB {path} cannot be read ({_cause(exc)})") from None
     if st is not None and stat.S_ISDIR(st.st_mode):
