@@ -103,9 +103,9 @@ def test_loop_health_failing_until_the_next_success_and_stale_after_its_bound():
     assert h.not_ready_reason(clock.now) == "discovery loop has not succeeded for 181s"
     h.ok()
     assert h.not_ready_reason(clock.now) is None
-    h.failures, h.last_failure_at, h.last_error = 1, clock.now + 1, "RuntimeError: boom"
+    h.failures, h.last_failure_at, h.last_error = 1, clock.now + 1, "RuntimeError"
     clock.now += 2
-    assert h.not_ready_reason(clock.now) == "discovery loop failing: RuntimeError: boom"
+    assert h.not_ready_reason(clock.now) == "discovery loop failing: RuntimeError"
     h.ok()
     assert not h.failing(clock.now)
     assert h.describe(clock.now)["last_ok_age_s"] == 0.0
@@ -191,15 +191,15 @@ async def test_a_crashing_relay_does_not_end_the_worker_and_ready_says_which(pro
         base = f"http://127.0.0.1:{w.port}"
         async with httpx.AsyncClient() as http:
             await wait_until(lambda: w.edge.last_ok_monotonic is not None, what="proxy reached")
-            assert (await http.get(base + "/ready")).status_code == 200
+            r = await http.get(base + "/ready")
+            assert r.status_code == 200 and r.json()["loops"]["discovery"]["last_ok_age_s"] < 5
             # a real SQLite fault the relay does not expect: its table is gone
             w.store._db.execute("DROP TABLE inbound")
             w.inbound.wake()
             await wait_until(lambda: w.inbound_health.failures >= 1, what="relay failure caught")
             r = await http.get(base + "/ready")
             assert r.status_code == 503
-            assert any(x.startswith("inbound relay loop failing: OperationalError: no such table")
-                       for x in r.json()["reasons"]), r.json()
+            assert "inbound relay loop failing: OperationalError" in r.json()["reasons"], r.json()
             loops = (await http.get(base + "/health")).json()["loops"]
             assert loops["inbound relay"]["failing"] is True and loops["discovery"]["last_ok_age_s"] < 5
             # everything else carries on

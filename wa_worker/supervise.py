@@ -40,7 +40,7 @@ class LoopHealth:
     started_at: float | None = None
     last_ok: float | None = None
     last_failure_at: float | None = None
-    last_error: str | None = None
+    last_error: str | None = None  # the exception's type name
     failures: int = 0
     finished: bool = False
 
@@ -137,7 +137,8 @@ async def forever(name: str, fn: Callable[[], Awaitable[None]], *, clock: Clock,
             if health is not None:
                 health.failures += 1
                 health.last_failure_at = clock.monotonic()
-                health.last_error = what
+                # the type only: /ready and /health are unauthenticated, the message may name an instance
+                health.last_error = type(exc).__name__
             # one line with context every time; the traceback once per distinct error
             logger.error("%s loop failed (%s); restarting it in %.1fs", name, what, delay,
                          exc_info=exc if _seen.first(_error_key(name, exc)) else None)

@@ -71,9 +71,10 @@ def build_app(worker: "Worker") -> web.Application:
 
     async def ready(_: web.Request) -> web.Response:
         reasons = worker.not_ready_reasons()
+        loops = worker.loop_ages()  # each supervised loop's last success age (names and counts only)
         if reasons:
-            return _json({"status": "not_ready", "reasons": reasons}, 503)
-        return _json({"status": "ready"})
+            return _json({"status": "not_ready", "reasons": reasons, "loops": loops}, 503)
+        return _json({"status": "ready", "loops": loops})
 
     async def wake(request: web.Request) -> web.Response:
         data = await read_json(request, allow_empty=True)

@@ -197,7 +197,11 @@ class InstanceManager:
     def _resume_stored(self) -> None:
         """Sessions on disk are resumed even if the proxy thinks they are
         CONNECTED (a crash left it stale). Spread over a few seconds."""
-        stored = self.ctx.backend.stored_instances()
+        try:
+            stored = self.ctx.backend.stored_instances()
+        except OSError as exc:
+            log.error("cannot list the stored sessions in AUTH_DIR (%s): none resumed; discovery goes on", exc)
+            return
         if stored:
             log.info("resuming %d stored session(s)", len(stored))
         spread = min(self.resume_jitter_s, 0.01 * len(stored))
@@ -288,11 +292,17 @@ class InstanceManager:
         expires and re-offers them) and say so once per instance."""
         if not is_valid_instance_id(iid):
             return
-        if self.ctx.backend.has_session(iid) and self.ensure(iid):
+        try:
+            stored = self.ctx.backend.has_session(iid)
+        except OSError:
+            stored = False
+        if stored and self.ensure(iid):
             log.info("batch: %d message(s) for %s, whose session is stored here: starting it", count, iid)
             self._unheld_logged.discard(iid)
             return
         if iid not in self._unheld_logged:
+            if len(self._unheld_logged) >= 10_000:
+                self._unheld_logged.clear()
             self._unheld_logged.add(iid)
             log.warning("batch: %d message(s) for %s, which this worker does not hold: left for the proxy "
                         "(they are offered again when its lease expires)", count, iid)
