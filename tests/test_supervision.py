@@ -5,6 +5,7 @@ this worker does not hold, and a stop in the middle of a batch."""
 from __future__ import annotations
 
 import logging
+import random
 import sqlite3
 import time
 from pathlib import Path
@@ -15,9 +16,9 @@ import pytest
 
 from tests.conftest import make_settings, running_worker, wait_until
 from wa_worker.backends.base import QrCode
-from wa_worker.backends.simulator import SimulatorBackend
+from wa_worker.backends.simulator import SimulatorBackend, _Phone
 from wa_worker.edge.client import EdgeClient, EdgeError
-from wa_worker.edge.models import Status
+from wa_worker.edge.models import Status, StatusUpdate
 from wa_worker.instances.runner import StatusReporter
 from wa_worker.supervise import LoopHealth, forever
 from wa_worker.timing import Backoff, Clock
@@ -121,7 +122,7 @@ class RateLimitedEdge(EdgeClient):
         super().__init__("http://127.0.0.1:9", "x" * 16)
         self.attempts = 0
 
-    async def update_status(self, update):  # type: ignore[no-untyped-def]
+    async def update_status(self, update: StatusUpdate) -> None:
         self.attempts += 1
         if self.attempts <= 2:
             raise EdgeError("update-status", "HTTP 429", status=429, retry_after_s=30.0)
@@ -130,7 +131,7 @@ class RateLimitedEdge(EdgeClient):
 async def test_status_retry_honours_retry_after():
     clock = StepClock()
     edge = RateLimitedEdge()
-    reporter = StatusReporter("acme", edge, lambda: None, __import__("random").Random(1), clock)
+    reporter = StatusReporter("acme", edge, lambda: None, random.Random(1), clock)
     reporter.set(Status.CONNECTING)
     async with anyio.create_task_group() as tg:
         tg.start_soon(reporter.run)
@@ -220,8 +221,7 @@ async def test_batch_messages_for_an_instance_not_held_here(proxy, tmp_path, cap
         async with running_worker(settings) as w:
             await wait_until(lambda: w.manager.batch_supported is True and proxy.status_of("acme") == "CONNECTED")
             # a session of this worker appears on disk (e.g. restored from a backup) and has queued work
-            w.backend._save_phone("stored", __import__("wa_worker.backends.simulator", fromlist=["_Phone"])._Phone(
-                jid="5511900000001@s.whatsapp.net", push_name="x"))
+            w.backend._save_phone("stored", _Phone(jid="5511900000001@s.whatsapp.net", push_name="x"))
             proxy.enqueue("stored", "m-stored", "5511988887777", "for stored")
             proxy.enqueue("elsewhere", "m-else", "5511988887777", "not ours")
             await wait_until(lambda: "m-stored" in proxy.sent_marks, what="stored instance started and sent")
