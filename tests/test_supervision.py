@@ -252,7 +252,9 @@ async def test_batch_mode_stop_mid_batch_sends_nothing_more_and_resumes_exactly_
             proxy.enqueue("acme", mid, "5511988887777", f"body {mid}")
         w.wake()
         await wait_until(lambda: len(backend.sent("acme")) >= 3, what="a few sent")
-        # several copies of the batch are waiting in the runner's inbox by now
+        # copies of the batch wait in the runner's inbox (the poller re-fetches while the runner sends)
+        inbox = w.manager.runners["acme"]._inbox_rx
+        await wait_until(lambda: inbox.statistics().current_buffer_used >= 1, what="batches waiting in the inbox")
         t0 = time.monotonic()
         w.request_stop()
         with anyio.fail_after(10):
