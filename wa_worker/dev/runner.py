@@ -206,8 +206,13 @@ async def _serve(run: DevRun) -> int:
                 raise DevRunError(str(exc)) from None
             assert run.printer is not None
             # loopback only: the worker's /wake and simulator controls are for this machine
+            from ..preflight import StartupError, check_paths
+
             try:
+                check_paths(settings.AUTH_DIR, settings.STATE_DB)
                 worker = Worker(settings, on_event=run.printer.worker_event, host="127.0.0.1")
+            except StartupError as exc:  # an unusable auth folder or journal: one line, like the daemon
+                raise DevRunError(str(exc)) from None
             except ImportError as exc:
                 hint = "" if run.opts.simulator else " (try --simulator)"
                 raise DevRunError(f"the {settings.WA_BACKEND.value} backend is not available: {exc}{hint}") from None
@@ -218,10 +223,10 @@ async def _serve(run: DevRun) -> int:
             done, _ = await asyncio.wait({worker_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             stop_task.cancel()
             if worker_task in done:
-                exc = worker_task.exception() if not worker_task.cancelled() else None
-                if exc is not None:
-                    run.say(f"wa-worker dev: the worker stopped: {_describe(exc)}")
-                    if isinstance(_leaf(exc), OSError):
+                failure = worker_task.exception() if not worker_task.cancelled() else None
+                if failure is not None:
+                    run.say(f"wa-worker dev: the worker stopped: {_describe(failure)}")
+                    if isinstance(_leaf(failure), OSError):
                         run.say(f"  (is port {run.opts.port} busy? choose another with --port)")
                 else:
                     run.say("wa-worker dev: the worker stopped")
@@ -245,8 +250,8 @@ async def _serve(run: DevRun) -> int:
                 run.say(f"wa-worker dev: the worker failed while stopping: {_describe(exc)}")
                 code = 1
         await run.stop_proxy()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        for signum in installed:
+            loop.remove_signal_handler(signum)
     return code
 
 
