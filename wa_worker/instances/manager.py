@@ -47,6 +47,7 @@ class InstanceManager:
         self.crashes: Counter[str] = Counter()  # per instance id
         self.restarting: set[str] = set()  # crashed runners waiting for their restart
         self._unheld_logged: set[str] = set()  # batch: instances with messages but no session here
+        self._gone_ids: set[str] = set()  # ended by a proxy 404/410: batch messages never restart them
         clock = ctx.clock
         # a loop is stale after 3 of its longest waits (plus a call's time); the worker adds the proxy silence
         self.discovery_health = LoopHealth("discovery", clock, stale_after_s=3 * instance_poll_max_s)
@@ -114,7 +115,7 @@ class InstanceManager:
                     self.crashes[iid] += 1
                     delay = backoff.next_delay()
                     # the traceback with the first crash of each instance, one line afterwards
-                    log.error("%s: runner crashed (%s); reported DISCONNECTED (crashed), restarting in %.1fs",
+                    log.error("%s: runner crashed (%s); reporting DISCONNECTED (crashed), restarting in %.1fs",
                               iid, describe_error(exc), delay, exc_info=exc if self.crashes[iid] == 1 else None)
                     fresh = await self._restart_after(runner, delay)
                     if fresh is None:
@@ -122,6 +123,8 @@ class InstanceManager:
                     runner = fresh
                     continue
                 self.outcomes[outcome.value] += 1
+                if outcome is Outcome.GONE:
+                    self._gone_ids.add(iid)
                 if outcome is Outcome.LOGGED_OUT:
                     # the proxy now lists it as DISCONNECTED: look now, for a fresh QR
                     self.discovery_interval.activity()
@@ -230,6 +233,7 @@ class InstanceManager:
     def _start_discovered(self, refs: list[InstanceRef]) -> int:
         started = 0
         for ref in sorted(refs, key=lambda r: -r.priority):
+            self._gone_ids.discard(ref.id)  # the proxy knows it again
             running = self.runners.get(ref.id)
             if running is not None:
                 if running.state is State.CONNECTED:
@@ -290,7 +294,7 @@ class InstanceManager:
         """Batch messages for an instance without a runner here: start it if its
         session is on this worker's disk; otherwise leave them (the proxy's lease
         expires and re-offers them) and say so once per instance."""
-        if not is_valid_instance_id(iid):
+        if not is_valid_instance_id(iid) or iid in self._gone_ids:
             return
         try:
             stored = self.ctx.backend.has_session(iid)
