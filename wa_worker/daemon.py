@@ -107,13 +107,17 @@ class Worker:
             instance_poll_max_s=settings.INSTANCE_POLL_MAX_MS / 1000,
             batch_poll=settings.BATCH_POLL,
         )
-        self.housekeeping_health = LoopHealth("housekeeping", self.clock, stale_after_s=3 * STORE_PROBE_EVERY_S)
+        self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         # the relays have no heartbeat of their own: only their crashes count
         self.inbound_health = LoopHealth("inbound relay", self.clock)
         self.acks_health = LoopHealth("acknowledger", self.clock)
-        for h in self.loops():
-            if h.stale_after_s is not None:  # a slow proxy is the edge check's business, not the loop's
-                h.stale_after_s = max(h.stale_after_s, settings.READY_MAX_PROXY_SILENCE_S)
+        # a loop is stale after three of its longest iterations (its longest wait plus a proxy call that
+        # times out), and never sooner than the proxy silence /ready tolerates (that is the edge check's business)
+        call_s = settings.EDGE_TIMEOUT_S
+        for h, longest_s in ((self.housekeeping_health, STORE_PROBE_EVERY_S),
+                             (self.manager.discovery_health, settings.INSTANCE_POLL_MAX_MS / 1000 + call_s),
+                             (self.manager.batch_health, settings.MSG_POLL_MAX_MS / 1000 + call_s)):
+            h.stale_after_s = max(3 * longest_s, settings.READY_MAX_PROXY_SILENCE_S)
 
     # ------------------------------------------------------------------ queries
 

@@ -49,7 +49,7 @@ class InstanceManager:
         self._unheld_logged: set[str] = set()  # batch: instances with messages but no session here
         self._gone_ids: set[str] = set()  # ended by a proxy 404/410: batch messages never restart them
         clock = ctx.clock
-        # a loop is stale after 3 of its longest waits (plus a call's time); the worker adds the proxy silence
+        # stale after 3 of its longest waits; the worker widens these (proxy call time, READY_MAX_PROXY_SILENCE_S)
         self.discovery_health = LoopHealth("discovery", clock, stale_after_s=3 * instance_poll_max_s)
         self.batch_health = LoopHealth("batch poller", clock, stale_after_s=3 * ctx.msg_poll_max_s)
 
