@@ -97,11 +97,13 @@ class _Seen:
 _seen = _Seen()
 
 
-def _error_key(name: str, exc: BaseException) -> tuple[str, ...]:
-    """The same error is the same type raised from the same place."""
+def traceback_once(exc: BaseException) -> BaseException | None:
+    """``exc`` the first time this error is seen (for ``exc_info``), else None.
+    The same error is the same type raised from the same place, whichever loop
+    or instance hit it (a bug shared by 1 000 instances logs one traceback)."""
     tb = traceback.extract_tb(exc.__traceback__)
     where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "?"
-    return (name, type(exc).__qualname__, where)
+    return exc if _seen.first((type(exc).__qualname__, where)) else None
 
 
 def describe_error(exc: BaseException) -> str:
@@ -141,7 +143,7 @@ async def forever(name: str, fn: Callable[[], Awaitable[None]], *, clock: Clock,
                 health.last_error = type(exc).__name__
             # one line with context every time; the traceback once per distinct error
             logger.error("%s loop failed (%s); restarting it in %.1fs", name, what, delay,
-                         exc_info=exc if _seen.first(_error_key(name, exc)) else None)
+                         exc_info=traceback_once(exc))
             await clock.sleep(delay)
             continue
         if health is not None:

@@ -18,7 +18,7 @@ import anyio
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
 from ..edge.models import InstanceRef, QueuedMessage, Status, StatusUpdate
 from ..ids import is_valid_instance_id
-from ..supervise import LoopHealth, describe_error, forever
+from ..supervise import LoopHealth, describe_error, forever, traceback_once
 from ..timing import AdaptiveInterval, Backoff
 from .runner import InstanceRunner, Outcome, RunnerContext, State, _wake_gap
 
@@ -114,9 +114,9 @@ class InstanceManager:
                     self.outcomes["crashed"] += 1
                     self.crashes[iid] += 1
                     delay = backoff.next_delay()
-                    # the traceback with the first crash of each instance, one line afterwards
+                    # one line each time; the traceback the first time this error is seen
                     log.error("%s: runner crashed (%s); reporting DISCONNECTED (crashed), restarting in %.1fs",
-                              iid, describe_error(exc), delay, exc_info=exc if self.crashes[iid] == 1 else None)
+                              iid, describe_error(exc), delay, exc_info=traceback_once(exc))
                     fresh = await self._restart_after(runner, delay)
                     if fresh is None:
                         return
