@@ -273,3 +273,24 @@ async def test_batch_mode_stop_mid_batch_sends_nothing_more_and_resumes_exactly_
         await wait_until(lambda: len(proxy.sent_marks) == 300, timeout=30, what="all 300 acknowledged")
     bodies = [m["body"] for m in fast.sent("acme")]
     assert sorted(bodies) == [f"body {mid}" for mid in ids] and len(bodies) == 300
+
+
+async def test_a_failing_outbound_loop_is_restarted_inside_its_runner(proxy, tmp_path):
+    from wa_worker.storage.store import SCHEMA
+
+    proxy.add_instance("acme")
+    settings = make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=0, BATCH_POLL=False)
+    async with running_worker(settings) as w:
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="connected")
+        runner = w.manager.runners["acme"]
+        # a real SQLite fault the relay does not expect: the journal's table is gone
+        w.store._db.execute("DROP TABLE outbound")
+        proxy.enqueue("acme", "m1", "5511988887777", "after the fault")
+        await wait_until(lambda: runner.outbound_health.failures >= 1, what="outbound loop failure caught")
+        assert w.health()["instances"]["failing_loops"] >= 1
+        assert w.manager.runners["acme"] is runner and runner.state.value == "connected"
+        assert w.backend.sent("acme") == []  # nothing is sent without a journal
+        w.store._db.executescript(SCHEMA)  # the fault goes away
+        await wait_until(lambda: "m1" in proxy.sent_marks, timeout=15, what="sent after the loop restarted")
+        assert [m["body"] for m in w.backend.sent("acme")] == ["after the fault"]
+        assert w.manager.crashes["acme"] == 0
