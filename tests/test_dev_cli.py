@@ -409,3 +409,17 @@ def test_dev_worker_port_busy(tmp_path: Path) -> None:
     assert "the worker stopped: OSError" in r.stdout and f"is port {port} busy?" in r.stdout
     assert not (tmp_path / ".wa-worker" / "proxy-url").exists()
     assert "Traceback" not in r.stderr
+
+
+def test_dev_with_a_damaged_journal_fails_in_one_line_and_keeps_it(tmp_path: Path) -> None:
+    """``wa-worker dev`` applies the daemon's start-up checks: a damaged STATE_DB is named, never replaced."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKER_SECRET", "WA_DEV_PROXY_URL")}
+    db = tmp_path / ".wa-worker" / "state" / "wa-worker.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"this is not a journal\n" * 20)
+    r = wa("--simulator", "--proxy-port", str(free_port()), "--port", str(free_port()), cwd=tmp_path, env=env,
+           timeout=30)
+    assert r.returncode == 1, r.stderr
+    assert f"STATE_DB {db} is not a SQLite database (file kept untouched)" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert db.read_bytes() == b"this is not a journal\n" * 20

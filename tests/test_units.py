@@ -10,7 +10,7 @@ import pytest
 from wa_worker.config import ConfigError, load_settings
 from wa_worker.ids import InvalidRecipient, is_valid_instance_id, normalize_recipient
 from wa_worker.logutil import RedactFilter
-from wa_worker.timing import AdaptiveInterval, Backoff
+from wa_worker.timing import AdaptiveInterval, Backoff, backoff_delay, backoff_raw
 
 
 @pytest.mark.parametrize(("raw", "jid"), [
@@ -52,6 +52,17 @@ def test_backoff_grows_to_cap_with_jitter_and_resets():
     assert len(set(round(d, 6) for d in delays)) == 10  # jittered
     b.reset()
     assert 0.5 <= b.next_delay() <= 1.0
+
+
+def test_backoff_is_clamped_for_any_number_of_attempts():
+    # attempt 1024 is ~13 h of failing reconnects at the 60 s cap: 2.0**1024 overflowed and killed the runner
+    for attempt in (6, 30, 1023, 1024, 5000, 10**9):
+        b = Backoff(1.0, 60.0, rng=random.Random(attempt), attempt=attempt)
+        assert 30.0 <= b.next_delay() <= 60.0
+        assert 150.0 <= backoff_delay(attempt + 3, 1.0, 300.0, random.Random(1)) <= 300.0
+    # one formula for both forms, exact below the cap
+    assert [backoff_raw(i, 1.0, 60.0) for i in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert backoff_raw(3, 0.5, 0.25) == 0.25 and backoff_raw(10**6, 1.0, 60.0, factor=1e6) == 60.0
 
 
 def test_adaptive_interval_doubles_and_snaps_back():

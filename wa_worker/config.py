@@ -73,6 +73,7 @@ class Settings(BaseSettings):
 
     # --- simulator backend
     SIMULATOR_AUTO_SCAN_MS: int | None = Field(None, ge=0)
+    SIMULATOR_SEND_DELAY_MS: int = Field(0, ge=0)
 
     @field_validator("EDGE_BASE_URL")
     @classmethod

@@ -13,6 +13,10 @@ Task tree (anyio, structured; every loop has this one owner)::
             ├── discovery loop       GET /disconnected-instances
             ├── batch poller         GET /queued-messages (all instances), optional
             └── InstanceRunner × N   lifecycle + status reporter + outbound poller
+
+Every loop runs under :func:`wa_worker.supervise.forever` (runners under the
+manager's own supervision): an exception is logged, counted and the loop
+restarted after a clamped backoff; ``/ready`` reports each loop's last success.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -40,10 +45,12 @@ from .http.simulator_routes import mount_simulator_routes
 from .instances.manager import InstanceManager
 from .instances.runner import RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
+from .preflight import StartupError, check_paths
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
 from .storage.store import Store, StoreUnavailable
-from .timing import Clock
+from .supervise import LoopHealth, forever
+from .timing import Backoff, Clock
 
 log = logging.getLogger("wa_worker")
 
@@ -72,7 +79,7 @@ class Worker:
         self.edge = edge or EdgeClient(settings.edge_base_url, settings.WORKER_SECRET.get_secret_value(),
                                        timeout_s=settings.EDGE_TIMEOUT_S,
                                        max_response_bytes=settings.EDGE_MAX_RESPONSE_BYTES)
-        self.store = Store(settings.STATE_DB, clock=self.clock)
+        self.store = _open_store(settings.STATE_DB, self.clock)
         self.inbound = InboundRelay(self.store, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
                                     clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
         self.acks = Acknowledger(self.store, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
@@ -106,13 +113,24 @@ class Worker:
             instance_poll_max_s=settings.INSTANCE_POLL_MAX_MS / 1000,
             batch_poll=settings.BATCH_POLL,
         )
+        self.housekeeping_health = LoopHealth("housekeeping", self.clock)
+        # the relays have no heartbeat of their own: only their crashes count
+        self.inbound_health = LoopHealth("inbound relay", self.clock)
+        self.acks_health = LoopHealth("acknowledger", self.clock)
+        # a loop is stale after three of its longest iterations (its longest wait plus a proxy call that
+        # times out), and never sooner than the proxy silence /ready tolerates (that is the edge check's business)
+        call_s = settings.EDGE_TIMEOUT_S
+        for h, longest_s in ((self.housekeeping_health, STORE_PROBE_EVERY_S),
+                             (self.manager.discovery_health, settings.INSTANCE_POLL_MAX_MS / 1000 + call_s),
+                             (self.manager.batch_health, settings.MSG_POLL_MAX_MS / 1000 + call_s)):
+            h.stale_after_s = max(3 * longest_s, settings.READY_MAX_PROXY_SILENCE_S)
 
     # ------------------------------------------------------------------ queries
 
     def health(self) -> dict[str, Any]:
         try:
             counts = self.store.counts()
-        except Exception:
+        except (sqlite3.Error, StoreUnavailable):  # health must answer even when the journal cannot
             counts = {}
         return {
             "status": "ok",
@@ -138,6 +156,7 @@ class Worker:
                 "rejected_records": sum(self.edge.rejected.values()),
                 "batch_mode": self.manager.batch_mode(),
             },
+            "loops": self.loop_ages(),
         }
 
     def not_ready_reasons(self) -> list[str]:
@@ -156,7 +175,20 @@ class Worker:
             reasons.append("file descriptors nearly exhausted")
         if self._stop.is_set():
             reasons.append("shutting down")
+        reasons.extend(self.loop_problems())
         return reasons
+
+    def loops(self) -> list[LoopHealth]:
+        return [self.housekeeping_health, self.inbound_health, self.acks_health, *self.manager.loops()]
+
+    def loop_ages(self) -> dict[str, Any]:
+        """Each supervised loop: last success age, failing, failure count."""
+        now = self.clock.monotonic()
+        return {h.name: h.describe(now) for h in self.loops()}
+
+    def loop_problems(self) -> list[str]:
+        now = self.clock.monotonic()
+        return [r for h in self.loops() if (r := h.not_ready_reason(now)) is not None]
 
     def wake(self, instance_id: str | None = None) -> int:
         return self.manager.wake(instance_id)
@@ -199,9 +231,9 @@ class Worker:
                 log.warning("%s", warning)
             async with self.backend:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self.inbound.run)
-                    tg.start_soon(self.acks.run)
-                    tg.start_soon(self._housekeeping)
+                    tg.start_soon(self._supervised, self.inbound.run, self.inbound_health)
+                    tg.start_soon(self._supervised, self.acks.run, self.acks_health)
+                    tg.start_soon(self._supervised, self._housekeeping, self.housekeeping_health)
                     tg.start_soon(self.manager.run)
                     task_status.started(self)
                     await self._stop.wait()
@@ -235,6 +267,10 @@ class Worker:
                 log.warning("%d send(s) interrupted by a crash are reported as delivery_unknown "
                             "(UNKNOWN_SEND_POLICY=at_most_once)", len(ids))
 
+    async def _supervised(self, fn: Callable[[], Any], health: LoopHealth) -> None:
+        await forever(health.name, fn, clock=self.clock, health=health, log_to=log,
+                      backoff=Backoff(1.0, 60.0, rng=self.rng))
+
     async def _housekeeping(self) -> None:
         last_prune = 0.0
         while True:
@@ -263,7 +299,19 @@ class Worker:
                     self.store.prune()
                 except StoreUnavailable:
                     pass
+            self.housekeeping_health.ok()
             await self.clock.sleep(STORE_PROBE_EVERY_S)
+
+
+def _open_store(path: Any, clock: Clock) -> Store:
+    """Open the journal; a file SQLite cannot use is a start-up error, never repaired or replaced."""
+    try:
+        return Store(path, clock=clock)
+    except sqlite3.DatabaseError as exc:
+        raise StartupError(f"STATE_DB {path} cannot be used as a SQLite database ({exc}) "
+                           "(file kept untouched)") from None
+    except OSError as exc:
+        raise StartupError(f"STATE_DB {path} cannot be opened ({exc.strerror or exc})") from None
 
 
 # ---------------------------------------------------------------------- entry point
@@ -291,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"wa-worker: {exc}", file=sys.stderr)
         return 2
+    try:
+        check_paths(settings.AUTH_DIR, settings.STATE_DB)
+    except StartupError as exc:
+        print(f"wa-worker: {exc}", file=sys.stderr)
+        return 2
     setup_logging(settings.LOG_LEVEL.value,
                   [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url)])
     if settings.WA_BACKEND.value == "neonize":
@@ -300,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     try:
         return anyio.run(_serve, settings)
+    except StartupError as exc:
+        print(f"wa-worker: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     except OSError as exc:

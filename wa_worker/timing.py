@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -21,17 +22,36 @@ class Clock:
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(max(0.0, seconds))
 
-    async def wait(self, event: anyio.Event, timeout: float) -> bool:
-        """Wait for ``event`` at most ``timeout`` seconds; True if it was set."""
-        with anyio.move_on_after(max(0.0, timeout)):
+    async def wait(self, event: anyio.Event, seconds: float) -> bool:
+        """Wait for ``event`` at most ``seconds``; True if it was set."""
+        with anyio.move_on_after(max(0.0, seconds)):
             await event.wait()
             return True
         return False
 
 
+def backoff_raw(attempt: int, base_s: float, cap_s: float, factor: float = 2.0) -> float:
+    """``min(cap, base * factor**attempt)`` without ever overflowing: past the
+    attempt that reaches the cap the exponent is not computed at all."""
+    if base_s <= 0 or cap_s <= 0:
+        return 0.0
+    if base_s >= cap_s:
+        return cap_s
+    if factor <= 1.0:
+        return base_s
+    if attempt >= math.log(cap_s / base_s, factor):
+        return cap_s
+    return min(cap_s, base_s * factor ** max(0, attempt))
+
+
+def _jitter(raw: float, rng: random.Random | None) -> float:
+    return raw / 2 + (rng or random).random() * raw / 2
+
+
 @dataclass(slots=True)
 class Backoff:
-    """Exponential backoff with full jitter in [delay/2, delay], reset on success."""
+    """Exponential backoff with full jitter in [delay/2, delay], reset on success.
+    Clamped: any number of attempts gives at most ``cap_s``."""
 
     base_s: float = 1.0
     cap_s: float = 60.0
@@ -40,9 +60,9 @@ class Backoff:
     attempt: int = 0
 
     def next_delay(self) -> float:
-        raw = min(self.cap_s, self.base_s * (self.factor**self.attempt))
+        raw = backoff_raw(self.attempt, self.base_s, self.cap_s, self.factor)
         self.attempt += 1
-        return raw / 2 + self.rng.random() * raw / 2
+        return _jitter(raw, self.rng)
 
     def reset(self) -> None:
         self.attempt = 0
@@ -50,9 +70,7 @@ class Backoff:
 
 def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:
     """Stateless form for rows in a table: the delay before retry number ``attempt`` (0-based)."""
-    raw = min(cap_s, base_s * (2 ** min(attempt, 30)))
-    r = (rng or random).random()
-    return raw / 2 + r * raw / 2
+    return _jitter(backoff_raw(attempt, base_s, cap_s), rng)
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from ..config import ConfigError, Settings, load_settings
 from ..daemon import Worker
 from ..fsutil import write_private
 from ..logutil import setup_logging
+from ..preflight import StartupError, check_paths
 from .app import create_app
 from .proxy import PROXY_KEY, DevProxy
 from .state import DevPaths, DevStateError, FolderLock, resolve_secret
@@ -161,7 +162,10 @@ class DevRun:
             raise DevRunError(str(exc)) from None
         # loopback only: the worker's /wake and simulator controls are for this machine
         try:
+            check_paths(settings.AUTH_DIR, settings.STATE_DB)
             return Worker(settings, on_event=self.printer.worker_event, host="127.0.0.1")
+        except StartupError as exc:  # an unusable auth folder or journal: one line, like the daemon
+            raise DevRunError(str(exc)) from None
         except ImportError as exc:
             hint = "" if self.opts.simulator else " (try --simulator)"
             raise DevRunError(f"the {settings.WA_BACKEND.value} backend is not available: {exc}{hint}") from None

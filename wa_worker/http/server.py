@@ -31,6 +31,8 @@ class WorkerView(Protocol):
 
     def not_ready_reasons(self) -> list[str]: ...
 
+    def loop_ages(self) -> dict[str, Any]: ...
+
     def wake(self, instance_id: str | None = None) -> int: ...
 
 
@@ -55,9 +57,10 @@ def build_app(view: WorkerView, secret: str, *, guard: ConnectionGuard | None = 
 
     async def ready(_: web.Request) -> web.Response:
         reasons = view.not_ready_reasons()
+        loops = view.loop_ages()  # each supervised loop's last success age (names and counts only)
         if reasons:
-            return json_response({"status": "not_ready", "reasons": reasons}, 503)
-        return json_response({"status": "ready"})
+            return json_response({"status": "not_ready", "reasons": reasons, "loops": loops}, 503)
+        return json_response({"status": "ready", "loops": loops})
 
     async def wake(request: web.Request) -> web.Response:
         data = await read_json_object(request, max_bytes=MAX_BODY, allow_empty=True)

@@ -1,5 +1,11 @@
 """All instances of this worker: discovery, resume, exactly one runner each,
-the optional batch poller, wake-ups and graceful stop."""
+the optional batch poller, wake-ups and graceful stop.
+
+Runners are supervised: one that crashes is reported DISCONNECTED (reason
+``crashed``), counted, and started again after a per-instance clamped backoff;
+its id keeps its place in ``runners`` meanwhile, so there is never a second one.
+The discovery and batch loops run under :func:`~wa_worker.supervise.forever`.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +16,15 @@ from typing import Any
 import anyio
 
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
-from ..edge.models import InstanceRef, QueuedMessage
+from ..edge.models import InstanceRef, QueuedMessage, Status, StatusUpdate
 from ..ids import is_valid_instance_id
-from ..timing import AdaptiveInterval
+from ..supervise import LoopHealth, describe_error, forever, traceback_once
+from ..timing import AdaptiveInterval, Backoff
 from .runner import InstanceRunner, Outcome, RunnerContext, State, _wake_gap
 
 log = logging.getLogger("wa_worker.manager")
+
+CRASH_REPORT_TIMEOUT_S = 10.0
 
 
 class InstanceManager:
@@ -35,6 +44,14 @@ class InstanceManager:
         self._batch_wake = anyio.Event()
         self._stop_event = anyio.Event()
         self._last_discovered: frozenset[str] = frozenset()
+        self.crashes: Counter[str] = Counter()  # per instance id
+        self.restarting: set[str] = set()  # crashed runners waiting for their restart
+        self._unheld_logged: set[str] = set()  # batch: instances with messages but no session here
+        self._gone_ids: set[str] = set()  # ended by a proxy 404/410: batch messages never restart them
+        clock = ctx.clock
+        # stale after 3 of its longest waits; the worker widens these (proxy call time, READY_MAX_PROXY_SILENCE_S)
+        self.discovery_health = LoopHealth("discovery", clock, stale_after_s=3 * instance_poll_max_s)
+        self.batch_health = LoopHealth("batch poller", clock, stale_after_s=3 * ctx.msg_poll_max_s)
 
     # ------------------------------------------------------------------ queries
 
@@ -48,6 +65,9 @@ class InstanceManager:
             "connected": c[State.CONNECTED.value],
             "connecting": c[State.CONNECTING.value] + c[State.STARTING.value],
             "reconnecting": c[State.RECONNECTING.value],
+            "restarting_after_crash": len(self.restarting),
+            "crashes": sum(self.crashes.values()),
+            "failing_loops": sum(len(r.failing_loops()) for r in self.runners.values()),
         }
 
     # ------------------------------------------------------------------ control
@@ -80,19 +100,61 @@ class InstanceManager:
         return True
 
     async def _run_runner(self, runner: InstanceRunner) -> None:
+        """Run one instance's runner; restart it (same id, same slot) whenever it crashes."""
+        iid = runner.instance_id
+        backoff = Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng)
         try:
-            outcome = await runner.run()
-            self.outcomes[outcome.value] += 1
-            if outcome is Outcome.LOGGED_OUT:
-                # the proxy now lists it as DISCONNECTED: look now, for a fresh QR
-                self.discovery_interval.activity()
-                self._discovery_wake.set()
-        except Exception:
-            log.exception("%s: runner crashed; it will be restarted by discovery", runner.instance_id)
-            self.outcomes["crashed"] += 1
+            while True:
+                started = self.ctx.clock.monotonic()
+                try:
+                    outcome = await runner.run()
+                except Exception as exc:
+                    if self.ctx.clock.monotonic() - started > self.ctx.backoff_cap_s:
+                        backoff.reset()  # it had run fine for a while: a new episode
+                    self.outcomes["crashed"] += 1
+                    self.crashes[iid] += 1
+                    delay = backoff.next_delay()
+                    # one line each time; the traceback the first time this error is seen
+                    log.error("%s: runner crashed (%s); reporting DISCONNECTED (crashed), restarting in %.1fs",
+                              iid, describe_error(exc), delay, exc_info=traceback_once(exc))
+                    fresh = await self._restart_after(runner, delay)
+                    if fresh is None:
+                        return
+                    runner = fresh
+                    continue
+                self.outcomes[outcome.value] += 1
+                if outcome is Outcome.GONE:
+                    self._gone_ids.add(iid)
+                if outcome is Outcome.LOGGED_OUT:
+                    # the proxy now lists it as DISCONNECTED: look now, for a fresh QR
+                    self.discovery_interval.activity()
+                    self._discovery_wake.set()
+                return
         finally:
-            if self.runners.get(runner.instance_id) is runner:
-                del self.runners[runner.instance_id]
+            self.restarting.discard(iid)
+            if self.runners.get(iid) is runner:
+                del self.runners[iid]
+
+    async def _restart_after(self, runner: InstanceRunner, delay: float) -> InstanceRunner | None:
+        """Report a crashed runner, wait ``delay``; its successor (None when stopping)."""
+        iid = runner.instance_id
+        self.restarting.add(iid)
+        await self._report_crashed(iid)
+        await self.ctx.clock.wait(self._stop_event, delay)
+        self.restarting.discard(iid)
+        if self._stop_event.is_set() or self.runners.get(iid) is not runner:
+            return None
+        fresh = InstanceRunner(iid, self.ctx)
+        self.runners[iid] = fresh
+        return fresh
+
+    async def _report_crashed(self, iid: str) -> None:
+        update = StatusUpdate(instanceId=iid, status=Status.DISCONNECTED, qr_code=None, reason="crashed")
+        with anyio.move_on_after(CRASH_REPORT_TIMEOUT_S):
+            try:
+                await self.edge.update_status(update)
+            except EdgeError:
+                pass  # best effort: the restarted runner reports its own status
 
     def request_stop(self) -> None:
         self._stop_event.set()
@@ -114,13 +176,22 @@ class InstanceManager:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self._resume_stored()
-            tg.start_soon(self._discovery_loop)
+            tg.start_soon(self._supervised, "discovery", self._discovery_loop, self.discovery_health)
             if self.batch_poll:
-                tg.start_soon(self._batch_loop)
+                tg.start_soon(self._supervised, "batch poller", self._batch_loop, self.batch_health)
+            else:
+                self.batch_health.finished = True
             # runners are children of this task group; it ends when stop() is done
             await self._stop_event.wait()
             await self._wait_runners()
             tg.cancel_scope.cancel()
+
+    async def _supervised(self, name: str, fn: Any, health: LoopHealth) -> None:
+        await forever(name, fn, clock=self.ctx.clock, health=health, log_to=log,
+                      backoff=Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng))
+
+    def loops(self) -> list[LoopHealth]:
+        return [self.discovery_health, self.batch_health]
 
     async def _wait_runners(self) -> None:
         for r in list(self.runners.values()):
@@ -129,7 +200,11 @@ class InstanceManager:
     def _resume_stored(self) -> None:
         """Sessions on disk are resumed even if the proxy thinks they are
         CONNECTED (a crash left it stale). Spread over a few seconds."""
-        stored = self.ctx.backend.stored_instances()
+        try:
+            stored = self.ctx.backend.stored_instances()
+        except OSError as exc:
+            log.error("cannot list the stored sessions in AUTH_DIR (%s): none resumed; discovery goes on", exc)
+            return
         if stored:
             log.info("resuming %d stored session(s)", len(stored))
         spread = min(self.resume_jitter_s, 0.01 * len(stored))
@@ -152,11 +227,13 @@ class InstanceManager:
                 else:
                     wait = self.discovery_interval.idle()
                 self._last_discovered = ids
+            self.discovery_health.ok()
             await self.ctx.clock.wait(self._discovery_wake, wait)
 
     def _start_discovered(self, refs: list[InstanceRef]) -> int:
         started = 0
         for ref in sorted(refs, key=lambda r: -r.priority):
+            self._gone_ids.discard(ref.id)  # the proxy knows it again
             running = self.runners.get(ref.id)
             if running is not None:
                 if running.state is State.CONNECTED:
@@ -184,6 +261,7 @@ class InstanceManager:
                 except EndpointMissing:
                     log.info("the proxy does not support batch polling: polling per instance")
                     self.batch_supported = False
+                    self.batch_health.finished = True
                     return
                 except EdgeError:
                     wait = self.batch_interval.idle()
@@ -192,6 +270,7 @@ class InstanceManager:
                         log.info("the proxy supports batch polling: one call serves every instance")
                         self.batch_supported = True
                     wait = self._dispatch(messages)
+            self.batch_health.ok()
             if await self.ctx.clock.wait(self._batch_wake, wait):
                 await _wake_gap(self.ctx.clock, last_start)
 
@@ -204,10 +283,33 @@ class InstanceManager:
                 by_instance.setdefault(m.instance_id, []).append(m)
         for iid, batch in by_instance.items():
             r = self.runners.get(iid)
-            if r is None or not r.offer(batch):
-                log.debug("batch: %d message(s) for %s which is not connected here", len(batch), iid)
+            if r is None:
+                self._unheld(iid, len(batch))
+            elif not r.offer(batch):
+                log.debug("batch: %d message(s) for %s which is not connected yet", len(batch), iid)
         self.batch_interval.activity()
         return self.batch_interval.floor_s
+
+    def _unheld(self, iid: str, count: int) -> None:
+        """Batch messages for an instance without a runner here: start it if its
+        session is on this worker's disk; otherwise leave them (the proxy's lease
+        expires and re-offers them) and say so once per instance."""
+        if not is_valid_instance_id(iid) or iid in self._gone_ids:
+            return
+        try:
+            stored = self.ctx.backend.has_session(iid)
+        except OSError:
+            stored = False
+        if stored and self.ensure(iid):
+            log.info("batch: %d message(s) for %s, whose session is stored here: starting it", count, iid)
+            self._unheld_logged.discard(iid)
+            return
+        if iid not in self._unheld_logged:
+            if len(self._unheld_logged) >= 10_000:
+                self._unheld_logged.clear()
+            self._unheld_logged.add(iid)
+            log.warning("batch: %d message(s) for %s, which this worker does not hold: left for the proxy "
+                        "(they are offered again when its lease expires)", count, iid)
 
     def describe(self) -> list[dict[str, Any]]:
         return [r.describe() for r in self.runners.values()]

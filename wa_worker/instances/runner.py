@@ -14,20 +14,26 @@ State machine (``InstanceRunner.state``)::
 
 The runner owns three loops, all inside its own task group: the lifecycle
 (events from the backend), the status reporter (latest status wins, retried)
-and, while connected, the outbound poller (never two polls at once).
+and, while connected, the outbound poller (never two polls at once). The last
+two run under :func:`~wa_worker.supervise.forever` (a bug restarts the loop, not
+the process); a crash of the lifecycle ends the runner and the manager restarts it.
+
+Stop and "gone" are flags plus a cancelled wait, never a queued message, so
+neither can be lost however many backend events are waiting.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..backends.base import (
     Backend,
@@ -44,6 +50,7 @@ from ..edge.client import EdgeClient, EdgeError, InstanceGone
 from ..edge.models import QueuedMessage, Status, StatusUpdate
 from ..fsutil import wipe_dir
 from ..storage.store import StoreUnavailable
+from ..supervise import LoopHealth, forever
 from ..timing import AdaptiveInterval, Backoff, Clock
 
 if TYPE_CHECKING:
@@ -81,11 +88,11 @@ class Outcome(str, enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass(frozen=True, slots=True)
-class _Control:
-    """Sentinels the runner sends itself through its event stream."""
+class _Timeout:
+    """What :meth:`InstanceRunner._next` returns when its timeout passed."""
 
-    kind: str  # "stop" | "gone"
+
+_TIMEOUT = _Timeout()
 
 
 @dataclass
@@ -114,11 +121,14 @@ class StatusReporter:
     an unsent older one (a stale QR is never worth retrying)."""
 
     def __init__(self, instance_id: str, edge: EdgeClient, on_gone: Callable[[], None],
-                 rng: random.Random) -> None:
+                 rng: random.Random, clock: Clock | None = None) -> None:
         self.instance_id = instance_id
         self.edge = edge
         self.on_gone = on_gone
         self.rng = rng
+        self.clock = clock or Clock()
+        self.health = LoopHealth("status", self.clock)
+        self._backoff = Backoff(STATUS_RETRY_BASE_S, STATUS_RETRY_CAP_S, rng=rng)
         self._desired: StatusUpdate | None = None
         self._version = 0
         self._pushed_version = 0
@@ -144,9 +154,16 @@ class StatusReporter:
             self._changed.set()
 
     async def run(self) -> None:
-        backoff = Backoff(STATUS_RETRY_BASE_S, STATUS_RETRY_CAP_S, rng=self.rng)
+        """Supervised: a bug restarts the loop, whose state (the latest status) survives."""
+        await forever(f"{self.instance_id}: status", self._run, clock=self.clock,
+                      backoff=Backoff(STATUS_RETRY_BASE_S, STATUS_RETRY_CAP_S, rng=self.rng),
+                      health=self.health, log_to=log)
+
+    async def _run(self) -> None:
+        backoff = self._backoff
         while True:
             if self._pushed_version == self._version:
+                self.health.ok()
                 self._changed = anyio.Event()
                 await self._changed.wait()
                 continue
@@ -159,12 +176,14 @@ class StatusReporter:
                 self._pushed_version = version
                 self._pushed.set()
                 return
-            except EdgeError:
+            except EdgeError as exc:
+                # the proxy's Retry-After (429/503) is the least we wait
+                delay = max(backoff.next_delay(), exc.retry_after_s or 0.0)
                 self._changed = anyio.Event()
-                with anyio.move_on_after(backoff.next_delay()):
-                    await self._changed.wait()  # a newer status cuts the wait short
+                await self.clock.wait(self._changed, delay)  # a newer status cuts the wait short
                 continue
             backoff.reset()
+            self.health.ok()
             self._pushed_version = version
             if version == self._version:
                 self._pushed.set()
@@ -188,11 +207,12 @@ class InstanceRunner:
         self.reconnects = 0
         self.last_backoff_s: float | None = None
         self._stop_requested = False
-        self._events_tx: MemoryObjectSendStream[Any] | None = None
+        self._receive_scope: anyio.CancelScope | None = None  # the lifecycle's current wait for an event
         self._wake = anyio.Event()
         self._inbox_tx, self._inbox_rx = anyio.create_memory_object_stream[list[QueuedMessage]](64)
         self.poll_interval = AdaptiveInterval(ctx.msg_poll_s, ctx.msg_poll_max_s)
-        self.status = StatusReporter(instance_id, ctx.edge, self._gone, ctx.rng)
+        self.status = StatusReporter(instance_id, ctx.edge, self._gone, ctx.rng, ctx.clock)
+        self.outbound_health = LoopHealth("outbound", ctx.clock)
         self._stopped_event = anyio.Event()
         self._gone_flag = False
         self._interrupt = anyio.Event()  # cuts backoff waits short on stop/gone
@@ -200,10 +220,10 @@ class InstanceRunner:
     # ------------------------------------------------------------------ control
 
     def stop(self) -> None:
-        """Ask for a graceful stop (report, disconnect, keep the session)."""
+        """Ask for a graceful stop (report, disconnect, keep the session).
+        Cannot be lost: a flag, and the lifecycle's wait is cut short."""
         self._stop_requested = True
-        self._interrupt.set()
-        self._post(_Control("stop"))
+        self._interrupt_lifecycle()
 
     def wake(self) -> None:
         """Poll the queue now (coalesced: many wakes, one poll)."""
@@ -222,15 +242,27 @@ class InstanceRunner:
 
     def _gone(self) -> None:
         self._gone_flag = True
-        self._interrupt.set()
-        self._post(_Control("gone"))
+        self._interrupt_lifecycle()
 
-    def _post(self, item: Any) -> None:
-        if self._events_tx is not None:
+    def _interrupt_lifecycle(self) -> None:
+        self._interrupt.set()
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+
+    async def _next(self, rx: MemoryObjectReceiveStream[Any], timeout_s: float = math.inf) -> Any:
+        """The next backend event; ``None`` once stop or gone is requested (checked
+        first, and it cuts the wait short); ``_TIMEOUT`` after ``timeout_s``."""
+        if self._stop_requested or self._gone_flag:
+            return None
+        with anyio.CancelScope() as scope:
+            self._receive_scope = scope
             try:
-                self._events_tx.send_nowait(item)
-            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass
+                with anyio.move_on_after(timeout_s):
+                    return await rx.receive()
+                return _TIMEOUT
+            finally:
+                self._receive_scope = None
+        return None  # cancelled by stop() or _gone()
 
     async def wait_stopped(self) -> None:
         await self._stopped_event.wait()
@@ -275,7 +307,6 @@ class InstanceRunner:
         """One session from open to close. Returns the outcome and an optional
         minimum wait before the next attempt."""
         tx, rx = anyio.create_memory_object_stream[Any](128)
-        self._events_tx = tx
         iid = self.instance_id
 
         async def sink(event: BackendEvent) -> None:
@@ -313,7 +344,7 @@ class InstanceRunner:
                     return Outcome.RETRY, None
                 result = await self._handle_events(first, rx, session, tg, backoff)
                 tg.cancel_scope.cancel()
-                return result
+            return result
         finally:
             tx.close()
             if session is not None:
@@ -325,17 +356,18 @@ class InstanceRunner:
                         log.exception("%s: closing the session failed", iid)
 
     async def _first_event(self, rx: MemoryObjectReceiveStream[Any]) -> Any:
-        with anyio.move_on_after(self.ctx.connect_timeout_s):
-            return await rx.receive()
-        return Disconnected("connect_timeout", f"no QR and no connection within {self.ctx.connect_timeout_s:g}s")
+        event = await self._next(rx, self.ctx.connect_timeout_s)
+        if event is _TIMEOUT:
+            return Disconnected("connect_timeout", f"no QR and no connection within {self.ctx.connect_timeout_s:g}s")
+        return event
 
     async def _handle_events(self, event: Any, rx: MemoryObjectReceiveStream[Any], session: Session,
                              tg: anyio.abc.TaskGroup, backoff: Backoff) -> tuple[Outcome, float | None]:
         iid = self.instance_id
         connected = False
         while True:
-            if isinstance(event, _Control):
-                if event.kind == "gone":
+            if event is None:  # stop or gone requested
+                if self._gone_flag:
                     log.warning("%s: the proxy no longer knows this instance: stopping (auth files kept)", iid)
                     return Outcome.GONE, None
                 if connected:
@@ -352,7 +384,7 @@ class InstanceRunner:
                 log.info("%s: connected", iid)
                 self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
                 self.poll_interval.activity()
-                tg.start_soon(self._outbound_loop, session)
+                tg.start_soon(self._supervised_outbound, session)
             elif isinstance(event, Disconnected):
                 log.warning("%s: disconnected (%s%s)", iid, event.reason, f": {event.detail}" if event.detail else "")
                 self.status.set(Status.DISCONNECTED, None, reason=event.reason)
@@ -364,9 +396,14 @@ class InstanceRunner:
                     await session.close()
                 wipe_dir(self.ctx.backend.auth_dir(iid))
                 return Outcome.LOGGED_OUT, None
-            event = await rx.receive()
+            event = await self._next(rx)
 
     # ------------------------------------------------------------------ outbound
+
+    async def _supervised_outbound(self, session: Session) -> None:
+        await forever(f"{self.instance_id}: outbound", lambda: self._outbound_loop(session), clock=self.ctx.clock,
+                      backoff=Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng),
+                      health=self.outbound_health, log_to=log)
 
     async def _outbound_loop(self, session: Session) -> None:
         """Poll while connected; one poll at a time; adaptive interval."""
@@ -388,6 +425,7 @@ class InstanceRunner:
                     wait = self.poll_interval.idle()
                 else:
                     wait = await self._process(session, messages)
+            self.outbound_health.ok()
             if wait > 0 and await self.ctx.clock.wait(self._wake, wait):
                 await _wake_gap(self.ctx.clock, last_start)
 
@@ -413,3 +451,8 @@ class InstanceRunner:
     def describe(self) -> dict[str, Any]:
         return {"id": self.instance_id, "state": self.state.value, "reconnects": self.reconnects,
                 "poll_interval_s": round(self.poll_interval.current_s, 3)}
+
+    def failing_loops(self) -> list[str]:
+        """Names of this runner's loops currently in their last-resort handler."""
+        now = self.ctx.clock.monotonic()
+        return [h.name for h in (self.status.health, self.outbound_health) if h.failing(now)]
