@@ -220,6 +220,9 @@ class View:
     def not_ready_reasons(self) -> list[str]:
         return []
 
+    def loop_ages(self) -> dict[str, Any]:
+        return {}
+
     def wake(self, instance_id: str | None = None) -> int:
         self.woken.append(instance_id)
         return 1
@@ -233,7 +236,7 @@ async def test_worker_app_needs_only_the_view():
         async with httpx.AsyncClient(trust_env=False) as http:
             r = await http.get(base + "/health")
             assert r.json()["http"]["connections"] == 1
-            assert (await http.get(base + "/ready")).json() == {"status": "ready"}
+            assert (await http.get(base + "/ready")).json() == {"status": "ready", "loops": {}}
             assert (await http.post(base + "/wake", json={"instanceId": "acme"})).status_code == 401
             assert (await http.post(base + "/wake", headers=AUTH, json={"instanceId": "acme"})).status_code == 202
             assert view.woken == ["acme"]
