@@ -14,7 +14,10 @@ Rules every backend follows:
 * The sink is called on the worker's event loop. It never blocks on the
   network (the runner only queues or journals), so a backend may await it
   directly from its library callback.
-* ``send_text`` returns the WhatsApp message id or raises :class:`SendError`.
+* ``send_text`` / ``send`` return the WhatsApp message id or raise
+  :class:`SendError`; ``download_media`` fetches received media described by the
+  JSON-able handle the backend put in the event (it survives restarts in the
+  journal) or raises :class:`MediaUnavailable`.
 * ``disconnect()`` closes the connection and keeps the stored session; only
   ``LoggedOut`` (from the phone) makes the runner wipe the auth folder.
 * ``close()`` releases everything the session holds (threads, files); it is
@@ -27,6 +30,8 @@ import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..messages import ContactCard, InboundContent, Kind, Location
 
 
 # --------------------------------------------------------------------------- events
@@ -96,6 +101,48 @@ class InboundMessage:
     push_name: str | None = None
     timestamp: float = 0.0
     own_jid: str | None = None
+    # what it carries besides text (kind, caption, media, reply, reaction ...);
+    # None: a plain text message whose text is ``body``
+    content: InboundContent | None = None
+
+
+# --------------------------------------------------------------------------- outgoing
+
+
+@dataclass(frozen=True, slots=True)
+class MediaFile:
+    """Media bytes on local disk, ready to hand to WhatsApp (the caller owns and removes the file)."""
+
+    path: Path
+    mimetype: str
+    size: int
+    sha256: str  # hex
+    filename: str | None = None
+    seconds: int | None = None  # audio/video length, when known
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRef:
+    """A message this instance sent or received, as a reply or a reaction must name it."""
+
+    wa_message_id: str
+    chat_jid: str
+    sender_jid: str | None = None  # the author (needed in groups); None: unknown
+    from_me: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One message to send. ``kind`` decides which fields matter (see wa_worker.messages)."""
+
+    to_jid: str
+    kind: Kind = Kind.TEXT
+    body: str = ""  # the text, or the caption of an image/video/document
+    media: MediaFile | None = None
+    reply_to: MessageRef | None = None
+    reaction: str | None = None  # emoji, '' removes; the target is reply_to
+    location: Location | None = None
+    contact: ContactCard | None = None
 
 
 BackendEvent = QrCode | Connected | Disconnected | LoggedOut | InboundMessage
@@ -124,6 +171,15 @@ class NotConnectedError(SendError):
     """The session is not connected right now."""
 
 
+class MediaUnavailable(BackendError):
+    """Received media cannot be downloaded. ``permanent``: never will be (expired,
+    deleted, undecryptable); otherwise retry later (not connected, network)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
 # --------------------------------------------------------------------------- interface
 
 
@@ -149,6 +205,19 @@ class Session(abc.ABC):
     @abc.abstractmethod
     async def send_text(self, to_jid: str, body: str) -> str:
         """Send a text message; return the WhatsApp message id."""
+
+    async def send(self, message: OutgoingMessage) -> str:
+        """Send any kind of message; return the WhatsApp message id.
+        Backends override this for the kinds they support."""
+        if message.kind is Kind.TEXT and message.reply_to is None:
+            return await self.send_text(message.to_jid, message.body)
+        raise SendError(f"this backend cannot send a {message.kind.value} message", permanent=True)
+
+    async def download_media(self, handle: dict[str, object], dest_dir: Path) -> MediaFile:
+        """Fetch the bytes of received media described by ``handle`` (from
+        :attr:`InboundContent.media_handle`) into a new file under ``dest_dir``.
+        Raises :class:`MediaUnavailable`."""
+        raise MediaUnavailable("this backend cannot download media", permanent=True)
 
     @abc.abstractmethod
     async def disconnect(self) -> None:
