@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     # --- durable journal
     STATE_DB: Path = Path("/data/state/wa-worker.db")
     INBOUND_TTL_HOURS: float = Field(168, gt=0)
+    INBOUND_MAX_ATTEMPTS: int = Field(20, ge=1)
     UNKNOWN_SEND_POLICY: UnknownSendPolicy = UnknownSendPolicy.AT_MOST_ONCE
     READY_MAX_PROXY_SILENCE_S: float = Field(120.0, gt=0)
 
@@ -69,6 +70,7 @@ class Settings(BaseSettings):
 
     # --- simulator backend
     SIMULATOR_AUTO_SCAN_MS: int | None = Field(None, ge=0)
+    SIMULATOR_SEND_DELAY_MS: int = Field(0, ge=0)
 
     @field_validator("EDGE_BASE_URL")
     @classmethod

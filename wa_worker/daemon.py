@@ -69,7 +69,8 @@ class Worker:
                                        timeout_s=settings.EDGE_TIMEOUT_S)
         self.store = Store(settings.STATE_DB, clock=self.clock)
         self.inbound = InboundRelay(self.store, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
-                                    clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
+                                    clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
+                                    max_attempts=settings.INBOUND_MAX_ATTEMPTS)
         self.acks = Acknowledger(self.store, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
         self.outbound = OutboundRelay(self.store, self.acks)
         self.host = host
@@ -106,7 +107,7 @@ class Worker:
     def health(self) -> dict[str, Any]:
         try:
             counts = self.store.counts()
-        except Exception:
+        except StoreUnavailable:
             counts = {}
         return {
             "status": "ok",
@@ -125,7 +126,7 @@ class Worker:
                 "duplicates_suppressed": self.outbound.duplicates_suppressed,
             },
             "store": {"writable": self.store.writable},
-            "process": dict(zip(("open_fds", "fd_limit"), self.fds.usage())),
+            "process": dict(zip(("open_fds", "fd_limit"), self.fds.usage(), strict=True)),
             "edge": {
                 "calls": sum(self.edge.calls.values()),
                 "failures": sum(self.edge.failures.values()),
@@ -214,9 +215,14 @@ class Worker:
 
     def _recover_journal(self) -> None:
         at_least_once = self.settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE
-        # a restart is the moment to retry everything pending, not hours later
-        self.store.retry_all_now()
-        ids = self.store.recover_unknown_sends(at_least_once)
+        try:
+            # a restart is the moment to retry everything pending, not hours later
+            self.store.retry_all_now()
+            ids = self.store.recover_unknown_sends(at_least_once)
+        except StoreUnavailable as exc:
+            log.error("could not recover the journal at start (%s): interrupted sends stay unreported until a "
+                      "restart with a writable store", exc)
+            return
         if ids:
             if at_least_once:
                 log.warning("%d send(s) interrupted by a crash will be sent again if the proxy offers them "

@@ -17,7 +17,8 @@ def make_backend(settings: "Settings") -> "Backend":
     if settings.WA_BACKEND.value == "simulator":
         from .simulator import SimulatorBackend
 
-        return SimulatorBackend(auth, auto_scan_ms=settings.SIMULATOR_AUTO_SCAN_MS)
+        return SimulatorBackend(auth, auto_scan_ms=settings.SIMULATOR_AUTO_SCAN_MS,
+                                send_delay_s=settings.SIMULATOR_SEND_DELAY_MS / 1000)
     from .neonize_backend import NeonizeBackend
 
     return NeonizeBackend(auth, connect_timeout_s=settings.CONNECT_TIMEOUT_S)
