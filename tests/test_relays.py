@@ -21,6 +21,7 @@ from tests.fakeproxy import SECRET
 from wa_worker.backends import make_backend
 from wa_worker.edge.client import EdgeClient
 from wa_worker.relays.inbound import InboundRelay
+from wa_worker.relays.outbound import Acknowledger
 from wa_worker.storage.store import Store
 
 pytestmark = pytest.mark.anyio
@@ -153,6 +154,47 @@ async def test_the_relays_survive_store_errors_and_resume(inbound_proxy, tmp_pat
         tg.cancel_scope.cancel()
     other.close()
     await edge.aclose()
+
+
+async def test_a_slow_acknowledgement_never_holds_the_others(tmp_path):
+    release = anyio.Event()
+    marked: list[str] = []
+
+    async def mark_sent(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["messageId"] == "slow":
+            await release.wait()
+        marked.append(body["messageId"])
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/mark-sent", mark_sent)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    store = Store(tmp_path / "db")
+    edge = EdgeClient(url, SECRET, timeout_s=30)
+    acks = Acknowledger(store, edge)
+    store.begin_send("slow", "acme", "j")
+    store.record_sent("slow", "WA-slow")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(acks.run)
+            await anyio.sleep(0.2)
+            for k in range(3):  # sent while the first acknowledgement hangs
+                store.begin_send(f"m{k}", "acme", "j")
+                store.record_sent(f"m{k}", f"WA{k}")
+                acks.wake()
+            await wait_until(lambda: marked == ["m0", "m1", "m2"], timeout=5, what="the others acknowledged")
+            release.set()
+            await wait_until(lambda: len(marked) == 4, timeout=5)
+            await wait_until(lambda: store.counts()["outbound_pending_acks"] == 0)
+            tg.cancel_scope.cancel()
+    finally:
+        await edge.aclose()
+        await runner.cleanup()
 
 
 # ------------------------------------------------------------------------- outbound side, whole worker

@@ -141,6 +141,20 @@ def test_journal_newer_than_the_code_is_refused_untouched(tmp_path):
     assert path.read_bytes() == before
 
 
+def test_another_applications_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "app.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    db.execute("INSERT INTO customers (name) VALUES ('Maria')")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreOpenError, match="not a wa-worker journal.*customers"):
+        Store(path)
+    db = sqlite3.connect(path)
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"customers"}
+    db.close()
+
+
 def test_a_failing_migration_step_leaves_the_previous_version(tmp_path):
     steps = (
         Migration(1, "one", "CREATE TABLE a (x INTEGER);"),

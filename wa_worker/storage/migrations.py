@@ -105,6 +105,11 @@ def migrate(db: sqlite3.Connection, path: Path | str, migrations: tuple[Migratio
         if current > latest:
             raise JournalTooNew(path, f"its schema version is {current}, newer than this wa-worker knows "
                                       f"({latest}); run a wa-worker at least as new as the one that wrote it")
+        foreign = _tables(db) - legacy_tables - {"sqlite_sequence"} if current == 0 else set()
+        if foreign and legacy_tables:
+            names = ", ".join(sorted(foreign))
+            raise StoreOpenError(path, f"it holds tables that are not a wa-worker journal ({names}); "
+                                       "point STATE_DB at a file of its own")
         if current == 0 and legacy_tables and legacy_tables <= _tables(db):
             # written before versioning: version 1 by construction (its SQL is
             # idempotent, so re-running it only adds what might be missing)
