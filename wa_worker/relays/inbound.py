@@ -115,11 +115,11 @@ class InboundRelay:
         async with anyio.create_task_group() as tg:
             while True:
                 self._wake = anyio.Event()
+                now = self.clock.time()
+                if now - last_expiry > EXPIRE_EVERY_S:
+                    last_expiry = now
+                    self._expire()
                 try:
-                    now = self.clock.time()
-                    if now - last_expiry > EXPIRE_EVERY_S:
-                        last_expiry = now
-                        self._expire()
                     self._memory_to_store()
                     if self._memory and not self._memory_task:
                         self._memory_task = True
@@ -137,15 +137,18 @@ class InboundRelay:
                     timeout = 60.0 if next_due is None else max(0.0, next_due - self.clock.time())
                     if len(self._in_flight) >= self.concurrency:
                         timeout = 60.0  # every slot busy: a finishing task wakes us
-                    elif timeout == 0.0:
-                        continue  # due heads beyond the ones just started
                 if self._memory:
                     timeout = min(timeout, 5.0)
+                # a zero timeout still yields once: due rows beyond the ones just started
                 with anyio.move_on_after(timeout):
                     await self._wake.wait()
 
     def _expire(self) -> None:
-        n = self.store.expire_inbound(self.ttl_s)
+        try:
+            n = self.store.expire_inbound(self.ttl_s)
+        except StoreUnavailable as exc:
+            log.debug("inbound relay: cannot expire old rows now (%s)", exc)
+            return
         if n:
             self.dead_lettered += n
             log.error("%d inbound message(s) older than INBOUND_TTL_HOURS moved to dead-letter", n)

@@ -96,7 +96,6 @@ class OutboundRelay:
         return True
 
 
-
 class Acknowledger:
     """Retries ``mark-sent`` / ``mark-failed`` for journal rows until acknowledged.
     One task per row in flight (bounded), so a slow answer never holds the others."""
@@ -169,10 +168,9 @@ class Acknowledger:
                     timeout = 60.0 if next_due is None else max(0.0, next_due - self.clock.time())
                     if len(self._in_flight) >= self.concurrency:
                         timeout = 60.0  # every slot busy: a finishing task wakes us
-                    elif timeout == 0.0:
-                        continue  # due rows beyond the ones just started
                 if self._unrecorded:
                     timeout = min(timeout, 1.0)
+                # a zero timeout still yields once: due rows beyond the ones just started
                 with anyio.move_on_after(timeout):
                     await self._wake.wait()
 
