@@ -200,6 +200,20 @@ async def test_a_slow_acknowledgement_never_holds_the_others(tmp_path):
 # ------------------------------------------------------------------------- outbound side, whole worker
 
 
+async def test_worker_dead_letters_after_inbound_max_attempts(proxy, tmp_path):
+    proxy.add_instance("acme")
+    settings = make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=0, INBOUND_MAX_ATTEMPTS=2)
+    async with running_worker(settings, retry_cap_s=0.05) as w:
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="CONNECTED")
+        s = w.backend.session("acme")
+        proxy.fail["inbound"] = 2  # the next two posts answer 500
+        poison = await s.receive("5511900000001", "poison")
+        after = await s.receive("5511900000001", "after")
+        await wait_until(lambda: proxy.inbound_ids() == [after], what="the chat moves on")
+        assert w.health()["inbound"]["dead_lettered"] == 1
+        assert [d["ref"] for d in w.store.dead_letters("inbound")] == [poison]
+
+
 async def test_failures_stay_pending_while_the_proxy_has_no_mark_failed(proxy, tmp_path):
     proxy.mark_failed_supported = False
     proxy.add_instance("acme")
