@@ -20,9 +20,10 @@ from tests.conftest import make_settings, running_worker, wait_until
 from tests.fakeproxy import SECRET
 from wa_worker.backends import make_backend
 from wa_worker.edge.client import EdgeClient
+from wa_worker.edge.models import QueuedMessage
 from wa_worker.relays.inbound import InboundRelay
-from wa_worker.relays.outbound import Acknowledger
-from wa_worker.storage.store import Store
+from wa_worker.relays.outbound import Acknowledger, OutboundRelay
+from wa_worker.storage.store import Store, StoreUnavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -271,3 +272,38 @@ def test_simulator_send_delay_setting_reaches_the_backend(tmp_path):
     backend = make_backend(settings)
     assert backend.send_delay_s == 0.25  # type: ignore[attr-defined]
     assert make_backend(make_settings(tmp_path, "http://127.0.0.1:9")).send_delay_s == 0  # type: ignore[attr-defined]
+
+
+async def test_nothing_is_sent_while_the_store_is_unwritable_until_the_probe_says_so(tmp_path):
+    from wa_worker.backends.simulator import SimulatorBackend
+
+    store = Store(tmp_path / "state" / "db")
+    store._db.execute("PRAGMA busy_timeout=20")
+    acks = Acknowledger(store, EdgeClient("http://127.0.0.1:9", SECRET))
+    relay = OutboundRelay(store, acks)
+    backend = SimulatorBackend(tmp_path / "auth", auto_scan_ms=0, connect_delay_s=0.0)
+
+    async def sink(_: Any) -> None:
+        return None
+
+    msg = QueuedMessage(id="m1", to="5511988887777", body="hi", jid="5511988887777@s.whatsapp.net")
+    async with backend:
+        session = await backend.open_session("acme", sink)
+        await session.connect()
+        await wait_until(lambda: session.state == "connected")
+        locker = sqlite3.connect(tmp_path / "state" / "db", isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable):
+            store.add_inbound("acme", "c", "w", {})  # a failed write: the store is unwritable
+        locker.execute("ROLLBACK")
+        locker.close()
+        # a write would work again now, but nobody checked the headroom yet: nothing is claimed
+        with pytest.raises(StoreUnavailable):
+            await relay.process("acme", session, [msg])
+        assert backend.sent("acme") == [] and store.outbound_get("m1") is None
+        assert store.probe_writable()
+        assert await relay.process("acme", session, [msg]) == 1
+        assert [r["body"] for r in backend.sent("acme")] == ["hi"]
+        assert store.outbound_get("m1").state == "sent"
+    await acks.edge.aclose()
+
