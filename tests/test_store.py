@@ -270,3 +270,22 @@ def test_probe_requires_headroom_before_declaring_writable(tmp_path):
     assert not s.writable and "bytes free" in (s.last_error or "")
     s.min_headroom_bytes = 1
     assert s.probe_writable() is True and s.writable
+
+
+def test_dev_proxy_store_uses_the_same_opener(tmp_path):
+    from wa_worker.dev.store import Store as DevStore
+
+    path = tmp_path / "dev" / "proxy.db"
+    dev = DevStore(path)
+    dev.add_instance("acme")
+    assert dev._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert dev._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert dev._db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    assert oct(os.stat(path.parent).st_mode & 0o777) == "0o700"
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    dev.close()
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not sqlite at all\n" * 100)
+    with pytest.raises(StoreOpenError, match="not a valid SQLite database"):
+        DevStore(junk)
+    assert junk.read_bytes() == b"not sqlite at all\n" * 100
