@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from ..backends.base import InboundMessage
 from ..edge.client import EdgeClient, EdgeError
@@ -32,6 +34,7 @@ MAX_ATTEMPTS = 20
 MEMORY_FALLBACK_MAX = 10_000
 STORE_BACKOFF_S = 1.0
 EXPIRE_EVERY_S = 60.0
+QUERY_GAP_S = 0.002
 
 
 def counts_as_server_error(exc: EdgeError) -> bool:
@@ -64,7 +67,8 @@ def inbound_payload(instance_id: str, msg: InboundMessage) -> dict[str, Any]:
 class InboundRelay:
     def __init__(self, store: Store, edge: EdgeClient, *, ttl_s: float, clock: Clock | None = None,
                  concurrency: int = 16, rng: random.Random | None = None, retry_base_s: float = RETRY_BASE_S,
-                 retry_cap_s: float = RETRY_CAP_S, max_attempts: int = MAX_ATTEMPTS) -> None:
+                 retry_cap_s: float = RETRY_CAP_S, max_attempts: int = MAX_ATTEMPTS,
+                 max_chats_in_flight: int = 64) -> None:
         self.store = store
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
@@ -73,9 +77,15 @@ class InboundRelay:
         self.ttl_s = ttl_s
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
+        # `concurrency` posts at once; up to `max_chats_in_flight` chats hold a row
+        # (waiting for a post slot or posting), refilled `concurrency` at a time
+        # while the posts are busy, so a backlog costs one heads query per
+        # `concurrency` deliveries rather than one per delivery
         self.concurrency = concurrency
+        self.max_chats_in_flight = max(max_chats_in_flight, concurrency)
+        self._limiter = anyio.CapacityLimiter(concurrency)
         self._wake = anyio.Event()
-        # chats with a delivery in flight: at most one row per chat, at most `concurrency` chats
+        # chats with a delivery in flight: at most one row per chat
         self._in_flight: set[tuple[str, str]] = set()
         self._memory_task = False
         # when the store cannot be written, messages wait here (bounded) instead of being lost
@@ -112,8 +122,15 @@ class InboundRelay:
         task wakes this loop when it ends, so the chat's next row (or another
         chat) follows at once."""
         last_expiry = -1e18
+        last_query = -1e18
         async with anyio.create_task_group() as tg:
             while True:
+                # wake-ups (every received message, every finished post) come in
+                # bursts: look at the table at most every QUERY_GAP_S
+                gap = last_query + QUERY_GAP_S - time.monotonic()
+                if gap > 0:
+                    await anyio.sleep(gap)
+                last_query = time.monotonic()
                 self._wake = anyio.Event()
                 now = self.clock.time()
                 if now - last_expiry > EXPIRE_EVERY_S:
@@ -124,24 +141,33 @@ class InboundRelay:
                     if self._memory and not self._memory_task:
                         self._memory_task = True
                         tg.start_soon(self._deliver_memory)
-                    free = self.concurrency - len(self._in_flight)
-                    if free > 0:
-                        for row in self.store.due_inbound_heads(free, skip=self._in_flight):
-                            self._in_flight.add(row.chat_key)
-                            tg.start_soon(self._deliver, row)
-                    next_due = self.store.next_inbound_due_at(skip=self._in_flight)
+                    free = self.max_chats_in_flight - len(self._in_flight)
+                    if len(self._in_flight) >= self.concurrency and free < self.concurrency:
+                        # the posts are busy and few chats could be added: a finishing task wakes us
+                        timeout = 60.0
+                    else:
+                        timeout = self._start_due(tg, free)
                 except StoreUnavailable as exc:
                     log.debug("inbound relay: store unavailable (%s), backing off", exc)
                     timeout = STORE_BACKOFF_S * 5
-                else:
-                    timeout = 60.0 if next_due is None else max(0.0, next_due - self.clock.time())
-                    if len(self._in_flight) >= self.concurrency:
-                        timeout = 60.0  # every slot busy: a finishing task wakes us
                 if self._memory:
                     timeout = min(timeout, 5.0)
                 # a zero timeout still yields once: due rows beyond the ones just started
                 with anyio.move_on_after(timeout):
                     await self._wake.wait()
+
+    def _start_due(self, tg: anyio.abc.TaskGroup, free: int) -> float:
+        """Start the due heads (earliest due first) of chats not in flight;
+        returns how long until the next head is due."""
+        now = self.clock.time()
+        for row in self.store.inbound_heads(free + 1, skip=self._in_flight):
+            if row.next_attempt_at > now:
+                return row.next_attempt_at - now
+            if len(self._in_flight) >= self.max_chats_in_flight:
+                return 60.0  # more is due: a finishing task wakes us
+            self._in_flight.add(row.chat_key)
+            tg.start_soon(self._deliver, row)
+        return 60.0
 
     def _expire(self) -> None:
         try:
@@ -155,7 +181,8 @@ class InboundRelay:
 
     async def _deliver(self, row: InboundRow) -> None:
         try:
-            await self._deliver_row(row)
+            async with self._limiter:
+                await self._deliver_row(row)
         finally:
             self._in_flight.discard(row.chat_key)
             self._wake.set()

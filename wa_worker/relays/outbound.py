@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ log = logging.getLogger("wa_worker.outbound")
 SEND_TIMEOUT_S = 60.0
 ACK_RETRY_BASE_S = 1.0
 ACK_RETRY_CAP_S = 300.0
+QUERY_GAP_S = 0.002
 
 
 class OutboundRelay:
@@ -150,8 +152,15 @@ class Acknowledger:
             log.warning("outcome of %s journaled after the store recovered", message_id)
 
     async def run(self) -> None:
+        last_query = -1e18
         async with anyio.create_task_group() as tg:
             while True:
+                # wake-ups (every send, every finished acknowledgement) come in
+                # bursts: look at the journal at most every QUERY_GAP_S
+                gap = last_query + QUERY_GAP_S - time.monotonic()
+                if gap > 0:
+                    await anyio.sleep(gap)
+                last_query = time.monotonic()
                 self._wake = anyio.Event()
                 try:
                     self._land_unrecorded()

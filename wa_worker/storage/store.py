@@ -66,6 +66,7 @@ class InboundRow:
     created_at: float
     attempts: int
     server_errors: int = 0
+    next_attempt_at: float = 0.0
 
     @property
     def chat_key(self) -> tuple[str, str]:
@@ -226,6 +227,18 @@ class Store:
         heads = [self._inbound_row(r) for r in rows]
         return [h for h in heads if h.chat_key not in skip][:limit]
 
+    def inbound_heads(self, limit: int, skip: Collection[tuple[str, str]] = ()) -> list[InboundRow]:
+        """The oldest pending row of each chat not in ``skip``, due or not, the
+        earliest due first (one query gives the relay both what to start now
+        and when to look again)."""
+        rows = self._read(
+            f"SELECT i.* FROM inbound i JOIN ({_HEADS}) h ON h.seq = i.seq "
+            "ORDER BY i.next_attempt_at, i.seq LIMIT ?",
+            (limit + len(skip),),
+        )
+        heads = [self._inbound_row(r) for r in rows]
+        return [h for h in heads if h.chat_key not in skip][:limit]
+
     def next_inbound_due_at(self, skip: Collection[tuple[str, str]] = ()) -> float | None:
         """When the next head (of a chat not in ``skip``) is due."""
         rows = self._read(
@@ -270,7 +283,7 @@ class Store:
     @staticmethod
     def _inbound_row(r: sqlite3.Row) -> InboundRow:
         return InboundRow(r["seq"], r["instance_id"], r["chat_id"], r["wa_message_id"], json.loads(r["payload"]),
-                          r["created_at"], r["attempts"], r["server_errors"])
+                          r["created_at"], r["attempts"], r["server_errors"], r["next_attempt_at"])
 
     # ------------------------------------------------------------------ outbound journal
 
