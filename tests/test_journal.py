@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -172,11 +171,21 @@ async def test_ready_reflects_proxy_and_store(proxy, tmp_path):
 # ------------------------------------------------------------------------- a full disk
 
 
+def fill(path: Path) -> None:
+    with open(path, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+
+
 @pytest.fixture
 def tiny_fs(tmp_path):
     mnt = tmp_path / "tinyfs"
     mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True)
     if res.returncode != 0:
         if os.environ.get("CI") == "true":
             pytest.fail(f"cannot mount a tmpfs in CI: {res.stderr!r}")
@@ -194,15 +203,11 @@ async def test_disk_full_stops_pulling_stays_connected_and_recovers(proxy, tmp_p
         await connect(w, proxy)
         proxy.enqueue("acme", "before", "5511988887777", "fine")
         await wait_until(lambda: "before" in proxy.sent_marks)
-        # fill the disk
+        # fill the disk, keeping a crumb to free first
+        crumb = tiny_fs / "crumb"
+        crumb.write_bytes(b"\0" * 512 * 1024)
         filler = tiny_fs / "filler"
-        with open(filler, "wb") as fh:
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        fill(filler)
         s = w.backend.session("acme")
         # inbound while full: kept in memory, not lost
         wa = await s.receive("5511900000001", "while full")
@@ -213,6 +218,13 @@ async def test_disk_full_stops_pulling_stays_connected_and_recovers(proxy, tmp_p
         assert "not writable" in " ".join(w.not_ready_reasons())
         errors = [r for r in caplog.records if "is not writable" in r.getMessage()]
         assert len(errors) == 1  # one clear error, not a flood
+        # resume too early: a little space frees up, enough for the probe's write
+        # but not for the work it would pull; the store stays unwritable
+        crumb.unlink()
+        assert w.store.probe_writable() is False
+        assert not w.store.writable and "bytes free" in (w.store.last_error or "")
+        await anyio.sleep(0.5)
+        assert "during" not in proxy.sent_marks and [m["body"] for m in w.backend.sent("acme")] == ["fine"]
         filler.unlink()
         await wait_until(lambda: w.store.writable, timeout=10, what="recovered")
         await wait_until(lambda: "during" in proxy.sent_marks, timeout=10)
@@ -261,14 +273,14 @@ async def test_random_faults_keep_the_invariants(proxy, tmp_path):
         deliveries = Counter(r["body"] for iid in instances for r in sent_lines(tmp_path, iid))
         assert max(deliveries.values()) == 1
         assert not (set(proxy.sent_marks) & set(proxy.failed_marks))
-        for mid, was in proxy.sent_marks.items():
+        for was in proxy.sent_marks.values():
             assert len(set(was)) == 1  # re-acknowledged maybe, always with the same WhatsApp id
         assert all(proxy.failed_marks[f"m{k}"][0].startswith("invalid recipient") for k in range(0, n_out, 50))
         assert sum(deliveries.values()) == len(proxy.sent_marks)
-        # inbound: exactly once, or dead-lettered with a reason
+        # inbound: every message delivered; outages (503, timeouts) never dead-letter one
         assert len(expected_in) == n_in
-        for d in w.store.dead_letters("inbound"):
-            assert d["reason"]
+        assert w.store.dead_letters("inbound") == []
+        assert expected_in <= {(p["instanceId"], p["wa_message_id"]) for p in proxy.inbound}
         assert proxy.inbound_posts >= len(proxy.inbound)
 
 
@@ -334,9 +346,7 @@ async def test_sigkill_between_send_and_journal(proxy, tmp_path, policy):
         r = await _http_post(f"{base}/simulator/crash-after-next-send")
         assert r.status_code == 200
         proxy.enqueue("acme", "m1", "5511988887777", "fate unknown")
-        deadline = time.monotonic() + 15
-        while proc.poll() is None and time.monotonic() < deadline:
-            await anyio.sleep(0.05)
+        await wait_until(lambda: proc.poll() is not None, timeout=15, what="the crash")
         assert proc.returncode == -signal.SIGKILL
         assert len(sent_lines(tmp_path, "acme")) == 1  # WhatsApp got it; the journal says 'sending'
         proc = start_worker(env, ROOT, tmp_path / "w2.log")

@@ -169,7 +169,7 @@ def _blocker_file(tmp_path):
         (lambda t: {"STATE_DB": str(_garbage_db(t))},
          "STATE_DB {t}/state/wa-worker.db is not a SQLite database (file kept untouched)"),
         (lambda t: {"STATE_DB": str(_valid_header_garbage_db(t))},
-         "STATE_DB {t}/state/wa-worker.db cannot be used as a SQLite database"),
+         "STATE_DB {t}/state/wa-worker.db cannot be used: "),
         (lambda t: {"STATE_DB": str(_blocker_file(t) / "sub" / "wa.db")},
          "STATE_DB {t}/file/sub/wa.db: its folder {t}/file/sub is not writable (Not a directory)"),
         (lambda t: {"AUTH_DIR": str(_blocker_file(t) / "auth")}, "AUTH_DIR {t}/file/auth is not writable (Not a directory)"),

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     # --- durable journal
     STATE_DB: Path = Path("/data/state/wa-worker.db")
     INBOUND_TTL_HOURS: float = Field(168, gt=0)
+    INBOUND_MAX_ATTEMPTS: int = Field(20, ge=1)
     UNKNOWN_SEND_POLICY: UnknownSendPolicy = UnknownSendPolicy.AT_MOST_ONCE
     READY_MAX_PROXY_SILENCE_S: float = Field(120.0, gt=0)
 

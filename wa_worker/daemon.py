@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import random
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from .logutil import redact_url, setup_logging, url_secrets
 from .preflight import StartupError, check_paths
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
+from .storage.db import StoreOpenError
 from .storage.store import Store, StoreUnavailable
 from .supervise import LoopHealth, forever
 from .timing import Backoff, Clock
@@ -81,7 +81,8 @@ class Worker:
                                        max_response_bytes=settings.EDGE_MAX_RESPONSE_BYTES)
         self.store = _open_store(settings.STATE_DB, self.clock)
         self.inbound = InboundRelay(self.store, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
-                                    clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
+                                    clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
+                                    max_attempts=settings.INBOUND_MAX_ATTEMPTS)
         self.acks = Acknowledger(self.store, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
         self.outbound = OutboundRelay(self.store, self.acks)
         self.host = host
@@ -130,7 +131,7 @@ class Worker:
     def health(self) -> dict[str, Any]:
         try:
             counts = self.store.counts()
-        except (sqlite3.Error, StoreUnavailable):  # health must answer even when the journal cannot
+        except StoreUnavailable:
             counts = {}
         return {
             "status": "ok",
@@ -256,9 +257,14 @@ class Worker:
 
     def _recover_journal(self) -> None:
         at_least_once = self.settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE
-        # a restart is the moment to retry everything pending, not hours later
-        self.store.retry_all_now()
-        ids = self.store.recover_unknown_sends(at_least_once)
+        try:
+            # a restart is the moment to retry everything pending, not hours later
+            self.store.retry_all_now()
+            ids = self.store.recover_unknown_sends(at_least_once)
+        except StoreUnavailable as exc:
+            log.error("could not recover the journal at start (%s): interrupted sends stay unreported until a "
+                      "restart with a writable store", exc)
+            return
         if ids:
             if at_least_once:
                 log.warning("%d send(s) interrupted by a crash will be sent again if the proxy offers them "
@@ -307,11 +313,8 @@ def _open_store(path: Any, clock: Clock) -> Store:
     """Open the journal; a file SQLite cannot use is a start-up error, never repaired or replaced."""
     try:
         return Store(path, clock=clock)
-    except sqlite3.DatabaseError as exc:
-        raise StartupError(f"STATE_DB {path} cannot be used as a SQLite database ({exc}) "
-                           "(file kept untouched)") from None
-    except OSError as exc:
-        raise StartupError(f"STATE_DB {path} cannot be opened ({exc.strerror or exc})") from None
+    except StoreOpenError as exc:  # a folder, a foreign or newer database, a read-only file system ...
+        raise StartupError(f"STATE_DB {path} cannot be used: {exc.cause} (file kept untouched)") from None
 
 
 # ---------------------------------------------------------------------- entry point

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import FILE_MODE
+from ..storage.db import open_db
 
 STATUSES = ("CONNECTING", "CONNECTED", "DISCONNECTED")
 CLAIM_LEASE_S = 300.0  # re-offer claims older than 5 minutes (as the Supabase kit)
@@ -99,15 +99,7 @@ class Store:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.path.exists():
-                self.path.touch(mode=FILE_MODE)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = open_db(path, foreign_keys=True)  # the worker's opener: WAL, 0700/0600
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

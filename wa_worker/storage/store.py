@@ -13,76 +13,47 @@ Outbound journal states (a proxy message id is never sent twice):
 
 ``sending`` found at start-up means the process died while WhatsApp had the
 message: its outcome is unknown (see ``UNKNOWN_SEND_POLICY``).
+
+Error boundary: every public method raises :class:`StoreUnavailable` (never a
+raw ``sqlite3`` error). A failed write marks the store unwritable; only
+:meth:`Store.probe_writable` declares it writable again, and only once the
+filesystem has headroom (see :func:`headroom_needed`), so a worker never pulls
+work while the disk is still full. The schema is versioned (``migrations.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import FILE_MODE, ensure_private_dir, tighten_tree
+from .db import MEMORY, StoreOpenError, open_db, tighten_private
+from .migrations import JournalTooNew, migrate
 
 log = logging.getLogger("wa_worker.store")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS inbound (
-    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
-    instance_id     TEXT NOT NULL,
-    chat_id         TEXT NOT NULL,
-    wa_message_id   TEXT NOT NULL,
-    payload         TEXT NOT NULL,
-    created_at      REAL NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error      TEXT,
-    UNIQUE (instance_id, wa_message_id)
-);
-CREATE INDEX IF NOT EXISTS inbound_chat ON inbound (instance_id, chat_id, seq);
-CREATE INDEX IF NOT EXISTS inbound_due ON inbound (next_attempt_at);
-
-CREATE TABLE IF NOT EXISTS outbound (
-    message_id      TEXT PRIMARY KEY,
-    instance_id     TEXT NOT NULL,
-    state           TEXT NOT NULL CHECK (state IN ('sending','sent','marked','failing','failed')),
-    to_jid          TEXT,
-    wa_message_id   TEXT,
-    error           TEXT,
-    created_at      REAL NOT NULL,
-    updated_at      REAL NOT NULL,
-    ack_attempts    INTEGER NOT NULL DEFAULT 0,
-    next_ack_at     REAL
-);
-CREATE INDEX IF NOT EXISTS outbound_ack ON outbound (next_ack_at) WHERE state IN ('sent','failing');
-CREATE INDEX IF NOT EXISTS outbound_updated ON outbound (updated_at);
-
-CREATE TABLE IF NOT EXISTS dead_letter (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind            TEXT NOT NULL,
-    instance_id     TEXT NOT NULL,
-    ref             TEXT NOT NULL,
-    payload         TEXT,
-    reason          TEXT NOT NULL,
-    status_code     INTEGER,
-    response        TEXT,
-    created_at      REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_letter_created ON dead_letter (created_at);
-
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
+__all__ = ["InboundRow", "JournalTooNew", "OutboundRow", "Store", "StoreOpenError", "StoreUnavailable",
+           "StoreWriteError"]
 
 OUTBOUND_TERMINAL = ("marked", "failed")
 JOURNAL_RETENTION_S = 7 * 24 * 3600
 DEAD_LETTER_RETENTION_S = 30 * 24 * 3600
+MIN_HEADROOM_BYTES = 8 * 1024 * 1024
 
 
 class StoreUnavailable(Exception):
-    """The store cannot be written (disk full, read-only, I/O error)."""
+    """The store cannot be used right now (disk full, read-only, I/O error, locked)."""
+
+
+class StoreWriteError(StoreUnavailable):
+    """A write failed: the store is marked unwritable until the probe finds headroom."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +65,12 @@ class InboundRow:
     payload: dict[str, Any]
     created_at: float
     attempts: int
+    server_errors: int = 0
+    next_attempt_at: float = 0.0
+
+    @property
+    def chat_key(self) -> tuple[str, str]:
+        return (self.instance_id, self.chat_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,45 +83,61 @@ class OutboundRow:
     ack_attempts: int
 
 
+def headroom_needed(wal_bytes: int, floor: int = MIN_HEADROOM_BYTES) -> int:
+    """Free bytes the filesystem must have before the store counts as writable
+    again: the floor, or as much as the WAL already holds (it may grow that much
+    again before a checkpoint), whichever is larger."""
+    return max(floor, wal_bytes)
+
+
+_HEADS = "SELECT MIN(seq) AS seq FROM inbound GROUP BY instance_id, chat_id"
+
+
 class Store:
-    def __init__(self, path: Path, *, clock: Any = None) -> None:
+    """The journal at ``path``. Raises :class:`StoreOpenError` (or
+    :class:`JournalTooNew`) when the file cannot be used; never deletes it."""
+
+    def __init__(self, path: Path, *, clock: Any = None, min_headroom_bytes: int = MIN_HEADROOM_BYTES) -> None:
         self.path = path
         self._now = (clock.time if clock is not None else time.time)
+        self.min_headroom_bytes = min_headroom_bytes
         self.writable = True
         self.last_error: str | None = None
-        if str(path) != ":memory:":
-            ensure_private_dir(path.parent)
-            if not path.exists():
-                path.touch(mode=FILE_MODE)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
-        if str(path) != ":memory:":
-            tighten_tree(path)
-            for suffix in ("-wal", "-shm"):
-                side = Path(str(path) + suffix)
-                if side.exists():
-                    tighten_tree(side)
+        self._memory = str(path) == MEMORY
+        self._db = open_db(path)
+        try:
+            self.schema_version = migrate(self._db, path)
+        except StoreOpenError:
+            self._db.close()
+            raise
+        if not self._memory:
+            tighten_private(Path(path))
 
     def close(self) -> None:
-        self._db.close()
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
 
     # ------------------------------------------------------------------ plumbing
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:
-            cur = self._db.execute(sql, params)
-        except sqlite3.OperationalError as exc:
+            return self._db.execute(sql, params)
+        except sqlite3.IntegrityError as exc:
+            # a constraint, not the disk: the store itself is fine
+            raise StoreUnavailable(f"constraint failed: {exc}") from exc
+        except sqlite3.Error as exc:
             self._mark_unwritable(exc)
-            raise StoreUnavailable(str(exc)) from exc
-        if not self.writable:
-            self.writable = True
-            self.last_error = None
-            log.warning("state store is writable again")
-        return cur
+            raise StoreWriteError(str(exc)) from exc
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"read failed: {exc}") from exc
+
+    def _scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        rows = self._read(sql, params)
+        return rows[0][0] if rows else None
 
     def _mark_unwritable(self, exc: Exception) -> None:
         if self.writable:
@@ -153,13 +146,61 @@ class Store:
         self.writable = False
         self.last_error = str(exc)
 
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        self._write("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._write("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # SQLite may have rolled back by itself (disk full)
+                log.debug("rollback: %s", exc)
+
+    def free_bytes(self) -> int | None:
+        """Free bytes on the journal's filesystem (None for an in-memory store)."""
+        if self._memory:
+            return None
+        st = os.statvfs(Path(self.path).parent)
+        return st.f_bavail * st.f_frsize
+
+    def _wal_bytes(self) -> int:
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return 0
+
     def probe_writable(self) -> bool:
-        """A tiny real write; used by readiness and to detect recovery."""
+        """Is the store writable? Headroom on the filesystem and a tiny real
+        write, both required. Used by readiness and to detect recovery: the
+        store is declared writable again only here."""
+        try:
+            free = self.free_bytes()
+        except OSError as exc:
+            self._mark_unwritable(exc)
+            return False
+        if free is not None:
+            needed = headroom_needed(self._wal_bytes(), self.min_headroom_bytes)
+            if free < needed:
+                if self.writable:
+                    self._mark_unwritable(OSError(f"only {free} bytes free, {needed} needed"))
+                self.last_error = f"only {free} bytes free on the journal's filesystem, {needed} needed"
+                return False
         try:
             self._write("INSERT INTO meta (key, value) VALUES ('probe', ?) "
                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(self._now()),))
         except StoreUnavailable:
             return False
+        if not self.writable:
+            self.writable = True
+            self.last_error = None
+            log.warning("state store is writable again (%d bytes free)", free or 0)
         return True
 
     # ------------------------------------------------------------------ inbound outbox
@@ -174,32 +215,50 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def due_inbound_heads(self, limit: int = 64) -> list[InboundRow]:
-        """The oldest pending row of each chat, if it is due: delivering only
-        heads keeps every chat in arrival order while chats proceed in parallel."""
-        now = self._now()
-        rows = self._db.execute(
-            "SELECT i.* FROM inbound i "
-            "JOIN (SELECT MIN(seq) AS seq FROM inbound GROUP BY instance_id, chat_id) h ON h.seq = i.seq "
+    def due_inbound_heads(self, limit: int = 64, skip: Collection[tuple[str, str]] = ()) -> list[InboundRow]:
+        """The oldest pending row of each chat, if it is due, except the chats in
+        ``skip`` (in flight): delivering only heads keeps every chat in arrival
+        order while chats proceed independently."""
+        rows = self._read(
+            f"SELECT i.* FROM inbound i JOIN ({_HEADS}) h ON h.seq = i.seq "
             "WHERE i.next_attempt_at <= ? ORDER BY i.seq LIMIT ?",
-            (now, limit),
-        ).fetchall()
-        return [self._inbound_row(r) for r in rows]
+            (self._now(), limit + len(skip)),
+        )
+        heads = [self._inbound_row(r) for r in rows]
+        return [h for h in heads if h.chat_key not in skip][:limit]
 
-    def next_inbound_due_at(self) -> float | None:
-        row = self._db.execute(
-            "SELECT MIN(i.next_attempt_at) FROM inbound i "
-            "JOIN (SELECT MIN(seq) AS seq FROM inbound GROUP BY instance_id, chat_id) h ON h.seq = i.seq"
-        ).fetchone()
-        return row[0] if row else None
+    def inbound_heads(self, limit: int, skip: Collection[tuple[str, str]] = ()) -> list[InboundRow]:
+        """The oldest pending row of each chat not in ``skip``, due or not, the
+        earliest due first (one query gives the relay both what to start now
+        and when to look again)."""
+        rows = self._read(
+            f"SELECT i.* FROM inbound i JOIN ({_HEADS}) h ON h.seq = i.seq "
+            "ORDER BY i.next_attempt_at, i.seq LIMIT ?",
+            (limit + len(skip),),
+        )
+        heads = [self._inbound_row(r) for r in rows]
+        return [h for h in heads if h.chat_key not in skip][:limit]
+
+    def next_inbound_due_at(self, skip: Collection[tuple[str, str]] = ()) -> float | None:
+        """When the next head (of a chat not in ``skip``) is due."""
+        rows = self._read(
+            f"SELECT i.instance_id, i.chat_id, i.next_attempt_at FROM inbound i JOIN ({_HEADS}) h "
+            "ON h.seq = i.seq ORDER BY i.next_attempt_at LIMIT ?",
+            (len(skip) + 1,),
+        )
+        for r in rows:
+            if (r["instance_id"], r["chat_id"]) not in skip:
+                return float(r["next_attempt_at"])
+        return None
 
     def inbound_delivered(self, seq: int) -> None:
         self._write("DELETE FROM inbound WHERE seq = ?", (seq,))
 
-    def inbound_retry_later(self, seq: int, delay_s: float, error: str) -> None:
+    def inbound_retry_later(self, seq: int, delay_s: float, error: str, *, server_error: bool = False) -> None:
         self._write(
-            "UPDATE inbound SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? WHERE seq = ?",
-            (self._now() + delay_s, error[:500], seq),
+            "UPDATE inbound SET attempts = attempts + 1, server_errors = server_errors + ?, next_attempt_at = ?, "
+            "last_error = ? WHERE seq = ?",
+            (1 if server_error else 0, self._now() + delay_s, error[:500], seq),
         )
 
     def inbound_dead_letter(self, row: InboundRow, reason: str, status: int | None = None,
@@ -216,7 +275,7 @@ class Store:
     def expire_inbound(self, ttl_s: float) -> int:
         """Dead-letter rows older than the TTL; returns how many."""
         cutoff = self._now() - ttl_s
-        rows = self._db.execute("SELECT * FROM inbound WHERE created_at < ? ORDER BY seq", (cutoff,)).fetchall()
+        rows = self._read("SELECT * FROM inbound WHERE created_at < ? ORDER BY seq", (cutoff,))
         for r in rows:
             self.inbound_dead_letter(self._inbound_row(r), "expired", None, r["last_error"])
         return len(rows)
@@ -224,13 +283,13 @@ class Store:
     @staticmethod
     def _inbound_row(r: sqlite3.Row) -> InboundRow:
         return InboundRow(r["seq"], r["instance_id"], r["chat_id"], r["wa_message_id"], json.loads(r["payload"]),
-                          r["created_at"], r["attempts"])
+                          r["created_at"], r["attempts"], r["server_errors"], r["next_attempt_at"])
 
     # ------------------------------------------------------------------ outbound journal
 
     def outbound_get(self, message_id: str) -> OutboundRow | None:
-        r = self._db.execute("SELECT * FROM outbound WHERE message_id = ?", (message_id,)).fetchone()
-        return self._outbound_row(r) if r else None
+        rows = self._read("SELECT * FROM outbound WHERE message_id = ?", (message_id,))
+        return self._outbound_row(rows[0]) if rows else None
 
     def begin_send(self, message_id: str, instance_id: str, to_jid: str) -> bool:
         """Record ``sending``. False if the id is already journaled (never send twice)."""
@@ -272,17 +331,26 @@ class Store:
             (now, now, message_id),
         )
 
-    def due_acks(self, limit: int = 64) -> list[OutboundRow]:
-        rows = self._db.execute(
+    def due_acks(self, limit: int = 64, skip: Collection[str] = ()) -> list[OutboundRow]:
+        """Rows whose acknowledgement is due, except the ids in ``skip`` (in flight)."""
+        rows = self._read(
             "SELECT * FROM outbound WHERE state IN ('sent','failing') AND next_ack_at <= ? "
             "ORDER BY next_ack_at LIMIT ?",
-            (self._now(), limit),
-        ).fetchall()
-        return [self._outbound_row(r) for r in rows]
+            (self._now(), limit + len(skip)),
+        )
+        return [self._outbound_row(r) for r in rows if r["message_id"] not in skip][:limit]
 
-    def next_ack_due_at(self) -> float | None:
-        row = self._db.execute("SELECT MIN(next_ack_at) FROM outbound WHERE state IN ('sent','failing')").fetchone()
-        return row[0] if row else None
+    def next_ack_due_at(self, skip: Collection[str] = ()) -> float | None:
+        """When the next acknowledgement (of an id not in ``skip``) is due."""
+        rows = self._read(
+            "SELECT message_id, next_ack_at FROM outbound WHERE state IN ('sent','failing') "
+            "ORDER BY next_ack_at LIMIT ?",
+            (len(skip) + 1,),
+        )
+        for r in rows:
+            if r["message_id"] not in skip:
+                return float(r["next_ack_at"])
+        return None
 
     def ack_done(self, message_id: str) -> None:
         self._write(
@@ -314,7 +382,7 @@ class Store:
         """Rows left ``sending`` by a crash. At-most-once: report them failed
         (``delivery_unknown``). At-least-once: forget them so the proxy's next
         offer sends them again."""
-        ids = [r[0] for r in self._db.execute("SELECT message_id FROM outbound WHERE state = 'sending'")]
+        ids = [r[0] for r in self._read("SELECT message_id FROM outbound WHERE state = 'sending'")]
         for mid in ids:
             if at_least_once:
                 self._write("DELETE FROM outbound WHERE message_id = ? AND state = 'sending'", (mid,))
@@ -346,35 +414,15 @@ class Store:
         return n
 
     def counts(self) -> dict[str, int]:
-        q = self._db.execute
+        q = self._scalar
         return {
-            "inbound_pending": q("SELECT COUNT(*) FROM inbound").fetchone()[0],
-            "inbound_dead_letter": q("SELECT COUNT(*) FROM dead_letter WHERE kind = 'inbound'").fetchone()[0],
-            "outbound_pending_acks": q("SELECT COUNT(*) FROM outbound WHERE state IN ('sent','failing')").fetchone()[0],
-            "outbound_in_flight": q("SELECT COUNT(*) FROM outbound WHERE state = 'sending'").fetchone()[0],
-            "dead_letter": q("SELECT COUNT(*) FROM dead_letter").fetchone()[0],
+            "inbound_pending": q("SELECT COUNT(*) FROM inbound"),
+            "inbound_dead_letter": q("SELECT COUNT(*) FROM dead_letter WHERE kind = 'inbound'"),
+            "outbound_pending_acks": q("SELECT COUNT(*) FROM outbound WHERE state IN ('sent','failing')"),
+            "outbound_in_flight": q("SELECT COUNT(*) FROM outbound WHERE state = 'sending'"),
+            "dead_letter": q("SELECT COUNT(*) FROM dead_letter"),
         }
 
     def dead_letters(self, kind: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM dead_letter" + (" WHERE kind = ?" if kind else "") + " ORDER BY id"
-        return [dict(r) for r in self._db.execute(sql, (kind,) if kind else ())]
-
-    class _Tx:
-        def __init__(self, store: "Store") -> None:
-            self.store = store
-
-        def __enter__(self) -> None:
-            self.store._write("BEGIN IMMEDIATE")
-
-        def __exit__(self, exc_type: Any, *_: Any) -> None:
-            if exc_type is None:
-                try:
-                    self.store._write("COMMIT")
-                except StoreUnavailable:
-                    self.store._db.execute("ROLLBACK")
-                    raise
-            else:
-                self.store._db.execute("ROLLBACK")
-
-    def _tx(self) -> "Store._Tx":
-        return Store._Tx(self)
+        return [dict(r) for r in self._read(sql, (kind,) if kind else ())]

@@ -1,0 +1,140 @@
+"""The journal's schema, versioned with ``PRAGMA user_version``.
+
+Each :class:`Migration` moves the schema from ``version - 1`` to ``version``
+in one transaction (its SQL and the new ``user_version`` commit together, or
+nothing does). Append new steps; never edit a released one.
+
+Version 1 is the schema every worker shipped before versioning existed (with
+``user_version`` 0): such a file is recognised by its tables and adopted as
+version 1 without touching its rows. A file newer than the code is refused.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from .db import StoreOpenError
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+V1_INITIAL = """
+CREATE TABLE IF NOT EXISTS inbound (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_id     TEXT NOT NULL,
+    chat_id         TEXT NOT NULL,
+    wa_message_id   TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT,
+    UNIQUE (instance_id, wa_message_id)
+);
+CREATE INDEX IF NOT EXISTS inbound_chat ON inbound (instance_id, chat_id, seq);
+CREATE INDEX IF NOT EXISTS inbound_due ON inbound (next_attempt_at);
+
+CREATE TABLE IF NOT EXISTS outbound (
+    message_id      TEXT PRIMARY KEY,
+    instance_id     TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('sending','sent','marked','failing','failed')),
+    to_jid          TEXT,
+    wa_message_id   TEXT,
+    error           TEXT,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    ack_attempts    INTEGER NOT NULL DEFAULT 0,
+    next_ack_at     REAL
+);
+CREATE INDEX IF NOT EXISTS outbound_ack ON outbound (next_ack_at) WHERE state IN ('sent','failing');
+CREATE INDEX IF NOT EXISTS outbound_updated ON outbound (updated_at);
+
+CREATE TABLE IF NOT EXISTS dead_letter (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind            TEXT NOT NULL,
+    instance_id     TEXT NOT NULL,
+    ref             TEXT NOT NULL,
+    payload         TEXT,
+    reason          TEXT NOT NULL,
+    status_code     INTEGER,
+    response        TEXT,
+    created_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letter_created ON dead_letter (created_at);
+
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# server errors counted apart from timeouts and outages: a message the proxy
+# keeps failing on is dead-lettered after INBOUND_MAX_ATTEMPTS of them
+V2_INBOUND_SERVER_ERRORS = """
+ALTER TABLE inbound ADD COLUMN server_errors INTEGER NOT NULL DEFAULT 0;
+"""
+
+WORKER_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial", V1_INITIAL),
+    Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
+)
+# the tables a pre-versioning (user_version 0) journal has
+V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})
+
+
+class JournalTooNew(StoreOpenError):
+    """The file was written by a newer wa-worker (its schema version is unknown here)."""
+
+
+def user_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite3.Connection, path: Path | str, migrations: tuple[Migration, ...] = WORKER_MIGRATIONS,
+            legacy_tables: frozenset[str] = V1_TABLES) -> int:
+    """Bring the schema to the latest version; returns it. Raises
+    :class:`JournalTooNew` or :class:`StoreOpenError` (a failed step leaves the
+    file as it was before that step)."""
+    latest = migrations[-1].version
+    try:
+        current = user_version(db)
+        if current > latest:
+            raise JournalTooNew(path, f"its schema version is {current}, newer than this wa-worker knows "
+                                      f"({latest}); run a wa-worker at least as new as the one that wrote it")
+        foreign = _tables(db) - legacy_tables - {"sqlite_sequence"} if current == 0 else set()
+        if foreign and legacy_tables:
+            names = ", ".join(sorted(foreign))
+            raise StoreOpenError(path, f"it holds tables that are not a wa-worker journal ({names}); "
+                                       "point STATE_DB at a file of its own")
+        if current == 0 and legacy_tables and legacy_tables <= _tables(db):
+            # written before versioning: version 1 by construction (its SQL is
+            # idempotent, so re-running it only adds what might be missing)
+            _apply(db, migrations[0])
+            current = 1
+        for step in migrations:
+            if step.version > current:
+                _apply(db, step)
+                current = step.version
+    except sqlite3.Error as exc:
+        raise StoreOpenError(path, f"schema migration failed ({exc}); the file was left as it was") from None
+    return current
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _apply(db: sqlite3.Connection, step: Migration) -> None:
+    # executescript commits any open transaction first, so the transaction is
+    # part of the script itself; a failing statement stops it with BEGIN open
+    script = f"BEGIN IMMEDIATE;\n{step.sql}\nPRAGMA user_version = {int(step.version)};\nCOMMIT;"
+    try:
+        db.executescript(script)
+    except sqlite3.Error:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
