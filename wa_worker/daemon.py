@@ -80,10 +80,14 @@ class Worker:
                                        timeout_s=settings.EDGE_TIMEOUT_S,
                                        max_response_bytes=settings.EDGE_MAX_RESPONSE_BYTES)
         self.store = _open_store(settings.STATE_DB, self.clock)
+        # the relays report each round (and store trouble) to these; their crashes count too
+        self.inbound_health = LoopHealth("inbound relay", self.clock)
+        self.acks_health = LoopHealth("acknowledger", self.clock)
         self.inbound = InboundRelay(self.store, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
                                     clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
-                                    max_attempts=settings.INBOUND_MAX_ATTEMPTS)
-        self.acks = Acknowledger(self.store, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s)
+                                    max_attempts=settings.INBOUND_MAX_ATTEMPTS, health=self.inbound_health)
+        self.acks = Acknowledger(self.store, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
+                                 health=self.acks_health)
         self.outbound = OutboundRelay(self.store, self.acks)
         self.host = host
         self.port: int | None = None  # the bound port, once serving
@@ -115,9 +119,6 @@ class Worker:
             batch_poll=settings.BATCH_POLL,
         )
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
-        # the relays have no heartbeat of their own: only their crashes count
-        self.inbound_health = LoopHealth("inbound relay", self.clock)
-        self.acks_health = LoopHealth("acknowledger", self.clock)
         # a loop is stale after three of its longest iterations (its longest wait plus a proxy call that
         # times out), and never sooner than the proxy silence /ready tolerates (that is the edge check's business)
         call_s = settings.EDGE_TIMEOUT_S

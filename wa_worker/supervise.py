@@ -48,13 +48,24 @@ class LoopHealth:
         """One successful iteration."""
         self.last_ok = self.clock.monotonic()
 
+    def record_failure(self, exc: BaseException) -> bool:
+        """One failed iteration; True when it starts a failing episode (worth an ERROR line)."""
+        news = not self.failing(self.clock.monotonic())
+        self.failures += 1
+        self.last_failure_at = self.clock.monotonic()
+        # the type only: /ready and /health are unauthenticated, the message may name an instance
+        self.last_error = type(exc).__name__
+        return news
+
     def failing(self, now: float) -> bool:
-        """In its last-resort handler: crashed and not yet succeeded since."""
+        """Failed and not yet succeeded since."""
         if self.last_failure_at is None or self.finished:
             return False
-        if self.stale_after_s is None:  # no heartbeat: healthy once it has run a while without crashing
+        if self.last_ok is not None and self.last_ok > self.last_failure_at:
+            return False
+        if self.stale_after_s is None:  # no heartbeat: healthy once it has run a while without failing
             return now - self.last_failure_at < SETTLE_S
-        return self.last_ok is None or self.last_ok < self.last_failure_at
+        return True
 
     def stale(self, now: float) -> bool:
         if self.stale_after_s is None or self.finished or self.started_at is None:
@@ -111,6 +122,13 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
 
 
+def report_failure(health: LoopHealth | None, name: str, exc: BaseException, logger: logging.Logger) -> None:
+    """A loop that handles its own failure (and retries) still tells readiness:
+    one ERROR line when a failing episode starts, DEBUG while it lasts."""
+    news = health.record_failure(exc) if health is not None else True
+    logger.log(logging.ERROR if news else logging.DEBUG, "%s failing (%s); retrying", name, describe_error(exc))
+
+
 def _recovered(health: LoopHealth | None, ran_s: float) -> bool:
     if ran_s >= SETTLE_S:
         return True
@@ -137,10 +155,7 @@ async def forever(name: str, fn: Callable[[], Awaitable[None]], *, clock: Clock,
             delay = backoff.next_delay()
             what = describe_error(exc)
             if health is not None:
-                health.failures += 1
-                health.last_failure_at = clock.monotonic()
-                # the type only: /ready and /health are unauthenticated, the message may name an instance
-                health.last_error = type(exc).__name__
+                health.record_failure(exc)
             # one line with context every time; the traceback once per distinct error
             logger.error("%s loop failed (%s); restarting it in %.1fs", name, what, delay,
                          exc_info=traceback_once(exc))

@@ -49,8 +49,8 @@ from ..backends.qr import qr_png_data_url
 from ..edge.client import EdgeClient, EdgeError, InstanceGone
 from ..edge.models import QueuedMessage, Status, StatusUpdate
 from ..fsutil import wipe_dir
-from ..storage.store import StoreUnavailable
-from ..supervise import LoopHealth, forever
+from ..storage.store import StoreUnavailable, StoreWriteError
+from ..supervise import LoopHealth, forever, report_failure
 from ..timing import AdaptiveInterval, Backoff, Clock
 
 if TYPE_CHECKING:
@@ -413,6 +413,7 @@ class InstanceRunner:
             last_start = self.ctx.clock.monotonic()
             if not self.ctx.store_writable():
                 wait = 5.0  # pull no new work we could not journal
+                self.outbound_health.ok()
             elif self.ctx.batch_mode():
                 wait = await self._drain_inbox(session)
             else:
@@ -423,9 +424,9 @@ class InstanceRunner:
                     return
                 except EdgeError:
                     wait = self.poll_interval.idle()
+                    self.outbound_health.ok()
                 else:
                     wait = await self._process(session, messages)
-            self.outbound_health.ok()
             if wait > 0 and await self.ctx.clock.wait(self._wake, wait):
                 await _wake_gap(self.ctx.clock, last_start)
 
@@ -436,13 +437,18 @@ class InstanceRunner:
         return 0.0
 
     async def _process(self, session: Session, messages: list[QueuedMessage]) -> float:
+        """Send what a poll returned; returns the wait before the next poll."""
         if not messages:
+            self.outbound_health.ok()
             return self.poll_interval.idle()
         try:
             new = await self.ctx.outbound.process(self.instance_id, session, messages,
                                                   stopping=lambda: self._stop_requested)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            if not isinstance(exc, StoreWriteError):  # a full disk has its own readiness reason
+                report_failure(self.outbound_health, f"{self.instance_id}: outbound", exc, log)
             return 5.0
+        self.outbound_health.ok()
         self.poll_interval.activity()
         # more may be queued behind what we just sent: ask again at once, but never
         # spin on a proxy that keeps re-offering messages we already handled

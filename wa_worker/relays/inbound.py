@@ -23,7 +23,8 @@ import anyio.abc
 
 from ..backends.base import InboundMessage
 from ..edge.client import EdgeClient, EdgeError
-from ..storage.store import InboundRow, Store, StoreUnavailable
+from ..storage.store import InboundRow, Store, StoreUnavailable, StoreWriteError
+from ..supervise import LoopHealth, report_failure
 from ..timing import Clock, backoff_delay
 
 log = logging.getLogger("wa_worker.inbound")
@@ -68,8 +69,9 @@ class InboundRelay:
     def __init__(self, store: Store, edge: EdgeClient, *, ttl_s: float, clock: Clock | None = None,
                  concurrency: int = 16, rng: random.Random | None = None, retry_base_s: float = RETRY_BASE_S,
                  retry_cap_s: float = RETRY_CAP_S, max_attempts: int = MAX_ATTEMPTS,
-                 max_chats_in_flight: int = 64) -> None:
+                 max_chats_in_flight: int = 64, health: LoopHealth | None = None) -> None:
         self.store = store
+        self.health = health  # told about every round: store reads that fail make /ready say so
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
         self.max_attempts = max_attempts
@@ -148,8 +150,14 @@ class InboundRelay:
                     else:
                         timeout = self._start_due(tg, free)
                 except StoreUnavailable as exc:
-                    log.debug("inbound relay: store unavailable (%s), backing off", exc)
+                    if isinstance(exc, StoreWriteError):  # a full disk: /ready says "store not writable"
+                        log.debug("inbound relay: store not writable (%s), backing off", exc)
+                    else:
+                        report_failure(self.health, "inbound relay", exc, log)
                     timeout = STORE_BACKOFF_S * 5
+                else:
+                    if self.health is not None:
+                        self.health.ok()
                 if self._memory:
                     timeout = min(timeout, 5.0)
                 # a zero timeout still yields once: due rows beyond the ones just started

@@ -24,7 +24,8 @@ import anyio
 from ..backends.base import SendError, Session
 from ..edge.client import EdgeClient, EdgeError
 from ..edge.models import QueuedMessage
-from ..storage.store import OutboundRow, Store, StoreUnavailable
+from ..storage.store import OutboundRow, Store, StoreUnavailable, StoreWriteError
+from ..supervise import LoopHealth, report_failure
 from ..timing import Clock, backoff_delay
 
 log = logging.getLogger("wa_worker.outbound")
@@ -104,8 +105,9 @@ class Acknowledger:
 
     def __init__(self, store: Store, edge: EdgeClient, *, clock: Clock | None = None, concurrency: int = 8,
                  rng: random.Random | None = None, retry_base_s: float = ACK_RETRY_BASE_S,
-                 retry_cap_s: float = ACK_RETRY_CAP_S) -> None:
+                 retry_cap_s: float = ACK_RETRY_CAP_S, health: LoopHealth | None = None) -> None:
         self.store = store
+        self.health = health  # told about every round: store reads that fail make /ready say so
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
         self.edge = edge
@@ -171,9 +173,14 @@ class Acknowledger:
                             tg.start_soon(self._ack_task, row)
                     next_due = self.store.next_ack_due_at(skip=self._in_flight)
                 except StoreUnavailable as exc:
-                    log.debug("acknowledger: store unavailable (%s), backing off", exc)
+                    if isinstance(exc, StoreWriteError):  # a full disk: /ready says "store not writable"
+                        log.debug("acknowledger: store not writable (%s), backing off", exc)
+                    else:
+                        report_failure(self.health, "acknowledger", exc, log)
                     timeout = 5.0
                 else:
+                    if self.health is not None:
+                        self.health.ok()
                     timeout = 60.0 if next_due is None else max(0.0, next_due - self.clock.time())
                     if len(self._in_flight) >= self.concurrency:
                         timeout = 60.0  # every slot busy: a finishing task wakes us
