@@ -18,7 +18,7 @@ the state store on a real disk file vs on tmpfs, and raw store operations/s.
   (``write``/``fsync`` to the device). ``synchronous=OFF`` would instead change
   what SQLite does and keep the disk writes, so it isolates less. The
   simulator's own sent log (fsynced per send) lives on tmpfs in both modes.
-* Raw store: ``Store`` called directly, per message ``begin_send + record_sent
+* Raw store: ``Journal`` called directly, per message ``begin_send + record_sent
   + ack_done`` (outbound) and ``add_inbound + inbound_delivered`` (inbound), on
   disk / tmpfs / ``:memory:`` and disk with ``synchronous=OFF`` / ``FULL``.
 
@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from wa_worker.backends.simulator import SimulatorBackend
 from wa_worker.config import Settings
 from wa_worker.daemon import Worker
-from wa_worker.storage.store import Store
+from wa_worker.storage.journal import Journal
 
 
 def log(msg: str) -> None:
@@ -60,7 +60,7 @@ def log(msg: str) -> None:
 
 
 def raw_store(path: Path | str, m: int, synchronous: str | None = None) -> dict[str, float]:
-    store = Store(Path(path) if path != ":memory:" else Path(":memory:"))
+    store = Journal(Path(path) if path != ":memory:" else Path(":memory:"))
     if synchronous:
         store._db.execute(f"PRAGMA synchronous={synchronous}")
     per_msg: list[float] = []
@@ -226,7 +226,7 @@ def report(r: dict[str, Any]) -> str:
     lines.append(table(["direction", "STATE_DB on", "msgs/s", "range", "worker CPU %", "proxy CPU %",
                         "cost vs tmpfs"], rows))
     lines.append("")
-    lines.append(f"Raw Store operations ({r.get('raw_messages', '')} messages, median of 3)")
+    lines.append(f"Raw Journal operations ({r.get('raw_messages', '')} messages, median of 3)")
     rows = [[label, fmt(x["outbound_msgs_per_s"], 0), fmt(x["outbound_us_per_msg"], 1), fmt(x["outbound_p99_us"], 0),
              fmt(x["outbound_max_us"] / 1000, 1), fmt(x["inbound_msgs_per_s"], 0), fmt(x["inbound_us_per_msg"], 1)]
             for label, x in r["raw_store"].items()]

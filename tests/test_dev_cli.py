@@ -23,7 +23,7 @@ from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.cli import main
 from wa_worker.dev.proxy import ProxyEvent
 from wa_worker.dev.state import DevPaths, DevStateError, resolve_secret
-from wa_worker.dev.store import Store
+from wa_worker.dev.store import DevStore
 from wa_worker.dev.terminal import TerminalPrinter, render_qr
 
 SECRET = "cli-test-secret-abcdef"
@@ -44,7 +44,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def proxy(state_dir: Path):
-    store = Store(state_dir / "proxy.db")
+    store = DevStore(state_dir / "proxy.db")
     with BackgroundProxy(store, SECRET) as bp:
         (state_dir / "proxy-url").write_text(bp.url + "\n")
         yield bp

@@ -24,7 +24,7 @@ import pytest
 import qrcode
 
 from wa_worker.dev.background import BackgroundProxy
-from wa_worker.dev.store import Store
+from wa_worker.dev.store import DevStore
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ def qr_data_url(text: str) -> str:
 
 @pytest.fixture
 def proxy(tmp_path: Path):
-    store = Store(tmp_path / "proxy.db")
+    store = DevStore(tmp_path / "proxy.db")
     store.add_instance("acme-sales")
     store.update_status("acme-sales", "CONNECTING", qr_code=qr_data_url(QR_TEXT))
     store.add_instance("acme-support", priority=1)

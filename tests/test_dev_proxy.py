@@ -14,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.page import check_local
-from wa_worker.dev.store import CLAIM_LEASE_S, Store
+from wa_worker.dev.store import CLAIM_LEASE_S, DevStore
 
 SECRET = "test-secret-0123456789"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -40,7 +40,7 @@ def events() -> list:
 
 @pytest.fixture
 def proxy(tmp_path: Path, clock: Clock, events: list):
-    store = Store(tmp_path / "proxy.db", clock=clock)
+    store = DevStore(tmp_path / "proxy.db", clock=clock)
     with BackgroundProxy(store, SECRET, on_event=events.append) as bp:
         yield bp
     store.close()
@@ -459,7 +459,7 @@ class _WakeRecorder:
 
 
 def test_queueing_wakes_the_worker(tmp_path: Path) -> None:
-    store = Store(tmp_path / "p.db")
+    store = DevStore(tmp_path / "p.db")
     store.add_instance("acme")
     with _WakeRecorder() as worker, BackgroundProxy(store, SECRET, wake_url=worker.url) as bp:
         r = httpx.post(bp.url + "/dev/messages", headers=AUTH, json={"instanceId": "acme", "to": "5511999990000",
@@ -478,7 +478,7 @@ def test_queueing_wakes_the_worker(tmp_path: Path) -> None:
 
 
 def test_wake_errors_are_ignored(tmp_path: Path) -> None:
-    store = Store(tmp_path / "p.db")
+    store = DevStore(tmp_path / "p.db")
     store.add_instance("acme")
     with _WakeRecorder() as dead:
         url = dead.url

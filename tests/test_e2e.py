@@ -114,7 +114,7 @@ async def test_mark_failed_404_logged_once_then_not_called(proxy, tmp_path, capl
         await wait_until(lambda: proxy.calls["mark-failed"] == 1)
         proxy.enqueue("acme", "bad2", "13", "y")
         await wait_until(lambda: w.outbound.failed == 2)
-        await wait_until(lambda: all(w.store.outbound_get(m).ack_attempts >= 1 for m in ("bad1", "bad2")))
+        await wait_until(lambda: all(w.journal.outbound_get(m).ack_attempts >= 1 for m in ("bad1", "bad2")))
         # not acknowledged: both stay pending (reported after a restart, see test_relays.py)
         assert w.health()["outbound"]["pending_acks"] == 2
         assert proxy.calls["mark-failed"] == 1

@@ -24,7 +24,7 @@ from anyio.abc import SocketStream
 from tests.conftest import make_settings, running_worker, wait_until
 from tests.proc import ROOT
 from wa_worker.dev.background import BackgroundProxy
-from wa_worker.dev.store import Store
+from wa_worker.dev.store import DevStore
 from wa_worker.fdguard import FdBudget, FdUsage, fd_usage
 from wa_worker.http.common import bearer_matches, decode_json_object, json_depth, read_json_object
 from wa_worker.http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite, is_loopback, max_connections_for
@@ -299,7 +299,7 @@ def test_json_depth():
 
 @pytest.fixture
 def dev_proxy(tmp_path: Path):
-    store = Store(tmp_path / "proxy.db")
+    store = DevStore(tmp_path / "proxy.db")
     store.add_instance("a")
     with BackgroundProxy(store, SECRET) as bp:
         yield bp

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import make_settings, running_worker, wait_until
 from tests.fakeproxy import SECRET
 from tests.proc import ROOT, start_worker, worker_env
-from wa_worker.storage.store import Store
+from wa_worker.storage.journal import Journal
 
 pytestmark = pytest.mark.anyio
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -45,7 +45,7 @@ async def connect(w, proxy, iid="acme"):
 
 
 def test_store_states_and_never_twice(tmp_path):
-    s = Store(tmp_path / "s" / "db.sqlite")
+    s = Journal(tmp_path / "s" / "db.sqlite")
     assert s.begin_send("m1", "a", "1@s.whatsapp.net") is True
     assert s.begin_send("m1", "a", "1@s.whatsapp.net") is False
     s.record_sent("m1", "WA1")
@@ -63,7 +63,7 @@ def test_store_states_and_never_twice(tmp_path):
 
 
 def test_store_inbound_heads_keep_chat_order(tmp_path):
-    s = Store(tmp_path / "db")
+    s = Journal(tmp_path / "db")
     for i in range(3):
         for chat in ("c1", "c2"):
             s.add_inbound("a", chat, f"{chat}-{i}", {"i": i})
@@ -84,7 +84,7 @@ def test_store_prune_and_ttl(tmp_path):
             return self.t
 
     c = Clock()
-    s = Store(tmp_path / "db", clock=c)
+    s = Journal(tmp_path / "db", clock=c)
     s.begin_send("old", "a", "j")
     s.record_sent("old", "W")
     s.ack_done("old")
@@ -137,7 +137,7 @@ async def test_permanent_4xx_dead_letters_and_continues(proxy, tmp_path):
         del proxy.fixed_status["inbound"]
         wa = await s.receive("5511900000001", "accepted")
         await wait_until(lambda: proxy.inbound_ids() == [wa])
-        dl = w.store.dead_letters("inbound")[0]
+        dl = w.journal.dead_letters("inbound")[0]
         assert dl["status_code"] == 422 and dl["reason"] == "rejected by proxy"
         # 429 is not permanent
         proxy.fixed_status["inbound"] = 429
@@ -212,7 +212,7 @@ async def test_disk_full_stops_pulling_stays_connected_and_recovers(proxy, tmp_p
         # inbound while full: kept in memory, not lost
         wa = await s.receive("5511900000001", "while full")
         proxy.enqueue("acme", "during", "5511988887777", "must wait")
-        await wait_until(lambda: not w.store.writable, what="store unwritable")
+        await wait_until(lambda: not w.journal.writable, what="store unwritable")
         await anyio.sleep(0.5)
         assert "during" not in proxy.sent_marks and w.backend.session("acme").state == "connected"
         assert "not writable" in " ".join(w.not_ready_reasons())
@@ -221,12 +221,12 @@ async def test_disk_full_stops_pulling_stays_connected_and_recovers(proxy, tmp_p
         # resume too early: a little space frees up, enough for the probe's write
         # but not for the work it would pull; the store stays unwritable
         crumb.unlink()
-        assert w.store.probe_writable() is False
-        assert not w.store.writable and "bytes free" in (w.store.last_error or "")
+        assert w.journal.probe_writable() is False
+        assert not w.journal.writable and "bytes free" in (w.journal.last_error or "")
         await anyio.sleep(0.5)
         assert "during" not in proxy.sent_marks and [m["body"] for m in w.backend.sent("acme")] == ["fine"]
         filler.unlink()
-        await wait_until(lambda: w.store.writable, timeout=10, what="recovered")
+        await wait_until(lambda: w.journal.writable, timeout=10, what="recovered")
         await wait_until(lambda: "during" in proxy.sent_marks, timeout=10)
         await wait_until(lambda: wa in proxy.inbound_ids(), timeout=10)
         assert [m["body"] for m in w.backend.sent("acme")] == ["fine", "must wait"]
@@ -264,7 +264,7 @@ async def test_random_faults_keep_the_invariants(proxy, tmp_path):
         def settled() -> bool:
             done = set(proxy.sent_marks) | set(proxy.failed_marks)
             got_in = {(p["instanceId"], p["wa_message_id"]) for p in proxy.inbound}
-            dead = {(d["instance_id"], d["ref"]) for d in w.store.dead_letters("inbound")}
+            dead = {(d["instance_id"], d["ref"]) for d in w.journal.dead_letters("inbound")}
             return len(done) == n_out and expected_in <= (got_in | dead)
 
         await wait_until(settled, timeout=120, what="every message settled")
@@ -279,7 +279,7 @@ async def test_random_faults_keep_the_invariants(proxy, tmp_path):
         assert sum(deliveries.values()) == len(proxy.sent_marks)
         # inbound: every message delivered; outages (503, timeouts) never dead-letter one
         assert len(expected_in) == n_in
-        assert w.store.dead_letters("inbound") == []
+        assert w.journal.dead_letters("inbound") == []
         assert expected_in <= {(p["instanceId"], p["wa_message_id"]) for p in proxy.inbound}
         assert proxy.inbound_posts >= len(proxy.inbound)
 

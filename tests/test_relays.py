@@ -23,7 +23,7 @@ from wa_worker.edge.client import EdgeClient
 from wa_worker.edge.models import QueuedMessage
 from wa_worker.relays.inbound import InboundRelay
 from wa_worker.relays.outbound import Acknowledger, OutboundRelay
-from wa_worker.storage.store import Store, StoreUnavailable
+from wa_worker.storage.journal import Journal, JournalUnavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -71,7 +71,7 @@ async def inbound_proxy() -> AsyncIterator[InboundProxy]:
         await runner.cleanup()
 
 
-def add(store: Store, chat: str, wa_id: str) -> None:
+def add(store: Journal, chat: str, wa_id: str) -> None:
     store.add_inbound("acme", chat, wa_id, {"instanceId": "acme", "chat_id": chat, "wa_message_id": wa_id,
                                             "body": wa_id})
 
@@ -79,7 +79,7 @@ def add(store: Store, chat: str, wa_id: str) -> None:
 async def test_a_slow_chat_never_holds_another(inbound_proxy, tmp_path):
     release_a = anyio.Event()
     inbound_proxy.decide = lambda body: release_a if body["chat_id"] == "A" else 200
-    store = Store(tmp_path / "db")
+    store = Journal(tmp_path / "db")
     add(store, "A", "a1")
     add(store, "A", "a2")
     for i in range(5):
@@ -114,7 +114,7 @@ async def test_a_poisoned_message_is_dead_lettered_and_its_chat_moves_on(inbound
         return 200
 
     inbound_proxy.decide = decide
-    store = Store(tmp_path / "db")
+    store = Journal(tmp_path / "db")
     add(store, "A", "poison")
     add(store, "A", "after")
     add(store, "B", "b0")
@@ -140,7 +140,7 @@ async def test_a_poisoned_message_is_dead_lettered_and_its_chat_moves_on(inbound
 
 async def test_the_relays_survive_store_errors_and_resume(inbound_proxy, tmp_path):
     path = tmp_path / "db"
-    store = Store(path)
+    store = Journal(path)
     add(store, "A", "a0")
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("ALTER TABLE inbound RENAME TO inbound_away")
@@ -175,7 +175,7 @@ async def test_a_slow_acknowledgement_never_holds_the_others(tmp_path):
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    store = Store(tmp_path / "db")
+    store = Journal(tmp_path / "db")
     edge = EdgeClient(url, SECRET, timeout_s=30)
     acks = Acknowledger(store, edge)
     store.begin_send("slow", "acme", "j")
@@ -212,7 +212,7 @@ async def test_worker_dead_letters_after_inbound_max_attempts(proxy, tmp_path):
         after = await s.receive("5511900000001", "after")
         await wait_until(lambda: proxy.inbound_ids() == [after], what="the chat moves on")
         assert w.health()["inbound"]["dead_lettered"] == 1
-        assert [d["ref"] for d in w.store.dead_letters("inbound")] == [poison]
+        assert [d["ref"] for d in w.journal.dead_letters("inbound")] == [poison]
 
 
 async def test_failures_stay_pending_while_the_proxy_has_no_mark_failed(proxy, tmp_path):
@@ -224,7 +224,7 @@ async def test_failures_stay_pending_while_the_proxy_has_no_mark_failed(proxy, t
         await wait_until(lambda: proxy.calls["mark-failed"] == 1 and w.outbound.failed == 1)
         await anyio.sleep(0.3)
         assert w.health()["outbound"]["pending_acks"] == 1  # not acknowledged: nobody heard of it
-        assert w.store.outbound_get("bad1").state == "failing"
+        assert w.journal.outbound_get("bad1").state == "failing"
         assert proxy.calls["mark-failed"] == 1  # and the proxy is not hammered
     # after a restart, with a proxy that learned /mark-failed, it is reported
     proxy.mark_failed_supported = True
@@ -232,7 +232,7 @@ async def test_failures_stay_pending_while_the_proxy_has_no_mark_failed(proxy, t
         await wait_until(lambda: "bad1" in proxy.failed_marks, what="reported after restart")
         assert proxy.failed_marks["bad1"][0].startswith("invalid recipient")
         await wait_until(lambda: w.health()["outbound"]["pending_acks"] == 0)
-        assert w.store.outbound_get("bad1").state == "failed"
+        assert w.journal.outbound_get("bad1").state == "failed"
 
 
 async def test_a_send_outcome_the_journal_cannot_take_is_kept_and_acknowledged_later(proxy, tmp_path):
@@ -241,9 +241,9 @@ async def test_a_send_outcome_the_journal_cannot_take_is_kept_and_acknowledged_l
     async with running_worker(settings) as w:
         await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="CONNECTED")
         w.backend.send_delay_s = 0.5
-        w.store._db.execute("PRAGMA busy_timeout=20")  # fail fast on the lock below
+        w.journal._db.execute("PRAGMA busy_timeout=20")  # fail fast on the lock below
         proxy.enqueue("acme", "racy", "5511988887777", "sent while the journal is locked")
-        await wait_until(lambda: (r := w.store.outbound_get("racy")) is not None and r.state == "sending",
+        await wait_until(lambda: (r := w.journal.outbound_get("racy")) is not None and r.state == "sending",
                          what="journaled as sending")
         # another writer holds the journal: the send completes but its outcome cannot be written
         locker = sqlite3.connect(settings.STATE_DB, isolation_level=None)
@@ -251,18 +251,18 @@ async def test_a_send_outcome_the_journal_cannot_take_is_kept_and_acknowledged_l
         try:
             await wait_until(lambda: len(w.backend.sent("acme")) == 1, what="WhatsApp has it")
             await wait_until(lambda: w.acks.unrecorded == 1, what="outcome kept in memory")
-            assert not w.store.writable
+            assert not w.journal.writable
             await anyio.sleep(0.3)
-            assert w.store.outbound_get("racy").state == "sending"
+            assert w.journal.outbound_get("racy").state == "sending"
             assert not proxy.sent_marks and not proxy.failed_marks
         finally:
             locker.execute("ROLLBACK")
             locker.close()
-        assert w.store.probe_writable()
+        assert w.journal.probe_writable()
         await wait_until(lambda: "racy" in proxy.sent_marks, what="acknowledged once journaled")
         wa_id = w.backend.sent("acme")[0]["wa_message_id"]
         assert proxy.sent_marks["racy"][0] == wa_id
-        assert w.acks.unrecorded == 0 and w.store.outbound_get("racy").state == "marked"
+        assert w.acks.unrecorded == 0 and w.journal.outbound_get("racy").state == "marked"
         assert not proxy.failed_marks  # never reported as delivery_unknown
         assert len(w.backend.sent("acme")) == 1
 
@@ -277,7 +277,7 @@ def test_simulator_send_delay_setting_reaches_the_backend(tmp_path):
 async def test_nothing_is_sent_while_the_store_is_unwritable_until_the_probe_says_so(tmp_path):
     from wa_worker.backends.simulator import SimulatorBackend
 
-    store = Store(tmp_path / "state" / "db")
+    store = Journal(tmp_path / "state" / "db")
     store._db.execute("PRAGMA busy_timeout=20")
     acks = Acknowledger(store, EdgeClient("http://127.0.0.1:9", SECRET))
     relay = OutboundRelay(store, acks)
@@ -293,12 +293,12 @@ async def test_nothing_is_sent_while_the_store_is_unwritable_until_the_probe_say
         await wait_until(lambda: session.state == "connected")
         locker = sqlite3.connect(tmp_path / "state" / "db", isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(JournalUnavailable):
             store.add_inbound("acme", "c", "w", {})  # a failed write: the store is unwritable
         locker.execute("ROLLBACK")
         locker.close()
         # a write would work again now, but nobody checked the headroom yet: nothing is claimed
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(JournalUnavailable):
             await relay.process("acme", session, [msg])
         assert backend.sent("acme") == [] and store.outbound_get("m1") is None
         assert store.probe_writable()

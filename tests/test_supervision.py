@@ -198,12 +198,12 @@ async def test_a_crashing_relay_does_not_end_the_worker_and_ready_says_which(pro
             r = await http.get(base + "/ready")
             assert r.status_code == 200 and r.json()["loops"]["discovery"]["last_ok_age_s"] < 5
             # a real SQLite fault the relay does not expect: its table is gone
-            w.store._db.execute("DROP TABLE inbound")
+            w.journal._db.execute("DROP TABLE inbound")
             w.inbound.wake()
             await wait_until(lambda: w.inbound_health.failures >= 1, what="relay failure caught")
             r = await http.get(base + "/ready")
             assert r.status_code == 503
-            assert "inbound relay loop failing: StoreUnavailable" in r.json()["reasons"], r.json()
+            assert "inbound relay loop failing: JournalUnavailable" in r.json()["reasons"], r.json()
             loops = (await http.get(base + "/health")).json()["loops"]
             assert loops["inbound relay"]["failing"] is True and loops["discovery"]["last_ok_age_s"] < 5
             # everything else carries on
@@ -285,15 +285,15 @@ async def test_a_failing_outbound_loop_is_restarted_inside_its_runner(proxy, tmp
         await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="connected")
         runner = w.manager.runners["acme"]
         # a real SQLite fault the relay does not expect: the journal's table is gone
-        schema = [r[0] for r in w.store._db.execute(
+        schema = [r[0] for r in w.journal._db.execute(
             "SELECT sql FROM sqlite_master WHERE tbl_name = 'outbound' AND sql IS NOT NULL ORDER BY type DESC")]
-        w.store._db.execute("DROP TABLE outbound")
+        w.journal._db.execute("DROP TABLE outbound")
         proxy.enqueue("acme", "m1", "5511988887777", "after the fault")
         await wait_until(lambda: runner.outbound_health.failures >= 1, what="outbound loop failure caught")
         assert w.health()["instances"]["failing_loops"] >= 1
         assert w.manager.runners["acme"] is runner and runner.state.value == "connected"
         assert w.backend.sent("acme") == []  # nothing is sent without a journal
-        w.store._db.executescript(";".join(schema))  # the fault goes away
+        w.journal._db.executescript(";".join(schema))  # the fault goes away
         await wait_until(lambda: "m1" in proxy.sent_marks, timeout=15, what="sent after the loop restarted")
         assert [m["body"] for m in w.backend.sent("acme")] == ["after the fault"]
         assert w.manager.crashes["acme"] == 0

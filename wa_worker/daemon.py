@@ -48,7 +48,7 @@ from .preflight import StartupError, check_paths
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
 from .storage.db import StoreOpenError
-from .storage.store import Store, StoreUnavailable
+from .storage.journal import Journal, JournalUnavailable
 from .supervise import LoopHealth, forever
 from .timing import Backoff, Clock
 
@@ -79,16 +79,16 @@ class Worker:
         self.edge = edge or EdgeClient(settings.edge_base_url, settings.WORKER_SECRET.get_secret_value(),
                                        timeout_s=settings.EDGE_TIMEOUT_S,
                                        max_response_bytes=settings.EDGE_MAX_RESPONSE_BYTES)
-        self.store = _open_store(settings.STATE_DB, self.clock)
+        self.journal = _open_journal(settings.STATE_DB, self.clock)
         # the relays report each round (and store trouble) to these; their crashes count too
         self.inbound_health = LoopHealth("inbound relay", self.clock)
         self.acks_health = LoopHealth("acknowledger", self.clock)
-        self.inbound = InboundRelay(self.store, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
+        self.inbound = InboundRelay(self.journal, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
                                     clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                     max_attempts=settings.INBOUND_MAX_ATTEMPTS, health=self.inbound_health)
-        self.acks = Acknowledger(self.store, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
+        self.acks = Acknowledger(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                  health=self.acks_health)
-        self.outbound = OutboundRelay(self.store, self.acks)
+        self.outbound = OutboundRelay(self.journal, self.acks)
         self.host = host
         self.port: int | None = None  # the bound port, once serving
         self.started_at = time.time()
@@ -108,7 +108,7 @@ class Worker:
                 msg_poll_max_s=settings.MSG_POLL_MAX_MS / 1000,
                 connect_timeout_s=settings.CONNECT_TIMEOUT_S,
                 start_limiter=anyio.CapacityLimiter(settings.START_CONCURRENCY),
-                store_writable=lambda: self.store.writable,
+                journal_writable=lambda: self.journal.writable,
                 batch_mode=lambda: self.manager.batch_mode(),
                 on_event=on_event,
                 rng=self.rng,
@@ -131,8 +131,8 @@ class Worker:
 
     def health(self) -> dict[str, Any]:
         try:
-            counts = self.store.counts()
-        except StoreUnavailable:
+            counts = self.journal.counts()
+        except JournalUnavailable:
             counts = {}
         return {
             "status": "ok",
@@ -150,7 +150,7 @@ class Worker:
                 "failed": self.outbound.failed,
                 "duplicates_suppressed": self.outbound.duplicates_suppressed,
             },
-            "store": {"writable": self.store.writable},
+            "store": {"writable": self.journal.writable},
             "process": self.fds.usage().as_health(),
             "edge": {
                 "calls": sum(self.edge.calls.values()),
@@ -171,7 +171,7 @@ class Worker:
         problem = self.edge.config_problem
         if problem is not None:
             reasons.append(problem)
-        if not self.store.writable:
+        if not self.journal.writable:
             reasons.append("state store not writable")
         if self.fds.level() != "ok":
             reasons.append("file descriptors nearly exhausted")
@@ -222,11 +222,11 @@ class Worker:
 
     async def _services_inner(self, task_status: Any) -> None:
         self._recover_journal()
-        runner = web.AppRunner(self._app(), handle_signals=False, **SERVER_OPTIONS)
-        await runner.setup()
+        web_runner = web.AppRunner(self._app(), handle_signals=False, **SERVER_OPTIONS)
+        await web_runner.setup()
         try:
-            await GuardedSite(runner, self.host, self.settings.PORT, self.http_guard).start()
-            self.port = runner.addresses[0][1] if runner.addresses else self.settings.PORT
+            await GuardedSite(web_runner, self.host, self.settings.PORT, self.http_guard).start()
+            self.port = web_runner.addresses[0][1] if web_runner.addresses else self.settings.PORT
             log.info("wa-worker up: backend=%s, proxy=%s, http=%s:%s", self.backend.name,
                      redact_url(self.settings.edge_base_url), self.host, self.port)
             for warning in placeholder_warnings(self.settings):
@@ -245,9 +245,9 @@ class Worker:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.move_on_after(3):
-                await runner.cleanup()
+                await web_runner.cleanup()
             await self.edge.aclose()
-            self.store.close()
+            self.journal.close()
             log.info("wa-worker stopped")
 
     def _app(self) -> web.Application:
@@ -260,9 +260,9 @@ class Worker:
         at_least_once = self.settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE
         try:
             # a restart is the moment to retry everything pending, not hours later
-            self.store.retry_all_now()
-            ids = self.store.recover_unknown_sends(at_least_once)
-        except StoreUnavailable as exc:
+            self.journal.retry_all_now()
+            ids = self.journal.recover_unknown_sends(at_least_once)
+        except JournalUnavailable as exc:
             log.error("could not recover the journal at start (%s): interrupted sends stay unreported until a "
                       "restart with a writable store", exc)
             return
@@ -282,7 +282,7 @@ class Worker:
         last_prune = 0.0
         while True:
             now = self.clock.monotonic()
-            if not self.store.writable and self.store.probe_writable():
+            if not self.journal.writable and self.journal.probe_writable():
                 self.acks.wake()
                 self.inbound.wake()
             fds = self.fds.usage()
@@ -303,17 +303,17 @@ class Worker:
             if now - last_prune > HOUSEKEEPING_EVERY_S:
                 last_prune = now
                 try:
-                    self.store.prune()
-                except StoreUnavailable:
+                    self.journal.prune()
+                except JournalUnavailable:
                     pass
             self.housekeeping_health.ok()
             await self.clock.sleep(STORE_PROBE_EVERY_S)
 
 
-def _open_store(path: Any, clock: Clock) -> Store:
+def _open_journal(path: Any, clock: Clock) -> Journal:
     """Open the journal; a file SQLite cannot use is a start-up error, never repaired or replaced."""
     try:
-        return Store(path, clock=clock)
+        return Journal(path, clock=clock)
     except StoreOpenError as exc:  # a folder, a foreign or newer database, a read-only file system ...
         raise StartupError(f"STATE_DB {path} cannot be used: {exc.cause} (file kept untouched)") from None
 

@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler
 
 from .page import add_page_routes, check_local, is_page_path
 from .proxy import PROXY_KEY, ApiError, DevProxy, ProxyEventCallback, add_api_routes, error_response
-from .store import Store
+from .store import DevStore
 
 
 @web.middleware
@@ -33,7 +33,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def create_app(
-    store: Store,
+    store: DevStore,
     secret: str,
     *,
     wake_url: str | None = None,

@@ -1,6 +1,6 @@
 """Run the reference proxy on a background thread (tests, notebooks, embedding).
 
-    with BackgroundProxy(Store(":memory:"), "s3cret-value") as proxy:
+    with BackgroundProxy(DevStore(":memory:"), "s3cret-value") as proxy:
         httpx.get(proxy.url + "/disconnected-instances", headers=...)
 
 The thread runs its own anyio event loop; its task group owns the proxy's
@@ -18,13 +18,13 @@ from aiohttp import web
 
 from .app import create_app
 from .proxy import PROXY_KEY, DevProxy, ProxyEventCallback
-from .store import Store
+from .store import DevStore
 
 
 class BackgroundProxy:
     def __init__(
         self,
-        store: Store,
+        store: DevStore,
         secret: str,
         *,
         host: str = "127.0.0.1",
@@ -65,17 +65,17 @@ class BackgroundProxy:
     async def _serve(self) -> None:
         self._token = anyio.lowlevel.current_token()
         self._stop = anyio.Event()
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        web_runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         try:
-            await runner.setup()
-            site = web.TCPSite(runner, self.host, self.port)
+            await web_runner.setup()
+            site = web.TCPSite(web_runner, self.host, self.port)
             await site.start()
-            if runner.addresses:
-                self.port = runner.addresses[0][1]
+            if web_runner.addresses:
+                self.port = web_runner.addresses[0][1]
             self._serving = True
         except OSError as exc:  # e.g. a busy port: start() raises it
             self._error = exc
-            await runner.cleanup()
+            await web_runner.cleanup()
             return
         finally:
             self._ready.set()  # anything else: start() says so, the traceback is on stderr
@@ -85,7 +85,7 @@ class BackgroundProxy:
                 await self._stop.wait()
                 tg.cancel_scope.cancel()
         finally:
-            await runner.cleanup()
+            await web_runner.cleanup()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._token is not None and self._stop is not None and self._thread and self._thread.is_alive():

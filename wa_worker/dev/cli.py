@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace, *, with_worker: bool) -> int:
     # imported here, not for a cycle: the helpers (send, messages, ...) start
     # 0.3 s faster without the daemon and aiohttp
-    from .runner import DevOptions, run
+    from .run import DevOptions, run
 
     level = "INFO" if getattr(args, "verbose", False) and args.log_level == "WARNING" else args.log_level
     opts = DevOptions(

@@ -41,7 +41,7 @@ from ..ids import is_valid_instance_id
 from .store import (
     STATUSES,
     InstanceExists,
-    Store,
+    DevStore,
     UnknownInstance,
     UnknownMessage,
 )
@@ -82,7 +82,7 @@ class DevProxy:
 
     def __init__(
         self,
-        store: Store,
+        store: DevStore,
         secret: str,
         *,
         wake_url: str | None = None,

@@ -92,7 +92,7 @@ class StatusChange:
     reason: str | None
 
 
-class Store:
+class DevStore:
     """The reference proxy's database (one file, WAL mode)."""
 
     def __init__(self, path: Path | str, *, clock: Any = time.time) -> None:
@@ -165,7 +165,7 @@ class Store:
         phone_number: str | None = None,
         reason: str | None = None,
     ) -> StatusChange:
-        """Store a status report. Raises :class:`UnknownInstance`."""
+        """DevStore a status report. Raises :class:`UnknownInstance`."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         now = self._now()
@@ -294,7 +294,7 @@ class Store:
     # ------------------------------------------------------------------ inbound
 
     def add_inbound(self, instance_id: str, rec: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Store an inbound message; a replay of the same wa_message_id is a no-op.
+        """DevStore an inbound message; a replay of the same wa_message_id is a no-op.
 
         Returns (stored message, inserted). Raises :class:`UnknownInstance`.
         """

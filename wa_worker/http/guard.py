@@ -246,9 +246,9 @@ def _abort(transport: asyncio.BaseTransport) -> None:
 class GuardedSite(web.BaseSite):
     """``web.TCPSite`` whose connections go through a :class:`ConnectionGuard`."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *,
+    def __init__(self, web_runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *,
                  backlog: int = 128) -> None:
-        super().__init__(runner, backlog=backlog)
+        super().__init__(web_runner, backlog=backlog)
         self._host = host
         self._port = port
         self._guard = guard

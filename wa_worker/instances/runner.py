@@ -49,7 +49,7 @@ from ..backends.qr import qr_png_data_url
 from ..edge.client import EdgeClient, EdgeError, InstanceGone
 from ..edge.models import QueuedMessage, Status, StatusUpdate
 from ..fsutil import wipe_dir
-from ..storage.store import StoreUnavailable, StoreWriteError
+from ..storage.journal import JournalUnavailable, JournalWriteError
 from ..supervise import LoopHealth, forever, report_failure
 from ..timing import AdaptiveInterval, Backoff, Clock
 
@@ -108,7 +108,7 @@ class RunnerContext:
     msg_poll_max_s: float
     connect_timeout_s: float
     start_limiter: anyio.CapacityLimiter
-    store_writable: Callable[[], bool]
+    journal_writable: Callable[[], bool]
     batch_mode: Callable[[], bool]
     on_event: Callable[[str, BackendEvent], None] | None = None
     rng: random.Random = random.Random()
@@ -411,7 +411,7 @@ class InstanceRunner:
         while True:
             self._wake = anyio.Event()
             last_start = self.ctx.clock.monotonic()
-            if not self.ctx.store_writable():
+            if not self.ctx.journal_writable():
                 wait = 5.0  # pull no new work we could not journal
                 self.outbound_health.ok()
             elif self.ctx.batch_mode():
@@ -444,8 +444,8 @@ class InstanceRunner:
         try:
             new = await self.ctx.outbound.process(self.instance_id, session, messages,
                                                   stopping=lambda: self._stop_requested)
-        except StoreUnavailable as exc:
-            if not isinstance(exc, StoreWriteError):  # a full disk has its own readiness reason
+        except JournalUnavailable as exc:
+            if not isinstance(exc, JournalWriteError):  # a full disk has its own readiness reason
                 report_failure(self.outbound_health, f"{self.instance_id}: outbound", exc, log)
             return 5.0
         self.outbound_health.ok()

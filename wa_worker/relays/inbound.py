@@ -23,7 +23,7 @@ import anyio.abc
 
 from ..backends.base import InboundMessage
 from ..edge.client import EdgeClient, EdgeError
-from ..storage.store import InboundRow, Store, StoreUnavailable, StoreWriteError
+from ..storage.journal import InboundRow, Journal, JournalUnavailable, JournalWriteError
 from ..supervise import LoopHealth, report_failure
 from ..timing import Clock, backoff_delay
 
@@ -66,11 +66,11 @@ def inbound_payload(instance_id: str, msg: InboundMessage) -> dict[str, Any]:
 
 
 class InboundRelay:
-    def __init__(self, store: Store, edge: EdgeClient, *, ttl_s: float, clock: Clock | None = None,
+    def __init__(self, journal: Journal, edge: EdgeClient, *, ttl_s: float, clock: Clock | None = None,
                  concurrency: int = 16, rng: random.Random | None = None, retry_base_s: float = RETRY_BASE_S,
                  retry_cap_s: float = RETRY_CAP_S, max_attempts: int = MAX_ATTEMPTS,
                  max_chats_in_flight: int = 64, health: LoopHealth | None = None) -> None:
-        self.store = store
+        self.journal = journal
         self.health = health  # told about every round: store reads that fail make /ready say so
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
@@ -100,8 +100,8 @@ class InboundRelay:
     def accept(self, instance_id: str, msg: InboundMessage) -> None:
         payload = inbound_payload(instance_id, msg)
         try:
-            self.store.add_inbound(instance_id, msg.chat_jid, msg.wa_message_id, payload)
-        except StoreUnavailable:
+            self.journal.add_inbound(instance_id, msg.chat_jid, msg.wa_message_id, payload)
+        except JournalUnavailable:
             if len(self._memory) == self._memory.maxlen:
                 self.memory_dropped += 1
                 log.error("inbound memory buffer full while the store is unwritable: oldest message dropped")
@@ -149,8 +149,8 @@ class InboundRelay:
                         timeout = 60.0
                     else:
                         timeout = self._start_due(tg, free)
-                except StoreUnavailable as exc:
-                    if isinstance(exc, StoreWriteError):  # a full disk: /ready says "store not writable"
+                except JournalUnavailable as exc:
+                    if isinstance(exc, JournalWriteError):  # a full disk: /ready says "store not writable"
                         log.debug("inbound relay: store not writable (%s), backing off", exc)
                     else:
                         report_failure(self.health, "inbound relay", exc, log)
@@ -168,7 +168,7 @@ class InboundRelay:
         """Start the due heads (earliest due first) of chats not in flight;
         returns how long until the next head is due."""
         now = self.clock.time()
-        for row in self.store.inbound_heads(free + 1, skip=self._in_flight):
+        for row in self.journal.inbound_heads(free + 1, skip=self._in_flight):
             if row.next_attempt_at > now:
                 return row.next_attempt_at - now
             if len(self._in_flight) >= self.max_chats_in_flight:
@@ -179,8 +179,8 @@ class InboundRelay:
 
     def _expire(self) -> None:
         try:
-            n = self.store.expire_inbound(self.ttl_s)
-        except StoreUnavailable as exc:
+            n = self.journal.expire_inbound(self.ttl_s)
+        except JournalUnavailable as exc:
             log.debug("inbound relay: cannot expire old rows now (%s)", exc)
             return
         if n:
@@ -201,26 +201,26 @@ class InboundRelay:
         except EdgeError as exc:
             try:
                 self._failed(row, exc)
-            except StoreUnavailable:
+            except JournalUnavailable:
                 await self.clock.sleep(STORE_BACKOFF_S)
             return
         try:
-            self.store.inbound_delivered(row.seq)
+            self.journal.inbound_delivered(row.seq)
             self.delivered += 1
-        except StoreUnavailable:
+        except JournalUnavailable:
             # delivered but not yet deleted: it will be posted again, which the
             # contract makes idempotent ((instanceId, wa_message_id) is unique)
             await self.clock.sleep(STORE_BACKOFF_S)
 
     def _failed(self, row: InboundRow, exc: EdgeError) -> None:
         if not exc.transient:
-            self.store.inbound_dead_letter(row, "rejected by proxy", exc.status, exc.body)
+            self.journal.inbound_dead_letter(row, "rejected by proxy", exc.status, exc.body)
             self.dead_lettered += 1
             log.error("inbound %s/%s dead-lettered: %s", row.instance_id, row.wa_message_id, exc)
             return
         server_error = counts_as_server_error(exc)
         if server_error and row.server_errors + 1 >= self.max_attempts:
-            self.store.inbound_dead_letter(row, f"server error {self.max_attempts} times", exc.status, exc.body)
+            self.journal.inbound_dead_letter(row, f"server error {self.max_attempts} times", exc.status, exc.body)
             self.dead_lettered += 1
             log.error("inbound %s/%s dead-lettered after %d server errors from the proxy (last: %s); the rest "
                       "of chat %s goes on", row.instance_id, row.wa_message_id, self.max_attempts, exc,
@@ -228,15 +228,15 @@ class InboundRelay:
             return
         delay = backoff_delay(row.attempts, self.retry_base_s, self.retry_cap_s, self.rng)
         delay = max(delay, exc.retry_after_s or 0.0)
-        self.store.inbound_retry_later(row.seq, delay, str(exc), server_error=server_error)
+        self.journal.inbound_retry_later(row.seq, delay, str(exc), server_error=server_error)
 
     def _memory_to_store(self) -> None:
         """Move memory-buffered messages into the store, oldest first, while it takes them."""
         while self._memory:
             payload = self._memory[0]
             try:
-                self.store.add_inbound(payload["instanceId"], payload["chat_id"], payload["wa_message_id"], payload)
-            except StoreUnavailable:
+                self.journal.add_inbound(payload["instanceId"], payload["chat_id"], payload["wa_message_id"], payload)
+            except JournalUnavailable:
                 return
             self._memory.popleft()
 

@@ -24,7 +24,7 @@ import anyio
 from ..backends.base import SendError, Session
 from ..edge.client import EdgeClient, EdgeError
 from ..edge.models import QueuedMessage
-from ..storage.store import OutboundRow, Store, StoreUnavailable, StoreWriteError
+from ..storage.journal import OutboundRow, Journal, JournalUnavailable, JournalWriteError
 from ..supervise import LoopHealth, report_failure
 from ..timing import Clock, backoff_delay
 
@@ -39,8 +39,8 @@ QUERY_GAP_S = 0.002
 class OutboundRelay:
     """Sends one instance's queued messages, in the proxy's order."""
 
-    def __init__(self, store: Store, acks: "Acknowledger") -> None:
-        self.store = store
+    def __init__(self, journal: Journal, acks: "Acknowledger") -> None:
+        self.journal = journal
         self.acks = acks
         self.sent = 0
         self.failed = 0
@@ -51,35 +51,35 @@ class OutboundRelay:
         """Handle a poll's messages in order; returns how many were new.
         ``stopping`` is checked before each message: on a stop the rest stays
         queued at the proxy for the next run (never journaled, never sent).
-        Raises :class:`StoreUnavailable` (nothing is sent without a journal,
+        Raises :class:`JournalUnavailable` (nothing is sent without a journal,
         nor while the store is unwritable)."""
         new = 0
         for msg in messages:
             if stopping():
                 break
-            if await self._one(instance_id, session, msg):
+            if await self._handle_message(instance_id, session, msg):
                 new += 1
         return new
 
-    async def _one(self, instance_id: str, session: Session, msg: QueuedMessage) -> bool:
-        known = self.store.outbound_get(msg.id)
+    async def _handle_message(self, instance_id: str, session: Session, msg: QueuedMessage) -> bool:
+        known = self.journal.outbound_get(msg.id)
         if known is not None:
             if known.state != "sending":
                 # handled before: its acknowledgement was lost or is still pending
                 self.duplicates_suppressed += 1
-                self.store.reack(msg.id)
+                self.journal.reack(msg.id)
                 self.acks.wake()
             return False
         if msg.problem is not None or msg.jid is None:
-            self.store.record_failure(msg.id, instance_id, msg.problem or "invalid message")
+            self.journal.record_failure(msg.id, instance_id, msg.problem or "invalid message")
             self.failed += 1
             log.warning("message %s for %s rejected: %s", msg.id, instance_id, msg.problem)
             self.acks.wake()
             return True
-        if not self.store.writable:
+        if not self.journal.writable:
             # its outcome could not be journaled: leave it queued at the proxy
-            raise StoreUnavailable("the state store is not writable")
-        if not self.store.begin_send(msg.id, instance_id, msg.jid):
+            raise JournalUnavailable("the state store is not writable")
+        if not self.journal.begin_send(msg.id, instance_id, msg.jid):
             return False
         # Once WhatsApp may have the message, the outcome must be journaled even
         # if the worker is shutting down: shield the send and its record.
@@ -89,11 +89,11 @@ class OutboundRelay:
                     wa_id = await session.send_text(msg.jid, msg.body)
             except (SendError, TimeoutError) as exc:
                 reason = "send timed out" if isinstance(exc, TimeoutError) else str(exc)
-                self.acks.journal(msg.id, self.store.record_failure, msg.id, instance_id, f"send failed: {reason}")
+                self.acks.record_outcome(msg.id, self.journal.record_failure, msg.id, instance_id, f"send failed: {reason}")
                 self.failed += 1
                 log.warning("send of %s for %s failed: %s", msg.id, instance_id, reason)
             else:
-                self.acks.journal(msg.id, self.store.record_sent, msg.id, wa_id)
+                self.acks.record_outcome(msg.id, self.journal.record_sent, msg.id, wa_id)
                 self.sent += 1
         self.acks.wake()
         return True
@@ -103,10 +103,10 @@ class Acknowledger:
     """Retries ``mark-sent`` / ``mark-failed`` for journal rows until acknowledged.
     One task per row in flight (bounded), so a slow answer never holds the others."""
 
-    def __init__(self, store: Store, edge: EdgeClient, *, clock: Clock | None = None, concurrency: int = 8,
+    def __init__(self, journal: Journal, edge: EdgeClient, *, clock: Clock | None = None, concurrency: int = 8,
                  rng: random.Random | None = None, retry_base_s: float = ACK_RETRY_BASE_S,
                  retry_cap_s: float = ACK_RETRY_CAP_S, health: LoopHealth | None = None) -> None:
-        self.store = store
+        self.journal = journal
         self.health = health  # told about every round: store reads that fail make /ready say so
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
@@ -129,7 +129,7 @@ class Acknowledger:
         """Send outcomes known only in memory (waiting for the journal)."""
         return len(self._unrecorded)
 
-    def journal(self, message_id: str, write: Callable[..., None], *args: Any) -> None:
+    def record_outcome(self, message_id: str, write: Callable[..., None], *args: Any) -> None:
         """Journal a send's outcome now, or keep it and retry until it lands
         (the row stays ``sending`` meanwhile: never sent again, and never
         reported as delivery_unknown while this process lives)."""
@@ -138,7 +138,7 @@ class Acknowledger:
 
         try:
             attempt()
-        except StoreUnavailable as exc:
+        except JournalUnavailable as exc:
             self._unrecorded[message_id] = attempt
             log.error("could not journal the outcome of %s (%s): kept in memory, written as soon as the "
                       "store takes it", message_id, exc)
@@ -148,7 +148,7 @@ class Acknowledger:
         for message_id, attempt in list(self._unrecorded.items()):
             try:
                 attempt()
-            except StoreUnavailable:
+            except JournalUnavailable:
                 return
             del self._unrecorded[message_id]
             log.warning("outcome of %s journaled after the store recovered", message_id)
@@ -168,12 +168,12 @@ class Acknowledger:
                     self._land_unrecorded()
                     free = self.concurrency - len(self._in_flight)
                     if free > 0:
-                        for row in self.store.due_acks(free, skip=self._in_flight):
+                        for row in self.journal.due_acks(free, skip=self._in_flight):
                             self._in_flight.add(row.message_id)
                             tg.start_soon(self._ack_task, row)
-                    next_due = self.store.next_ack_due_at(skip=self._in_flight)
-                except StoreUnavailable as exc:
-                    if isinstance(exc, StoreWriteError):  # a full disk: /ready says "store not writable"
+                    next_due = self.journal.next_ack_due_at(skip=self._in_flight)
+                except JournalUnavailable as exc:
+                    if isinstance(exc, JournalWriteError):  # a full disk: /ready says "store not writable"
                         log.debug("acknowledger: store not writable (%s), backing off", exc)
                     else:
                         report_failure(self.health, "acknowledger", exc, log)
@@ -196,8 +196,8 @@ class Acknowledger:
         with anyio.move_on_after(timeout_s):
             try:
                 self._land_unrecorded()
-                rows = self.store.due_acks(256, skip=self._in_flight)
-            except StoreUnavailable:
+                rows = self.journal.due_acks(256, skip=self._in_flight)
+            except JournalUnavailable:
                 return
             async with anyio.create_task_group() as tg:
                 for row in rows:
@@ -229,20 +229,20 @@ class Acknowledger:
                 await self._retry_later(row, max(delay, exc.retry_after_s or 0.0), str(exc))
                 return
             try:
-                self.store.ack_rejected(row, "rejected by proxy", exc.status, exc.body)
+                self.journal.ack_rejected(row, "rejected by proxy", exc.status, exc.body)
                 self.rejected += 1
                 log.error("acknowledgement of %s rejected permanently: %s", row.message_id, exc)
-            except StoreUnavailable:
+            except JournalUnavailable:
                 await self.clock.sleep(1.0)  # results cannot be recorded: do not spin
             return
         try:
-            self.store.ack_done(row.message_id)
+            self.journal.ack_done(row.message_id)
             self.acknowledged += 1
-        except StoreUnavailable:
+        except JournalUnavailable:
             await self.clock.sleep(1.0)  # re-acknowledged later; the proxy takes a repeat
 
     async def _retry_later(self, row: OutboundRow, delay_s: float, error: str) -> None:
         try:
-            self.store.ack_retry_later(row.message_id, delay_s, error)
-        except StoreUnavailable:
+            self.journal.ack_retry_later(row.message_id, delay_s, error)
+        except JournalUnavailable:
             await self.clock.sleep(1.0)  # still due: retried on a later round, without spinning

@@ -87,11 +87,11 @@ class NeonizeSession(Session):
         async with self._lock:
             if self._closed:
                 raise BackendError(f"session {self.instance_id} is closed")
-            att = self._attempt
-            if att is not None and not att.terminal:
+            attempt = self._attempt
+            if attempt is not None and not attempt.terminal:
                 return  # already connecting / waiting for a scan / connected
-            if att is not None:
-                await self._wait_teardown(att)
+            if attempt is not None:
+                await self._wait_teardown(attempt)
             self.backend.require_started()
             if self._closed:  # closed while we waited
                 raise BackendError(f"session {self.instance_id} is closed")
@@ -99,17 +99,17 @@ class NeonizeSession(Session):
             self._start_attempt()
 
     async def send_text(self, to_jid: str, body: str) -> str:
-        att = self._attempt
-        if self._closed or att is None or att.terminal or not att.connected:
+        attempt = self._attempt
+        if self._closed or attempt is None or attempt.terminal or not attempt.connected:
             raise NotConnectedError(f"instance {self.instance_id} is not connected")
-        nz = NeonizeLib.get()
+        lib = NeonizeLib.get()
         try:
             jid = jid_proto(to_jid)
         except ValueError as exc:
             raise SendError(str(exc), permanent=True) from None
         try:
-            resp = await att.client.send_message(jid, nz.WAMessage(conversation=body))
-        except nz.SendMessageError as exc:
+            resp = await attempt.client.send_message(jid, lib.WAMessage(conversation=body))
+        except lib.SendMessageError as exc:
             text = str(exc)
             if "not connected" in text.lower() or "client is nil" in text.lower():
                 raise NotConnectedError(text) from None
@@ -126,23 +126,23 @@ class NeonizeSession(Session):
 
     async def is_connected(self) -> bool:
         """whatsmeow's own view (a Go call in the pool); False when no client."""
-        att = self._attempt
-        if att is None or att.terminal:
+        attempt = self._attempt
+        if attempt is None or attempt.terminal:
             return False
         gocode = NeonizeLib.get().gocode
         try:
-            return bool(await self._go_call("IsConnected", lambda: gocode.IsConnected(att.uuid), timeout_s=5.0))
+            return bool(await self._go_call("IsConnected", lambda: gocode.IsConnected(attempt.uuid), timeout_s=5.0))
         except CallTimeout:
             return False
 
     async def disconnect(self) -> None:
         async with self._lock:
-            att = self._attempt
+            attempt = self._attempt
             if self.state not in (SessionState.CLOSED, SessionState.LOGGED_OUT):
                 self.state = SessionState.DISCONNECTED
-            if att is not None:
-                self._abandon(att)
-                await self._wait_teardown(att)
+            if attempt is not None:
+                self._abandon(attempt)
+                await self._wait_teardown(attempt)
 
     async def close(self) -> None:
         if self._closed:
@@ -150,10 +150,10 @@ class NeonizeSession(Session):
         self._closed = True
         try:
             with anyio.fail_after(self.backend.close_timeout_s + 1.0):
-                att = self._attempt
-                if att is not None:
-                    self._abandon(att)
-                    await self._wait_teardown(att)
+                attempt = self._attempt
+                if attempt is not None:
+                    self._abandon(attempt)
+                    await self._wait_teardown(attempt)
         except TimeoutError:
             self.log.warning("neonize %s: close timed out, abandoning its thread", self.instance_id)
         finally:
@@ -162,16 +162,16 @@ class NeonizeSession(Session):
             self.backend.forget(self)
 
     def info(self) -> SessionInfo:
-        att = self._attempt
+        attempt = self._attempt
         extra: dict[str, object] = {"attempts": self._seq}
-        if att is not None:
-            t = att.ticket
+        if attempt is not None:
+            t = attempt.ticket
             extra.update(
                 relay_connections=t.connections,
                 bytes_up=t.bytes_up,
                 bytes_down=t.bytes_down,
                 relay_error=t.last_error,
-                thread_alive=bool(att.thread and att.thread.is_alive()),
+                thread_alive=bool(attempt.thread and attempt.thread.is_alive()),
             )
         return SessionInfo(self.instance_id, self.state.value, self.own_jid, extra)
 
@@ -192,28 +192,28 @@ class NeonizeSession(Session):
         self._seq += 1
         upstream = self.upstream_proxy or backend.upstream_for(self.instance_id)
         try:
-            att = new_attempt(backend, self.instance_id, self._seq, self.db_path, upstream, self._go_call)
+            attempt = new_attempt(backend, self.instance_id, self._seq, self.db_path, upstream, self._go_call)
         except ValueError as exc:
             raise BackendError(f"instance {self.instance_id}: bad upstream proxy: {exc}") from None
-        att.callbacks = make_callbacks(att, self._deliver, self.log, self.instance_id)
-        att.thread = run_in_dedicated_thread(
-            neonize_call(att, backend, self.db_path, functools.partial(self._arm_prologue_net, att)),
-            name=f"neonize-{self.instance_id}-{att.seq}",
-            on_done=functools.partial(self._thread_done, att),
+        attempt.callbacks = make_callbacks(attempt, self._deliver, self.log, self.instance_id)
+        attempt.thread = run_in_dedicated_thread(
+            neonize_call(attempt, backend, self.db_path, functools.partial(self._arm_prologue_net, attempt)),
+            name=f"neonize-{self.instance_id}-{attempt.seq}",
+            on_done=functools.partial(self._thread_done, attempt),
             token=backend.token,
         )
-        backend.live.add(att)
-        att.watchdog = anyio.CancelScope()
-        backend.task_group.start_soon(self._watch, att, att.watchdog, name=f"neonize-watchdog-{self.instance_id}")
-        self._attempt = att
+        backend.live.add(attempt)
+        attempt.watchdog = anyio.CancelScope()
+        backend.task_group.start_soon(self._watch, attempt, attempt.watchdog, name=f"neonize-watchdog-{self.instance_id}")
+        self._attempt = attempt
         self.state = SessionState.CONNECTING
 
-    def _arm_prologue_net(self, att: Attempt) -> None:
+    def _arm_prologue_net(self, attempt: Attempt) -> None:
         """On the attempt's thread, gate held: release it after ``prologue_max_s``."""
 
         async def release_later() -> None:
             await anyio.sleep(self.backend.prologue_max_s)
-            att.hold.release()
+            attempt.hold.release()
 
         def arm() -> None:
             tg = self.backend.task_group_or_none
@@ -225,138 +225,138 @@ class NeonizeSession(Session):
         except Exception:  # noqa: BLE001 - loop gone: the call's own end releases the hold
             pass
 
-    def _deliver(self, att: Attempt, kind: str, payload: Any) -> None:
+    def _deliver(self, attempt: Attempt, kind: str, payload: Any) -> None:
         """On a Go thread: any callback proves the Go prologue is over. Waits until
         the loop took the event (and the event buffer had room)."""
-        att.hold.release()
+        attempt.hold.release()
         try:
-            anyio.from_thread.run(self._on_go, att, kind, payload, token=self.backend.token)
+            anyio.from_thread.run(self._on_go, attempt, kind, payload, token=self.backend.token)
         except Exception:  # noqa: BLE001 - never raise into Go (loop gone, session closed)
             pass
 
-    async def _on_go(self, att: Attempt, kind: str, payload: Any) -> None:
+    async def _on_go(self, attempt: Attempt, kind: str, payload: Any) -> None:
         if self._closed:
             return
-        event = self._map(att, kind, payload)
+        event = self._map(attempt, kind, payload)
         if event is None:
             return
         if isinstance(event, InboundMessage):
             # whatsmeow already acknowledged it: deliver even from an abandoned attempt
             await self._emit(event)
             return
-        if att is not self._attempt or att.terminal:
+        if attempt is not self._attempt or attempt.terminal:
             return
         if isinstance(event, QrCode):
-            att.seen_qr = True
-            self._cancel_watchdog(att)
+            attempt.seen_qr = True
+            self._cancel_watchdog(attempt)
             self.state = SessionState.QR
         elif isinstance(event, Connected):
-            att.connected = True
-            self._cancel_watchdog(att)
+            attempt.connected = True
+            self._cancel_watchdog(attempt)
             self.state = SessionState.CONNECTED
             self._tighten()
         elif is_terminal(event):
             assert isinstance(event, (Disconnected, LoggedOut))
-            await self._finish(att, event)
+            await self._finish(attempt, event)
             return
         await self._emit(event)
 
-    def _map(self, att: Attempt, kind: str, payload: Any) -> BackendEvent | None:
+    def _map(self, attempt: Attempt, kind: str, payload: Any) -> BackendEvent | None:
         if kind == "qr":
             return QrCode(code=payload) if payload else None
         if kind == "login":
             return map_login_status(payload)
         jid, push_name = identity_from_event(payload)
-        if jid and att is self._attempt:
+        if jid and attempt is self._attempt:
             self.own_jid = jid
-        if push_name and att is self._attempt:
+        if push_name and attempt is self._attempt:
             self.push_name = push_name
         return map_event(payload, own_jid=self.own_jid, push_name=self.push_name)
 
-    async def _watch(self, att: Attempt, scope: anyio.CancelScope) -> None:
+    async def _watch(self, attempt: Attempt, scope: anyio.CancelScope) -> None:
         """Abandon an attempt that shows neither a QR nor a connection in time."""
         with scope:
             await anyio.sleep(self.backend.connect_timeout_s)
         if scope.cancel_called:
             return
-        att.watchdog = None
-        if att is not self._attempt or att.terminal or att.seen_qr or att.connected or self._closed:
+        attempt.watchdog = None
+        if attempt is not self._attempt or attempt.terminal or attempt.seen_qr or attempt.connected or self._closed:
             return
         detail = f"no QR and no connection within {self.backend.connect_timeout_s:g} s"
-        if att.ticket.last_error:
-            detail += f" ({att.ticket.last_error})"
-        await self._finish(att, Disconnected(reason="connect_timeout", detail=detail))
+        if attempt.ticket.last_error:
+            detail += f" ({attempt.ticket.last_error})"
+        await self._finish(attempt, Disconnected(reason="connect_timeout", detail=detail))
 
-    async def _thread_done(self, att: Attempt, ok: bool, value: Any) -> None:
+    async def _thread_done(self, attempt: Attempt, ok: bool, value: Any) -> None:
         """On the loop, when the attempt's ``Neonize()`` call returned."""
-        self.backend.live.discard(att)
-        att.result = str(value) if ok else repr(value)
-        att.done.set()
-        if att is not self._attempt or att.terminal or self._closed:
-            self._retire(att)
-        elif att.result:
-            detail = att.ticket.last_error or att.result
-            await self._finish(att, Disconnected(reason="connect_failure", detail=detail[:500]))
+        self.backend.live.discard(attempt)
+        attempt.result = str(value) if ok else repr(value)
+        attempt.done.set()
+        if attempt is not self._attempt or attempt.terminal or self._closed:
+            self._retire(attempt)
+        elif attempt.result:
+            detail = attempt.ticket.last_error or attempt.result
+            await self._finish(attempt, Disconnected(reason="connect_failure", detail=detail[:500]))
         else:
-            await self._finish(att, Disconnected(reason="network", detail="client stopped"))
+            await self._finish(attempt, Disconnected(reason="network", detail="client stopped"))
 
-    async def _finish(self, att: Attempt, event: Disconnected | LoggedOut) -> None:
+    async def _finish(self, attempt: Attempt, event: Disconnected | LoggedOut) -> None:
         self.state = SessionState.LOGGED_OUT if isinstance(event, LoggedOut) else SessionState.DISCONNECTED
-        self._abandon(att)
+        self._abandon(attempt)
         await self._emit(event)
 
-    def _abandon(self, att: Attempt) -> None:
-        """Make ``att`` terminal (no more events from it) and start its teardown."""
-        att.terminal = True
-        self._cancel_watchdog(att)
-        self._retire(att)
+    def _abandon(self, attempt: Attempt) -> None:
+        """Make ``attempt`` terminal (no more events from it) and start its teardown."""
+        attempt.terminal = True
+        self._cancel_watchdog(attempt)
+        self._retire(attempt)
 
     @staticmethod
-    def _cancel_watchdog(att: Attempt) -> None:
-        if att.watchdog is not None:
-            att.watchdog.cancel()
-            att.watchdog = None
+    def _cancel_watchdog(attempt: Attempt) -> None:
+        if attempt.watchdog is not None:
+            attempt.watchdog.cancel()
+            attempt.watchdog = None
 
-    def _retire(self, att: Attempt) -> None:
-        if att.teardown is not None:
+    def _retire(self, attempt: Attempt) -> None:
+        if attempt.teardown is not None:
             return
-        att.teardown = anyio.Event()
+        attempt.teardown = anyio.Event()
         tg = self.backend.task_group_or_none
         if tg is None:  # the backend has stopped: its relay already cut every ticket
-            att.teardown.set()
+            attempt.teardown.set()
             return
-        tg.start_soon(self._teardown, att, name=f"neonize-teardown-{self.instance_id}")
+        tg.start_soon(self._teardown, attempt, name=f"neonize-teardown-{self.instance_id}")
 
-    async def _teardown(self, att: Attempt) -> None:
+    async def _teardown(self, attempt: Attempt) -> None:
         """Abandon an attempt: cut its sockets, stop its Go client, free its thread."""
         backend = self.backend
-        assert att.teardown is not None
+        assert attempt.teardown is not None
         try:
             if backend.relay is not None:
-                backend.relay.revoke(att.ticket)  # a dial stuck in Go now fails within ms
-            if not att.connected and not att.seen_qr:
+                backend.relay.revoke(attempt.ticket)  # a dial stuck in Go now fails within ms
+            if not attempt.connected and not attempt.seen_qr:
                 with anyio.move_on_after(1.0):  # the dial returns by itself once its socket is gone
-                    await att.done.wait()
+                    await attempt.done.wait()
             gocode = NeonizeLib.get().gocode
             try:
                 # Stop() also removes the client from goneonize's maps: a writer.
-                await self._go_call("Stop", lambda: gocode.Stop(att.uuid), timeout_s=backend.close_timeout_s,
+                await self._go_call("Stop", lambda: gocode.Stop(attempt.uuid), timeout_s=backend.close_timeout_s,
                                     writer=True)
             except (CallTimeout, RuntimeError) as exc:
                 self.log.warning("neonize %s: Stop failed: %s", self.instance_id, exc)
             with anyio.move_on_after(backend.close_timeout_s):
-                await att.done.wait()
-            if not att.done.is_set():
+                await attempt.done.wait()
+            if not attempt.done.is_set():
                 self.log.warning("neonize %s: Go thread %s still blocked after Stop", self.instance_id,
-                                 att.thread and att.thread.name)
+                                 attempt.thread and attempt.thread.name)
             self._tighten()
         finally:
-            att.teardown.set()
+            attempt.teardown.set()
 
-    async def _wait_teardown(self, att: Attempt) -> None:
-        if att.teardown is not None:
+    async def _wait_teardown(self, attempt: Attempt) -> None:
+        if attempt.teardown is not None:
             with anyio.move_on_after(self.backend.close_timeout_s):
-                await att.teardown.wait()
+                await attempt.teardown.wait()
 
     # ------------------------------------------------------------------ helpers
 

@@ -14,9 +14,9 @@ Outbound journal states (a proxy message id is never sent twice):
 ``sending`` found at start-up means the process died while WhatsApp had the
 message: its outcome is unknown (see ``UNKNOWN_SEND_POLICY``).
 
-Error boundary: every public method raises :class:`StoreUnavailable` (never a
+Error boundary: every public method raises :class:`JournalUnavailable` (never a
 raw ``sqlite3`` error). A failed write marks the store unwritable; only
-:meth:`Store.probe_writable` declares it writable again, and only once the
+:meth:`Journal.probe_writable` declares it writable again, and only once the
 filesystem has headroom (see :func:`headroom_needed`), so a worker never pulls
 work while the disk is still full. The schema is versioned (``migrations.py``).
 """
@@ -39,8 +39,8 @@ from .migrations import JournalTooNew, migrate
 
 log = logging.getLogger("wa_worker.store")
 
-__all__ = ["InboundRow", "JournalTooNew", "OutboundRow", "Store", "StoreOpenError", "StoreUnavailable",
-           "StoreWriteError"]
+__all__ = ["InboundRow", "JournalTooNew", "OutboundRow", "Journal", "StoreOpenError", "JournalUnavailable",
+           "JournalWriteError"]
 
 OUTBOUND_TERMINAL = ("marked", "failed")
 JOURNAL_RETENTION_S = 7 * 24 * 3600
@@ -48,11 +48,11 @@ DEAD_LETTER_RETENTION_S = 30 * 24 * 3600
 MIN_HEADROOM_BYTES = 8 * 1024 * 1024
 
 
-class StoreUnavailable(Exception):
+class JournalUnavailable(Exception):
     """The store cannot be used right now (disk full, read-only, I/O error, locked)."""
 
 
-class StoreWriteError(StoreUnavailable):
+class JournalWriteError(JournalUnavailable):
     """A write failed: the store is marked unwritable until the probe finds headroom."""
 
 
@@ -93,7 +93,7 @@ def headroom_needed(wal_bytes: int, floor: int = MIN_HEADROOM_BYTES) -> int:
 _HEADS = "SELECT MIN(seq) AS seq FROM inbound GROUP BY instance_id, chat_id"
 
 
-class Store:
+class Journal:
     """The journal at ``path``. Raises :class:`StoreOpenError` (or
     :class:`JournalTooNew`) when the file cannot be used; never deletes it."""
 
@@ -124,16 +124,16 @@ class Store:
             return self._db.execute(sql, params)
         except sqlite3.IntegrityError as exc:
             # a constraint, not the disk: the store itself is fine
-            raise StoreUnavailable(f"constraint failed: {exc}") from exc
+            raise JournalUnavailable(f"constraint failed: {exc}") from exc
         except sqlite3.Error as exc:
             self._mark_unwritable(exc)
-            raise StoreWriteError(str(exc)) from exc
+            raise JournalWriteError(str(exc)) from exc
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         try:
             return self._db.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"read failed: {exc}") from exc
+            raise JournalUnavailable(f"read failed: {exc}") from exc
 
     def _scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         rows = self._read(sql, params)
@@ -195,7 +195,7 @@ class Store:
         try:
             self._write("INSERT INTO meta (key, value) VALUES ('probe', ?) "
                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(self._now()),))
-        except StoreUnavailable:
+        except JournalUnavailable:
             return False
         if not self.writable:
             self.writable = True

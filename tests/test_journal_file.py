@@ -13,7 +13,7 @@ import pytest
 
 from wa_worker.storage.db import StoreOpenError, open_db
 from wa_worker.storage.migrations import WORKER_MIGRATIONS, JournalTooNew, Migration, migrate, user_version
-from wa_worker.storage.store import Store, StoreUnavailable
+from wa_worker.storage.journal import Journal, JournalUnavailable
 
 LATEST = WORKER_MIGRATIONS[-1].version
 
@@ -92,7 +92,7 @@ def make_legacy_journal(path: Path) -> None:
 def test_legacy_journal_with_rows_is_adopted_as_version_1_and_migrated(tmp_path):
     path = tmp_path / "state" / "wa-worker.db"
     make_legacy_journal(path)
-    s = Store(path)
+    s = Journal(path)
     assert s.schema_version == LATEST
     assert user_version(s._db) == LATEST
     heads = s.due_inbound_heads()
@@ -108,14 +108,14 @@ def test_legacy_journal_with_rows_is_adopted_as_version_1_and_migrated(tmp_path)
     assert [(d["ref"], d["status_code"]) for d in s.dead_letters()] == [("WA0", 422)]
     s.close()
     # opening again is a no-op: same version, same rows
-    s2 = Store(path)
+    s2 = Journal(path)
     assert s2.schema_version == LATEST and s2.counts()["inbound_pending"] == 1
     s2.close()
 
 
 def test_fresh_journal_is_latest_version_and_private(tmp_path):
     path = tmp_path / "st" / "db"
-    s = Store(path)
+    s = Journal(path)
     assert user_version(s._db) == LATEST
     assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
@@ -128,14 +128,14 @@ def test_fresh_journal_is_latest_version_and_private(tmp_path):
 
 def test_journal_newer_than_the_code_is_refused_untouched(tmp_path):
     path = tmp_path / "db"
-    Store(path).close()
+    Journal(path).close()
     db = sqlite3.connect(path)
     db.execute(f"PRAGMA user_version = {LATEST + 1}")
     db.commit()
     db.close()
     before = path.read_bytes()
     with pytest.raises(JournalTooNew) as err:
-        Store(path)
+        Journal(path)
     assert isinstance(err.value, StoreOpenError)
     assert str(path) in str(err.value) and f"version is {LATEST + 1}" in str(err.value)
     assert path.read_bytes() == before
@@ -149,7 +149,7 @@ def test_another_applications_database_is_refused_untouched(tmp_path):
     db.commit()
     db.close()
     with pytest.raises(StoreOpenError, match="not a wa-worker journal.*customers"):
-        Store(path)
+        Journal(path)
     db = sqlite3.connect(path)
     assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"customers"}
     db.close()
@@ -172,14 +172,14 @@ def test_state_db_that_is_a_folder_is_a_clear_error(tmp_path):
     path = tmp_path / "db"
     path.mkdir()
     with pytest.raises(StoreOpenError, match="is a folder"):
-        Store(path)
+        Journal(path)
     assert path.is_dir()
 
 
 def test_state_db_under_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "plain").write_text("x")
     with pytest.raises(StoreOpenError, match="cannot create its folder") as err:
-        Store(tmp_path / "plain" / "db")
+        Journal(tmp_path / "plain" / "db")
     assert str(tmp_path / "plain" / "db") in str(err.value)
 
 
@@ -188,7 +188,7 @@ def test_corrupt_state_db_is_refused_and_never_overwritten(tmp_path):
     junk = b"this is not a database, it is a note somebody left here\n" * 200
     path.write_bytes(junk)
     with pytest.raises(StoreOpenError, match="not a valid SQLite database") as err:
-        Store(path)
+        Journal(path)
     assert str(path) in str(err.value)
     assert path.read_bytes() == junk
     assert not Path(f"{path}-wal").exists()
@@ -201,25 +201,25 @@ def test_unwritable_state_db_is_a_clear_error(tmp_path):
         pytest.skip("mounting a tmpfs needs root")
     try:
         path = mnt / "state" / "db"
-        s = Store(path)
+        s = Journal(path)
         s.add_inbound("a", "c", "w1", {})
         s.close()
         before = path.read_bytes()
         res = subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True)
         assert res.returncode == 0, res.stderr
         with pytest.raises(StoreOpenError, match="Read-only file system|read-only") as err:
-            Store(path)
+            Journal(path)
         assert str(path) in str(err.value)
         assert path.read_bytes() == before
         with pytest.raises(StoreOpenError, match="cannot create"):
-            Store(mnt / "other" / "db")
+            Journal(mnt / "other" / "db")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_every_read_maps_sqlite_errors_to_store_unavailable(tmp_path):
     path = tmp_path / "db"
-    s = Store(path)
+    s = Journal(path)
     s.add_inbound("a", "c", "w1", {})
     s.begin_send("m", "a", "j")
     other = sqlite3.connect(path, isolation_level=None)
@@ -237,10 +237,10 @@ def test_every_read_maps_sqlite_errors_to_store_unavailable(tmp_path):
         "recover_unknown_sends": lambda: s.recover_unknown_sends(False),
     }
     for name, call in reads.items():
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(JournalUnavailable):
             call()
         assert s.writable, name  # a failed read does not stop the worker pulling work
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(JournalUnavailable):
         s.add_inbound("a", "c", "w2", {})
     assert not s.writable
     other.close()
@@ -248,12 +248,12 @@ def test_every_read_maps_sqlite_errors_to_store_unavailable(tmp_path):
 
 def test_failed_transaction_rolls_back_and_raises_store_unavailable(tmp_path):
     path = tmp_path / "db"
-    s = Store(path)
+    s = Journal(path)
     s.add_inbound("a", "c", "w1", {"x": 1})
     head = s.due_inbound_heads()[0]
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("ALTER TABLE dead_letter RENAME TO dead_letter_gone")
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(JournalUnavailable):
         s.inbound_dead_letter(head, "test")
     assert not s._db.in_transaction
     other.execute("ALTER TABLE dead_letter_gone RENAME TO dead_letter")
@@ -262,7 +262,7 @@ def test_failed_transaction_rolls_back_and_raises_store_unavailable(tmp_path):
 
 
 def test_probe_requires_headroom_before_declaring_writable(tmp_path):
-    s = Store(tmp_path / "db")
+    s = Journal(tmp_path / "db")
     free = s.free_bytes()
     assert free is not None and free > 0
     s.min_headroom_bytes = free * 1000  # more than this filesystem will ever have
@@ -273,7 +273,7 @@ def test_probe_requires_headroom_before_declaring_writable(tmp_path):
 
 
 def test_dev_proxy_store_uses_the_same_opener(tmp_path):
-    from wa_worker.dev.store import Store as DevStore
+    from wa_worker.dev.store import DevStore
 
     path = tmp_path / "dev" / "proxy.db"
     dev = DevStore(path)

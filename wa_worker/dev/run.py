@@ -29,7 +29,7 @@ from ..preflight import StartupError, check_paths
 from .app import create_app
 from .proxy import PROXY_KEY, DevProxy
 from .state import DevPaths, DevStateError, FolderLock, resolve_secret
-from .store import Store
+from .store import DevStore
 from .terminal import TerminalPrinter
 
 log = logging.getLogger("wa_worker.dev")
@@ -67,7 +67,7 @@ class DevRun:
         self.out = out if out is not None else sys.stdout
         self.paths = DevPaths(opts.dir.resolve()).prepare()
         self.secret = resolve_secret(self.paths, opts.secret, create=True)
-        self.store: Store | None = None
+        self.store: DevStore | None = None
         self.proxy_url = ""
         self.printer = TerminalPrinter(self.out, print_qr=opts.print_qr)
         self.created_instance: str | None = None
@@ -82,14 +82,14 @@ class DevRun:
         (the caller runs the yielded proxy's ``run_waker``)."""
         o = self.opts
         async with contextlib.AsyncExitStack() as stack:
-            store = self.store = Store(self.paths.proxy_db)
+            store = self.store = DevStore(self.paths.proxy_db)
             stack.callback(store.close)
             app = create_app(store, self.secret, wake_url=f"http://127.0.0.1:{o.port}",
                              on_event=self.printer.proxy_event)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, o.proxy_host, o.proxy_port)
+            web_runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await web_runner.setup()
+            stack.push_async_callback(web_runner.cleanup)
+            site = web.TCPSite(web_runner, o.proxy_host, o.proxy_port)
             try:
                 await site.start()
             except OSError as exc:
@@ -97,7 +97,7 @@ class DevRun:
                     f"cannot listen on {o.proxy_host}:{o.proxy_port} ({exc.strerror or exc}); "
                     "is another `wa-worker dev` running? (use --proxy-port)"
                 ) from None
-            addresses = runner.addresses
+            addresses = web_runner.addresses
             port = addresses[0][1] if addresses else o.proxy_port
             self.proxy_url = f"http://{_url_host(o.proxy_host)}:{port}"
             self.printer.page_url = self.proxy_url + "/"
