@@ -45,13 +45,15 @@ def message_from_handle(handle: object) -> tuple[Any, Any]:
                                permanent=True)
     if not isinstance(raw, str) or len(raw) > MAX_HANDLE_CHARS:
         raise MediaUnavailable("media handle has no valid 'proto'", permanent=True)
+    from google.protobuf.message import DecodeError
+
     nz = NeonizeLib.get()
     try:
         data = base64.b64decode(raw, validate=True)
         message = nz.WAMessage()
         sub = getattr(message, str(kind))
         sub.ParseFromString(data)
-    except (binascii.Error, ValueError) as exc:  # protobuf's DecodeError is a ValueError
+    except (binascii.Error, ValueError, DecodeError) as exc:
         raise MediaUnavailable(f"media handle does not decode: {exc}", permanent=True) from None
     if not sub.directPath and not sub.URL:
         raise MediaUnavailable("media handle has no location (direct path or URL)", permanent=True)
