@@ -19,7 +19,7 @@ from .loading import NeonizeLib
 
 #: the fields ``download_any`` can fetch (whatsmeow ``DownloadAny``)
 DOWNLOADABLE = frozenset(kind for _, kind in MEDIA_FIELDS.values())
-MAX_HANDLE_CHARS = 64 * 1024
+MAX_HANDLE_CHARS = 1024 * 1024  # a handle is a few hundred bytes (plus the caption)
 #: whatsmeow's download errors that no retry can cure (expired/deleted media, corrupt keys)
 _PERMANENT_DOWNLOAD = (
     "status code 404",

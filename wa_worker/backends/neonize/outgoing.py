@@ -17,6 +17,7 @@ from typing import Any
 from ...messages import Kind
 from ..base import MessageRef, OutgoingMessage, SendError
 from .loading import NeonizeLib, jid_proto
+from .threads import CallTimeout
 
 #: WhatsApp plays a voice note (PTT) only as Ogg/Opus, labelled exactly so
 VOICE_MIMETYPE = "audio/ogg; codecs=opus"
@@ -203,11 +204,11 @@ async def build_message(client: Any, message: OutgoingMessage, data: bytes | Non
             _set_context(sub, context)
         else:
             raise MediaRefused(f"cannot send a {kind.value} message")
-    except (SendError, nz.UploadError):
-        raise
-    except (OSError, ValueError, nz.ConvertStickerError) as exc:
-        # PIL cannot read the image (UnidentifiedImageError is an OSError), a bad sticker ...
-        raise MediaRefused(f"the {kind.value} is not valid media: {exc}") from None
+    except (SendError, nz.UploadError, CallTimeout, RuntimeError):
+        raise  # refused above, or the upload itself failed: the session says which
+    except Exception as exc:  # neonize's builders run PIL and libmagic on the bytes
+        # an image PIL cannot read (UnidentifiedImageError, DecompressionBombError), a bad sticker ...
+        raise MediaRefused(f"the {kind.value} is not valid media: {type(exc).__name__}: {exc}") from exc
     if private and context is not None:  # neonize's builders quote in the same chat only
         sub.contextInfo.remoteJID = context.remoteJID
     return built
