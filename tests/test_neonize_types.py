@@ -164,7 +164,7 @@ def test_text_and_replies(tmp_path: Path) -> None:
         # a group message whose author we do not know cannot be quoted
         with pytest.raises(SendError) as err:
             await _build(tmp_path, OutgoingMessage(GROUP, Kind.TEXT, "?", reply_to=MessageRef("X1", GROUP)))
-        assert err.value.permanent and "author" in str(err.value)
+        assert err.value.permanent and "author" in str(err.value) and err.value.code == "reply_target_unknown"
 
     asyncio.run(main())
 
@@ -208,7 +208,7 @@ def test_image_video_document(tmp_path: Path) -> None:
         media = _media_file(tmp_path, "bad.jpg", b"not an image", "image/jpeg")
         with pytest.raises(SendError) as err:
             await _build(tmp_path, OutgoingMessage(ALICE, Kind.IMAGE, "", media), b"not an image", fake=(f := FakeGo()))
-        assert err.value.permanent and f.uploads == []
+        assert err.value.permanent and err.value.code == "media_invalid" and f.uploads == []
 
     asyncio.run(main())
 
@@ -236,7 +236,7 @@ def test_audio_voice_sticker(tmp_path: Path) -> None:
         media = _media_file(tmp_path, "v.mp3", mp3, "audio/mpeg")
         with pytest.raises(SendError) as err:
             await _build(tmp_path, OutgoingMessage(ALICE, Kind.VOICE, "", media), mp3)
-        assert err.value.permanent and "OGG/Opus" in str(err.value)
+        assert err.value.permanent and "OGG/Opus" in str(err.value) and err.value.code == "media_invalid"
 
         webp = _image("WEBP", (512, 512), "RGBA")
         media = _media_file(tmp_path, "s.webp", webp, "image/webp")

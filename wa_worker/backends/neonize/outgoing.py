@@ -36,10 +36,12 @@ def is_permanent_send_error(text: str) -> bool:
 
 
 class MediaRefused(SendError):
-    """The media or the message cannot be sent as given (never worth retrying)."""
+    """The media or the message cannot be sent as given (never worth retrying).
+    ``code`` is the /mark-failed ``error_code`` it deserves (docs/proxy-contract.md)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, code: str = "invalid_message") -> None:
         super().__init__(message, permanent=True)
+        self.code = code
 
 
 def _server(jid: str) -> str:
@@ -62,7 +64,8 @@ def quoted_author(ref: MessageRef, own_jid: str | None) -> str:
         return own_jid
     if not ref.from_me and _server(ref.chat_jid) != _GROUP_SERVER:
         return ref.chat_jid  # in a one-to-one chat the other side wrote it
-    raise MediaRefused(f"the author of message {ref.wa_message_id} is unknown: cannot quote or react to it")
+    raise MediaRefused(f"the author of message {ref.wa_message_id} is unknown: cannot quote or react to it",
+                       code="reply_target_unknown")
 
 
 def quoted_event(ref: MessageRef, own_jid: str | None) -> Any:
@@ -75,7 +78,7 @@ def quoted_event(ref: MessageRef, own_jid: str | None) -> Any:
         chat = jid_proto(ref.chat_jid)
         sender = jid_proto(quoted_author(ref, own_jid))
     except ValueError as exc:
-        raise MediaRefused(f"cannot quote message {ref.wa_message_id}: {exc}") from None
+        raise MediaRefused(f"cannot quote message {ref.wa_message_id}: {exc}", code="reply_target_unknown") from None
     return nz.pb.Message(
         Info=nz.pb.MessageInfo(
             ID=ref.wa_message_id,
@@ -182,7 +185,8 @@ async def build_message(client: Any, message: OutgoingMessage, data: bytes | Non
             sub = built.documentMessage
         elif kind is Kind.STICKER:
             if mimetype not in _STICKER_CONVERTIBLE:
-                raise MediaRefused(f"a sticker must be a WebP, PNG, JPEG or GIF image, not {mimetype}")
+                raise MediaRefused(f"a sticker must be a WebP, PNG, JPEG or GIF image, not {mimetype}",
+                                   code="media_invalid")
             built = await client.build_sticker_message(data, quoted=quoted, passthrough=mimetype == "image/webp")
             sub = built.stickerMessage
         elif kind is Kind.VIDEO:
@@ -195,7 +199,7 @@ async def build_message(client: Any, message: OutgoingMessage, data: bytes | Non
         elif kind in (Kind.AUDIO, Kind.VOICE):
             voice = kind is Kind.VOICE
             if voice and mimetype != "audio/ogg":
-                raise MediaRefused(f"a voice note must be OGG/Opus audio, not {mimetype}")
+                raise MediaRefused(f"a voice note must be OGG/Opus audio, not {mimetype}", code="media_invalid")
             upload = await client.upload(data, MediaType.MediaAudio)
             sub = e2e.AudioMessage(mimetype=VOICE_MIMETYPE if voice else media.mimetype, PTT=voice,
                                    seconds=media.seconds, **_uploaded_fields(upload))
@@ -208,7 +212,8 @@ async def build_message(client: Any, message: OutgoingMessage, data: bytes | Non
         raise  # refused above, or the upload itself failed: the session says which
     except Exception as exc:  # neonize's builders run PIL and libmagic on the bytes
         # an image PIL cannot read (UnidentifiedImageError, DecompressionBombError), a bad sticker ...
-        raise MediaRefused(f"the {kind.value} is not valid media: {type(exc).__name__}: {exc}") from exc
+        raise MediaRefused(f"the {kind.value} is not valid media: {type(exc).__name__}: {exc}",
+                           code="media_invalid") from exc
     if private and context is not None:  # neonize's builders quote in the same chat only
         sub.contextInfo.remoteJID = context.remoteJID
     return built
