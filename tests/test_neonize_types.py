@@ -72,6 +72,7 @@ class FakeGo:
         self.uploads: list[tuple[bytes, int]] = []
         self.sent: list[tuple[Any, Any]] = []  # (to JID, waE2E.Message)
         self.send_error = send_error
+        self.upload_error = ""
 
     def upload_response(self, data: bytes) -> Any:
         return _pb().UploadResponse(
@@ -82,6 +83,8 @@ class FakeGo:
     async def Upload(self, uuid: bytes, binary: bytes, size: int, media_type: int) -> bytes:  # noqa: N802 - Go's name
         data = bytes(binary[:size])
         self.uploads.append((data, media_type))
+        if self.upload_error:
+            return _pb().UploadReturnFunction(Error=self.upload_error).SerializeToString()
         return _pb().UploadReturnFunction(UploadResponse=self.upload_response(data)).SerializeToString()
 
     async def SendMessage(self, uuid: bytes, to: bytes, to_len: int, msg: bytes, msg_len: int) -> bytes:  # noqa: N802
@@ -383,6 +386,21 @@ def test_session_send_goes_through_the_pool_to_go(tmp_path: Path) -> None:
                     with pytest.raises(SendError) as err:
                         await session.send(OutgoingMessage(ALICE, Kind.LOCATION, location=Location(1, 2)))
                     assert not err.value.permanent
+
+                    # upload failures: nothing sent; offline -> not connected; 413 -> never
+                    fake.send_error = ""
+                    n = len(fake.sent)
+                    for error, expected, permanent in [
+                        ("failed to refresh media connections: websocket not connected", NotConnectedError, False),
+                        ("upload failed with status code 413", SendError, True),
+                        ("upload failed with status code 500", SendError, False),
+                    ]:
+                        fake.upload_error = error
+                        with pytest.raises(expected) as err:
+                            await session.send(OutgoingMessage(ALICE, Kind.IMAGE, "x", media))
+                        assert err.value.permanent is permanent and error in str(err.value)
+                    fake.upload_error = ""
+                    assert len(fake.sent) == n
 
                     # the media file vanished: a clear, not permanent failure, nothing sent
                     n = len(fake.sent)

@@ -120,7 +120,7 @@ class NeonizeSession(Session):
         uploaded by neonize (docs/neonize.md, "Sending")."""
         attempt = self._live_attempt()
         if message.kind is Kind.TEXT and message.reply_to is None:
-            return await self._send_built(attempt, message.to_jid, NeonizeLib.get().WAMessage(conversation=message.body))
+            return await self.send_text(message.to_jid, message.body)
         data: bytes | None = None
         if message.media is not None:
             try:
@@ -131,7 +131,11 @@ class NeonizeSession(Session):
         try:
             built = await build_message(attempt.client, message, data, self.own_jid)
         except lib.UploadError as exc:
-            raise SendError(f"not sent: media upload failed: {exc}") from None
+            text = str(exc)
+            if "not connected" in text.lower() or "client is nil" in text.lower():
+                raise NotConnectedError(f"not sent: {text}") from None
+            # 413: WhatsApp's media servers refuse the size (whatsmeow "upload failed with status code 413")
+            raise SendError(f"not sent: media upload failed: {text}", permanent="status code 413" in text) from None
         except CallNotStarted as exc:
             raise SendError(f"not sent: {exc}") from None
         except CallTimeout as exc:  # the upload (or a lookup) took too long: nothing was sent
