@@ -629,10 +629,16 @@ def test_pure_mapping_details() -> None:
         message=e2e.Message(documentMessage=e2e.DocumentMessage(caption="wrapped"))))) == "wrapped"
     assert body(e2e.Message(ephemeralMessage=e2e.FutureProofMessage(
         message=e2e.Message(extendedTextMessage=e2e.ExtendedTextMessage(text="disappearing"))))) == "disappearing"
-    assert body(e2e.Message(imageMessage=e2e.ImageMessage())) is None  # no caption
+    # media without caption is delivered (issue #11), with an empty body
+    no_caption = ne.map_event(message_event(e2e.Message(imageMessage=e2e.ImageMessage()), chat=alice, sender=alice))
+    assert no_caption.body == "" and no_caption.content.kind == "image"
     assert body(e2e.Message(conversation="   ")) is None
     assert body(e2e.Message()) is None
-    assert ne.map_event(message_event(e2e.Message(conversation="x"), chat=alice, sender=alice, is_edit=True)) is None
+    # an edit is delivered as what it is (issue #11), not as a new text message
+    edit = ne.map_event(message_event(e2e.Message(protocolMessage=e2e.ProtocolMessage(
+        type=ne.PROTOCOL_MESSAGE_EDIT, key={"ID": "OLD1"}, editedMessage=e2e.Message(conversation="x"))),
+        chat=alice, sender=alice, is_edit=True))
+    assert (edit.content.kind, edit.content.target_id, edit.body) == ("edit", "OLD1", "x")
     assert ne.map_event(message_event(e2e.Message(conversation="x"),
                                       chat=jid("1203630", "newsletter"), sender=alice)) is None
     assert ne.map_event(pb.QR(Codes=["c1", "c2"])) == QrCode("c1")

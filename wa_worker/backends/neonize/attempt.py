@@ -48,18 +48,26 @@ class Attempt:
     result: str | None = None
 
 
+#: Go calls that move media bytes: their own timeout (``media_timeout_s``)
+MEDIA_CALLS = frozenset({"Upload", "DownloadAny", "DownloadMediaWithPath"})
+
+
 class PoolGoCode:
     """Stands in for neonize's ``async_gocode`` inside a ``NewAClient``: every FFI
-    call runs in the backend's bounded pool, entering Go through the gate."""
+    call runs in the backend's bounded pool, entering Go through the gate.
+    Media transfers (:data:`MEDIA_CALLS`) get ``media_timeout`` instead of ``timeout``."""
 
-    def __init__(self, go_call: Callable[..., Any], timeout: float) -> None:
+    def __init__(self, go_call: Callable[..., Any], timeout: float, media_timeout: float | None = None) -> None:
         self._go_call = go_call
         self._timeout = timeout
+        self._media_timeout = media_timeout if media_timeout is not None else timeout
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
+        timeout = self._media_timeout if name in MEDIA_CALLS else self._timeout
+
         def call(*args: Any) -> Any:
             fn = getattr(NeonizeLib.get().gocode, name)
-            return self._go_call(name, lambda: fn(*args), timeout_s=self._timeout)
+            return self._go_call(name, lambda: fn(*args), timeout_s=timeout)
 
         return call
 
@@ -82,7 +90,7 @@ def new_attempt(
     att = Attempt(seq=seq, uuid=uuid, ticket=ticket, hold=hold)
     client = nz.NewAClient(str(db_path), uuid=uuid.decode())
     client._stop_finalizer.detach()  # its GC hook calls a blocking Stop() on whatever thread
-    client._NewAClient__client = PoolGoCode(go_call, backend.send_timeout_s)
+    client._NewAClient__client = PoolGoCode(go_call, backend.send_timeout_s, backend.media_timeout_s)
     att.client = client
     return att
 

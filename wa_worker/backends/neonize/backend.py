@@ -33,6 +33,8 @@ class NeonizeBackend(Backend):
     callable ``instance_id -> url | None``; None dials WhatsApp directly.
     ``max_threads`` sizes the short-call pool (default 4 per core, 8..64); the
     long-lived ``Neonize()`` calls each get their own thread on top of it.
+    ``send_timeout_s`` bounds each short Go call (a send); ``media_timeout_s`` a
+    media upload or download.
     """
 
     name = "neonize"
@@ -46,6 +48,7 @@ class NeonizeBackend(Backend):
         log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         upstream_proxy: UpstreamProxy = None,
         send_timeout_s: float = 60.0,
+        media_timeout_s: float = 300.0,
         close_timeout_s: float = 5.0,
         dial_timeout_s: float | None = None,
         device_name: str = "wa-worker",
@@ -61,6 +64,7 @@ class NeonizeBackend(Backend):
         self.log: Any = log or logging.getLogger("wa_worker.backends.neonize")
         self.upstream_proxy = upstream_proxy
         self.send_timeout_s = send_timeout_s
+        self.media_timeout_s = media_timeout_s
         self.close_timeout_s = close_timeout_s
         self.dial_timeout_s = dial_timeout_s if dial_timeout_s is not None else min(connect_timeout_s, 20.0)
         self.device_name = device_name

@@ -5,8 +5,10 @@ tests). JIDs, timestamps and skipped messages: docs/neonize.md, "Events"."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
+from ...messages import ContactCard, InboundContent, Kind, Location, MediaInfo
 from ..base import BackendEvent, Connected, Disconnected, InboundMessage, LoggedOut, QrCode
 
 # neonize Neonize.proto ConnectFailureReason (1-based, unlike whatsmeow's HTTP-like codes)
@@ -85,39 +87,211 @@ def timestamp_seconds(raw: int | float | None) -> float:
     return value
 
 
-def _unwrap(msg: Any) -> Any:
-    """Strip the wrappers whatsmeow may leave around the real content."""
-    for _ in range(4):  # wrappers nest at most a couple of levels
-        for wrapper in (
-            "ephemeralMessage",
-            "viewOnceMessage",
-            "viewOnceMessageV2",
-            "viewOnceMessageV2Extension",
-            "documentWithCaptionMessage",
-        ):
+# waE2E.Message fields that only wrap another Message (``FutureProofMessage``/``DeviceSentMessage``)
+_WRAPPERS = (
+    "deviceSentMessage",
+    "ephemeralMessage",
+    "viewOnceMessage",
+    "viewOnceMessageV2",
+    "viewOnceMessageV2Extension",
+    "documentWithCaptionMessage",
+    "lottieStickerMessage",
+    "botInvokeMessage",
+    "groupMentionedMessage",
+    "editedMessage",
+)
+_VIEW_ONCE_WRAPPERS = frozenset({"viewOnceMessage", "viewOnceMessageV2", "viewOnceMessageV2Extension"})
+
+#: media sub-messages -> (kind, the field a handle names for ``download_any``)
+MEDIA_FIELDS: dict[str, tuple[Kind, str]] = {
+    "imageMessage": (Kind.IMAGE, "imageMessage"),
+    "videoMessage": (Kind.VIDEO, "videoMessage"),
+    "ptvMessage": (Kind.VIDEO, "videoMessage"),  # a round video note: a VideoMessage
+    "audioMessage": (Kind.AUDIO, "audioMessage"),
+    "documentMessage": (Kind.DOCUMENT, "documentMessage"),
+    "stickerMessage": (Kind.STICKER, "stickerMessage"),
+}
+#: fields carrying no user content (key distribution, metadata)
+_NOT_CONTENT = frozenset({
+    "senderKeyDistributionMessage", "fastRatchetKeySenderKeyDistributionMessage", "messageContextInfo",
+})
+#: chat actions that are not messages, or content we cannot read (docs/neonize.md, "Events")
+SKIPPED_FIELDS = frozenset({
+    "pollUpdateMessage",  # a vote (encrypted to the poll's creator)
+    "encReactionMessage",  # a reaction in a community announcement group (encrypted)
+    "encEventResponseMessage",
+    "encCommentMessage",
+    "keepInChatMessage",
+    "pinInChatMessage",
+    "stickerSyncRmrMessage",
+    "call",
+    "chat",
+})
+PROTOCOL_REVOKE = 0
+PROTOCOL_MESSAGE_EDIT = 14
+HANDLE_VERSION = 1
+#: text-like fields of unknown sub-messages, tried in order for a body
+_TEXT_ATTRS = ("text", "caption", "name", "title", "selectedDisplayText", "displayName", "contentText",
+               "description")
+
+
+def _unwrap(msg: Any) -> tuple[Any, bool]:
+    """(the real content, seen a view-once wrapper) of a possibly wrapped ``waE2E.Message``."""
+    view_once = False
+    for _ in range(6):  # wrappers nest at most a few levels
+        for wrapper in _WRAPPERS:
             if _has(msg, wrapper) and _has(getattr(msg, wrapper), "message"):
+                view_once = view_once or wrapper in _VIEW_ONCE_WRAPPERS
                 msg = getattr(msg, wrapper).message
                 break
         else:
-            return msg
-    return msg
+            return msg, view_once
+    return msg, view_once
+
+
+def _text_of(msg: Any) -> str:
+    """The text or caption of an unwrapped message ("" when none)."""
+    if _has(msg, "conversation"):
+        return str(msg.conversation)
+    if _has(msg, "extendedTextMessage"):
+        return str(msg.extendedTextMessage.text)
+    for media in ("imageMessage", "videoMessage", "documentMessage", "ptvMessage"):
+        if _has(msg, media):
+            return str(getattr(msg, media).caption)
+    return ""
 
 
 def extract_text(message: Any) -> str | None:
     """The text body of a ``waE2E.Message`` or None (no text, protocol message...)."""
     if message is None:
         return None
-    msg = _unwrap(message)
-    if _has(msg, "protocolMessage") or _has(msg, "editedMessage"):
+    msg, _ = _unwrap(message)
+    if _has(msg, "protocolMessage"):
         return None
-    if _has(msg, "conversation") and msg.conversation:
-        return msg.conversation
-    if _has(msg, "extendedTextMessage") and msg.extendedTextMessage.text:
-        return msg.extendedTextMessage.text
-    for media in ("imageMessage", "videoMessage", "documentMessage"):
-        if _has(msg, media) and getattr(msg, media).caption:
-            return getattr(msg, media).caption
+    return _text_of(msg) or None
+
+
+def _content_fields(msg: Any) -> list[str]:
+    return [fd.name for fd, _ in msg.ListFields() if fd.name not in _NOT_CONTENT]
+
+
+def _quoted_id(sub: Any) -> str | None:
+    fields = sub.DESCRIPTOR.fields_by_name
+    if "contextInfo" in fields and _has(sub, "contextInfo") and sub.contextInfo.stanzaID:
+        return str(sub.contextInfo.stanzaID)
     return None
+
+
+def media_handle(handle_kind: str, sub: Any) -> dict[str, Any]:
+    """A JSON-able handle from which :func:`..media.message_from_handle` rebuilds the
+    ``Message`` for ``download_any``: the media sub-message without its context
+    (quoted message) and thumbnail, which a download does not need."""
+    copy = type(sub)()
+    copy.CopyFrom(sub)
+    for field in ("contextInfo", "JPEGThumbnail", "pngThumbnail"):
+        if field in copy.DESCRIPTOR.fields_by_name:
+            copy.ClearField(field)
+    return {"v": HANDLE_VERSION, "kind": handle_kind,
+            "proto": base64.b64encode(copy.SerializeToString()).decode("ascii")}
+
+
+def _media_content(field: str, sub: Any, view_once: bool) -> InboundContent:
+    kind, handle_kind = MEDIA_FIELDS[field]
+    names = sub.DESCRIPTOR.fields_by_name
+    ptt = bool(getattr(sub, "PTT", False))
+    if kind is Kind.AUDIO and ptt:
+        kind = Kind.VOICE
+    seconds = int(sub.seconds) if "seconds" in names and sub.seconds else None
+    info = MediaInfo(
+        mimetype=sub.mimetype or None,
+        filename=(sub.fileName or None) if "fileName" in names else None,
+        size=int(sub.fileLength) if sub.fileLength else None,
+        sha256=bytes(sub.fileSHA256).hex() or None,
+        seconds=seconds,
+        ptt=ptt,
+    )
+    return InboundContent(
+        kind=kind,
+        body=str(sub.caption) if "caption" in names else "",
+        media=info,
+        media_handle=media_handle(handle_kind, sub),
+        quoted_id=_quoted_id(sub),
+        view_once=view_once or bool(getattr(sub, "viewOnce", False)),
+    )
+
+
+def _protocol_content(proto: Any) -> InboundContent | None:
+    target = str(proto.key.ID) if _has(proto, "key") and proto.key.ID else None
+    if proto.type == PROTOCOL_REVOKE and target:
+        return InboundContent(kind=Kind.REVOKE, target_id=target)
+    if proto.type == PROTOCOL_MESSAGE_EDIT and target:
+        edited, _ = _unwrap(proto.editedMessage) if _has(proto, "editedMessage") else (None, False)
+        return InboundContent(kind=Kind.EDIT, body=_text_of(edited) if edited is not None else "", target_id=target)
+    return None  # history sync, key shares, ephemeral settings, ... (or no target)
+
+
+def _unknown_body(sub: Any) -> str:
+    if not hasattr(sub, "DESCRIPTOR"):
+        return str(sub) if isinstance(sub, str) else ""
+    names = sub.DESCRIPTOR.fields_by_name
+    for attr in _TEXT_ATTRS:
+        if attr in names:
+            value = getattr(sub, attr)
+            if isinstance(value, str) and value.strip():
+                return value
+    if "body" in names and _has(sub, "body") and isinstance(getattr(sub.body, "text", None), str):
+        return str(sub.body.text)
+    return ""
+
+
+def map_content(message: Any, *, view_once: bool = False) -> InboundContent | None:
+    """What a ``waE2E.Message`` carries (None: nothing to deliver; see docs/neonize.md)."""
+    msg, wrapped_view_once = _unwrap(message)
+    view_once = view_once or wrapped_view_once
+    if _has(msg, "protocolMessage"):
+        return _protocol_content(msg.protocolMessage)
+    fields = _content_fields(msg)
+    if not fields:
+        return None
+    if "conversation" in fields or "extendedTextMessage" in fields:
+        body = _text_of(msg)
+        if not body.strip():
+            return None
+        quoted = _quoted_id(msg.extendedTextMessage) if "extendedTextMessage" in fields else None
+        return InboundContent(kind=Kind.TEXT, body=body, quoted_id=quoted, view_once=view_once)
+    for field in fields:
+        if field in MEDIA_FIELDS:
+            return _media_content(field, getattr(msg, field), view_once)
+    if "locationMessage" in fields or "liveLocationMessage" in fields:
+        live = "liveLocationMessage" in fields
+        loc = msg.liveLocationMessage if live else msg.locationMessage
+        return InboundContent(
+            kind=Kind.LOCATION,
+            body=str(loc.caption if live else loc.comment),
+            location=Location(float(loc.degreesLatitude), float(loc.degreesLongitude),
+                              None if live else (loc.name or None), None if live else (loc.address or None)),
+            quoted_id=_quoted_id(loc),
+        )
+    if "contactMessage" in fields:
+        card = msg.contactMessage
+        return InboundContent(kind=Kind.CONTACT, contact=ContactCard(name=card.displayName, vcard=card.vcard),
+                              quoted_id=_quoted_id(card))
+    if "contactsArrayMessage" in fields:
+        cards = msg.contactsArrayMessage
+        vcards = "\n".join(c.vcard for c in cards.contacts if c.vcard)  # one .vcf may hold many cards
+        name = cards.displayName or ", ".join(c.displayName for c in cards.contacts if c.displayName)
+        return InboundContent(kind=Kind.CONTACT, contact=ContactCard(name=name, vcard=vcards),
+                              quoted_id=_quoted_id(cards))
+    if "reactionMessage" in fields:
+        reaction = msg.reactionMessage
+        if not reaction.key.ID:
+            return None  # a reaction to nothing
+        return InboundContent(kind=Kind.REACTION, reaction=reaction.text, target_id=str(reaction.key.ID))
+    if any(f in SKIPPED_FIELDS for f in fields):
+        return None
+    sub = getattr(msg, fields[0])
+    return InboundContent(kind=Kind.UNKNOWN, body=_unknown_body(sub),
+                          quoted_id=_quoted_id(sub) if hasattr(sub, "DESCRIPTOR") else None, view_once=view_once)
 
 
 def map_message(ev: Any, own_jid: str | None = None) -> InboundMessage | None:
@@ -127,25 +301,26 @@ def map_message(ev: Any, own_jid: str | None = None) -> InboundMessage | None:
     chat = jid_to_str(src.Chat)
     if not chat or chat == STATUS_BROADCAST or src.Chat.Server in _SKIPPED_SERVERS:
         return None
-    if getattr(ev, "IsEdit", False):
-        return None
-    body = extract_text(ev.Message) if _has(ev, "Message") else None
-    if body is None and _has(ev, "Raw"):
-        body = extract_text(ev.Raw)
-    if body is None or not body.strip():
+    view_once = any(bool(getattr(ev, f, False)) for f in ("IsViewOnce", "IsViewOnceV2", "IsViewOnceV2Extension"))
+    content = map_content(ev.Message, view_once=view_once) if _has(ev, "Message") else None
+    if content is None and _has(ev, "Raw"):
+        content = map_content(ev.Raw, view_once=view_once)
+    if content is None:
         return None
     from_me = bool(src.IsFromMe)
     sender = jid_to_str(src.Sender) or (own_jid if from_me else None) or chat
+    plain = content.kind is Kind.TEXT and content.quoted_id is None and not content.view_once
     return InboundMessage(
         wa_message_id=info.ID,
         chat_jid=chat,
         sender_jid=sender,
-        body=body,
+        body=content.body,
         from_me=from_me,
         is_group=bool(src.IsGroup),
         push_name=info.Pushname or None,
         timestamp=timestamp_seconds(info.Timestamp),
         own_jid=own_jid,
+        content=None if plain else content,
     )
 
 

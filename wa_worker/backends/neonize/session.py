@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.from_thread
+import anyio.to_thread
 
 from ...fsutil import tighten_tree
+from ...messages import Kind
 from ..base import (
     BackendError,
     BackendEvent,
@@ -21,16 +23,21 @@ from ..base import (
     EventSink,
     InboundMessage,
     LoggedOut,
+    MediaFile,
+    MediaUnavailable,
     NotConnectedError,
+    OutgoingMessage,
     QrCode,
     SendError,
     Session,
     SessionInfo,
 )
-from .attempt import Attempt, make_callbacks, neonize_call, new_attempt
+from .attempt import MEDIA_CALLS, Attempt, make_callbacks, neonize_call, new_attempt
 from .events import identity_from_event, is_terminal, map_event, map_login_status
 from .gate import gated_call
 from .loading import NeonizeLib, jid_proto
+from .media import classify_download_error, message_from_handle, write_media
+from .outgoing import build_message, is_permanent_send_error
 from .store import DB_NAME, prepare_store
 from .threads import CallNotStarted, CallTimeout, run_in_dedicated_thread
 
@@ -98,22 +105,62 @@ class NeonizeSession(Session):
             prepare_store(self.backend.auth_root, self.auth_dir)
             self._start_attempt()
 
-    async def send_text(self, to_jid: str, body: str) -> str:
+    def _live_attempt(self) -> Attempt:
         attempt = self._attempt
         if self._closed or attempt is None or attempt.terminal or not attempt.connected:
             raise NotConnectedError(f"instance {self.instance_id} is not connected")
+        return attempt
+
+    async def send_text(self, to_jid: str, body: str) -> str:
+        attempt = self._live_attempt()
+        return await self._send_built(attempt, to_jid, NeonizeLib.get().WAMessage(conversation=body))
+
+    async def send(self, message: OutgoingMessage) -> str:
+        """Any kind: the media's bytes are read from ``message.media.path`` and
+        uploaded by neonize (docs/neonize.md, "Sending")."""
+        attempt = self._live_attempt()
+        if message.kind is Kind.TEXT and message.reply_to is None:
+            return await self.send_text(message.to_jid, message.body)
+        data: bytes | None = None
+        if message.media is not None:
+            try:
+                data = await anyio.to_thread.run_sync(message.media.path.read_bytes)
+            except OSError as exc:
+                raise SendError(f"not sent: cannot read the media file: {exc.strerror or exc}") from None
+        lib = NeonizeLib.get()
+        try:
+            built = await build_message(attempt.client, message, data, self.own_jid)
+        except lib.UploadError as exc:
+            text = str(exc)
+            if "not connected" in text.lower() or "client is nil" in text.lower():
+                raise NotConnectedError(f"not sent: {text}") from None
+            # 413: WhatsApp's media servers refuse the size (whatsmeow "upload failed with status code 413")
+            raise SendError(f"not sent: media upload failed: {text}", permanent="status code 413" in text) from None
+        except CallNotStarted as exc:
+            raise SendError(f"not sent: {exc}") from None
+        except CallTimeout as exc:  # the upload (or a lookup) took too long: nothing was sent
+            raise SendError(f"not sent: media upload timed out ({exc})") from None
+        except RuntimeError as exc:  # backend closed under us
+            raise NotConnectedError(f"not sent: {exc}") from None
+        finally:
+            data = None  # the upload has its copy: drop ours before the send
+        # a reaction belongs to the chat of the message it reacts to
+        to = message.reply_to.chat_jid if message.kind is Kind.REACTION and message.reply_to else message.to_jid
+        return await self._send_built(self._live_attempt(), to, built)
+
+    async def _send_built(self, attempt: Attempt, to_jid: str, built: Any) -> str:
         lib = NeonizeLib.get()
         try:
             jid = jid_proto(to_jid)
         except ValueError as exc:
             raise SendError(str(exc), permanent=True) from None
         try:
-            resp = await attempt.client.send_message(jid, lib.WAMessage(conversation=body))
+            resp = await attempt.client.send_message(jid, built)
         except lib.SendMessageError as exc:
             text = str(exc)
             if "not connected" in text.lower() or "client is nil" in text.lower():
                 raise NotConnectedError(text) from None
-            raise SendError(text) from None
+            raise SendError(text, permanent=is_permanent_send_error(text)) from None
         except CallNotStarted as exc:
             raise SendError(f"not sent: {exc}") from None
         except RuntimeError as exc:  # backend closed under us
@@ -123,6 +170,26 @@ class NeonizeSession(Session):
         if not resp.ID:
             raise SendError("WhatsApp returned no message id")
         return str(resp.ID)
+
+    async def download_media(self, handle: dict[str, object], dest_dir: Path) -> MediaFile:
+        """``download_any`` in the pool (``media_timeout_s``), bytes to a 0600 file."""
+        message, sub = message_from_handle(handle)  # a bad handle is permanent, connected or not
+        attempt = self._attempt
+        if self._closed or attempt is None or attempt.terminal or not attempt.connected:
+            raise MediaUnavailable(f"instance {self.instance_id} is not connected", permanent=False)
+        lib = NeonizeLib.get()
+        try:
+            data = await attempt.client.download_any(message)
+        except lib.DownloadError as exc:
+            raise classify_download_error(str(exc)) from None
+        except (CallTimeout, RuntimeError) as exc:  # timed out, pool busy, backend closed
+            raise MediaUnavailable(f"download not done: {exc}", permanent=False) from None
+        if not data:
+            raise MediaUnavailable("download returned no bytes", permanent=False)
+        try:
+            return await anyio.to_thread.run_sync(write_media, data, sub, dest_dir)
+        except OSError as exc:
+            raise MediaUnavailable(f"cannot store the media: {exc.strerror or exc}", permanent=False) from None
 
     async def is_connected(self) -> bool:
         """whatsmeow's own view (a Go call in the pool); False when no client."""
@@ -365,7 +432,8 @@ class NeonizeSession(Session):
         pool = self.backend.pool
         if pool is None:
             raise RuntimeError("backend not started")
-        key = f"{self.instance_id}/{'ctl' if writer or name == 'IsConnected' else 'send'}"
+        lane = "ctl" if writer or name == "IsConnected" else "media" if name in MEDIA_CALLS else "send"
+        key = f"{self.instance_id}/{lane}"
         return await gated_call(pool, key, name, fn, timeout_s=timeout_s, gate_timeout=self.backend.gate_timeout_s,
                                 writer=writer)
 
