@@ -150,6 +150,7 @@ class Worker:
                 "sent": self.outbound.sent,
                 "failed": self.outbound.failed,
                 "duplicates_suppressed": self.outbound.duplicates_suppressed,
+                "media_storage_errors": self.outbound.media_storage_errors,
             },
             "store": {"writable": self.journal.writable},
             "process": self.fds.usage().as_health(),

@@ -267,5 +267,6 @@ class Backend(abc.ABC):
         await self.aclose()
         return None  # exceptions propagate (a subclass's task group may swallow its own cancellation)
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # a hook, not abstract: a backend without shared resources keeps it
         """Release backend-wide resources (thread pools, relays)."""
+        return None

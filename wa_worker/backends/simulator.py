@@ -4,9 +4,12 @@ It behaves like the real backend where the worker can tell: sessions are stored
 under ``AUTH_DIR/<id>/`` (so a restarted worker resumes them without a QR), an
 unpaired session shows rotating QR codes until the phone "scans", events arrive
 asynchronously, sends can fail, the network can drop and the phone can unlink
-the device. Every delivered message is appended to
+the device. Every delivered message (any kind) is appended to
 ``AUTH_DIR/<id>/simulator-sent.jsonl`` so tests can count deliveries across
-restarts and crashes.
+restarts and crashes: ``to``, ``type``, ``body``, ``wa_message_id``, ``ts``, and
+as the kind has them ``mimetype``, ``size`` and ``sha256`` of the bytes it read,
+``filename``, ``seconds``, ``reply_to`` (+ ``reply_to_chat``), ``reaction``,
+``latitude``/``longitude``/``name``/``address``, ``contact: {name, vcard}``.
 
 It is driven through the worker's HTTP server (``/simulator/...``, see
 ``wa_worker.http.server``) or directly from tests.

@@ -9,6 +9,11 @@ the proxy answers 2xx, across restarts.
 A send's outcome that cannot be journaled (disk full) is kept in memory by the
 :class:`Acknowledger` and written again until it lands; it is acknowledged
 once journaled. Nothing new is sent while the store is unwritable.
+
+Every kind of message (issue #11): media is staged *before* the ``sending``
+row (:mod:`.outbound_media`) and removed after the send; a ``reply_to`` must
+name a message in the journal's index. Every failure is journaled with an
+``error_code`` that ``/mark-failed`` carries.
 """
 
 from __future__ import annotations
@@ -36,9 +41,17 @@ from ..timing import Clock, backoff_delay
 log = logging.getLogger("wa_worker.outbound")
 
 SEND_TIMEOUT_S = 60.0
+# a media send also uploads the file: allow it this slow an upload on top of SEND_TIMEOUT_S
+MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
 ACK_RETRY_BASE_S = 1.0
 ACK_RETRY_CAP_S = 300.0
 QUERY_GAP_S = 0.002
+
+
+def send_timeout_s(message: OutgoingMessage) -> float:
+    """How long a send may take: 60 s, plus the upload of its media at 1 MiB/s (64 MiB: about 2 min)."""
+    size = message.media.size if message.media is not None else 0
+    return SEND_TIMEOUT_S + size / MIN_UPLOAD_BYTES_PER_S
 
 
 class OutboundRelay:
@@ -148,7 +161,7 @@ class OutboundRelay:
         # if the worker is shutting down: shield the send and its record.
         with anyio.CancelScope(shield=True):
             try:
-                with anyio.fail_after(SEND_TIMEOUT_S):
+                with anyio.fail_after(send_timeout_s(out)):
                     wa_id = await session.send(out)
             except (SendError, TimeoutError) as exc:
                 reason = "send timed out" if isinstance(exc, TimeoutError) else str(exc)
