@@ -491,3 +491,40 @@ def test_a_version_2_journal_with_rows_gains_error_codes_and_the_index(tmp_path)
     raw = sqlite3.connect(path)
     assert raw.execute("SELECT COUNT(*) FROM outbound").fetchone()[0] == 6
     raw.close()
+
+
+async def test_an_unexpected_backend_exception_is_reported_delivery_unknown_not_left_sending(tmp_path):
+    from wa_worker.backends.base import OutgoingMessage, Session
+    from wa_worker.edge.client import EdgeClient
+    from wa_worker.edge.models import QueuedMessage
+    from wa_worker.relays.outbound import Acknowledger, OutboundRelay
+
+    class BrokenSession(Session):  # a backend bug: neither a wa id nor a SendError
+        instance_id = "acme"
+
+        async def connect(self) -> None:
+            return None
+
+        async def send_text(self, to_jid: str, body: str) -> str:
+            raise AssertionError("not called: the relay uses send()")
+
+        async def send(self, message: OutgoingMessage) -> str:
+            raise RuntimeError("protobuf builder exploded")
+
+        async def disconnect(self) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+    journal = Journal(tmp_path / "state" / "db")
+    edge = EdgeClient("http://127.0.0.1:9", SECRET)
+    relay = OutboundRelay(journal, Acknowledger(journal, edge))
+    msg = QueuedMessage(id="m1", to=TO, body="hi", jid=TO_JID)
+    assert await relay.process("acme", BrokenSession(), [msg]) == 1
+    row = journal.outbound_get("m1")
+    assert row is not None and (row.state, row.error_code) == ("failing", "delivery_unknown")
+    assert "RuntimeError" in (row.error or "")
+    assert await relay.process("acme", BrokenSession(), [msg]) == 0  # never handed over again
+    await edge.aclose()
+    journal.close()
