@@ -32,6 +32,7 @@ class FakeProxy:
     queue: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     sent_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     failed_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    failed_codes: dict[str, list[str | None]] = field(default_factory=lambda: defaultdict(list))
     inbound: list[dict[str, Any]] = field(default_factory=list)
     statuses: list[dict[str, Any]] = field(default_factory=list)
     calls: Counter[str] = field(default_factory=Counter)
@@ -56,8 +57,12 @@ class FakeProxy:
     def add_instance(self, iid: str, status: str = "DISCONNECTED") -> None:
         self.instances[iid] = {"status": status, "qr_code": None}
 
-    def enqueue(self, iid: str, mid: str, to: str, body: str) -> None:
-        self.queue[iid].append({"id": mid, "to": to, "body": body})
+    def enqueue(self, iid: str, mid: str, to: str, body: str | None, **fields: Any) -> None:
+        """A queued message; ``fields`` are the optional content fields (type, media_url, ...)."""
+        record: dict[str, Any] = {"id": mid, "to": to, "body": body, **fields}
+        if body is None:
+            del record["body"]
+        self.queue[iid].append(record)
         self.enqueued_at[mid] = time.monotonic()
 
     def status_of(self, iid: str) -> str | None:
@@ -169,6 +174,7 @@ class FakeProxy:
             return r
         body = await request.json()
         self.failed_marks[body["messageId"]].append(body["error"])
+        self.failed_codes[body["messageId"]].append(body.get("error_code"))
         self._remove(body["messageId"])
         return self._maybe_lose({"ok": True})
 

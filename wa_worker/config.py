@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     START_CONCURRENCY: int = Field(8, ge=1, le=256)
     BATCH_POLL: bool = True
 
+    # --- media (outbound media_url / media_base64; inbound downloads)
+    MEDIA_MAX_BYTES: int = Field(64 * 1024 * 1024, ge=1024)
+    MEDIA_ALLOW_PRIVATE: bool = False  # fetch media from private/loopback/link-local addresses (dev only)
+    MEDIA_FETCH_TIMEOUT_S: float = Field(120.0, gt=0)  # total per media_url: DNS, connect, redirects, body
+
     # --- neonize
     WA_BOT_BADGE: bool = False
 

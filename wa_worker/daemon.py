@@ -47,6 +47,7 @@ from .logutil import redact_url, setup_logging, url_secrets
 from .preflight import StartupError, check_paths
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
+from .relays.outbound_media import MediaLimits
 from .storage.db import StoreOpenError
 from .storage.journal import Journal, JournalUnavailable
 from .supervise import LoopHealth, forever
@@ -88,7 +89,7 @@ class Worker:
                                     max_attempts=settings.INBOUND_MAX_ATTEMPTS, health=self.inbound_health)
         self.acks = Acknowledger(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                  health=self.acks_health)
-        self.outbound = OutboundRelay(self.journal, self.acks)
+        self.outbound = OutboundRelay(self.journal, self.acks, MediaLimits.from_settings(settings))
         self.host = host
         self.port: int | None = None  # the bound port, once serving
         self.started_at = time.time()
@@ -149,6 +150,7 @@ class Worker:
                 "sent": self.outbound.sent,
                 "failed": self.outbound.failed,
                 "duplicates_suppressed": self.outbound.duplicates_suppressed,
+                "media_storage_errors": self.outbound.media_storage_errors,
             },
             "store": {"writable": self.journal.writable},
             "process": self.fds.usage().as_health(),
@@ -257,6 +259,7 @@ class Worker:
         return app
 
     def _recover_journal(self) -> None:
+        self.outbound.clear_media_leftovers()  # staged media of a killed process: never sent from there
         at_least_once = self.settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE
         try:
             # a restart is the moment to retry everything pending, not hours later

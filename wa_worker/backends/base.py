@@ -263,8 +263,10 @@ class Backend(abc.ABC):
         """Start backend-wide services (the worker enters the backend once)."""
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> bool | None:
         await self.aclose()
+        return None  # exceptions propagate (a subclass's task group may swallow its own cancellation)
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # a hook, not abstract: a backend without shared resources keeps it
         """Release backend-wide resources (thread pools, relays)."""
+        return None

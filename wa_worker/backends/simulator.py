@@ -4,9 +4,12 @@ It behaves like the real backend where the worker can tell: sessions are stored
 under ``AUTH_DIR/<id>/`` (so a restarted worker resumes them without a QR), an
 unpaired session shows rotating QR codes until the phone "scans", events arrive
 asynchronously, sends can fail, the network can drop and the phone can unlink
-the device. Every delivered message is appended to
+the device. Every delivered message (any kind) is appended to
 ``AUTH_DIR/<id>/simulator-sent.jsonl`` so tests can count deliveries across
-restarts and crashes.
+restarts and crashes: ``to``, ``type``, ``body``, ``wa_message_id``, ``ts``, and
+as the kind has them ``mimetype``, ``size`` and ``sha256`` of the bytes it read,
+``filename``, ``seconds``, ``reply_to`` (+ ``reply_to_chat``), ``reaction``,
+``latitude``/``longitude``/``name``/``address``, ``contact: {name, vcard}``.
 
 It is driven through the worker's HTTP server (``/simulator/...``, see
 ``wa_worker.http.server``) or directly from tests.
@@ -29,6 +32,7 @@ import anyio
 
 from ..fsutil import append_private, ensure_private_dir, write_private
 from ..ids import USER_SERVER, is_group_jid, normalize_recipient
+from ..messages import MEDIA_KINDS, Kind
 from .base import (
     Backend,
     Connected,
@@ -37,6 +41,7 @@ from .base import (
     InboundMessage,
     LoggedOut,
     NotConnectedError,
+    OutgoingMessage,
     QrCode,
     SendError,
     Session,
@@ -129,6 +134,11 @@ class SimulatorSession(Session):
         await self.sink(Connected(jid=phone.jid, push_name=phone.push_name))
 
     async def send_text(self, to_jid: str, body: str) -> str:
+        return await self.send(OutgoingMessage(to_jid=to_jid, body=body))
+
+    async def send(self, message: OutgoingMessage) -> str:
+        """Every kind; the sent log records what WhatsApp would get (the media's bytes are read:
+        ``size`` and ``sha256`` are of the file as handed over)."""
         if self.state != "connected":
             raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
         await anyio.sleep(self.backend.send_delay_s)
@@ -137,8 +147,11 @@ class SimulatorSession(Session):
             raise SendError("simulated send failure")
         if self.state != "connected":
             raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
+        record = await _describe_outgoing(message)
+        if self.state != "connected":
+            raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
         wa_id = "SIM" + secrets.token_hex(8).upper()
-        record = {"to": to_jid, "body": body, "wa_message_id": wa_id, "ts": time.time()}
+        record.update(wa_message_id=wa_id, ts=time.time())
         self.backend._record_sent(self.instance_id, record)
         if self.backend.crash_after_send:
             # fault injection for the journal's crash tests: die like kill -9,
@@ -202,6 +215,50 @@ class SimulatorSession(Session):
     def describe(self) -> dict[str, Any]:
         return {"id": self.instance_id, "state": self.state, "jid": self.jid, "qr": self.qr,
                 "qr_count": self.qr_count, "fail_sends": self.backend.fail_sends.get(self.instance_id, 0)}
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1024 * 1024):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+async def _describe_outgoing(message: OutgoingMessage) -> dict[str, Any]:
+    """The sent log's record of ``message`` (JSON-able)."""
+    record: dict[str, Any] = {"to": message.to_jid, "type": message.kind.value, "body": message.body}
+    if message.kind in MEDIA_KINDS:
+        media = message.media
+        if media is None:
+            raise SendError(f"a {message.kind.value} message without its media", permanent=True)
+        try:
+            size, sha256 = await anyio.to_thread.run_sync(_hash_file, media.path)
+        except OSError as exc:
+            raise SendError(f"cannot read the media file: {exc.strerror or exc}", permanent=True) from None
+        record.update(mimetype=media.mimetype, size=size, sha256=sha256, filename=media.filename,
+                      seconds=media.seconds)
+    if message.reply_to is not None:
+        record["reply_to"] = message.reply_to.wa_message_id
+        record["reply_to_chat"] = message.reply_to.chat_jid
+    if message.kind is Kind.REACTION:
+        if message.reply_to is None or message.reaction is None:
+            raise SendError("a reaction needs its emoji and its target", permanent=True)
+        record["reaction"] = message.reaction
+    if message.kind is Kind.LOCATION:
+        loc = message.location
+        if loc is None:
+            raise SendError("a location message without coordinates", permanent=True)
+        record.update(latitude=loc.latitude, longitude=loc.longitude, name=loc.name, address=loc.address)
+    if message.kind is Kind.CONTACT:
+        if message.contact is None:
+            raise SendError("a contact message without its card", permanent=True)
+        record["contact"] = {"name": message.contact.name, "vcard": message.contact.vcard}
+    if message.kind is Kind.TEXT and not message.body:
+        raise SendError("an empty text message", permanent=True)
+    return record
 
 
 class SimulatorBackend(Backend):
@@ -279,7 +336,9 @@ class SimulatorBackend(Backend):
                 rec = json.loads(line)
             except ValueError:
                 continue  # a torn last line after a crash
-            out.append({"to": rec["to"], "body": rec["body"], "wa_message_id": rec["wa_message_id"]})
+            rec.pop("ts", None)
+            rec.setdefault("type", "text")  # written before the log had types
+            out.append(rec)
         return out
 
     # ---------------------------------------------------------------- sessions

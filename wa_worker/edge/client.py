@@ -395,11 +395,12 @@ class EdgeClient:
         body = MarkSent(messageId=message_id, wa_message_id=wa_message_id).model_dump()
         await self._request("POST", "/mark-sent", endpoint="mark-sent", body=body, parse=False)
 
-    async def mark_failed(self, message_id: str, error: str) -> bool:
-        """Returns False (and stops calling) when the proxy has no such endpoint."""
+    async def mark_failed(self, message_id: str, error: str, error_code: str | None = None) -> bool:
+        """Returns False (and stops calling) when the proxy has no such endpoint.
+        ``error_code`` is the machine-readable reason (omitted when None)."""
         if not self.mark_failed_supported:
             return False
-        body = MarkFailed(messageId=message_id, error=error[:500]).model_dump()
+        body = MarkFailed(messageId=message_id, error=error[:500], error_code=error_code).to_json()
         try:
             await self._request("POST", "/mark-failed", endpoint="mark-failed", body=body, optional=True,
                                 parse=False)

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from ..ids import InvalidRecipient, is_valid_instance_id, normalize_recipient
+from ..messages import Content, ContentError, Kind, parse_content
 
 
 class Status(str, enum.Enum):
@@ -37,8 +38,11 @@ class InstanceRef:
 class QueuedMessage:
     """A message from ``/queued-messages``.
 
-    ``jid`` is the normalized recipient; when the record cannot be sent,
-    ``problem`` says why (and the relay reports it with ``/mark-failed``).
+    ``jid`` is the normalized recipient and ``content`` what to send (``None``:
+    the text ``body``); when the record cannot be sent, ``problem`` says why and
+    ``error_code`` names it (the relay reports both with ``/mark-failed``).
+    ``type_given``: the record named its ``type`` (otherwise a media kind is
+    inferred from the file's sniffed type).
     """
 
     id: str
@@ -47,6 +51,9 @@ class QueuedMessage:
     jid: str | None
     problem: str | None = None
     instance_id: str | None = None
+    content: Content | None = None
+    error_code: str | None = None
+    type_given: bool = False
 
 
 def _list_from(payload: Any, key: str) -> list[Any] | None:
@@ -126,12 +133,48 @@ def parse_instances(payload: Any, rejected: list[str]) -> list[InstanceRef] | No
     return out
 
 
+# the optional content fields of a record (docs/proxy-contract.md, "Message types")
+_CONTENT_STRINGS = ("type", "mimetype", "filename", "reply_to", "reaction", "name", "address", "vcard", "media_url")
+
+
+def _not_unicode(item: dict[str, Any]) -> str | None:
+    """The first content field holding a string that is not valid Unicode (a lone surrogate)."""
+    for key in _CONTENT_STRINGS:
+        value = item.get(key)
+        if isinstance(value, str) and not _utf8(value):
+            return key
+    contact = item.get("contact")
+    if isinstance(contact, dict):
+        for key, value in contact.items():
+            if isinstance(value, str) and not _utf8(value):
+                return f"contact.{key}"
+    return None
+
+
+def _content(item: dict[str, Any], body: Any) -> tuple[Content | None, str | None, str | None]:
+    """(content, problem, error_code) of a record whose id and recipient are fine."""
+    try:
+        content = parse_content(item)
+    except ContentError as exc:
+        return None, str(exc), exc.code
+    if isinstance(body, str):
+        if len(body) > MAX_BODY_CHARS:
+            return None, f"body longer than {MAX_BODY_CHARS} characters", "invalid_message"
+        if not _utf8(body):
+            return None, "body is not valid Unicode", "invalid_message"
+    bad = _not_unicode(item)
+    if bad is not None:
+        return None, f"'{bad}' is not valid Unicode", "invalid_message"
+    return content, None, None
+
+
 def parse_messages(payload: Any, rejected: list[str], *, batch: bool = False) -> list[QueuedMessage] | None:
     """``[{"id","to","body"}]`` or ``{"messages": [...]}``; in batch mode each
     record must also carry a valid ``instanceId``. ``None``: no list at all.
     A record without a usable id is skipped (it cannot be reported); any other
-    defect (too long an id, bad ``to``, empty or oversized body) becomes its
-    ``problem``, reported with ``/mark-failed``."""
+    defect (too long an id, bad ``to``, empty or oversized body, content that
+    :func:`~wa_worker.messages.parse_content` refuses) becomes its ``problem``
+    and ``error_code``, reported with ``/mark-failed``."""
     items = _list_from(payload, "messages")
     if items is None:
         return None
@@ -156,25 +199,23 @@ def parse_messages(payload: Any, rejected: list[str], *, batch: bool = False) ->
         to = item.get("to")
         body = item.get("body", item.get("text"))
         problem: str | None = None
+        code: str | None = None
         jid: str | None = None
+        content: Content | None = None
         if len(raw_id) > MAX_MESSAGE_ID_CHARS:
-            problem = f"message id longer than {MAX_MESSAGE_ID_CHARS} characters"
+            problem, code = f"message id longer than {MAX_MESSAGE_ID_CHARS} characters", "invalid_message"
         elif not isinstance(to, str):
-            problem = "invalid recipient: recipient is not a string"
+            problem, code = "invalid recipient: recipient is not a string", "invalid_recipient"
         else:
             try:
                 jid = normalize_recipient(to)
             except InvalidRecipient as exc:
-                problem = f"invalid recipient: {exc}"
+                problem, code = f"invalid recipient: {exc}", "invalid_recipient"
         if problem is None:
-            if not isinstance(body, str) or not body.strip():
-                problem = "empty body" if body in (None, "") or isinstance(body, str) else "body is not text"
-            elif len(body) > MAX_BODY_CHARS:
-                problem = f"body longer than {MAX_BODY_CHARS} characters"
-            elif not _utf8(body):
-                problem = "body is not valid Unicode"
+            content, problem, code = _content(item, body)
         if problem is not None:
             jid = None
+            content = None
         out.append(
             QueuedMessage(
                 id=raw_id,
@@ -183,9 +224,17 @@ def parse_messages(payload: Any, rejected: list[str], *, batch: bool = False) ->
                 jid=jid,
                 problem=problem,
                 instance_id=instance_id if is_valid_instance_id(instance_id) else None,
+                # a plain text message stays as the first contract had it: content None
+                content=None if content is None or _plain_text(content) else content,
+                error_code=code,
+                type_given=item.get("type") is not None,
             )
         )
     return out
+
+
+def _plain_text(content: Content) -> bool:
+    return content.kind is Kind.TEXT and content.reply_to is None
 
 
 # ----------------------------------------------------------------- what we write
@@ -218,7 +267,14 @@ class MarkSent(_Strict):
 
 class MarkFailed(_Strict):
     messageId: str
-    error: str
+    error: str  # what happened and what to fix, for people
+    error_code: str | None = None  # machine-readable (docs/proxy-contract.md); omitted when unknown
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        if data["error_code"] is None:
+            del data["error_code"]
+        return data
 
 
 class InboundPayload(_Strict):

@@ -4,7 +4,7 @@ only with the simulator backend (the parent app's bearer check covers them).
     GET  /simulator/instances                     every simulated session
     POST /simulator/instances/{id}/scan           scan the current QR code
     POST /simulator/instances/{id}/inbound        {"from", "body", "chat_id"?, "push_name"?, "is_group"?, "from_me"?}
-    GET  /simulator/instances/{id}/sent           what the worker sent through it
+    GET  /simulator/instances/{id}/sent           what the worker sent through it (every field of the sent log)
     POST /simulator/instances/{id}/drop           drop the connection
     POST /simulator/instances/{id}/logout         unlink the phone
     POST /simulator/instances/{id}/fail-sends     {"count"}: the next sends fail

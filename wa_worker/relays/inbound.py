@@ -12,6 +12,7 @@ another.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -106,6 +107,8 @@ class InboundRelay:
                 self.memory_dropped += 1
                 log.error("inbound memory buffer full while the store is unwritable: oldest message dropped")
             self._memory.append(payload)
+        with contextlib.suppress(JournalUnavailable):  # only a later reply/reaction to it needs this
+            self.journal.remember_message(instance_id, msg.wa_message_id, msg.chat_jid, msg.sender_jid, msg.from_me)
         self._wake.set()
 
     def wake(self) -> None:

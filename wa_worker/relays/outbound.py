@@ -9,6 +9,11 @@ the proxy answers 2xx, across restarts.
 A send's outcome that cannot be journaled (disk full) is kept in memory by the
 :class:`Acknowledger` and written again until it lands; it is acknowledged
 once journaled. Nothing new is sent while the store is unwritable.
+
+Every kind of message (issue #11): media is staged *before* the ``sending``
+row (:mod:`.outbound_media`) and removed after the send; a ``reply_to`` must
+name a message in the journal's index. Every failure is journaled with an
+``error_code`` that ``/mark-failed`` carries.
 """
 
 from __future__ import annotations
@@ -17,51 +22,96 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from ..backends.base import SendError, Session
+from ..backends.base import MessageRef, OutgoingMessage, SendError, Session
 from ..edge.client import EdgeClient, EdgeError
 from ..edge.models import QueuedMessage
-from ..storage.journal import OutboundRow, Journal, JournalUnavailable, JournalWriteError
+from ..media import MediaError, StorageError
+from ..messages import Content, ContentError, Kind
+from ..storage.journal import JOURNAL_RETENTION_S, Journal, JournalUnavailable, JournalWriteError, OutboundRow
+from .outbound_media import MediaLimits, MediaStager, staging_dir
 from ..supervise import LoopHealth, report_failure
 from ..timing import Clock, backoff_delay
 
 log = logging.getLogger("wa_worker.outbound")
 
 SEND_TIMEOUT_S = 60.0
+# a media send also uploads the file: allow it this slow an upload on top of SEND_TIMEOUT_S
+MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
 ACK_RETRY_BASE_S = 1.0
 ACK_RETRY_CAP_S = 300.0
 QUERY_GAP_S = 0.002
 
 
+def send_timeout_s(message: OutgoingMessage) -> float:
+    """How long a send may take: 60 s, plus the upload of its media at 1 MiB/s (64 MiB: about 2 min)."""
+    size = message.media.size if message.media is not None else 0
+    return SEND_TIMEOUT_S + size / MIN_UPLOAD_BYTES_PER_S
+
+
 class OutboundRelay:
     """Sends one instance's queued messages, in the proxy's order."""
 
-    def __init__(self, journal: Journal, acks: "Acknowledger") -> None:
+    def __init__(self, journal: Journal, acks: "Acknowledger", media: MediaLimits | None = None,
+                 media_dir: Path | None = None) -> None:
         self.journal = journal
         self.acks = acks
+        self.stager = MediaStager(media_dir or staging_dir(journal.path), media or MediaLimits())
         self.sent = 0
         self.failed = 0
         self.duplicates_suppressed = 0
+        self.media_storage_errors = 0
+        # the worker's disk could not stage media: media messages wait (in order) until then
+        self._media_paused_until = 0.0
+        self._media_pause_s = 0.0
+
+    def clear_media_leftovers(self) -> int:
+        """Empty the staging folder (at start: files a killed process left)."""
+        return self.stager.clear()
 
     async def process(self, instance_id: str, session: Session, messages: list[QueuedMessage], *,
                       stopping: Callable[[], bool] = lambda: False) -> int:
         """Handle a poll's messages in order; returns how many were new.
-        ``stopping`` is checked before each message: on a stop the rest stays
-        queued at the proxy for the next run (never journaled, never sent).
-        Raises :class:`JournalUnavailable` (nothing is sent without a journal,
-        nor while the store is unwritable)."""
+        ``stopping`` is checked before each message (and after staging its
+        media): on a stop the rest stays queued at the proxy for the next run
+        (never journaled, never sent). A message whose media the worker's own
+        disk cannot stage stops the batch (order kept; retried on a later
+        poll, after a pause). Raises :class:`JournalUnavailable` (nothing is
+        sent without a journal, nor while the store is unwritable)."""
         new = 0
         for msg in messages:
             if stopping():
                 break
-            if await self._handle_message(instance_id, session, msg):
+            try:
+                handled = await self._handle_message(instance_id, session, msg, stopping)
+            except StorageError as exc:
+                self.media_storage_errors += 1
+                self._media_pause_s = min(60.0, max(5.0, self._media_pause_s * 2))
+                self._media_paused_until = time.monotonic() + self._media_pause_s
+                log.error("%s: the worker could not stage the media of message %s on its own disk (%s): it stays "
+                          "queued at the proxy and is tried again in %.0f s", instance_id, msg.id, exc,
+                          self._media_pause_s)
+                break
+            except _MediaPaused:
+                break
+            if handled:
                 new += 1
         return new
 
-    async def _handle_message(self, instance_id: str, session: Session, msg: QueuedMessage) -> bool:
+    def _fail(self, message_id: str, instance_id: str, error: str, code: str) -> bool:
+        self.journal.record_failure(message_id, instance_id, error, code)
+        self.failed += 1
+        log.warning("message %s for %s rejected (%s): %s", message_id, instance_id, code, error)
+        self.acks.wake()
+        return True
+
+    async def _handle_message(self, instance_id: str, session: Session, msg: QueuedMessage,
+                              stopping: Callable[[], bool]) -> bool:
         known = self.journal.outbound_get(msg.id)
         if known is not None:
             if known.state != "sending":
@@ -71,32 +121,71 @@ class OutboundRelay:
                 self.acks.wake()
             return False
         if msg.problem is not None or msg.jid is None:
-            self.journal.record_failure(msg.id, instance_id, msg.problem or "invalid message")
-            self.failed += 1
-            log.warning("message %s for %s rejected: %s", msg.id, instance_id, msg.problem)
-            self.acks.wake()
-            return True
+            return self._fail(msg.id, instance_id, msg.problem or "invalid message", msg.error_code or "invalid_message")
         if not self.journal.writable:
             # its outcome could not be journaled: leave it queued at the proxy
             raise JournalUnavailable("the state store is not writable")
-        if not self.journal.begin_send(msg.id, instance_id, msg.jid):
+        content = msg.content or Content(Kind.TEXT, body=msg.body)
+        reply_to: MessageRef | None = None
+        if content.reply_to is not None:
+            target = self.journal.find_message(instance_id, content.reply_to)
+            if target is None:
+                days = JOURNAL_RETENTION_S // 86400
+                return self._fail(
+                    msg.id, instance_id,
+                    f"reply_to {content.reply_to!r} is not a message this instance sent or received in the last "
+                    f"{days} days (the worker only knows those): check the id, or send without reply_to",
+                    "reply_target_unknown")
+            reply_to = MessageRef(target.wa_message_id, target.chat_jid, target.sender_jid, target.from_me)
+        out = OutgoingMessage(to_jid=msg.jid, kind=content.kind or Kind.DOCUMENT, body=content.body,
+                              reply_to=reply_to, reaction=content.reaction, location=content.location,
+                              contact=content.contact)
+        if content.media is None:
+            return await self._send(instance_id, session, msg.id, out)
+        if time.monotonic() < self._media_paused_until:
+            raise _MediaPaused()
+        try:
+            # not shielded: a stop cancels a fetch (nothing is journaled yet)
+            async with self.stager.staged(content, type_given=msg.type_given) as (kind, media):
+                self._media_pause_s = 0.0
+                if stopping():
+                    raise _MediaPaused()  # left queued for the next run
+                return await self._send(instance_id, session, msg.id, replace(out, kind=kind, media=media))
+        except (MediaError, ContentError) as exc:
+            return self._fail(msg.id, instance_id, str(exc), exc.code)
+
+    async def _send(self, instance_id: str, session: Session, message_id: str, out: OutgoingMessage) -> bool:
+        if not self.journal.begin_send(message_id, instance_id, out.to_jid):
             return False
         # Once WhatsApp may have the message, the outcome must be journaled even
         # if the worker is shutting down: shield the send and its record.
         with anyio.CancelScope(shield=True):
             try:
-                with anyio.fail_after(SEND_TIMEOUT_S):
-                    wa_id = await session.send_text(msg.jid, msg.body)
+                with anyio.fail_after(send_timeout_s(out)):
+                    wa_id = await session.send(out)
             except (SendError, TimeoutError) as exc:
                 reason = "send timed out" if isinstance(exc, TimeoutError) else str(exc)
-                self.acks.record_outcome(msg.id, self.journal.record_failure, msg.id, instance_id, f"send failed: {reason}")
-                self.failed += 1
-                log.warning("send of %s for %s failed: %s", msg.id, instance_id, reason)
+                self._record_failure(instance_id, message_id, f"send failed: {reason}", "send_failed")
+                log.warning("send of %s for %s failed: %s", message_id, instance_id, reason)
+            except Exception as exc:
+                # a backend bug: WhatsApp may or may not have it; never sent again, reported now
+                log.exception("send of %s for %s raised unexpectedly", message_id, instance_id)
+                self._record_failure(instance_id, message_id, f"delivery_unknown: the send raised "
+                                     f"{type(exc).__name__}; check the chat before sending again",
+                                     "delivery_unknown")
             else:
-                self.acks.record_outcome(msg.id, self.journal.record_sent, msg.id, wa_id)
+                self.acks.record_outcome(message_id, self.journal.record_sent, message_id, wa_id)
                 self.sent += 1
         self.acks.wake()
         return True
+
+    def _record_failure(self, instance_id: str, message_id: str, error: str, code: str) -> None:
+        self.acks.record_outcome(message_id, self.journal.record_failure, message_id, instance_id, error, code)
+        self.failed += 1
+
+
+class _MediaPaused(Exception):
+    """Stop the batch here: the message stays queued at the proxy (order kept)."""
 
 
 class Acknowledger:
@@ -217,7 +306,7 @@ class Acknowledger:
         try:
             if row.state == "sent":
                 await self.edge.mark_sent(row.message_id, row.wa_message_id or "")
-            elif not await self.edge.mark_failed(row.message_id, row.error or "failed"):
+            elif not await self.edge.mark_failed(row.message_id, row.error or "failed", row.error_code):
                 # the proxy has no /mark-failed (404): not acknowledged. The row
                 # stays pending, retried rarely and at every restart (the proxy
                 # may gain the endpoint)

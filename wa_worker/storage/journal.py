@@ -39,8 +39,8 @@ from .migrations import JournalTooNew, migrate
 
 log = logging.getLogger("wa_worker.store")
 
-__all__ = ["InboundRow", "JournalTooNew", "OutboundRow", "Journal", "StoreOpenError", "JournalUnavailable",
-           "JournalWriteError"]
+__all__ = ["InboundRow", "JournalTooNew", "KnownMessage", "OutboundRow", "Journal", "StoreOpenError",
+           "JournalUnavailable", "JournalWriteError"]
 
 OUTBOUND_TERMINAL = ("marked", "failed")
 JOURNAL_RETENTION_S = 7 * 24 * 3600
@@ -81,6 +81,18 @@ class OutboundRow:
     wa_message_id: str | None
     error: str | None
     ack_attempts: int
+    error_code: str | None = None  # machine-readable, sent with /mark-failed
+
+
+@dataclass(frozen=True, slots=True)
+class KnownMessage:
+    """A message this instance sent or received (the target of a reply or a reaction)."""
+
+    instance_id: str
+    wa_message_id: str
+    chat_jid: str
+    sender_jid: str | None
+    from_me: bool
 
 
 def headroom_needed(wal_bytes: int, floor: int = MIN_HEADROOM_BYTES) -> int:
@@ -302,23 +314,55 @@ class Journal:
         return cur.rowcount == 1
 
     def record_sent(self, message_id: str, wa_message_id: str) -> None:
+        """``sent``, and the message joins the index (a later reply or reaction may name it)."""
+        now = self._now()
+        with self._tx():
+            self._write(
+                "UPDATE outbound SET state = 'sent', wa_message_id = ?, updated_at = ?, next_ack_at = ?, "
+                "ack_attempts = 0 WHERE message_id = ?",
+                (wa_message_id, now, now, message_id),
+            )
+            self._write(
+                "INSERT INTO message_index (instance_id, wa_message_id, chat_jid, sender_jid, from_me, created_at) "
+                "SELECT instance_id, ?, to_jid, NULL, 1, ? FROM outbound WHERE message_id = ? AND to_jid IS NOT NULL "
+                "ON CONFLICT DO NOTHING",
+                (wa_message_id, now, message_id),
+            )
+
+    def record_failure(self, message_id: str, instance_id: str, error: str, code: str = "send_failed") -> None:
+        """A message that will not be sent (invalid, send error, unknown outcome); ``code`` is
+        the machine-readable reason /mark-failed carries."""
         now = self._now()
         self._write(
-            "UPDATE outbound SET state = 'sent', wa_message_id = ?, updated_at = ?, next_ack_at = ?, "
-            "ack_attempts = 0 WHERE message_id = ?",
-            (wa_message_id, now, now, message_id),
+            "INSERT INTO outbound (message_id, instance_id, state, error, error_code, created_at, updated_at, "
+            "next_ack_at) VALUES (?, ?, 'failing', ?, ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET "
+            "state = 'failing', error = excluded.error, error_code = excluded.error_code, "
+            "updated_at = excluded.updated_at, next_ack_at = excluded.next_ack_at, "
+            "ack_attempts = 0 WHERE outbound.state IN ('sending', 'failing')",
+            (message_id, instance_id, error[:500], code[:64], now, now, now),
         )
 
-    def record_failure(self, message_id: str, instance_id: str, error: str) -> None:
-        """A message that will not be sent (invalid, send error, unknown outcome)."""
-        now = self._now()
+    # ------------------------------------------------------------------ message index
+
+    def remember_message(self, instance_id: str, wa_message_id: str, chat_jid: str, sender_jid: str | None,
+                         from_me: bool) -> None:
+        """Index a received (or otherwise known) message so a reply or reaction can name it.
+        A repeat is ignored. Pruned after the journal's retention."""
         self._write(
-            "INSERT INTO outbound (message_id, instance_id, state, error, created_at, updated_at, next_ack_at) "
-            "VALUES (?, ?, 'failing', ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET state = 'failing', "
-            "error = excluded.error, updated_at = excluded.updated_at, next_ack_at = excluded.next_ack_at, "
-            "ack_attempts = 0 WHERE outbound.state IN ('sending', 'failing')",
-            (message_id, instance_id, error[:500], now, now, now),
+            "INSERT INTO message_index (instance_id, wa_message_id, chat_jid, sender_jid, from_me, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (instance_id, wa_message_id, chat_jid, sender_jid, 1 if from_me else 0, self._now()),
         )
+
+    def find_message(self, instance_id: str, wa_message_id: str) -> KnownMessage | None:
+        """The indexed message ``wa_message_id`` of ``instance_id``, or None (unknown or pruned)."""
+        rows = self._read(
+            "SELECT * FROM message_index WHERE instance_id = ? AND wa_message_id = ?", (instance_id, wa_message_id)
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return KnownMessage(r["instance_id"], r["wa_message_id"], r["chat_jid"], r["sender_jid"], bool(r["from_me"]))
 
     def reack(self, message_id: str) -> None:
         """The proxy offered an already-handled message again: acknowledge it
@@ -373,7 +417,8 @@ class Journal:
                 "INSERT INTO dead_letter (kind, instance_id, ref, payload, reason, status_code, response, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 ("mark-sent" if row.state == "sent" else "mark-failed", row.instance_id, row.message_id,
-                 json.dumps({"wa_message_id": row.wa_message_id, "error": row.error}), reason, status,
+                 json.dumps({"wa_message_id": row.wa_message_id, "error": row.error,
+                             "error_code": row.error_code}), reason, status,
                  (response or "")[:2000], self._now()),
             )
             self.ack_done(row.message_id)
@@ -388,7 +433,7 @@ class Journal:
                 self._write("DELETE FROM outbound WHERE message_id = ? AND state = 'sending'", (mid,))
             else:
                 row = self.outbound_get(mid)
-                self.record_failure(mid, row.instance_id if row else "?", "delivery_unknown")
+                self.record_failure(mid, row.instance_id if row else "?", "delivery_unknown", "delivery_unknown")
         return ids
 
     def retry_all_now(self) -> None:
@@ -400,7 +445,7 @@ class Journal:
     @staticmethod
     def _outbound_row(r: sqlite3.Row) -> OutboundRow:
         return OutboundRow(r["message_id"], r["instance_id"], r["state"], r["wa_message_id"], r["error"],
-                           r["ack_attempts"])
+                           r["ack_attempts"], r["error_code"])
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -410,6 +455,8 @@ class Journal:
             "DELETE FROM outbound WHERE state IN ('marked','failed') AND updated_at < ?",
             (now - JOURNAL_RETENTION_S,),
         ).rowcount
+        # the message index shares the retention (not counted: it is no journal row)
+        self._write("DELETE FROM message_index WHERE created_at < ?", (now - JOURNAL_RETENTION_S,))
         n += self._write("DELETE FROM dead_letter WHERE created_at < ?", (now - DEAD_LETTER_RETENTION_S,)).rowcount
         return n
 

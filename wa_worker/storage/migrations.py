@@ -78,9 +78,33 @@ V2_INBOUND_SERVER_ERRORS = """
 ALTER TABLE inbound ADD COLUMN server_errors INTEGER NOT NULL DEFAULT 0;
 """
 
+# issue #11: /mark-failed carries a machine-readable error_code (rows failed before it get
+# the code their text means); and the index of messages sent or received, so a reply or
+# a reaction can name its target (wa id -> chat, author), pruned with the journal
+V3_ERROR_CODES_AND_MESSAGE_INDEX = """
+ALTER TABLE outbound ADD COLUMN error_code TEXT;
+UPDATE outbound SET error_code = CASE
+    WHEN error = 'delivery_unknown' THEN 'delivery_unknown'
+    WHEN error LIKE 'invalid recipient%' THEN 'invalid_recipient'
+    WHEN error LIKE 'send failed%' THEN 'send_failed'
+    ELSE 'invalid_message' END
+  WHERE state IN ('failing', 'failed');
+CREATE TABLE message_index (
+    instance_id     TEXT NOT NULL,
+    wa_message_id   TEXT NOT NULL,
+    chat_jid        TEXT NOT NULL,
+    sender_jid      TEXT,
+    from_me         INTEGER NOT NULL,
+    created_at      REAL NOT NULL,
+    PRIMARY KEY (instance_id, wa_message_id)
+) WITHOUT ROWID;
+CREATE INDEX message_index_created ON message_index (created_at);
+"""
+
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_INITIAL),
     Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
+    Migration(3, "error codes and message index", V3_ERROR_CODES_AND_MESSAGE_INDEX),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})
