@@ -162,9 +162,10 @@ class SendError(BackendError):
     (e.g. the recipient does not exist); the relay reports it as failed either
     way (never re-sends on its own)."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(self, message: str, *, permanent: bool = False, code: str = "send_failed") -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.code = code  # the /mark-failed error_code (docs/proxy-contract.md)
 
 
 class NotConnectedError(SendError):

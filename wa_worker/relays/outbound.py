@@ -164,8 +164,10 @@ class OutboundRelay:
                 with anyio.fail_after(send_timeout_s(out)):
                     wa_id = await session.send(out)
             except (SendError, TimeoutError) as exc:
+                # a timed-out send may still reach WhatsApp: its outcome is unknown, never retried
                 reason = "send timed out" if isinstance(exc, TimeoutError) else str(exc)
-                self._record_failure(instance_id, message_id, f"send failed: {reason}", "send_failed")
+                code = "delivery_unknown" if isinstance(exc, TimeoutError) else exc.code
+                self._record_failure(instance_id, message_id, f"send failed: {reason}", code)
                 log.warning("send of %s for %s failed: %s", message_id, instance_id, reason)
             except Exception as exc:
                 # a backend bug: WhatsApp may or may not have it; never sent again, reported now

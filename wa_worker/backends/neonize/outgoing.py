@@ -40,8 +40,7 @@ class MediaRefused(SendError):
     ``code`` is the /mark-failed ``error_code`` it deserves (docs/proxy-contract.md)."""
 
     def __init__(self, message: str, code: str = "invalid_message") -> None:
-        super().__init__(message, permanent=True)
-        self.code = code
+        super().__init__(message, permanent=True, code=code)
 
 
 def _server(jid: str) -> str:
