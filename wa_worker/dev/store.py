@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import DIR_MODE, FILE_MODE
+from ..fsutil import DIR_MODE
 from ..storage.db import MEMORY, open_db
 from ..storage.migrations import Migration, migrate
 
@@ -441,12 +441,6 @@ class DevStore:
             raise ValueError("not a sha256")
         return self.media_dir / sha256
 
-    def new_media_file(self) -> tuple[int, Path]:
-        """A fresh private (0600) temporary file in the media folder, for :meth:`add_media`."""
-        fd, name = tempfile.mkstemp(prefix=".upload-", dir=self.media_dir)
-        os.fchmod(fd, FILE_MODE)
-        return fd, Path(name)
-
     def add_media(self, tmp: Path, sha256: str, mimetype: str, filename: str | None) -> dict[str, Any]:
         """Keep the file ``tmp`` (its SHA-256 computed by the caller) as ``<media dir>/<sha256>``;
         the same bytes twice are one file. Returns the media record."""
@@ -524,10 +518,13 @@ def _queued_dict(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
+def _sub(rec: dict[str, Any], key: str) -> dict[str, Any]:
+    value = rec.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _inbound_columns(instance_id: str, rec: dict[str, Any], now: float) -> dict[str, Any]:
-    media = rec.get("media") if isinstance(rec.get("media"), dict) else {}
-    reaction = rec.get("reaction") if isinstance(rec.get("reaction"), dict) else {}
-    contact = rec.get("contact") if isinstance(rec.get("contact"), dict) else {}
+    media, reaction, contact = _sub(rec, "media"), _sub(rec, "reaction"), _sub(rec, "contact")
     return {
         "instance_id": instance_id,
         "wa_message_id": rec["wa_message_id"],
