@@ -52,7 +52,7 @@ from ..ids import is_valid_instance_id
 from ..media.errors import MediaError
 from ..media.files import CappedFile, FetchedMedia
 from ..media.inline import decode_base64_to_file
-from ..media.sniff import sniff_mimetype
+from ..media.sniff import infer_type, sniff_mimetype
 from ..messages import WA_MESSAGE_ID_RE, ContentError, Kind, parse_content
 from .store import (
     STATUSES,
@@ -234,6 +234,8 @@ class DevProxy:
                                                   content.media.filename)
                 columns["media_sha256"] = stored["sha256"]
                 columns["mimetype"] = stored["mimetype"]
+                if content.kind is None:  # as the worker would infer it (never a sticker nor a voice note)
+                    columns["type"] = infer_type(stored["mimetype"])
         if content.reply_to is not None:
             columns["reply_to"] = content.reply_to
         if content.kind is Kind.REACTION:

@@ -574,7 +574,8 @@ def _outbound_dict(row: sqlite3.Row) -> dict[str, Any]:
         "error_code": row["error_code"],
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
-        "type": row["type"] or "text",
+        # None: media queued without a type (the worker infers it from the bytes)
+        "type": row["type"] or (None if row["media_url"] or row["media_sha256"] else "text"),
         "media_url": row["media_url"],
         "media_sha256": row["media_sha256"],
         "mimetype": row["mimetype"],

@@ -109,7 +109,8 @@
 
   function contentNode(m, inbound) {
     const box = el("div", { class: "msg" });
-    const kind = m.type || "text";
+    // a media message queued without a type: its kind is known only once the worker has the bytes
+    const kind = m.type || (m.media_url || m.media_sha256 || (m.media && m.media.mimetype) ? "document" : "text");
     const target = m.target_id || (m.reaction && m.reaction.target_id) || m.reply_to;
     const quoted = inbound ? m.quoted_id : kind !== "reaction" && m.reply_to;
     if (quoted) box.append(el("div", { class: "quote" }, "\u21aa " + snippet(quoted)));
