@@ -170,10 +170,15 @@ def test_upload_media_idempotent_and_served(proxy: BackgroundProxy, http: httpx.
     # a repeat (the worker retries after a lost answer) names the same file, whatever it sends
     again = upload(http, b"other bytes", ctype="text/plain")
     assert again.status_code == 200 and again.json()["url"] == url
-    assert sorted(p.name for p in proxy.store.media_dir.iterdir()) == [sha]
+    assert sorted(p.name for p in proxy.store.media_dir.iterdir()) == [sha]  # nothing else kept
     got = httpx.get(url, trust_env=False)
     assert got.content == PNG and got.headers["content-type"] == "image/png"
     assert "photo.png" in got.headers["content-disposition"]
+    # a stranger's HTML file is never a page on the proxy's origin: a sandboxed download
+    html = upload(http, b"<script>fetch('/ui/queue')</script>", wa_id="HTML1", ctype="text/html").json()["url"]
+    got = httpx.get(html, trust_env=False)
+    assert got.headers["content-disposition"] == "attachment"
+    assert "sandbox" in got.headers["content-security-policy"]
     # a different message with the same bytes shares the file
     assert upload(http, PNG, wa_id="WA2").json()["url"] == url
 

@@ -189,13 +189,19 @@ def test_missing_storage_object_fails_the_row_not_the_poll(fn: EdgeFunction, wa_
 
 
 @deno
-def test_storage_outage_keeps_the_claim_for_a_retry(fn: EdgeFunction, wa_db: WaDb, storage: FakeStorage) -> None:
-    mid = wa_db.insert_outbound("acme", "1", "", type="image", media_path="out/a.png")
+def test_storage_outage_gives_the_claim_back_and_text_still_goes(fn: EdgeFunction, wa_db: WaDb,
+                                                                  storage: FakeStorage) -> None:
+    storage.objects[("wa-media", "out/a.png")] = StoredObject(PNG, "image/png")
+    mid = wa_db.insert_outbound("acme", "1", "", type="image", media_path="out/a.png", created_ago_s=10)
+    text = wa_db.insert_outbound("acme", "1", "not held back by Storage")
     storage.fail_next = 1
     r = claim(fn)
-    assert r.status_code == 503  # the worker retries; the row is re-offered after the lease
+    assert r.status_code == 200 and [m["id"] for m in r.json()["messages"]] == [text]
     row = wa_db.outbound(mid)
-    assert row["status"] == "sending" and row["error_code"] is None
+    assert (row["status"], row["claimed_at"], row["attempts"], row["error_code"]) == ("queued", None, 0, None)
+    # Storage is back: the next poll hands it out
+    [msg] = claim(fn).json()["messages"]
+    assert msg["id"] == mid and httpx.get(msg["media_url"], timeout=10).content == PNG
 
 
 @deno

@@ -42,6 +42,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import anyio
@@ -652,18 +653,18 @@ async def serve_media(request: web.Request) -> web.StreamResponse:
         "Content-Security-Policy": "default-src 'none'; sandbox",
         "Cache-Control": "private, max-age=3600",
     }
-    if info["filename"]:
-        headers["Content-Disposition"] = _inline_disposition(info["filename"])
-    response = web.FileResponse(proxy.store.media_path(info["sha256"]), headers=headers)
-    return response
+    # media a browser shows by itself stays inline; anything else (HTML, PDF, ...) is a download
+    inline = info["mimetype"].split("/", 1)[0] in ("image", "audio", "video")
+    if info["filename"] or not inline:
+        headers["Content-Disposition"] = _disposition("inline" if inline else "attachment", info["filename"])
+    return web.FileResponse(proxy.store.media_path(info["sha256"]), headers=headers)
 
 
-def _inline_disposition(filename: str) -> str:
-    from urllib.parse import quote
-
+def _disposition(kind: str, filename: str | None) -> str:
+    if not filename:
+        return kind
     ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
-    return f"inline; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
-
+    return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 # ---------------------------------------------------------------------------- routes

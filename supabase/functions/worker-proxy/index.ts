@@ -71,6 +71,7 @@ const MEDIA_BUCKET = Deno.env.get("WORKER_MEDIA_BUCKET") || "wa-media";
 const SIGNED_URL_SECONDS = envInt("MEDIA_SIGNED_URL_SECONDS", 600);
 const MEDIA_MAX_BYTES = envInt("WORKER_MEDIA_MAX_BYTES", 64 * 1024 * 1024);
 const STORAGE_TIMEOUT_MS = 30_000;
+const SIGN_CONCURRENCY = 8;
 
 const WA_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
 const ERROR_CODE_RE = /^[a-z][a-z0-9_]{0,63}$/;
@@ -424,10 +425,11 @@ async function queuedMessages(_req: Request, url: URL): Promise<Response> {
         select * from claimed order by created_at, seq`;
     });
   }
-  const messages = [];
-  for (const r of rows) {
-    const message = await queuedMessage(sql, r);
-    if (message !== null) messages.push(message);
+  // signed in small parallel groups: a batch may hold many media rows
+  const messages: Json[] = [];
+  for (let i = 0; i < rows.length; i += SIGN_CONCURRENCY) {
+    const group = await Promise.all(rows.slice(i, i + SIGN_CONCURRENCY).map((r) => queuedMessage(sql, r)));
+    for (const message of group) if (message !== null) messages.push(message);
   }
   return json(200, { messages });
 }
@@ -449,9 +451,15 @@ async function queuedMessage(sql: Sql, r: postgres.Row): Promise<Json | null> {
     try {
       m.media_url = await signedUrl(r.media_path);
     } catch (e) {
-      if (!(e instanceof StorageError) || e.status >= 500 || e.status === 429) {
-        // Storage is down: the claim stays, the row is offered again after the lease
-        throw new HttpError(503, "storage unavailable");
+      if (!(e instanceof StorageError)) throw e;
+      if (e.status >= 500 || e.status === 429) {
+        // Storage is down: give the claim back (the next poll tries again) and let the
+        // other messages go out; the attempt is not counted
+        console.error(`worker-proxy queued-messages: ${e.message}`);
+        await sql`
+          update public.wa_outbound set status = 'queued', claimed_at = null, attempts = greatest(attempts - 1, 0)
+          where id = ${r.id}::uuid and status = 'sending'`;
+        return null;
       }
       // the object is missing (or not allowed): the SaaS must fix the row, the worker can do nothing
       await sql`
