@@ -296,7 +296,6 @@ def test_existing_dev_database_is_migrated_in_place(tmp_path: Path) -> None:
     db.close()
     store = DevStore(path)
     try:
-        assert store._one("PRAGMA user_version")[0] == 2
         [out] = store.list_outbound()
         assert out["id"] == "m-old" and out["body"] == "kept" and out["type"] == "text"
         [inb] = store.list_inbound()
@@ -307,6 +306,8 @@ def test_existing_dev_database_is_migrated_in_place(tmp_path: Path) -> None:
     finally:
         store.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
     store = DevStore(path)  # and opening it again changes nothing
     assert len(store.list_outbound()) == 2
     store.close()

@@ -222,8 +222,8 @@ class DevProxy:
         if not self.store.has_instance(instance_id):
             raise ApiError(404, f"unknown instance {instance_id}")
         columns: dict[str, Any] = {}
-        if content.kind is not None and content.kind is not Kind.TEXT or fields.get("type") is not None:
-            columns["type"] = content.kind.value if content.kind is not None else None
+        if content.kind is not None and (content.kind is not Kind.TEXT or fields.get("type") is not None):
+            columns["type"] = content.kind.value  # None: media without a type, inferred below or by the worker
         if content.media is not None:
             columns["filename"] = content.media.filename
             columns["mimetype"] = content.media.mimetype
