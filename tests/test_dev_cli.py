@@ -104,6 +104,93 @@ def test_send_and_messages(proxy: BackgroundProxy, state_dir: Path, capsys) -> N
     assert code == 2
 
 
+PNG_1X1 = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
+                        "0000000d49444154789c6364f8cf000000040001a2f1d1bb0000000049454e44ae426082")
+
+
+def test_send_media_file_reply_and_caption(proxy: BackgroundProxy, state_dir: Path, tmp_path: Path, capsys) -> None:
+    """``send --media FILE`` queues the bytes (base64 through the dev API) with its type and reply."""
+    import hashlib
+
+    d = str(state_dir)
+    proxy.store.add_instance("acme")
+    photo = tmp_path / "foto.png"
+    photo.write_bytes(PNG_1X1)
+    code, out, err = run_cli(capsys, "send", "acme", "5511999990000", "--media", str(photo), "--caption", "olha",
+                             "--reply-to", "3EB0AAA", "--dir", d)
+    assert code == 0, err
+    mid = re.search(r"queued (m-[0-9a-f]+) \(image\)", out).group(1)
+    msg = proxy.store.get_message(mid)
+    assert (msg["type"], msg["body"], msg["filename"], msg["mimetype"], msg["reply_to"]) == (
+        "image", "olha", "foto.png", "image/png", "3EB0AAA")
+    assert msg["media_sha256"] == hashlib.sha256(PNG_1X1).hexdigest()
+    assert (proxy.store.media_dir / msg["media_sha256"]).read_bytes() == PNG_1X1
+    # a voice note from a file, with an explicit type; a document named differently
+    code, out, _ = run_cli(capsys, "send", "acme", "5511999990000", "--media", str(photo), "--type", "document",
+                           "--filename", "scan.png", "--dir", d)
+    assert code == 0
+    doc = proxy.store.get_message(re.search(r"queued (m-[0-9a-f]+)", out).group(1))
+    assert (doc["type"], doc["filename"]) == ("document", "scan.png")
+    code, out, _ = run_cli(capsys, "messages", "--dir", d)
+    assert "[image foto.png reply to 3EB0AAA] olha" in out and "[document scan.png]" in out
+
+
+def test_send_location_contact_reaction(proxy: BackgroundProxy, state_dir: Path, tmp_path: Path, capsys) -> None:
+    d = str(state_dir)
+    proxy.store.add_instance("acme")
+    vcard_file = tmp_path / "ana.vcf"
+    vcard_file.write_text("BEGIN:VCARD\nVERSION:3.0\nFN:Ana\nTEL;waid=5511977776666:+5511977776666\nEND:VCARD\n")
+    runs = [
+        ("--location=-23.5614,-46.6559", "--place", "MASP", "--address", "Av. Paulista, 1578"),
+        ("--contact-name", "Suporte", "--contact-phone", "+55 11 4000-0000"),
+        ("--reaction", "👍", "--reply-to", "3EB0AAA"),
+        ("--reaction", "", "--reply-to", "3EB0AAA"),
+        ("--media-url", "https://cdn.example/n.mp3", "--type", "voice"),
+        ("--vcard", str(vcard_file)),
+    ]
+    for extra in runs:
+        code, _, err = run_cli(capsys, "send", "acme", "5511999990000", *extra, "--dir", d)
+        assert code == 0, (extra, err)
+    claimed = proxy.store.claim_messages("acme")
+    assert [m.get("type") for m in claimed] == ["location", "contact", "reaction", "reaction", "voice", "contact"]
+    assert (claimed[0]["latitude"], claimed[0]["longitude"], claimed[0]["name"], claimed[0]["address"]) == (
+        -23.5614, -46.6559, "MASP", "Av. Paulista, 1578")
+    assert claimed[1]["contact"] == {"name": "Suporte", "phone": "+55 11 4000-0000"}
+    assert (claimed[2]["reaction"], claimed[3]["reaction"], claimed[2]["reply_to"]) == ("👍", "", "3EB0AAA")
+    assert claimed[4]["media_url"] == "https://cdn.example/n.mp3"
+    assert claimed[5]["type"] == "contact" and claimed[5]["vcard"].startswith("BEGIN:VCARD\nVERSION:3.0\nFN:Ana")
+    # and `messages` describes what came in, one line each
+    for rec in ({"wa_message_id": "L1", "type": "location", "body": "", "latitude": -23.5, "longitude": -46.6,
+                 "name": "MASP"},
+                {"wa_message_id": "R1", "type": "reaction", "body": "", "reaction": {"emoji": "❤", "target_id": "L1"}},
+                {"wa_message_id": "V1", "type": "voice", "body": "", "media": {"url": None, "mimetype": "audio/ogg"},
+                 "media_error": "too_large"},
+                {"wa_message_id": "E1", "type": "edit", "body": "new text", "target_id": "T1"}):
+        proxy.store.add_inbound("acme", {"from": "5511988887777@s.whatsapp.net", **rec})
+    code, out, _ = run_cli(capsys, "messages", "--dir", d)
+    assert code == 0
+    for expected in ("[location MASP -23.5 -46.6]", "[reaction ❤ on L1]", "[voice media not kept: too_large]",
+                     "[edit T1] new text", "[contact Suporte +55 11 4000-0000]"):
+        assert expected in out, expected
+
+
+def test_send_refusals_are_one_line(proxy: BackgroundProxy, state_dir: Path, tmp_path: Path, capsys) -> None:
+    d = str(state_dir)
+    proxy.store.add_instance("acme")
+    code, _, err = run_cli(capsys, "send", "acme", "5511999990000", "--dir", d)
+    assert code == 2 and "nothing to send" in err
+    code, _, err = run_cli(capsys, "send", "acme", "5511999990000", "--media", str(tmp_path / "missing.png"),
+                           "--dir", d)
+    assert code == 2 and "cannot read" in err and "missing.png" in err
+    code, _, err = run_cli(capsys, "send", "acme", "5511999990000", "--reaction", "👍", "--dir", d)
+    assert code == 1 and "reply_to" in err  # the proxy's reason, from the worker's own parser
+    code, _, err = run_cli(capsys, "send", "acme", "5511999990000", "x", "--caption", "y", "--dir", d)
+    assert code == 2 and "not both" in err
+    with pytest.raises(SystemExit):
+        main(["send", "acme", "1", "--location", "south", "--dir", d])
+    assert proxy.store.list_outbound() == []
+
+
 def test_send_wait(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
     """``--wait`` returns 0 once a worker marks the message sent, 1 on failure."""
     proxy.store.add_instance("acme")

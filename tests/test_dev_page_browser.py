@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import time
+import wave
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,33 @@ import qrcode
 
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.store import DevStore
+
+# a real 2x2 red PNG and a real 0.1 s WAV: the page must show the first as an <img>
+# (decoded by Chromium) and the second in an <audio> player
+PNG_2X2 = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8z8DAwMDAxMDAwMDAAAANHQEDasKb6QAAAABJRU5ErkJggg=="
+)
+
+
+def _wav_bytes() -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\x00\x00" * 800)
+    return buf.getvalue()
+
+
+def keep_media(store: DevStore, data: bytes, mimetype: str) -> str:
+    """Put ``data`` in the store's media folder as an upload would; returns its sha256."""
+    import hashlib
+
+    sha = hashlib.sha256(data).hexdigest()
+    tmp = store.media_dir / f"media-{sha[:8]}"
+    tmp.write_bytes(data)
+    store.add_media(tmp, sha, mimetype, None)
+    return sha
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -83,6 +111,30 @@ def proxy(tmp_path: Path):
             "timestamp": time.time(),
         },
     )
+    # media both ways (issue #11): an inbound photo and voice note kept by /upload-media
+    img_sha = keep_media(store, PNG_2X2, "image/png")
+    wav_sha = keep_media(store, _wav_bytes(), "audio/wav")
+    base_url = "http://127.0.0.1:8787/media/"  # the worker's view of the proxy: the page embeds the path
+    store.add_inbound("acme-support", {
+        "wa_message_id": "IMG1", "from": "5511988887777@s.whatsapp.net", "body": "a red square",
+        "type": "image", "media": {"url": base_url + img_sha, "mimetype": "image/png", "size": len(PNG_2X2),
+                                   "sha256": img_sha}})
+    store.add_inbound("acme-support", {
+        "wa_message_id": "VOX1", "from": "5511988887777@s.whatsapp.net", "body": "", "type": "voice",
+        "quoted_id": "IMG1",
+        "media": {"url": base_url + wav_sha, "mimetype": "audio/wav", "sha256": wav_sha, "seconds": 1}})
+    store.add_inbound("acme-support", {
+        "wa_message_id": "LOC1", "from": "5511988887777@s.whatsapp.net", "body": "", "type": "location",
+        "latitude": -23.5614, "longitude": -46.6559, "name": "MASP"})
+    store.add_inbound("acme-support", {
+        "wa_message_id": "R1", "from": "5511988887777@s.whatsapp.net", "body": "", "type": "reaction",
+        "reaction": {"emoji": "\u2764", "target_id": "IMG1"}})
+    store.add_inbound("acme-support", {
+        "wa_message_id": "DOC1", "from": "5511988887777@s.whatsapp.net", "body": "", "type": "document",
+        "media": {"url": None, "mimetype": "application/pdf", "filename": "big.pdf"}, "media_error": "too_large"})
+    failed = store.queue_message("acme-support", "5511988887777", "", {"type": "image",
+                                                                         "media_url": "https://x.example/a.png"})
+    store.mark_failed(failed["id"], "the media is larger than the 67108864-byte limit", "media_too_large")
     # user text that must be shown as text, never run as markup
     store.queue_message("acme-support", "<b>to</b>", "<script>alert(1)</script>")
     store.add_inbound("acme-support", {"wa_message_id": "XSS1", "from": "5511977776666@s.whatsapp.net",
@@ -121,6 +173,13 @@ def test_dump_dom_after_scripts(proxy: BackgroundProxy, tmp_path: Path) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and "<script>alert(1)</script>" not in dom
     assert "&lt;img src=x onerror=alert(1)&gt;" in dom and "<img src=x" not in dom
     assert "&lt;b&gt;to&lt;/b&gt;" in dom and "(&lt;i&gt;x&lt;/i&gt;)" in dom and "<i>x</i>" not in dom
+    # message types: media inline, reply snippet, location link, reaction, media error, error code
+    assert '<img class="media" src="/media/' in dom and '<audio class="media" src="/media/' in dom
+    assert "\u201ca red square\u201d" in dom  # the voice note quotes the photo, the reaction names it
+    assert "openstreetmap.org/?mlat=-23.5614&amp;mlon=-46.6559" in dom and "MASP" in dom
+    assert "\u2764 on \u201ca red square\u201d" in dom
+    assert "media not kept: too_large" in dom
+    assert "[media_too_large] the media is larger" in dom
 
 
 # ---------------------------------------------------------------------------- DevTools protocol
@@ -215,7 +274,7 @@ def chromium_devtools(tmp_path: Path):
         log.close()
 
 
-async def _drive(port: int, proxy: BackgroundProxy) -> dict[str, Any]:
+async def _drive(port: int, proxy: BackgroundProxy, upload_file: Path) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
             targets = await resp.json(content_type=None)
@@ -235,6 +294,20 @@ async def _drive(port: int, proxy: BackgroundProxy) -> dict[str, Any]:
             seen["qr_visible"] = await b.eval(
                 "(() => { const i = document.querySelector('[data-instance-id=\"acme-sales\"] img.qr');"
                 " return !i.hidden && i.complete && i.naturalWidth > 0 && i.src.startsWith('data:image/png'); })()"
+            )
+
+            # inbound media is shown: the photo decoded in an <img>, the voice note in an <audio>
+            seen["inbound_img"] = await b.wait_for(
+                "(() => { const i = document.querySelector('tr[data-wa-message-id=\"IMG1\"] img.media');"
+                " return i && i.complete && i.naturalWidth === 2 ? i.getAttribute('src') : ''; })()"
+            )
+            seen["inbound_audio"] = await b.eval(
+                "(() => { const a = document.querySelector('tr[data-wa-message-id=\"VOX1\"] audio.media');"
+                " return a ? a.getAttribute('src') : null; })()"
+            )
+            seen["audio_fetch"] = await b.eval(
+                f"fetch({json.dumps(proxy.url)} + document.querySelector('tr[data-wa-message-id=\"VOX1\"] audio')"
+                ".getAttribute('src')).then(r => r.status + ' ' + r.headers.get('content-type'))"
             )
 
             # screenshot with the QR code on it
@@ -266,6 +339,29 @@ async def _drive(port: int, proxy: BackgroundProxy) -> dict[str, Any]:
                 "(() => { const e = document.querySelector('#queue-form .result.error'); return e && e.textContent; })()"
             )
 
+            # send a photo from the form: type image, a file, a reply-to
+            await b.eval("document.querySelector('#queue-form select[name=type]').value = 'image'")
+            await b.eval("document.querySelector('#queue-form select[name=type]')"
+                         ".dispatchEvent(new Event('change'))")
+            doc = await b.send("DOM.getDocument")
+            node = await b.send("DOM.querySelector", nodeId=doc["root"]["nodeId"],
+                                selector="#queue-form input[name=media]")
+            await b.send("DOM.setFileInputFiles", files=[str(upload_file)], nodeId=node["nodeId"])
+            await b.eval("document.querySelector('#queue-form input[name=to]').setAttribute('required', '')")
+            await b.eval("document.querySelector('#queue-form input[name=to]').value = '5511966665555'")
+            await b.eval("document.querySelector('#queue-form textarea').value = 'a photo caption'")
+            await b.eval("document.querySelector('#queue-form input[name=reply_to]').value = 'IMG1'")
+            await b.click("#queue-form button[type=submit]")
+            seen["photo_result"] = await b.wait_for(
+                "(() => { const t = document.querySelector('#queue-form [data-field=result]');"
+                " return t.textContent.startsWith('queued') || t.classList.contains('error') ? t.textContent : ''; })()"
+            )
+            seen["photo_row"] = await b.wait_for(
+                "(() => { const r = [...document.querySelectorAll('#outbound-rows tr')].find("
+                "tr => tr.textContent.includes('a photo caption')); const i = r && r.querySelector('img.media');"
+                " return i && i.complete && i.naturalWidth === 2 ? r.dataset.type : ''; })()"
+            )
+
             # live update: the worker reports CONNECTED, the QR disappears without a reload
             proxy.store.update_status("acme-sales", "CONNECTED", qr_code=None, phone_number="5511911112222")
             await b.wait_for(
@@ -284,14 +380,16 @@ async def _drive(port: int, proxy: BackgroundProxy) -> dict[str, Any]:
             await b.click("#instance-form button[type=submit]")
             await b.wait_for("!!document.querySelector('[data-instance-id=\"acme-new\"]')")
             seen["options"] = await b.eval(
-                "[...document.querySelectorAll('#queue-form option')].map(o => o.value)"
+                "[...document.querySelectorAll('#queue-form select[name=instanceId] option')].map(o => o.value)"
             )
             return seen
 
 
 def test_page_in_chromium(proxy: BackgroundProxy, chromium_devtools: int, tmp_path: Path) -> None:
     shot = tmp_path / "dev-page.png"
-    seen = asyncio.run(asyncio.wait_for(_drive(chromium_devtools, proxy), 90))
+    upload_file = tmp_path / "square.png"
+    upload_file.write_bytes(PNG_2X2)
+    seen = asyncio.run(asyncio.wait_for(_drive(chromium_devtools, proxy, upload_file), 90))
     shot.write_bytes(seen["screenshot"])
 
     assert seen["statuses"] == {"acme-sales": "CONNECTING", "acme-support": "CONNECTED"}
@@ -304,6 +402,16 @@ def test_page_in_chromium(proxy: BackgroundProxy, chromium_devtools: int, tmp_pa
     assert seen["result"] == f"queued {rows[0]['id']}"
     assert seen["row_status"] == "queued" and seen["body_cleared"] is True
     assert seen["error"] == "to is required"
+
+    assert seen["inbound_img"].startswith("/media/")
+    assert seen["inbound_audio"].startswith("/media/")
+    assert seen["audio_fetch"] == "200 audio/wav"
+    [photo] = [m for m in proxy.store.list_outbound() if m["body"] == "a photo caption"]
+    assert seen["photo_result"] == f"queued {photo['id']}"
+    assert seen["photo_row"] == "image"
+    assert (photo["type"], photo["mimetype"], photo["filename"], photo["reply_to"]) == (
+        "image", "image/png", "square.png", "IMG1")
+    assert (proxy.store.media_dir / photo["media_sha256"]).read_bytes() == PNG_2X2
 
     assert seen["qr_hidden"] is True and seen["detail"] == "+5511911112222"
     assert proxy.store.has_instance("acme-new")

@@ -6,7 +6,11 @@
         the reference proxy alone (run a worker yourself against it)
     wa-worker dev instance add NAME [--priority N]
     wa-worker dev instance list
-    wa-worker dev send INSTANCE TO TEXT [--wait] [--timeout S]
+    wa-worker dev send INSTANCE TO [TEXT] [--media FILE | --media-url URL] [--type T]
+                       [--caption TEXT] [--filename NAME] [--reply-to ID]
+                       [--location=LAT,LON [--place NAME] [--address TEXT]]
+                       [--contact-name NAME --contact-phone PHONE | --vcard FILE]
+                       [--reaction EMOJI --reply-to ID] [--wait] [--timeout S]
     wa-worker dev messages [--instance ID] [--limit N] [--json]
 
 The helpers talk HTTP to the running proxy; they find it and its secret through
@@ -17,15 +21,17 @@ the state folder (``--dir``, default ``./.wa-worker``), or ``--proxy-url`` /
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..ids import is_valid_instance_id
 from .client import ClientError, DevClient, resolve_proxy_url
 from .state import DEFAULT_DIR, DevPaths, DevStateError, resolve_secret
-from .text import clip
+from .text import clip, describe
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -54,6 +60,18 @@ def _positive(value: str) -> float:
     if number <= 0:
         raise argparse.ArgumentTypeError("must be positive")
     return number
+
+
+SEND_TYPES = ("text", "image", "video", "audio", "voice", "document", "sticker", "location", "contact", "reaction")
+MAX_SEND_FILE_BYTES = 64 * 1024 * 1024  # the dev proxy's cap (and the worker's MEDIA_MAX_BYTES default)
+
+
+def _lat_lon(value: str) -> tuple[float, float]:
+    try:
+        lat, lon = (float(x) for x in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be LAT,LON in degrees, e.g. -23.5614,-46.6559") from None
+    return lat, lon
 
 
 def _add_dir(p: argparse.ArgumentParser, *, top: bool) -> None:
@@ -125,10 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
     p_add.add_argument("--priority", type=int, default=0, help="higher connects first (default 0)")
     inst_sub.add_parser("list", parents=[helper], help="list instances and their status")
 
-    p_send = sub.add_parser("send", parents=[helper], help="queue a message")
+    p_send = sub.add_parser("send", parents=[helper], help="queue a message (text, media, location, ...)",
+                            epilog="The fields are those of a queued message: docs/proxy-contract.md, "
+                                   "\"Message types\".")
     p_send.add_argument("instance", type=_instance_id, metavar="INSTANCE")
     p_send.add_argument("to", metavar="TO", help="phone number (+55 11 99999-0000) or JID")
-    p_send.add_argument("text", metavar="TEXT")
+    p_send.add_argument("text", metavar="TEXT", nargs="?", default=None, help="the text (or the media's caption)")
+    p_send.add_argument("--type", choices=SEND_TYPES, default=None,
+                        help="message type (default: text, or from the file's type with --media)")
+    media = p_send.add_mutually_exclusive_group()
+    media.add_argument("--media", type=Path, metavar="FILE", help="send this file (image, video, audio, document...)")
+    media.add_argument("--media-url", metavar="URL", help="the worker downloads the media from this http(s) URL")
+    p_send.add_argument("--caption", metavar="TEXT", help="caption of an image, video or document (same as TEXT)")
+    p_send.add_argument("--filename", metavar="NAME", help="file name shown for a document (default: FILE's name)")
+    p_send.add_argument("--mimetype", metavar="TYPE", help="media type (default: sniffed by the proxy)")
+    p_send.add_argument("--reply-to", metavar="ID", help="WhatsApp id of the message to reply (or react) to")
+    p_send.add_argument("--location", type=_lat_lon, metavar="LAT,LON", help="send a location (write --location=-23.56,-46.65 when LAT is negative)")
+    p_send.add_argument("--place", metavar="NAME", help="the location's name")
+    p_send.add_argument("--address", metavar="TEXT", help="the location's address")
+    p_send.add_argument("--contact-name", metavar="NAME", help="send a contact card (with --contact-phone)")
+    p_send.add_argument("--contact-phone", metavar="PHONE", help="the contact's phone number")
+    p_send.add_argument("--vcard", type=Path, metavar="FILE", help="send this vCard file as a contact")
+    p_send.add_argument("--reaction", metavar="EMOJI", help="react to --reply-to ('' removes the reaction)")
     p_send.add_argument("--wait", action="store_true", help="wait until the message is sent or failed")
     p_send.add_argument("--timeout", type=_positive, default=30.0, help="with --wait, seconds (default 30)")
 
@@ -197,10 +233,70 @@ def _cmd_instance(args: argparse.Namespace) -> int:
     return 0
 
 
+def send_fields(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(body, content fields) of ``wa-worker dev send``; :class:`SendError` for a bad combination."""
+    if args.text is not None and args.caption is not None:
+        raise SendError("give the text either as TEXT or as --caption, not both")
+    body = args.caption if args.caption is not None else (args.text or "")
+    fields: dict[str, Any] = {}
+    if args.type:
+        fields["type"] = args.type
+    if args.reply_to:
+        fields["reply_to"] = args.reply_to
+    if args.media is not None:
+        try:
+            size = args.media.stat().st_size
+            if size > MAX_SEND_FILE_BYTES:
+                raise SendError(f"{args.media} is {size} bytes, over the {MAX_SEND_FILE_BYTES}-byte limit")
+            data = args.media.read_bytes()
+        except OSError as exc:
+            raise SendError(f"cannot read {args.media}: {exc.strerror or exc}") from None
+        fields["media_base64"] = base64.b64encode(data).decode("ascii")
+        fields["filename"] = args.filename or args.media.name
+    elif args.media_url:
+        fields["media_url"] = args.media_url
+        if args.filename:
+            fields["filename"] = args.filename
+    if args.mimetype:
+        fields["mimetype"] = args.mimetype
+    if args.location is not None:
+        fields.setdefault("type", "location")
+        fields["latitude"], fields["longitude"] = args.location
+        if args.place:
+            fields["name"] = args.place
+        if args.address:
+            fields["address"] = args.address
+    if args.contact_name or args.contact_phone:
+        fields.setdefault("type", "contact")
+        fields["contact"] = {"name": args.contact_name, "phone": args.contact_phone}
+    if args.vcard is not None:
+        fields.setdefault("type", "contact")
+        try:
+            fields["vcard"] = args.vcard.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SendError(f"cannot read the vCard {args.vcard}: {exc}") from None
+    if args.reaction is not None:
+        fields.setdefault("type", "reaction")
+        fields["reaction"] = args.reaction
+    if not fields and not body.strip():
+        raise SendError("nothing to send: give TEXT, --media FILE, --location, --contact-name or --reaction")
+    return body, fields
+
+
+class SendError(Exception):
+    """A ``send`` command that cannot be queued (one line for the user)."""
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
+    try:
+        body, fields = send_fields(args)
+    except SendError as exc:
+        print(f"wa-worker dev: {exc}", file=sys.stderr)
+        return 2
     with _client(args) as c:
-        msg = c.queue(args.instance, args.to, args.text)
-        print(f"queued {msg['id']} for {args.instance} → {msg['to']}")
+        msg = c.queue(args.instance, args.to, body, fields)
+        kind = f" ({msg['type']})" if msg.get("type", "text") != "text" else ""
+        print(f"queued {msg['id']}{kind} for {args.instance} → {msg['to']}")
         if not args.wait:
             return 0
         deadline = time.monotonic() + args.timeout
@@ -213,7 +309,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
                     print(f"sent {m['id']} (wa id {m.get('wa_message_id')})")
                     return 0
                 if m["status"] == "failed":
-                    print(f"failed {m['id']}: {m.get('error')}")
+                    code = f" [{m['error_code']}]" if m.get("error_code") else ""
+                    print(f"failed {m['id']}{code}: {m.get('error')}")
                     return 1
         print(f"still not sent after {args.timeout:g}s (is the instance connected?)")
         return 1
@@ -231,11 +328,13 @@ def _cmd_messages(args: argparse.Namespace) -> int:
     rows: list[tuple[float, str]] = []
     for m in data.get("outbound", []):
         note = m.get("error") if m["status"] == "failed" else ""
+        if note and m.get("error_code"):
+            note = f"[{m['error_code']}] {note}"
         rows.append(
             (
                 m["created_at"] or 0,
                 f"{_clock(m['created_at'])}  out  {m['instanceId']}  → {_one_line(m['to'])}  [{m['status']}] "
-                f"{_one_line(m['body'])}" + (f"  ({_one_line(note)})" if note else "") + f"  {m['id']}",
+                f"{_one_line(describe(m))}" + (f"  ({_one_line(note)})" if note else "") + f"  {m['id']}",
             )
         )
     for m in data.get("inbound", []):
@@ -243,7 +342,7 @@ def _cmd_messages(args: argparse.Namespace) -> int:
         rows.append(
             (
                 m["received_at"] or 0,
-                f"{_clock(m['received_at'])}  in   {m['instanceId']}  ← {who}  {_one_line(m['body'])}",
+                f"{_clock(m['received_at'])}  in   {m['instanceId']}  ← {who}  {_one_line(describe(m))}",
             )
         )
     if not rows:

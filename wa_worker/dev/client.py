@@ -85,8 +85,10 @@ class DevClient:
     def add_instance(self, instance_id: str, priority: int = 0) -> dict[str, Any]:
         return dict(self._call("POST", "/dev/instances", json={"id": instance_id, "priority": priority})["instance"])
 
-    def queue(self, instance_id: str, to: str, body: str) -> dict[str, Any]:
-        data = self._call("POST", "/dev/messages", json={"instanceId": instance_id, "to": to, "body": body})
+    def queue(self, instance_id: str, to: str, body: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Queue a message; ``fields`` are its content fields (``type``, ``media_base64``, ...)."""
+        payload = {**(fields or {}), "instanceId": instance_id, "to": to, "body": body}
+        data = self._call("POST", "/dev/messages", json=payload)
         return dict(data["message"])
 
     def messages(self, instance_id: str | None = None, limit: int = 50) -> dict[str, Any]:

@@ -5,6 +5,9 @@
 then again every second. The forms post to ``/ui/queue`` and
 ``/ui/instances``, which are the dev API's handlers. No build step.
 
+Media files (``GET /media/<sha256>``, :mod:`.proxy`) get the same loopback-only
+access as the page, so ``<img>`` / ``<audio>`` tags can show them.
+
 The page has **no login**. It is only answered to loopback clients that use a
 loopback host name (``127.0.0.1``, ``localhost``, ``[::1]``): the peer address
 check keeps other machines out if the proxy is bound to a public interface, the
@@ -36,7 +39,7 @@ _LOCAL_HOSTNAMES = {"localhost", "127.0.0.1", "::1"}
 
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self'; "
         "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
@@ -116,7 +119,7 @@ def page_state(request: web.Request) -> dict[str, Any]:
 
 
 def is_page_path(path: str) -> bool:
-    return path == "/" or path.startswith("/ui/") or path.startswith("/static/") or path == "/favicon.ico"
+    return (path == "/" or path.startswith(("/ui/", "/static/", "/media/")) or path == "/favicon.ico")
 
 
 async def index(request: web.Request) -> web.FileResponse:

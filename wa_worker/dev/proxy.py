@@ -8,12 +8,23 @@ contract (called by the worker)
     POST /update-status
     GET  /queued-messages[?instanceId=<id>]     (no instanceId: batch mode)
     POST /mark-sent
-    POST /mark-failed
-    POST /inbound
+    POST /mark-failed                            ({"messageId", "error", "error_code"?})
+    POST /inbound                                (every message type)
+    POST /upload-media?instanceId=&wa_message_id=  (raw bytes; idempotent per message)
+media (loopback, no bearer, like the page: :mod:`wa_worker.dev.page`)
+    GET  /media/<sha256>
 dev API (called by ``wa-worker dev instance|send|messages``, and by the page)
     GET  /dev/instances              POST /dev/instances   {"id", "priority"?}
     GET  /dev/messages[?instanceId=&limit=]
-    POST /dev/messages   {"instanceId", "to", "body"}
+    POST /dev/messages   {"instanceId", "to", "body", + the content fields of a queued message}
+
+Media: bytes uploaded by the worker, or given as ``media_base64`` to the dev
+API, are kept as ``<media dir>/<sha256>`` (0600) and served back at
+``/media/<sha256>``. A queued message whose media is stored here is handed to
+the worker as ``media_url`` on the proxy's own address (the worker fetches it;
+``wa-worker dev`` sets ``MEDIA_ALLOW_PRIVATE=true``, so the loopback fetch is
+allowed), never as a large ``media_base64`` that would overflow the worker's
+response cap (``EDGE_MAX_RESPONSE_BYTES``).
 
 Public surface (what :mod:`wa_worker.dev.page` and :mod:`wa_worker.dev.app`
 use): :class:`DevProxy` (stored under :data:`PROXY_KEY`), :class:`ApiError`,
@@ -31,6 +42,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import anyio
@@ -38,10 +50,15 @@ from aiohttp import web
 
 from ..http.common import bearer_matches, read_json_object
 from ..ids import is_valid_instance_id
+from ..media.errors import MediaError
+from ..media.files import CappedFile, FetchedMedia
+from ..media.inline import decode_base64_to_file
+from ..media.sniff import infer_type, sniff_mimetype
+from ..messages import WA_MESSAGE_ID_RE, ContentError, Kind, parse_content
 from .store import (
     STATUSES,
-    InstanceExists,
     DevStore,
+    InstanceExists,
     UnknownInstance,
     UnknownMessage,
 )
@@ -50,6 +67,14 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_CHARS = 65_536
 MAX_REQUEST_BYTES = 1024 * 1024
+MAX_MEDIA_BYTES = 64 * 1024 * 1024  # as the worker's MEDIA_MAX_BYTES default
+UPLOAD_READ_TIMEOUT_S = 120.0
+INBOUND_TYPES = frozenset(k.value for k in Kind)
+MEDIA_ERRORS = frozenset({"upload_unsupported", "too_large", "download_failed"})
+ERROR_CODES = frozenset({
+    "invalid_message", "invalid_recipient", "media_too_large", "media_fetch_failed", "media_refused",
+    "media_invalid", "media_conversion_failed", "reply_target_unknown", "send_failed", "delivery_unknown",
+})
 MAX_LIMIT = 500
 MAX_PENDING_WAKES = 1000
 END_OF_9999 = 253_402_300_800  # 10000-01-01T00:00:00Z in Unix seconds
@@ -88,6 +113,7 @@ class DevProxy:
         wake_url: str | None = None,
         on_event: ProxyEventCallback | None = None,
         wake_timeout_s: float = 3.0,
+        media_max_bytes: int = MAX_MEDIA_BYTES,
     ) -> None:
         if not secret:
             raise ValueError("secret must not be empty")
@@ -96,6 +122,7 @@ class DevProxy:
         self._secret_str = secret
         self.wake_url = wake_url
         self.wake_timeout_s = wake_timeout_s
+        self.media_max_bytes = media_max_bytes
         self._listeners: list[ProxyEventCallback] = [on_event] if on_event else []
         self._wake_ids: set[str | None] = set()  # None: every instance
         self._wake_ready: anyio.Event | None = None  # exists while run_waker runs
@@ -171,22 +198,86 @@ class DevProxy:
         self.emit("instance_added", instance_id)
         return inst
 
-    def queue_message(self, instance_id: Any, to: Any, body: Any) -> dict[str, Any]:
+    async def queue_message(
+        self, instance_id: Any, to: Any, body: Any, fields: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Queue a message; ``fields`` are the optional content fields of a queued
+        message (``type``, ``media_url`` | ``media_base64``, ``mimetype``, ...),
+        checked by the worker's own :func:`~wa_worker.messages.parse_content`."""
+        fields = fields or {}
         if not is_valid_instance_id(instance_id):
             raise ApiError(400, "instanceId is missing or invalid")
         if not isinstance(to, str) or not to.strip():
             raise ApiError(400, "to is required")
-        if not isinstance(body, str) or not body.strip():
-            raise ApiError(400, "body is required")
+        if body is None:
+            body = ""
+        if not isinstance(body, str):
+            raise ApiError(400, "body must be a string")
         if len(body) > MAX_BODY_CHARS or len(to) > 256:
             raise ApiError(400, "message too long")
         try:
-            msg = self.store.queue_message(instance_id, to.strip(), body)
+            content = parse_content({**fields, "body": body})
+        except ContentError as exc:
+            raise ApiError(400, str(exc)) from None
+        if not self.store.has_instance(instance_id):
+            raise ApiError(404, f"unknown instance {instance_id}")
+        columns: dict[str, Any] = {}
+        if content.kind is not None and (content.kind is not Kind.TEXT or fields.get("type") is not None):
+            columns["type"] = content.kind.value  # None: media without a type, inferred below or by the worker
+        if content.media is not None:
+            columns["filename"] = content.media.filename
+            columns["mimetype"] = content.media.mimetype
+            if content.media.url is not None:
+                columns["media_url"] = content.media.url
+            else:
+                assert content.media.base64 is not None
+                stored = await self._store_base64(content.media.base64, content.media.mimetype,
+                                                  content.media.filename)
+                columns["media_sha256"] = stored["sha256"]
+                columns["mimetype"] = stored["mimetype"]
+                if content.kind is None:  # as the worker would infer it (never a sticker nor a voice note)
+                    columns["type"] = infer_type(stored["mimetype"])
+        if content.reply_to is not None:
+            columns["reply_to"] = content.reply_to
+        if content.kind is Kind.REACTION:
+            columns["reaction"] = content.reaction
+        if content.location is not None:
+            loc = content.location
+            columns.update(latitude=loc.latitude, longitude=loc.longitude, loc_name=loc.name,
+                           loc_address=loc.address)
+        if content.contact is not None:
+            raw = fields.get("contact")
+            if isinstance(raw, dict) and raw.get("phone") and not fields.get("vcard"):
+                columns.update(contact_name=content.contact.name, contact_phone=str(raw["phone"]).strip())
+            else:
+                columns["vcard"] = content.contact.vcard
+        try:
+            msg = self.store.queue_message(instance_id, to.strip(), body, columns)
         except UnknownInstance:
             raise ApiError(404, f"unknown instance {instance_id}") from None
         self.emit("queued", instance_id, message=msg)
         self.wake(instance_id)
         return msg
+
+    async def _store_base64(self, data: str, mimetype: str | None, filename: str | None) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
+            try:
+                media = decode_base64_to_file(data, self.store.media_dir, max_bytes=self.media_max_bytes,
+                                              filename=filename)
+            except MediaError as exc:
+                raise ApiError(413 if exc.code == "media_too_large" else 400, str(exc)) from None
+            return self._keep(media, mimetype)
+
+        return await anyio.to_thread.run_sync(work)
+
+    def _keep(self, media: FetchedMedia, declared: str | None) -> dict[str, Any]:
+        """The file ``media`` moved into the store, its type sniffed (blocking: call from a thread)."""
+        try:
+            mimetype = sniff_mimetype(media.path, declared or media.content_type, media.filename)
+            return self.store.add_media(media.path, media.sha256, mimetype, media.filename)
+        except BaseException:
+            self.store.discard(media.path)
+            raise
 
 
 PROXY_KEY: web.AppKey[DevProxy] = web.AppKey("dev_proxy", DevProxy)
@@ -261,6 +352,52 @@ def _instance_param(value: Any, *, name: str = "instanceId") -> str:
     return value
 
 
+def _is_code(value: str) -> bool:
+    return 0 < len(value) <= 64 and value.replace("_", "").isalnum() and value.islower() and value.isascii()
+
+
+def _check_type(value: Any, kinds: tuple[type, ...], where: str) -> None:
+    if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+        raise ApiError(400, f"{where} has the wrong type")
+
+
+def _check_inbound_content(data: dict[str, Any]) -> None:
+    """The issue #11 fields of an ``/inbound`` body (all optional). ``body`` may be
+    ``""`` (captionless media, a reaction, a revoke) when a type other than text is given."""
+    kind = data.get("type", "text")
+    if kind is None:
+        kind = "text"
+    if not isinstance(kind, str) or kind not in INBOUND_TYPES:
+        raise ApiError(400, f"type must be one of {', '.join(sorted(INBOUND_TYPES))}")
+    body = data.get("body")
+    if not isinstance(body, str):
+        raise ApiError(400, "body is required (a string; \"\" for media without caption)")
+    if kind == "text" and not body:
+        raise ApiError(400, "body is required")
+    for key in ("quoted_id", "target_id", "name", "address", "media_error"):
+        _opt_str(data, key)
+    if data.get("media_error") is not None and data["media_error"] not in MEDIA_ERRORS:
+        raise ApiError(400, f"media_error must be one of {', '.join(sorted(MEDIA_ERRORS))}")
+    for key in ("latitude", "longitude"):
+        _check_type(data.get(key), (int, float), key)
+    media = data.get("media")
+    if media is not None:
+        if not isinstance(media, dict):
+            raise ApiError(400, "media must be an object")
+        for key in ("url", "mimetype", "filename", "sha256"):
+            _check_type(media.get(key), (str,), f"media.{key}")
+        for key in ("size", "seconds"):
+            _check_type(media.get(key), (int,), f"media.{key}")
+    for key, subkeys in (("reaction", ("emoji", "target_id")), ("contact", ("name", "vcard", "phone"))):
+        value = data.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ApiError(400, f"{key} must be an object")
+        for sub in subkeys:
+            _check_type(value.get(sub), (str,), f"{key}.{sub}")
+
+
 def _limit(request: web.Request, default: int = 50) -> int:
     raw = request.query.get("limit")
     if raw is None:
@@ -320,6 +457,10 @@ async def queued_messages(request: web.Request) -> web.Response:
         messages = proxy.store.claim_messages(instance_id, limit=limit)
     else:
         messages = proxy.store.claim_messages(None, limit=limit)
+    for msg in messages:
+        sha = msg.pop("media_sha256", None)
+        if sha is not None:
+            msg["media_url"] = media_url(request, sha)
     return web.json_response({"messages": messages})
 
 
@@ -348,8 +489,11 @@ async def mark_failed(request: web.Request) -> web.Response:
     if not isinstance(message_id, str) or not message_id:
         raise ApiError(400, "messageId is required")
     error = _opt_str(data, "error") or "unknown error"
+    error_code = _opt_str(data, "error_code")
+    if error_code is not None and not _is_code(error_code):
+        raise ApiError(400, "error_code must be a short lower_snake_case code")
     try:
-        msg, changed = proxy.store.mark_failed(message_id, error[:2000])
+        msg, changed = proxy.store.mark_failed(message_id, error[:2000], error_code)
     except UnknownMessage:
         return web.json_response({"ok": False, "found": False})  # see mark_sent
     if changed:
@@ -361,16 +505,17 @@ async def inbound(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     data = storable(await _json_object(request))
     instance_id = _instance_param(data.get("instanceId"))
-    for key in ("wa_message_id", "from", "body"):
+    for key in ("wa_message_id", "from"):
         value = data.get(key)
         if not isinstance(value, str) or not value:
             raise ApiError(400, f"{key} is required")
     for key in ("to", "chat_id", "sender_id", "push_name"):
         _opt_str(data, key)
-    for key in ("from_me", "is_group"):
+    for key in ("from_me", "is_group", "view_once"):
         if data.get(key) is not None and not isinstance(data.get(key), bool):
             raise ApiError(400, f"{key} must be a boolean")
     _timestamp(data.get("timestamp"))
+    _check_inbound_content(data)
     try:
         msg, inserted = proxy.store.add_inbound(instance_id, data)
     except UnknownInstance:
@@ -431,9 +576,95 @@ async def dev_list_messages(request: web.Request) -> web.Response:
 
 async def dev_queue_message(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
-    data = storable(await _json_object(request))
-    msg = proxy.queue_message(data.get("instanceId"), data.get("to"), data.get("body"))
+    data = storable(await read_json_object(request, max_bytes=_queue_request_bytes(proxy)))
+    fields = {k: v for k, v in data.items() if k not in ("instanceId", "to", "body")}
+    msg = await proxy.queue_message(data.get("instanceId"), data.get("to"), data.get("body"), fields)
     return web.json_response({"message": msg}, status=201)
+
+
+def _queue_request_bytes(proxy: DevProxy) -> int:
+    """A queue request may carry ``media_base64`` (4/3 of the media cap) besides the text."""
+    return proxy.media_max_bytes * 4 // 3 + MAX_REQUEST_BYTES
+
+
+# ---------------------------------------------------------------------------- media
+
+
+def media_url(request: web.Request, sha256: str) -> str:
+    """Where this proxy serves ``sha256``, on the address the caller used to reach it."""
+    return f"{request.scheme}://{request.host}/media/{sha256}"
+
+
+async def upload_media(request: web.Request) -> web.Response:
+    """``POST /upload-media?instanceId=&wa_message_id=``: the raw bytes of a received
+    message's media. Idempotent per message: a repeat answers the first upload's URL."""
+    proxy = request.app[PROXY_KEY]
+    instance_id = _instance_param(request.query.get("instanceId"))
+    wa_id = request.query.get("wa_message_id") or ""
+    if not WA_MESSAGE_ID_RE.fullmatch(wa_id):
+        raise ApiError(400, "wa_message_id is missing or invalid")
+    if not proxy.store.has_instance(instance_id):
+        raise ApiError(404, f"unknown instance {instance_id}")
+    declared_sha = request.headers.get("X-Sha256")
+    existing = proxy.store.get_upload(instance_id, wa_id)
+    if existing is not None:
+        return web.json_response({"url": media_url(request, existing), "duplicate": True})
+    if request.content_length is not None and request.content_length > proxy.media_max_bytes:
+        raise ApiError(413, f"media larger than {proxy.media_max_bytes} bytes")
+    filename = request.headers.get("X-Filename")
+    if filename is not None:
+        filename = filename.replace("/", "_").replace("\\", "_").replace("\x00", "").strip()[:255] or None
+    ctype = request.headers.get("Content-Type")
+    try:
+        out = CappedFile(proxy.store.media_dir, proxy.media_max_bytes, "the dev proxy's cap")
+    except OSError as exc:
+        raise ApiError(507, f"cannot store the media ({exc.strerror or exc})") from None
+    with out:
+        try:
+            with anyio.fail_after(UPLOAD_READ_TIMEOUT_S):
+                while chunk := await request.content.readany():
+                    out.write(chunk)
+        except MediaError as exc:
+            raise ApiError(413, str(exc)) from None
+        except TimeoutError:
+            raise ApiError(408, f"media not received within {UPLOAD_READ_TIMEOUT_S:g} s") from None
+        except OSError as exc:
+            raise ApiError(507, f"cannot store the media ({exc.strerror or exc})") from None
+        if out.size == 0:
+            raise ApiError(400, "the media body is empty")
+        media = out.finish(ctype, filename)
+    if declared_sha is not None and declared_sha.strip().lower() != media.sha256:
+        proxy.store.discard(media.path)
+        raise ApiError(400, "X-Sha256 does not match the bytes received")
+    record = await anyio.to_thread.run_sync(proxy._keep, media, ctype)
+    bound = proxy.store.record_upload(instance_id, wa_id, record["sha256"])
+    return web.json_response({"url": media_url(request, bound)})
+
+
+async def serve_media(request: web.Request) -> web.StreamResponse:
+    """``GET /media/<sha256>``: a stored file with its type, never a path outside the media folder."""
+    proxy = request.app[PROXY_KEY]
+    info = proxy.store.get_media(request.match_info["sha256"])
+    if info is None:
+        raise ApiError(404, "no such media")
+    headers = {
+        "Content-Type": info["mimetype"],
+        "X-Content-Type-Options": "nosniff",
+        "Content-Security-Policy": "default-src 'none'; sandbox",
+        "Cache-Control": "private, max-age=3600",
+    }
+    # media a browser shows by itself stays inline; anything else (HTML, PDF, ...) is a download
+    inline = info["mimetype"].split("/", 1)[0] in ("image", "audio", "video")
+    if info["filename"] or not inline:
+        headers["Content-Disposition"] = _disposition("inline" if inline else "attachment", info["filename"])
+    return web.FileResponse(proxy.store.media_path(info["sha256"]), headers=headers)
+
+
+def _disposition(kind: str, filename: str | None) -> str:
+    if not filename:
+        return kind
+    ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename)
+    return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 # ---------------------------------------------------------------------------- routes
@@ -447,6 +678,8 @@ def add_api_routes(app: web.Application) -> None:
     app.router.add_post("/mark-sent", mark_sent)
     app.router.add_post("/mark-failed", mark_failed)
     app.router.add_post("/inbound", inbound)
+    app.router.add_post("/upload-media", upload_media)
+    app.router.add_get(r"/media/{sha256:[0-9a-f]{64}}", serve_media)
     app.router.add_get("/dev/instances", dev_list_instances)
     app.router.add_post("/dev/instances", dev_add_instance)
     app.router.add_get("/dev/messages", dev_list_messages)

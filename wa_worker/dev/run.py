@@ -149,6 +149,8 @@ class DevRun:
             MSG_POLL_MS=1000,
             INSTANCE_POLL_MS=2000,
             LOG_LEVEL=o.log_level,
+            # the proxy hands queued media to the worker as a URL on itself (loopback)
+            MEDIA_ALLOW_PRIVATE=True,
         )
         if o.simulator:
             overrides["SIMULATOR_AUTO_SCAN_MS"] = 1500

@@ -1,10 +1,18 @@
 """SQLite storage of the reference edge proxy used by ``wa-worker dev``.
 
-Three tables:
+Tables:
 
 * ``instances``: one row per WhatsApp account (status, QR data URL, phone number);
-* ``outbound``: the send queue (``queued → sending → sent | failed``);
-* ``inbound``: received messages, unique per ``(instance_id, wa_message_id)``.
+* ``outbound``: the send queue (``queued → sending → sent | failed``), with the
+  message's type and content fields (docs/proxy-contract.md, "Message types");
+* ``inbound``: received messages, unique per ``(instance_id, wa_message_id)``,
+  with their type, media metadata, reply, reaction, location and contact fields;
+* ``media`` / ``uploads``: media bytes kept as files ``<media dir>/<sha256>``
+  (0600), and which ``(instance_id, wa_message_id)`` uploaded which file.
+
+The schema is versioned with ``PRAGMA user_version`` by the worker's own
+migration runner (:func:`wa_worker.storage.migrations.migrate`): a dev database
+written before versioning is adopted as version 1 and migrated in place.
 
 Every method is synchronous and short; the proxy calls them from its event
 loop (a dev tool with one process and a handful of rows per second).
@@ -12,20 +20,27 @@ loop (a dev tool with one process and a handful of rows per second).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import secrets
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..storage.db import open_db
+from ..fsutil import DIR_MODE
+from ..storage.db import MEMORY, open_db
+from ..storage.migrations import Migration, migrate
 
 STATUSES = ("CONNECTING", "CONNECTED", "DISCONNECTED")
 CLAIM_LEASE_S = 300.0  # re-offer claims older than 5 minutes (as the Supabase kit)
 
-_SCHEMA = """
+V1_SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     id           TEXT PRIMARY KEY,
     status       TEXT NOT NULL DEFAULT 'DISCONNECTED',
@@ -69,6 +84,73 @@ CREATE TABLE IF NOT EXISTS inbound (
 );
 """
 
+# issue #11: every kind of message, both ways
+V2_MESSAGE_TYPES = """
+ALTER TABLE outbound ADD COLUMN type TEXT;
+ALTER TABLE outbound ADD COLUMN media_url TEXT;
+ALTER TABLE outbound ADD COLUMN media_sha256 TEXT;
+ALTER TABLE outbound ADD COLUMN mimetype TEXT;
+ALTER TABLE outbound ADD COLUMN filename TEXT;
+ALTER TABLE outbound ADD COLUMN reply_to TEXT;
+ALTER TABLE outbound ADD COLUMN reaction TEXT;
+ALTER TABLE outbound ADD COLUMN latitude REAL;
+ALTER TABLE outbound ADD COLUMN longitude REAL;
+ALTER TABLE outbound ADD COLUMN loc_name TEXT;
+ALTER TABLE outbound ADD COLUMN loc_address TEXT;
+ALTER TABLE outbound ADD COLUMN contact_name TEXT;
+ALTER TABLE outbound ADD COLUMN contact_phone TEXT;
+ALTER TABLE outbound ADD COLUMN vcard TEXT;
+ALTER TABLE outbound ADD COLUMN error_code TEXT;
+ALTER TABLE inbound ADD COLUMN type TEXT NOT NULL DEFAULT 'text';
+ALTER TABLE inbound ADD COLUMN media_url TEXT;
+ALTER TABLE inbound ADD COLUMN mimetype TEXT;
+ALTER TABLE inbound ADD COLUMN filename TEXT;
+ALTER TABLE inbound ADD COLUMN size INTEGER;
+ALTER TABLE inbound ADD COLUMN sha256 TEXT;
+ALTER TABLE inbound ADD COLUMN seconds INTEGER;
+ALTER TABLE inbound ADD COLUMN media_error TEXT;
+ALTER TABLE inbound ADD COLUMN quoted_id TEXT;
+ALTER TABLE inbound ADD COLUMN reaction TEXT;
+ALTER TABLE inbound ADD COLUMN target_id TEXT;
+ALTER TABLE inbound ADD COLUMN latitude REAL;
+ALTER TABLE inbound ADD COLUMN longitude REAL;
+ALTER TABLE inbound ADD COLUMN loc_name TEXT;
+ALTER TABLE inbound ADD COLUMN loc_address TEXT;
+ALTER TABLE inbound ADD COLUMN contact_name TEXT;
+ALTER TABLE inbound ADD COLUMN contact_vcard TEXT;
+ALTER TABLE inbound ADD COLUMN contact_phone TEXT;
+ALTER TABLE inbound ADD COLUMN view_once INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE media (
+    sha256     TEXT PRIMARY KEY,
+    mimetype   TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    filename   TEXT,
+    created_at REAL NOT NULL
+);
+CREATE TABLE uploads (
+    instance_id   TEXT NOT NULL,
+    wa_message_id TEXT NOT NULL,
+    sha256        TEXT NOT NULL REFERENCES media(sha256),
+    created_at    REAL NOT NULL,
+    PRIMARY KEY (instance_id, wa_message_id)
+);
+"""
+
+DEV_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial", V1_SCHEMA),
+    Migration(2, "message types and media", V2_MESSAGE_TYPES),
+)
+# the tables of a dev database written before versioning (user_version 0)
+V1_TABLES = frozenset({"instances", "outbound", "inbound"})
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# outbound content columns ↔ the queued message's fields (docs/proxy-contract.md)
+_OUT_FIELDS = (
+    ("type", "type"), ("media_url", "media_url"), ("mimetype", "mimetype"), ("filename", "filename"),
+    ("reply_to", "reply_to"), ("reaction", "reaction"), ("latitude", "latitude"), ("longitude", "longitude"),
+    ("loc_name", "name"), ("loc_address", "address"), ("vcard", "vcard"),
+)
+
 
 class UnknownInstance(LookupError):
     pass
@@ -95,16 +177,33 @@ class StatusChange:
 class DevStore:
     """The reference proxy's database (one file, WAL mode)."""
 
-    def __init__(self, path: Path | str, *, clock: Any = time.time) -> None:
+    def __init__(self, path: Path | str, *, clock: Any = time.time, media_dir: Path | str | None = None) -> None:
+        """``media_dir``: where media files go (default ``<db folder>/media``; a
+        temporary folder, removed by :meth:`close`, for an in-memory database)."""
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
         self._db = open_db(path, foreign_keys=True)  # the worker's opener: WAL, 0700/0600
-        self._db.executescript(_SCHEMA)
+        try:
+            migrate(self._db, path, DEV_MIGRATIONS, V1_TABLES)
+        except BaseException:
+            self._db.close()
+            raise
+        self._temp_media = media_dir is None and str(path) == MEMORY
+        if media_dir is not None:
+            self.media_dir = Path(media_dir)
+        elif self._temp_media:
+            self.media_dir = Path(tempfile.mkdtemp(prefix="wa-dev-media-"))
+        else:
+            self.media_dir = self.path.parent / "media"
+        self.media_dir.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        os.chmod(self.media_dir, DIR_MODE)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._temp_media:
+            shutil.rmtree(self.media_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ helpers
 
@@ -192,18 +291,27 @@ class DevStore:
 
     # ------------------------------------------------------------------ outbound
 
-    def queue_message(self, instance_id: str, to: str, body: str) -> dict[str, Any]:
-        """Queue a message. Raises :class:`UnknownInstance`."""
+    def queue_message(
+        self, instance_id: str, to: str, body: str, content: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Queue a message; ``content`` maps outbound content columns (``type``,
+        ``media_url``, ``media_sha256``, ``mimetype``, ...) to values the caller
+        has validated. Raises :class:`UnknownInstance`."""
         now = self._now()
         # random ids: a fresh proxy.db never reuses an id the worker's journal remembers
         message_id = "m-" + secrets.token_hex(8)
         with self._lock:
             if self._db.execute("SELECT 1 FROM instances WHERE id = ?", (instance_id,)).fetchone() is None:
                 raise UnknownInstance(instance_id)
+            cols = {"id": message_id, "instance_id": instance_id, "to_addr": to, "body": body,
+                    "created_at": now, "updated_at": now}
+            for key, value in (content or {}).items():
+                if key not in _OUT_CONTENT_COLUMNS:
+                    raise ValueError(f"unknown outbound column {key!r}")
+                cols[key] = value
             self._db.execute(
-                "INSERT INTO outbound (id, instance_id, to_addr, body, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (message_id, instance_id, to, body, now, now),
+                f"INSERT INTO outbound ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                tuple(cols.values()),
             )
         msg = self.get_message(message_id)
         assert msg is not None
@@ -235,15 +343,12 @@ class DevStore:
             f"  SELECT seq FROM outbound WHERE {scope} AND "
             "  (status = 'queued' OR (status = 'sending' AND claimed_at < ?)) "
             "  ORDER BY seq LIMIT ?"
-            ") RETURNING seq, id, instance_id, to_addr, body"
+            ") RETURNING *"
         )
         with self._lock:
             rows = self._db.execute(sql, (now, now, *scope_params, stale, limit)).fetchall()
         rows = sorted(rows, key=lambda r: r["seq"])
-        return [
-            {"id": r["id"], "instanceId": r["instance_id"], "to": r["to_addr"], "body": r["body"]}
-            for r in rows
-        ]
+        return [_queued_dict(r) for r in rows]
 
     def mark_sent(self, message_id: str, wa_message_id: str | None) -> tuple[dict[str, Any], bool]:
         """Mark a message sent (terminal, idempotent). Returns (message, changed)."""
@@ -256,7 +361,8 @@ class DevStore:
             if changed:
                 # the worker's word that WhatsApp has it beats an earlier failure report
                 self._db.execute(
-                    "UPDATE outbound SET status = 'sent', wa_message_id = ?, error = NULL, updated_at = ? "
+                    "UPDATE outbound SET status = 'sent', wa_message_id = ?, error = NULL, error_code = NULL, "
+                    "updated_at = ? "
                     "WHERE id = ?",
                     (wa_message_id, now, message_id),
                 )
@@ -264,7 +370,9 @@ class DevStore:
         assert msg is not None
         return msg, changed
 
-    def mark_failed(self, message_id: str, error: str) -> tuple[dict[str, Any], bool]:
+    def mark_failed(
+        self, message_id: str, error: str, error_code: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
         """Mark a message failed (never overrides ``sent``). Returns (message, changed)."""
         now = self._now()
         with self._lock:
@@ -274,8 +382,9 @@ class DevStore:
             changed = row["status"] not in ("sent", "failed")
             if changed:
                 self._db.execute(
-                    "UPDATE outbound SET status = 'failed', error = ?, updated_at = ? WHERE id = ?",
-                    (error, now, message_id),
+                    "UPDATE outbound SET status = 'failed', error = ?, error_code = ?, updated_at = ? "
+                    "WHERE id = ?",
+                    (error, error_code, now, message_id),
                 )
         msg = self.get_message(message_id)
         assert msg is not None
@@ -302,25 +411,11 @@ class DevStore:
         with self._lock:
             if self._db.execute("SELECT 1 FROM instances WHERE id = ?", (instance_id,)).fetchone() is None:
                 raise UnknownInstance(instance_id)
+            cols = _inbound_columns(instance_id, rec, now)
             cur = self._db.execute(
-                "INSERT INTO inbound (instance_id, wa_message_id, from_jid, to_jid, body, chat_id, sender_id, "
-                "from_me, is_group, push_name, timestamp, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO inbound ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
                 "ON CONFLICT (instance_id, wa_message_id) DO NOTHING",
-                (
-                    instance_id,
-                    rec["wa_message_id"],
-                    rec["from"],
-                    rec.get("to"),
-                    rec["body"],
-                    rec.get("chat_id"),
-                    rec.get("sender_id"),
-                    1 if rec.get("from_me") else 0,
-                    1 if rec.get("is_group") else 0,
-                    rec.get("push_name"),
-                    rec.get("timestamp"),
-                    now,
-                ),
+                tuple(cols.values()),
             )
             inserted = cur.rowcount == 1
             row = self._db.execute(
@@ -339,6 +434,131 @@ class DevStore:
             )
         return [_inbound_dict(r) for r in rows]
 
+    # ------------------------------------------------------------------ media
+
+    def media_path(self, sha256: str) -> Path:
+        if not SHA256_RE.fullmatch(sha256):
+            raise ValueError("not a sha256")
+        return self.media_dir / sha256
+
+    def add_media(self, tmp: Path, sha256: str, mimetype: str, filename: str | None) -> dict[str, Any]:
+        """Keep the file ``tmp`` (its SHA-256 computed by the caller) as ``<media dir>/<sha256>``;
+        the same bytes twice are one file. Returns the media record."""
+        dest = self.media_path(sha256)
+        os.replace(tmp, dest)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO media (sha256, mimetype, size, filename, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (sha256) DO NOTHING",
+                (sha256, mimetype, dest.stat().st_size, filename, self._now()),
+            )
+        info = self.get_media(sha256)
+        assert info is not None
+        return info
+
+    def get_media(self, sha256: str) -> dict[str, Any] | None:
+        if not SHA256_RE.fullmatch(sha256):
+            return None
+        row = self._one("SELECT * FROM media WHERE sha256 = ?", (sha256,))
+        if row is None or not (self.media_dir / sha256).is_file():
+            return None
+        return dict(row)
+
+    def get_upload(self, instance_id: str, wa_message_id: str) -> str | None:
+        """The sha256 already uploaded for this message, if any."""
+        row = self._one(
+            "SELECT u.sha256 FROM uploads u JOIN media m ON m.sha256 = u.sha256 "
+            "WHERE u.instance_id = ? AND u.wa_message_id = ?",
+            (instance_id, wa_message_id),
+        )
+        if row is None or not (self.media_dir / row[0]).is_file():
+            return None
+        return str(row[0])
+
+    def record_upload(self, instance_id: str, wa_message_id: str, sha256: str) -> str:
+        """Remember the upload of ``sha256`` for this message; the first one wins.
+        Returns the sha256 the message is bound to."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO uploads (instance_id, wa_message_id, sha256, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (instance_id, wa_message_id) DO UPDATE SET sha256 = excluded.sha256 "
+                "WHERE NOT EXISTS (SELECT 1 FROM media WHERE media.sha256 = uploads.sha256)",
+                (instance_id, wa_message_id, sha256, self._now()),
+            )
+            row = self._db.execute(
+                "SELECT sha256 FROM uploads WHERE instance_id = ? AND wa_message_id = ?",
+                (instance_id, wa_message_id),
+            ).fetchone()
+        return str(row[0])
+
+    def discard(self, tmp: Path) -> None:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+_OUT_CONTENT_COLUMNS = frozenset(
+    {"type", "media_url", "media_sha256", "mimetype", "filename", "reply_to", "reaction", "latitude",
+     "longitude", "loc_name", "loc_address", "contact_name", "contact_phone", "vcard"}
+)
+
+
+def _queued_dict(row: sqlite3.Row) -> dict[str, Any]:
+    """A claimed row as ``GET /queued-messages`` hands it out: only the fields it has
+    (a text message is exactly the first contract's record). Media stored here is
+    named by ``media_sha256``; the proxy turns it into a ``media_url`` on itself."""
+    out: dict[str, Any] = {"id": row["id"], "instanceId": row["instance_id"], "to": row["to_addr"],
+                           "body": row["body"]}
+    for column, key in _OUT_FIELDS:
+        if row[column] is not None:
+            out[key] = row[column]
+    if row["media_sha256"] is not None:
+        out["media_sha256"] = row["media_sha256"]
+    if row["contact_name"] is not None or row["contact_phone"] is not None:
+        out["contact"] = {"name": row["contact_name"], "phone": row["contact_phone"]}
+    return out
+
+
+def _sub(rec: dict[str, Any], key: str) -> dict[str, Any]:
+    value = rec.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _inbound_columns(instance_id: str, rec: dict[str, Any], now: float) -> dict[str, Any]:
+    media, reaction, contact = _sub(rec, "media"), _sub(rec, "reaction"), _sub(rec, "contact")
+    return {
+        "instance_id": instance_id,
+        "wa_message_id": rec["wa_message_id"],
+        "from_jid": rec["from"],
+        "to_jid": rec.get("to"),
+        "body": rec.get("body") or "",
+        "chat_id": rec.get("chat_id"),
+        "sender_id": rec.get("sender_id"),
+        "from_me": 1 if rec.get("from_me") else 0,
+        "is_group": 1 if rec.get("is_group") else 0,
+        "push_name": rec.get("push_name"),
+        "timestamp": rec.get("timestamp"),
+        "received_at": now,
+        "type": rec.get("type") or "text",
+        "media_url": media.get("url"),
+        "mimetype": media.get("mimetype"),
+        "filename": media.get("filename"),
+        "size": media.get("size"),
+        "sha256": media.get("sha256"),
+        "seconds": media.get("seconds"),
+        "media_error": rec.get("media_error"),
+        "quoted_id": rec.get("quoted_id"),
+        "reaction": reaction.get("emoji"),
+        "target_id": reaction.get("target_id") or rec.get("target_id"),
+        "latitude": rec.get("latitude"),
+        "longitude": rec.get("longitude"),
+        "loc_name": rec.get("name"),
+        "loc_address": rec.get("address"),
+        "contact_name": contact.get("name"),
+        "contact_vcard": contact.get("vcard"),
+        "contact_phone": contact.get("phone"),
+        "view_once": 1 if rec.get("view_once") else 0,
+    }
+
 
 def _outbound_dict(row: sqlite3.Row) -> dict[str, Any]:
     return {
@@ -351,8 +571,24 @@ def _outbound_dict(row: sqlite3.Row) -> dict[str, Any]:
         "claims": row["claims"],
         "wa_message_id": row["wa_message_id"],
         "error": row["error"],
+        "error_code": row["error_code"],
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
+        # None: media queued without a type (the worker infers it from the bytes)
+        "type": row["type"] or (None if row["media_url"] or row["media_sha256"] else "text"),
+        "media_url": row["media_url"],
+        "media_sha256": row["media_sha256"],
+        "mimetype": row["mimetype"],
+        "filename": row["filename"],
+        "reply_to": row["reply_to"],
+        "reaction": row["reaction"],
+        "latitude": row["latitude"],
+        "longitude": row["longitude"],
+        "name": row["loc_name"],
+        "address": row["loc_address"],
+        "contact": ({"name": row["contact_name"], "phone": row["contact_phone"]}
+                    if row["contact_name"] is not None or row["contact_phone"] is not None else None),
+        "vcard": row["vcard"],
     }
 
 
@@ -370,4 +606,21 @@ def _inbound_dict(row: sqlite3.Row) -> dict[str, Any]:
         "push_name": row["push_name"],
         "timestamp": row["timestamp"],
         "received_at": row["received_at"],
+        "type": row["type"],
+        "media": ({"url": row["media_url"], "mimetype": row["mimetype"], "filename": row["filename"],
+                   "size": row["size"], "sha256": row["sha256"], "seconds": row["seconds"]}
+                  if row["media_url"] is not None or row["mimetype"] is not None or row["sha256"] is not None
+                  else None),
+        "media_error": row["media_error"],
+        "quoted_id": row["quoted_id"],
+        "reaction": ({"emoji": row["reaction"], "target_id": row["target_id"]}
+                     if row["reaction"] is not None else None),
+        "target_id": row["target_id"],
+        "latitude": row["latitude"],
+        "longitude": row["longitude"],
+        "name": row["loc_name"],
+        "address": row["loc_address"],
+        "contact": ({"name": row["contact_name"], "vcard": row["contact_vcard"], "phone": row["contact_phone"]}
+                    if row["contact_name"] is not None or row["contact_vcard"] is not None else None),
+        "view_once": bool(row["view_once"]),
     }

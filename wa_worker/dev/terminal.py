@@ -23,7 +23,7 @@ from qrcode.constants import ERROR_CORRECT_L
 
 from ..backends.base import Connected, LoggedOut, QrCode
 from .proxy import ProxyEvent
-from .text import clip
+from .text import clip, describe
 
 QUIET_ZONE = 2  # modules of white border (the spec says 4; 2 scans fine on screens)
 
@@ -135,16 +135,17 @@ class TerminalPrinter:
             self.line(iid, "status " + text)
         elif event.kind == "queued":
             m = d["message"]
-            self.line(iid, f"queued {m['id']} → {clip(m['to'], 80)}: {clip(m['body'])}")
+            self.line(iid, f"queued {m['id']} → {clip(m['to'], 80)}: {clip(describe(m))}")
         elif event.kind == "sent":
             m = d["message"]
             wa = f" (wa id {clip(m['wa_message_id'], 80)})" if m.get("wa_message_id") else ""
             self.line(iid, f"sent {m['id']} → {clip(m['to'], 80)}{wa}")
         elif event.kind == "failed":
             m = d["message"]
-            self.line(iid, f"failed {m['id']} → {clip(m['to'], 80)}: {clip(m.get('error'))}")
+            code = f"[{clip(m['error_code'], 40)}] " if m.get("error_code") else ""
+            self.line(iid, f"failed {m['id']} → {clip(m['to'], 80)}: {code}{clip(m.get('error'))}")
         elif event.kind == "inbound":
             m = d["message"]
             who = clip(m["from"], 80) + (f" ({clip(m['push_name'], 60)})" if m.get("push_name") else "")
             arrow = "→ (from me)" if m.get("from_me") else "←"
-            self.line(iid, f"{arrow} {who}: {clip(m['body'])}")
+            self.line(iid, f"{arrow} {who}: {clip(describe(m))}")

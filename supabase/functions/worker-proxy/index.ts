@@ -2,7 +2,8 @@
 //
 // A Supabase Edge Function (Deno) speaking SQL to the project's database
 // through postgres.js and SUPABASE_DB_URL (provided by Supabase). Schema:
-// supabase/migrations/20261123000000_wa_worker.sql.
+// supabase/migrations/ (20261123000000_wa_worker.sql, then
+// 20261125000000_wa_worker_message_types.sql: message types and media).
 //
 // Every request must carry `Authorization: Bearer $WORKER_SECRET`; the
 // function is deployed with JWT verification off (see supabase/README.md).
@@ -15,6 +16,15 @@
 //   POST /mark-sent
 //   POST /mark-failed
 //   POST /inbound
+//   POST /upload-media?instanceId=<id>&wa_message_id=<wa id>   (raw bytes)
+//
+// Media (issue #11) lives in a private Storage bucket (WORKER_MEDIA_BUCKET):
+// an outbound row's media_path is handed to the worker as a short-lived
+// signed URL (media_url); /upload-media puts received media at
+// <instanceId>/<wa_message_id> (upsert: a retried upload overwrites the same
+// object) and answers {"path": ...}, which the worker sends back as
+// media.url in /inbound and is stored in wa_inbound.media_path. Storage is
+// called over its HTTP API with the service role key.
 //
 // Bad input is a 400 with {"error": ...}, never a 500: NUL characters are
 // removed from every string, a lone UTF-16 surrogate is refused, and a
@@ -27,6 +37,10 @@
 //   SUPABASE_DB_URL        required (set by Supabase)
 //   CLAIM_LEASE_SECONDS    re-offer 'sending' claims older than this (300)
 //   WORKER_PROXY_DB_POOL   connections per isolate (5)
+//   SUPABASE_URL, SUPABASE_SERVICE_ROLE_KEY   Storage (set by Supabase; media only)
+//   WORKER_MEDIA_BUCKET    the private bucket for media ("wa-media")
+//   MEDIA_SIGNED_URL_SECONDS  lifetime of the signed URLs handed to the worker (600)
+//   WORKER_MEDIA_MAX_BYTES largest /upload-media body (67108864)
 //   WORKER_PROXY_PORT      local runs only: listen on this port (0 = any)
 //   WORKER_PROXY_HOSTNAME  local runs only: listen address (127.0.0.1)
 
@@ -53,6 +67,18 @@ function envInt(name: string, fallback: number): number {
 }
 
 const LEASE_SECONDS = envInt("CLAIM_LEASE_SECONDS", 300);
+const MEDIA_BUCKET = Deno.env.get("WORKER_MEDIA_BUCKET") || "wa-media";
+const SIGNED_URL_SECONDS = envInt("MEDIA_SIGNED_URL_SECONDS", 600);
+const MEDIA_MAX_BYTES = envInt("WORKER_MEDIA_MAX_BYTES", 64 * 1024 * 1024);
+const STORAGE_TIMEOUT_MS = 30_000;
+const SIGN_CONCURRENCY = 8;
+
+const WA_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
+const ERROR_CODE_RE = /^[a-z][a-z0-9_]{0,63}$/;
+const OUT_TYPES = ["text", "image", "video", "audio", "voice", "document", "sticker", "location", "contact",
+  "reaction"];
+const IN_TYPES = [...OUT_TYPES, "edit", "revoke", "unknown"];
+const MEDIA_ERRORS = ["upload_unsupported", "too_large", "download_failed"];
 
 // ------------------------------------------------------------------ errors
 
@@ -225,6 +251,76 @@ function limitParam(url: URL): number {
   return Math.min(n, MAX_LIMIT);
 }
 
+// --------------------------------------------------------------- storage
+// Supabase Storage's object API (what supabase-js calls):
+//   POST {SUPABASE_URL}/storage/v1/object/<bucket>/<path>       upload (x-upsert: true overwrites)
+//   POST {SUPABASE_URL}/storage/v1/object/sign/<bucket>/<path>  {"expiresIn": s} → {"signedURL": "/object/sign/...?token=..."}
+// The signed URL it returns is relative to /storage/v1.
+
+class StorageError extends Error {
+  constructor(public status: number, message: string) {
+    super(message);
+  }
+}
+
+function storageBase(): { url: string; key: string } {
+  const url = Deno.env.get("SUPABASE_URL");
+  const key = Deno.env.get("SUPABASE_SERVICE_ROLE_KEY");
+  if (!url || !key) throw new HttpError(500, "SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are needed for media");
+  return { url: url.replace(/\/+$/, ""), key };
+}
+
+function objectPath(path: string): string {
+  return path.split("/").map(encodeURIComponent).join("/");
+}
+
+async function storageCall(path: string, init: RequestInit): Promise<Response> {
+  const { url, key } = storageBase();
+  const headers = new Headers(init.headers);
+  headers.set("authorization", `Bearer ${key}`);
+  headers.set("apikey", key);
+  let resp: Response;
+  try {
+    resp = await fetch(`${url}/storage/v1/${path}`, {
+      ...init, headers, redirect: "error", signal: AbortSignal.timeout(STORAGE_TIMEOUT_MS),
+    });
+  } catch (e) {
+    throw new StorageError(503, `storage unreachable: ${(e as Error).name}`);
+  }
+  if (!resp.ok) {
+    const detail = (await resp.text().catch(() => "")).slice(0, 300);
+    throw new StorageError(resp.status, `storage answered ${resp.status}: ${detail}`);
+  }
+  return resp;
+}
+
+// A short-lived URL the worker can GET without credentials.
+async function signedUrl(path: string): Promise<string> {
+  const resp = await storageCall(`object/sign/${encodeURIComponent(MEDIA_BUCKET)}/${objectPath(path)}`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify({ expiresIn: SIGNED_URL_SECONDS }),
+  });
+  const data = await resp.json().catch(() => ({})) as { signedURL?: unknown; signedUrl?: unknown };
+  const signed = data.signedURL ?? data.signedUrl;
+  if (typeof signed !== "string" || signed === "") throw new StorageError(502, "storage returned no signedURL");
+  if (/^https?:\/\//i.test(signed)) return signed;
+  return `${storageBase().url}/storage/v1${signed.startsWith("/") ? "" : "/"}${signed}`;
+}
+
+// Counts the bytes going through; errors past the cap (the upload to Storage is aborted).
+function capped(max: number): { stream: TransformStream<Uint8Array, Uint8Array>; over: () => boolean } {
+  let seen = 0;
+  const stream = new TransformStream<Uint8Array, Uint8Array>({
+    transform(chunk, controller) {
+      seen += chunk.byteLength;
+      if (seen > max) controller.error(new HttpError(413, `media larger than ${max} bytes`));
+      else controller.enqueue(chunk);
+    },
+  });
+  return { stream, over: () => seen > max };
+}
+
 // ------------------------------------------------------------- endpoints
 
 type Handler = (req: Request, url: URL) => Promise<Response>;
@@ -301,9 +397,9 @@ async function queuedMessages(_req: Request, url: URL): Promise<Response> {
         set status = 'sending', claimed_at = now(), attempts = o.attempts + 1
         from picked
         where o.id = picked.id
-        returning o.id, o.instance_id, o."to", o.body, o.created_at, o.seq
+        returning o.*
       )
-      select id, instance_id, "to", body from claimed order by created_at, seq`;
+      select * from claimed order by created_at, seq`;
   } else {
     const id = instanceId(raw);
     rows = await sql.begin(async (tx) => {
@@ -324,14 +420,56 @@ async function queuedMessages(_req: Request, url: URL): Promise<Response> {
           set status = 'sending', claimed_at = now(), attempts = o.attempts + 1
           from picked
           where o.id = picked.id
-          returning o.id, o.instance_id, o."to", o.body, o.created_at, o.seq
+          returning o.*
         )
-        select id, instance_id, "to", body from claimed order by created_at, seq`;
+        select * from claimed order by created_at, seq`;
     });
   }
-  return json(200, {
-    messages: rows.map((r) => ({ id: r.id, instanceId: r.instance_id, to: r.to, body: r.body })),
-  });
+  // signed in small parallel groups: a batch may hold many media rows
+  const messages: Json[] = [];
+  for (let i = 0; i < rows.length; i += SIGN_CONCURRENCY) {
+    const group = await Promise.all(rows.slice(i, i + SIGN_CONCURRENCY).map((r) => queuedMessage(sql, r)));
+    for (const message of group) if (message !== null) messages.push(message);
+  }
+  return json(200, { messages });
+}
+
+// A claimed row as the worker reads it: the first contract's four fields, plus
+// only the content fields the row has (a text row is exactly a v1 record).
+async function queuedMessage(sql: Sql, r: postgres.Row): Promise<Json | null> {
+  const m: Json = { id: r.id, instanceId: r.instance_id, to: r.to, body: r.body };
+  const copy: [string, string][] = [
+    ["type", "type"], ["media_url", "media_url"], ["mimetype", "mimetype"], ["filename", "filename"],
+    ["reply_to", "reply_to"], ["reaction", "reaction"], ["latitude", "latitude"], ["longitude", "longitude"],
+    ["location_name", "name"], ["location_address", "address"], ["vcard", "vcard"],
+  ];
+  for (const [column, field] of copy) if (r[column] !== null && r[column] !== undefined) m[field] = r[column];
+  if (r.contact_name !== null || r.contact_phone !== null) {
+    m.contact = { name: r.contact_name, phone: r.contact_phone };
+  }
+  if (r.media_path && !r.media_url) {
+    try {
+      m.media_url = await signedUrl(r.media_path);
+    } catch (e) {
+      if (!(e instanceof StorageError)) throw e;
+      if (e.status >= 500 || e.status === 429) {
+        // Storage is down: give the claim back (the next poll tries again) and let the
+        // other messages go out; the attempt is not counted
+        console.error(`worker-proxy queued-messages: ${e.message}`);
+        await sql`
+          update public.wa_outbound set status = 'queued', claimed_at = null, attempts = greatest(attempts - 1, 0)
+          where id = ${r.id}::uuid and status = 'sending'`;
+        return null;
+      }
+      // the object is missing (or not allowed): the SaaS must fix the row, the worker can do nothing
+      await sql`
+        update public.wa_outbound set status = 'failed', error_code = 'media_fetch_failed',
+          error = ${`media_path ${String(r.media_path).slice(0, 200)} cannot be signed in bucket ${MEDIA_BUCKET}: ${e.message}`.slice(0, MAX_ERROR)}
+        where id = ${r.id}::uuid and status = 'sending'`;
+      return null;
+    }
+  }
+  return m;
 }
 
 // POST /mark-sent {messageId, wa_message_id}. Idempotent; 'sent' is terminal
@@ -345,7 +483,8 @@ async function markSent(req: Request): Promise<Response> {
       status = 'sent',
       wa_message_id = coalesce(${waId}::text, wa_message_id),
       sent_at = coalesce(sent_at, now()),
-      error = null
+      error = null,
+      error_code = null
     where id = ${id}::uuid
     returning status`;
   // An unknown id is answered 200 (nothing left to do) so that the worker
@@ -354,15 +493,17 @@ async function markSent(req: Request): Promise<Response> {
   return json(200, { ok: true, found: true, status: "sent" });
 }
 
-// POST /mark-failed {messageId, error}. Never overrides 'sent'.
+// POST /mark-failed {messageId, error, error_code?}. Never overrides 'sent'.
 async function markFailed(req: Request): Promise<Response> {
   const body = await readJson(req, ["error"]); // a diagnostic: repaired rather than refused
   const id = messageId(body.messageId);
   let error = optionalString(body, "error", Number.MAX_SAFE_INTEGER) ?? "failed";
   if (error.length > MAX_ERROR) error = error.slice(0, MAX_ERROR).toWellFormed(); // never half a pair
+  const errorCode = optionalString(body, "error_code", 64);
+  if (errorCode !== null && !ERROR_CODE_RE.test(errorCode)) throw bad("error_code must be a lower_snake_case code");
   const sql = db();
   const rows = await sql`
-    update public.wa_outbound set status = 'failed', error = ${error}
+    update public.wa_outbound set status = 'failed', error = ${error}, error_code = ${errorCode}::text
     where id = ${id}::uuid and status <> 'sent'
     returning status`;
   if (rows.length > 0) return json(200, { ok: true, found: true, status: "failed" });
@@ -371,6 +512,119 @@ async function markFailed(req: Request): Promise<Response> {
   // not implemented" and stops calling it.
   if (existing.length === 0) return json(200, { ok: true, found: false });
   return json(200, { ok: true, found: true, status: existing[0].status, ignored: true });
+}
+
+// ------------------------------------------------- message types (inbound)
+
+function optionalObject(body: Json, field: string): Json | null {
+  const value = body[field];
+  if (value === undefined || value === null) return null;
+  if (typeof value !== "object" || Array.isArray(value)) throw bad(`${field} must be an object`);
+  return value as Json;
+}
+
+function optionalCount(body: Json, field: string, where: string): number | null {
+  const value = body[field];
+  if (value === undefined || value === null) return null;
+  if (typeof value !== "number" || !Number.isSafeInteger(value) || value < 0) {
+    throw bad(`${where} must be a non-negative integer`);
+  }
+  return value;
+}
+
+function optionalCoordinate(body: Json, field: string, limit: number): number | null {
+  const value = body[field];
+  if (value === undefined || value === null) return null;
+  if (typeof value !== "number" || !Number.isFinite(value) || Math.abs(value) > limit) {
+    throw bad(`${field} must be a number between -${limit} and ${limit}`);
+  }
+  return value;
+}
+
+function prefixed(obj: Json | null, field: string, max: number, parent: string): string | null {
+  if (obj === null) return null;
+  try {
+    return optionalString(obj, field, max);
+  } catch (e) {
+    if (e instanceof HttpError) throw bad(`${parent}.${e.message}`);
+    throw e;
+  }
+}
+
+// The issue #11 fields of an /inbound body (docs/proxy-contract.md, "Message types").
+function inboundContent(body: Json) {
+  const type = body.type ?? "text";
+  if (typeof type !== "string" || !IN_TYPES.includes(type)) throw bad(`type must be one of ${IN_TYPES.join(", ")}`);
+  const media = optionalObject(body, "media");
+  const url = prefixed(media, "url", 4096, "media");
+  const mediaError = optionalString(body, "media_error", 64);
+  if (mediaError !== null && !MEDIA_ERRORS.includes(mediaError)) {
+    throw bad(`media_error must be one of ${MEDIA_ERRORS.join(", ")}`);
+  }
+  const reaction = optionalObject(body, "reaction");
+  const contact = optionalObject(body, "contact");
+  const viewOnce = optionalBoolean(body, "view_once");
+  return {
+    type,
+    // an http(s) URL, or the Storage path /upload-media answered
+    mediaUrl: url !== null && /^https?:\/\//i.test(url) ? url : null,
+    mediaPath: url !== null && !/^https?:\/\//i.test(url) ? url : null,
+    mimetype: prefixed(media, "mimetype", MAX_SHORT, "media"),
+    filename: prefixed(media, "filename", MAX_SHORT, "media"),
+    size: media === null ? null : optionalCount(media, "size", "media.size"),
+    sha256: prefixed(media, "sha256", 128, "media"),
+    seconds: media === null ? null : optionalCount(media, "seconds", "media.seconds"),
+    mediaError,
+    quotedId: optionalString(body, "quoted_id", MAX_SHORT),
+    reaction: prefixed(reaction, "emoji", 64, "reaction"),
+    targetId: prefixed(reaction, "target_id", MAX_SHORT, "reaction") ?? optionalString(body, "target_id", MAX_SHORT),
+    latitude: optionalCoordinate(body, "latitude", 90),
+    longitude: optionalCoordinate(body, "longitude", 180),
+    locationName: optionalString(body, "name", MAX_TEXT),
+    locationAddress: optionalString(body, "address", MAX_TEXT),
+    contactName: prefixed(contact, "name", MAX_TEXT, "contact"),
+    contactPhone: prefixed(contact, "phone", 64, "contact"),
+    vcard: prefixed(contact, "vcard", MAX_TEXT, "contact"),
+    viewOnce,
+  };
+}
+
+// POST /upload-media?instanceId=&wa_message_id= (raw bytes; Content-Type, X-Filename, X-Sha256)
+// → the object <instanceId>/<wa_message_id> in the media bucket, upserted (a retried
+// upload overwrites the same object: idempotent). Answers {"path": ...}.
+async function uploadMedia(req: Request, url: URL): Promise<Response> {
+  const id = instanceId(url.searchParams.get("instanceId"));
+  const waId = url.searchParams.get("wa_message_id") ?? "";
+  if (!WA_ID_RE.test(waId)) throw bad("wa_message_id is missing or invalid");
+  const declared = Number(req.headers.get("content-length") ?? "NaN");
+  if (Number.isFinite(declared) && declared > MEDIA_MAX_BYTES) {
+    throw new HttpError(413, `media larger than ${MEDIA_MAX_BYTES} bytes`);
+  }
+  if (req.body === null || declared === 0) throw bad("the media body is empty");
+  const found = await db()`select 1 from public.wa_instances where id = ${id}`;
+  if (found.length === 0) throw new HttpError(404, "unknown instance");
+  const path = `${id}/${waId}`;
+  const contentType = req.headers.get("content-type") || "application/octet-stream";
+  const limit = capped(MEDIA_MAX_BYTES);
+  try {
+    await storageCall(`object/${encodeURIComponent(MEDIA_BUCKET)}/${objectPath(path)}`, {
+      method: "POST",
+      headers: { "content-type": contentType, "x-upsert": "true", "cache-control": "max-age=3600" },
+      body: req.body.pipeThrough(limit.stream),
+      // a streamed request body (Deno / fetch standard)
+      ...({ duplex: "half" } as Record<string, string>),
+    });
+  } catch (e) {
+    if (limit.over()) throw new HttpError(413, `media larger than ${MEDIA_MAX_BYTES} bytes`);
+    if (e instanceof StorageError) {
+      // the worker retries a 5xx like /inbound; Storage's own size limit (413) is permanent
+      if (e.status === 413) throw new HttpError(413, "media too large for Storage");
+      console.error(`worker-proxy upload-media: ${e.message}`);
+      throw new HttpError(503, "storage unavailable");
+    }
+    throw e;
+  }
+  return json(200, { path });
 }
 
 // POST /inbound {...}: stored once per (instanceId, wa_message_id); replays → 200.
@@ -387,18 +641,27 @@ async function inbound(req: Request): Promise<Response> {
   const fromMe = optionalBoolean(body, "from_me");
   const isGroup = optionalBoolean(body, "is_group");
   const ts = optionalTimestamp(body, "timestamp");
+  const c = inboundContent(body);
   const sql = db();
   let rows;
   try {
     rows = await sql`
       insert into public.wa_inbound
         (instance_id, wa_message_id, "from", "to", chat_id, sender_id,
-         from_me, is_group, push_name, body, "timestamp", raw)
+         from_me, is_group, push_name, body, "timestamp", raw,
+         type, media_url, media_path, mimetype, filename, media_size, media_sha256, media_seconds,
+         media_error, quoted_id, reaction, target_id, latitude, longitude, location_name,
+         location_address, contact_name, contact_phone, vcard, view_once)
       values
         (${id}, ${waId}, ${from}, ${to}::text, ${chatId}::text, ${senderId}::text,
          ${fromMe}::boolean, ${isGroup}::boolean, ${pushName}::text, ${text},
          case when ${ts}::float8 is null then null else to_timestamp(${ts}::float8) end,
-         ${sql.json(body as postgres.JSONValue)})
+         ${sql.json(body as postgres.JSONValue)},
+         ${c.type}, ${c.mediaUrl}::text, ${c.mediaPath}::text, ${c.mimetype}::text, ${c.filename}::text,
+         ${c.size}::bigint, ${c.sha256}::text, ${c.seconds}::integer, ${c.mediaError}::text,
+         ${c.quotedId}::text, ${c.reaction}::text, ${c.targetId}::text, ${c.latitude}::float8,
+         ${c.longitude}::float8, ${c.locationName}::text, ${c.locationAddress}::text,
+         ${c.contactName}::text, ${c.contactPhone}::text, ${c.vcard}::text, ${c.viewOnce}::boolean)
       on conflict (instance_id, wa_message_id) do nothing
       returning id`;
   } catch (e) {
@@ -416,6 +679,7 @@ const ROUTES: Record<string, Record<string, Handler>> = {
   "mark-sent": { POST: markSent },
   "mark-failed": { POST: markFailed },
   "inbound": { POST: inbound },
+  "upload-media": { POST: uploadMedia },
 };
 
 // ---------------------------------------------------------------- server
