@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     STATE_DB: Path = Path("/data/state/wa-worker.db")
     INBOUND_TTL_HOURS: float = Field(168, gt=0)
     INBOUND_MAX_ATTEMPTS: int = Field(20, ge=1)
+    MEDIA_MAX_BYTES: int = Field(67108864, ge=1024)
     UNKNOWN_SEND_POLICY: UnknownSendPolicy = UnknownSendPolicy.AT_MOST_ONCE
     READY_MAX_PROXY_SILENCE_S: float = Field(120.0, gt=0)
 

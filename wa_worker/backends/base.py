@@ -263,8 +263,9 @@ class Backend(abc.ABC):
         """Start backend-wide services (the worker enters the backend once)."""
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> bool | None:
         await self.aclose()
+        return None
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing backend-wide
         """Release backend-wide resources (thread pools, relays)."""

@@ -251,6 +251,11 @@ class Journal:
                 return float(r["next_attempt_at"])
         return None
 
+    def inbound_update_payload(self, seq: int, payload: dict[str, Any]) -> None:
+        """Replace a pending row's body (its media uploaded: the url set, the
+        download handle dropped), so a restart never fetches the bytes again."""
+        self._write("UPDATE inbound SET payload = ? WHERE seq = ?", (json.dumps(payload, ensure_ascii=False), seq))
+
     def inbound_delivered(self, seq: int) -> None:
         self._write("DELETE FROM inbound WHERE seq = ?", (seq,))
 
