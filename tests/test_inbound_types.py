@@ -13,6 +13,7 @@ import subprocess
 import anyio
 import httpx
 import pytest
+import respx
 
 from tests.conftest import make_settings, running_worker, wait_until
 from tests.fakeproxy import SECRET
@@ -215,6 +216,21 @@ async def test_proxy_without_upload_media_gets_metadata_and_one_log_line(proxy, 
         assert len(lines) == 1
 
 
+@pytest.mark.parametrize(("status", "error"), [(400, "upload_failed"), (413, "too_large")])
+async def test_upload_refused_for_good_posts_the_metadata(proxy, tmp_path, status, error):
+    proxy.add_instance("acme")
+    proxy.fixed_status["upload-media"] = status
+    async with running_worker(make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=30)) as w:
+        await connected(w, proxy)
+        first = await receive(w.port, type="audio", media_base64=b64(blob(2000)), mimetype="audio/mpeg")
+        second = await receive(w.port, type="audio", media_base64=b64(blob(2100)), mimetype="audio/mpeg")
+        await wait_until(lambda: len(proxy.inbound) == 2, timeout=15, what="posted")
+        for wa_id in (first, second):
+            got = by_id(proxy, wa_id)
+            assert got["media"]["url"] is None and got["media_error"] == error
+        assert proxy.calls["upload-media"] == 2  # a refusal is about that file, not the endpoint
+
+
 async def test_over_media_max_bytes_is_not_downloaded(proxy, tmp_path):
     proxy.add_instance("acme")
     async with running_worker(make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=30,
@@ -332,3 +348,72 @@ async def test_kill_9_between_download_and_post_delivers_exactly_once(proxy, tmp
                 if await _wait_exit(p, 15) is None:
                     p.kill()
                     p.wait(5)
+
+
+# --------------------------------------------------------------------------- EdgeClient.upload_media
+
+UPLOAD_BASE = "https://proxy.example/fn"
+
+
+@pytest.fixture
+async def edge():
+    from wa_worker.edge.client import EdgeClient
+
+    c = EdgeClient(UPLOAD_BASE, SECRET, timeout_s=2)
+    yield c
+    await c.aclose()
+
+
+@pytest.fixture
+def media_file(tmp_path):
+    path = tmp_path / "m.bin"
+    path.write_bytes(blob(600_000, b"up"))
+    return path
+
+
+async def _upload(edge, path, filename="nota fiscal ção.pdf"):
+    data = path.read_bytes()
+    return await edge.upload_media("acme", "WAID1", path, mimetype="application/pdf", filename=filename,
+                                   sha256=sha(data), size=len(data))
+
+
+@respx.mock
+@pytest.mark.parametrize(("answer", "url"), [({"url": "https://cdn/x.pdf"}, "https://cdn/x.pdf"),
+                                             ({"path": "media/acme/WAID1"}, "media/acme/WAID1")])
+async def test_upload_media_streams_the_file_with_its_headers(edge, media_file, answer, url):
+    route = respx.post(f"{UPLOAD_BASE}/upload-media").respond(json=answer)
+    assert await _upload(edge, media_file) == url
+    req = route.calls.last.request
+    assert req.url.params["instanceId"] == "acme" and req.url.params["wa_message_id"] == "WAID1"
+    assert req.headers["Authorization"] == f"Bearer {SECRET}"
+    assert req.headers["Content-Type"] == "application/pdf"
+    assert req.headers["X-Sha256"] == sha(media_file.read_bytes())
+    assert req.headers["X-Filename"] == "nota fiscal %C3%A7%C3%A3o.pdf"
+    assert req.headers["Content-Length"] == str(600_000)
+    assert sha(req.read()) == sha(media_file.read_bytes())
+
+
+@respx.mock
+@pytest.mark.parametrize(("status", "missing", "transient"), [
+    (404, True, False), (405, True, False), (501, True, False),
+    (400, False, False), (413, False, False), (500, False, True), (503, False, True),
+])
+async def test_upload_media_errors(edge, media_file, status, missing, transient):
+    from wa_worker.edge.client import EdgeError, EndpointMissing
+
+    respx.post(f"{UPLOAD_BASE}/upload-media").respond(status, json={"error": "x"})
+    with pytest.raises(EdgeError) as info:
+        await _upload(edge, media_file)
+    assert isinstance(info.value, EndpointMissing) is missing
+    assert info.value.transient is transient and info.value.status == status
+
+
+@respx.mock
+@pytest.mark.parametrize("answer", [{}, {"url": ""}, {"url": 5}, ["x"], {"url": "x" * 5000}])
+async def test_upload_media_answer_without_a_url_is_a_permanent_error(edge, media_file, answer):
+    from wa_worker.edge.client import EdgeError
+
+    respx.post(f"{UPLOAD_BASE}/upload-media").respond(json=answer)
+    with pytest.raises(EdgeError) as info:
+        await _upload(edge, media_file)
+    assert not info.value.transient and "url" in str(info.value)
