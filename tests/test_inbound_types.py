@@ -254,13 +254,15 @@ async def test_disconnected_at_download_time_is_retried_and_delivered_after_reco
     async with running_worker(make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=30),
                               retry_cap_s=0.5) as w:
         await connected(w, proxy)
+        w.inbound.retry_base_s = w.inbound.retry_cap_s = 120.0  # the deferred row would wait 2 minutes...
         s = w.backend.session("acme")
         wa_id = await s.receive(PEER, "", kind=_kind("image"), media=data, mimetype="image/jpeg")
         await s.drop()  # before the relay's first look: the download finds no connected session
         await wait_until(lambda: "waits for the instance to be connected" in caplog.text
                          or "media download failed" in caplog.text, what="download deferred")
         assert proxy.inbound == []
-        await wait_until(lambda: len(proxy.inbound) == 1, timeout=20, what="delivered after the reconnect")
+        # ...but the reconnect (runner backoff ~1 s) makes it due at once
+        await wait_until(lambda: len(proxy.inbound) == 1, timeout=10, what="delivered after the reconnect")
         got = proxy.inbound[0]
         assert got["wa_message_id"] == wa_id and got["media"]["url"] and "media_error" not in got
         assert sha(proxy.uploads[("acme", wa_id)]) == sha(data)

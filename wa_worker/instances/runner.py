@@ -386,6 +386,7 @@ class InstanceRunner:
                 self.state = State.CONNECTED
                 self.connected_session = session
                 log.info("%s: connected", iid)
+                self.ctx.inbound.instance_connected(iid)  # media downloads waiting for the connection
                 self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
                 self.poll_interval.activity()
                 tg.start_soon(self._supervised_outbound, session)

@@ -208,6 +208,14 @@ class InboundRelay:
     def wake(self) -> None:
         self._wake.set()
 
+    def instance_connected(self, instance_id: str) -> None:
+        """Media downloads that waited for this instance may go now."""
+        try:
+            if self.journal.inbound_media_due_now(instance_id):
+                self._wake.set()
+        except JournalUnavailable as exc:
+            log.debug("inbound relay: cannot reschedule media rows now (%s)", exc)
+
     @property
     def memory_pending(self) -> int:
         return len(self._memory)
