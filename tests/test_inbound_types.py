@@ -419,3 +419,47 @@ async def test_upload_media_answer_without_a_url_is_a_permanent_error(edge, medi
     with pytest.raises(EdgeError) as info:
         await _upload(edge, media_file)
     assert not info.value.transient and "url" in str(info.value)
+
+
+async def test_media_is_delivered_from_memory_while_the_store_is_unwritable(proxy, tmp_path):
+    """The journal cannot take the row: the relay delivers from its memory buffer,
+    media step included (download, upload, post without the private handle)."""
+    import sqlite3
+
+    from wa_worker.backends.simulator import SimulatorBackend
+    from wa_worker.edge.client import EdgeClient
+    from wa_worker.messages import Kind
+    from wa_worker.relays.inbound import InboundRelay
+    from wa_worker.storage.journal import Journal
+
+    path = tmp_path / "state" / "db"
+    path.parent.mkdir()
+    journal = Journal(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("ALTER TABLE inbound RENAME TO inbound_away")  # every inbound write fails
+    edge = EdgeClient(proxy.url, SECRET)
+    backend = SimulatorBackend(tmp_path / "auth", auto_scan_ms=0, connect_delay_s=0.0)
+    relay = InboundRelay(journal, edge, ttl_s=3600, media_dir=tmp_path / "state" / "media-tmp" / "inbound")
+    data = blob(5000, b"mem")
+    async with backend:
+        async def sink(event) -> None:
+            if hasattr(event, "wa_message_id"):
+                relay.accept("acme", event)
+
+        session = await backend.open_session("acme", sink)
+        relay.sessions = lambda iid: session if iid == "acme" else None
+        await session.connect()
+        await wait_until(lambda: session.state == "connected")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(relay.run)
+            wa_id = await session.receive(PEER, "in memory", kind=Kind.IMAGE, media=data, mimetype="image/png")
+            assert relay.memory_pending == 1
+            await wait_until(lambda: len(proxy.inbound) == 1, timeout=10, what="delivered from memory")
+            tg.cancel_scope.cancel()
+    got = proxy.inbound[0]
+    assert got["wa_message_id"] == wa_id and got["body"] == "in memory" and got["type"] == "image"
+    assert got["media"]["url"] and not [k for k in got if k.startswith("_")]
+    assert sha(proxy.uploads[("acme", wa_id)]) == sha(data)
+    other.close()
+    journal.close()
+    await edge.aclose()
