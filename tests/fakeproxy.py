@@ -28,6 +28,12 @@ class FakeProxy:
     shape: str = "list"  # "list" | "object" (response shapes of the two proxy families)
     batch: bool = False  # support GET /queued-messages without instanceId
     mark_failed_supported: bool = True
+    upload_media_status: int | None = None  # e.g. 404: a proxy without /upload-media
+    uploads: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (instanceId, wa_message_id) -> bytes
+    upload_headers: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    upload_posts: int = 0
+    on_upload: Any = None  # called with (instanceId, wa_message_id) once the bytes are stored, before answering
+    on_inbound: Any = None  # called with the body once stored, before answering
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
     queue: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     sent_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -85,6 +91,7 @@ class FakeProxy:
         app.router.add_post("/mark-sent", self._mark_sent)
         app.router.add_post("/mark-failed", self._mark_failed)
         app.router.add_post("/inbound", self._inbound)
+        app.router.add_post("/upload-media", self._upload_media)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -187,7 +194,27 @@ class FakeProxy:
         if key not in self._inbound_keys:  # (instanceId, wa_message_id) is unique, as the contract asks
             self._inbound_keys.add(key)
             self.inbound.append(body)
+            if self.on_inbound is not None:
+                self.on_inbound(body)
         return self._maybe_lose({"ok": True})
+
+    async def _upload_media(self, request: web.Request) -> web.Response:
+        if self.upload_media_status is not None:
+            self.calls["upload-media"] += 1
+            return web.json_response({"error": "no such route"}, status=self.upload_media_status)
+        if (r := await self._gate(request, "upload-media")) is not None:
+            return r
+        key = (request.query["instanceId"], request.query["wa_message_id"])
+        data = bytearray()
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            data += chunk
+        self.upload_posts += 1
+        # idempotent per (instanceId, wa_message_id): a repeat replaces the same object
+        self.uploads[key] = bytes(data)
+        self.upload_headers[key] = {k: request.headers.get(k, "") for k in ("Content-Type", "X-Filename", "X-Sha256")}
+        if self.on_upload is not None:
+            self.on_upload(*key)
+        return self._maybe_lose({"url": f"{self.url}/media/{key[0]}/{key[1]}"})
 
     def _maybe_lose(self, ok: dict[str, Any]) -> web.Response:
         if self.lose_response_rate and self.rng.random() < self.lose_response_rate:

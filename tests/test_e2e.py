@@ -138,6 +138,7 @@ async def test_inbound_retried_until_the_proxy_accepts(proxy, tmp_path):
             "wa_message_id": wa_id, "chat_id": "5511988887777@s.whatsapp.net",
             "sender_id": "5511988887777@s.whatsapp.net", "from_me": False, "is_group": False,
             "push_name": "Maria", "timestamp": one["timestamp"],
+            "type": "text",  # issue #11: every v1 field unchanged, plus the message's type
         }
         grp = next(p for p in proxy.inbound if p["wa_message_id"] == gid)
         assert grp["from"] == "120363012345678901@g.us" and grp["to"] == "5511977776666@s.whatsapp.net"

@@ -86,7 +86,9 @@ class Worker:
         self.acks_health = LoopHealth("acknowledger", self.clock)
         self.inbound = InboundRelay(self.journal, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
                                     clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
-                                    max_attempts=settings.INBOUND_MAX_ATTEMPTS, health=self.inbound_health)
+                                    max_attempts=settings.INBOUND_MAX_ATTEMPTS, health=self.inbound_health,
+                                    media_max_bytes=settings.MEDIA_MAX_BYTES,
+                                    media_dir=settings.STATE_DB.parent / "media-tmp" / "inbound")
         self.acks = Acknowledger(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                  health=self.acks_health)
         self.outbound = OutboundRelay(self.journal, self.acks, MediaLimits.from_settings(settings))
@@ -119,6 +121,7 @@ class Worker:
             instance_poll_max_s=settings.INSTANCE_POLL_MAX_MS / 1000,
             batch_poll=settings.BATCH_POLL,
         )
+        self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         # a loop is stale after three of its longest iterations (its longest wait plus a proxy call that
         # times out), and never sooner than the proxy silence /ready tolerates (that is the edge check's business)

@@ -9,7 +9,9 @@ the device. Every delivered message (any kind) is appended to
 restarts and crashes: ``to``, ``type``, ``body``, ``wa_message_id``, ``ts``, and
 as the kind has them ``mimetype``, ``size`` and ``sha256`` of the bytes it read,
 ``filename``, ``seconds``, ``reply_to`` (+ ``reply_to_chat``), ``reaction``,
-``latitude``/``longitude``/``name``/``address``, ``contact: {name, vcard}``.
+``latitude``/``longitude``/``name``/``address``, ``contact: {name, vcard}``. Received media is kept under
+``AUTH_DIR/<id>/simulator-media/<sha256>`` (what WhatsApp's servers would hold)
+and downloaded from there, only while the session is connected.
 
 It is driven through the worker's HTTP server (``/simulator/...``, see
 ``wa_worker.http.server``) or directly from tests.
@@ -23,16 +25,18 @@ import logging
 import os
 import secrets
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from ..fsutil import append_private, ensure_private_dir, write_private
+from ..fsutil import FILE_MODE, append_private, ensure_private_dir, write_private
 from ..ids import USER_SERVER, is_group_jid, normalize_recipient
-from ..messages import MEDIA_KINDS, Kind
+from ..messages import MEDIA_KINDS, ContactCard, InboundContent, Kind, Location, MediaInfo
 from .base import (
     Backend,
     Connected,
@@ -40,6 +44,8 @@ from .base import (
     EventSink,
     InboundMessage,
     LoggedOut,
+    MediaFile,
+    MediaUnavailable,
     NotConnectedError,
     OutgoingMessage,
     QrCode,
@@ -51,6 +57,8 @@ log = logging.getLogger("wa_worker.simulator")
 
 SESSION_FILE = "simulator-session.json"
 SENT_FILE = "simulator-sent.jsonl"
+MEDIA_DIR = "simulator-media"
+_SHA256_HEX = frozenset("0123456789abcdef")
 
 
 class SimulatorError(Exception):
@@ -190,7 +198,14 @@ class SimulatorSession(Session):
         await self.sink(LoggedOut("logged_out", "device removed from the phone"))
 
     async def receive(self, from_: str, body: str, chat_id: str | None = None, push_name: str | None = None,
-                      is_group: bool = False, from_me: bool = False) -> str:
+                      is_group: bool = False, from_me: bool = False, *, kind: Kind = Kind.TEXT,
+                      media: bytes | None = None, mimetype: str | None = None, filename: str | None = None,
+                      reply_to: str | None = None, reaction: str | None = None, target_id: str | None = None,
+                      location: Location | None = None, contact: ContactCard | None = None,
+                      view_once: bool = False) -> str:
+        """A message arrives from the phone's side. ``body`` is the text, the
+        caption or an edit's new text; media bytes are stored like WhatsApp's
+        servers hold them and downloaded later through :meth:`download_media`."""
         if self.state != "connected":
             raise SimulatorError(f"not connected: instance is {self.state}")
         sender = normalize_recipient(from_)
@@ -198,6 +213,20 @@ class SimulatorSession(Session):
         group = is_group or is_group_jid(chat)
         if group and not is_group_jid(chat):
             raise SimulatorError("is_group needs a chat_id ending in @g.us")
+        content: InboundContent | None = None
+        if kind is not Kind.TEXT or reply_to or view_once:
+            info: MediaInfo | None = None
+            handle: dict[str, Any] | None = None
+            if kind in MEDIA_KINDS:
+                if media is None:
+                    raise ValueError(f"a {kind.value} message needs media bytes")
+                sha = self.backend._store_media(self.instance_id, media)
+                info = MediaInfo(mimetype=mimetype, filename=filename, size=len(media), sha256=sha,
+                                 ptt=kind is Kind.VOICE)
+                handle = {"sim": sha, "mimetype": mimetype, "filename": filename}
+            content = InboundContent(kind=kind, body=body, media=info, media_handle=handle, quoted_id=reply_to,
+                                     reaction=reaction, target_id=target_id, location=location, contact=contact,
+                                     view_once=view_once)
         wa_id = "SIMIN" + secrets.token_hex(8).upper()
         await self.sink(InboundMessage(
             wa_message_id=wa_id,
@@ -209,8 +238,31 @@ class SimulatorSession(Session):
             push_name=push_name,
             timestamp=time.time(),
             own_jid=self.jid,
+            content=content,
         ))
         return wa_id
+
+    async def download_media(self, handle: dict[str, object], dest_dir: Path) -> MediaFile:
+        """Copy stored media into a new 0600 file under ``dest_dir``."""
+        if self.state != "connected":
+            raise MediaUnavailable(f"simulator session {self.instance_id} is {self.state}")
+        sha = handle.get("sim")
+        if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _SHA256_HEX:
+            raise MediaUnavailable("not a simulator media handle", permanent=True)
+        self.backend.downloads[self.instance_id] += 1
+        try:
+            data = (self.backend.auth_dir(self.instance_id) / MEDIA_DIR / sha).read_bytes()
+        except FileNotFoundError:
+            raise MediaUnavailable("the media is no longer on the (simulated) servers", permanent=True) from None
+        fd, name = tempfile.mkstemp(prefix="download-", dir=dest_dir)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
+            f.write(data)
+        mimetype = handle.get("mimetype")
+        filename = handle.get("filename")
+        return MediaFile(path=Path(name), mimetype=mimetype if isinstance(mimetype, str) else
+                         "application/octet-stream", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                         filename=filename if isinstance(filename, str) else None)
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.instance_id, "state": self.state, "jid": self.jid, "qr": self.qr,
@@ -276,6 +328,7 @@ class SimulatorBackend(Backend):
         self.fail_connects: dict[str, int] = {}
         self.stall_connects: dict[str, int] = {}
         self.crash_after_send = False
+        self.downloads: Counter[str] = Counter()  # media downloads per instance
         self._flows: Any = None  # task group of the sessions' connect flows
         self._tg_cm: Any = None
 
@@ -323,6 +376,18 @@ class SimulatorBackend(Backend):
     def _record_sent(self, instance_id: str, record: dict[str, Any]) -> None:
         folder = ensure_private_dir(self.auth_dir(instance_id))
         append_private(folder / SENT_FILE, json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _store_media(self, instance_id: str, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        folder = ensure_private_dir(self.auth_dir(instance_id) / MEDIA_DIR)
+        path = folder / sha
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(prefix=".part-", dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), FILE_MODE)
+                f.write(data)
+            os.replace(tmp, path)
+        return sha
 
     def sent(self, instance_id: str) -> list[dict[str, Any]]:
         path = self.auth_dir(instance_id) / SENT_FILE

@@ -15,7 +15,10 @@ import json
 import logging
 import math
 import time
+import urllib.parse
 from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -230,18 +233,27 @@ class EdgeClient:
         instance_scoped: bool = False,
         optional: bool = False,
         parse: bool = True,
+        stream: AsyncIterator[bytes] | None = None,
+        raw_headers: dict[str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> Any:
         """One call. ``parse``: decode the 2xx body as JSON (reads); otherwise the
-        2xx status alone is the answer (writes) and the body is barely read."""
+        2xx status alone is the answer (writes) and the body is barely read.
+        ``stream``: a streamed body (with its ``raw_headers``) instead of JSON;
+        ``timeout_s``: a longer total deadline for it."""
         self.calls[endpoint] += 1
         url = f"{self.base_url}{path}"
-        content = None if body is None else _encode(body)
+        content: bytes | AsyncIterator[bytes] | None = stream if stream is not None else (
+            None if body is None else _encode(body))
         headers = self._headers if body is None else {**self._headers, "Content-Type": "application/json"}
-        deadline = anyio.current_time() + self.timeout_s
+        if raw_headers:
+            headers = {**headers, **raw_headers}
+        total_s = timeout_s or self.timeout_s
+        deadline = anyio.current_time() + total_s
         resp: httpx.Response | None = None
         try:
             try:
-                with anyio.fail_after(self.timeout_s):
+                with anyio.fail_after(total_s):
                     query = httpx.QueryParams([*self._base_params, *(params or {}).items()])
                     request = self._http.build_request(method, url, params=query or None, content=content,
                                                        headers=headers, timeout=self._timeout)
@@ -261,7 +273,7 @@ class EdgeClient:
                 snippet = (await _read_quietly(resp, _ERROR_BODY_BYTES, deadline)).decode("utf-8", "replace")
                 snippet = snippet.replace(self._secret, "***")[:300] if self._secret else snippet[:300]
             except TimeoutError:
-                return self._fail(EdgeError(endpoint, f"timed out (no complete answer within {self.timeout_s:g}s)"))
+                return self._fail(EdgeError(endpoint, f"timed out (no complete answer within {total_s:g}s)"))
             except httpx.TimeoutException:
                 return self._fail(EdgeError(endpoint, "timed out"))
             except _BodyTooLarge as exc:
@@ -416,6 +428,38 @@ class EdgeClient:
     async def inbound(self, payload: InboundPayload | dict[str, Any]) -> None:
         body = payload.to_json() if isinstance(payload, InboundPayload) else payload
         await self._request("POST", "/inbound", endpoint="inbound", body=body, parse=False)
+
+    async def upload_media(self, instance_id: str, wa_message_id: str, path: Path, *, mimetype: str,
+                           filename: str | None, sha256: str, size: int) -> str:
+        """``POST /upload-media``: the file's bytes, streamed. Returns the answer's
+        ``url`` (or ``path``). Raises :class:`EndpointMissing` on 404/405/501 (the
+        caller remembers it), :class:`EdgeError` otherwise. The total deadline
+        grows with the size (at least 1 MB/s on top of EDGE_TIMEOUT_S)."""
+        ep = "upload-media"
+        headers = {"Content-Type": mimetype, "X-Sha256": sha256, "Content-Length": str(size)}
+        if filename:
+            # header values are latin-1: a non-ASCII name travels percent-encoded
+            headers["X-Filename"] = urllib.parse.quote(filename, safe=" ()[]+,;=@-._~")
+        try:
+            answer = await self._request("POST", "/upload-media", endpoint=ep,
+                                         params={"instanceId": instance_id, "wa_message_id": wa_message_id},
+                                         stream=_file_chunks(path), raw_headers=headers,
+                                         timeout_s=self.timeout_s + size / 1_000_000, optional=True)
+        except EndpointMissing as exc:
+            if exc.status in (404, 405, 501):
+                raise
+            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
+                            body=exc.body) from None
+        location = (answer.get("url") or answer.get("path")) if isinstance(answer, dict) else None
+        if not isinstance(location, str) or not location.strip() or len(location) > 4096:
+            return self._fail(EdgeError(ep, "answer has no \"url\" (or \"path\") string", transient=False))
+        return location.strip()
+
+
+async def _file_chunks(path: Path, chunk_bytes: int = 256 * 1024) -> AsyncIterator[bytes]:
+    async with await anyio.open_file(path, "rb") as f:
+        while chunk := await f.read(chunk_bytes):
+            yield chunk
 
 
 def _encode(body: dict[str, Any]) -> bytes:

@@ -3,7 +3,10 @@ only with the simulator backend (the parent app's bearer check covers them).
 
     GET  /simulator/instances                     every simulated session
     POST /simulator/instances/{id}/scan           scan the current QR code
-    POST /simulator/instances/{id}/inbound        {"from", "body", "chat_id"?, "push_name"?, "is_group"?, "from_me"?}
+    POST /simulator/instances/{id}/inbound        {"from", "body", "chat_id"?, "push_name"?, "is_group"?, "from_me"?,
+                                                   "type"?, "media_base64"?, "mimetype"?, "filename"?, "caption"?,
+                                                   "reply_to"?, "latitude"?, "longitude"?, "name"?, "address"?,
+                                                   "reaction"? + "target_id"?, "contact"? | "vcard"?, "view_once"?}
     GET  /simulator/instances/{id}/sent           what the worker sent through it (every field of the sent log)
     POST /simulator/instances/{id}/drop           drop the connection
     POST /simulator/instances/{id}/logout         unlink the phone
@@ -17,15 +20,92 @@ A control that does not fit the instance's state is a 409.
 
 from __future__ import annotations
 
+import base64
+import binascii
+from typing import Any
+
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..backends.simulator import SimulatorBackend, SimulatorError, SimulatorSession
 from ..ids import is_valid_instance_id
+from ..messages import MEDIA_KINDS, WA_MESSAGE_ID_RE, ContentError, Kind, parse_content
 from .common import http_error, json_response, read_json_object
 
 MOUNT_AT = "/simulator/"
 MAX_BODY = 64 * 1024
+MAX_INBOUND_BODY = 24 * 1024 * 1024  # a received message with its media, base64 in JSON
+MAX_MEDIA_BYTES = 16 * 1024 * 1024
+MAX_TEXT_CHARS = 65536
+
+
+class _BadInbound(ValueError):
+    """A simulated received message that does not make sense (HTTP 400)."""
+
+
+def _opt_text(data: dict[str, Any], key: str, max_chars: int = 1024) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > max_chars:
+        raise _BadInbound(f"'{key}' must be a string of at most {max_chars} characters")
+    return value
+
+
+def _wa_id(data: dict[str, Any], key: str) -> str | None:
+    value = _opt_text(data, key, 128)
+    if value is not None and not WA_MESSAGE_ID_RE.fullmatch(value):
+        raise _BadInbound(f"'{key}' is not a WhatsApp message id")
+    return value
+
+
+def inbound_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :meth:`SimulatorSession.receive` for a simulated
+    received message; raises :class:`_BadInbound` saying what is wrong."""
+    raw_kind = data.get("type", "text")
+    try:
+        kind = Kind(raw_kind) if isinstance(raw_kind, str) else None
+    except ValueError:
+        kind = None
+    if kind is None or kind is Kind.UNKNOWN:
+        raise _BadInbound(f"'type' must be one of: {', '.join(k.value for k in Kind if k is not Kind.UNKNOWN)}")
+    body = _opt_text(data, "body", MAX_TEXT_CHARS)
+    caption = _opt_text(data, "caption", MAX_TEXT_CHARS)
+    fields: dict[str, Any] = {"kind": kind, "reply_to": _wa_id(data, "reply_to"),
+                              "view_once": data.get("view_once") is True}
+    if kind in (Kind.TEXT, Kind.EDIT):
+        if not body:
+            raise _BadInbound("a non-empty 'body' string is required")
+        fields["body"] = body
+    else:
+        fields["body"] = caption or body or ""
+    if kind in (Kind.EDIT, Kind.REVOKE, Kind.REACTION):
+        fields["target_id"] = _wa_id(data, "target_id")
+        if fields["target_id"] is None:
+            raise _BadInbound(f"a {kind.value} needs 'target_id': the id of the message it refers to")
+    if kind in MEDIA_KINDS:
+        encoded = _opt_text(data, "media_base64", MAX_INBOUND_BODY)
+        if not encoded:
+            raise _BadInbound(f"a {kind.value} needs 'media_base64'")
+        try:
+            media = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise _BadInbound("'media_base64' is not base64") from None
+        if len(media) > MAX_MEDIA_BYTES:
+            raise _BadInbound(f"'media_base64' decodes to more than {MAX_MEDIA_BYTES} bytes")
+        fields.update(media=media, mimetype=_opt_text(data, "mimetype", 255), filename=_opt_text(data, "filename", 255))
+    elif kind is Kind.REACTION:
+        emoji = _opt_text(data, "reaction", 32)
+        if emoji is None:
+            raise _BadInbound("a reaction needs 'reaction' (an emoji, or \"\" when removed)")
+        fields["reaction"] = emoji
+    elif kind in (Kind.LOCATION, Kind.CONTACT):
+        try:
+            content = parse_content({k: v for k, v in data.items() if k not in ("body", "caption", "reply_to")})
+        except ContentError as exc:
+            raise _BadInbound(str(exc)) from None
+        fields.update(location=content.location, contact=content.contact)
+    return fields
 MAX_COUNT = 1_000_000
 
 
@@ -56,18 +136,20 @@ def simulator_app(sim: SimulatorBackend) -> web.Application:
 
     async def inbound(request: web.Request) -> web.Response:
         s = session_of(request)
-        data = await read_json_object(request, max_bytes=MAX_BODY)
-        frm, body = data.get("from"), data.get("body")
-        if not isinstance(frm, str) or not isinstance(body, str) or not body:
-            return json_response({"error": "'from' and a non-empty 'body' are required strings"}, 400)
+        data = await read_json_object(request, max_bytes=MAX_INBOUND_BODY)
+        frm = data.get("from")
+        if not isinstance(frm, str):
+            return json_response({"error": "'from' is a required string"}, 400)
         chat_id = data.get("chat_id")
         push_name = data.get("push_name")
         try:
+            fields = inbound_fields(data)
+            body = fields.pop("body")
             wa_id = await s.receive(frm, body, chat_id=chat_id if isinstance(chat_id, str) else None,
                                     push_name=push_name if isinstance(push_name, str) else None,
                                     is_group=bool(data.get("is_group", False)),
-                                    from_me=bool(data.get("from_me", False)))
-        except ValueError as exc:  # an unusable 'from' / 'chat_id'
+                                    from_me=bool(data.get("from_me", False)), **fields)
+        except ValueError as exc:  # an unusable 'from' / 'chat_id', or content that makes no sense
             return json_response({"error": str(exc)}, 400)
         return json_response({"wa_message_id": wa_id})
 

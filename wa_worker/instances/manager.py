@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from ..backends.base import Session
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
 from ..edge.models import InstanceRef, QueuedMessage, Status, StatusUpdate
 from ..ids import is_valid_instance_id
@@ -57,6 +58,11 @@ class InstanceManager:
 
     def batch_mode(self) -> bool:
         return self.batch_supported is True
+
+    def session(self, instance_id: str) -> Session | None:
+        """The instance's session while it is connected, else None."""
+        runner = self.runners.get(instance_id)
+        return runner.connected_session if runner is not None else None
 
     def counts(self) -> dict[str, int]:
         c = Counter(r.state.value for r in self.runners.values())

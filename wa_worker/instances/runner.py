@@ -216,6 +216,8 @@ class InstanceRunner:
         self._stopped_event = anyio.Event()
         self._gone_flag = False
         self._interrupt = anyio.Event()  # cuts backoff waits short on stop/gone
+        # the session while it is connected (the inbound relay downloads media through it)
+        self.connected_session: Session | None = None
 
     # ------------------------------------------------------------------ control
 
@@ -347,6 +349,7 @@ class InstanceRunner:
             return result
         finally:
             tx.close()
+            self.connected_session = None
             if session is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
                     try:
@@ -381,11 +384,14 @@ class InstanceRunner:
                 backoff.reset()
                 connected = True
                 self.state = State.CONNECTED
+                self.connected_session = session
                 log.info("%s: connected", iid)
+                self.ctx.inbound.instance_connected(iid)  # media downloads waiting for the connection
                 self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
                 self.poll_interval.activity()
                 tg.start_soon(self._supervised_outbound, session)
             elif isinstance(event, Disconnected):
+                self.connected_session = None
                 log.warning("%s: disconnected (%s%s)", iid, event.reason, f": {event.detail}" if event.detail else "")
                 self.status.set(Status.DISCONNECTED, None, reason=event.reason)
                 return Outcome.RETRY, event.retry_after_s

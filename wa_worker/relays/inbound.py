@@ -8,22 +8,41 @@ dead-letter table. Only the oldest pending row of each chat is in flight, so
 every chat is delivered in arrival order; chats proceed independently (one
 task per chat in flight, bounded): a slow reply for one chat never holds
 another.
+
+Media (issue #11): the row is journaled with the backend's download handle
+(a private ``_media_handle`` key, never posted). Before its post, the chat's
+task downloads the bytes through the instance's connected session into a
+private temp folder, streams them to ``POST /upload-media``, writes the row
+back with ``media.url`` set and the handle dropped (a restart never fetches
+them again), then posts. Not connected, a transient download failure or a
+transient upload failure: the row backs off like a failed post. Media over
+``MEDIA_MAX_BYTES``, a permanent download failure or a proxy without
+``/upload-media`` (remembered until restart): posted with ``media.url: null``
+and a ``media_error``. Temp files are removed whatever happens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
+import re
+import shutil
+import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from ..backends.base import InboundMessage
-from ..edge.client import EdgeClient, EdgeError
+from ..backends.base import InboundMessage, MediaUnavailable, Session
+from ..edge.client import EdgeClient, EdgeError, EndpointMissing
+from ..fsutil import ensure_private_dir
+from ..messages import MEDIA_KINDS, InboundContent, Kind
 from ..storage.journal import InboundRow, Journal, JournalUnavailable, JournalWriteError
 from ..supervise import LoopHealth, report_failure
 from ..timing import Clock, backoff_delay
@@ -37,6 +56,9 @@ MEMORY_FALLBACK_MAX = 10_000
 STORE_BACKOFF_S = 1.0
 EXPIRE_EVERY_S = 60.0
 QUERY_GAP_S = 0.002
+MEDIA_MAX_BYTES = 64 * 1024 * 1024
+# the backend's download handle, kept in the journaled row until the media is uploaded
+MEDIA_HANDLE = "_media_handle"
 
 
 def counts_as_server_error(exc: EdgeError) -> bool:
@@ -47,15 +69,19 @@ def counts_as_server_error(exc: EdgeError) -> bool:
     return exc.status is not None and exc.status >= 500 and exc.status not in (502, 503, 504)
 
 
-def inbound_payload(instance_id: str, msg: InboundMessage) -> dict[str, Any]:
+def inbound_payload(instance_id: str, msg: InboundMessage, *,
+                    media_max_bytes: int | None = None) -> dict[str, Any]:
     """The ``/inbound`` body (see docs/proxy-contract.md): ``from`` is the chat,
-    ``to`` the group participant or our own JID, as the Node worker sent them."""
+    ``to`` the group participant or our own JID, as the Node worker sent them;
+    ``body`` the text or caption (never null), ``type`` and the fields of the
+    message's kind. Keys starting with ``_`` are private (journaled, never posted)."""
     to = msg.sender_jid if msg.is_group else (msg.own_jid or msg.sender_jid)
-    return {
+    content = msg.content
+    payload: dict[str, Any] = {
         "instanceId": instance_id,
         "from": msg.chat_jid,
         "to": to,
-        "body": msg.body,
+        "body": (msg.body if content is None else content.body) or "",
         "wa_message_id": msg.wa_message_id,
         "chat_id": msg.chat_jid,
         "sender_id": msg.sender_jid,
@@ -63,15 +89,85 @@ def inbound_payload(instance_id: str, msg: InboundMessage) -> dict[str, Any]:
         "is_group": msg.is_group,
         "push_name": msg.push_name,
         "timestamp": int(msg.timestamp),
+        "type": Kind.TEXT.value,
     }
+    if content is not None:
+        payload.update(_content_fields(content, media_max_bytes))
+    return payload
+
+
+def _content_fields(c: InboundContent, media_max_bytes: int | None) -> dict[str, Any]:
+    kind = c.kind
+    if kind is Kind.AUDIO and c.media is not None and c.media.ptt:
+        kind = Kind.VOICE
+    out: dict[str, Any] = {"type": kind.value}
+    if kind in MEDIA_KINDS:
+        m = c.media
+        out["media"] = {"url": None, "mimetype": m.mimetype if m else None, "filename": m.filename if m else None,
+                        "size": m.size if m else None, "sha256": m.sha256 if m else None,
+                        "seconds": m.seconds if m else None}
+        size = m.size if m else None
+        if media_max_bytes is not None and size is not None and size > media_max_bytes:
+            out["media_error"] = "too_large"  # never downloaded
+        elif c.media_handle is None:
+            out["media_error"] = "download_failed"  # the backend could not say where the bytes are
+        else:
+            out[MEDIA_HANDLE] = c.media_handle
+    if c.quoted_id:
+        out["quoted_id"] = c.quoted_id
+    if kind is Kind.REACTION:
+        out["reaction"] = {"emoji": c.reaction or "", "target_id": c.target_id}
+    elif kind in (Kind.EDIT, Kind.REVOKE):
+        out["target_id"] = c.target_id
+    if kind is Kind.LOCATION and c.location is not None:
+        loc = c.location
+        out.update(latitude=loc.latitude, longitude=loc.longitude, name=loc.name, address=loc.address)
+    if kind is Kind.CONTACT and c.contact is not None:
+        out["contact"] = {"name": c.contact.name, "vcard": c.contact.vcard, "phone": vcard_phone(c.contact.vcard)}
+    if c.view_once:
+        out["view_once"] = True
+    return out
+
+
+def vcard_phone(vcard: str) -> str | None:
+    """The WhatsApp number of a vCard (its ``waid``), else its first TEL's digits."""
+    found = re.search(r"waid=(\d{5,20})", vcard, re.I)
+    if found:
+        return found.group(1)
+    tel = re.search(r"^TEL[^:\r\n]*:([+0-9 ().-]{5,40})$", vcard, re.I | re.M)
+    digits = re.sub(r"\D", "", tel.group(1)) if tel else ""
+    return digits or None
+
+
+def public(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload without its private (``_``) keys: what is posted."""
+    return {k: v for k, v in payload.items() if not k.startswith("_")}
+
+
+class _MediaLater(Exception):
+    """The media step cannot finish now (not connected, a transient failure): back off."""
+
+    def __init__(self, reason: str, edge_error: EdgeError | None = None) -> None:
+        super().__init__(reason)
+        self.edge_error = edge_error
+
+
+SessionLookup = Callable[[str], Session | None]
 
 
 class InboundRelay:
     def __init__(self, journal: Journal, edge: EdgeClient, *, ttl_s: float, clock: Clock | None = None,
                  concurrency: int = 16, rng: random.Random | None = None, retry_base_s: float = RETRY_BASE_S,
                  retry_cap_s: float = RETRY_CAP_S, max_attempts: int = MAX_ATTEMPTS,
-                 max_chats_in_flight: int = 64, health: LoopHealth | None = None) -> None:
+                 max_chats_in_flight: int = 64, health: LoopHealth | None = None,
+                 sessions: SessionLookup | None = None, media_max_bytes: int = MEDIA_MAX_BYTES,
+                 media_dir: Path | None = None) -> None:
         self.journal = journal
+        # the instance's session while it is connected (media is downloaded through it)
+        self.sessions = sessions
+        self.media_max_bytes = media_max_bytes
+        self.media_dir = media_dir  # private temp folder for downloads (emptied at start)
+        self.upload_supported = True  # False after a 404/405/501 on /upload-media, until restart
         self.health = health  # told about every round: store reads that fail make /ready say so
         self.retry_base_s = retry_base_s
         self.retry_cap_s = retry_cap_s
@@ -99,7 +195,7 @@ class InboundRelay:
 
     # called from the WhatsApp event handler: never touches the network
     def accept(self, instance_id: str, msg: InboundMessage) -> None:
-        payload = inbound_payload(instance_id, msg)
+        payload = inbound_payload(instance_id, msg, media_max_bytes=self.media_max_bytes)
         try:
             self.journal.add_inbound(instance_id, msg.chat_jid, msg.wa_message_id, payload)
         except JournalUnavailable:
@@ -113,6 +209,14 @@ class InboundRelay:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def instance_connected(self, instance_id: str) -> None:
+        """Media downloads that waited for this instance may go now."""
+        try:
+            if self.journal.inbound_media_due_now(instance_id):
+                self._wake.set()
+        except JournalUnavailable as exc:
+            log.debug("inbound relay: cannot reschedule media rows now (%s)", exc)
 
     @property
     def memory_pending(self) -> int:
@@ -128,6 +232,8 @@ class InboundRelay:
         chat) follows at once."""
         last_expiry = -1e18
         last_query = -1e18
+        if self.media_dir is not None:  # downloads a crash left behind
+            shutil.rmtree(self.media_dir, ignore_errors=True)
         async with anyio.create_task_group() as tg:
             while True:
                 # wake-ups (every received message, every finished post) come in
@@ -199,8 +305,22 @@ class InboundRelay:
             self._wake.set()
 
     async def _deliver_row(self, row: InboundRow) -> None:
+        if MEDIA_HANDLE in row.payload:
+            try:
+                payload = await self._media(row.instance_id, row.wa_message_id, row.payload)
+            except _MediaLater as exc:
+                try:
+                    self._media_later(row, exc)
+                except JournalUnavailable:
+                    await self.clock.sleep(STORE_BACKOFF_S)
+                return
+            try:
+                self.journal.inbound_update_payload(row.seq, payload)
+            except JournalUnavailable:
+                pass  # posted anyway; a row not deleted either fetches again (the upload is idempotent)
+            row = dataclasses.replace(row, payload=payload)
         try:
-            await self.edge.inbound(row.payload)
+            await self.edge.inbound(public(row.payload))
         except EdgeError as exc:
             try:
                 self._failed(row, exc)
@@ -233,6 +353,67 @@ class InboundRelay:
         delay = max(delay, exc.retry_after_s or 0.0)
         self.journal.inbound_retry_later(row.seq, delay, str(exc), server_error=server_error)
 
+    def _media_later(self, row: InboundRow, exc: _MediaLater) -> None:
+        if exc.edge_error is not None:  # the upload: the policy of a failed post
+            self._failed(row, exc.edge_error)
+            return
+        log.info("inbound %s/%s: %s; retrying later", row.instance_id, row.wa_message_id, exc)
+        delay = backoff_delay(row.attempts, self.retry_base_s, self.retry_cap_s, self.rng)
+        self.journal.inbound_retry_later(row.seq, delay, str(exc))
+
+    async def _media(self, instance_id: str, wa_message_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Download and upload a row's media; returns its payload with ``media.url``
+        (or a ``media_error``) and without the handle. Raises :class:`_MediaLater`."""
+        out = {k: v for k, v in payload.items() if k != MEDIA_HANDLE}
+        media = dict(out.get("media") or {})
+        out["media"] = media
+        if not self.upload_supported:
+            out["media_error"] = "upload_unsupported"
+            return out
+        session = self.sessions(instance_id) if self.sessions is not None else None
+        if session is None:
+            raise _MediaLater("the media download waits for the instance to be connected")
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix="in-", dir=ensure_private_dir(self.media_dir)
+                                        if self.media_dir is not None else None))
+        except OSError as exc:
+            raise _MediaLater(f"cannot create a temp folder for the media ({exc.strerror})") from None
+        try:
+            try:
+                got = await session.download_media(payload[MEDIA_HANDLE], tmp)
+            except MediaUnavailable as exc:
+                if not exc.permanent:
+                    raise _MediaLater(f"media download failed ({exc})") from None
+                log.warning("inbound %s/%s: media cannot be downloaded (%s): posted without it",
+                            instance_id, wa_message_id, exc)
+                out["media_error"] = "download_failed"
+                return out
+            except OSError as exc:  # our own disk
+                raise _MediaLater(f"media download failed ({type(exc).__name__}: {exc})") from None
+            if got.size > self.media_max_bytes:
+                out["media_error"] = "too_large"
+                return out
+            media.update(mimetype=media.get("mimetype") or got.mimetype, size=got.size, sha256=got.sha256,
+                         filename=media.get("filename") or got.filename, seconds=media.get("seconds") or got.seconds)
+            try:
+                media["url"] = await self.edge.upload_media(
+                    instance_id, wa_message_id, got.path, mimetype=media["mimetype"] or "application/octet-stream",
+                    filename=media["filename"], sha256=got.sha256, size=got.size)
+            except EndpointMissing as exc:
+                self.upload_supported = False
+                log.warning("the proxy has no /upload-media (HTTP %s): received media is posted without its "
+                            "bytes (media_error upload_unsupported) until the worker restarts", exc.status)
+                out["media_error"] = "upload_unsupported"
+            except EdgeError as exc:
+                if exc.transient:
+                    raise _MediaLater(str(exc), exc) from None
+                log.error("inbound %s/%s: the proxy refused the media upload (%s): posted without it",
+                          instance_id, wa_message_id, exc)
+                out["media_error"] = "too_large" if exc.status == 413 else "upload_failed"
+            return out
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def _memory_to_store(self) -> None:
         """Move memory-buffered messages into the store, oldest first, while it takes them."""
         while self._memory:
@@ -248,10 +429,17 @@ class InboundRelay:
         until it is empty or the proxy fails transiently."""
         try:
             while self._memory:
-                payload = self._memory[0]
+                payload = original = self._memory[0]
                 try:
-                    await self.edge.inbound(payload)
+                    if MEDIA_HANDLE in payload:
+                        payload = await self._media(payload["instanceId"], payload["wa_message_id"], payload)
+                        if not (self._memory and self._memory[0] is original):
+                            continue  # moved into the store meanwhile: delivered from there
+                        self._memory[0] = payload
+                    await self.edge.inbound(public(payload))
                     self.delivered += 1
+                except _MediaLater:
+                    return
                 except EdgeError as exc:
                     if exc.transient:
                         return

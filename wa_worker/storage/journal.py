@@ -263,6 +263,21 @@ class Journal:
                 return float(r["next_attempt_at"])
         return None
 
+    def inbound_update_payload(self, seq: int, payload: dict[str, Any]) -> None:
+        """Replace a pending row's body (its media uploaded: the url set, the
+        download handle dropped), so a restart never fetches the bytes again."""
+        self._write("UPDATE inbound SET payload = ? WHERE seq = ?", (json.dumps(payload, ensure_ascii=False), seq))
+
+    def inbound_media_due_now(self, instance_id: str) -> int:
+        """Make an instance's rows still waiting for their media due now (it just
+        connected: their download can succeed). Returns how many."""
+        now = self._now()
+        return self._write(
+            "UPDATE inbound SET next_attempt_at = ? WHERE instance_id = ? AND next_attempt_at > ? "
+            "AND instr(payload, '\"_media_handle\"') > 0",
+            (now, instance_id, now),
+        ).rowcount
+
     def inbound_delivered(self, seq: int) -> None:
         self._write("DELETE FROM inbound WHERE seq = ?", (seq,))
 
