@@ -154,12 +154,21 @@ async def test_no_complete_request_in_time_means_closed():
         elapsed, _ = await closed_within(keep, 2)
         assert elapsed is not None and elapsed < 0.5
 
+        # after an answer, a request that starts and never completes is cut like any other
+        stall = await anyio.connect_tcp("127.0.0.1", port)
+        await stall.send(GET)
+        assert b"200 OK" in await stall.receive()
+        await stall.send(b"GET / HTTP/1.1\r\nX-Stall: ")
+        elapsed, _ = await closed_within(stall, 2)
+        assert elapsed is not None and elapsed < 0.7
+
         slow = await anyio.connect_tcp("127.0.0.1", port)  # a running handler is not cut
         await slow.send(b"GET /?s=1.2 HTTP/1.1\r\nHost: t\r\n\r\n")
         with anyio.fail_after(3):
             assert b"200 OK" in await slow.receive()
-        assert guard.stats()["timed_out"] == 3
-        for s in (idle, drip, keep, slow):
+        # the idle keep-alive connection was closed as routine, the others as incomplete requests
+        assert (guard.stats()["timed_out"], guard.stats()["idle_closed"]) == (3, 1)
+        for s in (idle, drip, keep, stall, slow):
             await s.aclose()
 
 

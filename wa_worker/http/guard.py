@@ -64,6 +64,7 @@ class ConnectionGuard:
         self.accepted = 0
         self.refused = 0
         self.timed_out = 0
+        self.idle_closed = 0  # keep-alive connections closed after their last answer: normal, not logged
         self._open: dict[asyncio.BaseTransport, _GuardedConnection] = {}
         self._unlogged: dict[str, int] = {}
         self._logged_at = -LOG_EVERY_S
@@ -85,6 +86,7 @@ class ConnectionGuard:
             "accepted": self.accepted,
             "refused": self.refused,
             "timed_out": self.timed_out,
+            "idle_closed": self.idle_closed,
         }
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
@@ -174,6 +176,8 @@ class _GuardedConnection(asyncio.Protocol):
         self._transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._busy = 0
+        self._served = 0  # requests answered on this connection
+        self._partial = False  # bytes of a request arrived that no handler has taken yet
 
     # asyncio.Protocol, delegated once admitted
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -186,6 +190,8 @@ class _GuardedConnection(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._busy == 0:
+            self._partial = True
         if self._inner is not None:
             self._inner.data_received(data)
 
@@ -212,10 +218,12 @@ class _GuardedConnection(asyncio.Protocol):
     # request deadline
     def request_started(self) -> None:
         self._busy += 1
+        self._partial = False
         self._disarm()
 
     def request_finished(self) -> None:
         self._busy -= 1
+        self._served += 1
         if self._busy == 0 and self._transport is not None:
             self._arm()
 
@@ -232,7 +240,10 @@ class _GuardedConnection(asyncio.Protocol):
     def _expire(self) -> None:
         self._timer = None
         if self._busy == 0 and self._transport is not None:
-            self._guard._expired()
+            if self._served and not self._partial:
+                self._guard.idle_closed += 1  # an idle keep-alive connection: closing it is routine
+            else:
+                self._guard._expired()  # opened, or started a request, and never completed one
             _abort(self._transport)
 
 
