@@ -20,7 +20,7 @@ from ..edge.models import InstanceRef, QueuedMessage, Status, StatusUpdate
 from ..ids import is_valid_instance_id
 from ..supervise import LoopHealth, describe_error, forever, traceback_once
 from ..timing import AdaptiveInterval, Backoff
-from .run import InstanceRunner, Outcome, RunnerContext, State, _wake_gap
+from .runner import InstanceRunner, Outcome, RunnerContext, State, _wake_gap
 
 log = logging.getLogger("wa_worker.manager")
 
@@ -310,6 +310,3 @@ class InstanceManager:
             self._unheld_logged.add(iid)
             log.warning("batch: %d message(s) for %s, which this worker does not hold: left for the proxy "
                         "(they are offered again when its lease expires)", count, iid)
-
-    def describe(self) -> list[dict[str, Any]]:
-        return [r.describe() for r in self.runners.values()]
