@@ -263,8 +263,6 @@ class Backend(abc.ABC):
         """Start backend-wide services (the worker enters the backend once)."""
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Release backend-wide resources (thread pools, relays)."""
+    async def __aexit__(self, *exc: object) -> bool | None:
+        """Stop what ``__aenter__`` started (nothing, by default)."""
+        return None

@@ -23,7 +23,6 @@ import httpx
 
 from ..logutil import redact_url
 from .models import (
-    InboundPayload,
     InstanceRef,
     MarkFailed,
     MarkSent,
@@ -412,9 +411,8 @@ class EdgeClient:
             raise
         return True
 
-    async def inbound(self, payload: InboundPayload | dict[str, Any]) -> None:
-        body = payload.to_json() if isinstance(payload, InboundPayload) else payload
-        await self._request("POST", "/inbound", endpoint="inbound", body=body, parse=False)
+    async def inbound(self, payload: dict[str, Any]) -> None:
+        await self._request("POST", "/inbound", endpoint="inbound", body=payload, parse=False)
 
 
 def _encode(body: dict[str, Any]) -> bytes:

@@ -205,7 +205,6 @@ class InstanceRunner:
         self.state = State.STARTING
         self.initial_delay_s = initial_delay_s
         self.reconnects = 0
-        self.last_backoff_s: float | None = None
         self._stop_requested = False
         self._receive_scope: anyio.CancelScope | None = None  # the lifecycle's current wait for an event
         self._wake = anyio.Event()
@@ -299,7 +298,6 @@ class InstanceRunner:
             delay = backoff.next_delay()
             if retry_after is not None:
                 delay = max(delay, retry_after)
-            self.last_backoff_s = delay
             log.info("%s: reconnecting in %.1fs", self.instance_id, delay)
             await self.ctx.clock.wait(self._interrupt, delay)
 
@@ -453,10 +451,6 @@ class InstanceRunner:
         # more may be queued behind what we just sent: ask again at once, but never
         # spin on a proxy that keeps re-offering messages we already handled
         return 0.0 if new else self.poll_interval.floor_s
-
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.instance_id, "state": self.state.value, "reconnects": self.reconnects,
-                "poll_interval_s": round(self.poll_interval.current_s, 3)}
 
     def failing_loops(self) -> list[str]:
         """Names of this runner's loops currently in their last-resort handler."""

@@ -124,17 +124,6 @@ class NeonizeSession(Session):
             raise SendError("WhatsApp returned no message id")
         return str(resp.ID)
 
-    async def is_connected(self) -> bool:
-        """whatsmeow's own view (a Go call in the pool); False when no client."""
-        attempt = self._attempt
-        if attempt is None or attempt.terminal:
-            return False
-        gocode = NeonizeLib.get().gocode
-        try:
-            return bool(await self._go_call("IsConnected", lambda: gocode.IsConnected(attempt.uuid), timeout_s=5.0))
-        except CallTimeout:
-            return False
-
     async def disconnect(self) -> None:
         async with self._lock:
             attempt = self._attempt
