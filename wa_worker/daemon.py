@@ -83,7 +83,7 @@ class Worker:
         # the relays report each round (and store trouble) to these; their crashes count too
         self.inbound_health = LoopHealth("inbound relay", self.clock)
         self.acks_health = LoopHealth("acknowledger", self.clock)
-        self.inbound = InboundRelay(self.journal, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
+        self.inbound = InboundRelay(self.journal, self.edge, ttl_s=settings.inbound_ttl_s,
                                     clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                     max_attempts=settings.INBOUND_MAX_ATTEMPTS, health=self.inbound_health)
         self.acks = Acknowledger(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
@@ -104,8 +104,8 @@ class Worker:
                 outbound=self.outbound,
                 inbound=self.inbound,
                 clock=self.clock,
-                msg_poll_s=settings.MSG_POLL_MS / 1000,
-                msg_poll_max_s=settings.MSG_POLL_MAX_MS / 1000,
+                msg_poll_s=settings.msg_poll_s,
+                msg_poll_max_s=settings.msg_poll_max_s,
                 connect_timeout_s=settings.CONNECT_TIMEOUT_S,
                 start_limiter=anyio.CapacityLimiter(settings.START_CONCURRENCY),
                 journal_writable=lambda: self.journal.writable,
@@ -114,8 +114,8 @@ class Worker:
                 rng=self.rng,
             ),
             self.edge,
-            instance_poll_s=settings.INSTANCE_POLL_MS / 1000,
-            instance_poll_max_s=settings.INSTANCE_POLL_MAX_MS / 1000,
+            instance_poll_s=settings.instance_poll_s,
+            instance_poll_max_s=settings.instance_poll_max_s,
             batch_poll=settings.BATCH_POLL,
         )
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
@@ -123,8 +123,8 @@ class Worker:
         # times out), and never sooner than the proxy silence /ready tolerates (that is the edge check's business)
         call_s = settings.EDGE_TIMEOUT_S
         for h, longest_s in ((self.housekeeping_health, STORE_PROBE_EVERY_S),
-                             (self.manager.discovery_health, settings.INSTANCE_POLL_MAX_MS / 1000 + call_s),
-                             (self.manager.batch_health, settings.MSG_POLL_MAX_MS / 1000 + call_s)):
+                             (self.manager.discovery_health, settings.instance_poll_max_s + call_s),
+                             (self.manager.batch_health, settings.msg_poll_max_s + call_s)):
             h.stale_after_s = max(3 * longest_s, settings.READY_MAX_PROXY_SILENCE_S)
 
     # ------------------------------------------------------------------ queries

@@ -18,7 +18,7 @@ def make_backend(settings: "Settings") -> "Backend":
         from .simulator import SimulatorBackend
 
         return SimulatorBackend(auth, auto_scan_ms=settings.SIMULATOR_AUTO_SCAN_MS,
-                                send_delay_s=settings.SIMULATOR_SEND_DELAY_MS / 1000)
+                                send_delay_s=settings.simulator_send_delay_s)
     from .neonize.loading import configure_bot_tag
 
     configure_bot_tag(settings.WA_BOT_BADGE)  # before neonize is first imported

@@ -27,6 +27,7 @@ Rules every backend follows:
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,18 @@ class MediaUnavailable(BackendError):
 
 
 # --------------------------------------------------------------------------- interface
+
+
+class SessionState(enum.StrEnum):
+    """Where a session is (both backends); compares equal to its value."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    QR = "qr"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    LOGGED_OUT = "logged_out"
+    CLOSED = "closed"
 
 
 @dataclass(slots=True)

@@ -3,7 +3,6 @@ the ordered event pump to the sink (lifecycle: docs/neonize.md)."""
 
 from __future__ import annotations
 
-import enum
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..base import (
     Session,
     SessionInfo,
 )
+from ..base import SessionState as SessionState  # re-exported by the package
 from .attempt import Attempt, make_callbacks, neonize_call, new_attempt
 from .events import identity_from_event, is_terminal, map_event, map_login_status
 from .gate import gated_call
@@ -39,16 +39,6 @@ if TYPE_CHECKING:
 
 #: events waiting for the sink; a full buffer makes the Go callback thread wait
 EVENT_BUFFER = 256
-
-
-class SessionState(enum.StrEnum):
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    QR = "qr"
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-    LOGGED_OUT = "logged_out"
-    CLOSED = "closed"
 
 
 class NeonizeSession(Session):
