@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.proc import free_port
 from wa_worker.backends.base import Connected, QrCode
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.cli import main
@@ -249,12 +250,6 @@ def test_printer_lines_and_qr_dedupe() -> None:
 
 
 # ---------------------------------------------------------------------------- end to end
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wa(*args: str, cwd: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

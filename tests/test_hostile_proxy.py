@@ -26,13 +26,13 @@ import httpx
 import pytest
 from aiohttp import web
 
+from tests.conftest import AUTH
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import ROOT, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 
 Behaviour = Callable[["HostileProxy", web.Request], Awaitable[web.StreamResponse]]
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 RSS_BOUND_MB = 300  # the worker idles near 60 MB; an unbounded read grew it by 200 MB/s
 GOOD, BAD = "good", "bad"
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -131,9 +131,8 @@ class HostileProxy(FakeProxy):
         app.router.add_route("*", "/{tail:.*}", elsewhere)
         self._elsewhere = web.AppRunner(app, access_log=None)
         await self._elsewhere.setup()
-        site = web.TCPSite(self._elsewhere, "127.0.0.1", 0)
-        await site.start()
-        self.elsewhere_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/elsewhere"  # type: ignore[union-attr]
+        await web.TCPSite(self._elsewhere, "127.0.0.1", 0).start()
+        self.elsewhere_url = f"http://127.0.0.1:{self._elsewhere.addresses[0][1]}/elsewhere"
         return self
 
     async def stop(self) -> None:

@@ -21,7 +21,8 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from anyio.abc import SocketStream
 
-from tests.conftest import make_settings, running_worker, wait_until
+from tests.conftest import AUTH, make_settings, running_worker, wait_until
+from tests.fakeproxy import SECRET
 from tests.proc import ROOT
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.store import DevStore
@@ -29,9 +30,6 @@ from wa_worker.fdguard import FdBudget, FdUsage, fd_usage
 from wa_worker.http.common import bearer_matches, decode_json_object, json_depth, read_json_object
 from wa_worker.http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite, is_loopback, max_connections_for
 from wa_worker.http.server import build_app
-
-SECRET = "test-secret-0123456789"
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 @asynccontextmanager

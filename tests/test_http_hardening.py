@@ -21,13 +21,12 @@ import httpx
 import pytest
 from anyio.abc import SocketStream
 
-from tests.conftest import wait_until
+from tests.conftest import AUTH, wait_until
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import ROOT, start_worker, worker_env
 
 pytestmark = pytest.mark.anyio
 
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 LOW_NOFILE = 256
 
 

@@ -10,45 +10,16 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import make_settings, running_worker, wait_until
-from tests.fakeproxy import SECRET
-from wa_worker.timing import Clock
+from tests.conftest import AUTH, FakeClock, make_settings, running_worker, wait_until
 
 pytestmark = pytest.mark.anyio
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 
-
-class FakeClock(Clock):
-    """Waits return at once (a real 2 ms yield) and advance fake time; every
-    requested timeout is recorded with the owner's label."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-        self.waits: list[float] = []
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await anyio.sleep(0.002)
-
-    async def wait(self, event, seconds: float) -> bool:
-        self.waits.append(round(seconds, 3))
-        with anyio.move_on_after(0.002):
-            await event.wait()
-            return True
-        self.now += seconds
-        return False
 
 
 async def test_outbound_poll_interval_doubles_to_cap_and_snaps_back(proxy, tmp_path):
     proxy.add_instance("acme")
     polls: list[float] = []
-    clock = FakeClock()
+    clock = FakeClock(tick_s=0.002)
     proxy.on_queue_call = lambda iid: polls.append(clock.now)
     settings = make_settings(tmp_path, proxy.url, MSG_POLL_MS=2000, MSG_POLL_MAX_MS=30000,
                              INSTANCE_POLL_MS=10_000, INSTANCE_POLL_MAX_MS=10_000, SIMULATOR_AUTO_SCAN_MS=0,
@@ -82,7 +53,7 @@ async def test_outbound_poll_interval_doubles_to_cap_and_snaps_back(proxy, tmp_p
 
 
 async def test_discovery_interval_grows_when_nothing_changes(proxy, tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(tick_s=0.002)
     settings = make_settings(tmp_path, proxy.url, INSTANCE_POLL_MS=10_000, INSTANCE_POLL_MAX_MS=60_000)
     async with running_worker(settings, clock=clock) as w:
         await wait_until(lambda: proxy.calls["disconnected-instances"] >= 6)
@@ -95,7 +66,7 @@ async def test_discovery_interval_grows_when_nothing_changes(proxy, tmp_path):
 
 
 async def test_reconnect_backoff_grows_then_resets(proxy, tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(tick_s=0.002)
     proxy.add_instance("acme")
     settings = make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=0)
     async with running_worker(settings, clock=clock) as w:

@@ -200,6 +200,10 @@ class Worker:
     def request_stop(self) -> None:
         self._stop.set()
 
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`run`'s services have all ended (journal closed)."""
+        await self._done.wait()
+
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`request_stop` (or cancellation, which stops gracefully too)."""
         try:
