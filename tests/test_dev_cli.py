@@ -270,6 +270,7 @@ def wait_until(predicate, timeout: float, what: str):
         time.sleep(0.3)
 
 
+# long: one user session through the real CLI, step by step
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_dev_simulator_end_to_end(tmp_path: Path) -> None:

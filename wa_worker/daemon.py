@@ -1,23 +1,6 @@
-"""The worker: wires settings, backend, edge client, store, relays, instance
-manager and HTTP server, and owns their lifetimes.
-
-Task tree (anyio, structured; every loop has this one owner)::
-
-    Worker.run
-    └── services (shielded from outside cancellation; stopped gracefully)
-        ├── HTTP server (health, ready, wake, simulator)
-        ├── InboundRelay.run         store → POST /inbound
-        ├── Acknowledger.run         journal → /mark-sent, /mark-failed
-        ├── housekeeping             prune, TTL, store probe
-        └── InstanceManager.run
-            ├── discovery loop       GET /disconnected-instances
-            ├── batch poller         GET /queued-messages (all instances), optional
-            └── InstanceRunner × N   lifecycle + status reporter + outbound poller
-
-Every loop runs under :func:`wa_worker.supervise.forever` (runners under the
-manager's own supervision): an exception is logged, counted and the loop
-restarted after a clamped backoff; ``/ready`` reports each loop's last success.
-"""
+"""The worker: wires settings, backend, edge client, journal, relays, instance
+manager and HTTP server, and owns every task they run (the task tree, the
+supervision rule and ``/ready``: docs/architecture.md, "Task tree")."""
 
 from __future__ import annotations
 
@@ -60,6 +43,13 @@ STORE_PROBE_EVERY_S = 5.0
 
 
 class Worker:
+    """The whole worker; :meth:`run` serves until :meth:`request_stop`.
+
+    ``backend``, ``edge``, ``clock`` and ``rng`` replace the real ones (tests);
+    ``on_event`` sees every backend event (``wa-worker dev`` prints QR codes);
+    ``host`` is the HTTP bind address; ``retry_cap_s`` caps the relays' backoff.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -97,7 +87,13 @@ class Worker:
         self.fds = FdBudget()
         self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
-        self.manager = InstanceManager(
+        self.manager = self._build_manager(on_event)
+        self.housekeeping_health = LoopHealth("housekeeping", self.clock)
+        self._set_staleness()
+
+    def _build_manager(self, on_event: Callable[[str, BackendEvent], None] | None) -> InstanceManager:
+        settings = self.settings
+        return InstanceManager(
             RunnerContext(
                 backend=self.backend,
                 edge=self.edge,
@@ -118,7 +114,9 @@ class Worker:
             instance_poll_max_s=settings.instance_poll_max_s,
             batch_poll=settings.BATCH_POLL,
         )
-        self.housekeeping_health = LoopHealth("housekeeping", self.clock)
+
+    def _set_staleness(self) -> None:
+        settings = self.settings
         # a loop is stale after three of its longest iterations (its longest wait plus a proxy call that
         # times out), and never sooner than the proxy silence /ready tolerates (that is the edge check's business)
         call_s = settings.EDGE_TIMEOUT_S
@@ -355,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.LOG_LEVEL.value,
                   [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url)])
     if settings.WA_BACKEND.value == "neonize":
-        from .backends.neonize.loading import ensure_bot_tag
+        from .backends.neonize.loading import ensure_bot_tag  # the simulator never loads neonize code
 
         ensure_bot_tag(settings.WA_BOT_BADGE)  # may restart this process (same pid) once
     raise_fd_limit()

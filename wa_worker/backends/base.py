@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..ids import is_valid_instance_id
 from ..messages import ContactCard, InboundContent, Kind, Location
 
 
@@ -258,8 +259,6 @@ class Backend(abc.ABC):
 
     def stored_instances(self) -> list[str]:
         """Instance ids with a stored session (resumed at start-up)."""
-        from ..ids import is_valid_instance_id
-
         if not self.auth_root.is_dir():
             return []
         return sorted(
