@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 from aiohttp import web
+from anyio.abc import SocketStream
 
 from tests.fakeproxy import SECRET, FakeProxy
 from wa_worker.backends.base import SessionState
@@ -112,6 +113,33 @@ class FakeClock(Clock):
             return True
         self.now += seconds
         return False
+
+
+async def closed_within(stream: SocketStream, limit_s: float) -> tuple[float | None, bytes]:
+    """(seconds until the server closed or answered, what it sent); (None, b"") if still open."""
+    t0 = time.monotonic()
+    with anyio.move_on_after(limit_s):
+        try:
+            data = await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            data = b""
+        return time.monotonic() - t0, data
+    return None, b""
+
+
+async def stream_endlessly(request: web.Request, status: int, *, pause_s: float, chunk: bytes,
+                           limit_s: float) -> web.StreamResponse:
+    """A JSON answer whose body never ends (or drips, with ``pause_s``), for at most ``limit_s``."""
+    resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < limit_s:
+            await resp.write(chunk)
+            await anyio.sleep(pause_s)
+    except (ConnectionError, RuntimeError):
+        pass
+    return resp
 
 
 @asynccontextmanager

@@ -18,7 +18,7 @@ import pytest
 import respx
 from aiohttp import web
 
-from tests.conftest import make_settings, running_worker, serving, wait_until
+from tests.conftest import make_settings, running_worker, serving, stream_endlessly, wait_until
 from wa_worker.config import ConfigError, load_settings, placeholder_warnings
 from wa_worker.edge.client import (
     NOT_FOUND_HINT,
@@ -326,16 +326,7 @@ async def serve(handler: Handler) -> AsyncIterator[str]:
 
 def endless(status: int, *, pause_s: float = 0.0, chunk: bytes = b"[" + b" " * 65535, limit_s: float = 10.0) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        t0 = time.monotonic()
-        try:
-            while time.monotonic() - t0 < limit_s:
-                await resp.write(chunk)
-                await anyio.sleep(pause_s)
-        except (ConnectionError, RuntimeError):
-            pass
-        return resp
+        return await stream_endlessly(request, status, pause_s=pause_s, chunk=chunk, limit_s=limit_s)
     return handler
 
 

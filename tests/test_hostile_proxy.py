@@ -26,7 +26,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.conftest import AUTH
+from tests.conftest import AUTH, stream_endlessly
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import ROOT, start_worker, worker_env
 
@@ -52,16 +52,7 @@ def endless(status: int = 200, *, pause_s: float = 0.0, chunk: bytes = b"[" + b"
             limit_s: float = 3.0) -> Behaviour:
     """A body that never ends (or drips, with ``pause_s``), for at most ``limit_s``."""
     async def answer(proxy: HostileProxy, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        t0 = time.monotonic()
-        try:
-            while time.monotonic() - t0 < limit_s:
-                await resp.write(chunk)
-                await asyncio.sleep(pause_s)
-        except (ConnectionError, RuntimeError):
-            pass
-        return resp
+        return await stream_endlessly(request, status, pause_s=pause_s, chunk=chunk, limit_s=limit_s)
     return answer
 
 

@@ -19,9 +19,8 @@ import httpx
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from anyio.abc import SocketStream
 
-from tests.conftest import AUTH, make_settings, running_worker, wait_until
+from tests.conftest import AUTH, closed_within, make_settings, running_worker, wait_until
 from tests.fakeproxy import SECRET
 from tests.proc import ROOT
 from wa_worker.dev.background import BackgroundProxy
@@ -53,18 +52,6 @@ async def guarded_server(guard: ConnectionGuard, app: web.Application | None = N
         yield runner.addresses[0][1]
     finally:
         await runner.cleanup()
-
-
-async def closed_within(stream: SocketStream, limit_s: float) -> tuple[float | None, bytes]:
-    """(seconds until the server closed or answered, what it sent); (None, b"") if still open."""
-    t0 = time.monotonic()
-    with anyio.move_on_after(limit_s):
-        try:
-            data = await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-            data = b""
-        return time.monotonic() - t0, data
-    return None, b""
 
 
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
