@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import AUTH, FakeClock, make_settings, running_worker, wait_until
+from tests.fakeproxy import FakeProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +190,22 @@ async def test_fair_startup_bounds_concurrent_connects(proxy, tmp_path):
 
         await wait_until(watch, timeout=20)
         assert 1 <= peak <= 4
+
+
+async def test_the_fake_proxy_in_claim_mode_hands_each_message_out_once():
+    """What the benchmarks run against (scripts/_bench_common.BenchProxy): the Supabase kit's claim."""
+    proxy = await FakeProxy(claim=True, poll_limit=2, batch=True).start()
+    try:
+        proxy.add_instance("a")
+        for k in range(5):
+            proxy.enqueue("a", f"m{k}", "5511988887777", f"body {k}")
+        async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
+            first = (await http.get("/queued-messages", params={"instanceId": "a"})).json()
+            batch = (await http.get("/queued-messages")).json()["messages"]
+            await http.post("/mark-sent", json={"messageId": "m0", "wa_message_id": "W0"})
+            rest = (await http.get("/queued-messages", params={"instanceId": "a"})).json()
+        assert [m["id"] for m in first] == ["m0", "m1"]
+        assert [(m["id"], m["instanceId"]) for m in batch] == [("m2", "a"), ("m3", "a")]
+        assert [m["id"] for m in rest] == ["m4"] and proxy.sent_marks["m0"] == ["W0"]
+    finally:
+        await proxy.stop()
