@@ -268,14 +268,14 @@ class WorkerProc:
                                      stderr=log, stdin=subprocess.DEVNULL)
         log.close()
 
-    async def stop(self, timeout: float = 30.0) -> int:
+    async def stop(self, grace_s: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after ``grace_s``; the exit code."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.proc.poll() is None:
+        try:
+            await asyncio.to_thread(self.proc.wait, grace_s)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         return self.proc.returncode
