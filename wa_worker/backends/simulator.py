@@ -9,7 +9,7 @@ the device. Every delivered message is appended to
 restarts and crashes.
 
 It is driven through the worker's HTTP server (``/simulator/...``, see
-``wa_worker.http.server``) or directly from tests.
+``wa_worker.http.simulator_routes``) or directly from tests.
 """
 
 from __future__ import annotations

@@ -1,25 +1,12 @@
-"""One instance's life: connect, show QR, stay connected, reconnect, stop.
+"""One instance's life: connect, show QR, stay connected, reconnect, stop (the
+state machine: docs/architecture.md, "An instance's state machine").
 
-State machine (``InstanceRunner.state``)::
-
-    starting ──connect──▶ connecting ──QR──▶ connecting (qr shown, pushed)
-                              │                   │ scanned
-                              ▼                   ▼
-                          connected ◀─────────────┘
-                              │ Disconnected / connect timeout
-                              ▼
-                         reconnecting ──backoff 1 s…60 s + jitter──▶ connecting
-    LoggedOut ─▶ wipe auth folder ─▶ stopped     proxy 404/410 ─▶ stopped (files kept)
-    stop() ─▶ report DISCONNECTED (shutdown) ─▶ disconnect (never log out) ─▶ stopped
-
-The runner owns three loops, all inside its own task group: the lifecycle
-(events from the backend), the status reporter (latest status wins, retried)
-and, while connected, the outbound poller (never two polls at once). The last
-two run under :func:`~wa_worker.supervise.forever` (a bug restarts the loop, not
-the process); a crash of the lifecycle ends the runner and the manager restarts it.
-
-Stop and "gone" are flags plus a cancelled wait, never a queued message, so
-neither can be lost however many backend events are waiting.
+A runner owns three loops in its own task group: the lifecycle (backend events),
+the status reporter (latest status wins, retried) and, while connected, the
+outbound poller (never two polls at once). The last two run under
+:func:`~wa_worker.supervise.forever`; a crash of the lifecycle ends the runner
+and the manager starts a new one. Stop and "gone" are flags plus a cancelled
+wait, never queued messages, so no burst of events can hide them.
 """
 
 from __future__ import annotations
