@@ -1,13 +1,11 @@
 """Shared pieces of the benchmarks (``bench_scale.py``, ``bench_journal.py``).
 
-* :class:`BenchProxy` - a trimmed loopback edge proxy (aiohttp). Unlike
-  ``tests/fakeproxy.FakeProxy`` (which re-offers every message until it is
-  marked, to catch double sends) it *claims* what it hands out, like the
-  Supabase kit's ``queued -> sending`` update: a benchmark then measures the
-  worker, not re-offers. It counts calls per endpoint, timestamps every
-  enqueue / poll / mark-sent / CONNECTED, and can run inside the benchmark's
-  event loop or as its own process (``python scripts/_bench_common.py proxy``,
-  with ``/_bench/*`` control routes).
+* :class:`BenchProxy` - the tests' loopback proxy (``tests/fakeproxy.FakeProxy``)
+  in claim mode: it hands each message out once, like the Supabase kit's
+  ``queued -> sending`` update, so a benchmark measures the worker, not
+  re-offers. It adds timestamps of every enqueue / poll / mark-sent /
+  CONNECTED, and runs inside the benchmark's event loop or as its own process
+  (``python scripts/_bench_common.py proxy``, with ``/_bench/*`` control routes).
 * :class:`WorkerProc` - ``python -m wa_worker`` in a subprocess, with
   ``/proc`` readers for its CPU time and RSS.
 * small statistics helpers and an event-loop lag monitor (to show whether the
@@ -24,13 +22,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict, deque
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.fakeproxy import FakeProxy  # (after the path change above)
 SECRET = "bench-secret-0123456789"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -94,37 +94,27 @@ def free_port() -> int:
 # ---------------------------------------------------------------------- the proxy
 
 
-class BenchProxy:
+class BenchProxy(FakeProxy):
+    """tests/fakeproxy.py's proxy in claim mode, timing what a benchmark measures."""
+
     def __init__(self, *, batch: bool = False, secret: str = SECRET, poll_limit: int = 100) -> None:
-        self.secret = secret
-        self.batch = batch
-        self.poll_limit = poll_limit
-        self.instances: dict[str, str] = {}  # id -> status
-        self.queue: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
-        self.calls: Counter[str] = Counter()
+        super().__init__(secret=secret, batch=batch, claim=True, poll_limit=poll_limit)
         self.enqueued_wall: dict[str, float] = {}
-        self.enqueued_mono: dict[str, float] = {}
-        self.sent_mono: dict[str, float] = {}
+        self.enqueued_mono = self.enqueued_at  # first enqueue, monotonic
+        self.sent_mono = self.sent_at  # first /mark-sent, monotonic
         self.sent_waiters: dict[str, asyncio.Event] = {}
-        self.failed: dict[str, str] = {}
-        self.inbound_keys: set[tuple[str, str]] = set()
         self.inbound_last_mono: float | None = None
         self.connected_at: dict[str, float] = {}  # first CONNECTED since reset_connected()
         self.first_call_mono: float | None = None
         self.record_polls = False
         self.poll_times: dict[str | None, list[float]] = defaultdict(list)
-        self.url = ""
-        self._runner: web.AppRunner | None = None
+        self.on_queue_call = self._record_poll
 
     # ------------------------------------------------------------------ driving
 
-    def add_instance(self, iid: str) -> None:
-        self.instances[iid] = "DISCONNECTED"
-
     def enqueue(self, iid: str, mid: str, to: str = "5511988887777", body: str | None = None) -> None:
-        self.queue[iid].append({"id": mid, "to": to, "body": body or mid})
+        super().enqueue(iid, mid, to, body or mid)
         self.enqueued_wall[mid] = time.time()
-        self.enqueued_mono[mid] = time.monotonic()
 
     def waiter(self, mid: str) -> asyncio.Event:
         ev = self.sent_waiters.get(mid)
@@ -137,122 +127,53 @@ class BenchProxy:
     def reset_connected(self) -> None:
         self.connected_at.clear()
         self.first_call_mono = None
-        for iid in self.instances:
-            self.instances[iid] = "DISCONNECTED"
+        for inst in self.instances.values():
+            inst["status"] = "DISCONNECTED"
 
     def all_connected(self) -> bool:
         return len(self.connected_at) >= len(self.instances)
 
     def stats(self) -> dict[str, Any]:
-        return {"calls": dict(self.calls), "sent": len(self.sent_mono), "failed": len(self.failed),
-                "inbound": len(self.inbound_keys), "inbound_last_mono": self.inbound_last_mono,
+        return {"calls": dict(self.calls), "sent": len(self.sent_mono), "failed": len(self.failed_marks),
+                "inbound": len(self.inbound), "inbound_last_mono": self.inbound_last_mono,
                 "connected": len(self.connected_at), "queued": sum(len(q) for q in self.queue.values())}
 
-    # ------------------------------------------------------------------ server
+    # ------------------------------------------------------------------ server: the fake proxy's, timed
 
     def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/disconnected-instances", self._disconnected)
-        app.router.add_post("/update-status", self._update_status)
-        app.router.add_get("/queued-messages", self._queued)
-        app.router.add_post("/mark-sent", self._mark_sent)
-        app.router.add_post("/mark-failed", self._mark_failed)
-        app.router.add_post("/inbound", self._inbound)
+        app = super().app()
         app.router.add_post("/_bench/setup", self._ctl_setup)
         app.router.add_post("/_bench/enqueue", self._ctl_enqueue)
         app.router.add_get("/_bench/stats", self._ctl_stats)
         return app
 
-    async def start(self, port: int = 0) -> BenchProxy:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def _gate(self, request: web.Request, endpoint: str) -> web.Response | None:
-        self.calls[endpoint] += 1
-        if self.first_call_mono is None:
-            self.first_call_mono = time.monotonic()
-        if request.headers.get("Authorization") != f"Bearer {self.secret}":
-            return web.json_response({"error": "unauthorized"}, status=401)
-        return None
-
-    async def _disconnected(self, request: web.Request) -> web.Response:
-        if (r := self._gate(request, "disconnected-instances")) is not None:
-            return r
-        return web.json_response([{"id": i} for i, s in self.instances.items() if s != "CONNECTED"])
-
-    async def _update_status(self, request: web.Request) -> web.Response:
-        if (r := self._gate(request, "update-status")) is not None:
-            return r
-        body = await request.json()
-        iid = body.get("instanceId")
-        if iid not in self.instances:
-            return web.json_response({"error": "not found"}, status=404)
-        self.instances[iid] = body["status"]
-        if body["status"] == "CONNECTED":
-            self.connected_at.setdefault(iid, time.monotonic())
-        return web.json_response({"ok": True})
-
-    def _claim(self, iid: str, limit: int) -> list[dict[str, Any]]:
-        q = self.queue.get(iid)
-        out: list[dict[str, Any]] = []
-        while q and len(out) < limit:
-            out.append(q.popleft())
-        return out
-
-    async def _queued(self, request: web.Request) -> web.Response:
-        if (r := self._gate(request, "queued-messages")) is not None:
-            return r
-        iid = request.query.get("instanceId")
+    def _record_poll(self, iid: str | None) -> None:
         if self.record_polls:
             self.poll_times[iid].append(time.monotonic())
-        if iid is None:
-            if not self.batch:
-                return web.json_response({"error": "instanceId required"}, status=400)
-            items: list[dict[str, Any]] = []
-            for i in list(self.queue):
-                if len(items) >= self.poll_limit:
-                    break
-                items.extend({**m, "instanceId": i} for m in self._claim(i, self.poll_limit - len(items)))
-            return web.json_response({"messages": items})
-        if iid not in self.instances:
-            return web.json_response({"error": "not found"}, status=404)
-        return web.json_response(self._claim(iid, self.poll_limit))
+
+    async def _gate(self, request: web.Request, endpoint: str) -> web.Response | None:
+        if self.first_call_mono is None:
+            self.first_call_mono = time.monotonic()
+        return await super()._gate(request, endpoint)
+
+    async def _update_status(self, request: web.Request) -> web.Response:
+        resp = await super()._update_status(request)
+        body = await request.json()  # aiohttp keeps the body: read again
+        if resp.status == 200 and body.get("status") == "CONNECTED":
+            self.connected_at.setdefault(body["instanceId"], time.monotonic())
+        return resp
 
     async def _mark_sent(self, request: web.Request) -> web.Response:
-        if (r := self._gate(request, "mark-sent")) is not None:
-            return r
-        body = await request.json()
-        mid = body["messageId"]
-        if mid not in self.sent_mono:
-            self.sent_mono[mid] = time.monotonic()
-            ev = self.sent_waiters.get(mid)
-            if ev is not None:
-                ev.set()
-        return web.json_response({"ok": True})
-
-    async def _mark_failed(self, request: web.Request) -> web.Response:
-        if (r := self._gate(request, "mark-failed")) is not None:
-            return r
-        body = await request.json()
-        self.failed[body["messageId"]] = body.get("error", "")
-        return web.json_response({"ok": True})
+        resp = await super()._mark_sent(request)
+        ev = self.sent_waiters.get((await request.json())["messageId"])
+        if ev is not None:
+            ev.set()
+        return resp
 
     async def _inbound(self, request: web.Request) -> web.Response:
-        if (r := self._gate(request, "inbound")) is not None:
-            return r
-        body = await request.json()
-        self.inbound_keys.add((body["instanceId"], body["wa_message_id"]))
+        resp = await super()._inbound(request)
         self.inbound_last_mono = time.monotonic()
-        return web.json_response({"ok": True})
+        return resp
 
     # ------------------------------------------------------------------ control (subprocess mode)
 
@@ -347,14 +268,14 @@ class WorkerProc:
                                      stderr=log, stdin=subprocess.DEVNULL)
         log.close()
 
-    async def stop(self, timeout: float = 30.0) -> int:
+    async def stop(self, grace_s: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after ``grace_s``; the exit code."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.proc.poll() is None:
+        try:
+            await asyncio.to_thread(self.proc.wait, grace_s)
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         return self.proc.returncode

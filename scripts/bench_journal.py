@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -50,6 +51,8 @@ from wa_worker.backends.simulator import SimulatorBackend
 from wa_worker.config import Settings
 from wa_worker.daemon import Worker
 from wa_worker.storage.journal import Journal
+
+ROUND_LIMIT_S = 600.0  # one measured round; far above what the slowest round takes
 
 
 def log(msg: str) -> None:
@@ -134,9 +137,20 @@ async def run_mode(mode: str, state_dir: Path, auth_dir: Path, args: argparse.Na
             finally:
                 worker.request_stop()
                 with anyio.fail_after(30):
-                    await worker._done.wait()
+                    await worker.wait_stopped()
     proxy.stop()
     return out
+
+
+async def until(cond: Callable[[], bool], what: str, limit_s: float = ROUND_LIMIT_S) -> None:
+    """Poll ``cond`` every 2 ms; a stuck round fails with a message instead of hanging."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        if cond():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {limit_s:g} s")
+        await asyncio.sleep(0.002)
 
 
 async def outbound_round(http: httpx.AsyncClient, proxy: ProxyProc, worker: Worker, ids: list[str], m: int,
@@ -146,8 +160,7 @@ async def outbound_round(http: httpx.AsyncClient, proxy: ProxyProc, worker: Work
     await http.post(proxy.url + "/_bench/enqueue", json={"instances": ids, "count": m, "prefix": prefix})
     cpu0, pcpu0, t0 = cpu_seconds(os.getpid()), s0["cpu_s"], time.monotonic()
     worker.wake()  # what POST /wake does (all instances)
-    while worker.acks.acknowledged < target:
-        await asyncio.sleep(0.002)
+    await until(lambda: worker.acks.acknowledged >= target, f"{m} acknowledgements")
     dt = time.monotonic() - t0
     s1 = await proxy_stats(http, proxy)
     return {"messages": m, "seconds": dt, "msgs_per_s": m / dt,
@@ -163,8 +176,7 @@ async def inbound_round(worker: Worker, sessions: list[Any], m: int, chats: int)
         await s.receive(f"55119{(k // len(sessions)) % chats:08d}", f"inbound message {k}")
         await asyncio.sleep(0)  # a real backend delivers events one by one, interleaved with the relay
     t_ingest = time.monotonic() - t0
-    while worker.inbound.delivered < target:
-        await asyncio.sleep(0.002)
+    await until(lambda: worker.inbound.delivered >= target, f"{m} inbound deliveries")
     dt = time.monotonic() - t0
     return {"messages": m, "seconds": dt, "msgs_per_s": m / dt, "ingest_s": t_ingest,
             "worker_cpu_pct": (cpu_seconds(os.getpid()) - cpu0) / dt * 100}

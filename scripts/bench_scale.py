@@ -106,15 +106,15 @@ class Scenario:
         self.worker = WorkerProc(self.base, env)
 
 
-async def wait_for(cond: Any, timeout: float, what: str, tick: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(cond: Any, limit_s: float, what: str, tick: float = 0.02) -> None:
+    deadline = time.monotonic() + limit_s
     while not cond():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise TimeoutError(f"timed out after {limit_s:.0f}s waiting for {what}")
         await asyncio.sleep(tick)
 
 
-async def connect_all(sc: Scenario, what: str, timeout: float = 300.0) -> dict[str, float]:
+async def connect_all(sc: Scenario, what: str, limit_s: float = 300.0) -> dict[str, float]:
     """(Re)start the worker and time it until the proxy has CONNECTED for every instance."""
     sc.proxy.reset_connected()
     sc.worker.start()
@@ -122,7 +122,7 @@ async def connect_all(sc: Scenario, what: str, timeout: float = 300.0) -> dict[s
     await wait_for(lambda: sc.proxy.first_call_mono is not None or not sc.worker.alive(), 60, f"{sc.key} up")
     if not sc.worker.alive():
         raise RuntimeError(f"{sc.key}: worker exited, see {sc.base / 'worker.log'}")
-    await wait_for(sc.proxy.all_connected, timeout, f"{sc.key} {what}")
+    await wait_for(sc.proxy.all_connected, limit_s, f"{sc.key} {what}")
     cpu = cpu_seconds(sc.worker.pid)
     last = max(sc.proxy.connected_at.values()) if sc.proxy.connected_at else t0
     first_call = sc.proxy.first_call_mono or t0

@@ -5,6 +5,7 @@
 #   * PostgreSQL 15 + Deno for the Supabase kit (scripts/ci_prepare_supabase.sh);
 #   * Debian's chromium for the dev page's browser test, and ffmpeg for the voice-note
 #     tests (tests/test_media.py), when run as root.
+# Then ruff and mypy (zero findings, or the run fails) and pytest.
 # Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -x
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,5 +30,9 @@ if ! command -v ffmpeg >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-g
         || { tail -n 20 "$log" >&2; echo "test.sh: could not install ffmpeg (the voice-note tests fail under CI=true without it)" >&2; }
     rm -f "$log"
 fi
+
+# lint and types first: any finding fails the run (config in pyproject.toml)
+"$VENV/bin/ruff" check wa_worker tests scripts
+"$VENV/bin/mypy"
 
 exec "$VENV/bin/python" -m pytest "$@"

@@ -1,18 +1,25 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from aiohttp import web
+from anyio.abc import SocketStream
 
 from tests.fakeproxy import SECRET, FakeProxy
+from wa_worker.backends.base import SessionState
 from wa_worker.backends.simulator import SimulatorBackend
 from wa_worker.config import Settings
 from wa_worker.daemon import Worker
+from wa_worker.timing import Clock
+
+#: the bearer header every worker and proxy in the tests accepts
+AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 @pytest.fixture
@@ -48,15 +55,104 @@ def make_settings(tmp_path: Path, proxy_url: str, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
-async def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Awaitable[Any]:
+    """Await ``cond()`` becoming truthy (checked every 20 ms) and return its value;
+    an AssertionError naming ``what`` once ``timeout`` seconds have passed."""
+    return _poll(cond, time.monotonic() + timeout, f"timed out after {timeout}s waiting for {what}")
+
+
+async def _poll(cond: Callable[[], Any], deadline: float, failure: str) -> Any:
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(failure)
         await anyio.sleep(0.02)
+
+
+async def connect(w: Worker, proxy: FakeProxy, iid: str = "acme") -> None:
+    """Scan the simulator's QR for ``iid`` once it is shown and pushed; wait for CONNECTED."""
+    await wait_until(lambda: iid in w.backend.sessions and w.backend.session(iid).state == SessionState.QR
+                     and any(s["qr_code"] for s in proxy.statuses_of(iid)), what=f"QR of {iid}")
+    w.backend.session(iid).scan()
+    await wait_until(lambda: proxy.status_of(iid) == "CONNECTED", what=f"{iid} CONNECTED")
+
+
+class FakeClock(Clock):
+    """Fake time for the daemon's and the stores' clocks: ``now`` moves only when
+    a test or a wait moves it. Sleeps and waits advance it at once (after a real
+    ``tick_s`` yield, or when a wait's event is set within it); ``sleeps`` records
+    both, ``waits`` the waits (rounded to the ms). Callable, for the dev store."""
+
+    def __init__(self, now: float = 1_000_000.0, *, tick_s: float = 0.001) -> None:
+        self.now = now
+        self.tick_s = tick_s
+        self.sleeps: list[float] = []
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await anyio.sleep(self.tick_s)
+
+    async def wait(self, event: anyio.Event, seconds: float) -> bool:
+        self.sleeps.append(seconds)
+        self.waits.append(round(seconds, 3))
+        with anyio.move_on_after(self.tick_s):
+            await event.wait()
+            return True
+        self.now += seconds
+        return False
+
+
+async def closed_within(stream: SocketStream, limit_s: float) -> tuple[float | None, bytes]:
+    """(seconds until the server closed or answered, what it sent); (None, b"") if still open."""
+    t0 = time.monotonic()
+    with anyio.move_on_after(limit_s):
+        try:
+            data = await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+            data = b""
+        return time.monotonic() - t0, data
+    return None, b""
+
+
+async def stream_endlessly(request: web.Request, status: int, *, pause_s: float, chunk: bytes,
+                           limit_s: float) -> web.StreamResponse:
+    """A JSON answer whose body never ends (or drips, with ``pause_s``), for at most ``limit_s``."""
+    resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < limit_s:
+            await resp.write(chunk)
+            await anyio.sleep(pause_s)
+    except (ConnectionError, RuntimeError):
+        pass
+    return resp
+
+
+@asynccontextmanager
+async def serving(app: web.Application, **runner_options: Any) -> AsyncIterator[str]:
+    """``app`` on a free loopback port for the block; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None, **runner_options)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        with anyio.move_on_after(2, shield=True):
+            await runner.cleanup()
 
 
 @asynccontextmanager
@@ -73,4 +169,4 @@ async def running_worker(settings: Settings, **kwargs: Any) -> AsyncIterator[Wor
         finally:
             worker.request_stop()
             with anyio.fail_after(20):
-                await worker._done.wait()
+                await worker.wait_stopped()

@@ -2,7 +2,9 @@
 
 It keeps the Node proxy's harshest semantics: a queued message is returned by
 every ``/queued-messages`` call until ``/mark-sent`` or ``/mark-failed``
-succeeds, so a worker that re-sends on a lost acknowledgement is caught. Faults
+succeeds, so a worker that re-sends on a lost acknowledgement is caught. With
+``claim=True`` it hands each message out once instead (at most ``poll_limit``
+per call), like the Supabase kit's ``queued -> sending`` (the benchmarks). Faults
 are injected per endpoint (``fail``: next N calls answer 500; ``hang``: next N
 calls sleep past the client's timeout; ``status``: a fixed answer).
 """
@@ -34,6 +36,8 @@ class FakeProxy:
     upload_posts: int = 0
     on_upload: Any = None  # called with (instanceId, wa_message_id) once the bytes are stored, before answering
     on_inbound: Any = None  # called with the body once stored, before answering
+    claim: bool = False  # hand each message out once (see the module docstring)
+    poll_limit: int | None = None  # messages per /queued-messages answer (None: all)
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
     queue: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     sent_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -83,7 +87,7 @@ class FakeProxy:
 
     # ---------------------------------------------------------------- server
 
-    async def start(self) -> "FakeProxy":
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/disconnected-instances", self._disconnected)
         app.router.add_post("/update-status", self._update_status)
@@ -92,12 +96,13 @@ class FakeProxy:
         app.router.add_post("/mark-failed", self._mark_failed)
         app.router.add_post("/inbound", self._inbound)
         app.router.add_post("/upload-media", self._upload_media)
-        self._runner = web.AppRunner(app, access_log=None)
+        return app
+
+    async def start(self, port: int = 0) -> "FakeProxy":
+        self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
         return self
 
     async def stop(self) -> None:
@@ -154,13 +159,29 @@ class FakeProxy:
         if iid is None:
             if not self.batch:
                 return web.json_response({"error": "instanceId required"}, status=400)
-            items = [{**m, "instanceId": i} for i, q in self.queue.items() for m in q]
+            items: list[dict[str, Any]] = []
+            for i in list(self.queue):
+                room = None if self.poll_limit is None else self.poll_limit - len(items)
+                if room is not None and room <= 0:
+                    break
+                items.extend({**m, "instanceId": i} for m in self._offer(i, room))
             return web.json_response({"messages": items})
         if iid in self.gone:
             return web.json_response({"error": "not found"}, status=404)
-        return web.json_response(self._wrap("messages", list(self.queue.get(iid, []))))
+        return web.json_response(self._wrap("messages", self._offer(iid, self.poll_limit)))
+
+    def _offer(self, iid: str, limit: int | None) -> list[dict[str, Any]]:
+        """Up to ``limit`` queued messages of ``iid``, oldest first; claimed (removed) in claim mode."""
+        q = self.queue.get(iid, [])
+        end = len(q) if limit is None else limit
+        out = q[:end]
+        if self.claim:
+            del q[:end]
+        return out
 
     def _remove(self, mid: str) -> None:
+        if self.claim:
+            return  # handed out already
         for q in self.queue.values():
             q[:] = [m for m in q if m["id"] != mid]
 

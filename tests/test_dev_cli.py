@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.proc import free_port
 from wa_worker.backends.base import Connected, QrCode
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.cli import main
@@ -338,12 +339,6 @@ def test_printer_lines_and_qr_dedupe() -> None:
 # ---------------------------------------------------------------------------- end to end
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wa(*args: str, cwd: Path, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "wa_worker", "dev", *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -362,6 +357,7 @@ def wait_until(predicate, timeout: float, what: str):
         time.sleep(0.3)
 
 
+# long: one user session through the real CLI, step by step
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_dev_simulator_end_to_end(tmp_path: Path) -> None:

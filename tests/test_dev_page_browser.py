@@ -274,6 +274,7 @@ def chromium_devtools(tmp_path: Path):
         log.close()
 
 
+# long: one browser session, the page's steps in the order a user takes them
 async def _drive(port: int, proxy: BackgroundProxy, upload_file: Path) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:

@@ -12,25 +12,16 @@ import httpx
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from tests.conftest import AUTH, FakeClock
+from tests.fakeproxy import SECRET
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.page import check_local
 from wa_worker.dev.store import CLAIM_LEASE_S, DevStore
 
-SECRET = "test-secret-0123456789"
-AUTH = {"Authorization": f"Bearer {SECRET}"}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
 
 
 @pytest.fixture
@@ -39,7 +30,7 @@ def events() -> list:
 
 
 @pytest.fixture
-def proxy(tmp_path: Path, clock: Clock, events: list):
+def proxy(tmp_path: Path, clock: FakeClock, events: list):
     store = DevStore(tmp_path / "proxy.db", clock=clock)
     with BackgroundProxy(store, SECRET, on_event=events.append) as bp:
         yield bp
@@ -184,7 +175,7 @@ def test_non_json_body_is_400(proxy: BackgroundProxy, http: httpx.Client) -> Non
 # ---------------------------------------------------------------------------- queue
 
 
-def test_claim_and_reoffer_after_lease(proxy: BackgroundProxy, http: httpx.Client, clock: Clock) -> None:
+def test_claim_and_reoffer_after_lease(proxy: BackgroundProxy, http: httpx.Client, clock: FakeClock) -> None:
     add(proxy, "a")
     add(proxy, "b")
     m1 = queue(http, "a", body="one")
@@ -279,7 +270,7 @@ def test_mark_sent_idempotent_and_terminal(proxy: BackgroundProxy, http: httpx.C
     assert http.get("/queued-messages", params={"instanceId": "a"}).json() == {"messages": []}
 
 
-def test_mark_failed(proxy: BackgroundProxy, http: httpx.Client, clock: Clock, events: list) -> None:
+def test_mark_failed(proxy: BackgroundProxy, http: httpx.Client, clock: FakeClock, events: list) -> None:
     add(proxy, "a")
     m = queue(http, "a", to="123")
     http.get("/queued-messages", params={"instanceId": "a"})

@@ -7,17 +7,16 @@ import io
 import os
 import stat
 
+import anyio
 import httpx
 import pytest
 import zxingcpp
 from PIL import Image
 
-from tests.conftest import make_settings, running_worker, wait_until
+from tests.conftest import AUTH, connect, make_settings, running_worker, wait_until
 from tests.fakeproxy import SECRET
 
 pytestmark = pytest.mark.anyio
-
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 def decode_qr(data_url: str) -> str:
@@ -27,12 +26,6 @@ def decode_qr(data_url: str) -> str:
     results = zxingcpp.read_barcodes(img)
     assert len(results) == 1
     return results[0].text
-
-
-async def connect(w, proxy, iid="acme"):
-    await wait_until(lambda: any(s["qr_code"] for s in proxy.statuses_of(iid)), what="QR pushed")
-    w.backend.session(iid).scan()
-    await wait_until(lambda: proxy.status_of(iid) == "CONNECTED", what="CONNECTED")
 
 
 @pytest.mark.parametrize("shape", ["list", "object"])
@@ -297,6 +290,7 @@ async def test_descriptor_exhaustion_restarts_gracefully(proxy, tmp_path):
         w.fds.warn_ratio = used / limit / 2
         assert "file descriptors nearly exhausted" in w.not_ready_reasons()
         w.fds.restart_ratio = used / limit / 2
-        await wait_until(lambda: w._done.is_set(), timeout=15, what="graceful self-restart")
+        with anyio.fail_after(15):  # a graceful self-restart
+            await w.wait_stopped()
         assert w.exit_code == EXIT_FD_EXHAUSTED
         assert proxy.statuses_of("acme")[-1]["reason"] == "shutdown"

@@ -18,7 +18,7 @@ import pytest
 import respx
 from aiohttp import web
 
-from tests.conftest import make_settings, running_worker, wait_until
+from tests.conftest import make_settings, running_worker, serving, stream_endlessly, wait_until
 from wa_worker.config import ConfigError, load_settings, placeholder_warnings
 from wa_worker.edge.client import (
     NOT_FOUND_HINT,
@@ -320,30 +320,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def serve(handler: Handler) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        with anyio.move_on_after(2, shield=True):
-            await runner.cleanup()
+    async with serving(app, shutdown_timeout=0.1) as url:
+        yield url
 
 
 def endless(status: int, *, pause_s: float = 0.0, chunk: bytes = b"[" + b" " * 65535, limit_s: float = 10.0) -> Handler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        t0 = time.monotonic()
-        try:
-            while time.monotonic() - t0 < limit_s:
-                await resp.write(chunk)
-                await anyio.sleep(pause_s)
-        except (ConnectionError, RuntimeError):
-            pass
-        return resp
+        return await stream_endlessly(request, status, pause_s=pause_s, chunk=chunk, limit_s=limit_s)
     return handler
 
 

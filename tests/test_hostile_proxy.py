@@ -26,13 +26,13 @@ import httpx
 import pytest
 from aiohttp import web
 
+from tests.conftest import AUTH, stream_endlessly
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import ROOT, start_worker, worker_env
 
 pytestmark = pytest.mark.slow
 
 Behaviour = Callable[["HostileProxy", web.Request], Awaitable[web.StreamResponse]]
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 RSS_BOUND_MB = 300  # the worker idles near 60 MB; an unbounded read grew it by 200 MB/s
 GOOD, BAD = "good", "bad"
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -52,16 +52,7 @@ def endless(status: int = 200, *, pause_s: float = 0.0, chunk: bytes = b"[" + b"
             limit_s: float = 3.0) -> Behaviour:
     """A body that never ends (or drips, with ``pause_s``), for at most ``limit_s``."""
     async def answer(proxy: HostileProxy, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        t0 = time.monotonic()
-        try:
-            while time.monotonic() - t0 < limit_s:
-                await resp.write(chunk)
-                await asyncio.sleep(pause_s)
-        except (ConnectionError, RuntimeError):
-            pass
-        return resp
+        return await stream_endlessly(request, status, pause_s=pause_s, chunk=chunk, limit_s=limit_s)
     return answer
 
 
@@ -131,9 +122,8 @@ class HostileProxy(FakeProxy):
         app.router.add_route("*", "/{tail:.*}", elsewhere)
         self._elsewhere = web.AppRunner(app, access_log=None)
         await self._elsewhere.setup()
-        site = web.TCPSite(self._elsewhere, "127.0.0.1", 0)
-        await site.start()
-        self.elsewhere_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/elsewhere"  # type: ignore[union-attr]
+        await web.TCPSite(self._elsewhere, "127.0.0.1", 0).start()
+        self.elsewhere_url = f"http://127.0.0.1:{self._elsewhere.addresses[0][1]}/elsewhere"
         return self
 
     async def stop(self) -> None:

@@ -19,9 +19,9 @@ import httpx
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from anyio.abc import SocketStream
 
-from tests.conftest import make_settings, running_worker, wait_until
+from tests.conftest import AUTH, closed_within, make_settings, running_worker, wait_until
+from tests.fakeproxy import SECRET
 from tests.proc import ROOT
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.store import DevStore
@@ -29,9 +29,6 @@ from wa_worker.fdguard import FdBudget, FdUsage, fd_usage
 from wa_worker.http.common import bearer_matches, decode_json_object, json_depth, read_json_object
 from wa_worker.http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite, is_loopback, max_connections_for
 from wa_worker.http.server import build_app
-
-SECRET = "test-secret-0123456789"
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 @asynccontextmanager
@@ -55,18 +52,6 @@ async def guarded_server(guard: ConnectionGuard, app: web.Application | None = N
         yield runner.addresses[0][1]
     finally:
         await runner.cleanup()
-
-
-async def closed_within(stream: SocketStream, limit_s: float) -> tuple[float | None, bytes]:
-    """(seconds until the server closed or answered, what it sent); (None, b"") if still open."""
-    t0 = time.monotonic()
-    with anyio.move_on_after(limit_s):
-        try:
-            data = await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-            data = b""
-        return time.monotonic() - t0, data
-    return None, b""
 
 
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"

@@ -21,13 +21,12 @@ import httpx
 import pytest
 from anyio.abc import SocketStream
 
-from tests.conftest import wait_until
+from tests.conftest import AUTH, closed_within, wait_until
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import ROOT, start_worker, worker_env
 
 pytestmark = pytest.mark.anyio
 
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 LOW_NOFILE = 256
 
 
@@ -75,18 +74,6 @@ async def _fresh_get(port: int, path: str = "/health", **kw: Any) -> httpx.Respo
         return await http.get(f"http://127.0.0.1:{port}{path}", timeout=3, **kw)
 
 
-async def _wait_closed(stream: SocketStream, limit_s: float) -> tuple[float | None, bytes]:
-    """Seconds until the server closed the connection (or answered), None if it did not within ``limit_s``."""
-    t0 = time.monotonic()
-    with anyio.move_on_after(limit_s):
-        try:
-            data = await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-            data = b""
-        return time.monotonic() - t0, data
-    return None, b""
-
-
 @pytest.mark.slow
 async def test_idle_connection_flood_neither_restarts_nor_drops_sessions(proxy, tmp_path):
     proxy.add_instance("acme")
@@ -109,7 +96,7 @@ async def test_idle_connection_flood_neither_restarts_nor_drops_sessions(proxy, 
             # every held connection has been closed by now: refused at once (over the cap) or cut (idle)
             closed = 0
             for s in streams:
-                elapsed, _ = await _wait_closed(s, 0.05)
+                elapsed, _ = await closed_within(s, 0.05)
                 closed += elapsed is not None
             assert closed == len(streams)
         finally:
@@ -153,7 +140,7 @@ async def test_slowloris_headers_and_bodies_are_cut(proxy, tmp_path):
                                 return
 
                     tg.start_soon(drip)
-                    elapsed, _ = await _wait_closed(stream, 16)
+                    elapsed, _ = await closed_within(stream, 16)
                     results.append(elapsed)
                     tg.cancel_scope.cancel()
             finally:

@@ -13,13 +13,11 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import make_settings, running_worker, wait_until
-from tests.fakeproxy import SECRET
+from tests.conftest import AUTH, FakeClock, connect, make_settings, running_worker, wait_until
 from tests.proc import ROOT, start_worker, worker_env
 from wa_worker.storage.journal import Journal
 
 pytestmark = pytest.mark.anyio
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 
 def sent_lines(tmp_path: Path, iid: str) -> list[dict]:
@@ -33,12 +31,6 @@ def sent_lines(tmp_path: Path, iid: str) -> list[dict]:
         except ValueError:
             pass
     return out
-
-
-async def connect(w, proxy, iid="acme"):
-    await wait_until(lambda: iid in w.backend.sessions and w.backend.session(iid).state == "qr", what="QR")
-    w.backend.session(iid).scan()
-    await wait_until(lambda: proxy.status_of(iid) == "CONNECTED", what="CONNECTED")
 
 
 # ------------------------------------------------------------------------- store unit level
@@ -77,13 +69,7 @@ def test_store_inbound_heads_keep_chat_order(tmp_path):
 
 
 def test_store_prune_and_ttl(tmp_path):
-    class Clock:
-        t = 1_000_000.0
-
-        def time(self):
-            return self.t
-
-    c = Clock()
+    c = FakeClock()
     s = Journal(tmp_path / "db", clock=c)
     s.begin_send("old", "a", "j")
     s.record_sent("old", "W")
@@ -91,7 +77,7 @@ def test_store_prune_and_ttl(tmp_path):
     s.begin_send("pending", "a", "j")
     s.record_sent("pending", "W2")
     s.add_inbound("a", "c", "in1", {"x": 1})
-    c.t += 8 * 24 * 3600
+    c.now += 8 * 24 * 3600
     assert s.prune() == 1
     assert s.outbound_get("old") is None and s.outbound_get("pending") is not None
     assert s.expire_inbound(7 * 24 * 3600) == 1
@@ -222,7 +208,7 @@ async def test_disk_full_stops_pulling_stays_connected_and_recovers(proxy, tmp_p
         # but not for the work it would pull; the store stays unwritable
         crumb.unlink()
         assert w.journal.probe_writable() is False
-        assert not w.journal.writable and "bytes free" in (w.journal.last_error or "")
+        assert not w.journal.writable and (w.journal.free_bytes() or 0) < w.journal.min_headroom_bytes
         await anyio.sleep(0.5)
         assert "during" not in proxy.sent_marks and [m["body"] for m in w.backend.sent("acme")] == ["fine"]
         filler.unlink()

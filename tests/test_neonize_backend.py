@@ -177,6 +177,7 @@ async def _stalled_session(backend: NeonizeBackend, iid: str, rec: Recorder):
     return session, att
 
 
+# long: one Go client driven through each callback in turn, checked in order
 def test_events_from_go_callbacks_map_to_dataclasses(tmp_path: Path) -> None:
     pb, e2e = _pb()
 

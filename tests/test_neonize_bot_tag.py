@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.proc import ROOT, start_worker, worker_env
+from tests.proc import ROOT, free_port, start_worker, worker_env
 
 pytestmark = [pytest.mark.neonize, pytest.mark.timeout(90)]
 
@@ -182,11 +181,6 @@ async def test_simulator_worker_is_left_alone(proxy, tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_dev_loads_neonize_with_the_badge_off(tmp_path: Path) -> None:
     """``wa-worker dev`` (real WhatsApp mode) builds its worker in-process: same rule."""
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
 
     base = {k: v for k, v in os.environ.items() if k not in ("WORKER_SECRET", "WA_DEV_PROXY_URL")}
     env, out = _probe_env(tmp_path, base)

@@ -47,6 +47,7 @@ async def _http_get_ms(port: int) -> float:
     return (time.monotonic() - t0) * 1000
 
 
+# long: one scenario (stalled dials, then healthy ones, then the timeouts), step by step
 def test_stalled_dials_do_not_starve_and_time_out(tmp_path: Path) -> None:
     async def main() -> None:
         http, http_port = await _loopback_http_server()

@@ -16,7 +16,7 @@ import anyio
 import pytest
 from aiohttp import web
 
-from tests.conftest import make_settings, running_worker, wait_until
+from tests.conftest import make_settings, running_worker, serving, wait_until
 from tests.fakeproxy import SECRET
 from wa_worker.backends import make_backend
 from wa_worker.edge.client import EdgeClient
@@ -60,15 +60,8 @@ async def inbound_proxy() -> AsyncIterator[InboundProxy]:
     p = InboundProxy()
     app = web.Application()
     app.router.add_post("/inbound", p._inbound)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    p.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    try:
+    async with serving(app) as p.url:
         yield p
-    finally:
-        await runner.cleanup()
 
 
 def add(store: Journal, chat: str, wa_id: str) -> None:
@@ -170,32 +163,27 @@ async def test_a_slow_acknowledgement_never_holds_the_others(tmp_path):
 
     app = web.Application()
     app.router.add_post("/mark-sent", mark_sent)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
     store = Journal(tmp_path / "db")
-    edge = EdgeClient(url, SECRET, timeout_s=30)
-    acks = Acknowledger(store, edge)
     store.begin_send("slow", "acme", "j")
     store.record_sent("slow", "WA-slow")
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(acks.run)
-            await anyio.sleep(0.2)
-            for k in range(3):  # sent while the first acknowledgement hangs
-                store.begin_send(f"m{k}", "acme", "j")
-                store.record_sent(f"m{k}", f"WA{k}")
-                acks.wake()
-            await wait_until(lambda: marked == ["m0", "m1", "m2"], timeout=5, what="the others acknowledged")
-            release.set()
-            await wait_until(lambda: len(marked) == 4, timeout=5)
-            await wait_until(lambda: store.counts()["outbound_pending_acks"] == 0)
-            tg.cancel_scope.cancel()
-    finally:
-        await edge.aclose()
-        await runner.cleanup()
+    async with serving(app) as url:
+        edge = EdgeClient(url, SECRET, timeout_s=30)
+        acks = Acknowledger(store, edge)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(acks.run)
+                await anyio.sleep(0.2)
+                for k in range(3):  # sent while the first acknowledgement hangs
+                    store.begin_send(f"m{k}", "acme", "j")
+                    store.record_sent(f"m{k}", f"WA{k}")
+                    acks.wake()
+                await wait_until(lambda: marked == ["m0", "m1", "m2"], timeout=5, what="the others acknowledged")
+                release.set()
+                await wait_until(lambda: len(marked) == 4, timeout=5)
+                await wait_until(lambda: store.counts()["outbound_pending_acks"] == 0)
+                tg.cancel_scope.cancel()
+        finally:
+            await edge.aclose()
 
 
 # ------------------------------------------------------------------------- outbound side, whole worker

@@ -10,45 +10,17 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import make_settings, running_worker, wait_until
-from tests.fakeproxy import SECRET
-from wa_worker.timing import Clock
+from tests.conftest import AUTH, FakeClock, make_settings, running_worker, wait_until
+from tests.fakeproxy import FakeProxy
 
 pytestmark = pytest.mark.anyio
-AUTH = {"Authorization": f"Bearer {SECRET}"}
 
-
-class FakeClock(Clock):
-    """Waits return at once (a real 2 ms yield) and advance fake time; every
-    requested timeout is recorded with the owner's label."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-        self.waits: list[float] = []
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await anyio.sleep(0.002)
-
-    async def wait(self, event, seconds: float) -> bool:
-        self.waits.append(round(seconds, 3))
-        with anyio.move_on_after(0.002):
-            await event.wait()
-            return True
-        self.now += seconds
-        return False
 
 
 async def test_outbound_poll_interval_doubles_to_cap_and_snaps_back(proxy, tmp_path):
     proxy.add_instance("acme")
     polls: list[float] = []
-    clock = FakeClock()
+    clock = FakeClock(tick_s=0.002)
     proxy.on_queue_call = lambda iid: polls.append(clock.now)
     settings = make_settings(tmp_path, proxy.url, MSG_POLL_MS=2000, MSG_POLL_MAX_MS=30000,
                              INSTANCE_POLL_MS=10_000, INSTANCE_POLL_MAX_MS=10_000, SIMULATOR_AUTO_SCAN_MS=0,
@@ -82,7 +54,7 @@ async def test_outbound_poll_interval_doubles_to_cap_and_snaps_back(proxy, tmp_p
 
 
 async def test_discovery_interval_grows_when_nothing_changes(proxy, tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(tick_s=0.002)
     settings = make_settings(tmp_path, proxy.url, INSTANCE_POLL_MS=10_000, INSTANCE_POLL_MAX_MS=60_000)
     async with running_worker(settings, clock=clock) as w:
         await wait_until(lambda: proxy.calls["disconnected-instances"] >= 6)
@@ -95,7 +67,7 @@ async def test_discovery_interval_grows_when_nothing_changes(proxy, tmp_path):
 
 
 async def test_reconnect_backoff_grows_then_resets(proxy, tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(tick_s=0.002)
     proxy.add_instance("acme")
     settings = make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=0)
     async with running_worker(settings, clock=clock) as w:
@@ -218,3 +190,22 @@ async def test_fair_startup_bounds_concurrent_connects(proxy, tmp_path):
 
         await wait_until(watch, timeout=20)
         assert 1 <= peak <= 4
+
+
+async def test_the_fake_proxy_in_claim_mode_hands_each_message_out_once():
+    """What the benchmarks run against (scripts/_bench_common.BenchProxy): the Supabase kit's claim."""
+    proxy = await FakeProxy(claim=True, poll_limit=2, batch=True).start()
+    try:
+        proxy.add_instance("a")
+        for k in range(5):
+            proxy.enqueue("a", f"m{k}", "5511988887777", f"body {k}")
+        async with httpx.AsyncClient(base_url=proxy.url, headers=AUTH) as http:
+            first = (await http.get("/queued-messages", params={"instanceId": "a"})).json()
+            batch = (await http.get("/queued-messages")).json()["messages"]
+            await http.post("/mark-sent", json={"messageId": "m0", "wa_message_id": "W0"})
+            rest = (await http.get("/queued-messages", params={"instanceId": "a"})).json()
+        assert [m["id"] for m in first] == ["m0", "m1"]
+        assert [(m["id"], m["instanceId"]) for m in batch] == [("m2", "a"), ("m3", "a")]
+        assert [m["id"] for m in rest] == ["m4"] and proxy.sent_marks["m0"] == ["W0"]
+    finally:
+        await proxy.stop()

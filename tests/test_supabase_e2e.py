@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.deno, pytest.
 FIXTURES = (clean_wa_db, edge_function, pg_server, wa_db)
 
 
+# long: the whole contract against the real function, one step after the other
 async def test_worker_against_the_supabase_function(clean_wa_db: WaDb, edge_function: EdgeFunction, tmp_path):
     db = clean_wa_db
     db.insert_instance("acme")

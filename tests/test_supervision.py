@@ -14,50 +14,23 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import make_settings, running_worker, wait_until
+from tests.conftest import FakeClock, make_settings, running_worker, wait_until
 from wa_worker.backends.base import QrCode
 from wa_worker.backends.simulator import SimulatorBackend, _Phone
 from wa_worker.edge.client import EdgeClient, EdgeError
 from wa_worker.edge.models import Status, StatusUpdate
 from wa_worker.instances.runner import StatusReporter
 from wa_worker.supervise import LoopHealth, forever
-from wa_worker.timing import Backoff, Clock
+from wa_worker.timing import Backoff
 
 pytestmark = pytest.mark.anyio
-
-
-class StepClock(Clock):
-    """Fake time: sleeps and waits advance it at once (a real 1 ms yield) and are recorded."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        await anyio.sleep(0.001)
-
-    async def wait(self, event: anyio.Event, seconds: float) -> bool:
-        self.sleeps.append(seconds)
-        with anyio.move_on_after(0.001):
-            await event.wait()
-            return True
-        self.now += seconds
-        return False
 
 
 # ---------------------------------------------------------------------------- forever
 
 
 async def test_forever_restarts_a_failing_loop_logs_the_traceback_once_and_counts(caplog):
-    clock = StepClock()
+    clock = FakeClock(1000.0)
     health = LoopHealth("demo", clock, stale_after_s=10.0)
     calls = 0
 
@@ -84,7 +57,7 @@ async def test_forever_restarts_a_failing_loop_logs_the_traceback_once_and_count
 
 
 async def test_forever_lets_cancellation_through():
-    clock = StepClock()
+    clock = FakeClock(1000.0)
     health = LoopHealth("sleepy", clock)
 
     async def body() -> None:
@@ -97,7 +70,7 @@ async def test_forever_lets_cancellation_through():
 
 
 def test_loop_health_failing_until_the_next_success_and_stale_after_its_bound():
-    clock = StepClock()
+    clock = FakeClock(1000.0)
     h = LoopHealth("discovery", clock, stale_after_s=180.0, started_at=clock.now)
     assert h.not_ready_reason(clock.now) is None
     clock.now += 181
@@ -129,7 +102,7 @@ class RateLimitedEdge(EdgeClient):
 
 
 async def test_status_retry_honours_retry_after():
-    clock = StepClock()
+    clock = FakeClock(1000.0)
     edge = RateLimitedEdge()
     reporter = StatusReporter("acme", edge, lambda: None, random.Random(1), clock)
     reporter.set(Status.CONNECTING)
@@ -261,7 +234,7 @@ async def test_batch_mode_stop_mid_batch_sends_nothing_more_and_resumes_exactly_
         t0 = time.monotonic()
         w.request_stop()
         with anyio.fail_after(10):
-            await w._done.wait()
+            await w.wait_stopped()
         elapsed = time.monotonic() - t0
     sent = [m["body"] for m in backend.sent("acme")]
     journal = _journal(Path(settings.STATE_DB))

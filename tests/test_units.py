@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 
+import anyio
 import pytest
 
 from wa_worker.config import ConfigError, load_settings
@@ -112,3 +113,35 @@ def test_redact_filter_scrubs_messages_and_tracebacks():
         rec2 = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     f.filter(rec2)
     assert "topsecret-123" not in logging.Formatter().format(rec2)
+
+
+def test_settings_give_durations_in_seconds():
+    s = load_settings(_env_file=None, EDGE_BASE_URL="http://127.0.0.1:9", WORKER_SECRET="x" * 16,
+                      INSTANCE_POLL_MS=2500, INSTANCE_POLL_MAX_MS=30_000, MSG_POLL_MS=750, MSG_POLL_MAX_MS=9000,
+                      INBOUND_TTL_HOURS=1.5, SIMULATOR_SEND_DELAY_MS=40)
+    assert (s.instance_poll_s, s.instance_poll_max_s, s.msg_poll_s, s.msg_poll_max_s) == (2.5, 30.0, 0.75, 9.0)
+    assert s.inbound_ttl_s == 5400 and s.simulator_send_delay_s == 0.04
+
+
+@pytest.mark.anyio
+async def test_simulator_session_states_are_the_shared_enum(tmp_path):
+    from wa_worker.backends.base import SessionState
+    from wa_worker.backends.simulator import SimulatorBackend
+
+    backend = SimulatorBackend(tmp_path / "auth", auto_scan_ms=0, connect_delay_s=0.0)
+    events: list[object] = []
+
+    async def sink(event: object) -> None:
+        events.append(event)
+
+    async with backend:
+        session = await backend.open_session("acme", sink)
+        assert session.state is SessionState.IDLE
+        await session.connect()
+        for _ in range(200):
+            if session.state is SessionState.CONNECTED:
+                break
+            await anyio.sleep(0.01)
+        assert session.state is SessionState.CONNECTED and session.describe()["state"] == "connected"
+        await session.close()
+        assert session.state is SessionState.CLOSED

@@ -114,6 +114,32 @@ class Settings(BaseSettings):
         """The base URL without a trailing slash."""
         return str(self.EDGE_BASE_URL).rstrip("/")
 
+    # the *_MS variables in seconds, the unit the code works in (converted here only)
+
+    @property
+    def instance_poll_s(self) -> float:
+        return self.INSTANCE_POLL_MS / 1000
+
+    @property
+    def instance_poll_max_s(self) -> float:
+        return self.INSTANCE_POLL_MAX_MS / 1000
+
+    @property
+    def msg_poll_s(self) -> float:
+        return self.MSG_POLL_MS / 1000
+
+    @property
+    def msg_poll_max_s(self) -> float:
+        return self.MSG_POLL_MAX_MS / 1000
+
+    @property
+    def inbound_ttl_s(self) -> float:
+        return self.INBOUND_TTL_HOURS * 3600
+
+    @property
+    def simulator_send_delay_s(self) -> float:
+        return self.SIMULATOR_SEND_DELAY_MS / 1000
+
 
 PLACEHOLDER_SECRET_PREFIX = "change-me"
 PLACEHOLDER_URL_PART = "your-project"

@@ -1,23 +1,6 @@
-"""The worker: wires settings, backend, edge client, store, relays, instance
-manager and HTTP server, and owns their lifetimes.
-
-Task tree (anyio, structured; every loop has this one owner)::
-
-    Worker.run
-    └── services (shielded from outside cancellation; stopped gracefully)
-        ├── HTTP server (health, ready, wake, simulator)
-        ├── InboundRelay.run         store → POST /inbound
-        ├── Acknowledger.run         journal → /mark-sent, /mark-failed
-        ├── housekeeping             prune, TTL, store probe
-        └── InstanceManager.run
-            ├── discovery loop       GET /disconnected-instances
-            ├── batch poller         GET /queued-messages (all instances), optional
-            └── InstanceRunner × N   lifecycle + status reporter + outbound poller
-
-Every loop runs under :func:`wa_worker.supervise.forever` (runners under the
-manager's own supervision): an exception is logged, counted and the loop
-restarted after a clamped backoff; ``/ready`` reports each loop's last success.
-"""
+"""The worker: wires settings, backend, edge client, journal, relays, instance
+manager and HTTP server, and owns every task they run (the task tree, the
+supervision rule and ``/ready``: docs/architecture.md, "Task tree")."""
 
 from __future__ import annotations
 
@@ -61,6 +44,13 @@ STORE_PROBE_EVERY_S = 5.0
 
 
 class Worker:
+    """The whole worker; :meth:`run` serves until :meth:`request_stop`.
+
+    ``backend``, ``edge``, ``clock`` and ``rng`` replace the real ones (tests);
+    ``on_event`` sees every backend event (``wa-worker dev`` prints QR codes);
+    ``host`` is the HTTP bind address; ``retry_cap_s`` caps the relays' backoff.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -84,7 +74,7 @@ class Worker:
         # the relays report each round (and store trouble) to these; their crashes count too
         self.inbound_health = LoopHealth("inbound relay", self.clock)
         self.acks_health = LoopHealth("acknowledger", self.clock)
-        self.inbound = InboundRelay(self.journal, self.edge, ttl_s=settings.INBOUND_TTL_HOURS * 3600,
+        self.inbound = InboundRelay(self.journal, self.edge, ttl_s=settings.inbound_ttl_s,
                                     clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                     max_attempts=settings.INBOUND_MAX_ATTEMPTS, health=self.inbound_health,
                                     media_max_bytes=settings.MEDIA_MAX_BYTES,
@@ -100,15 +90,22 @@ class Worker:
         self.fds = FdBudget()
         self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
-        self.manager = InstanceManager(
+        self.manager = self._build_manager(on_event)
+        self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
+        self.housekeeping_health = LoopHealth("housekeeping", self.clock)
+        self._set_staleness()
+
+    def _build_manager(self, on_event: Callable[[str, BackendEvent], None] | None) -> InstanceManager:
+        settings = self.settings
+        return InstanceManager(
             RunnerContext(
                 backend=self.backend,
                 edge=self.edge,
                 outbound=self.outbound,
                 inbound=self.inbound,
                 clock=self.clock,
-                msg_poll_s=settings.MSG_POLL_MS / 1000,
-                msg_poll_max_s=settings.MSG_POLL_MAX_MS / 1000,
+                msg_poll_s=settings.msg_poll_s,
+                msg_poll_max_s=settings.msg_poll_max_s,
                 connect_timeout_s=settings.CONNECT_TIMEOUT_S,
                 start_limiter=anyio.CapacityLimiter(settings.START_CONCURRENCY),
                 journal_writable=lambda: self.journal.writable,
@@ -117,18 +114,19 @@ class Worker:
                 rng=self.rng,
             ),
             self.edge,
-            instance_poll_s=settings.INSTANCE_POLL_MS / 1000,
-            instance_poll_max_s=settings.INSTANCE_POLL_MAX_MS / 1000,
+            instance_poll_s=settings.instance_poll_s,
+            instance_poll_max_s=settings.instance_poll_max_s,
             batch_poll=settings.BATCH_POLL,
         )
-        self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
-        self.housekeeping_health = LoopHealth("housekeeping", self.clock)
+
+    def _set_staleness(self) -> None:
+        settings = self.settings
         # a loop is stale after three of its longest iterations (its longest wait plus a proxy call that
         # times out), and never sooner than the proxy silence /ready tolerates (that is the edge check's business)
         call_s = settings.EDGE_TIMEOUT_S
         for h, longest_s in ((self.housekeeping_health, STORE_PROBE_EVERY_S),
-                             (self.manager.discovery_health, settings.INSTANCE_POLL_MAX_MS / 1000 + call_s),
-                             (self.manager.batch_health, settings.MSG_POLL_MAX_MS / 1000 + call_s)):
+                             (self.manager.discovery_health, settings.instance_poll_max_s + call_s),
+                             (self.manager.batch_health, settings.msg_poll_max_s + call_s)):
             h.stale_after_s = max(3 * longest_s, settings.READY_MAX_PROXY_SILENCE_S)
 
     # ------------------------------------------------------------------ queries
@@ -204,6 +202,10 @@ class Worker:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`run`'s services have all ended (journal closed)."""
+        await self._done.wait()
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`request_stop` (or cancellation, which stops gracefully too)."""
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.LOG_LEVEL.value,
                   [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url)])
     if settings.WA_BACKEND.value == "neonize":
-        from .backends.neonize.loading import ensure_bot_tag
+        from .backends.neonize.loading import ensure_bot_tag  # the simulator never loads neonize code
 
         ensure_bot_tag(settings.WA_BOT_BADGE)  # may restart this process (same pid) once
     raise_fd_limit()

@@ -15,13 +15,14 @@ def make_backend(settings: "Settings") -> "Backend":
     """The backend named by ``WA_BACKEND``."""
     auth = Path(settings.AUTH_DIR)
     if settings.WA_BACKEND.value == "simulator":
+        # each backend is imported only when chosen: neonize's import has process-wide effects
         from .simulator import SimulatorBackend
 
         return SimulatorBackend(auth, auto_scan_ms=settings.SIMULATOR_AUTO_SCAN_MS,
-                                send_delay_s=settings.SIMULATOR_SEND_DELAY_MS / 1000)
-    from .neonize.loading import configure_bot_tag
+                                send_delay_s=settings.simulator_send_delay_s)
+    from .neonize.loading import configure_bot_tag  # no neonize import yet
 
     configure_bot_tag(settings.WA_BOT_BADGE)  # before neonize is first imported
-    from .neonize import NeonizeBackend
+    from .neonize import NeonizeBackend  # only now: the bot tag must be set first
 
     return NeonizeBackend(auth, connect_timeout_s=settings.CONNECT_TIMEOUT_S)

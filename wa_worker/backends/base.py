@@ -27,10 +27,12 @@ Rules every backend follows:
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..ids import is_valid_instance_id
 from ..messages import ContactCard, InboundContent, Kind, Location
 
 
@@ -184,6 +186,18 @@ class MediaUnavailable(BackendError):
 # --------------------------------------------------------------------------- interface
 
 
+class SessionState(enum.StrEnum):
+    """Where a session is (both backends); compares equal to its value."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    QR = "qr"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    LOGGED_OUT = "logged_out"
+    CLOSED = "closed"
+
+
 @dataclass(slots=True)
 class SessionInfo:
     """What the runner may show about a session (health, simulator control)."""
@@ -246,8 +260,6 @@ class Backend(abc.ABC):
 
     def stored_instances(self) -> list[str]:
         """Instance ids with a stored session (resumed at start-up)."""
-        from ..ids import is_valid_instance_id
-
         if not self.auth_root.is_dir():
             return []
         return sorted(
@@ -265,9 +277,5 @@ class Backend(abc.ABC):
         return self
 
     async def __aexit__(self, *exc: object) -> bool | None:
-        await self.aclose()
-        return None  # exceptions propagate (a subclass's task group may swallow its own cancellation)
-
-    async def aclose(self) -> None:  # a hook, not abstract: a backend without shared resources keeps it
-        """Release backend-wide resources (thread pools, relays)."""
+        """Stop what ``__aenter__`` started (nothing, by default)."""
         return None

@@ -14,7 +14,7 @@ as the kind has them ``mimetype``, ``size`` and ``sha256`` of the bytes it read,
 and downloaded from there, only while the session is connected.
 
 It is driven through the worker's HTTP server (``/simulator/...``, see
-``wa_worker.http.server``) or directly from tests.
+``wa_worker.http.simulator_routes``) or directly from tests.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from .base import (
     QrCode,
     SendError,
     Session,
+    SessionState,
 )
 
 log = logging.getLogger("wa_worker.simulator")
@@ -83,7 +84,7 @@ class SimulatorSession(Session):
         self.backend = backend
         self.instance_id = instance_id
         self.sink = sink
-        self.state = "idle"  # idle | qr | connected | disconnected | logged_out | closed
+        self.state = SessionState.IDLE
         self.qr: str | None = None
         self.qr_count = 0
         self.jid: str | None = None
@@ -93,39 +94,39 @@ class SimulatorSession(Session):
     # ---------------------------------------------------------------- Session API
 
     async def connect(self) -> None:
-        if self.state == "closed":
+        if self.state == SessionState.CLOSED:
             raise SendError("session closed")
         self._scanned = anyio.Event()
-        self.state = "connecting"
+        self.state = SessionState.CONNECTING
         self.backend._spawn(self._connect_flow)
 
     async def _connect_flow(self) -> None:
         await anyio.sleep(self.backend.connect_delay_s)
-        if self.state != "connecting":
+        if self.state != SessionState.CONNECTING:
             return
         if self.backend.stall_connects.get(self.instance_id, 0) > 0:
             self.backend.stall_connects[self.instance_id] -= 1
             return  # a dial that never completes: no QR, no connection, no error
         if self.backend.fail_connects.get(self.instance_id, 0) > 0:
             self.backend.fail_connects[self.instance_id] -= 1
-            self.state = "disconnected"
+            self.state = SessionState.DISCONNECTED
             await self.sink(Disconnected("connect_failure", "simulated dial failure"))
             return
         phone = self.backend._load_phone(self.instance_id)
         if phone is not None:
             await self._go_online(phone)
             return
-        self.state = "qr"
+        self.state = SessionState.QR
         with anyio.CancelScope() as scope:
             self._cancel = scope
             auto = self.backend.auto_scan_ms
-            while self.state == "qr":
+            while self.state == SessionState.QR:
                 self.qr_count += 1
                 self.qr = f"2@sim-{self.instance_id}-{self.qr_count}-{secrets.token_urlsafe(24)},simkey,{self.qr_count}"
                 await self.sink(QrCode(self.qr))
                 with anyio.move_on_after(auto / 1000 if auto is not None else self.backend.qr_rotate_s):
                     await self._scanned.wait()
-                if self._scanned.is_set() or (auto is not None and self.state == "qr"):
+                if self._scanned.is_set() or (auto is not None and self.state == SessionState.QR):
                     self._scanned = anyio.Event()
                     await self._pair()
                     return
@@ -136,7 +137,7 @@ class SimulatorSession(Session):
         await self._go_online(phone)
 
     async def _go_online(self, phone: _Phone) -> None:
-        self.state = "connected"
+        self.state = SessionState.CONNECTED
         self.qr = None
         self.jid = phone.jid
         await self.sink(Connected(jid=phone.jid, push_name=phone.push_name))
@@ -147,16 +148,16 @@ class SimulatorSession(Session):
     async def send(self, message: OutgoingMessage) -> str:
         """Every kind; the sent log records what WhatsApp would get (the media's bytes are read:
         ``size`` and ``sha256`` are of the file as handed over)."""
-        if self.state != "connected":
+        if self.state != SessionState.CONNECTED:
             raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
         await anyio.sleep(self.backend.send_delay_s)
         if self.backend.fail_sends.get(self.instance_id, 0) > 0:
             self.backend.fail_sends[self.instance_id] -= 1
             raise SendError("simulated send failure")
-        if self.state != "connected":
+        if self.state != SessionState.CONNECTED:
             raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
         record = await _describe_outgoing(message)
-        if self.state != "connected":
+        if self.state != SessionState.CONNECTED:
             raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
         wa_id = "SIM" + secrets.token_hex(8).upper()
         record.update(wa_message_id=wa_id, ts=time.time())
@@ -168,32 +169,32 @@ class SimulatorSession(Session):
         return wa_id
 
     async def disconnect(self) -> None:
-        if self.state in ("connecting", "qr", "connected"):
-            self.state = "disconnected"
+        if self.state in (SessionState.CONNECTING, SessionState.QR, SessionState.CONNECTED):
+            self.state = SessionState.DISCONNECTED
             if self._cancel is not None:
                 self._cancel.cancel()
 
     async def close(self) -> None:
         await self.disconnect()
-        self.state = "closed"  # stays listed in /simulator/instances until replaced
+        self.state = SessionState.CLOSED  # stays listed in /simulator/instances until replaced
 
     # ---------------------------------------------------------------- the phone's side
 
     def scan(self) -> None:
-        if self.state != "qr":
+        if self.state != SessionState.QR:
             raise SimulatorError(f"no QR to scan: instance is {self.state}")
         self._scanned.set()
 
     async def drop(self) -> None:
-        if self.state not in ("connected", "qr", "connecting"):
+        if self.state not in (SessionState.CONNECTED, SessionState.QR, SessionState.CONNECTING):
             raise SimulatorError(f"nothing to drop: instance is {self.state}")
         await self.disconnect()
         await self.sink(Disconnected("network", "simulated network loss"))
 
     async def logout(self) -> None:
-        if self.state != "connected":
+        if self.state != SessionState.CONNECTED:
             raise SimulatorError(f"not linked: instance is {self.state}")
-        self.state = "logged_out"
+        self.state = SessionState.LOGGED_OUT
         self.backend._delete_phone(self.instance_id)
         await self.sink(LoggedOut("logged_out", "device removed from the phone"))
 
@@ -206,7 +207,7 @@ class SimulatorSession(Session):
         """A message arrives from the phone's side. ``body`` is the text, the
         caption or an edit's new text; media bytes are stored like WhatsApp's
         servers hold them and downloaded later through :meth:`download_media`."""
-        if self.state != "connected":
+        if self.state != SessionState.CONNECTED:
             raise SimulatorError(f"not connected: instance is {self.state}")
         sender = normalize_recipient(from_)
         chat = normalize_recipient(chat_id) if chat_id else sender
@@ -244,7 +245,7 @@ class SimulatorSession(Session):
 
     async def download_media(self, handle: dict[str, object], dest_dir: Path) -> MediaFile:
         """Copy stored media into a new 0600 file under ``dest_dir``."""
-        if self.state != "connected":
+        if self.state != SessionState.CONNECTED:
             raise MediaUnavailable(f"simulator session {self.instance_id} is {self.state}")
         sha = handle.get("sim")
         if not isinstance(sha, str) or len(sha) != 64 or not set(sha) <= _SHA256_HEX:
@@ -413,7 +414,7 @@ class SimulatorBackend(Backend):
         ensure_private_dir(self.auth_dir(instance_id))
         session = SimulatorSession(self, instance_id, sink)
         old = self.sessions.get(instance_id)
-        if old is not None and old.state != "closed":
+        if old is not None and old.state != SessionState.CLOSED:
             await old.close()
         self.sessions[instance_id] = session
         return session

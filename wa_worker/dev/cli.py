@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command is None:
             if not args.simulator:  # the worker's neonize must start with the right bot tag
-                from ..backends.neonize.loading import bot_badge_setting, ensure_bot_tag
+                from ..backends.neonize.loading import bot_badge_setting, ensure_bot_tag  # neonize mode only
 
                 ensure_bot_tag(bot_badge_setting())
             return _serve(args, with_worker=True)

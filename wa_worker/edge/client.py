@@ -26,7 +26,6 @@ import httpx
 
 from ..logutil import redact_url
 from .models import (
-    InboundPayload,
     InstanceRef,
     MarkFailed,
     MarkSent,
@@ -425,9 +424,8 @@ class EdgeClient:
             raise
         return True
 
-    async def inbound(self, payload: InboundPayload | dict[str, Any]) -> None:
-        body = payload.to_json() if isinstance(payload, InboundPayload) else payload
-        await self._request("POST", "/inbound", endpoint="inbound", body=body, parse=False)
+    async def inbound(self, payload: dict[str, Any]) -> None:
+        await self._request("POST", "/inbound", endpoint="inbound", body=payload, parse=False)
 
     async def upload_media(self, instance_id: str, wa_message_id: str, path: Path, *, mimetype: str,
                            filename: str | None, sha256: str, size: int) -> str:

@@ -2,8 +2,10 @@
 
 Tolerant reader: every response shape the proxy family uses is accepted,
 unknown fields are ignored, and each bad record is rejected on its own
-(logged and counted) without losing the good ones. Strict writer: requests
-are built from models with every contract field present.
+(logged and counted) without losing the good ones. Strict writer: status
+and acknowledgement requests are built from models with every contract field
+present. The ``/inbound`` body is built by ``relays.inbound.inbound_payload``
+and stored in the journal as it is posted.
 """
 
 from __future__ import annotations
@@ -276,22 +278,3 @@ class MarkFailed(_Strict):
             del data["error_code"]
         return data
 
-
-class InboundPayload(_Strict):
-    instanceId: str
-    # "from"/"to" are Python keywords-ish; keep the wire names via aliases
-    from_: str
-    to: str
-    body: str
-    wa_message_id: str
-    chat_id: str
-    sender_id: str
-    from_me: bool
-    is_group: bool
-    push_name: str | None
-    timestamp: int
-
-    def to_json(self) -> dict[str, Any]:
-        data = self.model_dump(mode="json")
-        data["from"] = data.pop("from_")
-        return data

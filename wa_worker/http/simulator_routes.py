@@ -117,6 +117,7 @@ async def _conflicts(request: web.Request, handler: Handler) -> web.StreamRespon
         return json_response({"error": str(exc)}, 409)
 
 
+# long: one short closure per route over the same backend, read as a table
 def simulator_app(sim: SimulatorBackend) -> web.Application:
     """A sub-application to mount at :data:`MOUNT_AT`."""
     app = web.Application(middlewares=[_conflicts])

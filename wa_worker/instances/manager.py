@@ -316,6 +316,3 @@ class InstanceManager:
             self._unheld_logged.add(iid)
             log.warning("batch: %d message(s) for %s, which this worker does not hold: left for the proxy "
                         "(they are offered again when its lease expires)", count, iid)
-
-    def describe(self) -> list[dict[str, Any]]:
-        return [r.describe() for r in self.runners.values()]

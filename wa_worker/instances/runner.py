@@ -1,25 +1,12 @@
-"""One instance's life: connect, show QR, stay connected, reconnect, stop.
+"""One instance's life: connect, show QR, stay connected, reconnect, stop (the
+state machine: docs/architecture.md, "An instance's state machine").
 
-State machine (``InstanceRunner.state``)::
-
-    starting ──connect──▶ connecting ──QR──▶ connecting (qr shown, pushed)
-                              │                   │ scanned
-                              ▼                   ▼
-                          connected ◀─────────────┘
-                              │ Disconnected / connect timeout
-                              ▼
-                         reconnecting ──backoff 1 s…60 s + jitter──▶ connecting
-    LoggedOut ─▶ wipe auth folder ─▶ stopped     proxy 404/410 ─▶ stopped (files kept)
-    stop() ─▶ report DISCONNECTED (shutdown) ─▶ disconnect (never log out) ─▶ stopped
-
-The runner owns three loops, all inside its own task group: the lifecycle
-(events from the backend), the status reporter (latest status wins, retried)
-and, while connected, the outbound poller (never two polls at once). The last
-two run under :func:`~wa_worker.supervise.forever` (a bug restarts the loop, not
-the process); a crash of the lifecycle ends the runner and the manager restarts it.
-
-Stop and "gone" are flags plus a cancelled wait, never a queued message, so
-neither can be lost however many backend events are waiting.
+A runner owns three loops in its own task group: the lifecycle (backend events),
+the status reporter (latest status wins, retried) and, while connected, the
+outbound poller (never two polls at once). The last two run under
+:func:`~wa_worker.supervise.forever`; a crash of the lifecycle ends the runner
+and the manager starts a new one. Stop and "gone" are flags plus a cancelled
+wait, never queued messages, so no burst of events can hide them.
 """
 
 from __future__ import annotations
@@ -205,7 +192,6 @@ class InstanceRunner:
         self.state = State.STARTING
         self.initial_delay_s = initial_delay_s
         self.reconnects = 0
-        self.last_backoff_s: float | None = None
         self._stop_requested = False
         self._receive_scope: anyio.CancelScope | None = None  # the lifecycle's current wait for an event
         self._wake = anyio.Event()
@@ -301,7 +287,6 @@ class InstanceRunner:
             delay = backoff.next_delay()
             if retry_after is not None:
                 delay = max(delay, retry_after)
-            self.last_backoff_s = delay
             log.info("%s: reconnecting in %.1fs", self.instance_id, delay)
             await self.ctx.clock.wait(self._interrupt, delay)
 
@@ -459,10 +444,6 @@ class InstanceRunner:
         # more may be queued behind what we just sent: ask again at once, but never
         # spin on a proxy that keeps re-offering messages we already handled
         return 0.0 if new else self.poll_interval.floor_s
-
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.instance_id, "state": self.state.value, "reconnects": self.reconnects,
-                "poll_interval_s": round(self.poll_interval.current_s, 3)}
 
     def failing_loops(self) -> list[str]:
         """Names of this runner's loops currently in their last-resort handler."""

@@ -141,6 +141,7 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+# long: the redirect loop and the mapping of every failure to one MediaError read best together
 async def fetch_to_file(
     url: str,
     dest_dir: Path,

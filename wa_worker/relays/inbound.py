@@ -224,6 +224,7 @@ class InboundRelay:
 
     @property
     def in_flight(self) -> int:
+        """Chats holding a row now (posting or waiting for a slot)."""
         return len(self._in_flight)
 
     async def run(self) -> None:

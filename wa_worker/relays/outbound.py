@@ -312,12 +312,12 @@ class Acknowledger:
                 # the proxy has no /mark-failed (404): not acknowledged. The row
                 # stays pending, retried rarely and at every restart (the proxy
                 # may gain the endpoint)
-                await self._retry_later(row, self.retry_cap_s, "the proxy has no /mark-failed")
+                await self._retry_later(row, self.retry_cap_s)
                 return
         except EdgeError as exc:
             if exc.transient:
                 delay = backoff_delay(row.ack_attempts, self.retry_base_s, self.retry_cap_s, self.rng)
-                await self._retry_later(row, max(delay, exc.retry_after_s or 0.0), str(exc))
+                await self._retry_later(row, max(delay, exc.retry_after_s or 0.0))
                 return
             try:
                 self.journal.ack_rejected(row, "rejected by proxy", exc.status, exc.body)
@@ -332,8 +332,8 @@ class Acknowledger:
         except JournalUnavailable:
             await self.clock.sleep(1.0)  # re-acknowledged later; the proxy takes a repeat
 
-    async def _retry_later(self, row: OutboundRow, delay_s: float, error: str) -> None:
+    async def _retry_later(self, row: OutboundRow, delay_s: float) -> None:
         try:
-            self.journal.ack_retry_later(row.message_id, delay_s, error)
+            self.journal.ack_retry_later(row.message_id, delay_s)
         except JournalUnavailable:
             await self.clock.sleep(1.0)  # still due: retried on a later round, without spinning

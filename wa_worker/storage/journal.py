@@ -42,7 +42,6 @@ log = logging.getLogger("wa_worker.store")
 __all__ = ["InboundRow", "JournalTooNew", "KnownMessage", "OutboundRow", "Journal", "StoreOpenError",
            "JournalUnavailable", "JournalWriteError"]
 
-OUTBOUND_TERMINAL = ("marked", "failed")
 JOURNAL_RETENTION_S = 7 * 24 * 3600
 DEAD_LETTER_RETENTION_S = 30 * 24 * 3600
 MIN_HEADROOM_BYTES = 8 * 1024 * 1024
@@ -114,7 +113,6 @@ class Journal:
         self._now = (clock.time if clock is not None else time.time)
         self.min_headroom_bytes = min_headroom_bytes
         self.writable = True
-        self.last_error: str | None = None
         self._memory = str(path) == MEMORY
         self._db = open_db(path)
         try:
@@ -156,7 +154,6 @@ class Journal:
             log.error("state store %s is not writable (%s): the worker stops pulling new outbound work "
                       "until it recovers; WhatsApp stays connected", self.path, exc)
         self.writable = False
-        self.last_error = str(exc)
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
@@ -202,7 +199,6 @@ class Journal:
             if free < needed:
                 if self.writable:
                     self._mark_unwritable(OSError(f"only {free} bytes free, {needed} needed"))
-                self.last_error = f"only {free} bytes free on the journal's filesystem, {needed} needed"
                 return False
         try:
             self._write("INSERT INTO meta (key, value) VALUES ('probe', ?) "
@@ -211,7 +207,6 @@ class Journal:
             return False
         if not self.writable:
             self.writable = True
-            self.last_error = None
             log.warning("state store is writable again (%d bytes free)", free or 0)
         return True
 
@@ -418,7 +413,7 @@ class Journal:
             (self._now(), message_id),
         )
 
-    def ack_retry_later(self, message_id: str, delay_s: float, error: str) -> None:
+    def ack_retry_later(self, message_id: str, delay_s: float) -> None:
         self._write(
             "UPDATE outbound SET ack_attempts = ack_attempts + 1, next_ack_at = ?, updated_at = ? "
             "WHERE message_id = ?",

@@ -46,10 +46,6 @@ class GoMapGate:
             self._writer = False
             self._cond.notify_all()
 
-    @property
-    def writer_inside(self) -> bool:
-        return self._writer
-
 
 class WriterHold:
     """One writer hold that may be released from any thread, exactly once."""

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
+from pydantic import TypeAdapter, ValidationError
+
 log = logging.getLogger("wa_worker.backends.neonize")
 
 BOT_TAG_VAR = "NEONIZE_BOT_TAG"
@@ -87,15 +90,11 @@ def ensure_bot_tag(enabled: bool) -> None:
 def bot_badge_setting() -> bool:
     """``WA_BOT_BADGE`` from the environment or ``./.env``, parsed like Settings
     (for ``wa-worker dev``, which builds its Settings later; invalid -> False)."""
-    from pydantic import TypeAdapter, ValidationError
-
     raw = os.environ.get("WA_BOT_BADGE")
     if raw is None:
         try:
-            from dotenv import dotenv_values
-
             raw = dotenv_values(".env").get("WA_BOT_BADGE")
-        except (ImportError, OSError):
+        except OSError:
             raw = None
     if raw is None or raw == "":
         return False
@@ -111,6 +110,7 @@ class NeonizeLib:
     _mod: "NeonizeLib | None" = None
 
     def __init__(self) -> None:
+        # the lazy import itself (its side effects: the module docstring)
         from neonize import _binder
         from neonize.aioze import events as aio_events
         from neonize.aioze.client import NewAClient

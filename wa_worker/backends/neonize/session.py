@@ -3,7 +3,6 @@ the ordered event pump to the sink (lifecycle: docs/neonize.md)."""
 
 from __future__ import annotations
 
-import enum
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..base import (
     Session,
     SessionInfo,
 )
+from ..base import SessionState as SessionState  # re-exported by the package
 from .attempt import MEDIA_CALLS, Attempt, make_callbacks, neonize_call, new_attempt
 from .events import identity_from_event, is_terminal, map_event, map_login_status
 from .gate import gated_call
@@ -46,16 +46,6 @@ if TYPE_CHECKING:
 
 #: events waiting for the sink; a full buffer makes the Go callback thread wait
 EVENT_BUFFER = 256
-
-
-class SessionState(enum.StrEnum):
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    QR = "qr"
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-    LOGGED_OUT = "logged_out"
-    CLOSED = "closed"
 
 
 class NeonizeSession(Session):
@@ -190,17 +180,6 @@ class NeonizeSession(Session):
             return await anyio.to_thread.run_sync(write_media, data, sub, dest_dir)
         except OSError as exc:
             raise MediaUnavailable(f"cannot store the media: {exc.strerror or exc}", permanent=False) from None
-
-    async def is_connected(self) -> bool:
-        """whatsmeow's own view (a Go call in the pool); False when no client."""
-        attempt = self._attempt
-        if attempt is None or attempt.terminal:
-            return False
-        gocode = NeonizeLib.get().gocode
-        try:
-            return bool(await self._go_call("IsConnected", lambda: gocode.IsConnected(attempt.uuid), timeout_s=5.0))
-        except CallTimeout:
-            return False
 
     async def disconnect(self) -> None:
         async with self._lock:

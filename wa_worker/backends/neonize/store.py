@@ -54,7 +54,7 @@ def is_paired(db: Path, log: logging.Logger | logging.LoggerAdapter[logging.Logg
 
 
 def _is_paired_via_neonize(db: Path, log: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> bool:
-    from neonize.aioze.client import ClientFactory
+    from neonize.aioze.client import ClientFactory  # lazily: importing neonize has process-wide effects
 
     try:
         return any(d.JID.User for d in ClientFactory.get_all_devices_from_db(str(db)))
