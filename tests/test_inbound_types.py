@@ -64,6 +64,7 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# long: one scenario: every inbound kind through one worker, checked field by field
 async def test_every_type_reaches_inbound_with_its_fields_and_bytes(proxy, tmp_path):
     proxy.add_instance("acme")
     jpeg, mp4, mp3, ogg, pdf, webp = (blob(n, k) for n, k in

@@ -341,6 +341,7 @@ class GoProxy:
         return call
 
 
+# long: one scenario through the real Go send path
 def test_session_send_goes_through_the_pool_to_go(tmp_path: Path) -> None:
     """``session.send`` of each kind reaches Go's ``SendMessage`` (through the pool
     and gate) with the message built above; errors keep their meaning."""
@@ -418,6 +419,7 @@ def test_session_send_goes_through_the_pool_to_go(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- receiving
 
 
+# long: a table of real event protobufs, one entry per inbound kind
 def _inbound_cases() -> list[tuple[str, Any, dict[str, Any], InboundContent | None, str]]:
     """(id, waE2E.Message, event kwargs, expected content, expected body)."""
     e2e = _e2e()
@@ -574,6 +576,7 @@ def _skipped_cases() -> list[tuple[str, Any, dict[str, Any]]]:
     ]
 
 
+# long: one scenario: handle round trip, then download on a real offline client
 def test_media_handle_round_trip_and_download_offline(tmp_path: Path) -> None:
     e2e = _e2e()
     alice = jid("5511888880000")

@@ -186,6 +186,7 @@ def sent_by_body(w: Any) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- every type
 
 
+# long: one scenario: every outbound kind through one worker, checked field by field
 @needs_ffmpeg
 async def test_every_type_is_sent_once_with_its_fields(proxy, media, tmp_path):
     png, jpeg, webp = image_bytes("PNG"), image_bytes("JPEG"), image_bytes("WEBP")

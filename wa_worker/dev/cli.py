@@ -112,6 +112,7 @@ def _helper_parent() -> argparse.ArgumentParser:
     return p
 
 
+# long: the argparse declarations of every dev command, read top to bottom like --help
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wa-worker dev",

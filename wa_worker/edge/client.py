@@ -221,6 +221,7 @@ class EdgeClient:
 
     # ------------------------------------------------------------------ transport
 
+    # long: one proxy call end to end (deadline, stream, cap, status mapping) reads best in one place
     async def _request(
         self,
         method: str,

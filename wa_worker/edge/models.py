@@ -170,6 +170,7 @@ def _content(item: dict[str, Any], body: Any) -> tuple[Content | None, str | Non
     return content, None, None
 
 
+# long: the tolerant reader of one record, field by field, each rejection with its reason
 def parse_messages(payload: Any, rejected: list[str], *, batch: bool = False) -> list[QueuedMessage] | None:
     """``[{"id","to","body"}]`` or ``{"messages": [...]}``; in batch mode each
     record must also carry a valid ``instanceId``. ``None``: no list at all.

@@ -1,6 +1,7 @@
 """Received media: rebuild the ``Message`` a handle describes (events.media_handle),
 classify whatsmeow's download errors, write the bytes as a private file."""
 
+
 from __future__ import annotations
 
 import base64
@@ -10,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from google.protobuf.message import DecodeError
 
 from ...fsutil import FILE_MODE, ensure_private_dir
 from ...media import extension_for
@@ -45,8 +48,6 @@ def message_from_handle(handle: object) -> tuple[Any, Any]:
                                permanent=True)
     if not isinstance(raw, str) or len(raw) > MAX_HANDLE_CHARS:
         raise MediaUnavailable("media handle has no valid 'proto'", permanent=True)
-    from google.protobuf.message import DecodeError
-
     nz = NeonizeLib.get()
     try:
         data = base64.b64decode(raw, validate=True)

@@ -102,6 +102,7 @@ def reaction_message(ref: MessageRef, emoji: str, own_jid: str | None, now_ms: i
     """A ``reactionMessage`` on ``ref`` (whatsmeow's ``BuildReaction`` key rules:
     ``participant`` only for someone else's message in a group)."""
     nz = NeonizeLib.get()
+    # neonize's modules load its Go library: imported on first use, like NeonizeLib (docs/neonize.md)
     from neonize.proto.waCommon.WACommon_pb2 import MessageKey
     from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import ReactionMessage
 
@@ -128,11 +129,13 @@ def _set_context(sub: Any, context: Any | None) -> None:
         sub.contextInfo.MergeFrom(context)
 
 
+# long: one short branch per message kind; split up, the kinds would no longer read as one table
 async def build_message(client: Any, message: OutgoingMessage, data: bytes | None,
                         own_jid: str | None = None) -> Any:
     """The ``waE2E.Message`` to send for ``message``; ``data`` holds the media's
     bytes (never a path or URL: neonize would open or fetch it). Uploads media
     through ``client.upload``. Raises :class:`MediaRefused` for what can never be sent."""
+    # neonize's modules load its Go library: imported on first use, like NeonizeLib (docs/neonize.md)
     from neonize.proto.waE2E import WAWebProtobufsE2E_pb2 as e2e
     from neonize.utils.enum import MediaType
 
