@@ -96,7 +96,7 @@ class MediaServer:
     async def start(self) -> "MediaServer":
         app = web.Application()
         app.router.add_get("/m/{name}", self._get)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)  # a stalled download ends with the test
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -360,7 +360,7 @@ async def test_stop_during_a_slow_fetch_is_prompt_and_leaves_the_message_queued(
         t0 = time.monotonic()
         w.request_stop()
         with anyio.fail_after(10):
-            await w._done.wait()
+            await w.wait_stopped()
         assert time.monotonic() - t0 < 3.0  # not the 30 s the server takes, nor the fetch timeout
     journal = Journal(settings.STATE_DB)
     assert journal.outbound_get("slow") is None  # unjournaled: sent by the next run
