@@ -20,7 +20,7 @@ from ..edge.models import InstanceRef, QueuedMessage, Status, StatusUpdate
 from ..ids import is_valid_instance_id
 from ..supervise import LoopHealth, describe_error, forever, traceback_once
 from ..timing import AdaptiveInterval, Backoff
-from .run import InstanceRunner, Outcome, RunnerContext, State, _wake_gap
+from .runner import InstanceRunner, Outcome, RunnerContext, State, _wake_gap
 
 log = logging.getLogger("wa_worker.manager")
 
