@@ -147,6 +147,8 @@ class EdgeClient:
                         "with the bearer WORKER_SECRET")
         self.base_url = str(parsed.with_user(None).with_query(None).with_fragment(None)).rstrip("/")
         self._own_transport = transport is None
+        self.max_connections = max_connections
+        self.in_flight = 0  # calls started and not finished (waiting for a connection included)
         # at most max_connections calls in flight; the rest wait in a FIFO whose cost
         # does not grow with its length (docs/performance.md)
         self._transport: Transport = transport or AiohttpTransport(max_connections=max_connections)
@@ -165,6 +167,11 @@ class EdgeClient:
         self.mark_failed_supported = True
         # endpoint -> hint of a misconfiguration it revealed (cleared by its next 2xx)
         self._problems: dict[str, str] = {}
+
+    @property
+    def backlog(self) -> int:
+        """Calls waiting for a connection: the proxy (or the link) is not keeping up."""
+        return max(0, self.in_flight - self.max_connections)
 
     @property
     def config_problem(self) -> str | None:
@@ -205,6 +212,7 @@ class EdgeClient:
                 return BodyPolicy(strict_cap, True) if parse else BodyPolicy(_ACK_BODY_BYTES, False)
             return BodyPolicy(_ERROR_BODY_BYTES, False)
 
+        self.in_flight += 1
         try:
             reply = await self._transport.request(
                 method, f"{self.base_url}{path}", params=[*self._base_params, *(params or {}).items()],
@@ -217,6 +225,8 @@ class EdgeClient:
                                         status=exc.status))
         except TransportError as exc:
             return self._fail(EdgeError(endpoint, f"connection failed ({exc})"))
+        finally:
+            self.in_flight -= 1
         status = reply.status
         if 200 <= status < 300:
             self.last_ok_monotonic = time.monotonic()
