@@ -329,6 +329,7 @@ class WorkerProc:
         self.port = int(env["PORT"])
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_mono = 0.0
+        self.last_stop_s: float | None = None  # SIGTERM -> exit of the last stop()
 
     @property
     def pid(self) -> int:
@@ -347,14 +348,16 @@ class WorkerProc:
                                      stderr=log, stdin=subprocess.DEVNULL)
         log.close()
 
-    async def stop(self, timeout: float = 30.0) -> int:
+    async def stop(self, limit_s: float = 30.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.proc.poll() is None:
+        t0 = time.monotonic()
+        try:
+            await asyncio.to_thread(self.proc.wait, limit_s)
+            self.last_stop_s = time.monotonic() - t0
+        except subprocess.TimeoutExpired:
+            self.last_stop_s = None
             self.proc.kill()
             self.proc.wait()
         return self.proc.returncode

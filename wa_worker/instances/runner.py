@@ -124,6 +124,9 @@ class RunnerContext:
     pacer: StartPacer = field(default_factory=StartPacer)
     connecting_pushes: anyio.CapacityLimiter = field(
         default_factory=lambda: anyio.CapacityLimiter(CONNECTING_PUSHES))
+    # QR renders run in threads, one at a time: more would take the GIL from the event loop
+    # for one switch interval (5 ms) each, in turn (health and /wake would wait for all of them)
+    qr_render: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +147,10 @@ class StatusReporter:
 
     def __init__(self, instance_id: str, edge: EdgeClient, on_gone: Callable[[], None],
                  rng: random.Random, clock: Clock | None = None,
-                 connecting: anyio.CapacityLimiter | None = None) -> None:
+                 connecting: anyio.CapacityLimiter | None = None,
+                 render: anyio.CapacityLimiter | None = None) -> None:
         self.instance_id = instance_id
+        self._render_limiter = render
         self._connecting_gate = connecting
         self._rendered: tuple[str, str] | None = None  # (raw QR, its PNG data URL)
         self.edge = edge
@@ -239,7 +244,8 @@ class StatusReporter:
     async def _render(self, raw: str) -> str:
         if self._rendered is None or self._rendered[0] != raw:
             # ~5-10 ms of CPU: in a thread, so the event loop (health, /wake) keeps answering
-            self._rendered = (raw, await anyio.to_thread.run_sync(qr_png_data_url, raw))
+            self._rendered = (raw, await anyio.to_thread.run_sync(qr_png_data_url, raw,
+                                                                  limiter=self._render_limiter))
         return self._rendered[1]
 
     async def flush(self, timeout_s: float) -> bool:
@@ -266,7 +272,7 @@ class InstanceRunner:
         self._inbox_tx, self._inbox_rx = anyio.create_memory_object_stream[list[QueuedMessage]](64)
         self.poll_interval = AdaptiveInterval(ctx.msg_poll_s, ctx.msg_poll_max_s)
         self.status = StatusReporter(instance_id, ctx.edge, self._gone, ctx.rng, ctx.clock,
-                                     connecting=ctx.connecting_pushes)
+                                     connecting=ctx.connecting_pushes, render=ctx.qr_render)
         self.outbound_health = LoopHealth("outbound", ctx.clock)
         self._stopped_event = anyio.Event()
         self._gone_flag = False
