@@ -80,9 +80,9 @@ async def test_first_polls_of_instances_connected_together_are_spread(proxy, tmp
     for iid in ids:
         proxy.add_instance(iid)
     first_poll: dict[str, float] = {}
-    proxy.on_queue_call = lambda iid: first_poll.setdefault(iid, time.monotonic())
+    proxy.on_queue_call = lambda iid: iid in ids and first_poll.setdefault(iid, time.monotonic())
     settings = make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=0, MSG_POLL_MS=1000, MSG_POLL_MAX_MS=8000,
-                             START_CONCURRENCY=64)
+                             START_CONCURRENCY=64, BATCH_POLL=False)
     connected: dict[str, float] = {}
     async with running_worker(settings) as w:
         await wait_until(lambda: all(proxy.status_of(i) == "CONNECTED" for i in ids), what="all connected")
