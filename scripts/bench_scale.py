@@ -138,30 +138,34 @@ async def connect_all(sc: Scenario, what: str, limit_s: float = 300.0, probe: bo
     return out
 
 
-async def probe_http(sc: Scenario, gap_s: float = 0.02) -> dict[str, list[float]]:
-    """Alternate ``GET /health`` and ``POST /wake`` (bearer) every ``gap_s`` until cancelled; latencies in ms."""
+async def probe_http(sc: Scenario, gap_s: float = 0.01) -> dict[str, list[float]]:
+    """``GET /health`` and ``POST /wake`` (bearer), each in its own loop every ``gap_s``
+    after the previous answer, until cancelled; latencies in ms."""
     got: dict[str, list[float]] = {"health": [], "wake": [], "errors": []}
     base = f"http://127.0.0.1:{sc.worker.port}"
     headers = {"Authorization": f"Bearer {SECRET}"}
-    k = 0
+
+    async def one(http: aiohttp.ClientSession, kind: str) -> None:
+        k = 0
+        while True:
+            k += 1
+            t = time.perf_counter()
+            try:
+                if kind == "health":
+                    async with http.get(f"{base}/health") as resp:
+                        await resp.read()
+                else:
+                    async with http.post(f"{base}/wake", json={"instanceId": sc.ids[k % len(sc.ids)]},
+                                         headers=headers) as resp:
+                        await resp.read()
+                got[kind].append((time.perf_counter() - t) * 1000)
+            except (aiohttp.ClientError, TimeoutError):
+                got["errors"].append((time.perf_counter() - t) * 1000)
+            await asyncio.sleep(gap_s)
+
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         try:
-            while True:
-                k += 1
-                t = time.perf_counter()
-                try:
-                    if k % 2:
-                        async with http.get(f"{base}/health") as resp:
-                            await resp.read()
-                        got["health"].append((time.perf_counter() - t) * 1000)
-                    else:
-                        async with http.post(f"{base}/wake", json={"instanceId": sc.ids[k % len(sc.ids)]},
-                                             headers=headers) as resp:
-                            await resp.read()
-                        got["wake"].append((time.perf_counter() - t) * 1000)
-                except (aiohttp.ClientError, TimeoutError):
-                    got["errors"].append((time.perf_counter() - t) * 1000)
-                await asyncio.sleep(gap_s)
+            await asyncio.gather(one(http, "health"), one(http, "wake"))
         except asyncio.CancelledError:
             return got
     return got
@@ -506,7 +510,8 @@ def report(r: dict[str, Any]) -> str:
     lines.append("(node and batch workers were started while the adaptive ones ran; the adaptive resume ran alone)")
     lines.append("")
     lines.append(f"E. Scale (adaptive, no batch; SIMULATOR_AUTO_SCAN_MS={r.get('auto_scan_ms', 0)}): "
-                 "pairing = first proxy call -> last CONNECTED; health/wake probed every 20 ms while pairing; "
+                 "pairing = first proxy call -> last CONNECTED; /health and /wake probed (each 10 ms after its last answer) "
+                 "while pairing; "
                  "SIGTERM -> exit right after pairing (busy) and at the end (idle)")
     lines.append(scale_table(r))
     la0, la1 = r.get("loadavg_start"), r.get("loadavg_end")
@@ -586,10 +591,11 @@ def scale_table(r: dict[str, Any]) -> str:
                      fmt(i["cpu_pct_core"], 2), fmt((i["rss_kib_mean"] - base_rss) / n, 1),
                      fmt(i["per_instance_hour"], 1),
                      fmt(pr.get("health", {}).get("p99")), fmt(pr.get("wake", {}).get("p99")),
-                     fmt(pr.get("health", {}).get("max")), pr.get("errors", {}).get("n", 0),
+                     fmt(pr.get("health", {}).get("max")),
+                     "/".join(str(pr.get(k, {}).get("n", 0)) for k in ("health", "wake", "errors")),
                      fmt(x.get("sigterm_busy_s"), 2), fmt(x.get("sigterm_idle_s"), 2)])
     return table(["N", "pair from discovery s", "resume s", "idle CPU % core", "RSS KiB/inst",
-                  "idle calls/inst-h", "health p99 ms", "wake p99 ms", "health max ms", "probe errors",
+                  "idle calls/inst-h", "health p99 ms", "wake p99 ms", "health max ms", "probes health/wake/err",
                   "SIGTERM busy s", "SIGTERM idle s"], rows)
 
 
