@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import time
 
@@ -13,7 +14,7 @@ import anyio
 import pytest
 
 from tests.conftest import make_settings, running_worker, wait_until
-from tests.proc import free_port
+from tests.proc import ROOT, free_port, start_worker, worker_env
 from wa_worker.backends.base import QrCode
 from wa_worker.edge.client import EdgeClient, EdgeError
 from wa_worker.instances.pacing import GcFreezer, StartPacer
@@ -157,3 +158,30 @@ def test_gc_freezer_freezes_young_survivors_and_releases_them():
     finally:
         freezer.release()
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.slow
+async def test_sigterm_with_2000_instances_pairing_exits_within_10s(proxy, tmp_path):
+    """Old code stalled at ~490 CONNECTED with the CPU pinned and ignored SIGTERM for 20 s+."""
+    ids = [f"i{k:04d}" for k in range(2000)]
+    for iid in ids:
+        proxy.add_instance(iid)
+    env = worker_env(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS="100", MSG_POLL_MS="2000", MSG_POLL_MAX_MS="60000",
+                     INSTANCE_POLL_MS="10000", INSTANCE_POLL_MAX_MS="60000", EDGE_TIMEOUT_S="10")
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(env, ROOT, log_path)
+    try:
+        # the CPU is busy: half of them connected, the rest still pairing
+        await wait_until(lambda: sum(proxy.status_of(i) == "CONNECTED" for i in ids[::20]) >= 50, timeout=60,
+                         what="half connected")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await anyio.to_thread.run_sync(proc.wait, 30)
+        elapsed = time.monotonic() - t0
+        assert proc.returncode == 0, log_path.read_text()[-2000:]
+        assert elapsed < 10, f"SIGTERM -> exit took {elapsed:.1f}s"
+        assert "wa-worker stopped" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
