@@ -250,6 +250,7 @@ class WorkerProc:
         self.port = int(env["PORT"])
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_mono = 0.0
+        self.last_stop_s: float | None = None  # SIGTERM -> exit of the last stop()
 
     @property
     def pid(self) -> int:
@@ -268,14 +269,17 @@ class WorkerProc:
                                      stderr=log, stdin=subprocess.DEVNULL)
         log.close()
 
-    async def stop(self, grace_s: float = 30.0) -> int:
-        """SIGTERM, then SIGKILL after ``grace_s``; the exit code."""
+    async def stop(self, limit_s: float = 30.0) -> int:
+        """SIGTERM, then SIGKILL after ``limit_s``; the exit code (``last_stop_s``: how long it took)."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
         try:
-            await asyncio.to_thread(self.proc.wait, grace_s)
+            await asyncio.to_thread(self.proc.wait, limit_s)
+            self.last_stop_s = time.monotonic() - t0
         except subprocess.TimeoutExpired:
+            self.last_stop_s = None
             self.proc.kill()
             self.proc.wait()
         return self.proc.returncode

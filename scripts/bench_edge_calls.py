@@ -17,6 +17,9 @@ Options measured:
   * ``httpx+bound``    - the same client behind an anyio limiter that admits
                          ``--bound`` requests at a time (the worker's choice).
   * ``aiohttp``        - aiohttp.ClientSession with a connector limit.
+  * ``edge``           - the worker's EdgeClient (aiohttp transport, as shipped):
+                         ``queued_messages`` with everything it adds (bearer,
+                         deadline, capped streamed body, strict JSON, parsing).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import anyio
 import httpx
+
+from wa_worker.edge.client import EdgeClient, EdgeError
 
 SERVER = r"""
 import sys
@@ -93,6 +98,17 @@ async def run_option(name: str, url: str, callers: int, calls: int, bound: int) 
 
             await drive(call, min(callers, 8), 200)  # warm up the pool
             return await drive(call, callers, calls)
+    if name == "edge":
+        edge = EdgeClient(url.rsplit("/", 1)[0], "bench-secret", timeout_s=30, max_connections=bound)
+
+        async def ecall() -> None:
+            await edge.queued_messages("bench")
+
+        try:
+            await drive(ecall, min(callers, 8), 200)
+            return await drive(ecall, callers, calls)
+        finally:
+            await edge.aclose()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=bound)) as session:
 
         async def acall() -> None:
@@ -109,7 +125,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,500,2000", help="concurrent callers, comma-separated")
     ap.add_argument("--calls", type=int, default=3000, help="calls per measurement")
     ap.add_argument("--bound", type=int, default=8, help="requests admitted at once (bounded options)")
-    ap.add_argument("--options", default="httpx,httpx+bound,aiohttp")
+    ap.add_argument("--options", default="httpx,httpx+bound,aiohttp,edge")
     args = ap.parse_args()
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], env=os.environ.copy())
@@ -121,7 +137,7 @@ def main() -> None:
             for option in args.options.split(","):
                 try:
                     cpu, wall = anyio.run(run_option, option, url, size, args.calls, args.bound)
-                except (ExceptionGroup, httpx.HTTPError, aiohttp.ClientError) as exc:
+                except (ExceptionGroup, httpx.HTTPError, aiohttp.ClientError, EdgeError) as exc:
                     failure = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
                     print(f"{option:<12} {size:>7} {args.calls:>6} failed: {type(failure).__name__}", flush=True)
                     continue

@@ -98,9 +98,9 @@ class Scenario:
     def key(self) -> str:
         return f"{self.mode}-{self.n}"
 
-    async def start_proxy(self, extra_path: str | None = None) -> None:
+    async def start_proxy(self, extra_path: str | None = None, auto_scan_ms: int = 0) -> None:
         await self.proxy.start()
-        env = worker_env(self.base, self.proxy.url, SIMULATOR_AUTO_SCAN_MS=0, **MODES[self.mode])
+        env = worker_env(self.base, self.proxy.url, SIMULATOR_AUTO_SCAN_MS=auto_scan_ms, **MODES[self.mode])
         if extra_path:
             env["PYTHONPATH"] = extra_path + os.pathsep + env["PYTHONPATH"]
         self.worker = WorkerProc(self.base, env)
@@ -114,20 +114,70 @@ async def wait_for(cond: Any, limit_s: float, what: str, tick: float = 0.02) -> 
         await asyncio.sleep(tick)
 
 
-async def connect_all(sc: Scenario, what: str, limit_s: float = 300.0) -> dict[str, float]:
-    """(Re)start the worker and time it until the proxy has CONNECTED for every instance."""
+async def connect_all(sc: Scenario, what: str, limit_s: float = 300.0, probe: bool = False) -> dict[str, Any]:
+    """(Re)start the worker and time it until the proxy has CONNECTED for every instance.
+    ``probe``: meanwhile, time ``GET /health`` and ``POST /wake`` against the worker."""
     sc.proxy.reset_connected()
     sc.worker.start()
     t0 = sc.worker.started_mono
     await wait_for(lambda: sc.proxy.first_call_mono is not None or not sc.worker.alive(), 60, f"{sc.key} up")
     if not sc.worker.alive():
         raise RuntimeError(f"{sc.key}: worker exited, see {sc.base / 'worker.log'}")
-    await wait_for(sc.proxy.all_connected, limit_s, f"{sc.key} {what}")
+    prober = asyncio.get_running_loop().create_task(probe_http(sc)) if probe else None
+    try:
+        await wait_for(sc.proxy.all_connected, limit_s, f"{sc.key} {what}")
+    finally:
+        probes = await stop_probe(prober)
     cpu = cpu_seconds(sc.worker.pid)
     last = max(sc.proxy.connected_at.values()) if sc.proxy.connected_at else t0
     first_call = sc.proxy.first_call_mono or t0
-    return {"process_to_first_call_s": first_call - t0, "all_connected_s": last - t0,
-            "connect_phase_s": last - first_call, "worker_cpu_s": cpu}
+    out: dict[str, Any] = {"process_to_first_call_s": first_call - t0, "all_connected_s": last - t0,
+                           "connect_phase_s": last - first_call, "worker_cpu_s": cpu}
+    if probes is not None:
+        out["probes"] = probes
+    return out
+
+
+async def probe_http(sc: Scenario, gap_s: float = 0.01) -> dict[str, list[float]]:
+    """``GET /health`` and ``POST /wake`` (bearer), each in its own loop every ``gap_s``
+    after the previous answer, until cancelled; latencies in ms."""
+    got: dict[str, list[float]] = {"health": [], "wake": [], "errors": []}
+    base = f"http://127.0.0.1:{sc.worker.port}"
+    headers = {"Authorization": f"Bearer {SECRET}"}
+
+    async def one(http: aiohttp.ClientSession, kind: str) -> None:
+        k = 0
+        while True:
+            k += 1
+            t = time.perf_counter()
+            try:
+                if kind == "health":
+                    async with http.get(f"{base}/health") as resp:
+                        await resp.read()
+                else:
+                    async with http.post(f"{base}/wake", json={"instanceId": sc.ids[k % len(sc.ids)]},
+                                         headers=headers) as resp:
+                        await resp.read()
+                got[kind].append((time.perf_counter() - t) * 1000)
+            except (aiohttp.ClientError, TimeoutError):
+                got["errors"].append((time.perf_counter() - t) * 1000)
+            await asyncio.sleep(gap_s)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        try:
+            await asyncio.gather(one(http, "health"), one(http, "wake"))
+        except asyncio.CancelledError:
+            return got
+    return got
+
+
+async def stop_probe(task: "asyncio.Task[dict[str, list[float]]] | None") -> dict[str, Any] | None:
+    if task is None:
+        return None
+    task.cancel()
+    got = await task
+    return {k: {"n": len(v), "p50": pct(v, 50), "p99": pct(v, 99), "max": max(v, default=None)}
+            for k, v in got.items()}
 
 
 # ---------------------------------------------------------------------- idle window
@@ -288,19 +338,21 @@ def check_idle_served(sc: Scenario, mids: list[str]) -> int:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    modes = [m for m in args.modes.split(",") if m]
     root = Path(tempfile.mkdtemp(prefix="wa-bench-scale-", dir=args.tmp))
     log(f"work folder {root} (disk: {args.tmp or tempfile.gettempdir()})")
     result: dict[str, Any] = {"sizes": sizes, "cpus": os.cpu_count(), "window_s": args.window,
                               "msg_poll_max_ms": args.msg_poll_max_ms, "pythonpath": args.pythonpath,
-                              "warmup_s": args.warmup, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                              "warmup_s": args.warmup, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "modes": modes, "auto_scan_ms": args.auto_scan_ms, "loadavg_start": os.getloadavg()}
     t_start = time.monotonic()
     base = Scenario("baseline", 0, root / "baseline")
     adaptive = {n: Scenario("adaptive", n, root / f"adaptive-{n}") for n in sizes}
-    batch = {n: Scenario("batch", n, root / f"batch-{n}") for n in sizes}
-    node = {n: Scenario("node", n, root / f"node-{n}") for n in sizes}
+    batch = {n: Scenario("batch", n, root / f"batch-{n}") for n in sizes if "batch" in modes}
+    node = {n: Scenario("node", n, root / f"node-{n}") for n in sizes if "node" in modes}
     every = [base, *adaptive.values(), *batch.values(), *node.values()]
     for sc in every:
-        await sc.start_proxy(args.pythonpath)
+        await sc.start_proxy(args.pythonpath, args.auto_scan_ms)
     try:
         base.worker.start()
         await wait_for(lambda: base.proxy.first_call_mono is not None, 60, "baseline worker up")
@@ -308,10 +360,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # 1. pair every session (auto-scan), then stop: sessions now live under AUTH_DIR
         for n in sizes:
             sc = adaptive[n]
-            t = await connect_all(sc, "pairing")
+            t = await connect_all(sc, "pairing", probe=True)
             sc.out["pairing"] = t
             log(f"{sc.key}: paired {n} in {t['all_connected_s']:.1f}s")
+            # SIGTERM right after the last CONNECTED: every instance connected, the worker still busy
             await sc.worker.stop()
+            sc.out["sigterm_busy_s"] = sc.worker.last_stop_s
+            log(f"{sc.key}: SIGTERM -> exit {sc.worker.last_stop_s}s")
 
         # 2. resume: restart and time until CONNECTED for all (nothing else busy meanwhile)
         for n in sizes:
@@ -321,7 +376,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
         # 3. the batch and node-cadence copies of the same sessions
         for n in sizes:
-            for sc in (batch[n], node[n]):
+            for sc in [x[n] for x in (batch, node) if n in x]:
                 shutil.copytree(adaptive[n].base / "auth", sc.base / "auth")
                 sc.out["resume"] = await connect_all(sc, "resume")
                 log(f"{sc.key}: resumed {n} in {sc.out['resume']['all_connected_s']:.2f}s")
@@ -340,9 +395,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         log(f"idle window done (proxy process {result['window']['proxy_process_cpu_pct']:.1f}% of a core)")
 
         # 6. polling-only latency (adaptive at cap, node cadence), concurrently: seconds-scale, not CPU-bound
-        await asyncio.gather(*(run_polling(sc, args.poll_spread, args.poll_samples, rng)
-                               for sc in [*adaptive.values(), *node.values()]))
-        log("polling-only latency done")
+        if not args.no_poll:
+            await asyncio.gather(*(run_polling(sc, args.poll_spread, args.poll_samples, rng)
+                                   for sc in [*adaptive.values(), *node.values()]))
+            log("polling-only latency done")
         for sc in node.values():
             await sc.worker.stop()
 
@@ -354,15 +410,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         gc.disable()
         async with aiohttp.ClientSession() as http:
             for n in sizes if not args.no_wake else []:
-                for sc in (adaptive[n], batch[n]):
+                for sc in [x[n] for x in (adaptive, batch) if n in x]:
                     await run_wake(sc, args.wake_samples if n < 500 else max(20, args.wake_samples // 2), rng, http)
                     log(f"{sc.key}: wake-up latency done")
+        # SIGTERM at idle, every instance connected
+        for sc in adaptive.values():
+            await sc.worker.stop()
+            sc.out["sigterm_idle_s"] = sc.worker.last_stop_s
     finally:
         gc.enable()
         for sc in every:
             if hasattr(sc, "worker"):
                 await sc.worker.stop()
             await sc.proxy.stop()
+    result["loadavg_end"] = os.getloadavg()
 
     for sc in [*adaptive.values(), *batch.values(), *node.values()]:
         sent_wall = read_sent_log(sc.base / "auth")
@@ -391,8 +452,8 @@ def report(r: dict[str, Any]) -> str:
                  "after the last CONNECTED; calls/instance-hour = count / window x 3600 / N (extrapolated)")
     rows = []
     for n in sizes:
-        node_meas = S[f"node-{n}"]["idle"]["per_instance_hour"]
-        for mode in ("adaptive", "batch", "node"):
+        node_meas = node_per_instance_hour(r, n)
+        for mode in run_modes(r):
             i = S[f"{mode}-{n}"]["idle"]
             model = model_per_instance_hour(mode, n)
             c = i["calls"]
@@ -411,7 +472,7 @@ def report(r: dict[str, Any]) -> str:
     for n in sizes:
         for key, kind in ((f"adaptive-{n}", "polling"), (f"node-{n}", "polling"), (f"adaptive-{n}", "wake"),
                           (f"batch-{n}", "wake")):
-            x = S[key].get(kind)
+            x = S.get(key, {}).get(kind)
             if not x:
                 continue
             label = f"{key.split('-')[0]} {kind}" + (" (node cadence)" if key.startswith("node") else "")
@@ -430,7 +491,7 @@ def report(r: dict[str, Any]) -> str:
                  f"CPU {base_cpu:.2f}% of a core")
     rows = []
     for n in sizes:
-        for mode in ("adaptive", "batch", "node"):
+        for mode in run_modes(r):
             i = S[f"{mode}-{n}"]["idle"]
             rows.append([mode, n, fmt(i["rss_kib_mean"] / 1024, 1), fmt((i["rss_kib_mean"] - base_rss) / n, 1),
                          fmt(i["cpu_pct_core"], 2), fmt((i["cpu_pct_core"] - base_cpu) / n * 1000, 2)])
@@ -440,13 +501,23 @@ def report(r: dict[str, Any]) -> str:
     rows = []
     for n in sizes:
         p = S[f"adaptive-{n}"]["pairing"]
-        for mode in ("adaptive", "batch", "node"):
+        for mode in run_modes(r):
             x = S[f"{mode}-{n}"]["resume"]
             rows.append([mode, n, fmt(x["process_to_first_call_s"], 2), fmt(x["all_connected_s"], 2),
                          fmt(x.get("worker_cpu_s"), 2), fmt(p["all_connected_s"], 2) if mode == "adaptive" else ""])
     lines.append(table(["mode", "N", "first call s", "all resumed s", "worker CPU s until then", "first pairing s"],
                        rows))
     lines.append("(node and batch workers were started while the adaptive ones ran; the adaptive resume ran alone)")
+    lines.append("")
+    lines.append(f"E. Scale (adaptive, no batch; SIMULATOR_AUTO_SCAN_MS={r.get('auto_scan_ms', 0)}): "
+                 "pairing = first proxy call -> last CONNECTED; /health and /wake probed (each 10 ms after its last answer) "
+                 "while pairing; "
+                 "SIGTERM -> exit right after pairing (busy) and at the end (idle)")
+    lines.append(scale_table(r))
+    la0, la1 = r.get("loadavg_start"), r.get("loadavg_end")
+    if la0 and la1:
+        lines.append(f"load average (1, 5, 15 min) at start {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}, "
+                     f"at end {la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f}")
     lines.append("")
     lines.append("Targets")
     for t in targets(r):
@@ -458,13 +529,13 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     S = r["scenarios"]
     out = []
     for n in r["sizes"]:
-        node_meas = S[f"node-{n}"]["idle"]["per_instance_hour"]
-        for mode in ("adaptive", "batch"):
+        node_meas = node_per_instance_hour(r, n)
+        for mode in [m for m in run_modes(r) if m != "node"]:
             v = S[f"{mode}-{n}"]["idle"]["per_instance_hour"] / node_meas * 100
             out.append({"name": f"idle proxy calls <= 5% of node cadence ({mode}, N={n})", "value": f"{v:.2f}%",
                         "pass": v <= 5})
     for n in r["sizes"]:
-        for mode in ("adaptive", "batch"):
+        for mode in [m for m in run_modes(r) if m != "node"]:
             x = S[f"{mode}-{n}"].get("wake")
             if x:
                 v = x["send_ms"]["p99"]
@@ -472,14 +543,60 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                             "value": f"{v:.1f} ms (to mark-sent: {x['mark_sent_ms']['p99']:.1f} ms)", "pass": v < 100})
     if 500 in r["sizes"]:
         base_rss = S["baseline-0"]["idle"]["rss_kib_mean"]
-        for mode in ("adaptive", "batch"):
+        for mode in [m for m in run_modes(r) if m != "node"]:
             i = S[f"{mode}-500"]["idle"]
             out.append({"name": f"500 idle instances: worker CPU < 5% of a core ({mode})",
                         "value": f"{i['cpu_pct_core']:.2f}%", "pass": i["cpu_pct_core"] < 5})
             g = (i["rss_kib_mean"] - base_rss) / 500
             out.append({"name": f"500 idle instances: RSS growth < 1 MiB/instance ({mode})", "value": f"{g:.0f} KiB",
                         "pass": g < 1024})
+    big = max(r["sizes"])
+    if big >= 1000:
+        x = S[f"adaptive-{big}"]
+        i = x["idle"]
+        out.append({"name": f"{big} idle instances: worker CPU < 5% of a core (adaptive, no batch)",
+                    "value": f"{i['cpu_pct_core']:.2f}%", "pass": i["cpu_pct_core"] < 5})
+        for kind in ("health", "wake"):
+            p99 = x["pairing"].get("probes", {}).get(kind, {}).get("p99")
+            out.append({"name": f"/{kind} p99 < 50 ms while {big} instances pair",
+                        "value": f"{p99:.1f} ms" if p99 is not None else "-", "pass": p99 is not None and p99 < 50})
+        for key in ("sigterm_busy_s", "sigterm_idle_s"):
+            v = x.get(key)
+            out.append({"name": f"SIGTERM exits within 10 s with {big} connected ({key.split('_')[1]})",
+                        "value": f"{v:.2f} s" if v is not None else "did not exit in 30 s",
+                        "pass": v is not None and v < 10})
     return out
+
+
+def run_modes(r: dict[str, Any]) -> list[str]:
+    return [m for m in ("adaptive", "batch", "node") if m == "adaptive" or m in r.get("modes", [m])]
+
+
+def node_per_instance_hour(r: dict[str, Any], n: int) -> float:
+    """The node cadence's idle calls per instance-hour: measured if that worker ran, else the model."""
+    x = r["scenarios"].get(f"node-{n}")
+    return x["idle"]["per_instance_hour"] if x else model_per_instance_hour("node", n)
+
+
+def scale_table(r: dict[str, Any]) -> str:
+    S = r["scenarios"]
+    base_rss = S["baseline-0"]["idle"]["rss_kib_mean"]
+    rows = []
+    for n in r["sizes"]:
+        x = S[f"adaptive-{n}"]
+        p = x["pairing"]
+        pr = p.get("probes") or {}
+        i = x["idle"]
+        rows.append([n, fmt(p["connect_phase_s"], 1), fmt(x["resume"]["all_connected_s"], 2),
+                     fmt(i["cpu_pct_core"], 2), fmt((i["rss_kib_mean"] - base_rss) / n, 1),
+                     fmt(i["per_instance_hour"], 1),
+                     fmt(pr.get("health", {}).get("p99")), fmt(pr.get("wake", {}).get("p99")),
+                     fmt(pr.get("health", {}).get("max")),
+                     "/".join(str(pr.get(k, {}).get("n", 0)) for k in ("health", "wake", "errors")),
+                     fmt(x.get("sigterm_busy_s"), 2), fmt(x.get("sigterm_idle_s"), 2)])
+    return table(["N", "pair from discovery s", "resume s", "idle CPU % core", "RSS KiB/inst",
+                  "idle calls/inst-h", "health p99 ms", "wake p99 ms", "health max ms", "probes health/wake/err",
+                  "SIGTERM busy s", "SIGTERM idle s"], rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -493,6 +610,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "the shipped default)")
     ap.add_argument("--pythonpath", default=None, help="prepended to the workers' PYTHONPATH (experiments)")
     ap.add_argument("--no-wake", action="store_true", help="skip the wake-up latency phase")
+    ap.add_argument("--no-poll", action="store_true", help="skip the polling-only latency phase")
+    ap.add_argument("--modes", default="adaptive,batch,node",
+                    help="workers per size (default adaptive,batch,node; adaptive is always run)")
+    ap.add_argument("--auto-scan-ms", type=int, default=0,
+                    help="SIMULATOR_AUTO_SCAN_MS: how long a QR shows before the simulated phone scans it")
     ap.add_argument("--poll-samples", type=int, default=100, help="polling-only samples per worker (default 100)")
     ap.add_argument("--poll-spread", type=float, default=30.0, help="node cadence: enqueue moments spread (s)")
     ap.add_argument("--wake-samples", type=int, default=100, help="wake-up samples per worker (half for N>=500)")

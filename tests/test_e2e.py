@@ -163,12 +163,13 @@ async def test_logout_wipes_auth_then_fresh_qr(proxy, tmp_path):
         await connect(w, proxy)
         folder = tmp_path / "auth" / "acme"
         assert (folder / "simulator-session.json").exists()
+        # counted before the logout: rediscovery is immediate, its QR may arrive before the wipe is seen
+        n_qr = sum(bool(s["qr_code"]) for s in proxy.statuses_of("acme"))
         await w.backend.session("acme").logout()
         await wait_until(lambda: proxy.statuses_of("acme")[-1].get("reason") == "logged_out" or
                          any(s.get("reason") == "logged_out" for s in proxy.statuses_of("acme")))
         await wait_until(lambda: not (folder / "simulator-session.json").exists(), what="wiped")
         # discovery lists it (DISCONNECTED) and a new runner shows a fresh QR
-        n_qr = sum(bool(s["qr_code"]) for s in proxy.statuses_of("acme"))
         await wait_until(lambda: sum(bool(s["qr_code"]) for s in proxy.statuses_of("acme")) > n_qr,
                          what="fresh QR")
         assert w.manager.outcomes["logged_out"] == 1

@@ -9,13 +9,14 @@ import logging
 import os
 import signal
 import subprocess
+from typing import Any
 
 import anyio
 import httpx
 import pytest
-import respx
+from aiohttp import web
 
-from tests.conftest import make_settings, running_worker, wait_until
+from tests.conftest import make_settings, running_worker, serving, wait_until
 from tests.fakeproxy import SECRET
 from tests.proc import ROOT, start_worker, worker_env
 from wa_worker.backends.simulator import MEDIA_DIR
@@ -355,16 +356,33 @@ async def test_kill_9_between_download_and_post_delivers_exactly_once(proxy, tmp
 
 # --------------------------------------------------------------------------- EdgeClient.upload_media
 
-UPLOAD_BASE = "https://proxy.example/fn"
+class UploadEndpoint:
+    """A loopback /upload-media that answers as scripted and records what it got."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.answer: Any = {"url": "https://cdn/x.pdf"}
+        self.requests: list[tuple[Any, dict[str, str], bytes]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests.append((request.rel_url.query, dict(request.headers), body))
+        return web.json_response(self.answer, status=self.status)
 
 
 @pytest.fixture
-async def edge():
+async def upload():
     from wa_worker.edge.client import EdgeClient
 
-    c = EdgeClient(UPLOAD_BASE, SECRET, timeout_s=2)
-    yield c
-    await c.aclose()
+    endpoint = UploadEndpoint()
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app.router.add_post("/fn/upload-media", endpoint.handle)
+    async with serving(app) as base:
+        client = EdgeClient(base + "/fn", SECRET, timeout_s=2)
+        try:
+            yield endpoint, client
+        finally:
+            await client.aclose()
 
 
 @pytest.fixture
@@ -380,43 +398,43 @@ async def _upload(edge, path, filename="nota fiscal ção.pdf"):
                                    sha256=sha(data), size=len(data))
 
 
-@respx.mock
 @pytest.mark.parametrize(("answer", "url"), [({"url": "https://cdn/x.pdf"}, "https://cdn/x.pdf"),
                                              ({"path": "media/acme/WAID1"}, "media/acme/WAID1")])
-async def test_upload_media_streams_the_file_with_its_headers(edge, media_file, answer, url):
-    route = respx.post(f"{UPLOAD_BASE}/upload-media").respond(json=answer)
+async def test_upload_media_streams_the_file_with_its_headers(upload, media_file, answer, url):
+    endpoint, edge = upload
+    endpoint.answer = answer
     assert await _upload(edge, media_file) == url
-    req = route.calls.last.request
-    assert req.url.params["instanceId"] == "acme" and req.url.params["wa_message_id"] == "WAID1"
-    assert req.headers["Authorization"] == f"Bearer {SECRET}"
-    assert req.headers["Content-Type"] == "application/pdf"
-    assert req.headers["X-Sha256"] == sha(media_file.read_bytes())
-    assert req.headers["X-Filename"] == "nota fiscal %C3%A7%C3%A3o.pdf"
-    assert req.headers["Content-Length"] == str(600_000)
-    assert sha(req.read()) == sha(media_file.read_bytes())
+    (query, headers, body), = endpoint.requests
+    assert query["instanceId"] == "acme" and query["wa_message_id"] == "WAID1"
+    assert headers["Authorization"] == f"Bearer {SECRET}"
+    assert headers["Content-Type"] == "application/pdf"
+    assert headers["X-Sha256"] == sha(media_file.read_bytes())
+    assert headers["X-Filename"] == "nota fiscal %C3%A7%C3%A3o.pdf"
+    assert headers["Content-Length"] == str(600_000)
+    assert sha(body) == sha(media_file.read_bytes())
 
 
-@respx.mock
 @pytest.mark.parametrize(("status", "missing", "transient"), [
     (404, True, False), (405, True, False), (501, True, False),
     (400, False, False), (413, False, False), (500, False, True), (503, False, True),
 ])
-async def test_upload_media_errors(edge, media_file, status, missing, transient):
+async def test_upload_media_errors(upload, media_file, status, missing, transient):
     from wa_worker.edge.client import EdgeError, EndpointMissing
 
-    respx.post(f"{UPLOAD_BASE}/upload-media").respond(status, json={"error": "x"})
+    endpoint, edge = upload
+    endpoint.status, endpoint.answer = status, {"error": "x"}
     with pytest.raises(EdgeError) as info:
         await _upload(edge, media_file)
     assert isinstance(info.value, EndpointMissing) is missing
     assert info.value.transient is transient and info.value.status == status
 
 
-@respx.mock
 @pytest.mark.parametrize("answer", [{}, {"url": ""}, {"url": 5}, ["x"], {"url": "x" * 5000}])
-async def test_upload_media_answer_without_a_url_is_a_permanent_error(edge, media_file, answer):
+async def test_upload_media_answer_without_a_url_is_a_permanent_error(upload, media_file, answer):
     from wa_worker.edge.client import EdgeError
 
-    respx.post(f"{UPLOAD_BASE}/upload-media").respond(json=answer)
+    endpoint, edge = upload
+    endpoint.answer = answer
     with pytest.raises(EdgeError) as info:
         await _upload(edge, media_file)
     assert not info.value.transient and "url" in str(info.value)

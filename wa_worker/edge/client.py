@@ -22,9 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+from yarl import URL
 
 from ..logutil import redact_url
+from .transport import (
+    AiohttpTransport,
+    BodyPolicy,
+    BodyTooLarge,
+    Reply,
+    Transport,
+    TransportError,
+    TransportTimeout,
+)
 from .models import (
     InstanceRef,
     MarkFailed,
@@ -79,10 +88,6 @@ def _is_transient_status(status: int) -> bool:
     return status in (408, 425, 429) or status >= 500
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -125,43 +130,6 @@ def parse_retry_after(value: str | None, *, now: float | None = None, cap_s: flo
     return min(max(delay, 0.0), cap_s)
 
 
-async def _read_capped(resp: httpx.Response, cap: int) -> bytes:
-    """At most ``cap`` bytes of the body; :class:`_BodyTooLarge` past it."""
-    declared = resp.headers.get("content-length", "")
-    if declared.isdigit() and len(declared) < 20 and int(declared) > cap:
-        raise _BodyTooLarge(declared)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.aiter_bytes():
-        size += len(chunk)
-        if size > cap:
-            raise _BodyTooLarge(str(size))
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _read_prefix(resp: httpx.Response, cap: int) -> bytes:
-    """Up to ``cap`` bytes of the body, the rest left unread."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.aiter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= cap:
-            break
-    return b"".join(chunks)[:cap]
-
-
-async def _read_quietly(resp: httpx.Response, cap: int, deadline: float) -> bytes:
-    """What arrives of the first ``cap`` bytes before ``deadline``; b"" on a broken body."""
-    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-        try:
-            return await _read_prefix(resp, cap)
-        except httpx.HTTPError:
-            return b""
-    return b""
-
-
 class EdgeClient:
     def __init__(
         self,
@@ -170,30 +138,25 @@ class EdgeClient:
         *,
         timeout_s: float = 10.0,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        http: httpx.AsyncClient | None = None,
-        max_connections: int = 64,
-        max_keepalive: int = 8,
+        transport: Transport | None = None,
+        max_connections: int = 32,
     ) -> None:
-        parsed = httpx.URL(base_url)
+        parsed = URL(base_url)
         # a query in EDGE_BASE_URL (e.g. ?apikey=...) goes with every call, after the path
-        self._base_params = list(parsed.params.multi_items())
-        if parsed.userinfo:
-            # httpx would turn it into Basic auth and replace our bearer
+        self._base_params = [(k, v) for k, v in parsed.query.items()]
+        if parsed.user is not None or parsed.password is not None:
+            # it would become Basic auth next to (or instead of) our bearer
             log.warning("EDGE_BASE_URL contains user:password@, which is not sent: the worker authenticates "
                         "with the bearer WORKER_SECRET")
-        self.base_url = str(parsed.copy_with(username=None, password=None, query=None, fragment=None)).rstrip("/")
-        self._own_http = http is None
-        self._http = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            # few idle keep-alive connections: httpcore scans its pool on every request,
-            # in time quadratic in the pool size (docs/performance.md)
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive),
-            # never: the bearer must not travel to wherever a redirect points
-            follow_redirects=False,
-        )
+        self.base_url = str(parsed.with_user(None).with_query(None).with_fragment(None)).rstrip("/")
+        self._own_transport = transport is None
+        self.max_connections = max_connections
+        self.in_flight = 0  # calls started and not finished (waiting for a connection included)
+        # at most max_connections calls in flight; the rest wait in a FIFO whose cost
+        # does not grow with its length (docs/performance.md)
+        self._transport: Transport = transport or AiohttpTransport(max_connections=max_connections)
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
-        self._timeout = httpx.Timeout(timeout_s)
         self._secret = secret
         self._headers = {
             "Authorization": f"Bearer {secret}",
@@ -209,6 +172,11 @@ class EdgeClient:
         self._problems: dict[str, str] = {}
 
     @property
+    def backlog(self) -> int:
+        """Calls waiting for a connection: the proxy (or the link) is not keeping up."""
+        return max(0, self.in_flight - self.max_connections)
+
+    @property
     def config_problem(self) -> str | None:
         """What the proxy's answers say is misconfigured (wrong secret, wrong URL
         path, a redirect), or None. ``/ready`` reports it."""
@@ -216,8 +184,8 @@ class EdgeClient:
         return "; ".join(hints) if hints else None
 
     async def aclose(self) -> None:
-        if self._own_http:
-            await self._http.aclose()
+        if self._own_transport:
+            await self._transport.aclose()
 
     # ------------------------------------------------------------------ transport
 
@@ -242,51 +210,44 @@ class EdgeClient:
         ``stream``: a streamed body (with its ``raw_headers``) instead of JSON;
         ``timeout_s``: a longer total deadline for it."""
         self.calls[endpoint] += 1
-        url = f"{self.base_url}{path}"
         content: bytes | AsyncIterator[bytes] | None = stream if stream is not None else (
             None if body is None else _encode(body))
         headers = self._headers if body is None else {**self._headers, "Content-Type": "application/json"}
         if raw_headers:
             headers = {**headers, **raw_headers}
         total_s = timeout_s or self.timeout_s
-        deadline = anyio.current_time() + total_s
-        resp: httpx.Response | None = None
+        strict_cap = self.max_response_bytes
+
+        def policy(status: int) -> BodyPolicy:
+            if 200 <= status < 300:
+                # a read is parsed: all of it or an error. A write's status is the answer:
+                # read a little (keeps the connection reusable), never fail on the rest
+                return BodyPolicy(strict_cap, True) if parse else BodyPolicy(_ACK_BODY_BYTES, False)
+            return BodyPolicy(_ERROR_BODY_BYTES, False)
+
+        self.in_flight += 1
         try:
-            try:
-                with anyio.fail_after(total_s):
-                    query = httpx.QueryParams([*self._base_params, *(params or {}).items()])
-                    request = self._http.build_request(method, url, params=query or None, content=content,
-                                                       headers=headers, timeout=self._timeout)
-                    resp = await self._http.send(request, stream=True)
-                status = resp.status_code
-                if 200 <= status < 300:
-                    self.last_ok_monotonic = time.monotonic()
-                    self._resolved(endpoint)
-                    if not parse:
-                        # the status is the answer: read a little (keeps the connection
-                        # reusable) but never wait or buffer for more, nor fail on the rest
-                        await _read_quietly(resp, _ACK_BODY_BYTES, deadline)
-                        return None
-                    with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
-                        raw = await _read_capped(resp, self.max_response_bytes)
-                    return self._decode(endpoint, status, raw)
-                snippet = (await _read_quietly(resp, _ERROR_BODY_BYTES, deadline)).decode("utf-8", "replace")
-                snippet = snippet.replace(self._secret, "***")[:300] if self._secret else snippet[:300]
-            except TimeoutError:
-                return self._fail(EdgeError(endpoint, f"timed out (no complete answer within {total_s:g}s)"))
-            except httpx.TimeoutException:
-                return self._fail(EdgeError(endpoint, "timed out"))
-            except _BodyTooLarge as exc:
-                return self._fail(EdgeError(endpoint, f"response larger than EDGE_MAX_RESPONSE_BYTES "
-                                                      f"({self.max_response_bytes} bytes; read {exc})",
-                                            status=resp.status_code if resp is not None else None))
-            except httpx.HTTPError as exc:
-                return self._fail(EdgeError(endpoint, f"connection failed ({type(exc).__name__})"))
+            reply = await self._transport.request(
+                method, f"{self.base_url}{path}", params=[*self._base_params, *(params or {}).items()],
+                headers=headers, content=content, timeout_s=total_s, policy=policy)
+        except TransportTimeout:
+            return self._fail(EdgeError(endpoint, f"timed out (no complete answer within {total_s:g}s)"))
+        except BodyTooLarge as exc:
+            return self._fail(EdgeError(endpoint, f"response larger than EDGE_MAX_RESPONSE_BYTES "
+                                                  f"({self.max_response_bytes} bytes; read {exc.read})",
+                                        status=exc.status))
+        except TransportError as exc:
+            return self._fail(EdgeError(endpoint, f"connection failed ({exc})"))
         finally:
-            if resp is not None:
-                with anyio.move_on_after(1.0, shield=True):
-                    await resp.aclose()
-        return self._error_status(endpoint, resp, snippet, instance_scoped=instance_scoped, optional=optional)
+            self.in_flight -= 1
+        status = reply.status
+        if 200 <= status < 300:
+            self.last_ok_monotonic = time.monotonic()
+            self._resolved(endpoint)
+            return self._decode(endpoint, status, reply.body) if parse else None
+        snippet = reply.body.decode("utf-8", "replace")
+        snippet = snippet.replace(self._secret, "***")[:300] if self._secret else snippet[:300]
+        return self._error_status(endpoint, reply, snippet, instance_scoped=instance_scoped, optional=optional)
 
     def _decode(self, endpoint: str, status: int, raw: bytes) -> Any:
         if not raw.strip():
@@ -297,9 +258,9 @@ class EdgeClient:
             return self._fail(EdgeError(endpoint, f"HTTP {status} with a body that is not JSON "
                                                   f"({_short(str(exc))})", status=status))
 
-    def _error_status(self, endpoint: str, resp: httpx.Response, snippet: str, *, instance_scoped: bool,
+    def _error_status(self, endpoint: str, resp: Reply, snippet: str, *, instance_scoped: bool,
                       optional: bool) -> Any:
-        status = resp.status_code
+        status = resp.status
         # any answer means the proxy is reachable
         self.last_ok_monotonic = time.monotonic() if status < 500 else self.last_ok_monotonic
         if 300 <= status < 400:

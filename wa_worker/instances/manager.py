@@ -181,6 +181,10 @@ class InstanceManager:
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            pacer = self.ctx.pacer
+            if pacer.backlog is None:
+                pacer.backlog = lambda: self.edge.backlog
+            tg.start_soon(pacer.run)
             self._resume_stored()
             tg.start_soon(self._supervised, "discovery", self._discovery_loop, self.discovery_health)
             if self.batch_poll:

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,6 +39,7 @@ from ..fsutil import wipe_dir
 from ..storage.journal import JournalUnavailable, JournalWriteError
 from ..supervise import LoopHealth, forever, report_failure
 from ..timing import AdaptiveInterval, Backoff, Clock
+from .pacing import StartPacer
 
 if TYPE_CHECKING:
     from ..relays.inbound import InboundRelay
@@ -52,6 +53,11 @@ CLOSE_TIMEOUT_S = 10.0
 WAKE_MIN_GAP_S = 0.1
 STATUS_RETRY_BASE_S = 1.0
 STATUS_RETRY_CAP_S = 60.0
+# status pushes of instances still connecting (QR codes) in flight at once, worker-wide:
+# the others wait, and whatever they push once admitted is their latest status
+CONNECTING_PUSHES = 8
+# what a QR code holds at most (version 40, 8-bit bytes, error correction L)
+QR_MAX_BYTES = 2953
 
 
 async def _wake_gap(clock: Clock, last_start: float) -> None:
@@ -101,31 +107,55 @@ class RunnerContext:
     rng: random.Random = random.Random()
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 60.0
+    # paces new connection attempts by event-loop lag and proxy backlog (its monitor runs in the manager)
+    pacer: StartPacer = field(default_factory=StartPacer)
+    connecting_pushes: anyio.CapacityLimiter = field(
+        default_factory=lambda: anyio.CapacityLimiter(CONNECTING_PUSHES))
+    # QR renders run in threads, one at a time: more would take the GIL from the event loop
+    # for one switch interval (5 ms) each, in turn (health and /wake would wait for all of them)
+    qr_render: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+
+
+@dataclass(frozen=True, slots=True)
+class _Desired:
+    status: Status
+    qr_code: str | None
+    qr_raw: str | None
+    phone_number: str | None
+    reason: str | None
 
 
 class StatusReporter:
     """Pushes the instance's latest status to the proxy; a newer status replaces
-    an unsent older one (a stale QR is never worth retrying)."""
+    an unsent older one (a stale QR is never worth retrying). A raw QR is
+    rendered only when its push is due, so a QR replaced first costs nothing;
+    pushes of a CONNECTING status share a worker-wide gate (``connecting``), and
+    whatever waited there pushes its latest status once admitted."""
 
     def __init__(self, instance_id: str, edge: EdgeClient, on_gone: Callable[[], None],
-                 rng: random.Random, clock: Clock | None = None) -> None:
+                 rng: random.Random, clock: Clock | None = None,
+                 connecting: anyio.CapacityLimiter | None = None,
+                 render: anyio.CapacityLimiter | None = None) -> None:
         self.instance_id = instance_id
+        self._render_limiter = render
+        self._connecting_gate = connecting
+        self._rendered: tuple[str, str] | None = None  # (raw QR, its PNG data URL)
         self.edge = edge
         self.on_gone = on_gone
         self.rng = rng
         self.clock = clock or Clock()
         self.health = LoopHealth("status", self.clock)
         self._backoff = Backoff(STATUS_RETRY_BASE_S, STATUS_RETRY_CAP_S, rng=rng)
-        self._desired: StatusUpdate | None = None
+        self._desired: _Desired | None = None
         self._version = 0
         self._pushed_version = 0
         self._changed = anyio.Event()
         self._pushed = anyio.Event()
 
     def set(self, status: Status, qr_code: str | None = None, *, phone_number: str | None = None,
-            reason: str | None = None) -> None:
-        update = StatusUpdate(instanceId=self.instance_id, status=status, qr_code=qr_code,
-                              phone_number=phone_number, reason=reason)
+            reason: str | None = None, qr_raw: str | None = None) -> None:
+        """``qr_raw``: a QR string, rendered to a PNG data URL when pushed (instead of ``qr_code``)."""
+        update = _Desired(status, qr_code, qr_raw, phone_number, reason)
         if update == self._desired and self._pushed_version == self._version:
             return  # the proxy already has exactly this (e.g. every failed reconnect attempt)
         self._desired = update
@@ -154,13 +184,16 @@ class StatusReporter:
                 self._changed = anyio.Event()
                 await self._changed.wait()
                 continue
-            version, update = self._version, self._desired
-            assert update is not None
             try:
-                await self.edge.update_status(update)
+                if self._connecting_gate is not None and self._desired is not None \
+                        and self._desired.status is Status.CONNECTING:
+                    async with self._connecting_gate:
+                        version = await self._push_latest()
+                else:
+                    version = await self._push_latest()
             except InstanceGone:
                 self.on_gone()
-                self._pushed_version = version
+                self._pushed_version = self._version
                 self._pushed.set()
                 return
             except EdgeError as exc:
@@ -174,6 +207,33 @@ class StatusReporter:
             self._pushed_version = version
             if version == self._version:
                 self._pushed.set()
+
+    async def _push_latest(self) -> int:
+        """Push the latest status; returns its version."""
+        version, desired = self._version, self._desired
+        assert desired is not None
+        qr_code = desired.qr_code
+        if desired.qr_raw is not None:
+            try:
+                qr_code = await self._render(desired.qr_raw)
+            except ValueError as exc:  # unencodable: CONNECTING without a QR beats a loop failing forever
+                log.error("%s: cannot render the QR code (%s): reporting CONNECTING without it",
+                          self.instance_id, exc)
+                self._rendered = None
+                qr_code = None
+            if self._version != version:
+                return await self._push_latest()  # replaced while rendering
+        await self.edge.update_status(StatusUpdate(
+            instanceId=self.instance_id, status=desired.status, qr_code=qr_code,
+            phone_number=desired.phone_number, reason=desired.reason))
+        return version
+
+    async def _render(self, raw: str) -> str:
+        if self._rendered is None or self._rendered[0] != raw:
+            # ~5-10 ms of CPU: in a thread, so the event loop (health, /wake) keeps answering
+            self._rendered = (raw, await anyio.to_thread.run_sync(qr_png_data_url, raw,
+                                                                  limiter=self._render_limiter))
+        return self._rendered[1]
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until the latest status is pushed (bounded)."""
@@ -197,7 +257,8 @@ class InstanceRunner:
         self._wake = anyio.Event()
         self._inbox_tx, self._inbox_rx = anyio.create_memory_object_stream[list[QueuedMessage]](64)
         self.poll_interval = AdaptiveInterval(ctx.msg_poll_s, ctx.msg_poll_max_s)
-        self.status = StatusReporter(instance_id, ctx.edge, self._gone, ctx.rng, ctx.clock)
+        self.status = StatusReporter(instance_id, ctx.edge, self._gone, ctx.rng, ctx.clock,
+                                     connecting=ctx.connecting_pushes, render=ctx.qr_render)
         self.outbound_health = LoopHealth("outbound", ctx.clock)
         self._stopped_event = anyio.Event()
         self._gone_flag = False
@@ -316,6 +377,8 @@ class InstanceRunner:
         try:
             async with anyio.create_task_group() as tg:
                 async with self.ctx.start_limiter:
+                    # beyond START_CONCURRENCY: no new session while the loop or the proxy lags
+                    await self.ctx.pacer.admit(self._interrupt)
                     if self._stop_requested or self._gone_flag:
                         return (Outcome.GONE if self._gone_flag else Outcome.STOPPED), None
                     try:
@@ -364,7 +427,10 @@ class InstanceRunner:
             if isinstance(event, QrCode):
                 self.state = State.CONNECTING
                 log.info("%s: new QR code (scan it in WhatsApp > Linked devices)", iid)
-                self.status.set(Status.CONNECTING, qr_png_data_url(event.code))
+                if len(event.code.encode("utf-8", "surrogatepass")) > QR_MAX_BYTES:
+                    # rendered later (lazily), so refuse here what no QR can hold: a backend bug
+                    raise ValueError(f"QR data of {len(event.code)} characters cannot be encoded")
+                self.status.set(Status.CONNECTING, qr_raw=event.code)
             elif isinstance(event, Connected):
                 backoff.reset()
                 connected = True
@@ -397,8 +463,15 @@ class InstanceRunner:
                       health=self.outbound_health, log_to=log)
 
     async def _outbound_loop(self, session: Session) -> None:
-        """Poll while connected; one poll at a time; adaptive interval."""
+        """Poll while connected; one poll at a time; adaptive interval.
+
+        No lockstep after a mass connect: the first poll comes at a random moment
+        of the first interval (a /wake still polls at once), so instances that
+        connected together keep their polls that far apart at every interval."""
         iid = self.instance_id
+        first = self.ctx.rng.random() * self.ctx.msg_poll_s
+        if first > 0:
+            await self.ctx.clock.wait(self._wake, first)
         while True:
             self._wake = anyio.Event()
             last_start = self.ctx.clock.monotonic()
