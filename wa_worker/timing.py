@@ -98,3 +98,19 @@ class AdaptiveInterval:
         """A non-empty poll: poll again at the floor."""
         self.activity()
         return self.floor_s
+
+
+class MinGap:
+    """At most one pass every ``gap_s`` of real time: a loop woken by bursts
+    (every received message, every finished post) looks at its table once per
+    gap instead of once per wake-up."""
+
+    def __init__(self, gap_s: float) -> None:
+        self.gap_s = gap_s
+        self._last = -math.inf
+
+    async def wait(self) -> None:
+        gap = self._last + self.gap_s - time.monotonic()
+        if gap > 0:
+            await anyio.sleep(gap)
+        self._last = time.monotonic()

@@ -30,7 +30,6 @@ import random
 import re
 import shutil
 import tempfile
-import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +44,7 @@ from ..fsutil import ensure_private_dir
 from ..messages import MEDIA_KINDS, InboundContent, Kind
 from ..storage.journal import InboundRow, Journal, JournalUnavailable, JournalWriteError
 from ..supervise import LoopHealth, report_failure
-from ..timing import Clock, backoff_delay
+from ..timing import Clock, MinGap, backoff_delay
 
 log = logging.getLogger("wa_worker.inbound")
 
@@ -232,17 +231,12 @@ class InboundRelay:
         task wakes this loop when it ends, so the chat's next row (or another
         chat) follows at once."""
         last_expiry = -1e18
-        last_query = -1e18
+        query_gap = MinGap(QUERY_GAP_S)
         if self.media_dir is not None:  # downloads a crash left behind
             shutil.rmtree(self.media_dir, ignore_errors=True)
         async with anyio.create_task_group() as tg:
             while True:
-                # wake-ups (every received message, every finished post) come in
-                # bursts: look at the table at most every QUERY_GAP_S
-                gap = last_query + QUERY_GAP_S - time.monotonic()
-                if gap > 0:
-                    await anyio.sleep(gap)
-                last_query = time.monotonic()
+                await query_gap.wait()  # wake-ups come in bursts: one look per gap
                 self._wake = anyio.Event()
                 now = self.clock.time()
                 if now - last_expiry > EXPIRE_EVERY_S:

@@ -36,7 +36,7 @@ from ..messages import Content, ContentError, Kind
 from ..storage.journal import JOURNAL_RETENTION_S, Journal, JournalUnavailable, JournalWriteError, OutboundRow
 from .outbound_media import MediaLimits, MediaStager, staging_dir
 from ..supervise import LoopHealth, report_failure
-from ..timing import Clock, backoff_delay
+from ..timing import Clock, MinGap, backoff_delay
 
 log = logging.getLogger("wa_worker.outbound")
 
@@ -245,15 +245,10 @@ class Acknowledger:
             log.warning("outcome of %s journaled after the store recovered", message_id)
 
     async def run(self) -> None:
-        last_query = -1e18
+        query_gap = MinGap(QUERY_GAP_S)
         async with anyio.create_task_group() as tg:
             while True:
-                # wake-ups (every send, every finished acknowledgement) come in
-                # bursts: look at the journal at most every QUERY_GAP_S
-                gap = last_query + QUERY_GAP_S - time.monotonic()
-                if gap > 0:
-                    await anyio.sleep(gap)
-                last_query = time.monotonic()
+                await query_gap.wait()  # wake-ups come in bursts: one look per gap
                 self._wake = anyio.Event()
                 try:
                     self._land_unrecorded()
