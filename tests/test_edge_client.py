@@ -546,6 +546,18 @@ async def test_404_on_a_contract_path_is_a_transient_config_problem(srv, edge, c
     assert sum(r.levelno == logging.ERROR for r in caplog.records) == 1
 
 
+async def test_a_404_on_a_path_that_has_answered_is_about_the_record_not_the_url(srv, edge, caplog):
+    """/inbound answered 2xx before: its path exists, so a 404 means the proxy does not
+    know this record (a deleted instance), not a wrong EDGE_BASE_URL: /ready stays ready."""
+    srv.route("POST", "/inbound", R(200), R(404))
+    await edge.inbound({"x": 1})
+    with pytest.raises(EdgeError) as e:
+        await edge.inbound({"x": 2})
+    assert e.value.transient and e.value.status == 404
+    assert edge.config_problem is None
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+
+
 async def test_instance_and_optional_404s_are_not_config_problems(srv, edge):
     srv.route("POST", "/update-status", R(404))
     srv.route("GET", "/queued-messages", R(404))

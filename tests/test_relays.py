@@ -131,6 +131,24 @@ async def test_a_poisoned_message_is_dead_lettered_and_its_chat_moves_on(inbound
     assert len(lines) == 1 and "acme/poison" in lines[0] and "3 server errors" in lines[0]
 
 
+async def test_a_message_for_an_instance_the_proxy_does_not_know_is_dead_lettered(inbound_proxy, tmp_path):
+    """404 blames the message (a deleted instance): after INBOUND_MAX_ATTEMPTS it is
+    dead-lettered and the chat moves on, instead of waiting out INBOUND_TTL_HOURS."""
+    inbound_proxy.decide = lambda body: 404 if body["wa_message_id"] == "orphan" else 200
+    store = Journal(tmp_path / "db")
+    add(store, "A", "orphan")
+    add(store, "A", "next")
+    edge = EdgeClient(inbound_proxy.url, SECRET)
+    relay = InboundRelay(store, edge, ttl_s=3600, retry_base_s=0.005, retry_cap_s=0.02, max_attempts=3)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        await wait_until(lambda: inbound_proxy.accepted_ids() == ["next"], timeout=5, what="the chat moved on")
+        tg.cancel_scope.cancel()
+    await edge.aclose()
+    assert [a for a in inbound_proxy.answers if a[0] == "orphan"] == [("orphan", 404)] * 3
+    assert [(d["ref"], d["status_code"]) for d in store.dead_letters("inbound")] == [("orphan", 404)]
+
+
 async def test_the_relays_survive_store_errors_and_resume(inbound_proxy, tmp_path):
     path = tmp_path / "db"
     store = Journal(path)

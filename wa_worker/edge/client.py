@@ -170,6 +170,7 @@ class EdgeClient:
         self.mark_failed_supported = True
         # endpoint -> hint of a misconfiguration it revealed (cleared by its next 2xx)
         self._problems: dict[str, str] = {}
+        self._answered_ok: set[str] = set()  # endpoints that have answered 2xx: their path exists
 
     @property
     def backlog(self) -> int:
@@ -243,6 +244,7 @@ class EdgeClient:
         status = reply.status
         if 200 <= status < 300:
             self.last_ok_monotonic = time.monotonic()
+            self._answered_ok.add(endpoint)
             self._resolved(endpoint)
             return self._decode(endpoint, status, reply.body) if parse else None
         snippet = reply.body.decode("utf-8", "replace")
@@ -281,6 +283,11 @@ class EdgeClient:
             return self._fail(EndpointMissing(endpoint, f"HTTP {status}: not supported by the proxy",
                                               status=status, transient=False, body=snippet), level=logging.INFO)
         if status == 404:
+            if endpoint in self._answered_ok:
+                # the path exists (it has answered 2xx): the proxy does not know this
+                # record (e.g. a deleted instance); the caller's retry policy decides
+                return self._fail(EdgeError(endpoint, "HTTP 404 (the proxy does not know this record)",
+                                            status=status, transient=True, body=snippet), level=logging.INFO)
             # a contract path the proxy does not have: the URL is wrong, which a
             # restart with the right one fixes; never a verdict on the record
             self._problem(endpoint, NOT_FOUND_HINT, status)

@@ -61,10 +61,14 @@ MEDIA_HANDLE = "_media_handle"
 
 
 def counts_as_server_error(exc: EdgeError) -> bool:
-    """A 5xx the proxy's own code produced (500, 501, 505…): counted toward
-    ``INBOUND_MAX_ATTEMPTS``. Timeouts, connection failures, 429 and the
-    gateway/outage answers 502/503/504 are not the message's fault: they are
-    retried until the TTL and never dead-letter a message early."""
+    """An answer that blames this message, counted toward ``INBOUND_MAX_ATTEMPTS``:
+    a 5xx the proxy's own code produced (500, 501, 505…), or a 404 (the proxy does
+    not know its instance; a wrong path also answers 404, which ``/ready`` reports
+    at once). Timeouts, connection failures, 429 and the gateway/outage answers
+    502/503/504 are not the message's fault: they are retried until the TTL and
+    never dead-letter a message early."""
+    if exc.status == 404:
+        return True
     return exc.status is not None and exc.status >= 500 and exc.status not in (502, 503, 504)
 
 
