@@ -38,6 +38,8 @@ class FakeProxy:
     on_inbound: Any = None  # called with the body once stored, before answering
     claim: bool = False  # hand each message out once (see the module docstring)
     poll_limit: int | None = None  # messages per /queued-messages answer (None: all)
+    honor_limit: bool = True  # apply the worker's ?limit= (False: a proxy that ignores it)
+    limits_seen: list[str | None] = field(default_factory=list)  # the ?limit= of every per-instance poll
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
     queue: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     sent_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -168,7 +170,12 @@ class FakeProxy:
             return web.json_response({"messages": items})
         if iid in self.gone:
             return web.json_response({"error": "not found"}, status=404)
-        return web.json_response(self._wrap("messages", self._offer(iid, self.poll_limit)))
+        asked = request.query.get("limit")
+        self.limits_seen.append(asked)
+        limit = self.poll_limit
+        if self.honor_limit and asked is not None and asked.isdigit():
+            limit = int(asked) if limit is None else min(limit, int(asked))
+        return web.json_response(self._wrap("messages", self._offer(iid, limit)))
 
     def _offer(self, iid: str, limit: int | None) -> list[dict[str, Any]]:
         """Up to ``limit`` queued messages of ``iid``, oldest first; claimed (removed) in claim mode."""

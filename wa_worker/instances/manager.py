@@ -244,6 +244,8 @@ class InstanceManager:
         started = 0
         for ref in sorted(refs, key=lambda r: -r.priority):
             self._gone_ids.discard(ref.id)  # the proxy knows it again
+            if ref.settings is not None:
+                self.ctx.outbound.configure(ref.id, ref.settings)
             running = self.runners.get(ref.id)
             if running is not None:
                 if running.state is State.CONNECTED:

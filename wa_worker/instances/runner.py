@@ -480,9 +480,14 @@ class InstanceRunner:
                 self.outbound_health.ok()
             elif self.ctx.batch_mode():
                 wait = await self._drain_inbox(session)
+            elif (allowed := self.ctx.outbound.allowance(iid)) == 0:
+                # pacing caps reached: claim nothing until one more send is allowed
+                wait = min(self.ctx.msg_poll_max_s, max(self.ctx.msg_poll_s,
+                                                        self.ctx.outbound.pacer(iid).wait_until_allowed_s()))
+                self.outbound_health.ok()
             else:
                 try:
-                    messages = await self.ctx.edge.queued_messages(iid)
+                    messages = await self.ctx.edge.queued_messages(iid, limit=allowed)
                 except InstanceGone:
                     self._gone()
                     return
