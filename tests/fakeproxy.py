@@ -39,7 +39,8 @@ class FakeProxy:
     claim: bool = False  # hand each message out once (see the module docstring)
     poll_limit: int | None = None  # messages per /queued-messages answer (None: all)
     honor_limit: bool = True  # apply the worker's ?limit= (False: a proxy that ignores it)
-    limits_seen: list[str | None] = field(default_factory=list)  # the ?limit= of every per-instance poll
+    limits_seen: list[str | None] = field(default_factory=list)
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra discovery-item fields per instance  # the ?limit= of every per-instance poll
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
     queue: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     sent_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -66,8 +67,10 @@ class FakeProxy:
 
     # ---------------------------------------------------------------- helpers for tests
 
-    def add_instance(self, iid: str, status: str = "DISCONNECTED") -> None:
+    def add_instance(self, iid: str, status: str = "DISCONNECTED", **item: Any) -> None:
+        """``item``: extra fields of its discovery item (``pair_phone``, ``settings`` ...)."""
         self.instances[iid] = {"status": status, "qr_code": None}
+        self.items[iid] = item
 
     def enqueue(self, iid: str, mid: str, to: str, body: str | None, **fields: Any) -> None:
         """A queued message; ``fields`` are the optional content fields (type, media_url, ...)."""
@@ -136,7 +139,7 @@ class FakeProxy:
     async def _disconnected(self, request: web.Request) -> web.Response:
         if (r := await self._gate(request, "disconnected-instances")) is not None:
             return r
-        items = [{"id": i, "priority": 0} for i, v in self.instances.items()
+        items = [{"id": i, "priority": 0, **self.items.get(i, {})} for i, v in self.instances.items()
                  if v["status"] in ("DISCONNECTED", "CONNECTING")]
         return web.json_response(self._wrap("instances", items))
 

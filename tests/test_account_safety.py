@@ -17,6 +17,7 @@ from tests.fakeproxy import SECRET, FakeProxy
 from wa_worker.backends.simulator import SimulatorBackend
 from wa_worker.edge.client import EdgeClient
 from wa_worker.edge.models import QueuedMessage, parse_instances
+from wa_worker.instances import runner as runner_module
 from wa_worker.relays.numbers import NumberResolver, br_forms
 from wa_worker.relays.outbound import Acknowledger, OutboundRelay
 from wa_worker.relays.send_pacing import SendLimits
@@ -147,22 +148,21 @@ async def test_pacing_caps_on_a_fake_clock(tmp_path):
     journal.close()
 
 
-async def test_the_worker_claims_no_more_than_it_may_send(tmp_path):
-    for honor in (True, False):
-        proxy = await FakeProxy(honor_limit=honor).start()
-        try:
-            proxy.add_instance("acme")
-            path = tmp_path / str(honor)
-            async with running_worker(settings_for(path, proxy, SEND_MAX_PER_MINUTE=3, BATCH_POLL=False)) as w:
-                for i in range(5):
-                    proxy.enqueue("acme", f"m{i}", "5511988887777", f"n{i}")
-                await wait_until(lambda: len(proxy.sent_marks) == 3, what="three sends")
-                await anyio.sleep(0.5)  # several poll intervals: the caps hold
-                assert proxy.limits_seen[0] == "3" and len(proxy.sent_marks) == 3
-                assert set(proxy.sent_marks) == {"m0", "m1", "m2"}
-                assert w.journal.outbound_get("m3") is None  # a surplus answer is left unjournaled
-        finally:
-            await proxy.stop()
+@pytest.mark.parametrize("honor", [True, False], ids=["proxy-honours-limit", "proxy-ignores-limit"])
+async def test_the_worker_claims_no_more_than_it_may_send(tmp_path, honor):
+    proxy = await FakeProxy(honor_limit=honor).start()
+    try:
+        proxy.add_instance("acme")
+        async with running_worker(settings_for(tmp_path, proxy, SEND_MAX_PER_MINUTE=3, BATCH_POLL=False)) as w:
+            for i in range(5):
+                proxy.enqueue("acme", f"m{i}", "5511988887777", f"n{i}")
+            await wait_until(lambda: len(proxy.sent_marks) == 3, what="three sends")
+            await anyio.sleep(0.5)  # several poll intervals: the cap holds
+            assert proxy.limits_seen[0] == "3" and set(proxy.sent_marks) == {"m0", "m1", "m2"}
+            assert w.journal.outbound_get("m3") is None  # a surplus answer is left unjournaled
+            assert "3" not in proxy.limits_seen[1:] and "0" not in proxy.limits_seen  # no poll once capped
+    finally:
+        await proxy.stop()
 
 
 async def test_inbound_from_a_lid_sender_carries_both_addresses(proxy, tmp_path):
@@ -207,3 +207,33 @@ async def test_a_lookup_that_fails_is_unknown_never_a_no(tmp_path):
         assert res.outcome.value == "wait" and resolver.lookup_errors == 1
         assert journal.cached_number(NEW_BR, 86400) is None
     journal.close()
+
+
+async def test_a_pairing_code_is_pushed_with_the_qr_and_entered_on_the_phone(proxy, tmp_path):
+    proxy.add_instance("acme", pair_phone="5511988887777")
+    proxy.add_instance("plain")
+    async with running_worker(settings_for(tmp_path, proxy, SIMULATOR_AUTO_SCAN_MS=None)) as w:
+        await wait_until(lambda: any(s.get("pair_code") for s in proxy.statuses if s["instanceId"] == "acme"),
+                         what="a pairing code pushed")
+        pushed = next(s for s in proxy.statuses if s.get("pair_code"))
+        assert pushed["status"] == "CONNECTING" and pushed["qr_code"]  # next to the QR
+        code = pushed["pair_code"]
+        assert w.backend.pair_requests["acme"] == 1 and w.backend.pair_requests["plain"] == 0
+        assert all("pair_code" not in s for s in proxy.statuses if s["instanceId"] == "plain")
+        wrong = await sim_post(w, "/instances/acme/enter-code", {"code": "0000-0000"})
+        assert wrong.status_code == 409
+        ok = await sim_post(w, "/instances/acme/enter-code", {"code": code})
+        assert ok.status_code == 200, ok.text
+        await wait_until(lambda: proxy.instances["acme"]["status"] == "CONNECTED", what="paired by code")
+        assert "pair_code" not in proxy.statuses[-1] or proxy.statuses[-1]["status"] != "CONNECTED"
+
+
+async def test_a_pairing_code_is_refreshed_when_it_expires(proxy, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_module, "PAIR_CODE_TTL_S", 0.5)
+    proxy.add_instance("acme", pair_phone="5511988887777")
+    async with running_worker(settings_for(tmp_path, proxy, SIMULATOR_AUTO_SCAN_MS=None), qr_rotate_s=0.05) as w:
+        await wait_until(lambda: w.backend.sessions.get("acme") and w.backend.session("acme").qr_count >= 4)
+        assert w.backend.pair_requests["acme"] == 1  # QRs rotate; the code stays while young
+        await wait_until(lambda: w.backend.pair_requests["acme"] == 2, what="a new code")
+        await wait_until(lambda: [s["pair_code"] for s in proxy.statuses if s.get("pair_code")][-1]
+                         == w.backend.session("acme").pair_code, what="the new code pushed")

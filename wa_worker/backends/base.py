@@ -241,6 +241,11 @@ class Session(abc.ABC):
         WhatsApp. Raises :class:`BackendError` when WhatsApp cannot be asked now (never a "no")."""
         raise BackendError("this backend cannot look numbers up")
 
+    async def pair_phone(self, phone: str) -> str:
+        """Ask WhatsApp for a pairing code for ``phone`` (digits), to enter on that phone instead of
+        scanning the QR; only while a QR is shown. Raises :class:`BackendError` when it cannot."""
+        raise BackendError("this backend cannot pair with a code")
+
     async def send_typing(self, to_jid: str, seconds: float) -> None:
         """Show "typing…" in the chat (the caller waits ``seconds``, then sends). Best effort:
         raises :class:`BackendError` when it could not (the message is sent anyway)."""

@@ -94,6 +94,7 @@ class SimulatorSession(Session):
         self.jid: str | None = None
         self._cancel: anyio.CancelScope | None = None
         self._scanned = anyio.Event()
+        self.pair_code: str | None = None  # the latest code pair_phone gave (entered on the phone)
         self._typing: dict[str, float] = {}  # chat → seconds of "typing…" shown before its next message
 
     # ---------------------------------------------------------------- Session API
@@ -105,6 +106,14 @@ class SimulatorSession(Session):
             raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
         self.backend.lookups[self.instance_id] += 1
         return {p: self.backend.registered_jid(p) for p in phones}
+
+    async def pair_phone(self, phone: str) -> str:
+        if self.state != SessionState.QR:
+            raise NotConnectedError(f"no pairing in progress: instance is {self.state}")
+        self.backend.pair_requests[self.instance_id] += 1
+        raw = secrets.token_hex(4).upper()
+        self.pair_code = f"{raw[:4]}-{raw[4:]}"
+        return self.pair_code
 
     async def send_typing(self, to_jid: str, seconds: float) -> None:
         if self.state != SessionState.CONNECTED:
@@ -157,6 +166,7 @@ class SimulatorSession(Session):
     async def _go_online(self, phone: _Phone) -> None:
         self.state = SessionState.CONNECTED
         self.qr = None
+        self.pair_code = None
         self.jid = phone.jid
         await self.sink(Connected(jid=phone.jid, push_name=phone.push_name))
 
@@ -204,6 +214,14 @@ class SimulatorSession(Session):
     def scan(self) -> None:
         if self.state != SessionState.QR:
             raise SimulatorError(f"no QR to scan: instance is {self.state}")
+        self._scanned.set()
+
+    def enter_code(self, code: str) -> None:
+        """The phone's owner types the pairing code: it links the device when it is the latest one."""
+        if self.state != SessionState.QR or self.pair_code is None:
+            raise SimulatorError(f"no pairing code to enter: instance is {self.state}")
+        if code.replace("-", "").upper() != self.pair_code.replace("-", ""):
+            raise SimulatorError("wrong pairing code")
         self._scanned.set()
 
     async def drop(self) -> None:
@@ -290,7 +308,7 @@ class SimulatorSession(Session):
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.instance_id, "state": self.state, "jid": self.jid, "qr": self.qr,
-                "qr_count": self.qr_count, "fail_sends": self.backend.fail_sends.get(self.instance_id, 0)}
+                "qr_count": self.qr_count, "pair_code": self.pair_code, "fail_sends": self.backend.fail_sends.get(self.instance_id, 0)}
 
 
 def _lid_fields(sender: str, chat: str, sender_pn: str | None) -> dict[str, str | None]:
@@ -362,6 +380,7 @@ class SimulatorBackend(Backend):
         self.crash_after_send = False
         self.downloads: Counter[str] = Counter()  # media downloads per instance
         self.lookups: Counter[str] = Counter()  # number lookups (calls) per instance
+        self.pair_requests: Counter[str] = Counter()  # pairing codes asked for, per instance
         self.registered: frozenset[str] | None = None  # the numbers that exist (None: every number)
         self._flows: Any = None  # task group of the sessions' connect flows
         self._tg_cm: Any = None

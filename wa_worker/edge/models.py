@@ -266,11 +266,12 @@ class StatusUpdate(_Strict):
     qr_code: str | None
     phone_number: str | None = None
     reason: str | None = None
+    pair_code: str | None = None  # CONNECTING with a discovery item's pair_phone (issue #12)
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         # the three contract fields always go; the extras only when known
-        for extra in ("phone_number", "reason"):
+        for extra in ("phone_number", "reason", "pair_code"):
             if data[extra] is None:
                 del data[extra]
         return data

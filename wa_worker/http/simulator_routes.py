@@ -3,6 +3,7 @@ only with the simulator backend (the parent app's bearer check covers them).
 
     GET  /simulator/instances                     every simulated session
     POST /simulator/instances/{id}/scan           scan the current QR code
+    POST /simulator/instances/{id}/enter-code     {"code"}: enter the pairing code on the phone (409: wrong)
     POST /simulator/instances/{id}/inbound        {"from", "body", "chat_id"?, "push_name"?, "is_group"?, "from_me"?,
                                                    "type"?, "media_base64"?, "mimetype"?, "filename"?, "caption"?,
                                                    "reply_to"?, "latitude"?, "longitude"?, "name"?, "address"?,
@@ -141,6 +142,14 @@ def simulator_app(sim: SimulatorBackend) -> web.Application:
         session_of(request).scan()
         return json_response({"ok": True})
 
+    async def enter_code(request: web.Request) -> web.Response:
+        s = session_of(request)
+        code = (await read_json_object(request, max_bytes=MAX_BODY)).get("code")
+        if not isinstance(code, str) or len(code) > 32:
+            return json_response({"error": "'code' is a required string"}, 400)
+        s.enter_code(code)
+        return json_response({"ok": True})
+
     async def inbound(request: web.Request) -> web.Response:
         s = session_of(request)
         data = await read_json_object(request, max_bytes=MAX_INBOUND_BODY)
@@ -206,6 +215,7 @@ def simulator_app(sim: SimulatorBackend) -> web.Application:
     app.router.add_post("/numbers", set_numbers)
     app.router.add_get("/numbers", numbers)
     app.router.add_post("/instances/{id}/scan", scan)
+    app.router.add_post("/instances/{id}/enter-code", enter_code)
     app.router.add_post("/instances/{id}/inbound", inbound)
     app.router.add_get("/instances/{id}/sent", sent)
     app.router.add_post("/instances/{id}/drop", drop)

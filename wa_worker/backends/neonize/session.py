@@ -181,6 +181,20 @@ class NeonizeSession(Session):
                 out[query] = jid_to_str(answer.JID) or f"{query}@s.whatsapp.net"
         return out
 
+    async def pair_phone(self, phone: str) -> str:
+        """whatsmeow's ``PairPhone`` through the pool (only while a QR is shown); any failure is a
+        :class:`BackendError` (the QR still works)."""
+        from neonize.exc import PairPhoneError  # neonize loads lazily (an optional dependency)
+
+        attempt = self._attempt
+        if self._closed or attempt is None or attempt.terminal or attempt.connected or attempt.client is None:
+            raise BackendError(f"instance {self.instance_id} is not showing a QR")
+        try:
+            code = await attempt.client.PairPhone(phone, True)
+        except (CallTimeout, RuntimeError, PairPhoneError) as exc:  # timed out, pool gone, WhatsApp's error
+            raise BackendError(f"pairing code request failed: {type(exc).__name__}: {exc}"[:300]) from None
+        return str(code)
+
     async def send_typing(self, to_jid: str, seconds: float) -> None:
         """``SendChatPresence(composing)`` through the pool; a failure is a :class:`BackendError`."""
         from neonize.exc import SendPresenceError  # neonize loads lazily (an optional dependency)
