@@ -88,6 +88,7 @@ class NumberResolver:
         self.cache_s = cache_days * 86400
         self.lookups_per_minute = lookups_per_minute
         self._buckets: dict[str, TokenBucket] = {}
+        self._dry: set[str] = set()  # instances whose bucket ran dry (logged once per dry spell)
         self.lookups = 0
         self.rate_limited = 0
         self.lookup_errors = 0
@@ -111,8 +112,12 @@ class NumberResolver:
             return Resolution(Outcome.FOUND, found) if found else Resolution(Outcome.NOT_ON_WHATSAPP)
         if not self._bucket(instance_id).take():
             self.rate_limited += 1
-            log.info("%s: number lookups are rate-limited: a message waits for the next poll", instance_id)
+            if instance_id not in self._dry:
+                self._dry.add(instance_id)
+                log.info("%s: more than %d number lookups a minute: messages to new numbers wait (they stay "
+                         "queued at the proxy)", instance_id, self.lookups_per_minute)
             return Resolution(Outcome.WAIT)
+        self._dry.discard(instance_id)
         forms = br_forms(phone)
         self.lookups += 1
         try:
