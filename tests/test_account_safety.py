@@ -184,6 +184,15 @@ async def test_inbound_from_a_lid_sender_carries_both_addresses(proxy, tmp_path)
         assert bad.status_code == 400
 
 
+def test_instance_settings_override_within_bounds():
+    base = SendLimits(min_gap_ms=1000, max_per_minute=20)
+    mine = base.overridden({"send_min_gap_ms": 5000, "send_max_per_day": 300, "typing_indicator": True,
+                            "send_max_per_minute": "lots", "send_jitter_ms": 10**12, "typing_max_s": 3})
+    assert (mine.min_gap_ms, mine.max_per_minute, mine.max_per_day, mine.typing, mine.jitter_ms) == (
+        5000, 20, 300, True, 0)  # bad values keep the defaults
+    assert mine.typing_s("x" * 10_000) == 3.0 and mine.typing_s("hi") == 1.0 and base.typing_s("hi") == 0.0
+
+
 def test_discovery_items_carry_settings_and_pair_phone():
     rejected: list[str] = []
     refs = parse_instances([{"id": "a", "settings": {"send_max_per_day": 10}, "pair_phone": "5511988887777"},

@@ -18,6 +18,10 @@ MINUTE_S = 60.0
 DAY_S = 86400.0
 TYPING_CHARS_PER_S = 20.0
 TYPING_MIN_S = 1.0
+TYPING_CAP_S = 25.0  # whatever typing_max_s says (WhatsApp hides "typing…" after ~25 s anyway)
+# the largest value an instance's settings may give each field (larger: ignored)
+_MAXIMA = {"min_gap_ms": 3_600_000, "jitter_ms": 3_600_000, "max_per_minute": 10**6, "max_per_day": 10**8,
+           "typing_max_s": TYPING_CAP_S}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +47,7 @@ class SendLimits:
             if name == "typing":
                 if isinstance(value, bool):
                     changes[name] = value
-            elif isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 10**9:
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= _MAXIMA[name]:
                 changes[name] = float(value) if name == "typing_max_s" else int(value)
         return replace(self, **changes)
 
@@ -51,7 +55,8 @@ class SendLimits:
         """How long to show typing before ``text`` (0: not at all)."""
         if not self.typing or not text:
             return 0.0
-        return round(min(self.typing_max_s, max(TYPING_MIN_S, len(text) / TYPING_CHARS_PER_S)), 2)
+        longest = min(self.typing_max_s, TYPING_CAP_S)
+        return round(min(longest, max(TYPING_MIN_S, len(text) / TYPING_CHARS_PER_S)), 2)
 
 
 class SendPacer:
