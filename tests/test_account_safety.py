@@ -184,6 +184,19 @@ async def test_inbound_from_a_lid_sender_carries_both_addresses(proxy, tmp_path)
         assert bad.status_code == 400
 
 
+async def test_the_day_cap_survives_a_restart(proxy, tmp_path):
+    proxy.add_instance("acme")
+    settings = settings_for(tmp_path, proxy, SEND_MAX_PER_DAY=2)
+    for i in range(3):
+        proxy.enqueue("acme", f"m{i}", "5511988887777", f"n{i}")
+    async with running_worker(settings):
+        await wait_until(lambda: len(proxy.sent_marks) == 2, what="two sends")
+    async with running_worker(settings) as w:
+        await wait_until(lambda: proxy.instances["acme"]["status"] == "CONNECTED")
+        await anyio.sleep(0.4)  # several poll intervals
+        assert "m2" not in proxy.sent_marks and w.outbound.allowance("acme") == 0
+
+
 def test_instance_settings_override_within_bounds():
     base = SendLimits(min_gap_ms=1000, max_per_minute=20)
     mine = base.overridden({"send_min_gap_ms": 5000, "send_max_per_day": 300, "typing_indicator": True,

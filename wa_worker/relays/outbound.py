@@ -42,7 +42,7 @@ from ..messages import Content, ContentError, Kind
 from ..storage.journal import JOURNAL_RETENTION_S, Journal, JournalUnavailable, JournalWriteError, OutboundRow
 from .numbers import NumberResolver, Outcome
 from .outbound_media import MediaLimits, MediaStager, staging_dir
-from .send_pacing import SendLimits, SendPacer
+from .send_pacing import DAY_S, SendLimits, SendPacer
 from ..supervise import LoopHealth, report_failure
 from ..timing import Clock, MinGap, backoff_delay
 
@@ -88,7 +88,12 @@ class OutboundRelay:
     def pacer(self, instance_id: str) -> SendPacer:
         pacer = self._pacers.get(instance_id)
         if pacer is None:
-            pacer = self._pacers[instance_id] = SendPacer(self.limits, self.clock, self.rng)
+            # seeded with the day's sends the journal knows: a restart does not reset the caps
+            try:
+                earlier = self.journal.send_times(instance_id, self.clock.time() - DAY_S)
+            except JournalUnavailable:
+                earlier = []
+            pacer = self._pacers[instance_id] = SendPacer(self.limits, self.clock, self.rng, sent_at=earlier)
         return pacer
 
     def configure(self, instance_id: str, settings: dict[str, Any] | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,12 +63,15 @@ class SendLimits:
 class SendPacer:
     """One instance's sends: what may go now, and how long to wait before the next."""
 
-    def __init__(self, limits: SendLimits, clock: Clock, rng: random.Random | None = None) -> None:
+    def __init__(self, limits: SendLimits, clock: Clock, rng: random.Random | None = None, *,
+                 sent_at: Sequence[float] = ()) -> None:
         self.limits = limits
         self.clock = clock
         self.rng = rng or random.Random()
-        self._sent: deque[float] = deque()  # send times within the last day
-        self._last: float | None = None
+        # send times (monotonic) within the last day; ``sent_at``: earlier ones, wall-clock (from the journal)
+        offset = clock.monotonic() - clock.time()
+        self._sent: deque[float] = deque(t + offset for t in sent_at)
+        self._last: float | None = self._sent[-1] if self._sent else None
 
     def _prune(self, now: float) -> None:
         while self._sent and self._sent[0] <= now - DAY_S:

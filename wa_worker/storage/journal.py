@@ -374,6 +374,12 @@ class Journal:
         r = rows[0]
         return KnownMessage(r["instance_id"], r["wa_message_id"], r["chat_jid"], r["sender_jid"], bool(r["from_me"]))
 
+    def send_times(self, instance_id: str, since: float) -> list[float]:
+        """When this instance's messages that reached WhatsApp were sent (since ``since``), oldest first."""
+        rows = self._read("SELECT created_at FROM outbound WHERE instance_id = ? AND created_at > ? "
+                          "AND wa_message_id IS NOT NULL ORDER BY created_at", (instance_id, since))
+        return [float(r["created_at"]) for r in rows]
+
     # ------------------------------------------------------------------ number cache
 
     def cached_number(self, phone: str, max_age_s: float) -> tuple[str | None] | None:

@@ -108,6 +108,8 @@ CREATE TABLE number_cache (
     jid         TEXT,
     checked_at  REAL NOT NULL
 ) WITHOUT ROWID;
+-- an instance's sends of the last day (its per-day cap survives a restart)
+CREATE INDEX outbound_instance_created ON outbound (instance_id, created_at);
 """
 
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
