@@ -42,9 +42,11 @@ def test_lookup_typing_and_pairing_reach_go_and_fail_cleanly_offline(tmp_path: P
                 att.connected = True  # pretend it was online
                 with pytest.raises(BackendError) as lookup:
                     await session.lookup_numbers(["5511988887777", "551188887777"])
-                assert "lookup failed" in str(lookup.value)
-                with pytest.raises(BackendError):
+                # the errors come back from Go (through the pool: the client's only dispatcher)
+                assert "IsOnWhatsAppError" in str(lookup.value) and "PairPhoneError" in str(pair.value)
+                with pytest.raises(BackendError) as typing:
                     await session.send_typing("5511988887777@s.whatsapp.net", 2.0)
+                assert "SendPresenceError" in str(typing.value)
                 assert time.monotonic() - t0 < 10
                 journal = Journal(tmp_path / "db")
                 resolver = NumberResolver(journal, FakeClock())
