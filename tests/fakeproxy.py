@@ -38,6 +38,9 @@ class FakeProxy:
     on_inbound: Any = None  # called with the body once stored, before answering
     claim: bool = False  # hand each message out once (see the module docstring)
     poll_limit: int | None = None  # messages per /queued-messages answer (None: all)
+    honor_limit: bool = True  # apply the worker's ?limit= (False: a proxy that ignores it)
+    limits_seen: list[str | None] = field(default_factory=list)
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra discovery-item fields per instance  # the ?limit= of every per-instance poll
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
     queue: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     sent_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -64,8 +67,10 @@ class FakeProxy:
 
     # ---------------------------------------------------------------- helpers for tests
 
-    def add_instance(self, iid: str, status: str = "DISCONNECTED") -> None:
+    def add_instance(self, iid: str, status: str = "DISCONNECTED", **item: Any) -> None:
+        """``item``: extra fields of its discovery item (``pair_phone``, ``settings`` ...)."""
         self.instances[iid] = {"status": status, "qr_code": None}
+        self.items[iid] = item
 
     def enqueue(self, iid: str, mid: str, to: str, body: str | None, **fields: Any) -> None:
         """A queued message; ``fields`` are the optional content fields (type, media_url, ...)."""
@@ -134,7 +139,7 @@ class FakeProxy:
     async def _disconnected(self, request: web.Request) -> web.Response:
         if (r := await self._gate(request, "disconnected-instances")) is not None:
             return r
-        items = [{"id": i, "priority": 0} for i, v in self.instances.items()
+        items = [{"id": i, "priority": 0, **self.items.get(i, {})} for i, v in self.instances.items()
                  if v["status"] in ("DISCONNECTED", "CONNECTING")]
         return web.json_response(self._wrap("instances", items))
 
@@ -168,7 +173,12 @@ class FakeProxy:
             return web.json_response({"messages": items})
         if iid in self.gone:
             return web.json_response({"error": "not found"}, status=404)
-        return web.json_response(self._wrap("messages", self._offer(iid, self.poll_limit)))
+        asked = request.query.get("limit")
+        self.limits_seen.append(asked)
+        limit = self.poll_limit
+        if self.honor_limit and asked is not None and asked.isdigit():
+            limit = int(asked) if limit is None else min(limit, int(asked))
+        return web.json_response(self._wrap("messages", self._offer(iid, limit)))
 
     def _offer(self, iid: str, limit: int | None) -> list[dict[str, Any]]:
         """Up to ``limit`` queued messages of ``iid``, oldest first; claimed (removed) in claim mode."""

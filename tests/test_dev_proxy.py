@@ -397,6 +397,23 @@ def test_inbound_rejects(proxy: BackgroundProxy, http: httpx.Client, over: dict,
 # ---------------------------------------------------------------------------- dev API
 
 
+def test_pair_phone_in_discovery_and_pair_code_shown(proxy: BackgroundProxy, http: httpx.Client) -> None:
+    """Issue #12: an instance added with a phone is listed with ``pair_phone``; the code the
+    worker pushes on CONNECTING is shown by the dev API until the status moves on."""
+    assert http.post("/dev/instances", json={"id": "p", "pair_phone": "5511988887777"}).status_code == 201
+    assert http.post("/dev/instances", json={"id": "q", "pair_phone": "+55 11"}).status_code == 400
+    add(proxy, "plain")
+    assert http.get("/disconnected-instances").json()["instances"] == [
+        {"id": "p", "priority": 0, "pair_phone": "5511988887777"}, {"id": "plain", "priority": 0}]
+    qr = "data:image/png;base64,iVBORw0KGgo="
+    body = {"instanceId": "p", "status": "CONNECTING", "qr_code": qr, "pair_code": "K3F9-2ZQ1"}
+    assert http.post("/update-status", json=body).status_code == 200
+    [shown] = [i for i in http.get("/dev/instances").json()["instances"] if i["id"] == "p"]
+    assert (shown["pair_code"], shown["pair_phone"]) == ("K3F9-2ZQ1", "5511988887777")
+    status(http, "p", "CONNECTED", phone_number="5511988887777")
+    assert proxy.store.get_instance("p")["pair_code"] is None
+
+
 def test_dev_api(proxy: BackgroundProxy, http: httpx.Client, events: list) -> None:
     r = http.post("/dev/instances", json={"id": "acme", "priority": 3})
     assert r.status_code == 201 and r.json()["instance"]["status"] == "DISCONNECTED"

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     MEDIA_ALLOW_PRIVATE: bool = False  # fetch media from private/loopback/link-local addresses (dev only)
     MEDIA_FETCH_TIMEOUT_S: float = Field(120.0, gt=0)  # total per media_url: DNS, connect, redirects, body
 
+    # --- account safety (issue #12): per-instance send pacing and number lookups; 0 = no cap
+    SEND_MIN_GAP_MS: int = Field(0, ge=0, le=3_600_000)
+    SEND_JITTER_MS: int = Field(0, ge=0, le=3_600_000)
+    SEND_MAX_PER_MINUTE: int = Field(0, ge=0)
+    SEND_MAX_PER_DAY: int = Field(0, ge=0)
+    TYPING_INDICATOR: bool = False
+    NUMBER_CACHE_DAYS: float = Field(7.0, gt=0, le=365)
+    NUMBER_LOOKUPS_PER_MINUTE: int = Field(30, ge=0)  # 0: numbers are not checked
+
     # --- neonize
     WA_BOT_BADGE: bool = False
 

@@ -30,7 +30,9 @@ from .logutil import redact_url, setup_logging, url_secrets
 from .preflight import StartupError, check_paths
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
+from .relays.numbers import NumberResolver
 from .relays.outbound_media import MediaLimits
+from .relays.send_pacing import SendLimits
 from .storage.db import StoreOpenError
 from .storage.journal import Journal, JournalUnavailable
 from .supervise import LoopHealth, forever
@@ -81,7 +83,13 @@ class Worker:
                                     media_dir=settings.STATE_DB.parent / "media-tmp" / "inbound")
         self.acks = Acknowledger(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                  health=self.acks_health)
-        self.outbound = OutboundRelay(self.journal, self.acks, MediaLimits.from_settings(settings))
+        self.outbound = OutboundRelay(
+            self.journal, self.acks, MediaLimits.from_settings(settings), clock=self.clock, rng=self.rng,
+            limits=SendLimits(min_gap_ms=settings.SEND_MIN_GAP_MS, jitter_ms=settings.SEND_JITTER_MS,
+                              max_per_minute=settings.SEND_MAX_PER_MINUTE, max_per_day=settings.SEND_MAX_PER_DAY,
+                              typing=settings.TYPING_INDICATOR),
+            resolver=NumberResolver(self.journal, self.clock, cache_days=settings.NUMBER_CACHE_DAYS,
+                                    lookups_per_minute=settings.NUMBER_LOOKUPS_PER_MINUTE))
         self.host = host
         self.port: int | None = None  # the bound port, once serving
         self.started_at = time.time()

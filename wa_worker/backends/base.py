@@ -106,6 +106,11 @@ class InboundMessage:
     # what it carries besides text (kind, caption, media, reply, reaction ...);
     # None: a plain text message whose text is ``body``
     content: InboundContent | None = None
+    # a LID contact's other address, when WhatsApp says it: the sender's phone JID and LID,
+    # and the chat's phone JID (issue #12)
+    sender_pn: str | None = None
+    sender_lid: str | None = None
+    chat_pn: str | None = None
 
 
 # --------------------------------------------------------------------------- outgoing
@@ -227,6 +232,24 @@ class Session(abc.ABC):
         if message.kind is Kind.TEXT and message.reply_to is None:
             return await self.send_text(message.to_jid, message.body)
         raise SendError(f"this backend cannot send a {message.kind.value} message", permanent=True)
+
+    # a backend that can ask WhatsApp which account a phone number is sets this
+    can_lookup_numbers: bool = False
+
+    async def lookup_numbers(self, phones: list[str]) -> dict[str, str | None]:
+        """For each phone (digits), the JID WhatsApp registers it under, or None when it is not on
+        WhatsApp. Raises :class:`BackendError` when WhatsApp cannot be asked now (never a "no")."""
+        raise BackendError("this backend cannot look numbers up")
+
+    async def pair_phone(self, phone: str) -> str:
+        """Ask WhatsApp for a pairing code for ``phone`` (digits), to enter on that phone instead of
+        scanning the QR; only while a QR is shown. Raises :class:`BackendError` when it cannot."""
+        raise BackendError("this backend cannot pair with a code")
+
+    async def send_typing(self, to_jid: str, seconds: float) -> None:
+        """Show "typing…" in the chat (the caller waits ``seconds``, then sends). Best effort:
+        raises :class:`BackendError` when it could not (the message is sent anyway)."""
+        return None
 
     async def download_media(self, handle: dict[str, object], dest_dir: Path) -> MediaFile:
         """Fetch the bytes of received media described by ``handle`` (from

@@ -9,7 +9,11 @@ the device. Every delivered message (any kind) is appended to
 restarts and crashes: ``to``, ``type``, ``body``, ``wa_message_id``, ``ts``, and
 as the kind has them ``mimetype``, ``size`` and ``sha256`` of the bytes it read,
 ``filename``, ``seconds``, ``reply_to`` (+ ``reply_to_chat``), ``reaction``,
-``latitude``/``longitude``/``name``/``address``, ``contact: {name, vcard}``. Received media is kept under
+``latitude``/``longitude``/``name``/``address``, ``contact: {name, vcard}``, and
+``typing_s`` when "typing…" was shown first. ``to`` is the JID the worker resolved.
+The numbers that exist can be set (:meth:`SimulatorBackend.set_registered`; none
+set: every number exists); a Brazilian mobile registered without its 9th digit
+is found when looked up with it, as on WhatsApp. Lookups are counted. Received media is kept under
 ``AUTH_DIR/<id>/simulator-media/<sha256>`` (what WhatsApp's servers would hold)
 and downloaded from there, only while the session is connected.
 
@@ -35,7 +39,7 @@ from typing import Any
 import anyio
 
 from ..fsutil import FILE_MODE, append_private, ensure_private_dir, write_private
-from ..ids import USER_SERVER, is_group_jid, normalize_recipient
+from ..ids import LID_SERVER, USER_SERVER, is_group_jid, normalize_recipient
 from ..messages import MEDIA_KINDS, ContactCard, InboundContent, Kind, Location, MediaInfo
 from .base import (
     Backend,
@@ -90,8 +94,31 @@ class SimulatorSession(Session):
         self.jid: str | None = None
         self._cancel: anyio.CancelScope | None = None
         self._scanned = anyio.Event()
+        self.pair_code: str | None = None  # the latest code pair_phone gave (entered on the phone)
+        self._typing: dict[str, float] = {}  # chat → seconds of "typing…" shown before its next message
 
     # ---------------------------------------------------------------- Session API
+
+    can_lookup_numbers = True
+
+    async def lookup_numbers(self, phones: list[str]) -> dict[str, str | None]:
+        if self.state != SessionState.CONNECTED:
+            raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
+        self.backend.lookups[self.instance_id] += 1
+        return {p: self.backend.registered_jid(p) for p in phones}
+
+    async def pair_phone(self, phone: str) -> str:
+        if self.state != SessionState.QR:
+            raise NotConnectedError(f"no pairing in progress: instance is {self.state}")
+        self.backend.pair_requests[self.instance_id] += 1
+        raw = secrets.token_hex(4).upper()
+        self.pair_code = f"{raw[:4]}-{raw[4:]}"
+        return self.pair_code
+
+    async def send_typing(self, to_jid: str, seconds: float) -> None:
+        if self.state != SessionState.CONNECTED:
+            raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
+        self._typing[to_jid] = seconds
 
     async def connect(self) -> None:
         if self.state == SessionState.CLOSED:
@@ -139,6 +166,7 @@ class SimulatorSession(Session):
     async def _go_online(self, phone: _Phone) -> None:
         self.state = SessionState.CONNECTED
         self.qr = None
+        self.pair_code = None
         self.jid = phone.jid
         await self.sink(Connected(jid=phone.jid, push_name=phone.push_name))
 
@@ -157,6 +185,9 @@ class SimulatorSession(Session):
         if self.state != SessionState.CONNECTED:
             raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
         record = await _describe_outgoing(message)
+        typing_s = self._typing.pop(message.to_jid, None)
+        if typing_s is not None:
+            record["typing_s"] = typing_s
         if self.state != SessionState.CONNECTED:
             raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
         wa_id = "SIM" + secrets.token_hex(8).upper()
@@ -185,6 +216,14 @@ class SimulatorSession(Session):
             raise SimulatorError(f"no QR to scan: instance is {self.state}")
         self._scanned.set()
 
+    def enter_code(self, code: str) -> None:
+        """The phone's owner types the pairing code: it links the device when it is the latest one."""
+        if self.state != SessionState.QR or self.pair_code is None:
+            raise SimulatorError(f"no pairing code to enter: instance is {self.state}")
+        if code.replace("-", "").upper() != self.pair_code.replace("-", ""):
+            raise SimulatorError("wrong pairing code")
+        self._scanned.set()
+
     async def drop(self) -> None:
         if self.state not in (SessionState.CONNECTED, SessionState.QR, SessionState.CONNECTING):
             raise SimulatorError(f"nothing to drop: instance is {self.state}")
@@ -203,10 +242,11 @@ class SimulatorSession(Session):
                       media: bytes | None = None, mimetype: str | None = None, filename: str | None = None,
                       reply_to: str | None = None, reaction: str | None = None, target_id: str | None = None,
                       location: Location | None = None, contact: ContactCard | None = None,
-                      view_once: bool = False) -> str:
+                      view_once: bool = False, sender_pn: str | None = None) -> str:
         """A message arrives from the phone's side. ``body`` is the text, the
         caption or an edit's new text; media bytes are stored like WhatsApp's
-        servers hold them and downloaded later through :meth:`download_media`."""
+        servers hold them and downloaded later through :meth:`download_media`.
+        ``sender_pn``: the phone number of a ``…@lid`` sender (WhatsApp tells it when known)."""
         if self.state != SessionState.CONNECTED:
             raise SimulatorError(f"not connected: instance is {self.state}")
         sender = normalize_recipient(from_)
@@ -240,6 +280,7 @@ class SimulatorSession(Session):
             timestamp=time.time(),
             own_jid=self.jid,
             content=content,
+            **_lid_fields(sender, chat, sender_pn),
         ))
         return wa_id
 
@@ -267,7 +308,15 @@ class SimulatorSession(Session):
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.instance_id, "state": self.state, "jid": self.jid, "qr": self.qr,
-                "qr_count": self.qr_count, "fail_sends": self.backend.fail_sends.get(self.instance_id, 0)}
+                "qr_count": self.qr_count, "pair_code": self.pair_code, "fail_sends": self.backend.fail_sends.get(self.instance_id, 0)}
+
+
+def _lid_fields(sender: str, chat: str, sender_pn: str | None) -> dict[str, str | None]:
+    """The LID / phone-number pairs of a received message (issue #12)."""
+    if not sender.endswith("@" + LID_SERVER):
+        return {}
+    pn = f"{sender_pn}@{USER_SERVER}" if sender_pn else None
+    return {"sender_lid": sender, "sender_pn": pn, "chat_pn": pn if chat == sender else None}
 
 
 def _hash_file(path: Path) -> tuple[int, str]:
@@ -330,6 +379,9 @@ class SimulatorBackend(Backend):
         self.stall_connects: dict[str, int] = {}
         self.crash_after_send = False
         self.downloads: Counter[str] = Counter()  # media downloads per instance
+        self.lookups: Counter[str] = Counter()  # number lookups (calls) per instance
+        self.pair_requests: Counter[str] = Counter()  # pairing codes asked for, per instance
+        self.registered: frozenset[str] | None = None  # the numbers that exist (None: every number)
         self._flows: Any = None  # task group of the sessions' connect flows
         self._tg_cm: Any = None
 
@@ -424,6 +476,20 @@ class SimulatorBackend(Backend):
         if s is None:
             raise KeyError(instance_id)
         return s
+
+    def set_registered(self, numbers: list[str] | None) -> None:
+        self.registered = None if numbers is None else frozenset(numbers)
+
+    def registered_jid(self, phone: str) -> str | None:
+        """The JID WhatsApp has for ``phone``: a Brazilian mobile registered without its 9th digit is
+        found with it (the JID is the registered form)."""
+        if self.registered is None or phone in self.registered:
+            return f"{phone}@{USER_SERVER}"
+        if phone.startswith("55") and len(phone) == 13 and phone[4] == "9":
+            old = phone[:4] + phone[5:]
+            if old in self.registered:
+                return f"{old}@{USER_SERVER}"
+        return None
 
     def set_fail_sends(self, instance_id: str, count: int) -> None:
         self.fail_sends[instance_id] = max(0, int(count))

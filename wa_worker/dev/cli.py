@@ -4,7 +4,7 @@
         the reference proxy + the worker in one process (Ctrl-C stops both)
     wa-worker dev proxy [--dir DIR] [--proxy-port N] [--port N]
         the reference proxy alone (run a worker yourself against it)
-    wa-worker dev instance add NAME [--priority N]
+    wa-worker dev instance add NAME [--priority N] [--phone DIGITS]
     wa-worker dev instance list
     wa-worker dev send INSTANCE TO [TEXT] [--media FILE | --media-url URL] [--type T]
                        [--caption TEXT] [--filename NAME] [--reply-to ID]
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_add = inst_sub.add_parser("add", parents=[helper], help="add an instance (the worker connects it)")
     p_add.add_argument("name", type=_instance_id, metavar="NAME")
     p_add.add_argument("--priority", type=int, default=0, help="higher connects first (default 0)")
+    p_add.add_argument("--phone", help="pair with a code for this phone (digits with the country code) "
+                       "besides the QR: the code shows on the page and in 'instance list'")
     inst_sub.add_parser("list", parents=[helper], help="list instances and their status")
 
     p_send = sub.add_parser("send", parents=[helper], help="queue a message (text, media, location, ...)",
@@ -214,7 +216,7 @@ def _clock(ts: float | None) -> str:
 def _cmd_instance(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.instance_command == "add":
-            inst = c.add_instance(args.name, args.priority)
+            inst = c.add_instance(args.name, args.priority, args.phone)
             print(f"added instance {inst['id']} ({inst['status']}); the worker picks it up at its next poll")
             return 0
         instances = c.list_instances()
@@ -228,6 +230,8 @@ def _cmd_instance(args: argparse.Namespace) -> int:
             detail = "+" + _one_line(i["phone_number"])
         elif i.get("reason"):
             detail = "reason: " + _one_line(i["reason"])
+        elif i.get("pair_code") and i["status"] == "CONNECTING":
+            detail = "pairing code " + _one_line(i["pair_code"]) + " (or scan the QR)"
         elif i.get("has_qr"):
             detail = "waiting for a QR scan"
         print(f"{i['id']:<{width}}  {i['status']:<12}  {detail}".rstrip())

@@ -82,8 +82,11 @@ class DevClient:
     def list_instances(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/dev/instances").get("instances", []))
 
-    def add_instance(self, instance_id: str, priority: int = 0) -> dict[str, Any]:
-        return dict(self._call("POST", "/dev/instances", json={"id": instance_id, "priority": priority})["instance"])
+    def add_instance(self, instance_id: str, priority: int = 0, pair_phone: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": instance_id, "priority": priority}
+        if pair_phone is not None:
+            body["pair_phone"] = pair_phone
+        return dict(self._call("POST", "/dev/instances", json=body)["instance"])
 
     def queue(self, instance_id: str, to: str, body: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
         """Queue a message; ``fields`` are its content fields (``type``, ``media_base64``, ...)."""

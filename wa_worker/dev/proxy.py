@@ -14,7 +14,7 @@ contract (called by the worker)
 media (loopback, no bearer, like the page: :mod:`wa_worker.dev.page`)
     GET  /media/<sha256>
 dev API (called by ``wa-worker dev instance|send|messages``, and by the page)
-    GET  /dev/instances              POST /dev/instances   {"id", "priority"?}
+    GET  /dev/instances              POST /dev/instances   {"id", "priority"?, "pair_phone"?}
     GET  /dev/messages[?instanceId=&limit=]
     POST /dev/messages   {"instanceId", "to", "body", + the content fields of a queued message}
 
@@ -184,15 +184,18 @@ class DevProxy:
 
     # -------------------------------------------------------------- shared actions
 
-    def add_instance(self, instance_id: Any, priority: Any = 0) -> dict[str, Any]:
+    def add_instance(self, instance_id: Any, priority: Any = 0, pair_phone: Any = None) -> dict[str, Any]:
         if not is_valid_instance_id(instance_id):
             raise ApiError(400, "instance id must match ^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
         if priority is None:
             priority = 0
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ApiError(400, "priority must be an integer")
+        if pair_phone is not None and not (isinstance(pair_phone, str) and pair_phone.isdigit()
+                                           and 8 <= len(pair_phone) <= 15):
+            raise ApiError(400, "pair_phone must be the phone number's digits (8-15, with the country code)")
         try:
-            inst = self.store.add_instance(instance_id, priority=priority)
+            inst = self.store.add_instance(instance_id, priority=priority, pair_phone=pair_phone)
         except InstanceExists:
             raise ApiError(409, f"instance {instance_id} already exists") from None
         self.emit("instance_added", instance_id)
@@ -429,9 +432,10 @@ async def update_status(request: web.Request) -> web.Response:
     qr_code = _opt_str(data, "qr_code")
     phone = _opt_str(data, "phone_number")
     reason = _opt_str(data, "reason")
+    pair_code = _opt_str(data, "pair_code")
     try:
         change = proxy.store.update_status(
-            instance_id, status, qr_code=qr_code, phone_number=phone, reason=reason
+            instance_id, status, qr_code=qr_code, phone_number=phone, reason=reason, pair_code=pair_code
         )
     except UnknownInstance:
         raise ApiError(404, f"unknown instance {instance_id}") from None
@@ -537,6 +541,8 @@ def public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str,
         "reason": inst["reason"],
         "priority": inst["priority"],
         "has_qr": bool(inst["qr_code"]),
+        "pair_phone": inst.get("pair_phone"),
+        "pair_code": inst.get("pair_code"),
         "created_at": inst["created_at"],
         "updated_at": inst["updated_at"],
     }
@@ -554,7 +560,7 @@ async def dev_list_instances(request: web.Request) -> web.Response:
 async def dev_add_instance(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     data = storable(await _json_object(request))
-    inst = proxy.add_instance(data.get("id"), data.get("priority", 0))
+    inst = proxy.add_instance(data.get("id"), data.get("priority", 0), data.get("pair_phone"))
     return web.json_response({"instance": public_instance(inst)}, status=201)
 
 

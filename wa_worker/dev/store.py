@@ -136,9 +136,16 @@ CREATE TABLE uploads (
 );
 """
 
+# issue #12: pairing with a code (the phone to pair, the code the worker pushed)
+V3_PAIRING_CODE = """
+ALTER TABLE instances ADD COLUMN pair_phone TEXT;
+ALTER TABLE instances ADD COLUMN pair_code TEXT;
+"""
+
 DEV_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_SCHEMA),
     Migration(2, "message types and media", V2_MESSAGE_TYPES),
+    Migration(3, "pairing code", V3_PAIRING_CODE),
 )
 # the tables of a dev database written before versioning (user_version 0)
 V1_TABLES = frozenset({"instances", "outbound", "inbound"})
@@ -220,13 +227,13 @@ class DevStore:
 
     # ------------------------------------------------------------------ instances
 
-    def add_instance(self, instance_id: str, *, priority: int = 0) -> dict[str, Any]:
+    def add_instance(self, instance_id: str, *, priority: int = 0, pair_phone: str | None = None) -> dict[str, Any]:
         now = self._now()
         with self._lock:
             try:
                 self._db.execute(
-                    "INSERT INTO instances (id, priority, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                    (instance_id, priority, now, now),
+                    "INSERT INTO instances (id, priority, pair_phone, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (instance_id, priority, pair_phone, now, now),
                 )
             except sqlite3.IntegrityError:
                 raise InstanceExists(instance_id) from None
@@ -250,10 +257,11 @@ class DevStore:
 
     def disconnected_instances(self) -> list[dict[str, Any]]:
         rows = self._all(
-            "SELECT id, priority FROM instances WHERE status IN ('DISCONNECTED', 'CONNECTING') "
+            "SELECT id, priority, pair_phone FROM instances WHERE status IN ('DISCONNECTED', 'CONNECTING') "
             "ORDER BY priority DESC, created_at, id"
         )
-        return [{"id": r["id"], "priority": r["priority"]} for r in rows]
+        return [{"id": r["id"], "priority": r["priority"], **({"pair_phone": r["pair_phone"]} if r["pair_phone"] else {})}
+                for r in rows]
 
     def update_status(
         self,
@@ -263,8 +271,9 @@ class DevStore:
         qr_code: str | None,
         phone_number: str | None = None,
         reason: str | None = None,
+        pair_code: str | None = None,
     ) -> StatusChange:
-        """DevStore a status report. Raises :class:`UnknownInstance`."""
+        """DevStore a status report (``pair_code`` kept only while CONNECTING). Raises :class:`UnknownInstance`."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         now = self._now()
@@ -276,9 +285,10 @@ class DevStore:
             phone = phone_number if phone_number else old["phone_number"]
             new_reason = reason if status == "DISCONNECTED" else None
             self._db.execute(
-                "UPDATE instances SET status = ?, qr_code = ?, phone_number = ?, reason = ?, updated_at = ? "
-                "WHERE id = ?",
-                (status, qr_code, phone, new_reason, now, instance_id),
+                "UPDATE instances SET status = ?, qr_code = ?, phone_number = ?, reason = ?, pair_code = ?, "
+                "updated_at = ? WHERE id = ?",
+                (status, qr_code, phone, new_reason, pair_code if status == "CONNECTING" else None, now,
+                 instance_id),
             )
         return StatusChange(
             instance_id=instance_id,

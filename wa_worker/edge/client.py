@@ -341,9 +341,13 @@ class EdgeClient:
         await self._request("POST", "/update-status", endpoint="update-status", body=update.to_json(),
                             instance_scoped=True, parse=False)
 
-    async def queued_messages(self, instance_id: str) -> list[QueuedMessage]:
+    async def queued_messages(self, instance_id: str, limit: int | None = None) -> list[QueuedMessage]:
+        """``limit``: at most that many (what pacing lets the instance send now); a proxy may ignore it."""
         ep = "queued-messages"
-        payload = await self._request("GET", "/queued-messages", endpoint=ep, params={"instanceId": instance_id},
+        params = {"instanceId": instance_id}
+        if limit is not None:
+            params["limit"] = str(limit)
+        payload = await self._request("GET", "/queued-messages", endpoint=ep, params=params,
                                       instance_scoped=True)
         rejected: list[str] = []
         items = parse_messages(payload, rejected)

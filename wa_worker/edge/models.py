@@ -32,8 +32,13 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class InstanceRef:
+    """A discovery item. ``settings``: the instance's own pacing settings (docs/proxy-contract.md);
+    ``pair_phone``: digits of the phone to pair with a code instead of a QR."""
+
     id: str
     priority: int = 0
+    settings: dict[str, Any] | None = None
+    pair_phone: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +136,15 @@ def parse_instances(payload: Any, rejected: list[str]) -> list[InstanceRef] | No
         if raw_id in seen:
             continue
         seen.add(raw_id)
-        out.append(InstanceRef(raw_id, prio))
+        settings = item.get("settings") if isinstance(item, dict) else None
+        pair_phone = item.get("pair_phone") if isinstance(item, dict) else None
+        if isinstance(pair_phone, int) and not isinstance(pair_phone, bool):
+            pair_phone = str(pair_phone)
+        if pair_phone is not None and not (isinstance(pair_phone, str) and pair_phone.isdigit()
+                                           and 8 <= len(pair_phone) <= 15):
+            rejected.append("invalid_pair_phone")
+            pair_phone = None
+        out.append(InstanceRef(raw_id, prio, settings if isinstance(settings, dict) else None, pair_phone))
     return out
 
 
@@ -253,11 +266,12 @@ class StatusUpdate(_Strict):
     qr_code: str | None
     phone_number: str | None = None
     reason: str | None = None
+    pair_code: str | None = None  # CONNECTING with a discovery item's pair_phone (issue #12)
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         # the three contract fields always go; the extras only when known
-        for extra in ("phone_number", "reason"):
+        for extra in ("phone_number", "reason", "pair_code"):
             if data[extra] is None:
                 del data[extra]
         return data

@@ -3,10 +3,12 @@ only with the simulator backend (the parent app's bearer check covers them).
 
     GET  /simulator/instances                     every simulated session
     POST /simulator/instances/{id}/scan           scan the current QR code
+    POST /simulator/instances/{id}/enter-code     {"code"}: enter the pairing code on the phone (409: wrong)
     POST /simulator/instances/{id}/inbound        {"from", "body", "chat_id"?, "push_name"?, "is_group"?, "from_me"?,
                                                    "type"?, "media_base64"?, "mimetype"?, "filename"?, "caption"?,
                                                    "reply_to"?, "latitude"?, "longitude"?, "name"?, "address"?,
-                                                   "reaction"? + "target_id"?, "contact"? | "vcard"?, "view_once"?}
+                                                   "reaction"? + "target_id"?, "contact"? | "vcard"?, "view_once"?,
+                                                   "sender_pn"? (the phone number of a "…@lid" sender)}
     GET  /simulator/instances/{id}/sent           what the worker sent through it (every field of the sent log)
     POST /simulator/instances/{id}/drop           drop the connection
     POST /simulator/instances/{id}/logout         unlink the phone
@@ -14,6 +16,8 @@ only with the simulator backend (the parent app's bearer check covers them).
     POST /simulator/instances/{id}/fail-connects  {"count"}: the next connects fail
     POST /simulator/instances/{id}/stall-connects {"count"}: the next connects hang
     POST /simulator/crash-after-next-send         the process dies right after the next send
+    POST /simulator/numbers                       {"registered": ["5511…", …] | null}: the numbers on WhatsApp
+    GET  /simulator/numbers                       {"registered", "lookups": {instance: calls}}
 
 A control that does not fit the instance's state is a 409.
 """
@@ -71,7 +75,10 @@ def inbound_fields(data: dict[str, Any]) -> dict[str, Any]:
         raise _BadInbound(f"'type' must be one of: {', '.join(k.value for k in Kind if k is not Kind.UNKNOWN)}")
     body = _opt_text(data, "body", MAX_TEXT_CHARS)
     caption = _opt_text(data, "caption", MAX_TEXT_CHARS)
-    fields: dict[str, Any] = {"kind": kind, "reply_to": _wa_id(data, "reply_to"),
+    pn = _opt_text(data, "sender_pn", 32)
+    if pn is not None and not pn.isdigit():
+        raise _BadInbound("'sender_pn' must be the digits of a phone number")
+    fields: dict[str, Any] = {"sender_pn": pn, "kind": kind, "reply_to": _wa_id(data, "reply_to"),
                               "view_once": data.get("view_once") is True}
     if kind in (Kind.TEXT, Kind.EDIT):
         if not body:
@@ -135,6 +142,14 @@ def simulator_app(sim: SimulatorBackend) -> web.Application:
         session_of(request).scan()
         return json_response({"ok": True})
 
+    async def enter_code(request: web.Request) -> web.Response:
+        s = session_of(request)
+        code = (await read_json_object(request, max_bytes=MAX_BODY)).get("code")
+        if not isinstance(code, str) or len(code) > 32:
+            return json_response({"error": "'code' is a required string"}, 400)
+        s.enter_code(code)
+        return json_response({"ok": True})
+
     async def inbound(request: web.Request) -> web.Response:
         s = session_of(request)
         data = await read_json_object(request, max_bytes=MAX_INBOUND_BODY)
@@ -183,8 +198,24 @@ def simulator_app(sim: SimulatorBackend) -> web.Application:
         sim.crash_after_send = True
         return json_response({"ok": True})
 
+    async def set_numbers(request: web.Request) -> web.Response:
+        data = await read_json_object(request, max_bytes=MAX_BODY * 16)
+        numbers = data.get("registered")
+        if numbers is not None and not (isinstance(numbers, list) and all(
+                isinstance(n, str) and n.isdigit() and len(n) <= 20 for n in numbers)):
+            return json_response({"error": "'registered' must be a list of digit strings, or null"}, 400)
+        sim.set_registered(numbers)
+        return json_response({"ok": True})
+
+    async def numbers(_: web.Request) -> web.Response:
+        registered = None if sim.registered is None else sorted(sim.registered)
+        return json_response({"registered": registered, "lookups": dict(sim.lookups)})
+
     app.router.add_get("/instances", instances)
+    app.router.add_post("/numbers", set_numbers)
+    app.router.add_get("/numbers", numbers)
     app.router.add_post("/instances/{id}/scan", scan)
+    app.router.add_post("/instances/{id}/enter-code", enter_code)
     app.router.add_post("/instances/{id}/inbound", inbound)
     app.router.add_get("/instances/{id}/sent", sent)
     app.router.add_post("/instances/{id}/drop", drop)

@@ -49,6 +49,8 @@ class InstanceManager:
         self.restarting: set[str] = set()  # crashed runners waiting for their restart
         self._unheld_logged: set[str] = set()  # batch: instances with messages but no session here
         self._gone_ids: set[str] = set()  # ended by a proxy 404/410: batch messages never restart them
+        self.pair_phones: dict[str, str] = {}  # discovery items' pair_phone (a pairing code next to the QR)
+        ctx.pair_phone = self.pair_phones.get
         clock = ctx.clock
         # stale after 3 of its longest waits; the worker widens these (proxy call time, READY_MAX_PROXY_SILENCE_S)
         self.discovery_health = LoopHealth("discovery", clock, stale_after_s=3 * instance_poll_max_s)
@@ -244,6 +246,12 @@ class InstanceManager:
         started = 0
         for ref in sorted(refs, key=lambda r: -r.priority):
             self._gone_ids.discard(ref.id)  # the proxy knows it again
+            if ref.settings is not None:
+                self.ctx.outbound.configure(ref.id, ref.settings)
+            if ref.pair_phone is not None:
+                self.pair_phones[ref.id] = ref.pair_phone
+            else:
+                self.pair_phones.pop(ref.id, None)
             running = self.runners.get(ref.id)
             if running is not None:
                 if running.state is State.CONNECTED:

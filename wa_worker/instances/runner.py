@@ -23,6 +23,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ..backends.base import (
+    BackendError,
     Backend,
     BackendEvent,
     Connected,
@@ -58,6 +59,9 @@ STATUS_RETRY_CAP_S = 60.0
 CONNECTING_PUSHES = 8
 # what a QR code holds at most (version 40, 8-bit bytes, error correction L)
 QR_MAX_BYTES = 2953
+# a pairing code is asked for again at the first QR after this long (the phone refuses old codes)
+PAIR_CODE_TTL_S = 180.0
+PAIR_CODE_TIMEOUT_S = 20.0
 
 
 async def _wake_gap(clock: Clock, last_start: float) -> None:
@@ -114,6 +118,8 @@ class RunnerContext:
     # QR renders run in threads, one at a time: more would take the GIL from the event loop
     # for one switch interval (5 ms) each, in turn (health and /wake would wait for all of them)
     qr_render: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+    # the phone to pair with a code (a discovery item's pair_phone), per instance
+    pair_phone: Callable[[str], str | None] = lambda _iid: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,7 @@ class _Desired:
     qr_raw: str | None
     phone_number: str | None
     reason: str | None
+    pair_code: str | None = None
 
 
 class StatusReporter:
@@ -153,9 +160,9 @@ class StatusReporter:
         self._pushed = anyio.Event()
 
     def set(self, status: Status, qr_code: str | None = None, *, phone_number: str | None = None,
-            reason: str | None = None, qr_raw: str | None = None) -> None:
+            reason: str | None = None, qr_raw: str | None = None, pair_code: str | None = None) -> None:
         """``qr_raw``: a QR string, rendered to a PNG data URL when pushed (instead of ``qr_code``)."""
-        update = _Desired(status, qr_code, qr_raw, phone_number, reason)
+        update = _Desired(status, qr_code, qr_raw, phone_number, reason, pair_code)
         if update == self._desired and self._pushed_version == self._version:
             return  # the proxy already has exactly this (e.g. every failed reconnect attempt)
         self._desired = update
@@ -225,7 +232,7 @@ class StatusReporter:
                 return await self._push_latest()  # replaced while rendering
         await self.edge.update_status(StatusUpdate(
             instanceId=self.instance_id, status=desired.status, qr_code=qr_code,
-            phone_number=desired.phone_number, reason=desired.reason))
+            phone_number=desired.phone_number, reason=desired.reason, pair_code=desired.pair_code))
         return version
 
     async def _render(self, raw: str) -> str:
@@ -263,6 +270,7 @@ class InstanceRunner:
         self._stopped_event = anyio.Event()
         self._gone_flag = False
         self._interrupt = anyio.Event()  # cuts backoff waits short on stop/gone
+        self._pair: tuple[Session, float, str] | None = None  # (session, asked at, code)
         # the session while it is connected (the inbound relay downloads media through it)
         self.connected_session: Session | None = None
 
@@ -430,7 +438,7 @@ class InstanceRunner:
                 if len(event.code.encode("utf-8", "surrogatepass")) > QR_MAX_BYTES:
                     # rendered later (lazily), so refuse here what no QR can hold: a backend bug
                     raise ValueError(f"QR data of {len(event.code)} characters cannot be encoded")
-                self.status.set(Status.CONNECTING, qr_raw=event.code)
+                self.status.set(Status.CONNECTING, qr_raw=event.code, pair_code=await self._pair_code(session))
             elif isinstance(event, Connected):
                 backoff.reset()
                 connected = True
@@ -454,6 +462,27 @@ class InstanceRunner:
                 wipe_dir(self.ctx.backend.auth_dir(iid))
                 return Outcome.LOGGED_OUT, None
             event = await self._next(rx)
+
+    async def _pair_code(self, session: Session) -> str | None:
+        """The pairing code to show next to the QR when discovery gave a ``pair_phone``: asked for
+        at the first QR of a connection, again once it is ``PAIR_CODE_TTL_S`` old."""
+        phone = self.ctx.pair_phone(self.instance_id)
+        if phone is None:
+            return None
+        now = self.ctx.clock.monotonic()
+        if self._pair is not None and self._pair[0] is session and now - self._pair[1] < PAIR_CODE_TTL_S:
+            return self._pair[2]
+        try:
+            with anyio.fail_after(PAIR_CODE_TIMEOUT_S):
+                code = await session.pair_phone(phone)
+        except (BackendError, TimeoutError) as exc:
+            log.warning("%s: no pairing code (%s): the QR still works", self.instance_id, exc)
+            self._pair = None
+            return None
+        log.info("%s: new pairing code (enter it on the phone: Linked devices > Link with phone number)",
+                 self.instance_id)
+        self._pair = (session, now, code)
+        return code
 
     # ------------------------------------------------------------------ outbound
 
@@ -480,9 +509,14 @@ class InstanceRunner:
                 self.outbound_health.ok()
             elif self.ctx.batch_mode():
                 wait = await self._drain_inbox(session)
+            elif (allowed := self.ctx.outbound.allowance(iid)) == 0:
+                # pacing caps reached: claim nothing until one more send is allowed
+                wait = min(self.ctx.msg_poll_max_s, max(self.ctx.msg_poll_s,
+                                                        self.ctx.outbound.pacer(iid).wait_until_allowed_s()))
+                self.outbound_health.ok()
             else:
                 try:
-                    messages = await self.ctx.edge.queued_messages(iid)
+                    messages = await self.ctx.edge.queued_messages(iid, limit=allowed)
                 except InstanceGone:
                     self._gone()
                     return

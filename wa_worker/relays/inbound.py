@@ -94,6 +94,11 @@ def inbound_payload(instance_id: str, msg: InboundMessage, *,
         "timestamp": int(msg.timestamp),
         "type": Kind.TEXT.value,
     }
+    # the other address of a LID contact, when WhatsApp told it (issue #12)
+    for key in ("sender_pn", "sender_lid", "chat_pn"):
+        value = getattr(msg, key)
+        if value:
+            payload[key] = value
     if content is not None:
         payload.update(_content_fields(content, media_max_bytes))
     return payload

@@ -10,6 +10,12 @@ A send's outcome that cannot be journaled (disk full) is kept in memory by the
 :class:`Acknowledger` and written again until it lands; it is acknowledged
 once journaled. Nothing new is sent while the store is unwritable.
 
+Recipients and pacing (issue #12): a phone-number recipient is resolved to the
+JID WhatsApp has for it (:mod:`.numbers`; not on WhatsApp: ``not_on_whatsapp``)
+and sends are paced per instance (:mod:`.send_pacing`). A message that must
+wait (caps reached, lookup rate-limited or impossible now) stops the batch
+unjournaled: the proxy offers it again on a later poll, in order.
+
 Every kind of message (issue #11): media is staged *before* the ``sending``
 row (:mod:`.outbound_media`) and removed after the send; a ``reply_to`` must
 name a message in the journal's index. Every failure is journaled with an
@@ -28,13 +34,15 @@ from typing import Any
 
 import anyio
 
-from ..backends.base import MessageRef, OutgoingMessage, SendError, Session
+from ..backends.base import BackendError, MessageRef, OutgoingMessage, SendError, Session
 from ..edge.client import EdgeClient, EdgeError
 from ..edge.models import QueuedMessage
 from ..media import MediaError, StorageError
 from ..messages import Content, ContentError, Kind
 from ..storage.journal import JOURNAL_RETENTION_S, Journal, JournalUnavailable, JournalWriteError, OutboundRow
+from .numbers import NumberResolver, Outcome
 from .outbound_media import MediaLimits, MediaStager, staging_dir
+from .send_pacing import DAY_S, SendLimits, SendPacer
 from ..supervise import LoopHealth, report_failure
 from ..timing import Clock, MinGap, backoff_delay
 
@@ -58,9 +66,16 @@ class OutboundRelay:
     """Sends one instance's queued messages, in the proxy's order."""
 
     def __init__(self, journal: Journal, acks: "Acknowledger", media: MediaLimits | None = None,
-                 media_dir: Path | None = None) -> None:
+                 media_dir: Path | None = None, *, clock: Clock | None = None, limits: SendLimits | None = None,
+                 resolver: NumberResolver | None = None, rng: random.Random | None = None) -> None:
         self.journal = journal
         self.acks = acks
+        self.clock = clock or Clock()
+        self.rng = rng or random.Random()
+        self.limits = limits or SendLimits()
+        self.resolver = resolver or NumberResolver(journal, self.clock)
+        self._pacers: dict[str, SendPacer] = {}
+        self.waiting = 0  # messages left queued by pacing or number lookups
         self.stager = MediaStager(media_dir or staging_dir(journal.path), media or MediaLimits())
         self.sent = 0
         self.failed = 0
@@ -69,6 +84,25 @@ class OutboundRelay:
         # the worker's disk could not stage media: media messages wait (in order) until then
         self._media_paused_until = 0.0
         self._media_pause_s = 0.0
+
+    def pacer(self, instance_id: str) -> SendPacer:
+        pacer = self._pacers.get(instance_id)
+        if pacer is None:
+            # seeded with the day's sends the journal knows: a restart does not reset the caps
+            try:
+                earlier = self.journal.send_times(instance_id, self.clock.time() - DAY_S)
+            except JournalUnavailable:
+                earlier = []
+            pacer = self._pacers[instance_id] = SendPacer(self.limits, self.clock, self.rng, sent_at=earlier)
+        return pacer
+
+    def configure(self, instance_id: str, settings: dict[str, Any] | None) -> None:
+        """Apply an instance's own settings (from its discovery item) over the global limits."""
+        self.pacer(instance_id).limits = self.limits.overridden(settings) if settings else self.limits
+
+    def allowance(self, instance_id: str) -> int | None:
+        """How many messages ``instance_id`` may send now (None: no cap): what a poll may claim."""
+        return self.pacer(instance_id).allowance()
 
     def clear_media_leftovers(self) -> int:
         """Empty the staging folder (at start: files a killed process left)."""
@@ -97,7 +131,7 @@ class OutboundRelay:
                           "queued at the proxy and is tried again in %.0f s", instance_id, msg.id, exc,
                           self._media_pause_s)
                 break
-            except _MediaPaused:
+            except (_MediaPaused, _Waiting):
                 break
             if handled:
                 new += 1
@@ -125,6 +159,15 @@ class OutboundRelay:
         if not self.journal.writable:
             # its outcome could not be journaled: leave it queued at the proxy
             raise JournalUnavailable("the state store is not writable")
+        if self.pacer(instance_id).allowance() == 0:
+            self.waiting += 1
+            raise _Waiting()  # the caps are reached: it stays queued at the proxy
+        resolved = await self.resolver.resolve(instance_id, session, msg.jid)
+        if resolved.outcome is Outcome.WAIT:
+            self.waiting += 1
+            raise _Waiting()
+        if resolved.outcome is Outcome.NOT_ON_WHATSAPP or resolved.jid is None:
+            return self._fail(msg.id, instance_id, f"{msg.to} is not on WhatsApp", "not_on_whatsapp")
         content = msg.content or Content(Kind.TEXT, body=msg.body)
         reply_to: MessageRef | None = None
         if content.reply_to is not None:
@@ -137,7 +180,7 @@ class OutboundRelay:
                     f"{days} days (the worker only knows those): check the id, or send without reply_to",
                     "reply_target_unknown")
             reply_to = MessageRef(target.wa_message_id, target.chat_jid, target.sender_jid, target.from_me)
-        out = OutgoingMessage(to_jid=msg.jid, kind=content.kind or Kind.DOCUMENT, body=content.body,
+        out = OutgoingMessage(to_jid=resolved.jid, kind=content.kind or Kind.DOCUMENT, body=content.body,
                               reply_to=reply_to, reaction=content.reaction, location=content.location,
                               contact=content.contact)
         if content.media is None:
@@ -155,8 +198,19 @@ class OutboundRelay:
             return self._fail(msg.id, instance_id, str(exc), exc.code)
 
     async def _send(self, instance_id: str, session: Session, message_id: str, out: OutgoingMessage) -> bool:
+        pacer = self.pacer(instance_id)
+        await pacer.gap()
+        typing_s = pacer.limits.typing_s(out.body) if out.kind is Kind.TEXT else 0.0
+        if typing_s > 0:
+            try:
+                await session.send_typing(out.to_jid, typing_s)
+            except BackendError as exc:
+                log.debug("%s: typing indicator not shown (%s)", instance_id, exc)
+            else:
+                await self.clock.sleep(typing_s)
         if not self.journal.begin_send(message_id, instance_id, out.to_jid):
             return False
+        pacer.sent()
         # Once WhatsApp may have the message, the outcome must be journaled even
         # if the worker is shutting down: shield the send and its record.
         with anyio.CancelScope(shield=True):
@@ -184,6 +238,10 @@ class OutboundRelay:
     def _record_failure(self, instance_id: str, message_id: str, error: str, code: str) -> None:
         self.acks.record_outcome(message_id, self.journal.record_failure, message_id, instance_id, error, code)
         self.failed += 1
+
+
+class _Waiting(Exception):
+    """Stop the batch here: pacing or a number lookup makes the message wait (it stays queued)."""
 
 
 class _MediaPaused(Exception):

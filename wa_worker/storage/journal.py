@@ -374,6 +374,25 @@ class Journal:
         r = rows[0]
         return KnownMessage(r["instance_id"], r["wa_message_id"], r["chat_jid"], r["sender_jid"], bool(r["from_me"]))
 
+    def send_times(self, instance_id: str, since: float) -> list[float]:
+        """When this instance's messages that reached WhatsApp were sent (since ``since``), oldest first."""
+        rows = self._read("SELECT created_at FROM outbound WHERE instance_id = ? AND created_at > ? "
+                          "AND wa_message_id IS NOT NULL ORDER BY created_at", (instance_id, since))
+        return [float(r["created_at"]) for r in rows]
+
+    # ------------------------------------------------------------------ number cache
+
+    def cached_number(self, phone: str, max_age_s: float) -> tuple[str | None] | None:
+        """``(jid,)`` WhatsApp gave for ``phone`` within ``max_age_s`` (``(None,)``: not on
+        WhatsApp); None when not asked recently."""
+        rows = self._read("SELECT jid FROM number_cache WHERE phone = ? AND checked_at > ?",
+                          (phone, self._now() - max_age_s))
+        return (rows[0]["jid"],) if rows else None
+
+    def cache_number(self, phone: str, jid: str | None) -> None:
+        self._write("INSERT OR REPLACE INTO number_cache (phone, jid, checked_at) VALUES (?, ?, ?)",
+                    (phone, jid, self._now()))
+
     def reack(self, message_id: str) -> None:
         """The proxy offered an already-handled message again: acknowledge it
         again (its first acknowledgement was evidently lost)."""
@@ -467,6 +486,7 @@ class Journal:
         ).rowcount
         # the message index shares the retention (not counted: it is no journal row)
         self._write("DELETE FROM message_index WHERE created_at < ?", (now - JOURNAL_RETENTION_S,))
+        self._write("DELETE FROM number_cache WHERE checked_at < ?", (now - JOURNAL_RETENTION_S,))
         n += self._write("DELETE FROM dead_letter WHERE created_at < ?", (now - DEAD_LETTER_RETENTION_S,)).rowcount
         return n
 

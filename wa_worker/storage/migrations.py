@@ -101,10 +101,22 @@ CREATE TABLE message_index (
 CREATE INDEX message_index_created ON message_index (created_at);
 """
 
+# issue #12: WhatsApp's answers about phone numbers (jid NULL: not on WhatsApp)
+V4_NUMBER_CACHE = """
+CREATE TABLE number_cache (
+    phone       TEXT PRIMARY KEY,
+    jid         TEXT,
+    checked_at  REAL NOT NULL
+) WITHOUT ROWID;
+-- an instance's sends of the last day (its per-day cap survives a restart)
+CREATE INDEX outbound_instance_created ON outbound (instance_id, created_at);
+"""
+
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_INITIAL),
     Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
     Migration(3, "error codes and message index", V3_ERROR_CODES_AND_MESSAGE_INDEX),
+    Migration(4, "number cache", V4_NUMBER_CACHE),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})

@@ -321,7 +321,29 @@ def map_message(ev: Any, own_jid: str | None = None) -> InboundMessage | None:
         timestamp=timestamp_seconds(info.Timestamp),
         own_jid=own_jid,
         content=None if plain else content,
+        **lid_fields(src, chat, sender),
     )
+
+
+def lid_fields(src: Any, chat: str, sender: str) -> dict[str, str]:
+    """``sender_pn`` / ``sender_lid`` / ``chat_pn`` from a ``MessageSource``'s ``SenderAlt`` and
+    ``RecipientAlt`` (whatsmeow: the other address of the sender, and of the DM's peer)."""
+    out: dict[str, str] = {}
+    sender_alt = jid_to_str(src.SenderAlt) if _has(src, "SenderAlt") else None
+    for jid in (sender, sender_alt):
+        if jid and jid.endswith("@lid"):
+            out.setdefault("sender_lid", jid)
+        elif jid and jid.endswith("@s.whatsapp.net"):
+            out.setdefault("sender_pn", jid)
+    if "sender_lid" not in out:
+        return {}  # no LID involved: the phone JID is the sender_id already
+    if chat.endswith("@lid"):
+        recipient_alt = jid_to_str(src.RecipientAlt) if _has(src, "RecipientAlt") else None
+        if chat == out["sender_lid"] and "sender_pn" in out:
+            out["chat_pn"] = out["sender_pn"]
+        elif recipient_alt and recipient_alt.endswith("@s.whatsapp.net"):
+            out["chat_pn"] = recipient_alt
+    return out
 
 
 def map_login_status(status: str) -> BackendEvent | None:

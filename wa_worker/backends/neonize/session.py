@@ -33,7 +33,7 @@ from ..base import (
 )
 from ..base import SessionState as SessionState  # re-exported by the package
 from .attempt import MEDIA_CALLS, Attempt, make_callbacks, neonize_call, new_attempt
-from .events import identity_from_event, is_terminal, map_event, map_login_status
+from .events import identity_from_event, is_terminal, jid_to_str, map_event, map_login_status
 from .gate import gated_call
 from .loading import NeonizeLib, jid_proto
 from .media import classify_download_error, message_from_handle, write_media
@@ -160,6 +160,52 @@ class NeonizeSession(Session):
         if not resp.ID:
             raise SendError("WhatsApp returned no message id")
         return str(resp.ID)
+
+    can_lookup_numbers = True
+
+    async def lookup_numbers(self, phones: list[str]) -> dict[str, str | None]:
+        """whatsmeow's ``IsOnWhatsApp`` through the pool: a phone → the JID WhatsApp returns, or None
+        when it says the number is not registered. Any failure (not connected, offline, timeout) is a
+        :class:`BackendError`: "unknown, ask later", never "not on WhatsApp"."""
+        from neonize.exc import IsOnWhatsAppError  # neonize loads lazily (an optional dependency)
+
+        attempt = self._live_attempt()
+        try:
+            answers = await attempt.client.is_on_whatsapp(*[f"+{p}" for p in phones])
+        except (CallTimeout, RuntimeError, IsOnWhatsAppError) as exc:  # timed out, pool gone, WhatsApp's error
+            raise BackendError(f"number lookup failed: {type(exc).__name__}: {exc}"[:300]) from None
+        out: dict[str, str | None] = dict.fromkeys(phones)
+        for answer in answers:
+            query = str(answer.Query).lstrip("+")
+            if query in out and answer.IsIn:
+                out[query] = jid_to_str(answer.JID) or f"{query}@s.whatsapp.net"
+        return out
+
+    async def pair_phone(self, phone: str) -> str:
+        """whatsmeow's ``PairPhone`` through the pool (only while a QR is shown); any failure is a
+        :class:`BackendError` (the QR still works)."""
+        from neonize.exc import PairPhoneError  # neonize loads lazily (an optional dependency)
+
+        attempt = self._attempt
+        if self._closed or attempt is None or attempt.terminal or attempt.connected or attempt.client is None:
+            raise BackendError(f"instance {self.instance_id} is not showing a QR")
+        try:
+            code = await attempt.client.PairPhone(phone, True)
+        except (CallTimeout, RuntimeError, PairPhoneError) as exc:  # timed out, pool gone, WhatsApp's error
+            raise BackendError(f"pairing code request failed: {type(exc).__name__}: {exc}"[:300]) from None
+        return str(code)
+
+    async def send_typing(self, to_jid: str, seconds: float) -> None:
+        """``SendChatPresence(composing)`` through the pool; a failure is a :class:`BackendError`."""
+        from neonize.exc import SendPresenceError  # neonize loads lazily (an optional dependency)
+        from neonize.utils.enum import ChatPresence, ChatPresenceMedia  # (the same)
+
+        attempt = self._live_attempt()
+        try:
+            await attempt.client.send_chat_presence(jid_proto(to_jid), ChatPresence.CHAT_PRESENCE_COMPOSING,
+                                                    ChatPresenceMedia.CHAT_PRESENCE_MEDIA_TEXT)
+        except (CallTimeout, RuntimeError, ValueError, SendPresenceError) as exc:  # as in lookup_numbers
+            raise BackendError(f"typing indicator failed: {type(exc).__name__}: {exc}"[:300]) from None
 
     async def download_media(self, handle: dict[str, object], dest_dir: Path) -> MediaFile:
         """``download_any`` in the pool (``media_timeout_s``), bytes to a 0600 file."""

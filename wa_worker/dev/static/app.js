@@ -22,6 +22,7 @@
   function detail(inst) {
     if (inst.status === "CONNECTED" && inst.phone_number) return "+" + inst.phone_number;
     if (inst.status === "DISCONNECTED" && inst.reason) return "reason: " + inst.reason;
+    if (inst.status === "CONNECTING" && inst.pair_code) return "pairing code " + inst.pair_code + ": WhatsApp \u203a Linked devices \u203a Link with phone number (or scan the QR code)";
     if (inst.status === "CONNECTING" && inst.qr_code) return "scan the QR code: WhatsApp \u203a Linked devices \u203a Link a device";
     if (inst.status === "CONNECTING") return "connecting\u2026";
     return "waiting for the worker\u2026";
