@@ -167,8 +167,9 @@ async def test_metrics_port_serves_without_auth_on_its_own_address(proxy, tmp_pa
             assert (await http.get(f"http://127.0.0.1:{w.metrics_port}/health")).status_code == 404
             assert (await http.get(f"http://127.0.0.1:{w.port}/metrics")).status_code == 401
         port = w.metrics_port
-    with pytest.raises(httpx.ConnectError):  # closed with the worker
-        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ConnectError):  # closed with the worker
+            await http.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
 
 
 # ---------------------------------------------------------------------- deploy/ files
