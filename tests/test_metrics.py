@@ -47,6 +47,7 @@ async def scrape(base: str, headers: dict[str, str] | None = None) -> Samples:
     return parse(r.text)
 
 
+# long: one scenario of real traffic, then every number it should have moved
 async def test_metrics_follow_real_traffic(proxy, tmp_path):
     proxy.add_instance("acme")
     proxy.enqueue("acme", "bad", "12", "x")  # invalid recipient
@@ -237,3 +238,12 @@ def test_alert_rules_pass_promtool():
         pytest.skip("promtool not installed (Debian: apt-get install prometheus); the YAML is checked above")
     r = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+async def test_docs_table_lists_exactly_the_exported_metrics(proxy, tmp_path):
+    exported = await exported_names(proxy, tmp_path)
+    families = {re.sub(r"_(bucket|count|sum|created)$", "", n) for n in exported}
+    table = (ROOT / "docs" / "metrics.md").read_text().split("### The metrics", 1)[1].split("###", 1)[0]
+    documented = set(re.findall(r"`(wa_worker_[a-z_]+)`", table))
+    assert documented <= families, sorted(documented - families)
+    assert families <= documented, f"undocumented: {sorted(families - documented)}"
