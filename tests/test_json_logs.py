@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
+import time
 from datetime import datetime
 
 import anyio
@@ -16,7 +18,7 @@ import pytest
 
 from tests.conftest import make_settings, wait_until
 from tests.fakeproxy import SECRET
-from tests.proc import ROOT, start_worker, worker_env
+from tests.proc import ROOT, free_port, start_worker, worker_env
 from wa_worker.logutil import make_handler
 
 pytestmark = pytest.mark.anyio
@@ -114,3 +116,43 @@ def test_text_handler_keeps_one_line_format():
         logger.removeHandler(handler)
     out = handler.stream.getvalue()  # type: ignore[attr-defined]
     assert out.rstrip().endswith("WARNING wa_worker.test_text: secret ***")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_dev_mode_lines_are_json_too(tmp_path):
+    """``wa-worker dev`` with LOG_FORMAT=json: its own lines (banner, statuses, the QR hint) and the
+    worker's are one format, JSON objects on stderr; nothing else is printed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKER_SECRET", "WA_DEV_PROXY_URL")}
+    env.update(PYTHONUNBUFFERED="1", LOG_FORMAT="json")
+    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wa_worker", "dev", "--simulator", "--log-level", "INFO",
+             "--proxy-port", str(free_port()), "--port", str(free_port())],
+            cwd=tmp_path, env=env, stdout=out_f, stderr=err_f, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "CONNECTING → CONNECTED" not in err_path.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, err_path.read_text()
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(45)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0
+    assert out_path.read_text() == ""
+    text = err_path.read_text()
+    secret = (tmp_path / ".wa-worker" / "secret").read_text().strip()
+    assert secret not in text
+    records = [json.loads(line) for line in text.splitlines()]
+    loggers = {r["logger"] for r in records}
+    assert "wa_worker.dev" in loggers and "wa_worker.instance" in loggers  # the dev mode's and the worker's
+    events = [(r.get("instance_id"), r["event"]) for r in records]
+    assert any(e.startswith("wa-worker dev: reference proxy on http://127.0.0.1:") for _, e in events)
+    assert ("default", "status CONNECTING → CONNECTED") in [(i, e.split(" as ")[0]) for i, e in events]
+    assert any(i == "default" and e.startswith("new QR code: open http://127.0.0.1:") for i, e in events)
+    assert ("default", "default: connected") in events
