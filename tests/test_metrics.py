@@ -3,6 +3,8 @@ port, METRICS_PORT without auth, and the Grafana dashboard / alert rules naming 
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import re
 import shutil
@@ -247,3 +249,39 @@ async def test_docs_table_lists_exactly_the_exported_metrics(proxy, tmp_path):
     documented = set(re.findall(r"`(wa_worker_[a-z_]+)`", table))
     assert documented <= families, sorted(documented - families)
     assert families <= documented, f"undocumented: {sorted(families - documented)}"
+
+
+@pytest.mark.neonize
+async def test_relay_bytes_of_the_neonize_backend(proxy, tmp_path):
+    """Bytes through the real CONNECT relay of a running neonize worker reach /metrics
+    (a ticket issued as a session's attempt would, to a loopback echo server)."""
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(1024):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    echo_srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    echo_port = echo_srv.sockets[0].getsockname()[1]
+    try:
+        async with running_worker(make_settings(tmp_path, proxy.url, WA_BACKEND="neonize")) as w:
+            relay = w.backend.relay
+            assert relay is not None
+            relay.allowed_ports = None  # the echo server is not on 443
+            ticket = relay.issue("acme")
+            token = base64.b64encode(f"{ticket.token}:x".encode()).decode()
+            r, wr = await asyncio.open_connection("127.0.0.1", relay.port)
+            wr.write(f"CONNECT 127.0.0.1:{echo_port} HTTP/1.1\r\nHost: x\r\n"
+                     f"Proxy-Authorization: Basic {token}\r\n\r\n".encode())
+            assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            wr.write(b"hello relay")
+            assert await r.readexactly(11) == b"hello relay"
+            relay.revoke(ticket)  # counted still: the totals outlive the ticket
+            wr.close()
+            m = await scrape(f"http://127.0.0.1:{w.port}")
+            assert value(m, "wa_worker_relay_bytes_total", direction="up") == 11
+            assert value(m, "wa_worker_relay_bytes_total", direction="down") == 11
+            assert value(m, "wa_worker_info", backend="neonize", version=_version(m)) == 1
+    finally:
+        echo_srv.close()
