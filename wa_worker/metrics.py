@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -140,11 +139,10 @@ class WorkerCollector(Collector):
         last = edge.last_ok_monotonic
         yield _gauge("proxy_last_ok_age_seconds", "Seconds since the proxy last answered (-1: never)",
                      -1 if last is None else max(0.0, self.src.clock.monotonic() - last))
-        stats_of = getattr(self.src.backend, "stats", None)  # neonize: the CONNECT relay's counters
-        stats: dict[str, Any] = stats_of() if callable(stats_of) else {}
+        relay_bytes = getattr(self.src.backend, "relay_bytes", None)  # neonize only: its CONNECT relay
+        up, down = relay_bytes() if callable(relay_bytes) else (0, 0)
         yield _counter("relay_bytes", "Bytes through the CONNECT relay (WhatsApp traffic of neonize sessions)",
-                       labels=["direction"], samples={("up",): float(stats.get("relay_bytes_up", 0)),
-                                                      ("down",): float(stats.get("relay_bytes_down", 0))})
+                       labels=["direction"], samples={("up",): up, ("down",): down})
 
     def _process(self) -> Iterator[Metric]:
         fds = self.src.fds.usage()
