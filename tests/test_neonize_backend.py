@@ -542,6 +542,7 @@ def test_relay_tunnels_counts_revokes_and_chains(tmp_path: Path) -> None:
             assert head.startswith(b"HTTP/1.1 200")
             w.write(b"via-upstream")
             assert await r.readexactly(12) == b"via-upstream"
+            assert relay.bytes_up == relay.bytes_down == 16  # every ticket's, the revoked one's too (/metrics)
             assert upstream.requests[0].startswith(f"CONNECT 127.0.0.1:{echo_port}".encode())
             assert b"Proxy-Authorization: Basic dXNlcjpzZWNyZXQ=" in upstream.requests[0]
             w.close()

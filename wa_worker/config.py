@@ -32,6 +32,11 @@ class LogLevel(str, enum.Enum):
     ERROR = "ERROR"
 
 
+class LogFormat(str, enum.Enum):
+    TEXT = "text"  # one human line per record
+    JSON = "json"  # one JSON object per line, for log shippers (logutil.JsonFormatter)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -89,6 +94,21 @@ class Settings(BaseSettings):
     # --- simulator backend
     SIMULATOR_AUTO_SCAN_MS: int | None = Field(None, ge=0)
     SIMULATOR_SEND_DELAY_MS: int = Field(0, ge=0)
+
+    # --- observability (docs/metrics.md)
+    LOG_FORMAT: LogFormat = LogFormat.TEXT
+    METRICS_PORT: int | None = Field(None, ge=0, le=65535)  # /metrics without auth on this port; empty: off
+    METRICS_HOST: str = "127.0.0.1"  # where METRICS_PORT listens (0.0.0.0 only behind a private network)
+
+    @field_validator("LOG_FORMAT", mode="before")
+    @classmethod
+    def _lower_format(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("METRICS_PORT", mode="before")
+    @classmethod
+    def _metrics_port_empty(cls, v: object) -> object:
+        return None if v == "" else v
 
     @field_validator("EDGE_BASE_URL")
     @classmethod

@@ -22,11 +22,12 @@ from .config import ConfigError, Settings, UnknownSendPolicy, load_settings, pla
 from .edge.client import EdgeClient
 from .fdguard import EXIT_FD_EXHAUSTED, FdBudget, fd_limit, raise_fd_limit
 from .http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite
-from .http.server import build_app
+from .http.server import build_app, build_metrics_app
 from .http.simulator_routes import mount_simulator_routes
 from .instances.manager import InstanceManager
 from .instances.runner import RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
+from .metrics import MetricSources, WorkerMetrics, package_version
 from .preflight import StartupError, check_paths
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
@@ -102,6 +103,12 @@ class Worker:
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         self._set_staleness()
+        self.metrics = WorkerMetrics(MetricSources(
+            backend=self.backend, edge=self.edge, journal=self.journal, inbound=self.inbound, outbound=self.outbound,
+            manager=self.manager, fds=self.fds, guard=self.http_guard, loops=self.loops,
+            ready=lambda: not self.not_ready_reasons(), clock=self.clock, version=package_version()))
+        self.metrics_port: int | None = None  # the bound METRICS_PORT, once serving
+        self._metrics_runner: web.AppRunner | None = None
 
     def _build_manager(self, on_event: Callable[[str, BackendEvent], None] | None) -> InstanceManager:
         settings = self.settings
@@ -244,6 +251,7 @@ class Worker:
             self.port = web_runner.addresses[0][1] if web_runner.addresses else self.settings.PORT
             log.info("wa-worker up: backend=%s, proxy=%s, http=%s:%s", self.backend.name,
                      redact_url(self.settings.edge_base_url), self.host, self.port)
+            await self._serve_metrics_port()
             for warning in placeholder_warnings(self.settings):
                 log.warning("%s", warning)
             async with self.backend:
@@ -261,12 +269,28 @@ class Worker:
         finally:
             with anyio.move_on_after(3):
                 await web_runner.cleanup()
+                if self._metrics_runner is not None:
+                    await self._metrics_runner.cleanup()
             await self.edge.aclose()
             self.journal.close()
             log.info("wa-worker stopped")
 
+    async def _serve_metrics_port(self) -> None:
+        """``METRICS_PORT``: /metrics without auth on ``METRICS_HOST``; cleaned up with the main server."""
+        port = self.settings.METRICS_PORT
+        if port is None:
+            return
+        metrics_runner = web.AppRunner(build_metrics_app((self.metrics.render, self.metrics.content_type)),
+                                       handle_signals=False, **SERVER_OPTIONS)
+        await metrics_runner.setup()
+        self._metrics_runner = metrics_runner
+        await GuardedSite(metrics_runner, self.settings.METRICS_HOST, port, self.http_guard).start()
+        self.metrics_port = metrics_runner.addresses[0][1] if metrics_runner.addresses else port
+        log.info("metrics without auth on http://%s:%s/metrics", self.settings.METRICS_HOST, self.metrics_port)
+
     def _app(self) -> web.Application:
-        app = build_app(self, self.settings.WORKER_SECRET.get_secret_value(), guard=self.http_guard)
+        app = build_app(self, self.settings.WORKER_SECRET.get_secret_value(), guard=self.http_guard,
+                        metrics=(self.metrics.render, self.metrics.content_type))
         if isinstance(self.backend, SimulatorBackend):
             mount_simulator_routes(app, self.backend)
         return app
@@ -365,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wa-worker: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.LOG_LEVEL.value,
-                  [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url)])
+                  [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url)],
+                  settings.LOG_FORMAT.value)
     if settings.WA_BACKEND.value == "neonize":
         from .backends.neonize.loading import ensure_bot_tag  # the simulator never loads neonize code
 

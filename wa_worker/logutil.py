@@ -1,9 +1,14 @@
-"""Logging set-up: one line per record, and secrets scrubbed from every record."""
+"""Logging set-up: one line per record (text, or JSON for log shippers), and secrets
+scrubbed from every record."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -69,6 +74,11 @@ class RedactFilter(logging.Filter):
         # longest first: a secret containing another is replaced whole
         self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
 
+    def scrub(self, text: str) -> str:
+        for s in self.secrets:
+            text = text.replace(s, "***")
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
             return True
@@ -76,6 +86,10 @@ class RedactFilter(logging.Filter):
         exc_text = None
         if record.exc_info:
             exc_text = logging.Formatter().formatException(record.exc_info)
+            exc_type, exc, _tb = record.exc_info
+            if exc_type is not None:  # kept for the JSON fields, whatever happens to exc_info below
+                record.error_type = exc_type.__name__
+                record.error = self.scrub(str(exc))
         changed = False
         for s in self.secrets:
             if s in text:
@@ -91,13 +105,55 @@ class RedactFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str, secrets: list[str]) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``event``
+    (the message), ``instance_id`` (``extra={"instance_id": …}``) and, with an exception,
+    ``error_type``, ``error`` and ``traceback``. Every text passes ``scrub`` (the
+    :class:`RedactFilter`'s) as well: the filter runs first, this catches the rest."""
+
+    def __init__(self, scrub: Callable[[str], str] | None = None) -> None:
+        super().__init__()
+        self.scrub = scrub or (lambda text: text)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(self.fields(record), ensure_ascii=False)
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        scrub = self.scrub
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": scrub(record.getMessage()),
+        }
+        instance_id = getattr(record, "instance_id", None)
+        if instance_id is not None:
+            out["instance_id"] = str(instance_id)
+        if record.exc_info and record.exc_info[0] is not None:
+            out["error_type"] = record.exc_info[0].__name__
+            out["error"] = scrub(str(record.exc_info[1]))
+            out["traceback"] = scrub(self.formatException(record.exc_info))
+        elif record.exc_text:  # the RedactFilter replaced exc_info by its scrubbed text
+            out["error_type"] = getattr(record, "error_type", "Exception")
+            out["error"] = scrub(str(getattr(record, "error", "")))
+            out["traceback"] = scrub(record.exc_text)
+        return out
+
+
+def make_handler(log_format: str, secrets: list[str], stream: TextIO | None = None) -> logging.Handler:
+    """A handler writing ``log_format`` (``text`` or ``json``) lines, secrets scrubbed."""
+    redact = RedactFilter(secrets)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(redact.scrub) if log_format == "json" else logging.Formatter(_FORMAT))
+    handler.addFilter(redact)
+    return handler
+
+
+def setup_logging(level: str, secrets: list[str], log_format: str = "text") -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
-    handler.addFilter(RedactFilter(secrets))
+    handler = make_handler(log_format, secrets)
     root.addHandler(handler)
     root.setLevel(level)
     # chatty libraries: keep them at WARNING unless we debug

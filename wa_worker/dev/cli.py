@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_options(parser, top=True)
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="WARNING", help="worker log level")
     parser.add_argument("-v", "--verbose", action="store_true", help="same as --log-level INFO")
+    parser.add_argument("--log-format", choices=("text", "json"), type=str.lower,
+                        default=os.environ.get("LOG_FORMAT", "text").lower(),
+                        help="json: every line (the dev mode's own too) a JSON object on stderr "
+                             "(default: LOG_FORMAT, else text)")
     parser.add_argument("--no-qr", dest="print_qr", action="store_false", help="do not draw QR codes in the terminal")
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -196,6 +201,7 @@ def _serve(args: argparse.Namespace, *, with_worker: bool) -> int:
         instance=args.instance,
         create_instance=args.create_instance,
         log_level=level,
+        log_format=args.log_format,
         print_qr=args.print_qr,
         with_worker=with_worker,
         secret=args.secret,

@@ -46,9 +46,20 @@ class DevOptions:
     instance: str = "default"
     create_instance: bool = True
     log_level: str = "WARNING"
+    log_format: str = "text"  # json: every line (the dev mode's own too) is a JSON object on stderr
     print_qr: bool = True
     with_worker: bool = True
     secret: str | None = None
+
+
+def _json_log(opts: DevOptions) -> logging.Logger | None:
+    """With ``LOG_FORMAT=json``: the logger the terminal printer writes through (INFO
+    whatever ``--log-level`` says: these lines are the dev mode's output, not chatter)."""
+    if opts.log_format != "json":
+        return None
+    log = logging.getLogger("wa_worker.dev")
+    log.setLevel(logging.INFO)
+    return log
 
 
 def _url_host(host: str) -> str:
@@ -69,10 +80,13 @@ class DevRun:
         self.secret = resolve_secret(self.paths, opts.secret, create=True)
         self.store: DevStore | None = None
         self.proxy_url = ""
-        self.printer = TerminalPrinter(self.out, print_qr=opts.print_qr)
+        self.printer = TerminalPrinter(self.out, print_qr=opts.print_qr, log=_json_log(opts))
         self.created_instance: str | None = None
 
     def say(self, text: str) -> None:
+        if self.printer.log is not None:
+            self.printer.log.info("%s", text)
+            return
         self.out.write(text + "\n")
         self.out.flush()
 
@@ -149,6 +163,7 @@ class DevRun:
             MSG_POLL_MS=1000,
             INSTANCE_POLL_MS=2000,
             LOG_LEVEL=o.log_level,
+            LOG_FORMAT=o.log_format,
             # the proxy hands queued media to the worker as a URL on itself (loopback)
             MEDIA_ALLOW_PRIVATE=True,
         )
@@ -309,7 +324,7 @@ def run(opts: DevOptions, out: TextIO | None = None) -> int:
         print(f"wa-worker dev: {exc}", file=sys.stderr)
         return 1
     try:
-        setup_logging(opts.log_level, [dev.secret])
+        setup_logging(opts.log_level, [dev.secret], opts.log_format)
         return anyio.run(_main, dev)
     except DevRunError as exc:
         print(f"wa-worker dev: {exc}", file=sys.stderr)

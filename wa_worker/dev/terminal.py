@@ -8,11 +8,15 @@ Two feeds:
 * the reference proxy's events (:class:`~wa_worker.dev.proxy.ProxyEvent`) give
   status changes and messages, i.e. exactly what a real SaaS would see.
 
-Never prints the secret (it is never handed to this module).
+Never prints the secret (it is never handed to this module). With ``log``
+(``LOG_FORMAT=json``), every line goes through that logger instead, so the
+dev mode's lines and the worker's are one format on one stream (QR codes are
+not drawn then: a JSON line cannot show one; the dev page does).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -70,10 +74,12 @@ class TerminalPrinter:
         color: bool | None = None,
         page_url: str | None = None,
         print_qr: bool = True,
+        log: logging.Logger | None = None,
     ) -> None:
         self.stream = stream if stream is not None else sys.stdout
+        self.log = log
         if color is None:
-            color = bool(getattr(self.stream, "isatty", lambda: False)())
+            color = log is None and bool(getattr(self.stream, "isatty", lambda: False)())
         self.color = color
         self.page_url = page_url
         self.print_qr = print_qr
@@ -91,6 +97,9 @@ class TerminalPrinter:
                 pass
 
     def line(self, instance_id: str | None, text: str) -> None:
+        if self.log is not None:
+            self.log.info("%s", text, extra={"instance_id": instance_id} if instance_id else None)
+            return
         stamp = time.strftime("%H:%M:%S")
         where = f" [{instance_id}]" if instance_id else ""
         self._write(f"{stamp}{where} {text}")
@@ -112,6 +121,10 @@ class TerminalPrinter:
 
     def qr(self, instance_id: str, code: str) -> None:
         where = f" or open {self.page_url}" if self.page_url else ""
+        if self.log is not None:
+            self.line(instance_id, f"new QR code: open {self.page_url or 'the dev page'} and scan it with WhatsApp "
+                                   "› Linked devices › Link a device")
+            return
         header = (
             f"{time.strftime('%H:%M:%S')} [{instance_id}] "
             + self._bold("scan this QR code")

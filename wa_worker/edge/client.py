@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from prometheus_client import Histogram
 from yarl import URL
 
 from ..logutil import redact_url
@@ -51,6 +52,8 @@ DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 _ERROR_BODY_BYTES = 2048
 _ACK_BODY_BYTES = 64 * 1024
 RETRY_AFTER_CAP_S = 300.0
+# proxy latency buckets (s): a healthy call is tens of ms, EDGE_TIMEOUT_S is 10 s by default
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # integers longer than this decode as +/-infinity (an out-of-range number every parser rejects)
 _MAX_INT_DIGITS = 64
 
@@ -165,6 +168,10 @@ class EdgeClient:
         }
         self.calls: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
+        # registered by the worker on its own registry (/metrics); unregistered it only counts
+        self.latency = Histogram("wa_worker_proxy_request_duration_seconds",
+                                 "Proxy calls: time to a complete answer (or the failure)", ["endpoint"],
+                                 registry=None, buckets=LATENCY_BUCKETS_S)
         self.rejected: Counter[str] = Counter()
         self.last_ok_monotonic: float | None = None
         self.mark_failed_supported = True
@@ -227,6 +234,7 @@ class EdgeClient:
             return BodyPolicy(_ERROR_BODY_BYTES, False)
 
         self.in_flight += 1
+        started = time.monotonic()
         try:
             reply = await self._transport.request(
                 method, f"{self.base_url}{path}", params=[*self._base_params, *(params or {}).items()],
@@ -241,6 +249,7 @@ class EdgeClient:
             return self._fail(EdgeError(endpoint, f"connection failed ({exc})"))
         finally:
             self.in_flight -= 1
+            self.latency.labels(endpoint).observe(time.monotonic() - started)
         status = reply.status
         if 200 <= status < 300:
             self.last_ok_monotonic = time.monotonic()

@@ -1,14 +1,17 @@
-"""The worker's own HTTP server (aiohttp): health, readiness and wake-up.
+"""The worker's own HTTP server (aiohttp): health, readiness, wake-up and ``/metrics``.
 
 Unauthenticated output carries counts only: no instance ids, phone numbers,
 QR codes or secrets. Everything else — including routes mounted later, such
 as the simulator's controls (:mod:`wa_worker.http.simulator_routes`) — requires
-``Authorization: Bearer $WORKER_SECRET``.
+``Authorization: Bearer $WORKER_SECRET`` (``/metrics`` too: instance counts
+by state and error codes are nobody else's business; :func:`build_metrics_app`
+serves it without auth on a separate, private port).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -36,8 +39,22 @@ class WorkerView(Protocol):
     def wake(self, instance_id: str | None = None) -> int: ...
 
 
-def build_app(view: WorkerView, secret: str, *, guard: ConnectionGuard | None = None) -> web.Application:
-    """The app; with ``guard``, its middleware comes first and health shows its counters."""
+Metrics = tuple[Callable[[], bytes], str]  # the Prometheus text and its content type
+
+
+def _metrics_handler(metrics: Metrics) -> Callable[[web.Request], Any]:
+    render, content_type = metrics
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=render(), headers={"Content-Type": content_type})
+
+    return handler
+
+
+def build_app(view: WorkerView, secret: str, *, guard: ConnectionGuard | None = None,
+              metrics: Metrics | None = None) -> web.Application:
+    """The app; with ``guard``, its middleware comes first and health shows its counters;
+    with ``metrics``, ``GET /metrics`` (bearer) serves them."""
     secret_bytes = secret.encode()
 
     @web.middleware
@@ -74,4 +91,13 @@ def build_app(view: WorkerView, secret: str, *, guard: ConnectionGuard | None = 
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_post("/wake", wake)
+    if metrics is not None:
+        app.router.add_get("/metrics", _metrics_handler(metrics))
+    return app
+
+
+def build_metrics_app(metrics: Metrics) -> web.Application:
+    """``GET /metrics`` alone, without auth: for ``METRICS_PORT`` (a private address)."""
+    app = web.Application(client_max_size=1024)
+    app.router.add_get("/metrics", _metrics_handler(metrics))
     return app

@@ -15,6 +15,7 @@ import enum
 import logging
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,16 @@ _TIMEOUT = _Timeout()
 
 
 @dataclass
+class ConnectionStats:
+    """What every runner counts, worker-wide (``/metrics`` reads it at scrape time)."""
+
+    connects: int = 0
+    reconnects: int = 0
+    qr_codes: int = 0
+    disconnects: Counter[str] = field(default_factory=Counter)  # by reason (logged_out, connect_failure…)
+
+
+@dataclass
 class RunnerContext:
     """What every runner shares (built once by the worker)."""
 
@@ -120,6 +131,7 @@ class RunnerContext:
     qr_render: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
     # the phone to pair with a code (a discovery item's pair_phone), per instance
     pair_phone: Callable[[str], str | None] = lambda _iid: None
+    stats: ConnectionStats = field(default_factory=ConnectionStats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,10 +365,11 @@ class InstanceRunner:
                 return outcome
             self.state = State.RECONNECTING
             self.reconnects += 1
+            self.ctx.stats.reconnects += 1
             delay = backoff.next_delay()
             if retry_after is not None:
                 delay = max(delay, retry_after)
-            log.info("%s: reconnecting in %.1fs", self.instance_id, delay)
+            log.info("%s: reconnecting in %.1fs", self.instance_id, delay, extra={"instance_id": self.instance_id})
             await self.ctx.clock.wait(self._interrupt, delay)
 
     async def _connection_once(self, backoff: Backoff) -> tuple[Outcome, float | None]:
@@ -393,11 +406,12 @@ class InstanceRunner:
                         session = await self.ctx.backend.open_session(iid, sink)
                         await session.connect()
                     except Exception as exc:  # a library error is a failed attempt, not a dead runner
-                        log.exception("%s: could not start a connection", iid)
+                        log.exception("%s: could not start a connection", iid, extra={"instance_id": iid})
                         first: Any = Disconnected("connect_failure", f"{type(exc).__name__}: {exc}"[:200])
                     else:
                         first = await self._first_event(rx)
                 if session is None:
+                    self.ctx.stats.disconnects["connect_failure"] += 1
                     self.status.set(Status.DISCONNECTED, None, reason="connect_failure")
                     return Outcome.RETRY, None
                 result = await self._handle_events(first, rx, session, tg, backoff)
@@ -427,14 +441,17 @@ class InstanceRunner:
         while True:
             if event is None:  # stop or gone requested
                 if self._gone_flag:
-                    log.warning("%s: the proxy no longer knows this instance: stopping (auth files kept)", iid)
+                    log.warning("%s: the proxy no longer knows this instance: stopping (auth files kept)", iid,
+                                extra={"instance_id": iid})
                     return Outcome.GONE, None
                 if connected:
+                    self.ctx.stats.disconnects["shutdown"] += 1
                     self.status.set(Status.DISCONNECTED, None, reason="shutdown")
                 return Outcome.STOPPED, None
             if isinstance(event, QrCode):
                 self.state = State.CONNECTING
-                log.info("%s: new QR code (scan it in WhatsApp > Linked devices)", iid)
+                self.ctx.stats.qr_codes += 1
+                log.info("%s: new QR code (scan it in WhatsApp > Linked devices)", iid, extra={"instance_id": iid})
                 if len(event.code.encode("utf-8", "surrogatepass")) > QR_MAX_BYTES:
                     # rendered later (lazily), so refuse here what no QR can hold: a backend bug
                     raise ValueError(f"QR data of {len(event.code)} characters cannot be encoded")
@@ -444,18 +461,23 @@ class InstanceRunner:
                 connected = True
                 self.state = State.CONNECTED
                 self.connected_session = session
-                log.info("%s: connected", iid)
+                self.ctx.stats.connects += 1
+                log.info("%s: connected", iid, extra={"instance_id": iid})
                 self.ctx.inbound.instance_connected(iid)  # media downloads waiting for the connection
                 self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
                 self.poll_interval.activity()
                 tg.start_soon(self._supervised_outbound, session)
             elif isinstance(event, Disconnected):
                 self.connected_session = None
-                log.warning("%s: disconnected (%s%s)", iid, event.reason, f": {event.detail}" if event.detail else "")
+                self.ctx.stats.disconnects[event.reason] += 1
+                log.warning("%s: disconnected (%s%s)", iid, event.reason, f": {event.detail}" if event.detail else "",
+                            extra={"instance_id": iid})
                 self.status.set(Status.DISCONNECTED, None, reason=event.reason)
                 return Outcome.RETRY, event.retry_after_s
             elif isinstance(event, LoggedOut):
-                log.warning("%s: logged out from the phone: wiping its session; a new QR on next discovery", iid)
+                self.ctx.stats.disconnects["logged_out"] += 1
+                log.warning("%s: logged out from the phone: wiping its session; a new QR on next discovery", iid,
+                            extra={"instance_id": iid})
                 self.status.set(Status.DISCONNECTED, None, reason="logged_out")
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
                     await session.close()

@@ -197,12 +197,14 @@ class InboundRelay:
         self._memory_task = False
         # when the store cannot be written, messages wait here (bounded) instead of being lost
         self._memory: deque[dict[str, Any]] = deque(maxlen=MEMORY_FALLBACK_MAX)
+        self.received = 0  # messages handed over by the sessions (replays included)
         self.delivered = 0
         self.dead_lettered = 0
         self.memory_dropped = 0
 
     # called from the WhatsApp event handler: never touches the network
     def accept(self, instance_id: str, msg: InboundMessage) -> None:
+        self.received += 1
         payload = inbound_payload(instance_id, msg, media_max_bytes=self.media_max_bytes)
         try:
             self.journal.add_inbound(instance_id, msg.chat_jid, msg.wa_message_id, payload)
@@ -343,7 +345,8 @@ class InboundRelay:
         if not exc.transient:
             self.journal.inbound_dead_letter(row, "rejected by proxy", exc.status, exc.body)
             self.dead_lettered += 1
-            log.error("inbound %s/%s dead-lettered: %s", row.instance_id, row.wa_message_id, exc)
+            log.error("inbound %s/%s dead-lettered: %s", row.instance_id, row.wa_message_id, exc,
+                      extra={"instance_id": row.instance_id})
             return
         server_error = counts_as_server_error(exc)
         if server_error and row.server_errors + 1 >= self.max_attempts:
@@ -361,7 +364,8 @@ class InboundRelay:
         if exc.edge_error is not None:  # the upload: the policy of a failed post
             self._failed(row, exc.edge_error)
             return
-        log.info("inbound %s/%s: %s; retrying later", row.instance_id, row.wa_message_id, exc)
+        log.info("inbound %s/%s: %s; retrying later", row.instance_id, row.wa_message_id, exc,
+                 extra={"instance_id": row.instance_id})
         delay = backoff_delay(row.attempts, self.retry_base_s, self.retry_cap_s, self.rng)
         self.journal.inbound_retry_later(row.seq, delay, str(exc))
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -79,6 +80,7 @@ class OutboundRelay:
         self.stager = MediaStager(media_dir or staging_dir(journal.path), media or MediaLimits())
         self.sent = 0
         self.failed = 0
+        self.failed_by_code: Counter[str] = Counter()  # /metrics: wa_worker_messages_failed_total{error_code}
         self.duplicates_suppressed = 0
         self.media_storage_errors = 0
         # the worker's disk could not stage media: media messages wait (in order) until then
@@ -140,7 +142,9 @@ class OutboundRelay:
     def _fail(self, message_id: str, instance_id: str, error: str, code: str) -> bool:
         self.journal.record_failure(message_id, instance_id, error, code)
         self.failed += 1
-        log.warning("message %s for %s rejected (%s): %s", message_id, instance_id, code, error)
+        self.failed_by_code[code] += 1
+        log.warning("message %s for %s rejected (%s): %s", message_id, instance_id, code, error,
+                    extra={"instance_id": instance_id})
         self.acks.wake()
         return True
 
@@ -222,10 +226,12 @@ class OutboundRelay:
                 reason = "send timed out" if isinstance(exc, TimeoutError) else str(exc)
                 code = "delivery_unknown" if isinstance(exc, TimeoutError) else exc.code
                 self._record_failure(instance_id, message_id, f"send failed: {reason}", code)
-                log.warning("send of %s for %s failed: %s", message_id, instance_id, reason)
+                log.warning("send of %s for %s failed: %s", message_id, instance_id, reason,
+                            extra={"instance_id": instance_id})
             except Exception as exc:
                 # a backend bug: WhatsApp may or may not have it; never sent again, reported now
-                log.exception("send of %s for %s raised unexpectedly", message_id, instance_id)
+                log.exception("send of %s for %s raised unexpectedly", message_id, instance_id,
+                              extra={"instance_id": instance_id})
                 self._record_failure(instance_id, message_id, f"delivery_unknown: the send raised "
                                      f"{type(exc).__name__}; check the chat before sending again",
                                      "delivery_unknown")
@@ -238,6 +244,7 @@ class OutboundRelay:
     def _record_failure(self, instance_id: str, message_id: str, error: str, code: str) -> None:
         self.acks.record_outcome(message_id, self.journal.record_failure, message_id, instance_id, error, code)
         self.failed += 1
+        self.failed_by_code[code] += 1
 
 
 class _Waiting(Exception):

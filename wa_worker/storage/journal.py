@@ -500,6 +500,16 @@ class Journal:
             "dead_letter": q("SELECT COUNT(*) FROM dead_letter"),
         }
 
+    def oldest_pending_age_s(self) -> dict[str, float]:
+        """Seconds since the oldest row still waiting: ``inbound`` (not yet taken by the proxy)
+        and ``acks`` (an outcome not yet acknowledged); 0 when none waits."""
+        now = self._now()
+        oldest = {
+            "inbound": self._scalar("SELECT MIN(created_at) FROM inbound"),
+            "acks": self._scalar("SELECT MIN(created_at) FROM outbound WHERE state IN ('sent','failing')"),
+        }
+        return {k: 0.0 if v is None else max(0.0, now - v) for k, v in oldest.items()}
+
     def dead_letters(self, kind: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM dead_letter" + (" WHERE kind = ?" if kind else "") + " ORDER BY id"
         return [dict(r) for r in self._read(sql, (kind,) if kind else ())]

@@ -178,3 +178,7 @@ class NeonizeBackend(Backend):
             "pool_size": self.pool.max_workers if self.pool else 0,
             "relay_tickets": len(self.relay.tickets) if self.relay else 0,
         }
+
+    def relay_bytes(self) -> tuple[int, int]:
+        """Bytes up (to WhatsApp) and down through the CONNECT relay since it started (/metrics)."""
+        return (self.relay.bytes_up, self.relay.bytes_down) if self.relay else (0, 0)

@@ -92,6 +92,8 @@ class ConnectRelay:
         self._tickets: dict[str, RelayTicket] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self.port: int | None = None
+        self.bytes_up = 0  # every ticket's, revoked ones included (/metrics)
+        self.bytes_down = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -265,8 +267,10 @@ class ConnectRelay:
                     break
                 if up:
                     ticket.bytes_up += len(data)
+                    self.bytes_up += len(data)
                 else:
                     ticket.bytes_down += len(data)
+                    self.bytes_down += len(data)
                 dst.write(data)
                 await dst.drain()
 
