@@ -1,6 +1,6 @@
 """Settings from the environment (and an optional ``.env``), validated once at start.
 
-Every variable is documented in README.md, ``.env.example`` and ``easypanel.yml``;
+Every variable is documented in README.md, ``.env.example`` and ``easypanel.json``;
 ``tests/test_packaging.py`` keeps the four in agreement.
 """
 
