@@ -118,3 +118,33 @@ async def test_clock_skew_is_measured_from_the_date_header(proxy: FakeProxy, tmp
     skew = next(c for c in checks if c.name == "clock skew")
     assert skew.mark == WARN
     assert -3602 <= int(skew.detail.split(" s ")[0]) <= -3598, skew.detail  # Date has a one-second resolution
+
+
+try:  # tests/ as a plain directory (default) or as a package
+    from pg_helpers import (  # noqa: F401  (fixtures are used by name)
+        EdgeFunction, WaDb, clean_wa_db, edge_function, pg_server, wa_db,
+    )
+except ImportError:  # pragma: no cover
+    from tests.pg_helpers import (  # type: ignore[no-redef]  # noqa: F401
+        EdgeFunction, WaDb, clean_wa_db, edge_function, pg_server, wa_db,
+    )
+
+
+@pytest.mark.postgres
+@pytest.mark.deno
+@pytest.mark.slow
+async def test_the_supabase_kit_passes_and_keeps_its_rows(edge_function: EdgeFunction, clean_wa_db: WaDb,
+                                                          tmp_path: Path) -> None:
+    """The reference proxy: its 404 "unknown instance" is told from its 404 "unknown endpoint",
+    its UUID message ids are respected, and nothing is claimed, marked or stored."""
+    db = clean_wa_db
+    db.insert_instance("acme", status="CONNECTED")
+    mid = db.insert_outbound("acme", "5511999990000", "hi")
+    code, out = await _doctor(tmp_path, edge_function.base_url, edge_function.secret)
+    assert code == 0, out
+    for name in ("secret", "GET /disconnected-instances", "GET /queued-messages", "POST /mark-sent",
+                 "POST /update-status", "POST /inbound", "POST /mark-failed", "POST /upload-media"):
+        assert _line(out, name).startswith(OK), out
+    row = db.outbound(mid)
+    assert row is not None and row["status"] == "queued" and row["attempts"] == 0
+    assert [i["id"] for i in db.instances()] == ["acme"] and db.inbound_rows() == []

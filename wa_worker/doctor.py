@@ -11,7 +11,7 @@ edge client, only what changes nothing there:
 * ``GET /disconnected-instances`` (a read): the secret and the base path;
 * ``GET /queued-messages?instanceId=<an id no instance has>``: a claiming proxy
   has nothing of that instance to claim;
-* ``POST /mark-sent`` and ``POST /mark-failed`` for a message id nobody has:
+* ``POST /mark-sent`` and ``POST /mark-failed`` for a message id nobody has (a random UUID):
   the contract asks a 2xx that changes nothing (and a 404 from ``/mark-failed``
   means "not supported");
 * ``GET`` on ``/update-status``, ``/inbound`` and ``/upload-media``: a POST
@@ -33,6 +33,7 @@ import resource
 import secrets
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,7 +107,8 @@ async def proxy_checks(settings: Settings, *, probe_batch: bool = False, transpo
                         timeout_s=settings.EDGE_TIMEOUT_S, max_response_bytes=settings.EDGE_MAX_RESPONSE_BYTES,
                         transport=transport, max_connections=4)
     token = secrets.token_hex(6)
-    probe_id = f"wa-worker-doctor-{token}"
+    probe_id = f"wa-worker-doctor-{token}"  # an instance id no proxy has
+    message_id = str(uuid.uuid4())  # a message id no proxy has (a UUID: the Supabase kit's ids are)
     out: list[Check] = []
     try:
         nowhere = f"/wa-worker-doctor-no-such-path-{token}"
@@ -145,7 +147,7 @@ async def proxy_checks(settings: Settings, *, probe_batch: bool = False, transpo
                                 ok_gone="answers (404 for an unknown instance)"))
 
         try:
-            await client.mark_sent(probe_id, "WADOCTORPROBE")
+            await client.mark_sent(message_id, "WADOCTORPROBE")
             out.append(Check(OK, "POST /mark-sent", "answers (2xx for an unknown message id)"))
         except EdgeError as exc:
             out.append(_verdict("POST /mark-sent", exc, yard, "/mark-sent"))
@@ -154,7 +156,7 @@ async def proxy_checks(settings: Settings, *, probe_batch: bool = False, transpo
             out.append(await _path_check(client, path, yard, required=True))
 
         try:
-            supported = await client.mark_failed(probe_id, "wa-worker doctor probe (no such message)")
+            supported = await client.mark_failed(message_id, "wa-worker doctor probe (no such message)")
             out.append(Check(OK, "POST /mark-failed", "supported") if supported else
                        Check(WARN, "POST /mark-failed", "not supported (404): failed messages are not reported"))
         except EndpointMissing as exc:
