@@ -59,7 +59,16 @@ def test_readme_configuration_table_matches_settings():
             assert cell == f"`{default_text(name)}`", name
 
 
-EASYPANEL_APP_FIELDS = {"projectName", "serviceName", "source", "build", "env", "mounts", "domains", "deploy"}
+# Easypanel's published app-service schema (easypanel-io/templates, utils/schema.ts: appSchema and
+# the schemas it uses): the keys each object may have; "required" ones must be present
+EASYPANEL_APP_FIELDS = {"projectName", "serviceName", "source", "build", "env", "basicAuth", "deploy", "domains",
+                        "mounts", "ports", "resources", "maintenance"}
+EASYPANEL_GITHUB_SOURCE = {"type", "owner", "repo", "ref", "path", "autoDeploy"}  # all required
+EASYPANEL_DOCKERFILE_BUILD = {"type", "file"}
+EASYPANEL_VOLUME_MOUNT = {"type", "name", "mountPath"}  # all required
+EASYPANEL_DOMAIN = {"host", "https", "port", "path", "middlewares", "certificateResolver", "wildcard"}
+EASYPANEL_DEPLOY = {"replicas", "command", "zeroDowntime", "capAdd", "capDrop", "sysctls", "groups", "tiniInit"}
+EASYPANEL_NAME = re.compile(r"^[a-z0-9-_]+$")
 
 
 def test_easypanel_schema_is_json_with_a_domain_and_agrees_with_settings():
@@ -70,6 +79,15 @@ def test_easypanel_schema_is_json_with_a_domain_and_agrees_with_settings():
     assert service["type"] == "app"
     data = service["data"]
     assert set(data) <= EASYPANEL_APP_FIELDS
+    assert EASYPANEL_NAME.match(data["projectName"]) and EASYPANEL_NAME.match(data["serviceName"])
+    source = data["source"]
+    assert source["type"] == "github" and set(source) == EASYPANEL_GITHUB_SOURCE
+    assert source["path"].startswith("/") and isinstance(source["autoDeploy"], bool)
+    assert all(isinstance(source[k], str) and source[k] for k in ("owner", "repo", "ref"))
+    assert set(data["build"]) <= EASYPANEL_DOCKERFILE_BUILD
+    assert set(data["deploy"]) <= EASYPANEL_DEPLOY
+    assert all(set(m) == EASYPANEL_VOLUME_MOUNT and EASYPANEL_NAME.match(m["name"]) for m in data["mounts"])
+    assert all(set(d) <= EASYPANEL_DOMAIN and d["path"].startswith("/") for d in data["domains"])
     assert data["build"] == {"type": "dockerfile", "file": "Dockerfile"}
     assert (ROOT / data["build"]["file"]).exists()
     env = parse_env(data["env"])
@@ -85,7 +103,7 @@ def test_easypanel_schema_is_json_with_a_domain_and_agrees_with_settings():
     port = int(default_text("PORT"))
     # a domain routed to the container's port; no host port (Easypanel's own panel listens on 3000)
     assert "ports" not in data
-    assert data["domains"] == [{"host": "$(EASYPANEL_DOMAIN)", "port": port}]
+    assert data["domains"] == [{"host": "$(EASYPANEL_DOMAIN)", "https": True, "port": port, "path": "/"}]
     assert data["deploy"]["replicas"] == 1 and data["deploy"]["zeroDowntime"] is False
 
 
