@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from wa_worker.config import ConfigError, LogLevel, Settings, load_settings
+from wa_worker.config import DESCRIPTIONS, ConfigError, LogLevel, Settings, load_settings
 
 WA_WORKER = shutil.which("wa-worker", path=str(Path(sys.executable).parent)) or "wa-worker"
 
@@ -79,3 +79,9 @@ def test_a_url_without_scheme_hints_http(url: str) -> None:
 def test_log_level_is_case_insensitive(value: str) -> None:
     s = load_settings(EDGE_BASE_URL="http://x", WORKER_SECRET="0123456789", LOG_LEVEL=value)
     assert s.LOG_LEVEL is LogLevel[value.strip().upper()]
+
+
+def test_every_variable_has_a_one_line_description() -> None:
+    # a new setting needs its line in wa_worker/config.py DESCRIPTIONS (as in README's table)
+    assert set(DESCRIPTIONS) == set(Settings.model_fields)
+    assert all(text and "\n" not in text and len(text) <= 100 for text in DESCRIPTIONS.values())
