@@ -13,9 +13,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
+# dependencies first, exactly as locked (every file's sha256, amd64 and arm64): a layer that
+# changes only with requirements.lock; then the package alone, built by the locked setuptools
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY wa_worker ./wa_worker
-RUN pip install . && python -c "import neonize.aioze.client, wa_worker.daemon"
+RUN pip install --no-deps --no-build-isolation . && python -c "import neonize.aioze.client, wa_worker.daemon"
 
 # a non-root user owning /data (a fresh named volume inherits this ownership)
 RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin wa \

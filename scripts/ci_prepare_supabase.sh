@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${WA_TEST_SUPABASE_CACHE:-$ROOT/supabase/.test-cache}"
 NPM_PACKAGES=(deno@2.9.6 postgres@3.4.9)
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN="${WA_TEST_PG_BINDIR:-/usr/lib/postgresql/15/bin}"
 
 have_pg() {
     [ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/postgres" ] && [ -x "$PG_BIN/psql" ]

@@ -569,4 +569,8 @@ def test_the_image_and_the_test_script_install_ffmpeg() -> None:
     root = Path(__file__).resolve().parent.parent
     apt_line = next(ln for ln in (root / "Dockerfile").read_text().splitlines() if "apt-get install" in ln)
     assert "ffmpeg" in apt_line.split()
-    assert "apt-get install -y -qq --no-install-recommends ffmpeg" in (root / "scripts" / "test.sh").read_text()
+    # scripts/test.sh sources scripts/_test_prereqs.sh, which installs it as root
+    assert "source scripts/_test_prereqs.sh" in (root / "scripts" / "test.sh").read_text()
+    prereqs = (root / "scripts" / "_test_prereqs.sh").read_text()
+    assert 'apt-get install -y -qq --no-install-recommends "$pkg"' in prereqs
+    assert "_can_apt && _apt_install ffmpeg" in prereqs

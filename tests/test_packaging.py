@@ -1,11 +1,11 @@
-"""README, .env.example, easypanel.yml, Dockerfile, .ci/run and the code agree."""
+"""README, .env.example, easypanel.json, Dockerfile, .ci/run and the code agree."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
-import yaml
 
 from wa_worker.config import Settings
 
@@ -59,11 +59,35 @@ def test_readme_configuration_table_matches_settings():
             assert cell == f"`{default_text(name)}`", name
 
 
-def test_easypanel_service_agrees_with_settings_and_dockerfile():
-    doc = yaml.safe_load((ROOT / "easypanel.yml").read_text())
+# Easypanel's published app-service schema (easypanel-io/templates, utils/schema.ts: appSchema and
+# the schemas it uses): the keys each object may have; "required" ones must be present
+EASYPANEL_APP_FIELDS = {"projectName", "serviceName", "source", "build", "env", "basicAuth", "deploy", "domains",
+                        "mounts", "ports", "resources", "maintenance"}
+EASYPANEL_GITHUB_SOURCE = {"type", "owner", "repo", "ref", "path", "autoDeploy"}  # all required
+EASYPANEL_DOCKERFILE_BUILD = {"type", "file"}
+EASYPANEL_VOLUME_MOUNT = {"type", "name", "mountPath"}  # all required
+EASYPANEL_DOMAIN = {"host", "https", "port", "path", "middlewares", "certificateResolver", "wildcard"}
+EASYPANEL_DEPLOY = {"replicas", "command", "zeroDowntime", "capAdd", "capDrop", "sysctls", "groups", "tiniInit"}
+EASYPANEL_NAME = re.compile(r"^[a-z0-9-_]+$")
+
+
+def test_easypanel_schema_is_json_with_a_domain_and_agrees_with_settings():
+    # what Easypanel's "Create from schema" takes: JSON, an app service, only fields of its app schema
+    doc = json.loads((ROOT / "easypanel.json").read_text())
+    assert set(doc) == {"services"}
     (service,) = doc["services"]
     assert service["type"] == "app"
     data = service["data"]
+    assert set(data) <= EASYPANEL_APP_FIELDS
+    assert EASYPANEL_NAME.match(data["projectName"]) and EASYPANEL_NAME.match(data["serviceName"])
+    source = data["source"]
+    assert source["type"] == "github" and set(source) == EASYPANEL_GITHUB_SOURCE
+    assert source["path"].startswith("/") and isinstance(source["autoDeploy"], bool)
+    assert all(isinstance(source[k], str) and source[k] for k in ("owner", "repo", "ref"))
+    assert set(data["build"]) <= EASYPANEL_DOCKERFILE_BUILD
+    assert set(data["deploy"]) <= EASYPANEL_DEPLOY
+    assert all(set(m) == EASYPANEL_VOLUME_MOUNT and EASYPANEL_NAME.match(m["name"]) for m in data["mounts"])
+    assert all(set(d) <= EASYPANEL_DOMAIN and d["path"].startswith("/") for d in data["domains"])
     assert data["build"] == {"type": "dockerfile", "file": "Dockerfile"}
     assert (ROOT / data["build"]["file"]).exists()
     env = parse_env(data["env"])
@@ -77,9 +101,10 @@ def test_easypanel_service_agrees_with_settings_and_dockerfile():
     for path_setting in ("AUTH_DIR", "STATE_DB"):
         assert Path(default_text(path_setting)).is_relative_to(mount["mountPath"])
     port = int(default_text("PORT"))
-    assert data["ports"] == [{"published": port, "target": port}]
-    assert data["healthCheck"] == {"path": "/health", "port": port}
-    assert data["deploy"]["replicas"] == 1
+    # a domain routed to the container's port; no host port (Easypanel's own panel listens on 3000)
+    assert "ports" not in data
+    assert data["domains"] == [{"host": "$(EASYPANEL_DOMAIN)", "https": True, "port": port, "path": "/"}]
+    assert data["deploy"]["replicas"] == 1 and data["deploy"]["zeroDowntime"] is False
 
 
 def test_dockerfile_essentials():
@@ -157,3 +182,15 @@ def test_dockerfile_healthcheck_command_really_checks_health(tmp_path):
         dead = s.getsockname()[1]
     env = {**os.environ, "PORT": str(dead)}
     assert subprocess.run(cmd, env=env, timeout=20, capture_output=True).returncode != 0
+
+
+def test_dockerignore_keeps_tests_and_dev_state_out_of_the_build_context():
+    lines = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
+    for excluded in ("tests", ".wa-worker", ".venv", ".env", ".git", "**/__pycache__", "*.db"):
+        assert excluded in lines, excluded
+    # what the Dockerfile copies is not excluded
+    copied = re.findall(r"^COPY (.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    for sources in copied:
+        for src in sources.split():
+            assert src not in lines and src.rstrip("/") not in lines, src

@@ -1,6 +1,6 @@
 """Settings from the environment (and an optional ``.env``), validated once at start.
 
-Every variable is documented in README.md, ``.env.example`` and ``easypanel.yml``;
+Every variable is documented in README.md, ``.env.example`` and ``easypanel.json``;
 ``tests/test_packaging.py`` keeps the four in agreement.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -117,6 +118,11 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return v
 
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _level_any_case(cls, v: object) -> object:
+        return v.strip().upper() if isinstance(v, str) else v
+
     @field_validator("WORKER_SECRET")
     @classmethod
     def _header_safe(cls, v: SecretStr) -> SecretStr:
@@ -198,14 +204,69 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError(_describe(exc)) from None
 
 
+def _message(loc: str, err: Any) -> str:
+    """pydantic's wording, said for a variable (never the offending input: it may be the secret)."""
+    kind = err.get("type")
+    ctx = err.get("ctx") or {}
+    if kind in ("too_short", "string_too_short") and "min_length" in ctx:
+        return f"must be at least {ctx['min_length']} characters"
+    msg = str(err.get("msg", "invalid"))
+    if loc == "EDGE_BASE_URL" and kind in ("url_parsing", "url_scheme"):
+        msg += " (add http:// or https:// in front, e.g. https://your-project.supabase.co/functions/v1/worker-proxy)"
+    return msg
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
-        msg = err.get("msg", "invalid")
         if err.get("type") == "missing":
             parts.append(f"{loc} is required but not set")
         else:
-            # never echo the offending input: it may be the secret
-            parts.append(f"{loc}: {msg}")
+            parts.append(f"{loc}: {_message(loc, err)}")
     return "invalid configuration: " + "; ".join(parts)
+
+
+# one line per variable for ``wa-worker --help`` (README's configuration table says more)
+DESCRIPTIONS: dict[str, str] = {
+    "EDGE_BASE_URL": "base URL of the edge proxy, http(s) (required)",
+    "WORKER_SECRET": "bearer secret shared with the proxy, min. 8 printable ASCII characters (required)",
+    "PORT": "the worker's HTTP server port (binds 0.0.0.0)",
+    "AUTH_DIR": "one private folder per instance: AUTH_DIR/<instanceId>/",
+    "INSTANCE_POLL_MS": "discovery interval (GET /disconnected-instances)",
+    "INSTANCE_POLL_MAX_MS": "discovery interval cap while nothing changes",
+    "MSG_POLL_MS": "queue poll interval per connected instance",
+    "MSG_POLL_MAX_MS": "queue poll interval cap while the instance is idle",
+    "WA_BACKEND": "neonize (real WhatsApp) or simulator",
+    "LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR (any case)",
+    "EDGE_TIMEOUT_S": "total time allowed for each proxy call",
+    "EDGE_MAX_RESPONSE_BYTES": "largest proxy response read",
+    "STATE_DB": "the worker's journal (SQLite, WAL)",
+    "INBOUND_TTL_HOURS": "undelivered inbound older than this goes to the dead-letter table",
+    "INBOUND_MAX_ATTEMPTS": "server errors on one inbound message before it is dead-lettered",
+    "UNKNOWN_SEND_POLICY": "a send interrupted by a crash: at_most_once or at_least_once",
+    "READY_MAX_PROXY_SILENCE_S": "/ready fails when the proxy has not answered for this long",
+    "CONNECT_TIMEOUT_S": "a connection showing neither QR nor success in this time is retried",
+    "START_CONCURRENCY": "instances connecting at once",
+    "BATCH_POLL": "probe once whether the proxy serves every queue in one call",
+    "MEDIA_MAX_BYTES": "largest media file sent or received",
+    "MEDIA_ALLOW_PRIVATE": "let media_url point at private/loopback addresses (dev only)",
+    "MEDIA_FETCH_TIMEOUT_S": "total time to fetch one media_url",
+    "WA_BOT_BADGE": "let neonize mark 1:1 messages with WhatsApp's AI badge",
+    "SIMULATOR_AUTO_SCAN_MS": "simulator only: the simulated phone scans each QR after this delay",
+    "SIMULATOR_SEND_DELAY_MS": "simulator only: each simulated send takes this long",
+}
+
+
+def variables_help() -> str:
+    """Every variable with its default and one line, for ``wa-worker --help``."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        if field.is_required():
+            default = "required"
+        else:
+            value = field.get_default(call_default_factory=True)
+            value = value.value if isinstance(value, enum.Enum) else value
+            default = "(empty)" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        lines.append(f"  {name:<26} {default:<26} {DESCRIPTIONS.get(name, field.description or '')}")
+    return "\n".join(lines)

@@ -435,6 +435,22 @@ class EdgeClient:
             return self._fail(EdgeError(ep, "answer has no \"url\" (or \"path\") string", transient=False))
         return location.strip()
 
+    async def probe(self, method: str, path: str, params: dict[str, str] | None = None,
+                    body: dict[str, Any] | None = None) -> Reply:
+        """One call for diagnostics (``wa-worker doctor``): the status, headers and
+        at most 2 KiB of the body, whatever the status. Raises :class:`EdgeError`
+        only when no answer arrives (connection failure, timeout)."""
+        headers = self._headers if body is None else {**self._headers, "Content-Type": "application/json"}
+        try:
+            return await self._transport.request(
+                method, f"{self.base_url}{path}", params=[*self._base_params, *(params or {}).items()],
+                headers=headers, content=None if body is None else _encode(body), timeout_s=self.timeout_s,
+                policy=lambda status: BodyPolicy(_ERROR_BODY_BYTES, False))
+        except TransportTimeout:
+            raise EdgeError(path, f"timed out (no answer within {self.timeout_s:g}s)") from None
+        except TransportError as exc:
+            raise EdgeError(path, f"connection failed ({exc})") from None
+
 
 async def _file_chunks(path: Path, chunk_bytes: int = 256 * 1024) -> AsyncIterator[bytes]:
     async with await anyio.open_file(path, "rb") as f:
