@@ -1,5 +1,6 @@
 # Sourced by scripts/test.sh: the tools some tests need (PostgreSQL 15 + Deno for the
-# Supabase kit, chromium for the dev page, ffmpeg for voice notes).
+# Supabase kit, chromium for the dev page, ffmpeg for voice notes, promtool for the
+# Prometheus alert rules).
 #   * as root with apt-get (CI): installed when missing;
 #   * otherwise (a developer without root): each missing tool prints ONE line saying
 #     which tests it skips, and the run goes on (the tests skip themselves);
@@ -44,6 +45,12 @@ prepare_test_tools() {
         command -v ffmpeg >/dev/null 2>&1 \
             || _missing ffmpeg "the voice-note conversion tests (tests/test_media.py)" \
                 "apt-get install ffmpeg, or brew install ffmpeg" || return 1
+    fi
+    if ! command -v promtool >/dev/null 2>&1; then
+        _can_apt && _apt_install prometheus
+        command -v promtool >/dev/null 2>&1 \
+            || _missing promtool "the alert-rule check (tests/test_metrics.py::test_alert_rules_pass_promtool)" \
+                "apt-get install prometheus" || return 1
     fi
     return 0
 }

@@ -3,8 +3,8 @@
 # Installs what the suite needs, on a fresh machine too:
 #   * a virtualenv (.venv, or $WA_VENV) with wa-worker and its [test] extras;
 #   * PostgreSQL 15 + Deno for the Supabase kit (scripts/ci_prepare_supabase.sh);
-#   * Debian's chromium for the dev page's browser test, and ffmpeg for the voice-note
-#     tests (tests/test_media.py), when run as root.
+#   * Debian's chromium for the dev page's browser test, ffmpeg for the voice-note
+#     tests (tests/test_media.py) and promtool for the alert rules, when run as root.
 # Without root, a missing tool prints one line naming the tests it skips; under CI=true
 # a missing tool fails the run (scripts/_test_prereqs.sh).
 # Then ruff and mypy (zero findings, or the run fails) and pytest.

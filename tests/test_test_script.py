@@ -58,10 +58,10 @@ def test_without_root_each_missing_tool_is_one_skip_line_and_the_run_goes_on(san
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "done"
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
     assert all(line.startswith("test.sh: skipping ") for line in lines), lines
     assert "Supabase kit" in lines[0] and "PostgreSQL 15 missing" in lines[0]
-    assert "chromium" in lines[1] and "ffmpeg" in lines[2]
+    assert "chromium" in lines[1] and "ffmpeg" in lines[2] and "promtool" in lines[3]
 
 
 @pytest.mark.skipif(os.getuid() == 0 and not shutil.which("setpriv"), reason="needs setpriv to drop root")
