@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     MEDIA_ALLOW_PRIVATE: bool = False  # fetch media from private/loopback/link-local addresses (dev only)
     MEDIA_FETCH_TIMEOUT_S: float = Field(120.0, gt=0)  # total per media_url: DNS, connect, redirects, body
 
+    # --- calls (issue #12): every call reaches /inbound; these decide whether it is declined first
+    CALL_REJECT: bool = False
+    CALL_REJECT_MESSAGE: str = Field("", max_length=4096)  # sent to the caller after a reject; empty: none
+
     # --- neonize
     WA_BOT_BADGE: bool = False
 

@@ -25,12 +25,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ..backends.base import (
     Backend,
     BackendEvent,
+    Call,
     Connected,
     Disconnected,
     InboundMessage,
     LoggedOut,
     QrCode,
+    Receipt,
     Session,
+    SendError,
 )
 from ..backends.qr import qr_png_data_url
 from ..edge.client import EdgeClient, EdgeError, InstanceGone
@@ -44,6 +47,7 @@ from .pacing import StartPacer
 if TYPE_CHECKING:
     from ..relays.inbound import InboundRelay
     from ..relays.outbound import OutboundRelay
+    from ..relays.receipts import ReceiptsRelay
 
 log = logging.getLogger("wa_worker.instance")
 
@@ -58,6 +62,16 @@ STATUS_RETRY_CAP_S = 60.0
 CONNECTING_PUSHES = 8
 # what a QR code holds at most (version 40, 8-bit bytes, error correction L)
 QR_MAX_BYTES = 2953
+# an incoming call's reject + reply + journaling, at most (survives a disconnect meanwhile)
+CALL_HANDLING_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallPolicy:
+    """What to do with an incoming call: reject it, and then send ``message`` (if not empty)."""
+
+    reject: bool = False
+    message: str = ""
 
 
 async def _wake_gap(clock: Clock, last_start: float) -> None:
@@ -104,6 +118,9 @@ class RunnerContext:
     journal_writable: Callable[[], bool]
     batch_mode: Callable[[], bool]
     on_event: Callable[[str, BackendEvent], None] | None = None
+    receipts: "ReceiptsRelay | None" = None
+    # the call policy of an instance (CALL_REJECT / CALL_REJECT_MESSAGE; the seam for per-instance settings)
+    call_policy: Callable[[str], CallPolicy] = lambda _iid: CallPolicy()
     rng: random.Random = random.Random()
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 60.0
@@ -123,6 +140,8 @@ class _Desired:
     qr_raw: str | None
     phone_number: str | None
     reason: str | None
+    ban_code: str | None = None
+    ban_expires_at: int | None = None
 
 
 class StatusReporter:
@@ -153,9 +172,11 @@ class StatusReporter:
         self._pushed = anyio.Event()
 
     def set(self, status: Status, qr_code: str | None = None, *, phone_number: str | None = None,
-            reason: str | None = None, qr_raw: str | None = None) -> None:
+            reason: str | None = None, qr_raw: str | None = None, ban_code: str | None = None,
+            ban_expires_at: float | None = None) -> None:
         """``qr_raw``: a QR string, rendered to a PNG data URL when pushed (instead of ``qr_code``)."""
-        update = _Desired(status, qr_code, qr_raw, phone_number, reason)
+        update = _Desired(status, qr_code, qr_raw, phone_number, reason, ban_code,
+                          None if ban_expires_at is None else int(ban_expires_at))
         if update == self._desired and self._pushed_version == self._version:
             return  # the proxy already has exactly this (e.g. every failed reconnect attempt)
         self._desired = update
@@ -225,7 +246,8 @@ class StatusReporter:
                 return await self._push_latest()  # replaced while rendering
         await self.edge.update_status(StatusUpdate(
             instanceId=self.instance_id, status=desired.status, qr_code=qr_code,
-            phone_number=desired.phone_number, reason=desired.reason))
+            phone_number=desired.phone_number, reason=desired.reason, ban_code=desired.ban_code,
+            ban_expires_at=desired.ban_expires_at))
         return version
 
     async def _render(self, raw: str) -> str:
@@ -265,6 +287,7 @@ class InstanceRunner:
         self._interrupt = anyio.Event()  # cuts backoff waits short on stop/gone
         # the session while it is connected (the inbound relay downloads media through it)
         self.connected_session: Session | None = None
+        self.own_jid: str | None = None  # our JID, once a connection said it
 
     # ------------------------------------------------------------------ control
 
@@ -361,6 +384,9 @@ class InstanceRunner:
             if isinstance(event, InboundMessage):
                 self.ctx.inbound.accept(iid, event)
                 self.wake()  # a conversation is active: look for replies sooner
+            elif isinstance(event, Receipt):
+                if self.ctx.receipts is not None:
+                    self.ctx.receipts.accept(iid, event)
             else:
                 try:
                     await tx.send(event)
@@ -436,15 +462,19 @@ class InstanceRunner:
                 connected = True
                 self.state = State.CONNECTED
                 self.connected_session = session
+                self.own_jid = event.jid or self.own_jid
                 log.info("%s: connected", iid)
                 self.ctx.inbound.instance_connected(iid)  # media downloads waiting for the connection
                 self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
                 self.poll_interval.activity()
                 tg.start_soon(self._supervised_outbound, session)
+            elif isinstance(event, Call):
+                tg.start_soon(self._on_call, session, event)
             elif isinstance(event, Disconnected):
                 self.connected_session = None
                 log.warning("%s: disconnected (%s%s)", iid, event.reason, f": {event.detail}" if event.detail else "")
-                self.status.set(Status.DISCONNECTED, None, reason=event.reason)
+                self.status.set(Status.DISCONNECTED, None, reason=event.reason, ban_code=event.ban_code,
+                                ban_expires_at=event.ban_expires_at)
                 return Outcome.RETRY, event.retry_after_s
             elif isinstance(event, LoggedOut):
                 log.warning("%s: logged out from the phone: wiping its session; a new QR on next discovery", iid)
@@ -454,6 +484,31 @@ class InstanceRunner:
                 wipe_dir(self.ctx.backend.auth_dir(iid))
                 return Outcome.LOGGED_OUT, None
             event = await self._next(rx)
+
+    async def _on_call(self, session: Session, call: Call) -> None:
+        """Reject the call if the policy says so (then send its reply text), and journal
+        it for ``/inbound`` either way. Shielded and bounded: a disconnect meanwhile
+        never loses the record."""
+        iid = self.instance_id
+        policy = self.ctx.call_policy(iid)
+        rejected = False
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CALL_HANDLING_S):
+            try:
+                if policy.reject:
+                    try:
+                        await session.reject_call(call)
+                        rejected = True
+                        log.info("%s: rejected a %s call", iid, "video" if call.video else "voice")
+                    except SendError as exc:
+                        log.warning("%s: could not reject a call (%s)", iid, exc)
+            finally:
+                self.ctx.inbound.accept_call(iid, call, rejected=rejected,
+                                             own_jid=self.own_jid)
+            if rejected and policy.message:
+                try:
+                    await session.send_text(call.from_jid, policy.message)
+                except SendError as exc:
+                    log.warning("%s: could not send the call reply text (%s)", iid, exc)
 
     # ------------------------------------------------------------------ outbound
 
