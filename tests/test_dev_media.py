@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from wa_worker.dev.background import BackgroundProxy
-from wa_worker.dev.store import V1_SCHEMA, DevStore
+from wa_worker.dev.store import DEV_MIGRATIONS, V1_SCHEMA, DevStore
 
 SECRET = "test-secret-0123456789"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -307,7 +307,7 @@ def test_existing_dev_database_is_migrated_in_place(tmp_path: Path) -> None:
         store.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     with sqlite3.connect(path) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == DEV_MIGRATIONS[-1].version  # the latest
     store = DevStore(path)  # and opening it again changes nothing
     assert len(store.list_outbound()) == 2
     store.close()
