@@ -11,7 +11,9 @@ as the kind has them ``mimetype``, ``size`` and ``sha256`` of the bytes it read,
 ``filename``, ``seconds``, ``reply_to`` (+ ``reply_to_chat``), ``reaction``,
 ``latitude``/``longitude``/``name``/``address``, ``contact: {name, vcard}``. Received media is kept under
 ``AUTH_DIR/<id>/simulator-media/<sha256>`` (what WhatsApp's servers would hold)
-and downloaded from there, only while the session is connected.
+and downloaded from there, only while the session is connected. The phone's side can
+also report receipts of sent messages, call (rejects are recorded in
+``rejected_calls``) and ban the account for a while (connects are refused until then).
 
 It is driven through the worker's HTTP server (``/simulator/...``, see
 ``wa_worker.http.simulator_routes``) or directly from tests.
