@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import AUTH, connect, make_settings, running_worker, wait_until
 from wa_worker.backends.base import Receipt, ReceiptStatus
 from wa_worker.daemon import Worker
+from wa_worker.storage.journal import Journal
 
 pytestmark = pytest.mark.anyio
 
@@ -181,3 +182,31 @@ async def test_a_temporary_ban_stops_polling_until_it_ends(proxy, tmp_path):
         assert during == [], during  # nothing polled (so nothing sent) while banned
         # statuses other than the ban's carry no ban fields
         assert "ban_code" not in proxy.statuses_of("acme")[-1]
+
+
+def test_the_receipts_outbox_keeps_the_latest_and_never_goes_back(tmp_path):
+    """A real journal file: a newer status that arrives while an older one is being posted
+    stays due; a lower or equal one never becomes due; the proxy's id is found by wa id;
+    rows survive reopening."""
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    j.begin_send("m1", "acme", ALICE)
+    j.record_sent("m1", "3EB0AA")
+    assert j.add_receipt("acme", "3EB0AA", ALICE, ALICE, "delivered", 1, 100.0)
+    (row,) = j.receipts_due(100)
+    assert (row.message_id, row.status) == ("m1", "delivered")
+    assert j.add_receipt("acme", "3EB0AA", ALICE, ALICE, "read", 2, 101.0)  # arrives during the post
+    j.receipts_posted([row])  # the post of "delivered" succeeds
+    (row,) = j.receipts_due(100)
+    assert row.status == "read" and row.timestamp == 101.0
+    j.receipts_posted([row])
+    assert j.receipts_due(100) == []
+    assert not j.add_receipt("acme", "3EB0AA", ALICE, ALICE, "delivered", 1, 102.0)
+    assert not j.add_receipt("acme", "3EB0AA", ALICE, ALICE, "read", 2, 103.0)
+    assert j.receipts_due(100) == [] and j.receipts_pending() == 0
+    assert j.add_receipt("acme", "3EB0ZZ", ALICE, ALICE, "played", 3, 104.0)  # not ours: no messageId
+    j.close()
+    j = Journal(path)
+    (row,) = j.receipts_due(100)
+    assert (row.wa_message_id, row.message_id, row.status) == ("3EB0ZZ", None, "played")
+    j.close()

@@ -58,6 +58,7 @@ class ReceiptsRelay:
         self.health = health
         self.supported = True  # False after a 404/405/501 on /message-status, until restart
         self._wake = anyio.Event()
+        self._store_trouble = False  # this round could not record an outcome
         self.posted = 0  # statuses the proxy accepted
         self.dropped = 0  # receipts not journaled (switched off, or the store unwritable)
 
@@ -84,7 +85,7 @@ class ReceiptsRelay:
     async def run(self) -> None:
         while True:
             timeout = await self._round()
-            if self.health is not None:
+            if self.health is not None and not self._store_trouble:
                 self.health.ok()
             self._wake = anyio.Event()
             if timeout > 0:
@@ -96,16 +97,20 @@ class ReceiptsRelay:
         """Post every due batch; returns how long until the next row is due."""
         if not self.supported:
             return IDLE_S
+        self._store_trouble = False
         while True:
             try:
                 rows = self.journal.receipts_due(BATCH_MAX)
             except JournalUnavailable as exc:
+                self._store_trouble = True
                 report_failure(self.health, "receipts relay", exc, log)
                 return STORE_BACKOFF_S
             if not rows:
                 break
             if not await self._post(rows):
                 break
+        if self._store_trouble:  # rows posted (or failed) but not recorded: never a hot loop
+            return STORE_BACKOFF_S
         try:
             due = self.journal.next_receipt_due_at()
         except JournalUnavailable:
@@ -133,8 +138,10 @@ class ReceiptsRelay:
                     log.error("%d receipt(s) dead-lettered: the proxy refused them (%s)", len(rows), exc)
                     return True
             except JournalWriteError as store_exc:
+                self._store_trouble = True
                 log.debug("receipts relay: store not writable (%s)", store_exc)
             except JournalUnavailable as store_exc:
+                self._store_trouble = True
                 report_failure(self.health, "receipts relay", store_exc, log)
             return False
         self.posted += len(rows)
@@ -142,6 +149,7 @@ class ReceiptsRelay:
             self.journal.receipts_posted(rows)
         except JournalUnavailable as exc:
             # posted, not marked: posted again later, which the contract makes idempotent
+            self._store_trouble = True
             log.debug("receipts relay: cannot mark %d receipt(s) posted (%s)", len(rows), exc)
             return False
         return True
