@@ -89,9 +89,12 @@ class ReceiptsRelay:
                 self.health.ok()
             self._wake = anyio.Event()
             if timeout > 0:
-                await self.clock.wait(self._wake, timeout)
+                # real time, like the inbound relay (the clock only dates rows): a fake
+                # clock in tests is never advanced by an idle relay
+                with anyio.move_on_after(timeout):
+                    await self._wake.wait()
                 if self._wake.is_set() and self.flush_delay_s > 0:
-                    await self.clock.sleep(self.flush_delay_s)  # let the burst gather into one batch
+                    await anyio.sleep(self.flush_delay_s)  # let the burst gather into one batch
 
     async def _round(self) -> float:
         """Post every due batch; returns how long until the next row is due."""
