@@ -158,10 +158,14 @@ async def test_calls_are_posted_and_optionally_rejected_with_a_reply(proxy, tmp_
             assert rejects == [] and w.backend.sent("acme") == []
 
 
-async def test_a_temporary_ban_stops_polling_until_it_ends(proxy, tmp_path):
+@pytest.mark.parametrize("batch", [False, True])
+async def test_a_temporary_ban_stops_polling_until_it_ends(proxy, tmp_path, batch):
+    """Per-instance polling: no poll at all while banned. Batch mode (one poll for every
+    instance): the banned instance's messages are left at the proxy, never sent."""
+    proxy.batch = batch
     proxy.add_instance("acme")
     polls: list[float] = []
-    proxy.on_queue_call = lambda iid: polls.append(time.time()) if iid == "acme" else None
+    proxy.on_queue_call = lambda iid: polls.append(time.time()) if iid == ("acme" if not batch else None) else None
     async with running_worker(make_settings(tmp_path, proxy.url)) as w:
         await connect(w, proxy)
         await wait_until(lambda: polls, what="polling while connected")
@@ -177,9 +181,12 @@ async def test_a_temporary_ban_stops_polling_until_it_ends(proxy, tmp_path):
         await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", timeout=15, what="reconnected after ban")
         reconnected_at = time.time()
         assert reconnected_at >= banned_at + 1.9
+        assert w.backend.sent("acme") == []  # nothing sent while banned
         await wait_until(lambda: "during-ban" in proxy.sent_marks, what="sent after the ban")
+        assert len(w.backend.sent("acme")) == 1
         during = [t for t in polls if banned_at + 0.2 < t < banned_at + 1.9]
-        assert during == [], during  # nothing polled (so nothing sent) while banned
+        if not batch:  # (a batch poll serves every instance: only the sends matter there)
+            assert during == [], during  # nothing polled while banned
         # statuses other than the ban's carry no ban fields
         assert "ban_code" not in proxy.statuses_of("acme")[-1]
 
