@@ -67,15 +67,16 @@ class ReceiptsRelay:
         if not self.supported:
             self.dropped += len(receipt.wa_message_ids)
             return
-        changed = False
-        for wa_id in receipt.wa_message_ids:
-            try:
-                changed |= self.journal.add_receipt(instance_id, wa_id, receipt.chat_jid, receipt.recipient,
-                                                    receipt.status.value, receipt.status.rank, receipt.timestamp)
-            except JournalUnavailable as exc:
-                # a receipt is a hint, not a message: not buffered in memory (a later one supersedes it)
-                self.dropped += 1
-                log.debug("receipt %s/%s not journaled (%s)", instance_id, wa_id, exc)
+        try:
+            changed = self.journal.add_receipts(instance_id, receipt.wa_message_ids, receipt.chat_jid,
+                                                receipt.recipient, receipt.status.value, receipt.status.rank,
+                                                receipt.timestamp)
+        except JournalUnavailable as exc:
+            # a receipt is a hint, not a message: not buffered in memory (a later one supersedes it)
+            self.dropped += len(receipt.wa_message_ids)
+            log.debug("receipt of %d message(s) of %s not journaled (%s)", len(receipt.wa_message_ids),
+                      instance_id, exc)
+            return
         if changed:
             self._wake.set()
 

@@ -498,6 +498,13 @@ class Journal:
         )
         return cur.rowcount == 1
 
+    def add_receipts(self, instance_id: str, wa_message_ids: Collection[str], chat_jid: str, recipient: str,
+                     status: str, rank: int, timestamp: float) -> int:
+        """:meth:`add_receipt` for every id of one receipt, in one transaction; returns how many changed."""
+        with self._tx():
+            return sum(self.add_receipt(instance_id, wa_id, chat_jid, recipient, status, rank, timestamp)
+                       for wa_id in wa_message_ids)
+
     _RECEIPT_SELECT = (
         "SELECT r.*, (SELECT o.message_id FROM outbound o WHERE o.instance_id = r.instance_id "
         "AND o.wa_message_id = r.wa_message_id LIMIT 1) AS message_id FROM receipts r "
