@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import AUTH, connect, make_settings, running_worker, wait_until
-from wa_worker.backends.base import Receipt, ReceiptStatus
+from wa_worker.backends.base import InboundMessage, Receipt, ReceiptStatus
 from wa_worker.daemon import Worker
 from wa_worker.storage.journal import Journal
 
@@ -129,9 +129,15 @@ async def test_undecryptable_reaches_inbound(proxy, tmp_path):
                                 json={"from": "5511988887777", "type": "undecryptable"})
             assert r.status_code == 200, r.text
         wa_id = r.json()["wa_message_id"]
-        await wait_until(lambda: wa_id in proxy.inbound_ids(), what="undecryptable posted")
+        await wait_until(lambda: f"{wa_id}-undecryptable" in proxy.inbound_ids(), what="undecryptable posted")
         p = proxy.inbound[-1]
-        assert p["type"] == "undecryptable" and p["body"] == "" and p["from"] == ALICE
+        assert p["type"] == "undecryptable" and p["body"] == "" and p["from"] == ALICE and p["target_id"] == wa_id
+        # WhatsApp decrypts it later: the real message, same id, is a message of its own (not a replay)
+        session = w.backend.session("acme")
+        real = InboundMessage(wa_id, ALICE, ALICE, "the real text", timestamp=time.time(), own_jid=session.jid)
+        await session.sink(real)
+        await wait_until(lambda: wa_id in proxy.inbound_ids(), what="the real message posted")
+        assert proxy.inbound[-1]["body"] == "the real text" and proxy.inbound[-1]["type"] == "text"
 
 
 @pytest.mark.parametrize("reject", [False, True])

@@ -58,6 +58,8 @@ QUERY_GAP_S = 0.002
 MEDIA_MAX_BYTES = 64 * 1024 * 1024
 # the backend's download handle, kept in the journaled row until the media is uploaded
 MEDIA_HANDLE = "_media_handle"
+# the wa_message_id of an "undecryptable" notice: the message's own id plus this
+UNDECRYPTABLE_SUFFIX = "-undecryptable"
 
 
 def counts_as_server_error(exc: EdgeError) -> bool:
@@ -92,6 +94,12 @@ def inbound_payload(instance_id: str, msg: InboundMessage, *,
     }
     if content is not None:
         payload.update(_content_fields(content, media_max_bytes))
+        if content.kind is Kind.UNDECRYPTABLE:
+            # WhatsApp may deliver the real message later under the same id: this notice gets
+            # an id of its own (so neither the journal nor the proxy takes the message for a
+            # replay of it) and names the message in target_id
+            payload["wa_message_id"] = msg.wa_message_id + UNDECRYPTABLE_SUFFIX
+            payload["target_id"] = msg.wa_message_id
     return payload
 
 
