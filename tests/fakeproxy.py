@@ -48,6 +48,8 @@ class FakeProxy:
     failed_codes: dict[str, list[str | None]] = field(default_factory=lambda: defaultdict(list))
     inbound: list[dict[str, Any]] = field(default_factory=list)
     statuses: list[dict[str, Any]] = field(default_factory=list)
+    message_status_posts: list[list[dict[str, Any]]] = field(default_factory=list)  # each /message-status batch
+    message_status: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # latest per message
     calls: Counter[str] = field(default_factory=Counter)
     fail: Counter[str] = field(default_factory=Counter)
     hang: Counter[str] = field(default_factory=Counter)
@@ -101,6 +103,7 @@ class FakeProxy:
         app.router.add_post("/mark-failed", self._mark_failed)
         app.router.add_post("/inbound", self._inbound)
         app.router.add_post("/upload-media", self._upload_media)
+        app.router.add_post("/message-status", self._message_status)
         return app
 
     async def start(self, port: int = 0) -> "FakeProxy":
@@ -227,6 +230,18 @@ class FakeProxy:
             self.inbound.append(body)
             if self.on_inbound is not None:
                 self.on_inbound(body)
+        return self._maybe_lose({"ok": True})
+
+    async def _message_status(self, request: web.Request) -> web.Response:
+        if (r := await self._gate(request, "message-status")) is not None:
+            return r
+        body = json.loads(await request.read())
+        statuses = body["statuses"]
+        assert isinstance(statuses, list) and 1 <= len(statuses) <= 100, len(statuses)
+        self.message_status_posts.append(statuses)
+        for st in statuses:
+            assert set(st) == {"instanceId", "messageId", "wa_message_id", "status", "timestamp", "recipient"}, st
+            self.message_status[(st["instanceId"], st["wa_message_id"])] = st
         return self._maybe_lose({"ok": True})
 
     async def _upload_media(self, request: web.Request) -> web.Response:

@@ -100,6 +100,9 @@ def proxy(tmp_path: Path):
     sent = store.queue_message("acme-support", "+55 11 98888-7777", "Your order has shipped")
     store.claim_messages("acme-support")
     store.mark_sent(sent["id"], "3EB0C767D71D9A4B21F4")
+    store.record_receipt("acme-support", sent["id"], "3EB0C767D71D9A4B21F4", "read", 1_800_000_000, None)
+    store.add_inbound("acme-support", {"wa_message_id": "CALL1", "from": "5511977776666@s.whatsapp.net", "body": "",
+                                       "type": "call", "video": True, "rejected": True})
     store.add_inbound(
         "acme-support",
         {
@@ -180,6 +183,8 @@ def test_dump_dom_after_scripts(proxy: BackgroundProxy, tmp_path: Path) -> None:
     assert "\u2764 on \u201ca red square\u201d" in dom
     assert "media not kept: too_large" in dom
     assert "[media_too_large] the media is larger" in dom
+    # issue #12: a sent message's receipt, a rejected call
+    assert "\u2713 read" in dom and "video call, rejected" in dom
 
 
 # ---------------------------------------------------------------------------- DevTools protocol

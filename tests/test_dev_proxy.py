@@ -581,3 +581,51 @@ def test_page_escapes_html(proxy: BackgroundProxy, http: httpx.Client) -> None:
     state = r.json()
     assert state["outbound"][0]["body"] == "<script>alert(1)</script>"
     assert state["inbound"][0]["push_name"] == "<i>x</i>"
+
+
+# ---------------------------------------------------------------------------- issue #12
+
+
+def test_message_status_keeps_the_latest_receipt_per_message(proxy: BackgroundProxy, http: httpx.Client,
+                                                              events: list) -> None:
+    add(proxy, "acme")
+    m1, m2 = queue(http, "acme")["id"], queue(http, "acme")["id"]
+    http.get("/queued-messages", params={"instanceId": "acme"})
+    http.post("/mark-sent", json={"messageId": m1, "wa_message_id": "3EB0AA"})
+    http.post("/mark-sent", json={"messageId": m2, "wa_message_id": "3EB0BB"})
+
+    def st(mid: str | None, wa: str, status: str) -> dict:
+        return {"instanceId": "acme", "messageId": mid, "wa_message_id": wa, "status": status,
+                "timestamp": 1_800_000_100, "recipient": "5511999990000@s.whatsapp.net"}
+
+    r = http.post("/message-status", json={"statuses": [st(m1, "3EB0AA", "read"), st(None, "3EB0BB", "delivered"),
+                                                        st(None, "3EB0ZZ", "read")]})
+    assert r.status_code == 200 and r.json()["changed"] == 2  # the unknown message is ignored
+    r = http.post("/message-status", json={"statuses": [st(m1, "3EB0AA", "delivered")]})  # never backwards
+    assert r.json()["changed"] == 0
+    msgs = {m["id"]: m for m in http.get("/dev/messages").json()["outbound"]}
+    assert msgs[m1]["receipt"] == {"status": "read", "at": 1_800_000_100.0, "by": "5511999990000@s.whatsapp.net"}
+    assert msgs[m2]["receipt"]["status"] == "delivered"
+    assert [e.kind for e in events].count("receipt") == 2
+    for bad in ({"statuses": [st(m1, "3EB0AA", "seen")]}, {"statuses": [st(m1, "", "read")]},
+                {"statuses": [st(m1, "3EB0AA", "read")] * 101}, {"statuses": "x"}):
+        assert http.post("/message-status", json=bad).status_code == 400
+
+
+def test_calls_undecryptable_and_bans_are_stored(proxy: BackgroundProxy, http: httpx.Client) -> None:
+    add(proxy, "acme")
+    base = {"instanceId": "acme", "from": "5511988887777@s.whatsapp.net", "body": "", "timestamp": 1_800_000_000}
+    assert http.post("/inbound", json={**base, "wa_message_id": "CALL1", "type": "call", "video": True,
+                                       "rejected": True, "caller": base["from"]}).status_code == 200
+    assert http.post("/inbound", json={**base, "wa_message_id": "3EB0UN", "type": "undecryptable"}).status_code == 200
+    inbound = {m["wa_message_id"]: m for m in http.get("/dev/messages").json()["inbound"]}
+    assert inbound["CALL1"]["type"] == "call" and inbound["CALL1"]["call"] == {"video": True, "rejected": True}
+    assert inbound["3EB0UN"]["type"] == "undecryptable" and inbound["3EB0UN"]["call"] is None
+    r = status(http, "acme", "DISCONNECTED", reason="temporary_ban", ban_code="blocked_by_users",
+               ban_expires_at=1_800_003_600)
+    assert r.status_code == 200
+    inst = next(i for i in http.get("/dev/instances").json()["instances"] if i["id"] == "acme")
+    assert (inst["ban_code"], inst["ban_expires_at"]) == ("blocked_by_users", 1_800_003_600.0)
+    status(http, "acme", "CONNECTED")
+    inst = next(i for i in http.get("/dev/instances").json()["instances"] if i["id"] == "acme")
+    assert inst["ban_code"] is None

@@ -680,3 +680,48 @@ def test_unreachable_database_is_503_not_400() -> None:
         assert r.json() == {"error": "database unavailable"}
     finally:
         fn.stop()
+
+
+@deno
+def test_message_status_calls_undecryptable_and_bans(fn: EdgeFunction, wa_db: WaDb) -> None:
+    """Issue #12: the latest receipt per sent message (never backwards, by id or by WhatsApp
+    id), calls and undecryptable messages stored, a ban's code and end on the instance."""
+    wa_db.insert_instance("acme", "CONNECTED")
+    m1, m2 = wa_db.insert_outbound("acme", "12", "a"), wa_db.insert_outbound("acme", "12", "b")
+    fn.request("GET", "queued-messages", params={"instanceId": "acme"})
+    fn.request("POST", "mark-sent", json={"messageId": m1, "wa_message_id": "3EB0AA"})
+    fn.request("POST", "mark-sent", json={"messageId": m2, "wa_message_id": "3EB0BB"})
+
+    def st(mid: str | None, wa: str, status: str) -> dict:
+        return {"instanceId": "acme", "messageId": mid, "wa_message_id": wa, "status": status,
+                "timestamp": 1_800_000_100, "recipient": "5511988887777@s.whatsapp.net"}
+
+    r = fn.request("POST", "message-status", json={"statuses": [st(m1, "3EB0AA", "read"),
+                                                                 st(None, "3EB0BB", "delivered"),
+                                                                 st(None, "3EB0ZZ", "played")]})
+    assert r.status_code == 200 and r.json() == {"ok": True, "changed": 2}, r.text
+    assert fn.request("POST", "message-status", json={"statuses": [st(m1, "3EB0AA", "delivered")]}).json()[
+        "changed"] == 0
+    assert wa_db.outbound(m1)["receipt_status"] == "read" and wa_db.outbound(m2)["receipt_status"] == "delivered"
+    assert wa_db.outbound(m1)["receipt_by"] == "5511988887777@s.whatsapp.net"
+    for bad in ({"statuses": [st(m1, "3EB0AA", "seen")]}, {"statuses": [st(m1, "3EB0AA", "read")] * 101}):
+        assert fn.request("POST", "message-status", json=bad).status_code == 400
+
+    base = {"instanceId": "acme", "from": "5511988887777@s.whatsapp.net", "body": "", "timestamp": 1_800_000_000}
+    assert fn.request("POST", "inbound", json={**base, "wa_message_id": "CALL1", "type": "call", "video": True,
+                                               "rejected": True, "caller": base["from"]}).status_code == 200
+    r = fn.request("POST", "inbound", json={**base, "wa_message_id": "3EB0UN", "type": "undecryptable"})
+    assert r.status_code == 200, r.text
+    rows = {r["wa_message_id"]: r for r in wa_db.inbound_rows("acme")}
+    assert (rows["CALL1"]["type"], rows["CALL1"]["call_video"], rows["CALL1"]["call_rejected"]) == ("call", True, True)
+    assert rows["3EB0UN"]["type"] == "undecryptable" and rows["3EB0UN"]["call_video"] is None
+
+    r = fn.request("POST", "update-status", json={"instanceId": "acme", "status": "DISCONNECTED", "qr_code": None,
+                                                  "reason": "temporary_ban", "ban_code": "blocked_by_users",
+                                                  "ban_expires_at": 1_800_003_600})
+    assert r.status_code == 200, r.text
+    inst = wa_db.instance("acme")
+    assert inst is not None and inst["ban_code"] == "blocked_by_users" and inst["ban_expires_at"] is not None
+    fn.request("POST", "update-status", json={"instanceId": "acme", "status": "CONNECTED", "qr_code": None})
+    inst = wa_db.instance("acme")
+    assert inst is not None and inst["ban_code"] is None and inst["ban_expires_at"] is None

@@ -35,6 +35,7 @@ FIXTURES = (clean_wa_db, pg_server, wa_db)  # requested by name below
 
 FIRST = SUPABASE_DIR / "migrations" / "20261123000000_wa_worker.sql"
 TYPES = SUPABASE_DIR / "migrations" / "20261125000000_wa_worker_message_types.sql"
+RECEIPTS = SUPABASE_DIR / "migrations" / "20261126000000_wa_worker_receipts_calls.sql"
 MAX_MEDIA = 4096  # WORKER_MEDIA_MAX_BYTES for these tests
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
                     "0000000d49444154789c6364f8cf000000040001a2f1d1bb0000000049454e44ae426082")
@@ -44,7 +45,7 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001
 
 
 def test_message_types_migration_runs_on_a_database_with_rows(pg_server: PgServer) -> None:
-    assert migration_files() == [FIRST, TYPES]
+    assert migration_files() == [FIRST, TYPES, RECEIPTS]
     name = f"wa_types_{uuid.uuid4().hex[:10]}"
     pg_server.create_database(name)
     db = WaDb(pg_server, name)
@@ -70,6 +71,14 @@ def test_message_types_migration_runs_on_a_database_with_rows(pg_server: PgServe
         assert "wa_inbound_media_error_check" in bad.stderr
         # no storage schema in a plain PostgreSQL: the bucket step is skipped, not an error
         assert db.scalar("select to_regclass('storage.buckets') is null") is True
+        # issue #12's step keeps every row, twice over; its new inbound types are accepted
+        db.psql(RECEIPTS.read_text())
+        db.psql(RECEIPTS.read_text())
+        assert db.outbound(mid)["receipt_status"] is None and len(db.inbound_rows()) == 1
+        db.psql("insert into wa_inbound (instance_id, wa_message_id, \"from\", body, type, call_video, call_rejected) "
+                "values ('acme', 'CALL1', '1', '', 'call', true, false)")
+        bad = db.psql(f"update wa_outbound set receipt_status = 'seen' where id = '{mid}'", check=False)
+        assert "wa_outbound_receipt_status_check" in bad.stderr
     finally:
         pg_server.psql(f"drop database if exists {name} with (force);")
 

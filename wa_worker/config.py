@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     NUMBER_CACHE_DAYS: float = Field(7.0, gt=0, le=365)
     NUMBER_LOOKUPS_PER_MINUTE: int = Field(30, ge=0)  # 0: numbers are not checked
 
+    # --- calls (issue #12): every call reaches /inbound; these decide whether it is declined first
+    CALL_REJECT: bool = False
+    CALL_REJECT_MESSAGE: str = Field("", max_length=4096)  # sent to the caller after a reject; empty: none
+
     # --- neonize
     WA_BOT_BADGE: bool = False
 

@@ -25,7 +25,7 @@ from .http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite
 from .http.server import build_app, build_metrics_app
 from .http.simulator_routes import mount_simulator_routes
 from .instances.manager import InstanceManager
-from .instances.runner import RunnerContext
+from .instances.runner import CallPolicy, RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
 from .metrics import MetricSources, WorkerMetrics, package_version
 from .preflight import StartupError, check_paths
@@ -34,6 +34,7 @@ from .relays.outbound import Acknowledger, OutboundRelay
 from .relays.numbers import NumberResolver
 from .relays.outbound_media import MediaLimits
 from .relays.send_pacing import SendLimits
+from .relays.receipts import ReceiptsRelay
 from .storage.db import StoreOpenError
 from .storage.journal import Journal, JournalUnavailable
 from .supervise import LoopHealth, forever
@@ -91,6 +92,9 @@ class Worker:
                               typing=settings.TYPING_INDICATOR),
             resolver=NumberResolver(self.journal, self.clock, cache_days=settings.NUMBER_CACHE_DAYS,
                                     lookups_per_minute=settings.NUMBER_LOOKUPS_PER_MINUTE))
+        self.receipts_health = LoopHealth("receipts relay", self.clock)
+        self.receipts = ReceiptsRelay(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
+                                      health=self.receipts_health)
         self.host = host
         self.port: int | None = None  # the bound port, once serving
         self.started_at = time.time()
@@ -126,6 +130,8 @@ class Worker:
                 journal_writable=lambda: self.journal.writable,
                 batch_mode=lambda: self.manager.batch_mode(),
                 on_event=on_event,
+                receipts=self.receipts,
+                call_policy=self.call_policy,
                 rng=self.rng,
             ),
             self.edge,
@@ -133,6 +139,11 @@ class Worker:
             instance_poll_max_s=settings.instance_poll_max_s,
             batch_poll=settings.BATCH_POLL,
         )
+
+    def call_policy(self, instance_id: str) -> CallPolicy:
+        """What to do with ``instance_id``'s incoming calls: the global settings (the seam
+        where per-instance settings from the proxy override them)."""
+        return CallPolicy(reject=self.settings.CALL_REJECT, message=self.settings.CALL_REJECT_MESSAGE)
 
     def _set_staleness(self) -> None:
         settings = self.settings
@@ -168,6 +179,12 @@ class Worker:
                 "duplicates_suppressed": self.outbound.duplicates_suppressed,
                 "media_storage_errors": self.outbound.media_storage_errors,
             },
+            "receipts": {
+                "pending": counts.get("receipts_pending", 0),
+                "posted": self.receipts.posted,
+                "dropped": self.receipts.dropped,
+                "enabled": self.receipts.supported,
+            },
             "store": {"writable": self.journal.writable},
             "process": self.fds.usage().as_health(),
             "edge": {
@@ -199,7 +216,8 @@ class Worker:
         return reasons
 
     def loops(self) -> list[LoopHealth]:
-        return [self.housekeeping_health, self.inbound_health, self.acks_health, *self.manager.loops()]
+        return [self.housekeeping_health, self.inbound_health, self.acks_health, self.receipts_health,
+                *self.manager.loops()]
 
     def loop_ages(self) -> dict[str, Any]:
         """Each supervised loop: last success age, failing, failure count."""
@@ -258,6 +276,7 @@ class Worker:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._supervised, self.inbound.run, self.inbound_health)
                     tg.start_soon(self._supervised, self.acks.run, self.acks_health)
+                    tg.start_soon(self._supervised, self.receipts.run, self.receipts_health)
                     tg.start_soon(self._supervised, self._housekeeping, self.housekeeping_health)
                     tg.start_soon(self.manager.run)
                     task_status.started(self)
@@ -325,6 +344,7 @@ class Worker:
             if not self.journal.writable and self.journal.probe_writable():
                 self.acks.wake()
                 self.inbound.wake()
+                self.receipts.wake()
             fds = self.fds.usage()
             level = self.fds.level(fds)
             if (level == "refuse") != self.http_guard.refusing:

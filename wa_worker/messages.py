@@ -35,11 +35,14 @@ class Kind(str, enum.Enum):
     EDIT = "edit"
     REVOKE = "revoke"
     UNKNOWN = "unknown"
+    UNDECRYPTABLE = "undecryptable"  # arrived but could not be decrypted ("waiting for this message")
+    CALL = "call"  # an incoming call (posted to /inbound as a record, never a message body)
 
 
 MEDIA_KINDS = frozenset({Kind.IMAGE, Kind.VIDEO, Kind.AUDIO, Kind.VOICE, Kind.DOCUMENT, Kind.STICKER})
 CAPTIONED_KINDS = frozenset({Kind.IMAGE, Kind.VIDEO, Kind.DOCUMENT})
-SENDABLE_KINDS = frozenset(k for k in Kind if k not in (Kind.EDIT, Kind.REVOKE, Kind.UNKNOWN))
+SENDABLE_KINDS = frozenset(k for k in Kind if k not in (Kind.EDIT, Kind.REVOKE, Kind.UNKNOWN, Kind.UNDECRYPTABLE,
+                                                         Kind.CALL))
 
 MAX_URL_CHARS = 4096
 MAX_BASE64_CHARS = 96 * 1024 * 1024  # ~72 MiB decoded; the byte cap (MEDIA_MAX_BYTES) is checked later

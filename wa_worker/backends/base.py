@@ -74,6 +74,9 @@ class Disconnected:
     reason: str = "network"
     detail: str | None = None
     retry_after_s: float | None = None
+    # a temporary ban: its code (e.g. ``blocked_by_users``) and when it ends (epoch seconds), when known
+    ban_code: str | None = None
+    ban_expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,43 @@ class InboundMessage:
     sender_pn: str | None = None
     sender_lid: str | None = None
     chat_pn: str | None = None
+
+
+class ReceiptStatus(enum.StrEnum):
+    """How far a sent message got, in order: a later one never goes back to an earlier one."""
+
+    DELIVERED = "delivered"
+    READ = "read"
+    PLAYED = "played"
+
+    @property
+    def rank(self) -> int:
+        return _RECEIPT_RANK[self]
+
+
+_RECEIPT_RANK = {ReceiptStatus.DELIVERED: 1, ReceiptStatus.READ: 2, ReceiptStatus.PLAYED: 3}
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The recipient's device got, read or played messages we sent (one receipt names
+    one or more ids). ``recipient`` is who sent the receipt (in groups: the participant)."""
+
+    wa_message_ids: tuple[str, ...]
+    chat_jid: str
+    recipient: str
+    status: ReceiptStatus
+    timestamp: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """An incoming call offer (voice or video); the runner may reject it."""
+
+    call_id: str
+    from_jid: str
+    video: bool = False
+    timestamp: float = 0.0
 
 
 # --------------------------------------------------------------------------- outgoing
@@ -152,7 +192,7 @@ class OutgoingMessage:
     contact: ContactCard | None = None
 
 
-BackendEvent = QrCode | Connected | Disconnected | LoggedOut | InboundMessage
+BackendEvent = QrCode | Connected | Disconnected | LoggedOut | InboundMessage | Receipt | Call
 
 EventSink = Callable[[BackendEvent], Awaitable[None]]
 
@@ -250,6 +290,10 @@ class Session(abc.ABC):
         """Show "typing…" in the chat (the caller waits ``seconds``, then sends). Best effort:
         raises :class:`BackendError` when it could not (the message is sent anyway)."""
         return None
+
+    async def reject_call(self, call: Call) -> None:
+        """Decline an incoming call. Raises :class:`SendError` (not connected, refused)."""
+        raise SendError("this backend cannot reject calls", permanent=True)
 
     async def download_media(self, handle: dict[str, object], dest_dir: Path) -> MediaFile:
         """Fetch the bytes of received media described by ``handle`` (from

@@ -15,7 +15,9 @@ The numbers that exist can be set (:meth:`SimulatorBackend.set_registered`; none
 set: every number exists); a Brazilian mobile registered without its 9th digit
 is found when looked up with it, as on WhatsApp. Lookups are counted. Received media is kept under
 ``AUTH_DIR/<id>/simulator-media/<sha256>`` (what WhatsApp's servers would hold)
-and downloaded from there, only while the session is connected.
+and downloaded from there, only while the session is connected. The phone's side can
+also report receipts of sent messages, call (rejects are recorded in
+``rejected_calls``) and ban the account for a while (connects are refused until then).
 
 It is driven through the worker's HTTP server (``/simulator/...``, see
 ``wa_worker.http.simulator_routes``) or directly from tests.
@@ -32,7 +34,7 @@ import signal
 import tempfile
 import time
 from dataclasses import dataclass
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from ..ids import LID_SERVER, USER_SERVER, is_group_jid, normalize_recipient
 from ..messages import MEDIA_KINDS, ContactCard, InboundContent, Kind, Location, MediaInfo
 from .base import (
     Backend,
+    Call,
     Connected,
     Disconnected,
     EventSink,
@@ -53,6 +56,8 @@ from .base import (
     NotConnectedError,
     OutgoingMessage,
     QrCode,
+    Receipt,
+    ReceiptStatus,
     SendError,
     Session,
     SessionState,
@@ -134,6 +139,11 @@ class SimulatorSession(Session):
         if self.backend.stall_connects.get(self.instance_id, 0) > 0:
             self.backend.stall_connects[self.instance_id] -= 1
             return  # a dial that never completes: no QR, no connection, no error
+        banned_for = self.backend.banned_until.get(self.instance_id, 0.0) - time.time()
+        if banned_for > 0:  # WhatsApp refuses the connection until the ban ends
+            self.state = SessionState.DISCONNECTED
+            await self.sink(self.backend._ban_event(self.instance_id, banned_for))
+            return
         if self.backend.fail_connects.get(self.instance_id, 0) > 0:
             self.backend.fail_connects[self.instance_id] -= 1
             self.state = SessionState.DISCONNECTED
@@ -199,6 +209,13 @@ class SimulatorSession(Session):
             os.kill(os.getpid(), signal.SIGKILL)
         return wa_id
 
+    async def reject_call(self, call: Call) -> None:
+        """Decline a call; recorded in :attr:`SimulatorBackend.rejected_calls`."""
+        if self.state != SessionState.CONNECTED:
+            raise NotConnectedError(f"simulator session {self.instance_id} is {self.state}")
+        self.backend.rejected_calls[self.instance_id].append(
+            {"call_id": call.call_id, "from": call.from_jid, "video": call.video})
+
     async def disconnect(self) -> None:
         if self.state in (SessionState.CONNECTING, SessionState.QR, SessionState.CONNECTED):
             self.state = SessionState.DISCONNECTED
@@ -236,6 +253,34 @@ class SimulatorSession(Session):
         self.state = SessionState.LOGGED_OUT
         self.backend._delete_phone(self.instance_id)
         await self.sink(LoggedOut("logged_out", "device removed from the phone"))
+
+    async def receipt(self, wa_message_id: str, status: ReceiptStatus) -> None:
+        """The recipient's phone reports a message we sent as delivered, read or played."""
+        if self.state != SessionState.CONNECTED:
+            raise SimulatorError(f"not connected: instance is {self.state}")
+        sent = next((r for r in self.backend.sent(self.instance_id) if r.get("wa_message_id") == wa_message_id), None)
+        if sent is None:
+            raise SimulatorError(f"no message {wa_message_id} was sent through this instance")
+        to = str(sent["to"])
+        await self.sink(Receipt((wa_message_id,), to, to, status, time.time()))
+
+    async def call(self, from_: str, video: bool = False) -> str:
+        """Someone calls this account; returns the call id."""
+        if self.state != SessionState.CONNECTED:
+            raise SimulatorError(f"not connected: instance is {self.state}")
+        call_id = "SIMCALL" + secrets.token_hex(8).upper()
+        await self.sink(Call(call_id, normalize_recipient(from_), video, time.time()))
+        return call_id
+
+    async def ban(self, code: str, expire_s: float) -> None:
+        """WhatsApp bans the account temporarily: the connection ends, and connects are
+        refused until ``expire_s`` seconds from now."""
+        if self.state != SessionState.CONNECTED:
+            raise SimulatorError(f"not connected: instance is {self.state}")
+        self.backend.banned_until[self.instance_id] = time.time() + expire_s
+        self.backend.ban_codes[self.instance_id] = code
+        await self.disconnect()
+        await self.sink(self.backend._ban_event(self.instance_id, expire_s))
 
     async def receive(self, from_: str, body: str, chat_id: str | None = None, push_name: str | None = None,
                       is_group: bool = False, from_me: bool = False, *, kind: Kind = Kind.TEXT,
@@ -308,7 +353,9 @@ class SimulatorSession(Session):
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.instance_id, "state": self.state, "jid": self.jid, "qr": self.qr,
-                "qr_count": self.qr_count, "pair_code": self.pair_code, "fail_sends": self.backend.fail_sends.get(self.instance_id, 0)}
+                "qr_count": self.qr_count, "pair_code": self.pair_code, "fail_sends": self.backend.fail_sends.get(self.instance_id, 0),
+                "rejected_calls": self.backend.rejected_calls.get(self.instance_id, []),
+                "banned_until": self.backend.banned_until.get(self.instance_id)}
 
 
 def _lid_fields(sender: str, chat: str, sender_pn: str | None) -> dict[str, str | None]:
@@ -382,6 +429,9 @@ class SimulatorBackend(Backend):
         self.lookups: Counter[str] = Counter()  # number lookups (calls) per instance
         self.pair_requests: Counter[str] = Counter()  # pairing codes asked for, per instance
         self.registered: frozenset[str] | None = None  # the numbers that exist (None: every number)
+        self.rejected_calls: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.banned_until: dict[str, float] = {}  # epoch seconds
+        self.ban_codes: dict[str, str] = {}
         self._flows: Any = None  # task group of the sessions' connect flows
         self._tg_cm: Any = None
 
@@ -490,6 +540,11 @@ class SimulatorBackend(Backend):
             if old in self.registered:
                 return f"{old}@{USER_SERVER}"
         return None
+
+    def _ban_event(self, instance_id: str, remaining_s: float) -> Disconnected:
+        code = self.ban_codes.get(instance_id, "unknown")
+        return Disconnected("temporary_ban", code, retry_after_s=remaining_s, ban_code=code,
+                            ban_expires_at=self.banned_until.get(instance_id, time.time() + remaining_s))
 
     def set_fail_sends(self, instance_id: str, count: int) -> None:
         self.fail_sends[instance_id] = max(0, int(count))

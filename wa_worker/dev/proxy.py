@@ -56,6 +56,7 @@ from ..media.inline import decode_base64_to_file
 from ..media.sniff import infer_type, sniff_mimetype
 from ..messages import WA_MESSAGE_ID_RE, ContentError, Kind, parse_content
 from .store import (
+    RECEIPT_RANK,
     STATUSES,
     DevStore,
     InstanceExists,
@@ -433,9 +434,12 @@ async def update_status(request: web.Request) -> web.Response:
     phone = _opt_str(data, "phone_number")
     reason = _opt_str(data, "reason")
     pair_code = _opt_str(data, "pair_code")
+    ban_code = _opt_str(data, "ban_code")
+    ban_expires_at = _timestamp(data.get("ban_expires_at"))
     try:
         change = proxy.store.update_status(
-            instance_id, status, qr_code=qr_code, phone_number=phone, reason=reason, pair_code=pair_code
+            instance_id, status, qr_code=qr_code, phone_number=phone, reason=reason, pair_code=pair_code,
+            ban_code=ban_code, ban_expires_at=ban_expires_at,
         )
     except UnknownInstance:
         raise ApiError(404, f"unknown instance {instance_id}") from None
@@ -515,7 +519,7 @@ async def inbound(request: web.Request) -> web.Response:
             raise ApiError(400, f"{key} is required")
     for key in ("to", "chat_id", "sender_id", "push_name"):
         _opt_str(data, key)
-    for key in ("from_me", "is_group", "view_once"):
+    for key in ("from_me", "is_group", "view_once", "video", "rejected"):
         if data.get(key) is not None and not isinstance(data.get(key), bool):
             raise ApiError(400, f"{key} must be a boolean")
     _timestamp(data.get("timestamp"))
@@ -529,6 +533,37 @@ async def inbound(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "duplicate": not inserted})
 
 
+MAX_STATUSES = 100
+
+
+async def message_status(request: web.Request) -> web.Response:
+    """Receipts: each sent message keeps its latest status (never backwards)."""
+    proxy = request.app[PROXY_KEY]
+    data = storable(await _json_object(request))
+    statuses = data.get("statuses")
+    if not isinstance(statuses, list) or len(statuses) > MAX_STATUSES:
+        raise ApiError(400, f"statuses must be a list of at most {MAX_STATUSES}")
+    checked = []
+    for st in statuses:
+        if not isinstance(st, dict):
+            raise ApiError(400, "each status must be an object")
+        instance_id = _instance_param(st.get("instanceId"))
+        wa_id = st.get("wa_message_id")
+        if not isinstance(wa_id, str) or not wa_id:
+            raise ApiError(400, "wa_message_id is required")
+        if st.get("status") not in RECEIPT_RANK:
+            raise ApiError(400, f"status must be one of {', '.join(RECEIPT_RANK)}")
+        checked.append((instance_id, _opt_str(st, "messageId"), wa_id, st["status"], _timestamp(st.get("timestamp")),
+                        _opt_str(st, "recipient")))
+    changed = 0
+    for instance_id, message_id, wa_id, status, at, recipient in checked:
+        msg = proxy.store.record_receipt(instance_id, message_id, wa_id, status, at, recipient)
+        if msg is not None:
+            changed += 1
+            proxy.emit("receipt", instance_id, message=msg)
+    return web.json_response({"ok": True, "changed": changed})
+
+
 # ---------------------------------------------------------------------------- dev API
 
 
@@ -539,6 +574,8 @@ def public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str,
         "status": inst["status"],
         "phone_number": inst["phone_number"],
         "reason": inst["reason"],
+        "ban_code": inst["ban_code"],
+        "ban_expires_at": inst["ban_expires_at"],
         "priority": inst["priority"],
         "has_qr": bool(inst["qr_code"]),
         "pair_phone": inst.get("pair_phone"),
@@ -685,6 +722,7 @@ def add_api_routes(app: web.Application) -> None:
     app.router.add_post("/mark-failed", mark_failed)
     app.router.add_post("/inbound", inbound)
     app.router.add_post("/upload-media", upload_media)
+    app.router.add_post("/message-status", message_status)
     app.router.add_get(r"/media/{sha256:[0-9a-f]{64}}", serve_media)
     app.router.add_get("/dev/instances", dev_list_instances)
     app.router.add_post("/dev/instances", dev_add_instance)

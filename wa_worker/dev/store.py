@@ -142,11 +142,25 @@ ALTER TABLE instances ADD COLUMN pair_phone TEXT;
 ALTER TABLE instances ADD COLUMN pair_code TEXT;
 """
 
+# issue #12: the latest receipt of each sent message, calls (video, rejected) and bans
+V4_RECEIPTS_CALLS_BANS = """
+ALTER TABLE outbound ADD COLUMN receipt_status TEXT;
+ALTER TABLE outbound ADD COLUMN receipt_at REAL;
+ALTER TABLE outbound ADD COLUMN receipt_by TEXT;
+ALTER TABLE inbound ADD COLUMN call_video INTEGER;
+ALTER TABLE inbound ADD COLUMN call_rejected INTEGER;
+ALTER TABLE instances ADD COLUMN ban_code TEXT;
+ALTER TABLE instances ADD COLUMN ban_expires_at REAL;
+CREATE INDEX outbound_wa_id ON outbound(instance_id, wa_message_id);
+"""
+
 DEV_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_SCHEMA),
     Migration(2, "message types and media", V2_MESSAGE_TYPES),
     Migration(3, "pairing code", V3_PAIRING_CODE),
+    Migration(4, "receipts, calls, bans", V4_RECEIPTS_CALLS_BANS),
 )
+RECEIPT_RANK = {"delivered": 1, "read": 2, "played": 3}
 # the tables of a dev database written before versioning (user_version 0)
 V1_TABLES = frozenset({"instances", "outbound", "inbound"})
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -272,6 +286,8 @@ class DevStore:
         phone_number: str | None = None,
         reason: str | None = None,
         pair_code: str | None = None,
+        ban_code: str | None = None,
+        ban_expires_at: float | None = None,
     ) -> StatusChange:
         """DevStore a status report (``pair_code`` kept only while CONNECTING). Raises :class:`UnknownInstance`."""
         if status not in STATUSES:
@@ -286,9 +302,10 @@ class DevStore:
             new_reason = reason if status == "DISCONNECTED" else None
             self._db.execute(
                 "UPDATE instances SET status = ?, qr_code = ?, phone_number = ?, reason = ?, pair_code = ?, "
-                "updated_at = ? WHERE id = ?",
-                (status, qr_code, phone, new_reason, pair_code if status == "CONNECTING" else None, now,
-                 instance_id),
+                "ban_code = ?, ban_expires_at = ?, updated_at = ? WHERE id = ?",
+                (status, qr_code, phone, new_reason, pair_code if status == "CONNECTING" else None,
+                 ban_code if status == "DISCONNECTED" else None,
+                 ban_expires_at if status == "DISCONNECTED" else None, now, instance_id),
             )
         return StatusChange(
             instance_id=instance_id,
@@ -399,6 +416,27 @@ class DevStore:
         msg = self.get_message(message_id)
         assert msg is not None
         return msg, changed
+
+    def record_receipt(self, instance_id: str, message_id: str | None, wa_message_id: str, status: str,
+                       at: float | None, recipient: str | None) -> dict[str, Any] | None:
+        """Keep a sent message's latest receipt (``delivered`` < ``read`` < ``played``; never
+        backwards). Found by ``message_id``, else by the WhatsApp id. Returns the message
+        when its receipt changed, None otherwise (unknown message, or not newer)."""
+        rank = RECEIPT_RANK[status]
+        with self._lock:
+            row = None
+            if message_id:
+                row = self._db.execute("SELECT id, receipt_status FROM outbound WHERE id = ? AND instance_id = ?",
+                                       (message_id, instance_id)).fetchone()
+            if row is None:
+                row = self._db.execute("SELECT id, receipt_status FROM outbound WHERE instance_id = ? AND "
+                                       "wa_message_id = ?", (instance_id, wa_message_id)).fetchone()
+            if row is None or RECEIPT_RANK.get(row["receipt_status"] or "", 0) >= rank:
+                return None
+            self._db.execute("UPDATE outbound SET receipt_status = ?, receipt_at = ?, receipt_by = ?, updated_at = ? "
+                             "WHERE id = ?", (status, at, recipient, self._now(), row["id"]))
+            found = row["id"]
+        return self.get_message(found)
 
     def list_outbound(self, instance_id: str | None = None, *, limit: int = 50) -> list[dict[str, Any]]:
         """The most recent outbound messages, newest first."""
@@ -567,6 +605,8 @@ def _inbound_columns(instance_id: str, rec: dict[str, Any], now: float) -> dict[
         "contact_vcard": contact.get("vcard"),
         "contact_phone": contact.get("phone"),
         "view_once": 1 if rec.get("view_once") else 0,
+        "call_video": (1 if rec.get("video") else 0) if rec.get("type") == "call" else None,
+        "call_rejected": (1 if rec.get("rejected") else 0) if rec.get("type") == "call" else None,
     }
 
 
@@ -599,6 +639,8 @@ def _outbound_dict(row: sqlite3.Row) -> dict[str, Any]:
         "contact": ({"name": row["contact_name"], "phone": row["contact_phone"]}
                     if row["contact_name"] is not None or row["contact_phone"] is not None else None),
         "vcard": row["vcard"],
+        "receipt": ({"status": row["receipt_status"], "at": row["receipt_at"], "by": row["receipt_by"]}
+                    if row["receipt_status"] is not None else None),
     }
 
 
@@ -633,4 +675,6 @@ def _inbound_dict(row: sqlite3.Row) -> dict[str, Any]:
         "contact": ({"name": row["contact_name"], "vcard": row["contact_vcard"], "phone": row["contact_phone"]}
                     if row["contact_name"] is not None or row["contact_vcard"] is not None else None),
         "view_once": bool(row["view_once"]),
+        "call": ({"video": bool(row["call_video"]), "rejected": bool(row["call_rejected"])}
+                 if row["call_video"] is not None else None),
     }

@@ -157,6 +157,10 @@ class TerminalPrinter:
             m = d["message"]
             code = f"[{clip(m['error_code'], 40)}] " if m.get("error_code") else ""
             self.line(iid, f"failed {m['id']} → {clip(m['to'], 80)}: {code}{clip(m.get('error'))}")
+        elif event.kind == "receipt":
+            m = d["message"]
+            receipt = m.get("receipt") or {}
+            self.line(iid, f"{clip(str(receipt.get('status')), 20)} {m['id']} → {clip(m['to'], 80)}")
         elif event.kind == "inbound":
             m = d["message"]
             who = clip(m["from"], 80) + (f" ({clip(m['push_name'], 60)})" if m.get("push_name") else "")

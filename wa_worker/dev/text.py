@@ -39,6 +39,11 @@ def describe(m: dict[str, Any]) -> str:
         parts.append(f"{emoji} on {target}" if emoji else f"removed on {target}")
     elif kind in ("edit", "revoke"):
         parts.append(str(m.get("target_id")))
+    elif kind == "call":
+        call = _sub(m, "call")
+        video = call.get("video", m.get("video"))
+        rejected = call.get("rejected", m.get("rejected"))
+        parts += ["video" if video else "voice", "rejected" if rejected else "not rejected"]
     elif kind == "location":
         parts += [str(x) for x in (m.get("name"), m.get("latitude"), m.get("longitude")) if x is not None]
     elif kind == "contact":

@@ -409,6 +409,20 @@ class EdgeClient:
     async def inbound(self, payload: dict[str, Any]) -> None:
         await self._request("POST", "/inbound", endpoint="inbound", body=payload, parse=False)
 
+    async def message_status(self, statuses: list[dict[str, Any]]) -> None:
+        """``POST /message-status`` (receipts, at most 100 per call). Raises
+        :class:`EndpointMissing` on 404/405/501 (the caller switches receipts off),
+        :class:`EdgeError` otherwise."""
+        ep = "message-status"
+        try:
+            await self._request("POST", "/message-status", endpoint=ep, body={"statuses": statuses},
+                                optional=True, parse=False)
+        except EndpointMissing as exc:
+            if exc.status in (404, 405, 501):
+                raise
+            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
+                            body=exc.body) from None
+
     async def upload_media(self, instance_id: str, wa_message_id: str, path: Path, *, mimetype: str,
                            filename: str | None, sha256: str, size: int) -> str:
         """``POST /upload-media``: the file's bytes, streamed. Returns the answer's

@@ -267,11 +267,13 @@ class StatusUpdate(_Strict):
     phone_number: str | None = None
     reason: str | None = None
     pair_code: str | None = None  # CONNECTING with a discovery item's pair_phone (issue #12)
+    ban_code: str | None = None  # a temporary ban's reason (with DISCONNECTED, reason temporary_ban)
+    ban_expires_at: int | None = None  # when the ban ends, epoch seconds
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         # the three contract fields always go; the extras only when known
-        for extra in ("phone_number", "reason", "pair_code"):
+        for extra in ("phone_number", "reason", "pair_code", "ban_code", "ban_expires_at"):
             if data[extra] is None:
                 del data[extra]
         return data

@@ -15,9 +15,14 @@ only with the simulator backend (the parent app's bearer check covers them).
     POST /simulator/instances/{id}/fail-sends     {"count"}: the next sends fail
     POST /simulator/instances/{id}/fail-connects  {"count"}: the next connects fail
     POST /simulator/instances/{id}/stall-connects {"count"}: the next connects hang
+    POST /simulator/instances/{id}/receipt        {"wa_message_id", "status"}: delivered | read | played
+    POST /simulator/instances/{id}/call           {"from", "video"?}: an incoming call (rejects: GET /instances)
+    POST /simulator/instances/{id}/ban            {"code"?, "expire_s"}: a temporary ban (connects refused until then)
     POST /simulator/crash-after-next-send         the process dies right after the next send
     POST /simulator/numbers                       {"registered": ["5511…", …] | null}: the numbers on WhatsApp
     GET  /simulator/numbers                       {"registered", "lookups": {instance: calls}}
+
+``type: "undecryptable"`` on ``/inbound`` is a message that arrived but could not be decrypted.
 
 A control that does not fit the instance's state is a 409.
 """
@@ -31,6 +36,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..backends.base import ReceiptStatus
 from ..backends.simulator import SimulatorBackend, SimulatorError, SimulatorSession
 from ..ids import is_valid_instance_id
 from ..messages import MEDIA_KINDS, WA_MESSAGE_ID_RE, ContentError, Kind, parse_content
@@ -63,6 +69,9 @@ def _wa_id(data: dict[str, Any], key: str) -> str | None:
     return value
 
 
+_NOT_INBOUND = frozenset({Kind.UNKNOWN, Kind.CALL})  # a call has its own route
+
+
 def inbound_fields(data: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of :meth:`SimulatorSession.receive` for a simulated
     received message; raises :class:`_BadInbound` saying what is wrong."""
@@ -71,8 +80,8 @@ def inbound_fields(data: dict[str, Any]) -> dict[str, Any]:
         kind = Kind(raw_kind) if isinstance(raw_kind, str) else None
     except ValueError:
         kind = None
-    if kind is None or kind is Kind.UNKNOWN:
-        raise _BadInbound(f"'type' must be one of: {', '.join(k.value for k in Kind if k is not Kind.UNKNOWN)}")
+    if kind is None or kind in _NOT_INBOUND:
+        raise _BadInbound(f"'type' must be one of: {', '.join(k.value for k in Kind if k not in _NOT_INBOUND)}")
     body = _opt_text(data, "body", MAX_TEXT_CHARS)
     caption = _opt_text(data, "caption", MAX_TEXT_CHARS)
     pn = _opt_text(data, "sender_pn", 32)
@@ -194,6 +203,40 @@ def simulator_app(sim: SimulatorBackend) -> web.Application:
 
         return handler
 
+    async def receipt(request: web.Request) -> web.Response:
+        s = session_of(request)
+        data = await read_json_object(request, max_bytes=MAX_BODY)
+        wa_id, raw = data.get("wa_message_id"), data.get("status")
+        if not isinstance(wa_id, str) or not WA_MESSAGE_ID_RE.fullmatch(wa_id):
+            return json_response({"error": "'wa_message_id' must be a WhatsApp message id"}, 400)
+        if raw not in tuple(ReceiptStatus):
+            return json_response({"error": "'status' must be one of: delivered, read, played"}, 400)
+        await s.receipt(wa_id, ReceiptStatus(raw))
+        return json_response({"ok": True})
+
+    async def call(request: web.Request) -> web.Response:
+        s = session_of(request)
+        data = await read_json_object(request, max_bytes=MAX_BODY)
+        frm, video = data.get("from"), data.get("video", False)
+        if not isinstance(frm, str) or not isinstance(video, bool):
+            return json_response({"error": "'from' is a required string, 'video' a boolean"}, 400)
+        try:
+            call_id = await s.call(frm, video)
+        except ValueError as exc:  # an unusable 'from'
+            return json_response({"error": str(exc)}, 400)
+        return json_response({"call_id": call_id})
+
+    async def ban(request: web.Request) -> web.Response:
+        s = session_of(request)
+        data = await read_json_object(request, max_bytes=MAX_BODY)
+        code, expire = data.get("code", "unknown"), data.get("expire_s")
+        if not isinstance(code, str) or not 0 < len(code) <= 64:
+            return json_response({"error": "'code' must be a short string"}, 400)
+        if not isinstance(expire, (int, float)) or isinstance(expire, bool) or not 0 < expire <= 30 * 86400:
+            return json_response({"error": "'expire_s' must be a number of seconds > 0 (at most 30 days)"}, 400)
+        await s.ban(code, float(expire))
+        return json_response({"ok": True})
+
     async def crash_after_send(_: web.Request) -> web.Response:
         sim.crash_after_send = True
         return json_response({"ok": True})
@@ -223,6 +266,9 @@ def simulator_app(sim: SimulatorBackend) -> web.Application:
     app.router.add_post("/instances/{id}/fail-sends", counter(sim.fail_sends))
     app.router.add_post("/instances/{id}/fail-connects", counter(sim.fail_connects))
     app.router.add_post("/instances/{id}/stall-connects", counter(sim.stall_connects))
+    app.router.add_post("/instances/{id}/receipt", receipt)
+    app.router.add_post("/instances/{id}/call", call)
+    app.router.add_post("/instances/{id}/ban", ban)
     app.router.add_post("/crash-after-next-send", crash_after_send)
     return app
 

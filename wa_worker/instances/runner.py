@@ -27,12 +27,15 @@ from ..backends.base import (
     BackendError,
     Backend,
     BackendEvent,
+    Call,
     Connected,
     Disconnected,
     InboundMessage,
     LoggedOut,
     QrCode,
+    Receipt,
     Session,
+    SendError,
 )
 from ..backends.qr import qr_png_data_url
 from ..edge.client import EdgeClient, EdgeError, InstanceGone
@@ -46,6 +49,7 @@ from .pacing import StartPacer
 if TYPE_CHECKING:
     from ..relays.inbound import InboundRelay
     from ..relays.outbound import OutboundRelay
+    from ..relays.receipts import ReceiptsRelay
 
 log = logging.getLogger("wa_worker.instance")
 
@@ -63,6 +67,17 @@ QR_MAX_BYTES = 2953
 # a pairing code is asked for again at the first QR after this long (the phone refuses old codes)
 PAIR_CODE_TTL_S = 180.0
 PAIR_CODE_TIMEOUT_S = 20.0
+
+# an incoming call's reject + reply + journaling, at most (survives a disconnect meanwhile)
+CALL_HANDLING_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallPolicy:
+    """What to do with an incoming call: reject it, and then send ``message`` (if not empty)."""
+
+    reject: bool = False
+    message: str = ""
 
 
 async def _wake_gap(clock: Clock, last_start: float) -> None:
@@ -119,6 +134,9 @@ class RunnerContext:
     journal_writable: Callable[[], bool]
     batch_mode: Callable[[], bool]
     on_event: Callable[[str, BackendEvent], None] | None = None
+    receipts: "ReceiptsRelay | None" = None
+    # the call policy of an instance (CALL_REJECT / CALL_REJECT_MESSAGE; the seam for per-instance settings)
+    call_policy: Callable[[str], CallPolicy] = lambda _iid: CallPolicy()
     rng: random.Random = random.Random()
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 60.0
@@ -142,6 +160,8 @@ class _Desired:
     phone_number: str | None
     reason: str | None
     pair_code: str | None = None
+    ban_code: str | None = None
+    ban_expires_at: int | None = None
 
 
 class StatusReporter:
@@ -172,9 +192,11 @@ class StatusReporter:
         self._pushed = anyio.Event()
 
     def set(self, status: Status, qr_code: str | None = None, *, phone_number: str | None = None,
-            reason: str | None = None, qr_raw: str | None = None, pair_code: str | None = None) -> None:
+            reason: str | None = None, qr_raw: str | None = None, pair_code: str | None = None,
+            ban_code: str | None = None, ban_expires_at: float | None = None) -> None:
         """``qr_raw``: a QR string, rendered to a PNG data URL when pushed (instead of ``qr_code``)."""
-        update = _Desired(status, qr_code, qr_raw, phone_number, reason, pair_code)
+        update = _Desired(status, qr_code, qr_raw, phone_number, reason, pair_code, ban_code,
+                          None if ban_expires_at is None else int(ban_expires_at))
         if update == self._desired and self._pushed_version == self._version:
             return  # the proxy already has exactly this (e.g. every failed reconnect attempt)
         self._desired = update
@@ -244,7 +266,8 @@ class StatusReporter:
                 return await self._push_latest()  # replaced while rendering
         await self.edge.update_status(StatusUpdate(
             instanceId=self.instance_id, status=desired.status, qr_code=qr_code,
-            phone_number=desired.phone_number, reason=desired.reason, pair_code=desired.pair_code))
+            phone_number=desired.phone_number, reason=desired.reason, pair_code=desired.pair_code,
+            ban_code=desired.ban_code, ban_expires_at=desired.ban_expires_at))
         return version
 
     async def _render(self, raw: str) -> str:
@@ -285,6 +308,7 @@ class InstanceRunner:
         self._pair: tuple[Session, float, str] | None = None  # (session, asked at, code)
         # the session while it is connected (the inbound relay downloads media through it)
         self.connected_session: Session | None = None
+        self.own_jid: str | None = None  # our JID, once a connection said it
 
     # ------------------------------------------------------------------ control
 
@@ -382,6 +406,9 @@ class InstanceRunner:
             if isinstance(event, InboundMessage):
                 self.ctx.inbound.accept(iid, event)
                 self.wake()  # a conversation is active: look for replies sooner
+            elif isinstance(event, Receipt):
+                if self.ctx.receipts is not None:
+                    self.ctx.receipts.accept(iid, event)
             else:
                 try:
                     await tx.send(event)
@@ -462,17 +489,21 @@ class InstanceRunner:
                 self.state = State.CONNECTED
                 self.connected_session = session
                 self.ctx.stats.connects += 1
+                self.own_jid = event.jid or self.own_jid
                 log.info("%s: connected", iid, extra={"instance_id": iid})
                 self.ctx.inbound.instance_connected(iid)  # media downloads waiting for the connection
                 self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
                 self.poll_interval.activity()
                 tg.start_soon(self._supervised_outbound, session)
+            elif isinstance(event, Call):
+                tg.start_soon(self._on_call, session, event)
             elif isinstance(event, Disconnected):
                 self.connected_session = None
                 self.ctx.stats.disconnects[event.reason] += 1
                 log.warning("%s: disconnected (%s%s)", iid, event.reason, f": {event.detail}" if event.detail else "",
                             extra={"instance_id": iid})
-                self.status.set(Status.DISCONNECTED, None, reason=event.reason)
+                self.status.set(Status.DISCONNECTED, None, reason=event.reason, ban_code=event.ban_code,
+                                ban_expires_at=event.ban_expires_at)
                 return Outcome.RETRY, event.retry_after_s
             elif isinstance(event, LoggedOut):
                 self.ctx.stats.disconnects["logged_out"] += 1
@@ -505,6 +536,31 @@ class InstanceRunner:
                  self.instance_id)
         self._pair = (session, now, code)
         return code
+
+    async def _on_call(self, session: Session, call: Call) -> None:
+        """Reject the call if the policy says so (then send its reply text), and journal
+        it for ``/inbound`` either way. Shielded and bounded: a disconnect meanwhile
+        never loses the record."""
+        iid = self.instance_id
+        policy = self.ctx.call_policy(iid)
+        rejected = False
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CALL_HANDLING_S):
+            try:
+                if policy.reject:
+                    try:
+                        await session.reject_call(call)
+                        rejected = True
+                        log.info("%s: rejected a %s call", iid, "video" if call.video else "voice")
+                    except SendError as exc:
+                        log.warning("%s: could not reject a call (%s)", iid, exc)
+            finally:
+                self.ctx.inbound.accept_call(iid, call, rejected=rejected,
+                                             own_jid=self.own_jid)
+            if rejected and policy.message:
+                try:
+                    await session.send_text(call.from_jid, policy.message)
+                except SendError as exc:
+                    log.warning("%s: could not send the call reply text (%s)", iid, exc)
 
     # ------------------------------------------------------------------ outbound
 

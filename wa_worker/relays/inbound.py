@@ -38,7 +38,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ..backends.base import InboundMessage, MediaUnavailable, Session
+from ..backends.base import Call, InboundMessage, MediaUnavailable, Session
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
 from ..fsutil import ensure_private_dir
 from ..messages import MEDIA_KINDS, InboundContent, Kind
@@ -58,6 +58,8 @@ QUERY_GAP_S = 0.002
 MEDIA_MAX_BYTES = 64 * 1024 * 1024
 # the backend's download handle, kept in the journaled row until the media is uploaded
 MEDIA_HANDLE = "_media_handle"
+# the wa_message_id of an "undecryptable" notice: the message's own id plus this
+UNDECRYPTABLE_SUFFIX = "-undecryptable"
 
 
 def counts_as_server_error(exc: EdgeError) -> bool:
@@ -101,7 +103,24 @@ def inbound_payload(instance_id: str, msg: InboundMessage, *,
             payload[key] = value
     if content is not None:
         payload.update(_content_fields(content, media_max_bytes))
+        if content.kind is Kind.UNDECRYPTABLE:
+            # WhatsApp may deliver the real message later under the same id: this notice gets
+            # an id of its own (so neither the journal nor the proxy takes the message for a
+            # replay of it) and names the message in target_id
+            payload["wa_message_id"] = msg.wa_message_id + UNDECRYPTABLE_SUFFIX
+            payload["target_id"] = msg.wa_message_id
     return payload
+
+
+def call_payload(instance_id: str, call: Call, *, rejected: bool, own_jid: str | None) -> dict[str, Any]:
+    """The ``/inbound`` body of an incoming call: ``type: "call"`` with ``caller``,
+    ``video`` and ``rejected``; its ``wa_message_id`` is the call id."""
+    return {
+        "instanceId": instance_id, "from": call.from_jid, "to": own_jid or call.from_jid, "body": "",
+        "wa_message_id": call.call_id, "chat_id": call.from_jid, "sender_id": call.from_jid, "from_me": False,
+        "is_group": False, "push_name": None, "timestamp": int(call.timestamp), "type": Kind.CALL.value,
+        "caller": call.from_jid, "video": call.video, "rejected": rejected,
+    }
 
 
 def _content_fields(c: InboundContent, media_max_bytes: int | None) -> dict[str, Any]:
@@ -206,16 +225,24 @@ class InboundRelay:
     def accept(self, instance_id: str, msg: InboundMessage) -> None:
         self.received += 1
         payload = inbound_payload(instance_id, msg, media_max_bytes=self.media_max_bytes)
+        self._journal_payload(payload)
+        with contextlib.suppress(JournalUnavailable):  # only a later reply/reaction to it needs this
+            self.journal.remember_message(instance_id, msg.wa_message_id, msg.chat_jid, msg.sender_jid, msg.from_me)
+        self._wake.set()
+
+    def accept_call(self, instance_id: str, call: Call, *, rejected: bool, own_jid: str | None) -> None:
+        """An incoming call, journaled and posted like any received message."""
+        self._journal_payload(call_payload(instance_id, call, rejected=rejected, own_jid=own_jid))
+        self._wake.set()
+
+    def _journal_payload(self, payload: dict[str, Any]) -> None:
         try:
-            self.journal.add_inbound(instance_id, msg.chat_jid, msg.wa_message_id, payload)
+            self.journal.add_inbound(payload["instanceId"], payload["chat_id"], payload["wa_message_id"], payload)
         except JournalUnavailable:
             if len(self._memory) == self._memory.maxlen:
                 self.memory_dropped += 1
                 log.error("inbound memory buffer full while the store is unwritable: oldest message dropped")
             self._memory.append(payload)
-        with contextlib.suppress(JournalUnavailable):  # only a later reply/reaction to it needs this
-            self.journal.remember_message(instance_id, msg.wa_message_id, msg.chat_jid, msg.sender_jid, msg.from_me)
-        self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()

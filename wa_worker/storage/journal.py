@@ -39,7 +39,7 @@ from .migrations import JournalTooNew, migrate
 
 log = logging.getLogger("wa_worker.store")
 
-__all__ = ["InboundRow", "JournalTooNew", "KnownMessage", "OutboundRow", "Journal", "StoreOpenError",
+__all__ = ["InboundRow", "JournalTooNew", "KnownMessage", "OutboundRow", "Journal", "ReceiptRow", "StoreOpenError",
            "JournalUnavailable", "JournalWriteError"]
 
 JOURNAL_RETENTION_S = 7 * 24 * 3600
@@ -92,6 +92,27 @@ class KnownMessage:
     chat_jid: str
     sender_jid: str | None
     from_me: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptRow:
+    """A message's latest unposted receipt; ``message_id`` is the proxy's id when the
+    outbound journal knows the WhatsApp id (None: sent from elsewhere, or pruned)."""
+
+    instance_id: str
+    wa_message_id: str
+    chat_jid: str
+    recipient: str
+    status: str
+    rank: int
+    timestamp: float
+    attempts: int
+    next_attempt_at: float
+    message_id: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.instance_id, self.wa_message_id)
 
 
 def headroom_needed(wal_bytes: int, floor: int = MIN_HEADROOM_BYTES) -> int:
@@ -468,6 +489,8 @@ class Journal:
     def retry_all_now(self) -> None:
         now = self._now()
         self._write("UPDATE inbound SET next_attempt_at = ? WHERE next_attempt_at > ?", (now, now))
+        self._write("UPDATE receipts SET next_attempt_at = ? WHERE next_attempt_at > ? AND rank > posted_rank",
+                    (now, now))
         self._write("UPDATE outbound SET next_ack_at = ? WHERE state IN ('sent','failing') AND next_ack_at > ?",
                     (now, now))
 
@@ -475,6 +498,77 @@ class Journal:
     def _outbound_row(r: sqlite3.Row) -> OutboundRow:
         return OutboundRow(r["message_id"], r["instance_id"], r["state"], r["wa_message_id"], r["error"],
                            r["ack_attempts"], r["error_code"])
+
+    # ------------------------------------------------------------------ receipts outbox
+
+    def add_receipt(self, instance_id: str, wa_message_id: str, chat_jid: str, recipient: str, status: str,
+                    rank: int, timestamp: float) -> bool:
+        """Keep the latest status of a message (coalesced: a lower or equal ``rank`` than the
+        one kept or already posted changes nothing). True if the row changed (due now)."""
+        now = self._now()
+        cur = self._write(
+            "INSERT INTO receipts (instance_id, wa_message_id, chat_jid, recipient, status, rank, timestamp, "
+            "updated_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(instance_id, wa_message_id) DO UPDATE SET status = excluded.status, "
+            "rank = excluded.rank, recipient = excluded.recipient, timestamp = excluded.timestamp, "
+            "updated_at = excluded.updated_at, next_attempt_at = MIN(receipts.next_attempt_at, excluded.updated_at) "
+            "WHERE excluded.rank > receipts.rank",
+            (instance_id, wa_message_id, chat_jid, recipient, status, int(rank), timestamp, now, now),
+        )
+        return cur.rowcount == 1
+
+    def add_receipts(self, instance_id: str, wa_message_ids: Collection[str], chat_jid: str, recipient: str,
+                     status: str, rank: int, timestamp: float) -> int:
+        """:meth:`add_receipt` for every id of one receipt, in one transaction; returns how many changed."""
+        with self._tx():
+            return sum(self.add_receipt(instance_id, wa_id, chat_jid, recipient, status, rank, timestamp)
+                       for wa_id in wa_message_ids)
+
+    _RECEIPT_SELECT = (
+        "SELECT r.*, (SELECT o.message_id FROM outbound o WHERE o.instance_id = r.instance_id "
+        "AND o.wa_message_id = r.wa_message_id LIMIT 1) AS message_id FROM receipts r "
+    )
+
+    def receipts_due(self, limit: int) -> list[ReceiptRow]:
+        """Unposted receipts due now, the earliest due first, with the proxy's message id when known."""
+        rows = self._read(self._RECEIPT_SELECT + "WHERE r.rank > r.posted_rank AND r.next_attempt_at <= ? "
+                          "ORDER BY r.next_attempt_at LIMIT ?", (self._now(), limit))
+        return [ReceiptRow(r["instance_id"], r["wa_message_id"], r["chat_jid"], r["recipient"], r["status"],
+                           r["rank"], r["timestamp"], r["attempts"], r["next_attempt_at"], r["message_id"])
+                for r in rows]
+
+    def next_receipt_due_at(self) -> float | None:
+        return self._scalar("SELECT MIN(next_attempt_at) FROM receipts WHERE rank > posted_rank")
+
+    def receipts_posted(self, rows: list[ReceiptRow]) -> None:
+        """The proxy has these statuses: a newer one that arrived meanwhile stays due."""
+        with self._tx():
+            for r in rows:
+                self._write("UPDATE receipts SET posted_rank = MAX(posted_rank, ?), attempts = 0, last_error = NULL "
+                            "WHERE instance_id = ? AND wa_message_id = ?", (r.rank, r.instance_id, r.wa_message_id))
+
+    def receipts_retry_later(self, rows: list[ReceiptRow], delay_s: float, error: str) -> None:
+        at = self._now() + delay_s
+        with self._tx():
+            for r in rows:
+                self._write("UPDATE receipts SET attempts = attempts + 1, next_attempt_at = ?, last_error = ? "
+                            "WHERE instance_id = ? AND wa_message_id = ? AND rank = ?",
+                            (at, error[:500], r.instance_id, r.wa_message_id, r.rank))
+
+    def receipts_rejected(self, rows: list[ReceiptRow], reason: str, status: int | None, response: str | None) -> None:
+        """The proxy permanently refused a batch: keep a record, never post those statuses again."""
+        with self._tx():
+            self._write(
+                "INSERT INTO dead_letter (kind, instance_id, ref, payload, reason, status_code, response, created_at) "
+                "VALUES ('message-status', ?, ?, ?, ?, ?, ?, ?)",
+                (rows[0].instance_id, rows[0].wa_message_id,
+                 json.dumps([[r.instance_id, r.wa_message_id, r.status] for r in rows]), reason, status,
+                 (response or "")[:2000], self._now()),
+            )
+        self.receipts_posted(rows)
+
+    def receipts_pending(self) -> int:
+        return int(self._scalar("SELECT COUNT(*) FROM receipts WHERE rank > posted_rank") or 0)
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -487,6 +581,8 @@ class Journal:
         # the message index shares the retention (not counted: it is no journal row)
         self._write("DELETE FROM message_index WHERE created_at < ?", (now - JOURNAL_RETENTION_S,))
         self._write("DELETE FROM number_cache WHERE checked_at < ?", (now - JOURNAL_RETENTION_S,))
+        # receipts too (posted ones, and unposted ones a proxy without /message-status never took)
+        self._write("DELETE FROM receipts WHERE updated_at < ?", (now - JOURNAL_RETENTION_S,))
         n += self._write("DELETE FROM dead_letter WHERE created_at < ?", (now - DEAD_LETTER_RETENTION_S,)).rowcount
         return n
 
@@ -498,6 +594,7 @@ class Journal:
             "outbound_pending_acks": q("SELECT COUNT(*) FROM outbound WHERE state IN ('sent','failing')"),
             "outbound_in_flight": q("SELECT COUNT(*) FROM outbound WHERE state = 'sending'"),
             "dead_letter": q("SELECT COUNT(*) FROM dead_letter"),
+            "receipts_pending": q("SELECT COUNT(*) FROM receipts WHERE rank > posted_rank"),
         }
 
     def oldest_pending_age_s(self) -> dict[str, float]:

@@ -112,11 +112,36 @@ CREATE TABLE number_cache (
 CREATE INDEX outbound_instance_created ON outbound (instance_id, created_at);
 """
 
+# issue #12: the receipts outbox, one row per sent message (the latest status only: `rank`
+# 1 delivered, 2 read, 3 played; posted up to `posted_rank`, so a late lower receipt is never
+# posted after a higher one), and the outbound journal indexed by WhatsApp id (messageId lookup)
+V5_RECEIPTS_OUTBOX = """
+CREATE TABLE receipts (
+    instance_id     TEXT NOT NULL,
+    wa_message_id   TEXT NOT NULL,
+    chat_jid        TEXT NOT NULL,
+    recipient       TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    rank            INTEGER NOT NULL,
+    posted_rank     INTEGER NOT NULL DEFAULT 0,
+    timestamp       REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT,
+    PRIMARY KEY (instance_id, wa_message_id)
+) WITHOUT ROWID;
+CREATE INDEX receipts_due ON receipts (next_attempt_at) WHERE rank > posted_rank;
+CREATE INDEX receipts_updated ON receipts (updated_at);
+CREATE INDEX outbound_wa_id ON outbound (instance_id, wa_message_id) WHERE wa_message_id IS NOT NULL;
+"""
+
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_INITIAL),
     Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
     Migration(3, "error codes and message index", V3_ERROR_CODES_AND_MESSAGE_INDEX),
     Migration(4, "number cache", V4_NUMBER_CACHE),
+    Migration(5, "receipts outbox", V5_RECEIPTS_OUTBOX),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})

@@ -77,7 +77,9 @@ const WA_ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
 const ERROR_CODE_RE = /^[a-z][a-z0-9_]{0,63}$/;
 const OUT_TYPES = ["text", "image", "video", "audio", "voice", "document", "sticker", "location", "contact",
   "reaction"];
-const IN_TYPES = [...OUT_TYPES, "edit", "revoke", "unknown"];
+const IN_TYPES = [...OUT_TYPES, "edit", "revoke", "unknown", "undecryptable", "call"];
+const RECEIPT_STATUSES = ["delivered", "read", "played"];
+const MAX_STATUSES = 100;
 const MEDIA_ERRORS = ["upload_unsupported", "too_large", "download_failed"];
 
 // ------------------------------------------------------------------ errors
@@ -349,6 +351,9 @@ async function updateStatus(req: Request): Promise<Response> {
   const phone = optionalString(body, "phone_number", 64);
   const hasReason = Object.prototype.hasOwnProperty.call(body, "reason") && body.reason !== null;
   const reason = optionalString(body, "reason", MAX_SHORT);
+  // a temporary ban (with DISCONNECTED): kept until the next status
+  const banCode = optionalString(body, "ban_code", MAX_SHORT);
+  const banExpires = optionalTimestamp(body, "ban_expires_at");
 
   const rows = await db()`
     update public.wa_instances set
@@ -358,7 +363,9 @@ async function updateStatus(req: Request): Promise<Response> {
         when ${status}::text = 'CONNECTING' then qr_code
         else null end,
       phone_number = coalesce(${phone}::text, phone_number),
-      last_reason = case when ${hasReason}::boolean then ${reason}::text else last_reason end
+      last_reason = case when ${hasReason}::boolean then ${reason}::text else last_reason end,
+      ban_code = ${banCode}::text,
+      ban_expires_at = case when ${banExpires}::float8 is null then null else to_timestamp(${banExpires}::float8) end
     where id = ${id}
     returning id, status`;
   if (rows.length === 0) throw new HttpError(404, "unknown instance");
@@ -586,6 +593,9 @@ function inboundContent(body: Json) {
     contactPhone: prefixed(contact, "phone", 64, "contact"),
     vcard: prefixed(contact, "vcard", MAX_TEXT, "contact"),
     viewOnce,
+    // type call: a video call or not, declined by the worker or not (null for other types)
+    callVideo: type === "call" ? optionalBoolean(body, "video") : null,
+    callRejected: type === "call" ? optionalBoolean(body, "rejected") : null,
   };
 }
 
@@ -651,7 +661,7 @@ async function inbound(req: Request): Promise<Response> {
          from_me, is_group, push_name, body, "timestamp", raw,
          type, media_url, media_path, mimetype, filename, media_size, media_sha256, media_seconds,
          media_error, quoted_id, reaction, target_id, latitude, longitude, location_name,
-         location_address, contact_name, contact_phone, vcard, view_once)
+         location_address, contact_name, contact_phone, vcard, view_once, call_video, call_rejected)
       values
         (${id}, ${waId}, ${from}, ${to}::text, ${chatId}::text, ${senderId}::text,
          ${fromMe}::boolean, ${isGroup}::boolean, ${pushName}::text, ${text},
@@ -661,7 +671,8 @@ async function inbound(req: Request): Promise<Response> {
          ${c.size}::bigint, ${c.sha256}::text, ${c.seconds}::integer, ${c.mediaError}::text,
          ${c.quotedId}::text, ${c.reaction}::text, ${c.targetId}::text, ${c.latitude}::float8,
          ${c.longitude}::float8, ${c.locationName}::text, ${c.locationAddress}::text,
-         ${c.contactName}::text, ${c.contactPhone}::text, ${c.vcard}::text, ${c.viewOnce}::boolean)
+         ${c.contactName}::text, ${c.contactPhone}::text, ${c.vcard}::text, ${c.viewOnce}::boolean,
+         ${c.callVideo}::boolean, ${c.callRejected}::boolean)
       on conflict (instance_id, wa_message_id) do nothing
       returning id`;
   } catch (e) {
@@ -672,6 +683,49 @@ async function inbound(req: Request): Promise<Response> {
   return json(200, { ok: true, duplicate: rows.length === 0 });
 }
 
+// POST /message-status {"statuses": [{instanceId, messageId, wa_message_id, status, timestamp, recipient}]}:
+// each sent message keeps its latest receipt, never moving backwards; unknown messages are ignored.
+async function messageStatus(req: Request): Promise<Response> {
+  const body = await readJson(req);
+  const statuses = body.statuses;
+  if (!Array.isArray(statuses) || statuses.length > MAX_STATUSES) {
+    throw bad(`statuses must be a list of at most ${MAX_STATUSES}`);
+  }
+  const checked = statuses.map((st) => {
+    if (typeof st !== "object" || st === null || Array.isArray(st)) throw bad("each status must be an object");
+    const s = st as Json;
+    const status = s.status;
+    if (typeof status !== "string" || !RECEIPT_STATUSES.includes(status)) {
+      throw bad(`status must be one of ${RECEIPT_STATUSES.join(", ")}`);
+    }
+    const messageId = optionalString(s, "messageId", MAX_SHORT);
+    return {
+      id: instanceId(s.instanceId),
+      messageId: messageId !== null && UUID_RE.test(messageId) ? messageId : null,
+      waId: requiredString(s, "wa_message_id", MAX_SHORT),
+      status,
+      rank: RECEIPT_STATUSES.indexOf(status) + 1,
+      ts: optionalTimestamp(s, "timestamp"),
+      by: optionalString(s, "recipient", MAX_SHORT),
+    };
+  });
+  const sql = db();
+  let changed = 0;
+  for (const c of checked) {
+    const rows = await sql`
+      update public.wa_outbound set
+        receipt_status = ${c.status},
+        receipt_at = case when ${c.ts}::float8 is null then now() else to_timestamp(${c.ts}::float8) end,
+        receipt_by = ${c.by}::text
+      where instance_id = ${c.id}
+        and (id = ${c.messageId}::uuid or wa_message_id = ${c.waId})
+        and coalesce(array_position(array['delivered', 'read', 'played'], receipt_status), 0) < ${c.rank}
+      returning id`;
+    changed += rows.length;
+  }
+  return json(200, { ok: true, changed });
+}
+
 const ROUTES: Record<string, Record<string, Handler>> = {
   "disconnected-instances": { GET: disconnectedInstances },
   "update-status": { POST: updateStatus },
@@ -680,6 +734,7 @@ const ROUTES: Record<string, Record<string, Handler>> = {
   "mark-failed": { POST: markFailed },
   "inbound": { POST: inbound },
   "upload-media": { POST: uploadMedia },
+  "message-status": { POST: messageStatus },
 };
 
 // ---------------------------------------------------------------- server

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 #: neonize event codes we subscribe to (0 = own Device, always sent).
 #: 1 (QR list) is left out on purpose: codes arrive one by one via the QR callback.
-SUBSCRIBED_EVENTS = bytes([2, 3, 6, 7, 8, 9, 10, 11, 12, 17])
+#: 18 Receipt, 36 CallOffer, 44 UndecryptableMessage (issue #12).
+SUBSCRIBED_EVENTS = bytes([2, 3, 6, 7, 8, 9, 10, 11, 12, 17, 18, 36, 44])
 
 #: called on a Go thread with (attempt, kind: "qr" | "login" | "event", payload)
 Deliver = Callable[["Attempt", str, Any], None]

@@ -6,10 +6,21 @@ tests). JIDs, timestamps and skipped messages: docs/neonize.md, "Events"."""
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 from ...messages import ContactCard, InboundContent, Kind, Location, MediaInfo
-from ..base import BackendEvent, Connected, Disconnected, InboundMessage, LoggedOut, QrCode
+from ..base import (
+    BackendEvent,
+    Call,
+    Connected,
+    Disconnected,
+    InboundMessage,
+    LoggedOut,
+    QrCode,
+    Receipt,
+    ReceiptStatus,
+)
 
 # neonize Neonize.proto ConnectFailureReason (1-based, unlike whatsmeow's HTTP-like codes)
 CF_GENERIC = 1
@@ -45,6 +56,10 @@ TEMP_BAN_NAMES = {
     4: "sent_too_many_same_message",
     5: "broadcast_list",
 }
+
+# neonize Neonize.proto Receipt.ReceiptType: the ones a sender reports (READ_SELF, PLAYED_SELF,
+# RETRY, SERVER_ERROR, ... are our own devices' or the protocol's business)
+RECEIPT_STATUSES = {1: ReceiptStatus.DELIVERED, 4: ReceiptStatus.READ, 6: ReceiptStatus.PLAYED}
 
 PAIR_STATUS_ERROR = 1
 PAIR_STATUS_SUCCESS = 2
@@ -346,6 +361,51 @@ def lid_fields(src: Any, chat: str, sender: str) -> dict[str, str]:
     return out
 
 
+def map_receipt(ev: Any) -> Receipt | None:
+    """A ``Receipt`` event about messages we sent (delivered, read, played), or None."""
+    status = RECEIPT_STATUSES.get(ev.Type)
+    src = ev.MessageSource
+    chat = jid_to_str(src.Chat)
+    ids = tuple(i for i in ev.MessageIDs if i)
+    if status is None or not chat or not ids or src.IsFromMe or chat == STATUS_BROADCAST:
+        return None
+    recipient = jid_to_str(src.Sender) or chat
+    return Receipt(ids, chat, recipient, status, timestamp_seconds(ev.Timestamp))
+
+
+def _has_tag(node: Any, tag: str, depth: int = 0) -> bool:
+    if depth > 4:
+        return False
+    return any(child.Tag == tag or _has_tag(child, tag, depth + 1) for child in node.Nodes)
+
+
+def map_call_offer(ev: Any) -> Call | None:
+    """A ``CallOffer`` event: the caller (the call's creator) and whether it is a video call
+    (a ``<video>`` element in the offer)."""
+    meta = ev.basicCallMeta
+    caller = (jid_to_str(meta.callCreator) if _has(meta, "callCreator") else None) or jid_to_str(getattr(meta, "from"))
+    if not caller or not meta.callID:
+        return None
+    video = _has(ev, "data") and _has_tag(ev.data, "video")
+    return Call(meta.callID, caller, video, timestamp_seconds(meta.timestamp))
+
+
+def map_undecryptable(ev: Any, own_jid: str | None = None) -> InboundMessage | None:
+    """An ``UndecryptableMessage`` (WhatsApp shows "waiting for this message"): reported so
+    the SaaS knows one arrived, with no body."""
+    info = ev.Info
+    src = info.MessageSource
+    chat = jid_to_str(src.Chat)
+    if not chat or chat == STATUS_BROADCAST or src.Chat.Server in _SKIPPED_SERVERS or not info.ID:
+        return None
+    from_me = bool(src.IsFromMe)
+    return InboundMessage(
+        wa_message_id=info.ID, chat_jid=chat, sender_jid=jid_to_str(src.Sender) or chat, body="", from_me=from_me,
+        is_group=bool(src.IsGroup), push_name=info.Pushname or None, timestamp=timestamp_seconds(info.Timestamp),
+        own_jid=own_jid, content=InboundContent(kind=Kind.UNDECRYPTABLE, body=""),
+    )
+
+
 def map_login_status(status: str) -> BackendEvent | None:
     """Map a whatsmeow QR-channel status (neonize's *login status* callback).
 
@@ -367,12 +427,19 @@ def map_login_status(status: str) -> BackendEvent | None:
 
 
 def map_event(
-    ev: Any, *, own_jid: str | None = None, push_name: str | None = None
+    ev: Any, *, own_jid: str | None = None, push_name: str | None = None, now: float | None = None
 ) -> BackendEvent | None:
-    """Map one neonize event protobuf to a backend event (None: nothing to report)."""
+    """Map one neonize event protobuf to a backend event (None: nothing to report).
+    ``now`` (epoch seconds, default the clock) dates a temporary ban's end."""
     name = ev.DESCRIPTOR.name
     if name == "Message":
         return map_message(ev, own_jid)
+    if name == "Receipt":
+        return map_receipt(ev)
+    if name == "CallOffer":
+        return map_call_offer(ev)
+    if name == "UndecryptableMessage":
+        return map_undecryptable(ev, own_jid)
     if name == "QR":
         return QrCode(code=ev.Codes[0]) if len(ev.Codes) else None
     if name == "Connected":
@@ -391,10 +458,13 @@ def map_event(
         return Disconnected(reason="stream_replaced")
     if name == "TemporaryBan":
         expire = float(ev.Expire) if ev.Expire and ev.Expire > 0 else None
+        code = TEMP_BAN_NAMES.get(ev.Code, f"code {ev.Code}")
         return Disconnected(
             reason="temporary_ban",
-            detail=TEMP_BAN_NAMES.get(ev.Code, f"code {ev.Code}"),
+            detail=code,
             retry_after_s=expire,
+            ban_code=code,
+            ban_expires_at=None if expire is None else (time.time() if now is None else now) + expire,
         )
     if name == "ConnectFailure":
         reason_name = CONNECT_FAILURE_NAMES.get(ev.Reason, f"reason {ev.Reason}")
@@ -408,7 +478,7 @@ def map_event(
         return Disconnected(reason="connect_failure", detail="client_outdated")
     if name == "StreamError":
         return Disconnected(reason="network", detail=f"stream_error {ev.Code}".strip())
-    return None  # KeepAlive*, receipts, presence, history sync, ...
+    return None  # KeepAlive*, presence, history sync, other call events, ...
 
 
 def identity_from_event(ev: Any) -> tuple[str | None, str | None]:

@@ -115,7 +115,7 @@ class NeonizeLib:
         from neonize.aioze import events as aio_events
         from neonize.aioze.client import NewAClient
         from neonize.events import INT_TO_EVENT
-        from neonize.exc import ConvertStickerError, DownloadError, SendMessageError, UploadError
+        from neonize.exc import ConvertStickerError, DownloadError, RejectCallError, SendMessageError, UploadError
         from neonize.proto import Neonize_pb2
         from neonize.proto.waCompanionReg.WAWebProtobufsCompanionReg_pb2 import DeviceProps
         from neonize.proto.waE2E.WAWebProtobufsE2E_pb2 import Message as WAMessage
@@ -131,6 +131,7 @@ class NeonizeLib:
         self.NewAClient = NewAClient
         self.INT_TO_EVENT = INT_TO_EVENT
         self.SendMessageError = SendMessageError
+        self.RejectCallError = RejectCallError
         self.UploadError = UploadError
         self.DownloadError = DownloadError
         self.ConvertStickerError = ConvertStickerError

@@ -17,6 +17,7 @@ from ...messages import Kind
 from ..base import (
     BackendError,
     BackendEvent,
+    Call,
     Connected,
     Disconnected,
     EventSink,
@@ -27,6 +28,7 @@ from ..base import (
     NotConnectedError,
     OutgoingMessage,
     QrCode,
+    Receipt,
     SendError,
     Session,
     SessionInfo,
@@ -207,6 +209,24 @@ class NeonizeSession(Session):
         except (CallTimeout, RuntimeError, ValueError, SendPresenceError) as exc:  # as in lookup_numbers
             raise BackendError(f"typing indicator failed: {type(exc).__name__}: {exc}"[:300]) from None
 
+    async def reject_call(self, call: Call) -> None:
+        """whatsmeow's ``RejectCall`` through the call pool (``send_timeout_s``), on the
+        connection that received the offer. Raises :class:`SendError`."""
+        attempt = self._live_attempt()
+        lib = NeonizeLib.get()
+        try:
+            jid = jid_proto(call.from_jid)
+        except ValueError as exc:
+            raise SendError(str(exc), permanent=True) from None
+        try:
+            await attempt.client.reject_call(jid, call.call_id)
+        except lib.RejectCallError as exc:
+            raise SendError(f"call not rejected: {exc}") from None
+        except (CallNotStarted, CallTimeout) as exc:
+            raise SendError(f"call not rejected: {exc}") from None
+        except RuntimeError as exc:  # backend closed under us
+            raise NotConnectedError(f"call not rejected: {exc}") from None
+
     async def download_media(self, handle: dict[str, object], dest_dir: Path) -> MediaFile:
         """``download_any`` in the pool (``media_timeout_s``), bytes to a 0600 file."""
         message, sub = message_from_handle(handle)  # a bad handle is permanent, connected or not
@@ -332,7 +352,7 @@ class NeonizeSession(Session):
         event = self._map(attempt, kind, payload)
         if event is None:
             return
-        if isinstance(event, InboundMessage):
+        if isinstance(event, (InboundMessage, Receipt, Call)):
             # whatsmeow already acknowledged it: deliver even from an abandoned attempt
             await self._emit(event)
             return

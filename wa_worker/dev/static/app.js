@@ -124,6 +124,11 @@
       box.append(el("span", { class: "note" }, "edited " + snippet(target) + ": "));
     } else if (kind === "revoke") {
       box.append(el("span", { class: "note" }, "deleted " + snippet(target)));
+    } else if (kind === "call" && m.call) {
+      box.append(el("span", { class: "note", "data-field": "call" },
+        (m.call.video ? "\u{1F4F9} video call" : "\u{1F4DE} voice call") + (m.call.rejected ? ", rejected" : "")));
+    } else if (kind === "undecryptable") {
+      box.append(el("span", { class: "note" }, "waiting for this message (could not be decrypted)"));
     }
     let media = null;
     if (inbound && m.media) {
@@ -155,6 +160,7 @@
         const st = el("span", { class: "mstatus mstatus-" + m.status }, m.status);
         const stCell = el("td");
         stCell.append(st);
+        if (m.receipt) stCell.append(el("span", { class: "receipt", "data-field": "receipt" }, " \u2713 " + m.receipt.status));
         const msgCell = el("td", { class: "body" });
         msgCell.append(contentNode(m, false));
         const note = m.status === "failed"
