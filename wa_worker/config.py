@@ -266,6 +266,8 @@ DESCRIPTIONS: dict[str, str] = {
     "LOG_FORMAT": "text or json (one JSON object per line)",
     "METRICS_PORT": "serve /metrics without auth on this port (empty: off)",
     "METRICS_HOST": "where METRICS_PORT listens",
+    "CALL_REJECT": "decline every incoming call (each still reaches /inbound as type call)",
+    "CALL_REJECT_MESSAGE": "text sent to the caller after a declined call (empty: none)",
     "WA_BOT_BADGE": "let neonize mark 1:1 messages with WhatsApp's AI badge",
     "SIMULATOR_AUTO_SCAN_MS": "simulator only: the simulated phone scans each QR after this delay",
     "SIMULATOR_SEND_DELAY_MS": "simulator only: each simulated send takes this long",
