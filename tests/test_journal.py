@@ -226,7 +226,10 @@ async def test_random_faults_keep_the_invariants(proxy, tmp_path):
     n_out, n_in, instances = 300, 200, ("a1", "a2", "a3")
     for iid in instances:
         proxy.add_instance(iid)
-    settings = make_settings(tmp_path, proxy.url, EDGE_TIMEOUT_S=0.3, SIMULATOR_AUTO_SCAN_MS=10)
+    # this test is about the journal under proxy faults: 300 first-contact numbers would otherwise
+    # wait for the per-instance lookup budget (NUMBER_LOOKUPS_PER_MINUTE, tested in test_account_safety)
+    settings = make_settings(tmp_path, proxy.url, EDGE_TIMEOUT_S=0.3, SIMULATOR_AUTO_SCAN_MS=10,
+                             NUMBER_LOOKUPS_PER_MINUTE=0)
     async with running_worker(settings, retry_cap_s=0.4) as w:
         await wait_until(lambda: all(proxy.status_of(i) == "CONNECTED" for i in instances), timeout=20)
         proxy.random_fault_rate = 0.15
