@@ -223,7 +223,7 @@ def _cmd_instance(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.instance_command == "add":
             inst = c.add_instance(args.name, args.priority, args.phone)
-            print(f"added instance {inst['id']} ({inst['status']}); the worker picks it up at its next poll")
+            print(f"added instance {inst['id']} ({inst['status']}); the worker starts connecting it now")
             return 0
         instances = c.list_instances()
     if not instances:
