@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -433,3 +434,78 @@ def test_page_in_chromium(proxy: BackgroundProxy, chromium_devtools: int, tmp_pa
     assert [c.text for c in codes] == [QR_TEXT]
     if os.environ.get("WA_DEV_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["WA_DEV_KEEP_SCREENSHOT"])
+
+
+# ---------------------------------------------------------------------------- with a simulator worker
+
+
+# long: one browser session against a real worker, the steps in the order a user takes them
+async def _drive_simulator(port: int, tmp_path: Path) -> dict[str, Any]:
+    from tests.conftest import make_settings, running_worker  # the worker's test helpers: only here
+    from tests.fakeproxy import SECRET as WORKER_SECRET
+    from tests.proc import free_port
+
+    store = DevStore(tmp_path / "proxy.db")
+    store.add_instance("default")
+    worker_port = free_port()
+    seen: dict[str, Any] = {}
+    with BackgroundProxy(store, WORKER_SECRET, wake_url=f"http://127.0.0.1:{worker_port}") as bp:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
+                targets = await resp.json(content_type=None)
+            page = next(t for t in targets if t.get("type") == "page")
+            async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=64 * 1024 * 1024) as ws:
+                b = Browser(ws)
+                await b.send("Page.enable")
+                await b.send("Runtime.enable")
+                await b.send("Page.navigate", url=bp.url + "/")
+                await b.wait_for("document.body && document.body.dataset.refreshed >= 1")
+                # no worker yet: a neutral WAITING, the worker badge says so, empty tables say what to do
+                seen["waiting"] = await b.eval(
+                    "document.querySelector('[data-instance-id=\"default\"] [data-field=status]').className")
+                seen["badge_before"] = await b.eval("document.getElementById('worker').textContent")
+                seen["empty_out"] = await b.eval("document.querySelector('#outbound-rows tr.empty').textContent")
+                seen["sim_hidden_before"] = await b.eval("document.getElementById('simulate-form').hidden")
+
+                settings = make_settings(tmp_path, bp.url, PORT=worker_port, SIMULATOR_AUTO_SCAN_MS=None)
+                async with running_worker(settings):
+                    seen["badge"] = await b.wait_for(
+                        "(() => { const t = document.getElementById('worker').textContent;"
+                        " return t.includes('simulator') ? t : ''; })()")
+                    scan = "[data-instance-id=\"default\"] button[data-action=scan]"
+                    await b.wait_for(f"!document.querySelector('{scan}').hidden")
+                    await b.click(scan)
+                    await b.wait_for(
+                        "document.querySelector('[data-instance-id=\"default\"] [data-field=status]').textContent"
+                        " === 'CONNECTED'", within=15)
+                    seen["scan_hidden_after"] = await b.eval(f"document.querySelector('{scan}').hidden")
+                    seen["empty_in"] = await b.eval("document.querySelector('#inbound-rows tr.empty').textContent")
+
+                    await b.wait_for("!document.getElementById('simulate-form').hidden")
+                    await b.type_into("#simulate-form input[name=body]", "hello from the page")
+                    await b.click("#simulate-form button[type=submit]")
+                    seen["sim_result"] = await b.wait_for(
+                        "(() => { const t = document.querySelector('#simulate-form [data-field=result]');"
+                        " return t.textContent.startsWith('received') || t.classList.contains('error')"
+                        " ? t.textContent : ''; })()")
+                    seen["inbound_row"] = await b.wait_for(
+                        "(() => { const r = [...document.querySelectorAll('#inbound-rows tr')].find("
+                        "tr => tr.textContent.includes('hello from the page'));"
+                        " return r && [...r.cells].map(c => c.textContent); })()", within=15)
+    store.close()
+    return seen
+
+
+def test_page_drives_the_simulator_and_shows_the_worker(chromium_devtools: int, tmp_path: Path) -> None:
+    seen = asyncio.run(asyncio.wait_for(_drive_simulator(chromium_devtools, tmp_path), 90))
+    assert seen["waiting"] == "status status-WAITING"
+    assert seen["badge_before"] == "worker not reachable"
+    assert "Nothing sent yet" in seen["empty_out"]
+    assert seen["sim_hidden_before"] is True
+    assert "worker ok" in seen["badge"] and "simulator" in seen["badge"]
+    assert seen["scan_hidden_after"] is True
+    assert "Simulate incoming" in seen["empty_in"]
+    assert seen["sim_result"].startswith("received "), seen["sim_result"]
+    when, instance, sender, _msg, _id = seen["inbound_row"]
+    assert instance == "default" and sender == "+55 11 98888-7777"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", when), when

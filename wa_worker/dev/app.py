@@ -5,7 +5,7 @@ plus the page (:mod:`.page`), behind one access check.
   (:func:`~wa_worker.dev.page.check_local`);
 * everything else: ``Authorization: Bearer <secret>``.
 
-Imports go one way: ``app → page → proxy → store``.
+Imports go one way: ``app → page → proxy → store`` (and ``page → worker_link``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from aiohttp.typedefs import Handler
 from .page import add_page_routes, check_local, is_page_path
 from .proxy import PROXY_KEY, ApiError, DevProxy, ProxyEventCallback, add_api_routes, error_response
 from .store import DevStore
+from .worker_link import WORKER_LINK_KEY, WorkerLink
 
 
 @web.middleware
@@ -43,6 +44,8 @@ def create_app(
     whoever serves the app runs ``app[PROXY_KEY].run_waker()`` in its task group."""
     app = web.Application(middlewares=[_guard], client_max_size=1024 * 1024)
     app[PROXY_KEY] = DevProxy(store, secret, wake_url=wake_url, on_event=on_event)
+    if wake_url:  # the page shows the worker's health and drives its simulator through this
+        app[WORKER_LINK_KEY] = WorkerLink(wake_url.rstrip("/"), secret)
     add_api_routes(app)
     add_page_routes(app)
     return app

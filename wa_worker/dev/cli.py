@@ -12,10 +12,13 @@
                        [--contact-name NAME --contact-phone PHONE | --vcard FILE]
                        [--reaction EMOJI --reply-to ID] [--wait] [--timeout S]
     wa-worker dev messages [--instance ID] [--limit N] [--json]
+    wa-worker dev inbound INSTANCE FROM TEXT     (simulator) a contact writes to the phone
+    wa-worker dev scan INSTANCE                  (simulator) the phone scans the QR code
 
-The helpers talk HTTP to the running proxy; they find it and its secret through
-the state folder (``--dir``, default ``./.wa-worker``), or ``--proxy-url`` /
-``$WA_DEV_PROXY_URL`` and ``--secret`` / ``$WORKER_SECRET``.
+The helpers talk HTTP to the running proxy (``inbound`` and ``scan``: to the
+worker); they find it and its secret through the state folder (``--dir``, default
+``.wa-worker`` in the current directory or the nearest parent that has one), or
+``--proxy-url`` / ``$WA_DEV_PROXY_URL`` and ``--secret`` / ``$WORKER_SECRET``.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ..ids import is_valid_instance_id
-from .client import ClientError, DevClient, resolve_proxy_url
-from .state import DEFAULT_DIR, DevPaths, DevStateError, resolve_secret
+from .client import ClientError, DevClient, WorkerClient, resolve_proxy_url, resolve_worker_url
+from .state import DEFAULT_DIR, DevPaths, DevStateError, find_state_dir, resolve_secret
 from .text import clip, describe
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -65,6 +69,16 @@ def _positive(value: str) -> float:
 
 SEND_TYPES = ("text", "image", "video", "audio", "voice", "document", "sticker", "location", "contact", "reaction")
 MAX_SEND_FILE_BYTES = 64 * 1024 * 1024  # the dev proxy's cap (and the worker's MEDIA_MAX_BYTES default)
+
+
+def _non_negative(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return n
 
 
 def _lat_lon(value: str) -> tuple[float, float]:
@@ -118,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wa-worker dev",
         description="Reference proxy + worker in one process, state in a local folder.",
-        epilog="Helpers: wa-worker dev {proxy,instance,send,messages} --help",
+        epilog="Helpers: wa-worker dev {proxy,instance,send,messages,inbound,scan} --help",
     )
     _add_dir(parser, top=True)
     parser.add_argument(
@@ -126,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the offline simulator backend (QR codes are scanned automatically)",
     )
+    scan = parser.add_mutually_exclusive_group()
+    scan.add_argument("--auto-scan-ms", type=_non_negative, default=1500, metavar="N",
+                      help="with --simulator, the phone scans each QR code after N ms (default 1500)")
+    scan.add_argument("--no-auto-scan", dest="auto_scan_ms", action="store_const", const=None,
+                      help="with --simulator, QR codes wait to be scanned (`wa-worker dev scan`, the page)")
     _add_serve_options(parser, top=True)
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="WARNING", help="worker log level")
     parser.add_argument("-v", "--verbose", action="store_true", help="same as --log-level INFO")
@@ -180,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_msgs.add_argument("--instance", type=_instance_id, default=None, help="only this instance")
     p_msgs.add_argument("--limit", type=int, default=20, help="per direction (default 20, max 500)")
     p_msgs.add_argument("--json", action="store_true", help="print the raw JSON")
+
+    worker = argparse.ArgumentParser(add_help=False, parents=[helper])
+    worker.add_argument("--worker-url", default=None, help="the worker's URL (default: the running one)")
+    p_in = sub.add_parser("inbound", parents=[worker], help="(simulator) a contact writes to the simulated phone")
+    p_in.add_argument("instance", type=_instance_id, metavar="INSTANCE")
+    p_in.add_argument("sender", metavar="FROM", help="the contact's phone number (+55 11 98888-7777) or JID")
+    p_in.add_argument("text", metavar="TEXT")
+    p_in.add_argument("--name", help="the contact's display name (push name)")
+    p_scan = sub.add_parser("scan", parents=[worker], help="(simulator) the phone scans the instance's QR code")
+    p_scan.add_argument("instance", type=_instance_id, metavar="INSTANCE")
     return parser
 
 
@@ -205,14 +234,62 @@ def _serve(args: argparse.Namespace, *, with_worker: bool) -> int:
         print_qr=args.print_qr,
         with_worker=with_worker,
         secret=args.secret,
+        auto_scan_ms=getattr(args, "auto_scan_ms", 1500),
+        command=_command_name(),
     )
     return run(opts)
 
 
+def _command_name(argv0: str | None = None) -> str:
+    """How this command was typed, for copy-pasteable hints: ``.venv/bin/wa-worker``
+    when run through a path (scripts/dev.sh), ``wa-worker`` when found on PATH."""
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    if Path(argv0).name != "wa-worker":
+        return "python -m wa_worker"
+    on_path = shutil.which("wa-worker")
+    if "/" not in argv0 or (on_path and Path(on_path).resolve() == Path(argv0).resolve()):
+        return "wa-worker"
+    return argv0
+
+
 def _client(args: argparse.Namespace) -> DevClient:
-    paths = DevPaths(args.dir)
+    paths = DevPaths(find_state_dir(args.dir))
     secret = resolve_secret(paths, getattr(args, "secret", None), create=False)
     return DevClient(resolve_proxy_url(paths, args.proxy_url), secret)
+
+
+def _worker_client(args: argparse.Namespace) -> WorkerClient:
+    paths = DevPaths(find_state_dir(args.dir))
+    secret = resolve_secret(paths, getattr(args, "secret", None), create=False)
+    return WorkerClient(resolve_worker_url(paths, args.worker_url), secret)
+
+
+def _sender(value: str) -> str:
+    """A phone number as typed (``+55 11 98888-7777``) becomes its digits; a JID is kept."""
+    if "@" in value:
+        return value.strip()
+    digits = "".join(c for c in value if c.isdigit())
+    if not digits or any(c not in "+0123456789 -()." for c in value):
+        raise ClientError(f"FROM must be a phone number (+55 11 98888-7777) or a JID, not {value!r}")
+    return digits
+
+
+def _cmd_inbound(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"from": _sender(args.sender), "body": args.text}
+    if args.name:
+        body["push_name"] = args.name
+    with _worker_client(args) as w:
+        data = w.simulator(args.instance, "inbound", body)
+    print(f"received by {args.instance} from {body['from']} ({data.get('wa_message_id', '?')}); "
+          "the worker relays it to the proxy")
+    return 0
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    with _worker_client(args) as w:
+        w.simulator(args.instance, "scan")
+    print(f"scanned {args.instance}'s QR code; it connects in a moment")
+    return 0
 
 
 def _clock(ts: float | None) -> str:
@@ -223,7 +300,7 @@ def _cmd_instance(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.instance_command == "add":
             inst = c.add_instance(args.name, args.priority, args.phone)
-            print(f"added instance {inst['id']} ({inst['status']}); the worker picks it up at its next poll")
+            print(f"added instance {inst['id']} ({inst['status']}); the worker starts connecting it now")
             return 0
         instances = c.list_instances()
     if not instances:
@@ -386,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_send(args)
         if args.command == "messages":
             return _cmd_messages(args)
+        if args.command == "inbound":
+            return _cmd_inbound(args)
+        if args.command == "scan":
+            return _cmd_scan(args)
     except (ClientError, DevStateError) as exc:
         print(f"wa-worker dev: {exc}", file=sys.stderr)
         return 1

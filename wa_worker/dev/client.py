@@ -34,6 +34,71 @@ def resolve_proxy_url(paths: DevPaths, explicit: str | None = None) -> str:
     return DEFAULT_PROXY_URL
 
 
+def resolve_worker_url(paths: DevPaths, explicit: str | None = None) -> str:
+    """``--worker-url``, else the URL the running ``wa-worker dev`` wrote to the state folder."""
+    if explicit:
+        return explicit.rstrip("/")
+    try:
+        recorded = paths.worker_url_file.read_text().strip()
+    except OSError:
+        recorded = ""
+    if not recorded.startswith(("http://", "https://")):
+        raise ClientError(
+            f"no worker is running in {paths.root} (start one with `wa-worker dev --simulator`, "
+            "or pass --worker-url / --dir)"
+        )
+    return recorded.rstrip("/")
+
+
+class WorkerClient:
+    """The running worker's simulator controls (``/simulator/...``), with the dev secret."""
+
+    def __init__(self, base_url: str, secret: str, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {secret}"},
+                                  timeout=timeout, trust_env=False)
+
+    def __enter__(self) -> "WorkerClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.ConnectError:
+            raise ClientError(f"cannot reach the worker at {self.base_url}: is `wa-worker dev` running?") from None
+        except httpx.HTTPError as exc:
+            raise ClientError(f"request to the worker failed: {type(exc).__name__}") from None
+
+    def _require_simulator(self) -> None:
+        resp = self._request("GET", "/health")
+        backend = resp.json().get("backend") if resp.status_code == 200 else None
+        if backend != "simulator":
+            raise ClientError(
+                f"the worker at {self.base_url} runs the {backend or 'unknown'} backend, not the simulator: "
+                "this helper needs `wa-worker dev --simulator`"
+            )
+
+    def simulator(self, instance_id: str, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``POST /simulator/instances/{id}/{action}``; :class:`ClientError` with the worker's reason."""
+        self._require_simulator()
+        resp = self._request("POST", f"/simulator/instances/{instance_id}/{action}", json=body or {})
+        if resp.status_code in (401, 403):
+            raise ClientError("the worker refused the secret (check --dir, --secret and $WORKER_SECRET)")
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {}
+        if resp.status_code == 404:
+            raise ClientError(f"the simulator has no instance {instance_id} (see `wa-worker dev instance list`)")
+        if resp.status_code >= 400 or not isinstance(data, dict):
+            message = data.get("error") if isinstance(data, dict) else None
+            raise ClientError(f"the simulator refused: {message or f'HTTP {resp.status_code}'}")
+        return data
+
+
 class DevClient:
     def __init__(self, base_url: str, secret: str, *, timeout: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")

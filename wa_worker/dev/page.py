@@ -4,6 +4,9 @@
 ``GET /ui/state`` (JSON) and renders everything, the first paint included,
 then again every second. The forms post to ``/ui/queue`` and
 ``/ui/instances``, which are the dev API's handlers. No build step.
+``/ui/state`` carries the worker's health too, and ``POST /ui/simulator/{id}/scan``
+/ ``…/inbound`` drive the worker's simulator (:mod:`.worker_link`): the page
+talks to its own origin only.
 
 Media files (``GET /media/<sha256>``, :mod:`.proxy`) get the same loopback-only
 access as the page, so ``<img>`` / ``<audio>`` tags can show them.
@@ -12,7 +15,7 @@ The page has **no login**. It is only answered to loopback clients that use a
 loopback host name (``127.0.0.1``, ``localhost``, ``[::1]``): the peer address
 check keeps other machines out if the proxy is bound to a public interface, the
 ``Host`` check defeats DNS rebinding. The two write endpoints (``POST /ui/queue``,
-``POST /ui/instances``) additionally need a JSON body, the header
+``POST /ui/instances``, ``POST /ui/simulator/…``) additionally need a JSON body, the header
 ``X-WA-Dev: 1`` (which a cross-site form cannot send and a cross-site
 ``fetch`` cannot send without a CORS preflight we never approve) and, when the
 browser sends them, a same-origin ``Origin`` / ``Sec-Fetch-Site``.
@@ -28,7 +31,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..ids import is_valid_instance_id
 from .proxy import PROXY_KEY, dev_add_instance, dev_queue_message, public_instance
+from .worker_link import SIMULATOR_ACTIONS, WORKER_LINK_KEY
 
 STATIC_DIR = Path(__file__).with_name("static")
 CSRF_HEADER = "X-WA-Dev"
@@ -127,7 +132,32 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 async def ui_state(request: web.Request) -> web.Response:
-    return web.json_response(page_state(request), headers=_SECURITY_HEADERS)
+    state = page_state(request)
+    link = request.app.get(WORKER_LINK_KEY)
+    state["worker"] = await link.health() if link is not None else None  # None: proxy only
+    return web.json_response(state, headers=_SECURITY_HEADERS)
+
+
+async def ui_simulator(request: web.Request) -> web.Response:
+    """The page's Scan / Simulate incoming buttons, forwarded to the worker's simulator."""
+    iid, action = request.match_info["id"], request.match_info["action"]
+    link = request.app.get(WORKER_LINK_KEY)
+    if link is None:
+        return _deny(409, "no worker runs with this proxy")
+    if action not in SIMULATOR_ACTIONS or not is_valid_instance_id(iid):
+        return _deny(404, "unknown simulator control")
+    body: dict[str, Any] = {}
+    if action == "inbound":
+        try:
+            data = await request.json()
+        except ValueError:
+            return _deny(400, "expected a JSON object")
+        if not isinstance(data, dict) or not isinstance(data.get("from"), str) or not isinstance(data.get("body"), str):
+            return _deny(400, "'from' and 'body' are required strings")
+        digits = "".join(c for c in data["from"] if c.isdigit())
+        body = {"from": data["from"].strip() if "@" in data["from"] else digits, "body": data["body"]}
+    status, answer = await link.simulator(iid, action, body)
+    return web.json_response(answer, status=status, headers=_SECURITY_HEADERS)
 
 
 def _secured(handler: Handler) -> Handler:
@@ -150,5 +180,6 @@ def add_page_routes(app: web.Application) -> None:
     app.router.add_get("/ui/state", ui_state)
     app.router.add_post("/ui/queue", _secured(dev_queue_message))
     app.router.add_post("/ui/instances", _secured(dev_add_instance))
+    app.router.add_post("/ui/simulator/{id}/{action}", ui_simulator)
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_static("/static/", STATIC_DIR)

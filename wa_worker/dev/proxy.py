@@ -200,6 +200,7 @@ class DevProxy:
         except InstanceExists:
             raise ApiError(409, f"instance {instance_id} already exists") from None
         self.emit("instance_added", instance_id)
+        self.wake(instance_id)  # the worker does not run it yet: this runs its discovery now
         return inst
 
     async def queue_message(

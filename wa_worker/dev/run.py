@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,7 +29,7 @@ from ..logutil import setup_logging
 from ..preflight import StartupError, check_paths
 from .app import create_app
 from .proxy import PROXY_KEY, DevProxy
-from .state import DevPaths, DevStateError, FolderLock, resolve_secret
+from .state import DEFAULT_DIR, DevPaths, DevStateError, FolderLock, resolve_secret
 from .store import DevStore
 from .terminal import TerminalPrinter
 
@@ -50,6 +51,8 @@ class DevOptions:
     print_qr: bool = True
     with_worker: bool = True
     secret: str | None = None
+    auto_scan_ms: int | None = 1500  # simulator: the phone scans each QR after this delay; None: never
+    command: str = "wa-worker"  # how the user runs wa-worker, for copy-pasteable hints
 
 
 def _json_log(opts: DevOptions) -> logging.Logger | None:
@@ -126,9 +129,31 @@ class DevRun:
         with contextlib.suppress(OSError):
             self.paths.proxy_url_file.unlink()
 
+    @contextlib.contextmanager
+    def worker_url_recorded(self) -> Iterator[None]:
+        """The worker's URL in the state folder (for ``inbound``/``scan``) for the block."""
+        write_private(self.paths.worker_url_file, f"http://127.0.0.1:{self.opts.port}\n")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                self.paths.worker_url_file.unlink()
+
+    def helper_command(self) -> str:
+        """``wa-worker dev`` as the user must type it for the helpers (``--dir`` when not the default)."""
+        cmd = f"{self.opts.command} dev"
+        if self.opts.dir != DEFAULT_DIR:
+            cmd += f" --dir {shlex.quote(str(self.opts.dir))}"
+        return cmd
+
     def banner(self) -> None:
         o = self.opts
-        backend = "simulator (auto-scan)" if o.simulator else "neonize"
+        if not o.simulator:
+            backend = "neonize"
+        elif o.auto_scan_ms is None:
+            backend = "simulator (no auto-scan: scan from the page or with `dev scan`)"
+        else:
+            backend = f"simulator (auto-scan after {o.auto_scan_ms} ms)"
         lines = [
             f"wa-worker dev: reference proxy on {self.proxy_url}/  <- open this page in a browser",
             f"  state folder  {self.paths.root} (the secret is in {self.paths.secret_file}, never printed)",
@@ -139,14 +164,18 @@ class DevRun:
             lines += [
                 "  worker        not started: run one with",
                 f"                EDGE_BASE_URL={self.proxy_url} WORKER_SECRET=\"$(cat {self.paths.secret_file})\" "
-                f"PORT={o.port} wa-worker",
+                f"PORT={o.port} {o.command}",
             ]
         first = (self.store.list_instances()[0]["id"] if self.store and self.store.count_instances() else "NAME")
+        cmd = self.helper_command()
         lines += [
-            f"  try           wa-worker dev send {first} +5511999990000 \"hello\"",
-            "                wa-worker dev messages      wa-worker dev instance add NAME",
-            "  Ctrl-C stops everything",
+            f"  try           {cmd} send {first} +5511999990000 \"hello\"",
+            f"                {cmd} messages",
+            f"                {cmd} instance add NAME",
         ]
+        if o.simulator and o.with_worker:
+            lines.append(f"                {cmd} inbound {first} +5511988887777 \"hi\"   (a contact writes)")
+        lines.append("  Ctrl-C stops everything")
         self.say("\n".join(lines))
         if self.created_instance:
             self.printer.line(self.created_instance, "instance created (first run)")
@@ -167,8 +196,8 @@ class DevRun:
             # the proxy hands queued media to the worker as a URL on itself (loopback)
             MEDIA_ALLOW_PRIVATE=True,
         )
-        if o.simulator:
-            overrides["SIMULATOR_AUTO_SCAN_MS"] = 1500
+        if o.simulator and o.auto_scan_ms is not None:
+            overrides["SIMULATOR_AUTO_SCAN_MS"] = o.auto_scan_ms
         return load_settings(**overrides)
 
     def make_worker(self) -> Worker:
@@ -269,6 +298,11 @@ def _report_end(dev: DevRun, error: Exception | None) -> None:
 async def _supervise(dev: DevRun, worker: Worker, stop: anyio.Event) -> int:
     """Run the worker until it ends by itself (exit code 1) or ``stop`` asks for a graceful stop (0)."""
     outcome = _WorkerOutcome()
+    with dev.worker_url_recorded():
+        return await _supervised(dev, worker, stop, outcome)
+
+
+async def _supervised(dev: DevRun, worker: Worker, stop: anyio.Event, outcome: _WorkerOutcome) -> int:
     async with anyio.create_task_group() as tg:
         await tg.start(_run_worker, worker, outcome)
         if not outcome.ended.is_set():

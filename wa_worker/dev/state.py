@@ -6,6 +6,7 @@ Layout (folder 0700, files 0600)::
         secret              the shared WORKER_SECRET (generated on first run)
         proxy.db            the reference proxy's SQLite
         proxy-url           the running proxy's URL (for the CLI helpers)
+        worker-url          the running worker's URL (for ``inbound`` and ``scan``)
         auth/               AUTH_DIR: one folder per linked instance
         state/wa-worker.db  STATE_DB: the worker's journal
 """
@@ -46,6 +47,10 @@ class DevPaths:
         return self.root / "proxy-url"
 
     @property
+    def worker_url_file(self) -> Path:
+        return self.root / "worker-url"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / "lock"
 
@@ -63,6 +68,19 @@ class DevPaths:
         ensure_private_dir(self.auth_dir)
         ensure_private_dir(self.state_db.parent)
         return self
+
+
+def find_state_dir(given: Path, start: Path | None = None) -> Path:
+    """The helpers' state folder: ``given`` unless it is the default, which is looked
+    for in the current directory and then each parent (the first with a ``secret``),
+    so the helpers work from anywhere inside the project."""
+    if given != DEFAULT_DIR:
+        return given
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / DEFAULT_DIR / "secret").is_file():
+            return folder / DEFAULT_DIR
+    return given
 
 
 def read_secret_file(paths: DevPaths) -> str | None:

@@ -81,7 +81,12 @@ class InstanceManager:
     # ------------------------------------------------------------------ control
 
     def wake(self, instance_id: str | None = None) -> int:
-        """Poll now: one instance or all. Coalesced. Returns how many were woken."""
+        """Poll now: one instance or all. Coalesced. Returns how many were woken.
+
+        A wake for all instances, or for one this worker does not run (e.g. just
+        added on the proxy), also runs discovery now."""
+        if instance_id is None or instance_id not in self.runners:
+            self._discovery_wake.set()
         if self.batch_mode():
             self.batch_interval.activity()
             self._batch_wake.set()

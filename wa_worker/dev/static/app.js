@@ -14,13 +14,38 @@
     return node;
   }
 
+  const pad = (n) => String(n).padStart(2, "0");
+
+  // local date and time, "2026-11-25 17:52:19": a page left open overnight stays unambiguous
   function clock(ts) {
     if (!ts) return "";
-    return new Date(ts * 1000).toLocaleTimeString([], { hour12: false });
+    const d = new Date(ts * 1000);
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
+      pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
   }
+
+  // a WhatsApp user JID (or bare digits) as a phone number: +55 11 98888-7777 for Brazil,
+  // else +<digits>; groups, lids and anything else are shown as they are
+  function phone(value) {
+    const m = /^(\d{6,15})(?::\d+)?(?:@s\.whatsapp\.net)?$/.exec(String(value || ""));
+    if (!m) return String(value || "");
+    const d = m[1];
+    const br = /^55(\d{2})(\d{4,5})(\d{4})$/.exec(d);
+    return br ? "+55 " + br[1] + " " + br[2] + "-" + br[3] : "+" + d;
+  }
+
+  // the proxy lists a new instance DISCONNECTED until the worker reports it: not an error yet
+  function waiting(inst) {
+    return inst.status === "DISCONNECTED" && !inst.reason && inst.updated_at === inst.created_at;
+  }
+
+  let worker = null; // the worker's health as /ui/state relays it (null: the proxy runs alone)
+  const simulator = () => !!(worker && worker.reachable && worker.backend === "simulator");
 
   function detail(inst) {
     if (inst.status === "CONNECTED" && inst.phone_number) return "+" + inst.phone_number;
+    if (inst.status === "DISCONNECTED" && inst.reason === "connect_failure")
+      return "reason: connect_failure (the worker could not start a connection; it retries with a backoff: see its log, -v)";
     if (inst.status === "DISCONNECTED" && inst.reason) return "reason: " + inst.reason;
     if (inst.status === "CONNECTING" && inst.pair_code) return "pairing code " + inst.pair_code + ": WhatsApp \u203a Linked devices \u203a Link with phone number (or scan the QR code)";
     if (inst.status === "CONNECTING" && inst.qr_code) return "scan the QR code: WhatsApp \u203a Linked devices \u203a Link a device";
@@ -34,7 +59,10 @@
     head.append(el("h3", {}, inst.id), el("span", { "data-field": "status" }));
     const img = el("img", { class: "qr", "data-field": "qr", alt: "" });
     img.hidden = true;
-    card.append(head, el("p", { class: "detail", "data-field": "detail" }), img);
+    const scan = el("button", { type: "button", class: "sim", "data-action": "scan" }, "Scan (simulator)");
+    scan.hidden = true;
+    scan.addEventListener("click", () => control(inst.id, "scan", {}, card.querySelector(".detail")));
+    card.append(head, el("p", { class: "detail", "data-field": "detail" }), img, scan);
     return card;
   }
 
@@ -49,9 +77,12 @@
         list.append(card);
       }
       const status = card.querySelector('[data-field="status"]');
-      status.textContent = inst.status;
-      status.className = "status status-" + inst.status;
-      card.querySelector('[data-field="detail"]').textContent = detail(inst);
+      const shown = waiting(inst) ? "WAITING" : inst.status;
+      status.textContent = shown;
+      status.className = "status status-" + shown;
+      const text = card.querySelector('[data-field="detail"]');
+      if (!text.dataset.pinned) text.textContent = detail(inst);
+      card.querySelector('button[data-action="scan"]').hidden = !(simulator() && inst.status === "CONNECTING" && inst.qr_code);
       const img = card.querySelector('[data-field="qr"]');
       if (inst.qr_code) {
         if (img.getAttribute("src") !== inst.qr_code) img.setAttribute("src", inst.qr_code);
@@ -68,16 +99,46 @@
     }
     const empty = list.querySelector(".empty");
     if (instances.length && empty) empty.remove();
-    if (!instances.length && !empty) list.append(el("p", { class: "empty" }, "No instances yet."));
+    if (!instances.length && !empty)
+      list.append(el("p", { class: "empty" }, "No instances yet: add one below (or `wa-worker dev instance add NAME`)."));
 
-    const select = document.querySelector('#queue-form select[name="instanceId"]');
-    const current = select.value;
     const ids = instances.map((i) => i.id);
-    const have = Array.from(select.options).map((o) => o.value);
-    if (ids.join("\n") !== have.join("\n")) {
-      select.replaceChildren(...ids.map((id) => el("option", { value: id }, id)));
-      if (ids.includes(current)) select.value = current;
+    for (const select of document.querySelectorAll('select[name="instanceId"]')) {
+      const current = select.value;
+      const have = Array.from(select.options).map((o) => o.value);
+      if (ids.join("\n") !== have.join("\n")) {
+        select.replaceChildren(...ids.map((id) => el("option", { value: id }, id)));
+        if (ids.includes(current)) select.value = current;
+      }
     }
+  }
+
+  // the worker's health, next to the page's own "live" badge
+  function renderWorker() {
+    const badge = document.getElementById("worker");
+    let text, cls;
+    if (worker === null) {
+      text = "no worker (proxy only)";
+      cls = "idle";
+    } else if (!worker.reachable) {
+      text = "worker not reachable";
+      cls = "down";
+    } else {
+      const n = worker.instances || {};
+      text = "worker " + (worker.status || "?") + " \u00b7 " + (worker.backend || "?") + " \u00b7 " +
+        (n.connected || 0) + "/" + (n.total || 0) + " connected \u00b7 up " + Math.round(worker.uptime_s || 0) + " s";
+      cls = worker.status === "ok" ? "ok" : "down";
+    }
+    badge.textContent = text;
+    badge.className = "live " + cls;
+    document.getElementById("simulate-form").hidden = !simulator();
+  }
+
+  function emptyRow(body, columns, text) {
+    const td = el("td", { colspan: String(columns) }, text);
+    const tr = el("tr", { class: "empty" });
+    tr.append(td);
+    body.replaceChildren(tr);
   }
 
   // ------------------------------------------------------------------ message content (issue #11)
@@ -154,6 +215,7 @@
 
   function renderOutbound(rows) {
     const body = document.getElementById("outbound-rows");
+    if (!rows.length) return emptyRow(body, 6, "Nothing sent yet: queue a message above (or `wa-worker dev send`).");
     body.replaceChildren(
       ...rows.map((m) => {
         const tr = el("tr", { "data-message-id": m.id, "data-type": m.type || "text" });
@@ -181,16 +243,21 @@
 
   function renderInbound(rows) {
     const body = document.getElementById("inbound-rows");
+    if (!rows.length) {
+      return emptyRow(body, 5, simulator()
+        ? "Nothing received yet: use \u201cSimulate incoming\u201d above (or `wa-worker dev inbound`)."
+        : "Nothing received yet: messages to the linked numbers show up here.");
+    }
     body.replaceChildren(
       ...rows.map((m) => {
         const tr = el("tr", { "data-wa-message-id": m.wa_message_id, "data-type": m.type || "text" });
-        const who = m.from + (m.push_name ? " (" + m.push_name + ")" : "");
+        const who = phone(m.from) + (m.push_name ? " (" + m.push_name + ")" : "");
         const msgCell = el("td", { class: "body" });
         msgCell.append(contentNode(m, true));
         tr.append(
           el("td", {}, clock(m.received_at)),
           el("td", {}, m.instanceId),
-          el("td", {}, who),
+          el("td", { title: m.from }, who),
           msgCell,
           el("td", { class: "note" }, m.wa_message_id)
         );
@@ -204,6 +271,8 @@
       const resp = await fetch("/ui/state", { cache: "no-store" });
       if (!resp.ok) throw new Error("HTTP " + resp.status);
       const state = await resp.json();
+      worker = state.worker === undefined ? null : state.worker;
+      renderWorker();
       renderInstances(state.instances);
       known = new Map();
       for (const m of state.inbound) if (m.body) known.set(m.wa_message_id, m.body);
@@ -233,6 +302,22 @@
     }
     if (!resp.ok) throw new Error(data.error || "HTTP " + resp.status);
     return data;
+  }
+
+  // a simulator control (Scan, Simulate incoming); its outcome in `where` for a few seconds
+  async function control(instanceId, action, payload, where) {
+    where.dataset.pinned = "1";
+    where.className = "detail";
+    where.textContent = "\u2026";
+    try {
+      await post("/ui/simulator/" + encodeURIComponent(instanceId) + "/" + action, payload);
+      where.textContent = action === "scan" ? "scanned: connecting\u2026" : "received";
+    } catch (err) {
+      where.className = "detail error";
+      where.textContent = err.message;
+    }
+    setTimeout(() => { delete where.dataset.pinned; where.className = "detail"; }, 3000);
+    refresh();
   }
 
   function wire(formId, build, onDone) {
@@ -316,6 +401,15 @@
     (data, form) => {
       form.elements.id.value = "";
       return "added " + data.instance.id;
+    }
+  );
+
+  wire(
+    "simulate-form",
+    async (f) => ["/ui/simulator/" + encodeURIComponent(f.instanceId) + "/inbound", { from: f.from, body: f.body }],
+    (data, form) => {
+      form.elements.body.value = "";
+      return "received " + (data.wa_message_id || "");
     }
   );
 
