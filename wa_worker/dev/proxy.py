@@ -437,10 +437,11 @@ async def update_status(request: web.Request) -> web.Response:
     pair_code = _opt_str(data, "pair_code")
     ban_code = _opt_str(data, "ban_code")
     ban_expires_at = _timestamp(data.get("ban_expires_at"))
+    detail = _opt_str(data, "detail")
     try:
         change = proxy.store.update_status(
             instance_id, status, qr_code=qr_code, phone_number=phone, reason=reason, pair_code=pair_code,
-            ban_code=ban_code, ban_expires_at=ban_expires_at,
+            ban_code=ban_code, ban_expires_at=ban_expires_at, detail=detail[:500] if detail else None,
         )
     except UnknownInstance:
         raise ApiError(404, f"unknown instance {instance_id}") from None
@@ -575,6 +576,7 @@ def public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str,
         "status": inst["status"],
         "phone_number": inst["phone_number"],
         "reason": inst["reason"],
+        "reason_detail": inst.get("reason_detail"),
         "ban_code": inst["ban_code"],
         "ban_expires_at": inst["ban_expires_at"],
         "priority": inst["priority"],

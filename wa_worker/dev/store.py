@@ -154,11 +154,17 @@ ALTER TABLE instances ADD COLUMN ban_expires_at REAL;
 CREATE INDEX outbound_wa_id ON outbound(instance_id, wa_message_id);
 """
 
+# what went wrong with a DISCONNECTED instance, for a person (the worker's status "detail")
+V5_STATUS_DETAIL = """
+ALTER TABLE instances ADD COLUMN reason_detail TEXT;
+"""
+
 DEV_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_SCHEMA),
     Migration(2, "message types and media", V2_MESSAGE_TYPES),
     Migration(3, "pairing code", V3_PAIRING_CODE),
     Migration(4, "receipts, calls, bans", V4_RECEIPTS_CALLS_BANS),
+    Migration(5, "status detail", V5_STATUS_DETAIL),
 )
 RECEIPT_RANK = {"delivered": 1, "read": 2, "played": 3}
 # the tables of a dev database written before versioning (user_version 0)
@@ -288,6 +294,7 @@ class DevStore:
         pair_code: str | None = None,
         ban_code: str | None = None,
         ban_expires_at: float | None = None,
+        detail: str | None = None,
     ) -> StatusChange:
         """DevStore a status report (``pair_code`` kept only while CONNECTING). Raises :class:`UnknownInstance`."""
         if status not in STATUSES:
@@ -302,10 +309,11 @@ class DevStore:
             new_reason = reason if status == "DISCONNECTED" else None
             self._db.execute(
                 "UPDATE instances SET status = ?, qr_code = ?, phone_number = ?, reason = ?, pair_code = ?, "
-                "ban_code = ?, ban_expires_at = ?, updated_at = ? WHERE id = ?",
+                "ban_code = ?, ban_expires_at = ?, reason_detail = ?, updated_at = ? WHERE id = ?",
                 (status, qr_code, phone, new_reason, pair_code if status == "CONNECTING" else None,
                  ban_code if status == "DISCONNECTED" else None,
-                 ban_expires_at if status == "DISCONNECTED" else None, now, instance_id),
+                 ban_expires_at if status == "DISCONNECTED" else None,
+                 detail if status == "DISCONNECTED" else None, now, instance_id),
             )
         return StatusChange(
             instance_id=instance_id,

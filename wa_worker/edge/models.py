@@ -269,11 +269,12 @@ class StatusUpdate(_Strict):
     pair_code: str | None = None  # CONNECTING with a discovery item's pair_phone (issue #12)
     ban_code: str | None = None  # a temporary ban's reason (with DISCONNECTED, reason temporary_ban)
     ban_expires_at: int | None = None  # when the ban ends, epoch seconds
+    detail: str | None = None  # with DISCONNECTED: what went wrong, for a person (e.g. the connect error)
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         # the three contract fields always go; the extras only when known
-        for extra in ("phone_number", "reason", "pair_code", "ban_code", "ban_expires_at"):
+        for extra in ("phone_number", "reason", "pair_code", "ban_code", "ban_expires_at", "detail"):
             if data[extra] is None:
                 del data[extra]
         return data

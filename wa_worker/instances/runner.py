@@ -162,6 +162,7 @@ class _Desired:
     pair_code: str | None = None
     ban_code: str | None = None
     ban_expires_at: int | None = None
+    detail: str | None = None
 
 
 class StatusReporter:
@@ -193,10 +194,12 @@ class StatusReporter:
 
     def set(self, status: Status, qr_code: str | None = None, *, phone_number: str | None = None,
             reason: str | None = None, qr_raw: str | None = None, pair_code: str | None = None,
-            ban_code: str | None = None, ban_expires_at: float | None = None) -> None:
-        """``qr_raw``: a QR string, rendered to a PNG data URL when pushed (instead of ``qr_code``)."""
+            ban_code: str | None = None, ban_expires_at: float | None = None, detail: str | None = None) -> None:
+        """``qr_raw``: a QR string, rendered to a PNG data URL when pushed (instead of ``qr_code``).
+        ``detail``: what went wrong, for a person (the proxy shows it next to the reason)."""
         update = _Desired(status, qr_code, qr_raw, phone_number, reason, pair_code, ban_code,
-                          None if ban_expires_at is None else int(ban_expires_at))
+                          None if ban_expires_at is None else int(ban_expires_at),
+                          None if detail is None else detail[:200])
         if update == self._desired and self._pushed_version == self._version:
             return  # the proxy already has exactly this (e.g. every failed reconnect attempt)
         self._desired = update
@@ -267,7 +270,7 @@ class StatusReporter:
         await self.edge.update_status(StatusUpdate(
             instanceId=self.instance_id, status=desired.status, qr_code=qr_code,
             phone_number=desired.phone_number, reason=desired.reason, pair_code=desired.pair_code,
-            ban_code=desired.ban_code, ban_expires_at=desired.ban_expires_at))
+            ban_code=desired.ban_code, ban_expires_at=desired.ban_expires_at, detail=desired.detail))
         return version
 
     async def _render(self, raw: str) -> str:
@@ -439,7 +442,7 @@ class InstanceRunner:
                         first = await self._first_event(rx)
                 if session is None:
                     self.ctx.stats.disconnects["connect_failure"] += 1
-                    self.status.set(Status.DISCONNECTED, None, reason="connect_failure")
+                    self.status.set(Status.DISCONNECTED, None, reason="connect_failure", detail=first.detail)
                     return Outcome.RETRY, None
                 result = await self._handle_events(first, rx, session, tg, backoff)
                 tg.cancel_scope.cancel()
@@ -503,7 +506,7 @@ class InstanceRunner:
                 log.warning("%s: disconnected (%s%s)", iid, event.reason, f": {event.detail}" if event.detail else "",
                             extra={"instance_id": iid})
                 self.status.set(Status.DISCONNECTED, None, reason=event.reason, ban_code=event.ban_code,
-                                ban_expires_at=event.ban_expires_at)
+                                ban_expires_at=event.ban_expires_at, detail=event.detail)
                 return Outcome.RETRY, event.retry_after_s
             elif isinstance(event, LoggedOut):
                 self.ctx.stats.disconnects["logged_out"] += 1

@@ -45,8 +45,10 @@
   function detail(inst) {
     if (inst.status === "CONNECTED" && inst.phone_number) return "+" + inst.phone_number;
     if (inst.status === "DISCONNECTED" && inst.reason === "connect_failure")
-      return "reason: connect_failure (the worker could not start a connection; it retries with a backoff: see its log, -v)";
-    if (inst.status === "DISCONNECTED" && inst.reason) return "reason: " + inst.reason;
+      return "reason: connect_failure (" + (inst.reason_detail || "the worker could not start a connection") +
+        "; it retries with a backoff)";
+    if (inst.status === "DISCONNECTED" && inst.reason)
+      return "reason: " + inst.reason + (inst.reason_detail ? " (" + inst.reason_detail + ")" : "");
     if (inst.status === "CONNECTING" && inst.pair_code) return "pairing code " + inst.pair_code + ": WhatsApp \u203a Linked devices \u203a Link with phone number (or scan the QR code)";
     if (inst.status === "CONNECTING" && inst.qr_code) return "scan the QR code: WhatsApp \u203a Linked devices \u203a Link a device";
     if (inst.status === "CONNECTING") return "connecting\u2026";
