@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import time
 import wave
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -280,8 +282,9 @@ def chromium_devtools(tmp_path: Path):
         log.close()
 
 
-# long: one browser session, the page's steps in the order a user takes them
-async def _drive(port: int, proxy: BackgroundProxy, upload_file: Path) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def page_at(port: int, url: str) -> AsyncIterator[Browser]:
+    """The headless browser's page (DevTools on ``port``) navigated to ``url`` and rendered once."""
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
             targets = await resp.json(content_type=None)
@@ -290,106 +293,111 @@ async def _drive(port: int, proxy: BackgroundProxy, upload_file: Path) -> dict[s
             b = Browser(ws)
             await b.send("Page.enable")
             await b.send("Runtime.enable")
-            await b.send("Page.navigate", url=proxy.url + "/")
+            await b.send("Page.navigate", url=url)
             await b.wait_for("document.body && document.body.dataset.refreshed >= 1")
+            yield b
 
-            seen: dict[str, Any] = {}
-            seen["statuses"] = await b.eval(
-                "Object.fromEntries([...document.querySelectorAll('article.instance')].map("
-                "a => [a.dataset.instanceId, a.querySelector('[data-field=status]').textContent]))"
-            )
-            seen["qr_visible"] = await b.eval(
-                "(() => { const i = document.querySelector('[data-instance-id=\"acme-sales\"] img.qr');"
-                " return !i.hidden && i.complete && i.naturalWidth > 0 && i.src.startsWith('data:image/png'); })()"
-            )
 
-            # inbound media is shown: the photo decoded in an <img>, the voice note in an <audio>
-            seen["inbound_img"] = await b.wait_for(
-                "(() => { const i = document.querySelector('tr[data-wa-message-id=\"IMG1\"] img.media');"
-                " return i && i.complete && i.naturalWidth === 2 ? i.getAttribute('src') : ''; })()"
-            )
-            seen["inbound_audio"] = await b.eval(
-                "(() => { const a = document.querySelector('tr[data-wa-message-id=\"VOX1\"] audio.media');"
-                " return a ? a.getAttribute('src') : null; })()"
-            )
-            seen["audio_fetch"] = await b.eval(
-                f"fetch({json.dumps(proxy.url)} + document.querySelector('tr[data-wa-message-id=\"VOX1\"] audio')"
-                ".getAttribute('src')).then(r => r.status + ' ' + r.headers.get('content-type'))"
-            )
+# long: one browser session, the page's steps in the order a user takes them
+async def _drive(port: int, proxy: BackgroundProxy, upload_file: Path) -> dict[str, Any]:
+    async with page_at(port, proxy.url + "/") as b:
+        seen: dict[str, Any] = {}
+        seen["statuses"] = await b.eval(
+            "Object.fromEntries([...document.querySelectorAll('article.instance')].map("
+            "a => [a.dataset.instanceId, a.querySelector('[data-field=status]').textContent]))"
+        )
+        seen["qr_visible"] = await b.eval(
+            "(() => { const i = document.querySelector('[data-instance-id=\"acme-sales\"] img.qr');"
+            " return !i.hidden && i.complete && i.naturalWidth > 0 && i.src.startsWith('data:image/png'); })()"
+        )
 
-            # screenshot with the QR code on it
-            png = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-            seen["screenshot"] = base64.b64decode(png["data"])
+        # inbound media is shown: the photo decoded in an <img>, the voice note in an <audio>
+        seen["inbound_img"] = await b.wait_for(
+            "(() => { const i = document.querySelector('tr[data-wa-message-id=\"IMG1\"] img.media');"
+            " return i && i.complete && i.naturalWidth === 2 ? i.getAttribute('src') : ''; })()"
+        )
+        seen["inbound_audio"] = await b.eval(
+            "(() => { const a = document.querySelector('tr[data-wa-message-id=\"VOX1\"] audio.media');"
+            " return a ? a.getAttribute('src') : null; })()"
+        )
+        seen["audio_fetch"] = await b.eval(
+            f"fetch({json.dumps(proxy.url)} + document.querySelector('tr[data-wa-message-id=\"VOX1\"] audio')"
+            ".getAttribute('src')).then(r => r.status + ' ' + r.headers.get('content-type'))"
+        )
 
-            # a real user: pick the instance, type, click
-            await b.eval("document.querySelector('#queue-form select').value = 'acme-support'")
-            await b.type_into("#queue-form input[name=to]", "+55 11 97777-6666")
-            await b.type_into("#queue-form textarea[name=body]", "Hello from Chromium")
-            await b.click("#queue-form button[type=submit]")
-            seen["result"] = await b.wait_for(
-                "(() => { const t = document.querySelector('#queue-form [data-field=result]').textContent;"
-                " return t.startsWith('queued') ? t : ''; })()"
-            )
-            seen["row_status"] = await b.wait_for(
-                "(() => { const r = [...document.querySelectorAll('#outbound-rows tr')].find("
-                "tr => tr.textContent.includes('Hello from Chromium'));"
-                " return r && r.querySelector('.mstatus').textContent; })()"
-            )
-            seen["body_cleared"] = await b.eval("document.querySelector('#queue-form textarea').value === ''")
+        # screenshot with the QR code on it
+        png = await b.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        seen["screenshot"] = base64.b64decode(png["data"])
 
-            # an error from the proxy is shown, not swallowed
-            await b.type_into("#queue-form textarea[name=body]", "x")
-            await b.eval("document.querySelector('#queue-form input[name=to]').value = '   '")
-            await b.eval("document.querySelector('#queue-form input[name=to]').removeAttribute('required')")
-            await b.click("#queue-form button[type=submit]")
-            seen["error"] = await b.wait_for(
-                "(() => { const e = document.querySelector('#queue-form .result.error'); return e && e.textContent; })()"
-            )
+        # a real user: pick the instance, type, click
+        await b.eval("document.querySelector('#queue-form select').value = 'acme-support'")
+        await b.type_into("#queue-form input[name=to]", "+55 11 97777-6666")
+        await b.type_into("#queue-form textarea[name=body]", "Hello from Chromium")
+        await b.click("#queue-form button[type=submit]")
+        seen["result"] = await b.wait_for(
+            "(() => { const t = document.querySelector('#queue-form [data-field=result]').textContent;"
+            " return t.startsWith('queued') ? t : ''; })()"
+        )
+        seen["row_status"] = await b.wait_for(
+            "(() => { const r = [...document.querySelectorAll('#outbound-rows tr')].find("
+            "tr => tr.textContent.includes('Hello from Chromium'));"
+            " return r && r.querySelector('.mstatus').textContent; })()"
+        )
+        seen["body_cleared"] = await b.eval("document.querySelector('#queue-form textarea').value === ''")
 
-            # send a photo from the form: type image, a file, a reply-to
-            await b.eval("document.querySelector('#queue-form select[name=type]').value = 'image'")
-            await b.eval("document.querySelector('#queue-form select[name=type]')"
-                         ".dispatchEvent(new Event('change'))")
-            doc = await b.send("DOM.getDocument")
-            node = await b.send("DOM.querySelector", nodeId=doc["root"]["nodeId"],
-                                selector="#queue-form input[name=media]")
-            await b.send("DOM.setFileInputFiles", files=[str(upload_file)], nodeId=node["nodeId"])
-            await b.eval("document.querySelector('#queue-form input[name=to]').setAttribute('required', '')")
-            await b.eval("document.querySelector('#queue-form input[name=to]').value = '5511966665555'")
-            await b.eval("document.querySelector('#queue-form textarea').value = 'a photo caption'")
-            await b.eval("document.querySelector('#queue-form input[name=reply_to]').value = 'IMG1'")
-            await b.click("#queue-form button[type=submit]")
-            seen["photo_result"] = await b.wait_for(
-                "(() => { const t = document.querySelector('#queue-form [data-field=result]');"
-                " return t.textContent.startsWith('queued') || t.classList.contains('error') ? t.textContent : ''; })()"
-            )
-            seen["photo_row"] = await b.wait_for(
-                "(() => { const r = [...document.querySelectorAll('#outbound-rows tr')].find("
-                "tr => tr.textContent.includes('a photo caption')); const i = r && r.querySelector('img.media');"
-                " return i && i.complete && i.naturalWidth === 2 ? r.dataset.type : ''; })()"
-            )
+        # an error from the proxy is shown, not swallowed
+        await b.type_into("#queue-form textarea[name=body]", "x")
+        await b.eval("document.querySelector('#queue-form input[name=to]').value = '   '")
+        await b.eval("document.querySelector('#queue-form input[name=to]').removeAttribute('required')")
+        await b.click("#queue-form button[type=submit]")
+        seen["error"] = await b.wait_for(
+            "(() => { const e = document.querySelector('#queue-form .result.error'); return e && e.textContent; })()"
+        )
 
-            # live update: the worker reports CONNECTED, the QR disappears without a reload
-            proxy.store.update_status("acme-sales", "CONNECTED", qr_code=None, phone_number="5511911112222")
-            await b.wait_for(
-                "document.querySelector('[data-instance-id=\"acme-sales\"] [data-field=status]').textContent"
-                " === 'CONNECTED'"
-            )
-            seen["qr_hidden"] = await b.eval(
-                "document.querySelector('[data-instance-id=\"acme-sales\"] img.qr').hidden"
-            )
-            seen["detail"] = await b.eval(
-                "document.querySelector('[data-instance-id=\"acme-sales\"] [data-field=detail]').textContent"
-            )
+        # send a photo from the form: type image, a file, a reply-to
+        await b.eval("document.querySelector('#queue-form select[name=type]').value = 'image'")
+        await b.eval("document.querySelector('#queue-form select[name=type]')"
+                     ".dispatchEvent(new Event('change'))")
+        doc = await b.send("DOM.getDocument")
+        node = await b.send("DOM.querySelector", nodeId=doc["root"]["nodeId"],
+                            selector="#queue-form input[name=media]")
+        await b.send("DOM.setFileInputFiles", files=[str(upload_file)], nodeId=node["nodeId"])
+        await b.eval("document.querySelector('#queue-form input[name=to]').setAttribute('required', '')")
+        await b.eval("document.querySelector('#queue-form input[name=to]').value = '5511966665555'")
+        await b.eval("document.querySelector('#queue-form textarea').value = 'a photo caption'")
+        await b.eval("document.querySelector('#queue-form input[name=reply_to]').value = 'IMG1'")
+        await b.click("#queue-form button[type=submit]")
+        seen["photo_result"] = await b.wait_for(
+            "(() => { const t = document.querySelector('#queue-form [data-field=result]');"
+            " return t.textContent.startsWith('queued') || t.classList.contains('error') ? t.textContent : ''; })()"
+        )
+        seen["photo_row"] = await b.wait_for(
+            "(() => { const r = [...document.querySelectorAll('#outbound-rows tr')].find("
+            "tr => tr.textContent.includes('a photo caption')); const i = r && r.querySelector('img.media');"
+            " return i && i.complete && i.naturalWidth === 2 ? r.dataset.type : ''; })()"
+        )
 
-            # add an instance from the page
-            await b.type_into("#instance-form input[name=id]", "acme-new")
-            await b.click("#instance-form button[type=submit]")
-            await b.wait_for("!!document.querySelector('[data-instance-id=\"acme-new\"]')")
-            seen["options"] = await b.eval(
-                "[...document.querySelectorAll('#queue-form select[name=instanceId] option')].map(o => o.value)"
-            )
-            return seen
+        # live update: the worker reports CONNECTED, the QR disappears without a reload
+        proxy.store.update_status("acme-sales", "CONNECTED", qr_code=None, phone_number="5511911112222")
+        await b.wait_for(
+            "document.querySelector('[data-instance-id=\"acme-sales\"] [data-field=status]').textContent"
+            " === 'CONNECTED'"
+        )
+        seen["qr_hidden"] = await b.eval(
+            "document.querySelector('[data-instance-id=\"acme-sales\"] img.qr').hidden"
+        )
+        seen["detail"] = await b.eval(
+            "document.querySelector('[data-instance-id=\"acme-sales\"] [data-field=detail]').textContent"
+        )
+
+        # add an instance from the page
+        await b.type_into("#instance-form input[name=id]", "acme-new")
+        await b.click("#instance-form button[type=submit]")
+        await b.wait_for("!!document.querySelector('[data-instance-id=\"acme-new\"]')")
+        seen["options"] = await b.eval(
+            "[...document.querySelectorAll('#queue-form select[name=instanceId] option')].map(o => o.value)"
+        )
+        return seen
 
 
 def test_page_in_chromium(proxy: BackgroundProxy, chromium_devtools: int, tmp_path: Path) -> None:
@@ -450,48 +458,39 @@ async def _drive_simulator(port: int, tmp_path: Path) -> dict[str, Any]:
     worker_port = free_port()
     seen: dict[str, Any] = {}
     with BackgroundProxy(store, WORKER_SECRET, wake_url=f"http://127.0.0.1:{worker_port}") as bp:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/json/list") as resp:
-                targets = await resp.json(content_type=None)
-            page = next(t for t in targets if t.get("type") == "page")
-            async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=64 * 1024 * 1024) as ws:
-                b = Browser(ws)
-                await b.send("Page.enable")
-                await b.send("Runtime.enable")
-                await b.send("Page.navigate", url=bp.url + "/")
-                await b.wait_for("document.body && document.body.dataset.refreshed >= 1")
-                # no worker yet: a neutral WAITING, the worker badge says so, empty tables say what to do
-                seen["waiting"] = await b.eval(
-                    "document.querySelector('[data-instance-id=\"default\"] [data-field=status]').className")
-                seen["badge_before"] = await b.eval("document.getElementById('worker').textContent")
-                seen["empty_out"] = await b.eval("document.querySelector('#outbound-rows tr.empty').textContent")
-                seen["sim_hidden_before"] = await b.eval("document.getElementById('simulate-form').hidden")
+        async with page_at(port, bp.url + "/") as b:
+            # no worker yet: a neutral WAITING, the worker badge says so, empty tables say what to do
+            seen["waiting"] = await b.eval(
+                "document.querySelector('[data-instance-id=\"default\"] [data-field=status]').className")
+            seen["badge_before"] = await b.eval("document.getElementById('worker').textContent")
+            seen["empty_out"] = await b.eval("document.querySelector('#outbound-rows tr.empty').textContent")
+            seen["sim_hidden_before"] = await b.eval("document.getElementById('simulate-form').hidden")
 
-                settings = make_settings(tmp_path, bp.url, PORT=worker_port, SIMULATOR_AUTO_SCAN_MS=None)
-                async with running_worker(settings):
-                    seen["badge"] = await b.wait_for(
-                        "(() => { const t = document.getElementById('worker').textContent;"
-                        " return t.includes('simulator') ? t : ''; })()")
-                    scan = "[data-instance-id=\"default\"] button[data-action=scan]"
-                    await b.wait_for(f"!document.querySelector('{scan}').hidden")
-                    await b.click(scan)
-                    await b.wait_for(
-                        "document.querySelector('[data-instance-id=\"default\"] [data-field=status]').textContent"
-                        " === 'CONNECTED'", within=15)
-                    seen["scan_hidden_after"] = await b.eval(f"document.querySelector('{scan}').hidden")
-                    seen["empty_in"] = await b.eval("document.querySelector('#inbound-rows tr.empty').textContent")
+            settings = make_settings(tmp_path, bp.url, PORT=worker_port, SIMULATOR_AUTO_SCAN_MS=None)
+            async with running_worker(settings):
+                seen["badge"] = await b.wait_for(
+                    "(() => { const t = document.getElementById('worker').textContent;"
+                    " return t.includes('simulator') ? t : ''; })()")
+                scan = "[data-instance-id=\"default\"] button[data-action=scan]"
+                await b.wait_for(f"!document.querySelector('{scan}').hidden")
+                await b.click(scan)
+                await b.wait_for(
+                    "document.querySelector('[data-instance-id=\"default\"] [data-field=status]').textContent"
+                    " === 'CONNECTED'", within=15)
+                seen["scan_hidden_after"] = await b.eval(f"document.querySelector('{scan}').hidden")
+                seen["empty_in"] = await b.eval("document.querySelector('#inbound-rows tr.empty').textContent")
 
-                    await b.wait_for("!document.getElementById('simulate-form').hidden")
-                    await b.type_into("#simulate-form input[name=body]", "hello from the page")
-                    await b.click("#simulate-form button[type=submit]")
-                    seen["sim_result"] = await b.wait_for(
-                        "(() => { const t = document.querySelector('#simulate-form [data-field=result]');"
-                        " return t.textContent.startsWith('received') || t.classList.contains('error')"
-                        " ? t.textContent : ''; })()")
-                    seen["inbound_row"] = await b.wait_for(
-                        "(() => { const r = [...document.querySelectorAll('#inbound-rows tr')].find("
-                        "tr => tr.textContent.includes('hello from the page'));"
-                        " return r && [...r.cells].map(c => c.textContent); })()", within=15)
+                await b.wait_for("!document.getElementById('simulate-form').hidden")
+                await b.type_into("#simulate-form input[name=body]", "hello from the page")
+                await b.click("#simulate-form button[type=submit]")
+                seen["sim_result"] = await b.wait_for(
+                    "(() => { const t = document.querySelector('#simulate-form [data-field=result]');"
+                    " return t.textContent.startsWith('received') || t.classList.contains('error')"
+                    " ? t.textContent : ''; })()")
+                seen["inbound_row"] = await b.wait_for(
+                    "(() => { const r = [...document.querySelectorAll('#inbound-rows tr')].find("
+                    "tr => tr.textContent.includes('hello from the page'));"
+                    " return r && [...r.cells].map(c => c.textContent); })()", within=15)
     store.close()
     return seen
 
