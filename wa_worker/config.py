@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     CALL_REJECT: bool = False
     CALL_REJECT_MESSAGE: str = Field("", max_length=4096)  # sent to the caller after a reject; empty: none
 
+    # --- direct API and live events (issue #15): the /api routes exist only with API_TOKEN
+    API_TOKEN: SecretStr | None = None  # one token, or several separated by commas (rotation)
+    API_RATE_PER_MINUTE: int = Field(600, ge=1, le=1_000_000)  # per token; bursts of a sixth of it
+
     # --- neonize
     WA_BOT_BADGE: bool = False
 
@@ -139,6 +143,37 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v
+
+    @field_validator("API_TOKEN", mode="before")
+    @classmethod
+    def _api_token_empty(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("API_TOKEN")
+    @classmethod
+    def _api_tokens_valid(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return v
+        for token in v.get_secret_value().split(","):
+            token = token.strip()
+            if len(token) < 16 or not all("!" <= c <= "~" for c in token):
+                raise ValueError("each token (comma-separated) must be at least 16 printable ASCII characters "
+                                 "without spaces")
+        return v
+
+    @property
+    def api_tokens(self) -> tuple[str, ...]:
+        """The API tokens (empty: no direct API)."""
+        if self.API_TOKEN is None:
+            return ()
+        return tuple(t.strip() for t in self.API_TOKEN.get_secret_value().split(",") if t.strip())
+
+    @model_validator(mode="after")
+    def _api_token_not_worker_secret(self) -> "Settings":
+        if self.WORKER_SECRET.get_secret_value() in self.api_tokens:
+            raise ValueError("API_TOKEN must differ from WORKER_SECRET (the proxy's secret is not a client "
+                             "credential)")
+        return self
 
     @model_validator(mode="after")
     def _caps_above_floors(self) -> "Settings":
@@ -268,6 +303,8 @@ DESCRIPTIONS: dict[str, str] = {
     "METRICS_HOST": "where METRICS_PORT listens",
     "CALL_REJECT": "decline every incoming call (each still reaches /inbound as type call)",
     "CALL_REJECT_MESSAGE": "text sent to the caller after a declined call (empty: none)",
+    "API_TOKEN": "enables the direct API (/api): its bearer token(s), comma-separated, min. 16 characters each",
+    "API_RATE_PER_MINUTE": "direct API requests per token per minute (429 beyond)",
     "WA_BOT_BADGE": "let neonize mark 1:1 messages with WhatsApp's AI badge",
     "SIMULATOR_AUTO_SCAN_MS": "simulator only: the simulated phone scans each QR after this delay",
     "SIMULATOR_SEND_DELAY_MS": "simulator only: each simulated send takes this long",

@@ -15,6 +15,8 @@ from typing import Any
 import anyio
 from aiohttp import web
 
+from .api.app import MOUNT_AT as API_MOUNT_AT
+from .api.app import build_api_app
 from .backends import make_backend
 from .backends.base import Backend, BackendEvent
 from .backends.simulator import SimulatorBackend
@@ -308,8 +310,11 @@ class Worker:
         log.info("metrics without auth on http://%s:%s/metrics", self.settings.METRICS_HOST, self.metrics_port)
 
     def _app(self) -> web.Application:
+        tokens = self.settings.api_tokens
+        api = build_api_app(tokens, per_minute=self.settings.API_RATE_PER_MINUTE, clock=self.clock) if tokens else None
         app = build_app(self, self.settings.WORKER_SECRET.get_secret_value(), guard=self.http_guard,
-                        metrics=(self.metrics.render, self.metrics.content_type))
+                        metrics=(self.metrics.render, self.metrics.content_type),
+                        api=(API_MOUNT_AT, api) if api is not None else None)
         if isinstance(self.backend, SimulatorBackend):
             mount_simulator_routes(app, self.backend)
         return app

@@ -52,14 +52,16 @@ def _metrics_handler(metrics: Metrics) -> Callable[[web.Request], Any]:
 
 
 def build_app(view: WorkerView, secret: str, *, guard: ConnectionGuard | None = None,
-              metrics: Metrics | None = None) -> web.Application:
+              metrics: Metrics | None = None, api: tuple[str, web.Application] | None = None) -> web.Application:
     """The app; with ``guard``, its middleware comes first and health shows its counters;
-    with ``metrics``, ``GET /metrics`` (bearer) serves them."""
+    with ``metrics``, ``GET /metrics`` (bearer) serves them; ``api`` (prefix, sub-app) is
+    mounted there and its routes skip the ``WORKER_SECRET`` check: the sub-app has its own."""
     secret_bytes = secret.encode()
 
     @web.middleware
     async def require_bearer(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS or bearer_matches(request, secret_bytes):
+        if (request.path in PUBLIC_PATHS or bearer_matches(request, secret_bytes)
+                or (api is not None and api[1] in request.match_info.apps)):
             return await handler(request)
         return json_response({"error": "unauthorized"}, 401)
 
@@ -93,6 +95,8 @@ def build_app(view: WorkerView, secret: str, *, guard: ConnectionGuard | None = 
     app.router.add_post("/wake", wake)
     if metrics is not None:
         app.router.add_get("/metrics", _metrics_handler(metrics))
+    if api is not None:
+        app.add_subapp(*api)
     return app
 
 
