@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     # --- direct API and live events (issue #15): the /api routes exist only with API_TOKEN
     API_TOKEN: SecretStr | None = None  # one token, or several separated by commas (rotation)
     API_RATE_PER_MINUTE: int = Field(600, ge=1, le=1_000_000)  # per token; bursts of a sixth of it
+    API_SEND_WAIT_S: float = Field(10.0, ge=0, le=60)  # a send answers its outcome within this, else 202
 
     # --- neonize
     WA_BOT_BADGE: bool = False
@@ -305,6 +306,7 @@ DESCRIPTIONS: dict[str, str] = {
     "CALL_REJECT_MESSAGE": "text sent to the caller after a declined call (empty: none)",
     "API_TOKEN": "enables the direct API (/api): its bearer token(s), comma-separated, min. 16 characters each",
     "API_RATE_PER_MINUTE": "direct API requests per token per minute (429 beyond)",
+    "API_SEND_WAIT_S": "how long POST /api/instances/{id}/messages waits for the outcome before answering 202",
     "WA_BOT_BADGE": "let neonize mark 1:1 messages with WhatsApp's AI badge",
     "SIMULATOR_AUTO_SCAN_MS": "simulator only: the simulated phone scans each QR after this delay",
     "SIMULATOR_SEND_DELAY_MS": "simulator only: each simulated send takes this long",

@@ -17,6 +17,8 @@ from aiohttp import web
 
 from .api.app import MOUNT_AT as API_MOUNT_AT
 from .api.app import build_api_app
+from .api.routes import mount_api_routes
+from .api.sender import ApiSender
 from .backends import make_backend
 from .backends.base import Backend, BackendEvent
 from .backends.simulator import SimulatorBackend
@@ -114,6 +116,9 @@ class Worker:
             manager=self.manager, fds=self.fds, guard=self.http_guard, loops=self.loops,
             ready=lambda: not self.not_ready_reasons(), clock=self.clock, version=package_version()))
         self.metrics_port: int | None = None  # the bound METRICS_PORT, once serving
+        # the direct API's sends (only with API_TOKEN; its jobs run in the services task group)
+        self.api_sender = ApiSender(self.manager, self.outbound, self.journal, clock=self.clock,
+                                    wait_s=settings.API_SEND_WAIT_S) if settings.api_tokens else None
         self._metrics_runner: web.AppRunner | None = None
 
     def _build_manager(self, on_event: Callable[[str, BackendEvent], None] | None) -> InstanceManager:
@@ -281,6 +286,8 @@ class Worker:
                     tg.start_soon(self._supervised, self.receipts.run, self.receipts_health)
                     tg.start_soon(self._supervised, self._housekeeping, self.housekeeping_health)
                     tg.start_soon(self.manager.run)
+                    if self.api_sender is not None:
+                        tg.start_soon(self.api_sender.run)
                     task_status.started(self)
                     await self._stop.wait()
                     log.info("stopping: finishing in-flight sends, reporting DISCONNECTED")
@@ -312,6 +319,9 @@ class Worker:
     def _app(self) -> web.Application:
         tokens = self.settings.api_tokens
         api = build_api_app(tokens, per_minute=self.settings.API_RATE_PER_MINUTE, clock=self.clock) if tokens else None
+        if api is not None and self.api_sender is not None:
+            mount_api_routes(api, self.api_sender, media_max_bytes=self.settings.MEDIA_MAX_BYTES,
+                             version=package_version())
         app = build_app(self, self.settings.WORKER_SECRET.get_secret_value(), guard=self.http_guard,
                         metrics=(self.metrics.render, self.metrics.content_type),
                         api=(API_MOUNT_AT, api) if api is not None else None)

@@ -10,7 +10,8 @@ from aiohttp import web
 
 
 def api_error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, **extra}}
+    """The body; ``extra`` fields that are None are left out."""
+    return {"error": {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}}
 
 
 def api_error(status: int, code: str, message: str, *, headers: dict[str, str] | None = None,

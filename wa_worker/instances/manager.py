@@ -21,7 +21,7 @@ from ..edge.models import InstanceRef, QueuedMessage, Status, StatusUpdate
 from ..ids import is_valid_instance_id
 from ..supervise import LoopHealth, describe_error, forever, traceback_once
 from ..timing import AdaptiveInterval, Backoff
-from .runner import InstanceRunner, Outcome, RunnerContext, State, _wake_gap
+from .runner import InstanceRunner, InstanceSnapshot, Outcome, RunnerContext, State, _wake_gap
 
 log = logging.getLogger("wa_worker.manager")
 
@@ -65,6 +65,15 @@ class InstanceManager:
         """The instance's session while it is connected, else None."""
         runner = self.runners.get(instance_id)
         return runner.connected_session if runner is not None else None
+
+    def snapshot(self, instance_id: str) -> InstanceSnapshot | None:
+        """A read-only copy of what this worker knows of ``instance_id``; None when it does not hold it."""
+        runner = self.runners.get(instance_id)
+        return runner.snapshot() if runner is not None else None
+
+    def snapshots(self) -> list[InstanceSnapshot]:
+        """Every instance this worker holds, by id."""
+        return [self.runners[iid].snapshot() for iid in sorted(self.runners)]
 
     def counts(self) -> dict[str, int]:
         c = Counter(r.state.value for r in self.runners.values())

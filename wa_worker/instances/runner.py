@@ -153,6 +153,31 @@ class RunnerContext:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceSnapshot:
+    """A read-only copy of what a runner knows of its instance (the direct API shows it).
+
+    ``status`` is the latest status set for the proxy (None before the first), ``since`` when
+    it began (epoch seconds); ``reason``/``detail``/``reason_at``: the latest DISCONNECTED
+    reason, kept after a reconnect; ``qr`` (the raw QR string) and ``pair_code`` only while
+    a QR waits to be scanned."""
+
+    instance_id: str
+    state: str
+    status: str | None
+    since: float | None
+    jid: str | None
+    phone_number: str | None
+    push_name: str | None
+    reason: str | None
+    detail: str | None
+    reason_at: float | None
+    qr: str | None
+    pair_code: str | None
+    ban_code: str | None
+    ban_expires_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Desired:
     status: Status
     qr_code: str | None
@@ -187,6 +212,8 @@ class StatusReporter:
         self.health = LoopHealth("status", self.clock)
         self._backoff = Backoff(STATUS_RETRY_BASE_S, STATUS_RETRY_CAP_S, rng=rng)
         self._desired: _Desired | None = None
+        self.since: float | None = None  # when the current status began (epoch seconds)
+        self.last_reason: tuple[str, str | None, float] | None = None  # the latest DISCONNECTED (reason, detail, at)
         self._version = 0
         self._pushed_version = 0
         self._changed = anyio.Event()
@@ -202,10 +229,19 @@ class StatusReporter:
                           None if detail is None else detail[:200])
         if update == self._desired and self._pushed_version == self._version:
             return  # the proxy already has exactly this (e.g. every failed reconnect attempt)
+        if self._desired is None or self._desired.status is not status:
+            self.since = self.clock.time()
+        if reason is not None:
+            self.last_reason = (reason, update.detail, self.clock.time())
         self._desired = update
         self._version += 1
         self._pushed = anyio.Event()
         self._changed.set()
+
+    @property
+    def latest(self) -> _Desired | None:
+        """The latest status set (pushed or not)."""
+        return self._desired
 
     def reassert(self) -> None:
         """Push the current status again: the proxy evidently lost or overwrote it."""
@@ -312,6 +348,7 @@ class InstanceRunner:
         # the session while it is connected (the inbound relay downloads media through it)
         self.connected_session: Session | None = None
         self.own_jid: str | None = None  # our JID, once a connection said it
+        self.push_name: str | None = None  # our WhatsApp profile name, once a connection said it
 
     # ------------------------------------------------------------------ control
 
@@ -359,6 +396,25 @@ class InstanceRunner:
             finally:
                 self._receive_scope = None
         return None  # cancelled by stop() or _gone()
+
+    def snapshot(self) -> InstanceSnapshot:
+        """What the runner knows of its instance now (a copy: nothing here changes the runner)."""
+        desired = self.status.latest
+        waiting_qr = desired is not None and desired.status is Status.CONNECTING and desired.qr_raw is not None
+        reason = self.status.last_reason
+        phone = desired.phone_number if desired is not None and desired.phone_number else None
+        if phone is None and self.own_jid:
+            phone = Connected(jid=self.own_jid).phone_number
+        return InstanceSnapshot(
+            instance_id=self.instance_id, state=self.state.value,
+            status=desired.status.value if desired is not None else None, since=self.status.since,
+            jid=self.own_jid, phone_number=phone, push_name=self.push_name,
+            reason=reason[0] if reason else None, detail=reason[1] if reason else None,
+            reason_at=reason[2] if reason else None,
+            qr=desired.qr_raw if waiting_qr and desired is not None else None,
+            pair_code=desired.pair_code if waiting_qr and desired is not None else None,
+            ban_code=desired.ban_code if desired is not None else None,
+            ban_expires_at=desired.ban_expires_at if desired is not None else None)
 
     async def wait_stopped(self) -> None:
         await self._stopped_event.wait()
@@ -493,6 +549,7 @@ class InstanceRunner:
                 self.connected_session = session
                 self.ctx.stats.connects += 1
                 self.own_jid = event.jid or self.own_jid
+                self.push_name = event.push_name or self.push_name
                 log.info("%s: connected", iid, extra={"instance_id": iid})
                 self.ctx.inbound.instance_connected(iid)  # media downloads waiting for the connection
                 self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)

@@ -20,6 +20,12 @@ Every kind of message (issue #11): media is staged *before* the ``sending``
 row (:mod:`.outbound_media`) and removed after the send; a ``reply_to`` must
 name a message in the journal's index. Every failure is journaled with an
 ``error_code`` that ``/mark-failed`` carries.
+
+The direct API (issue #15) sends through :meth:`OutboundRelay.send_one`: the
+same checks, resolution, pacing, media staging and journal, under the same
+per-instance lock as a poll's messages (one message at a time per instance,
+so pacing gaps hold across both paths); its rows have ``origin`` ``api`` and
+are never acknowledged to the proxy.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +63,17 @@ ACK_RETRY_CAP_S = 300.0
 QUERY_GAP_S = 0.002
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """A message :meth:`OutboundRelay.send_one` could not handle now (nothing journaled, nothing sent):
+    ``code`` says why (``send_caps_reached``, ``number_lookup_unavailable``, ``storage_unavailable``),
+    ``retry_after_s`` when it may go (0: unknown, soon)."""
+
+    code: str
+    message: str
+    retry_after_s: float = 0.0
+
+
 def send_timeout_s(message: OutgoingMessage) -> float:
     """How long a send may take: 60 s, plus the upload of its media at 1 MiB/s (64 MiB: about 2 min)."""
     size = message.media.size if message.media is not None else 0
@@ -76,6 +93,8 @@ class OutboundRelay:
         self.limits = limits or SendLimits()
         self.resolver = resolver or NumberResolver(journal, self.clock)
         self._pacers: dict[str, SendPacer] = {}
+        self._locks: dict[str, anyio.Lock] = {}  # one message at a time per instance (polls and the API)
+        self.foreign_ids = 0  # proxy ids that name an API request's journal row: never sent nor acknowledged
         self.waiting = 0  # messages left queued by pacing or number lookups
         self.stager = MediaStager(media_dir or staging_dir(journal.path), media or MediaLimits())
         self.sent = 0
@@ -97,6 +116,13 @@ class OutboundRelay:
                 earlier = []
             pacer = self._pacers[instance_id] = SendPacer(self.limits, self.clock, self.rng, sent_at=earlier)
         return pacer
+
+    def lock(self, instance_id: str) -> anyio.Lock:
+        """The instance's send lock: held for each message from its checks to its journaled outcome."""
+        lock = self._locks.get(instance_id)
+        if lock is None:
+            lock = self._locks[instance_id] = anyio.Lock()
+        return lock
 
     def configure(self, instance_id: str, settings: dict[str, Any] | None) -> None:
         """Apply an instance's own settings (from its discovery item) over the global limits."""
@@ -124,14 +150,10 @@ class OutboundRelay:
             if stopping():
                 break
             try:
-                handled = await self._handle_message(instance_id, session, msg, stopping)
+                async with self.lock(instance_id):
+                    handled = await self._handle_message(instance_id, session, msg, stopping)
             except StorageError as exc:
-                self.media_storage_errors += 1
-                self._media_pause_s = min(60.0, max(5.0, self._media_pause_s * 2))
-                self._media_paused_until = time.monotonic() + self._media_pause_s
-                log.error("%s: the worker could not stage the media of message %s on its own disk (%s): it stays "
-                          "queued at the proxy and is tried again in %.0f s", instance_id, msg.id, exc,
-                          self._media_pause_s)
+                self._storage_trouble(instance_id, msg.id, exc)
                 break
             except (_MediaPaused, _Waiting):
                 break
@@ -139,8 +161,35 @@ class OutboundRelay:
                 new += 1
         return new
 
-    def _fail(self, message_id: str, instance_id: str, error: str, code: str) -> bool:
-        self.journal.record_failure(message_id, instance_id, error, code)
+    async def send_one(self, instance_id: str, session: Session, msg: QueuedMessage, *,
+                       origin: str = "api") -> Deferred | None:
+        """One message outside a poll (the direct API), with everything a polled one goes
+        through, under the instance's lock. None: handled (its outcome is in the journal
+        under ``msg.id``, or it was there already); a :class:`Deferred` when it cannot go
+        now (nothing journaled). Raises :class:`JournalUnavailable`."""
+        try:
+            async with self.lock(instance_id):
+                await self._handle_message(instance_id, session, msg, lambda: False, origin)
+        except StorageError as exc:
+            self._storage_trouble(instance_id, msg.id, exc)
+            return Deferred("storage_unavailable", "the worker could not stage the media on its own disk",
+                            self._media_pause_s)
+        except _MediaPaused:
+            return Deferred("storage_unavailable", "media sends are paused while the worker's disk recovers",
+                            max(0.0, self._media_paused_until - time.monotonic()))
+        except _Waiting as wait:
+            return Deferred(wait.code, wait.message, wait.retry_after_s)
+        return None
+
+    def _storage_trouble(self, instance_id: str, message_id: str, exc: StorageError) -> None:
+        self.media_storage_errors += 1
+        self._media_pause_s = min(60.0, max(5.0, self._media_pause_s * 2))
+        self._media_paused_until = time.monotonic() + self._media_pause_s
+        log.error("%s: the worker could not stage the media of message %s on its own disk (%s): it stays "
+                  "queued and is tried again in %.0f s", instance_id, message_id, exc, self._media_pause_s)
+
+    def _fail(self, message_id: str, instance_id: str, error: str, code: str, origin: str = "proxy") -> bool:
+        self.journal.record_failure(message_id, instance_id, error, code, origin)
         self.failed += 1
         self.failed_by_code[code] += 1
         log.warning("message %s for %s rejected (%s): %s", message_id, instance_id, code, error,
@@ -148,30 +197,42 @@ class OutboundRelay:
         self.acks.wake()
         return True
 
+    # long: every check a message passes before its send, in order, each with its journaled outcome
     async def _handle_message(self, instance_id: str, session: Session, msg: QueuedMessage,
-                              stopping: Callable[[], bool]) -> bool:
+                              stopping: Callable[[], bool], origin: str = "proxy") -> bool:
         known = self.journal.outbound_get(msg.id)
         if known is not None:
-            if known.state != "sending":
+            if known.origin != origin:
+                # a proxy id equal to an API request's journal id (api:<instance>:<key>), or the reverse:
+                # that row is not this message's; never sent, never acknowledged
+                self.foreign_ids += 1
+                log.warning("%s: message id %r is already an %s message's journal id: not sent (ids starting "
+                            "with 'api:' are reserved for the direct API)", instance_id, msg.id[:80], known.origin)
+                return False
+            if known.state != "sending" and origin == "proxy":
                 # handled before: its acknowledgement was lost or is still pending
                 self.duplicates_suppressed += 1
                 self.journal.reack(msg.id)
                 self.acks.wake()
             return False
         if msg.problem is not None or msg.jid is None:
-            return self._fail(msg.id, instance_id, msg.problem or "invalid message", msg.error_code or "invalid_message")
+            return self._fail(msg.id, instance_id, msg.problem or "invalid message", msg.error_code or "invalid_message",
+                              origin)
         if not self.journal.writable:
             # its outcome could not be journaled: leave it queued at the proxy
             raise JournalUnavailable("the state store is not writable")
         if self.pacer(instance_id).allowance() == 0:
             self.waiting += 1
-            raise _Waiting()  # the caps are reached: it stays queued at the proxy
+            # the caps are reached: it stays queued at the proxy
+            raise _Waiting("send_caps_reached", "this instance's send caps are reached (SEND_MAX_PER_MINUTE, "
+                           "SEND_MAX_PER_DAY)", self.pacer(instance_id).wait_until_allowed_s())
         resolved = await self.resolver.resolve(instance_id, session, msg.jid)
         if resolved.outcome is Outcome.WAIT:
             self.waiting += 1
-            raise _Waiting()
+            raise _Waiting("number_lookup_unavailable", "WhatsApp cannot be asked about this number now "
+                           "(NUMBER_LOOKUPS_PER_MINUTE, or no answer)", 0.0)
         if resolved.outcome is Outcome.NOT_ON_WHATSAPP or resolved.jid is None:
-            return self._fail(msg.id, instance_id, f"{msg.to} is not on WhatsApp", "not_on_whatsapp")
+            return self._fail(msg.id, instance_id, f"{msg.to} is not on WhatsApp", "not_on_whatsapp", origin)
         content = msg.content or Content(Kind.TEXT, body=msg.body)
         reply_to: MessageRef | None = None
         if content.reply_to is not None:
@@ -182,13 +243,13 @@ class OutboundRelay:
                     msg.id, instance_id,
                     f"reply_to {content.reply_to!r} is not a message this instance sent or received in the last "
                     f"{days} days (the worker only knows those): check the id, or send without reply_to",
-                    "reply_target_unknown")
+                    "reply_target_unknown", origin)
             reply_to = MessageRef(target.wa_message_id, target.chat_jid, target.sender_jid, target.from_me)
         out = OutgoingMessage(to_jid=resolved.jid, kind=content.kind or Kind.DOCUMENT, body=content.body,
                               reply_to=reply_to, reaction=content.reaction, location=content.location,
                               contact=content.contact)
         if content.media is None:
-            return await self._send(instance_id, session, msg.id, out)
+            return await self._send(instance_id, session, msg.id, out, origin)
         if time.monotonic() < self._media_paused_until:
             raise _MediaPaused()
         try:
@@ -197,11 +258,12 @@ class OutboundRelay:
                 self._media_pause_s = 0.0
                 if stopping():
                     raise _MediaPaused()  # left queued for the next run
-                return await self._send(instance_id, session, msg.id, replace(out, kind=kind, media=media))
+                return await self._send(instance_id, session, msg.id, replace(out, kind=kind, media=media), origin)
         except (MediaError, ContentError) as exc:
-            return self._fail(msg.id, instance_id, str(exc), exc.code)
+            return self._fail(msg.id, instance_id, str(exc), exc.code, origin)
 
-    async def _send(self, instance_id: str, session: Session, message_id: str, out: OutgoingMessage) -> bool:
+    async def _send(self, instance_id: str, session: Session, message_id: str, out: OutgoingMessage,
+                    origin: str = "proxy") -> bool:
         pacer = self.pacer(instance_id)
         await pacer.gap()
         typing_s = pacer.limits.typing_s(out.body) if out.kind is Kind.TEXT else 0.0
@@ -212,7 +274,7 @@ class OutboundRelay:
                 log.debug("%s: typing indicator not shown (%s)", instance_id, exc)
             else:
                 await self.clock.sleep(typing_s)
-        if not self.journal.begin_send(message_id, instance_id, out.to_jid):
+        if not self.journal.begin_send(message_id, instance_id, out.to_jid, origin):
             return False
         pacer.sent()
         # Once WhatsApp may have the message, the outcome must be journaled even
@@ -225,7 +287,7 @@ class OutboundRelay:
                 # a timed-out send may still reach WhatsApp: its outcome is unknown, never retried
                 reason = "send timed out" if isinstance(exc, TimeoutError) else str(exc)
                 code = "delivery_unknown" if isinstance(exc, TimeoutError) else exc.code
-                self._record_failure(instance_id, message_id, f"send failed: {reason}", code)
+                self._record_failure(instance_id, message_id, f"send failed: {reason}", code, origin)
                 log.warning("send of %s for %s failed: %s", message_id, instance_id, reason,
                             extra={"instance_id": instance_id})
             except Exception as exc:
@@ -234,21 +296,28 @@ class OutboundRelay:
                               extra={"instance_id": instance_id})
                 self._record_failure(instance_id, message_id, f"delivery_unknown: the send raised "
                                      f"{type(exc).__name__}; check the chat before sending again",
-                                     "delivery_unknown")
+                                     "delivery_unknown", origin)
             else:
                 self.acks.record_outcome(message_id, self.journal.record_sent, message_id, wa_id)
                 self.sent += 1
         self.acks.wake()
         return True
 
-    def _record_failure(self, instance_id: str, message_id: str, error: str, code: str) -> None:
-        self.acks.record_outcome(message_id, self.journal.record_failure, message_id, instance_id, error, code)
+    def _record_failure(self, instance_id: str, message_id: str, error: str, code: str, origin: str) -> None:
+        self.acks.record_outcome(message_id, self.journal.record_failure, message_id, instance_id, error, code,
+                                 origin)
         self.failed += 1
         self.failed_by_code[code] += 1
 
 
 class _Waiting(Exception):
     """Stop the batch here: pacing or a number lookup makes the message wait (it stays queued)."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class _MediaPaused(Exception):
@@ -365,6 +434,8 @@ class Acknowledger:
             self._wake.set()
 
     async def _ack(self, row: OutboundRow) -> None:
+        if row.origin != "proxy":  # the journal never offers one; the proxy must never hear of it
+            return
         try:
             if row.state == "sent":
                 await self.edge.mark_sent(row.message_id, row.wa_message_id or "")

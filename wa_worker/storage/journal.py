@@ -14,6 +14,14 @@ Outbound journal states (a proxy message id is never sent twice):
 ``sending`` found at start-up means the process died while WhatsApp had the
 message: its outcome is unknown (see ``UNKNOWN_SEND_POLICY``).
 
+Every outbound row has an ``origin``: ``proxy`` (a ``/queued-messages`` id,
+acknowledged as above) or ``api`` (a direct API request, id
+``api:<instance>:<Idempotency-Key>``): an API row is never acknowledged to the
+proxy, its outcome is read through the API, and an interrupted API send is
+always ``delivery_unknown`` (never forgotten, whatever the policy: the key's
+promise is "never sent twice"). ``api_requests`` remembers each API request's
+body hash and, when it ended before reaching WhatsApp, why.
+
 Error boundary: every public method raises :class:`JournalUnavailable` (never a
 raw ``sqlite3`` error). A failed write marks the store unwritable; only
 :meth:`Journal.probe_writable` declares it writable again, and only once the
@@ -39,7 +47,7 @@ from .migrations import JournalTooNew, migrate
 
 log = logging.getLogger("wa_worker.store")
 
-__all__ = ["InboundRow", "JournalTooNew", "KnownMessage", "OutboundRow", "Journal", "ReceiptRow", "StoreOpenError",
+__all__ = ["ApiRequestRow", "InboundRow", "JournalTooNew", "KnownMessage", "OutboundRow", "Journal", "ReceiptRow", "StoreOpenError",
            "JournalUnavailable", "JournalWriteError"]
 
 JOURNAL_RETENTION_S = 7 * 24 * 3600
@@ -81,6 +89,21 @@ class OutboundRow:
     error: str | None
     ack_attempts: int
     error_code: str | None = None  # machine-readable, sent with /mark-failed
+    origin: str = "proxy"  # "api": a direct API request, never acknowledged to the proxy
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequestRow:
+    """A direct API request: its body's hash, and (``not_sent_code``) why it ended before
+    reaching WhatsApp, when it did (then the same key may run again)."""
+
+    message_id: str
+    instance_id: str
+    idem_key: str
+    body_sha256: str
+    created_at: float
+    not_sent_code: str | None = None
+    not_sent_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,13 +357,13 @@ class Journal:
         rows = self._read("SELECT * FROM outbound WHERE message_id = ?", (message_id,))
         return self._outbound_row(rows[0]) if rows else None
 
-    def begin_send(self, message_id: str, instance_id: str, to_jid: str) -> bool:
+    def begin_send(self, message_id: str, instance_id: str, to_jid: str, origin: str = "proxy") -> bool:
         """Record ``sending``. False if the id is already journaled (never send twice)."""
         now = self._now()
         cur = self._write(
-            "INSERT OR IGNORE INTO outbound (message_id, instance_id, state, to_jid, created_at, updated_at) "
-            "VALUES (?, ?, 'sending', ?, ?, ?)",
-            (message_id, instance_id, to_jid, now, now),
+            "INSERT OR IGNORE INTO outbound (message_id, instance_id, state, to_jid, created_at, updated_at, origin) "
+            "VALUES (?, ?, 'sending', ?, ?, ?, ?)",
+            (message_id, instance_id, to_jid, now, now, origin),
         )
         return cur.rowcount == 1
 
@@ -360,17 +383,18 @@ class Journal:
                 (wa_message_id, now, message_id),
             )
 
-    def record_failure(self, message_id: str, instance_id: str, error: str, code: str = "send_failed") -> None:
+    def record_failure(self, message_id: str, instance_id: str, error: str, code: str = "send_failed",
+                       origin: str = "proxy") -> None:
         """A message that will not be sent (invalid, send error, unknown outcome); ``code`` is
-        the machine-readable reason /mark-failed carries."""
+        the machine-readable reason /mark-failed carries. A row that exists keeps its origin."""
         now = self._now()
         self._write(
             "INSERT INTO outbound (message_id, instance_id, state, error, error_code, created_at, updated_at, "
-            "next_ack_at) VALUES (?, ?, 'failing', ?, ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET "
+            "next_ack_at, origin) VALUES (?, ?, 'failing', ?, ?, ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET "
             "state = 'failing', error = excluded.error, error_code = excluded.error_code, "
             "updated_at = excluded.updated_at, next_ack_at = excluded.next_ack_at, "
             "ack_attempts = 0 WHERE outbound.state IN ('sending', 'failing')",
-            (message_id, instance_id, error[:500], code[:64], now, now, now),
+            (message_id, instance_id, error[:500], code[:64], now, now, now, origin),
         )
 
     # ------------------------------------------------------------------ message index
@@ -421,14 +445,14 @@ class Journal:
         self._write(
             "UPDATE outbound SET state = CASE state WHEN 'marked' THEN 'sent' WHEN 'failed' THEN 'failing' "
             "ELSE state END, next_ack_at = ?, updated_at = ? WHERE message_id = ? AND state IN "
-            "('marked','failed','sent','failing')",
+            "('marked','failed','sent','failing') AND origin = 'proxy'",
             (now, now, message_id),
         )
 
     def due_acks(self, limit: int = 64, skip: Collection[str] = ()) -> list[OutboundRow]:
         """Rows whose acknowledgement is due, except the ids in ``skip`` (in flight)."""
         rows = self._read(
-            "SELECT * FROM outbound WHERE state IN ('sent','failing') AND next_ack_at <= ? "
+            "SELECT * FROM outbound WHERE state IN ('sent','failing') AND origin = 'proxy' AND next_ack_at <= ? "
             "ORDER BY next_ack_at LIMIT ?",
             (self._now(), limit + len(skip)),
         )
@@ -437,7 +461,7 @@ class Journal:
     def next_ack_due_at(self, skip: Collection[str] = ()) -> float | None:
         """When the next acknowledgement (of an id not in ``skip``) is due."""
         rows = self._read(
-            "SELECT message_id, next_ack_at FROM outbound WHERE state IN ('sent','failing') "
+            "SELECT message_id, next_ack_at FROM outbound WHERE state IN ('sent','failing') AND origin = 'proxy' "
             "ORDER BY next_ack_at LIMIT ?",
             (len(skip) + 1,),
         )
@@ -476,14 +500,18 @@ class Journal:
     def recover_unknown_sends(self, at_least_once: bool) -> list[str]:
         """Rows left ``sending`` by a crash. At-most-once: report them failed
         (``delivery_unknown``). At-least-once: forget them so the proxy's next
-        offer sends them again."""
-        ids = [r[0] for r in self._read("SELECT message_id FROM outbound WHERE state = 'sending'")]
+        offer sends them again. API rows are always ``delivery_unknown``: an
+        Idempotency-Key is never sent twice."""
+        rows = self._read("SELECT message_id, origin FROM outbound WHERE state = 'sending'")
+        ids = [r[0] for r in rows]
+        api = {r[0] for r in rows if r[1] == "api"}
         for mid in ids:
-            if at_least_once:
+            if at_least_once and mid not in api:
                 self._write("DELETE FROM outbound WHERE message_id = ? AND state = 'sending'", (mid,))
             else:
                 row = self.outbound_get(mid)
-                self.record_failure(mid, row.instance_id if row else "?", "delivery_unknown", "delivery_unknown")
+                self.record_failure(mid, row.instance_id if row else "?", "delivery_unknown", "delivery_unknown",
+                                    row.origin if row else "proxy")
         return ids
 
     def retry_all_now(self) -> None:
@@ -491,13 +519,14 @@ class Journal:
         self._write("UPDATE inbound SET next_attempt_at = ? WHERE next_attempt_at > ?", (now, now))
         self._write("UPDATE receipts SET next_attempt_at = ? WHERE next_attempt_at > ? AND rank > posted_rank",
                     (now, now))
-        self._write("UPDATE outbound SET next_ack_at = ? WHERE state IN ('sent','failing') AND next_ack_at > ?",
+        self._write("UPDATE outbound SET next_ack_at = ? WHERE state IN ('sent','failing') AND origin = 'proxy' "
+                    "AND next_ack_at > ?",
                     (now, now))
 
     @staticmethod
     def _outbound_row(r: sqlite3.Row) -> OutboundRow:
         return OutboundRow(r["message_id"], r["instance_id"], r["state"], r["wa_message_id"], r["error"],
-                           r["ack_attempts"], r["error_code"])
+                           r["ack_attempts"], r["error_code"], r["origin"])
 
     # ------------------------------------------------------------------ receipts outbox
 
@@ -526,7 +555,7 @@ class Journal:
 
     _RECEIPT_SELECT = (
         "SELECT r.*, (SELECT o.message_id FROM outbound o WHERE o.instance_id = r.instance_id "
-        "AND o.wa_message_id = r.wa_message_id LIMIT 1) AS message_id FROM receipts r "
+        "AND o.wa_message_id = r.wa_message_id AND o.origin = 'proxy' LIMIT 1) AS message_id FROM receipts r "
     )
 
     def receipts_due(self, limit: int) -> list[ReceiptRow]:
@@ -575,9 +604,13 @@ class Journal:
     def prune(self) -> int:
         now = self._now()
         n = self._write(
-            "DELETE FROM outbound WHERE state IN ('marked','failed') AND updated_at < ?",
+            "DELETE FROM outbound WHERE (state IN ('marked','failed') OR (origin = 'api' AND state IN "
+            "('sent','failing'))) AND updated_at < ?",
             (now - JOURNAL_RETENTION_S,),
         ).rowcount
+        # an API request is remembered as long as its outcome (a key may be used again after that)
+        self._write("DELETE FROM api_requests WHERE updated_at < ? AND message_id NOT IN "
+                    "(SELECT message_id FROM outbound WHERE state = 'sending')", (now - JOURNAL_RETENTION_S,))
         # the message index shares the retention (not counted: it is no journal row)
         self._write("DELETE FROM message_index WHERE created_at < ?", (now - JOURNAL_RETENTION_S,))
         self._write("DELETE FROM number_cache WHERE checked_at < ?", (now - JOURNAL_RETENTION_S,))
@@ -591,7 +624,8 @@ class Journal:
         return {
             "inbound_pending": q("SELECT COUNT(*) FROM inbound"),
             "inbound_dead_letter": q("SELECT COUNT(*) FROM dead_letter WHERE kind = 'inbound'"),
-            "outbound_pending_acks": q("SELECT COUNT(*) FROM outbound WHERE state IN ('sent','failing')"),
+            "outbound_pending_acks": q("SELECT COUNT(*) FROM outbound WHERE state IN ('sent','failing') "
+                                       "AND origin = 'proxy'"),
             "outbound_in_flight": q("SELECT COUNT(*) FROM outbound WHERE state = 'sending'"),
             "dead_letter": q("SELECT COUNT(*) FROM dead_letter"),
             "receipts_pending": q("SELECT COUNT(*) FROM receipts WHERE rank > posted_rank"),
@@ -603,10 +637,34 @@ class Journal:
         now = self._now()
         oldest = {
             "inbound": self._scalar("SELECT MIN(created_at) FROM inbound"),
-            "acks": self._scalar("SELECT MIN(created_at) FROM outbound WHERE state IN ('sent','failing')"),
+            "acks": self._scalar("SELECT MIN(created_at) FROM outbound WHERE state IN ('sent','failing') "
+                                 "AND origin = 'proxy'"),
         }
         return {k: 0.0 if v is None else max(0.0, now - v) for k, v in oldest.items()}
 
     def dead_letters(self, kind: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM dead_letter" + (" WHERE kind = ?" if kind else "") + " ORDER BY id"
         return [dict(r) for r in self._read(sql, (kind,) if kind else ())]
+
+    # ------------------------------------------------------------------ direct API requests
+
+    def api_request(self, message_id: str) -> ApiRequestRow | None:
+        rows = self._read("SELECT * FROM api_requests WHERE message_id = ?", (message_id,))
+        if not rows:
+            return None
+        r = rows[0]
+        return ApiRequestRow(r["message_id"], r["instance_id"], r["idem_key"], r["body_sha256"], r["created_at"],
+                             r["not_sent_code"], r["not_sent_error"])
+
+    def api_request_add(self, message_id: str, instance_id: str, idem_key: str, body_sha256: str) -> bool:
+        """Remember a new API request (before anything of it is done). False if its id is known."""
+        now = self._now()
+        return self._write(
+            "INSERT OR IGNORE INTO api_requests (message_id, instance_id, idem_key, body_sha256, created_at, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?)", (message_id, instance_id, idem_key, body_sha256, now, now),
+        ).rowcount == 1
+
+    def api_request_not_sent(self, message_id: str, code: str | None, error: str | None = None) -> None:
+        """Why the request ended before reaching WhatsApp (None: it runs (again) now)."""
+        self._write("UPDATE api_requests SET not_sent_code = ?, not_sent_error = ?, updated_at = ? "
+                    "WHERE message_id = ?", (code, None if error is None else error[:500], self._now(), message_id))

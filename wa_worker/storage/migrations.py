@@ -136,12 +136,33 @@ CREATE INDEX receipts_updated ON receipts (updated_at);
 CREATE INDEX outbound_wa_id ON outbound (instance_id, wa_message_id) WHERE wa_message_id IS NOT NULL;
 """
 
+# issue #15, the direct API: an outbound row says where its message came from (`origin`: 'proxy',
+# acknowledged with /mark-sent|/mark-failed; 'api', never acknowledged: the proxy does not know it),
+# and each API request is remembered by its journal id (api:<instance>:<Idempotency-Key>) with the
+# hash of its body (a repeat with another body is a conflict) and, when it ended before reaching
+# WhatsApp (interrupted, caps reached), why: such a key may be sent again
+V7_API_REQUESTS = """
+ALTER TABLE outbound ADD COLUMN origin TEXT NOT NULL DEFAULT 'proxy';
+CREATE TABLE api_requests (
+    message_id      TEXT PRIMARY KEY,
+    instance_id     TEXT NOT NULL,
+    idem_key        TEXT NOT NULL,
+    body_sha256     TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    not_sent_code   TEXT,
+    not_sent_error  TEXT
+) WITHOUT ROWID;
+CREATE INDEX api_requests_updated ON api_requests (updated_at);
+"""
+
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_INITIAL),
     Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
     Migration(3, "error codes and message index", V3_ERROR_CODES_AND_MESSAGE_INDEX),
     Migration(4, "number cache", V4_NUMBER_CACHE),
     Migration(5, "receipts outbox", V5_RECEIPTS_OUTBOX),
+    Migration(7, "direct API requests", V7_API_REQUESTS),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})

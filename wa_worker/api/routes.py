@@ -1,0 +1,32 @@
+"""Every route of the direct API, mounted on the ``/api/`` sub-app in one call
+(:func:`mount_api_routes`), and ``GET /api/openapi.json`` built from them."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .instances_routes import instance_operations
+from .messages_routes import max_body_bytes, message_operations
+from .openapi import Answer, Operation, add_operations, openapi_document
+from .sender import ApiSender
+
+DESCRIPTION = ("The worker's own API (docs/api.md): the instances it holds, their QR codes, and messages sent "
+               "once per Idempotency-Key. Errors are {\"error\": {\"code\", \"message\"}}.")
+
+
+def api_operations(sender: ApiSender, *, media_max_bytes: int) -> list[Operation]:
+    """The routes (without the document's own)."""
+    return [*instance_operations(sender.instances),
+            *message_operations(sender, max_body=max_body_bytes(media_max_bytes))]
+
+
+def mount_api_routes(api: web.Application, sender: ApiSender, *, media_max_bytes: int, version: str) -> None:
+    operations = api_operations(sender, media_max_bytes=media_max_bytes)
+
+    async def openapi(_: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    operations.append(Operation("get", "/openapi.json", openapi, "getOpenApi", "this document",
+                                answers={200: Answer("the OpenAPI 3.1 document (application/json)")}))
+    document = openapi_document(operations, version=version, description=DESCRIPTION)
+    add_operations(api, operations)
