@@ -59,6 +59,9 @@ class Worker:
     ``host`` is the HTTP bind address; ``retry_cap_s`` caps the relays' backoff.
     """
 
+    # the direct API's sends (only with API_TOKEN): built with the app, run in the services task group
+    api_sender: ApiSender | None = None
+
     def __init__(
         self,
         settings: Settings,
@@ -116,9 +119,6 @@ class Worker:
             manager=self.manager, fds=self.fds, guard=self.http_guard, loops=self.loops,
             ready=lambda: not self.not_ready_reasons(), clock=self.clock, version=package_version()))
         self.metrics_port: int | None = None  # the bound METRICS_PORT, once serving
-        # the direct API's sends (only with API_TOKEN; its jobs run in the services task group)
-        self.api_sender = ApiSender(self.manager, self.outbound, self.journal, clock=self.clock,
-                                    wait_s=settings.API_SEND_WAIT_S) if settings.api_tokens else None
         self._metrics_runner: web.AppRunner | None = None
 
     def _build_manager(self, on_event: Callable[[str, BackendEvent], None] | None) -> InstanceManager:
@@ -319,7 +319,9 @@ class Worker:
     def _app(self) -> web.Application:
         tokens = self.settings.api_tokens
         api = build_api_app(tokens, per_minute=self.settings.API_RATE_PER_MINUTE, clock=self.clock) if tokens else None
-        if api is not None and self.api_sender is not None:
+        if api is not None:
+            self.api_sender = ApiSender(self.manager, self.outbound, self.journal, clock=self.clock,
+                                        wait_s=self.settings.API_SEND_WAIT_S)
             mount_api_routes(api, self.api_sender, media_max_bytes=self.settings.MEDIA_MAX_BYTES,
                              version=package_version())
         app = build_app(self, self.settings.WORKER_SECRET.get_secret_value(), guard=self.http_guard,

@@ -93,6 +93,7 @@ def _store_unavailable() -> web.HTTPException:
                                                "was sent; try again later", headers={"Retry-After": "5"})
 
 
+# long: the two handlers and their OpenAPI description, read as one table
 def message_operations(sender: ApiSender, *, max_body: int) -> list[Operation]:
     readers = anyio.CapacityLimiter(BODY_READERS)
 

@@ -135,7 +135,7 @@ class ApiSender:
                 return self.outcome(instance_id, key), False
         with anyio.move_on_after(self.wait_s):
             await job.done.wait()
-        return self.outcome(instance_id, key), started
+        return self.outcome(instance_id, key, job), started
 
     def _start(self, instance_id: str, key: str, mid: str, digest: str,
                message: SendMessage) -> tuple[_Job | None, bool]:
@@ -207,8 +207,9 @@ class ApiSender:
 
     # ------------------------------------------------------------------ reading
 
-    def outcome(self, instance_id: str, key: str) -> MessageOutcome:
-        """What became of ``key`` (raises :class:`Refused` 404 ``message_not_found``)."""
+    def outcome(self, instance_id: str, key: str, job: _Job | None = None) -> MessageOutcome:
+        """What became of ``key`` (raises :class:`Refused` 404 ``message_not_found``); ``job``:
+        the one this request waited for (it has left the jobs once done)."""
         mid = journal_id(instance_id, key)
         row = self.journal.outbound_get(mid)
         if row is not None and row.origin == "api":
@@ -218,7 +219,7 @@ class ApiSender:
                 return MessageOutcome(id=key, instance_id=instance_id, state="sent", wa_message_id=row.wa_message_id)
             return MessageOutcome(id=key, instance_id=instance_id, state="failed", error_code=row.error_code,
                                   error=row.error)
-        job = self._jobs.get(mid)
+        job = job or self._jobs.get(mid)
         if job is not None and not job.done.is_set():
             return MessageOutcome(id=key, instance_id=instance_id, state="pending")
         request = self.journal.api_request(mid)
