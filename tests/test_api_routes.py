@@ -601,3 +601,38 @@ async def test_openapi_document_is_valid_and_generated_from_the_request_models(t
     assert set(send["responses"]) >= {"200", "202", "400", "401", "404", "409", "422", "429"}
     qr = doc["paths"]["/api/instances/{id}/qr"]["get"]["responses"]["200"]["content"]
     assert set(qr) == {"application/json", "image/png"}
+
+
+async def test_a_send_waiting_behind_another_goes_once_the_instance_reconnects(tmp_path, media):
+    """A message queued behind a slow one finds the instance disconnected: it waits for the
+    reconnection (never 'failed' for a send WhatsApp never saw) and goes once; a 1 MB body is fine."""
+    proxy = await FakeProxy().start()
+    try:
+        proxy.add_instance("acme")
+        settings = make_settings(tmp_path, proxy.url, API_TOKEN=TOKEN, API_SEND_WAIT_S=0.2, MEDIA_ALLOW_PRIVATE=True,
+                                 SIMULATOR_AUTO_SCAN_MS=20)
+        big = image_bytes("PNG", size=600, noise=True)
+        assert len(big) > 1_000_000
+        slow = media.add("slow.jpg", Served(image_bytes("JPEG"), "image/jpeg", delay_s=1.0))
+        async with running_worker(settings) as w, httpx.AsyncClient(timeout=30) as http:
+            await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="connected")
+            base = f"http://127.0.0.1:{w.port}"
+            first = await post(http, base, "slow", {"to": TO, "type": "image", "media_url": slow})
+            second = await post(http, base, "big", {"to": TO, "type": "image", "media_base64": b64(big)})
+            assert (first.status_code, second.status_code) == (202, 202)
+            await wait_until(lambda: media.started["slow.jpg"] == 1, what="the slow download")
+            await w.backend.session("acme").drop()
+            await wait_until(lambda: proxy.statuses_of("acme")[-1].get("reason") == "network", what="dropped")
+
+            async def outcome(key: str) -> dict[str, Any] | None:
+                got = (await http.get(f"{base}/api/instances/acme/messages/{key}", headers=API)).json()
+                return got if got["state"] != "pending" else None
+
+            slow_outcome = await polled(lambda: outcome("slow"), "the slow one's outcome")
+            assert (slow_outcome["state"], slow_outcome["error_code"]) == ("failed", "send_failed")
+            big_outcome = await polled(lambda: outcome("big"), "the big one's outcome")
+            assert big_outcome["state"] == "sent", big_outcome
+            sent = w.backend.sent("acme")
+            assert [(s["type"], s["sha256"]) for s in sent] == [("image", sha(big))]
+    finally:
+        await proxy.stop()

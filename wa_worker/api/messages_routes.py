@@ -60,14 +60,14 @@ def _validation_error(exc: ValidationError) -> web.HTTPException:
 
 
 def _key(request: web.Request, name: str) -> str:
+    """The ``Idempotency-Key`` header, or the ``key`` path segment; a 400 naming it when unusable."""
     value = request.headers.get(name) if name == "Idempotency-Key" else request.match_info.get(name)
     if value is None or not value.strip():
         raise api_error(400, "idempotency_key_required", "send an Idempotency-Key header: the message's id (a "
-                                                         "UUID fits); the same key is never sent twice",
-                        field="Idempotency-Key")
+                                                         "UUID fits); the same key is never sent twice", field=name)
     if not _KEY_RE.fullmatch(value.strip()):
-        raise api_error(400, "invalid_idempotency_key", "the Idempotency-Key must be 1-100 of A-Z a-z 0-9 ._:~+=-",
-                        field="Idempotency-Key")
+        raise api_error(400, "invalid_idempotency_key", "an Idempotency-Key is 1-100 of A-Z a-z 0-9 ._:~+=-",
+                        field=name)
     return value.strip()
 
 

@@ -151,8 +151,7 @@ class ApiSender:
                 raise _conflict()
             if row is not None:
                 return None, False  # handled before (or sending): its outcome is in the journal
-        session = self.instances.session(instance_id)
-        if session is None:
+        if self.instances.session(instance_id) is None:
             raise Refused(409, "instance_not_connected", f"instance {instance_id} is not connected to WhatsApp now "
                                                          "(GET /api/instances/{id} says why); nothing was sent")
         if self._tg is None:
@@ -167,14 +166,17 @@ class ApiSender:
         job = _Job(mid, instance_id, key, digest, queued)
         self._jobs[mid] = job
         self.accepted += 1
-        self._tg.start_soon(self._run_job, job, session)
+        self._tg.start_soon(self._run_job, job)
         return job, True
 
-    async def _run_job(self, job: _Job, session: Session) -> None:
+    async def _run_job(self, job: _Job) -> None:
+        """Send through the relay; a message that must wait (caps, lookups, the instance
+        reconnecting, the disk) is tried again until :data:`MAX_DEFER_S`, then ``not_sent``."""
         deadline = self.clock.monotonic() + MAX_DEFER_S
+        iid = job.instance_id
         try:
             while True:
-                deferred = await self.relay.send_one(job.instance_id, session, job.message)
+                deferred = await self.relay.send_one(iid, lambda: self.instances.session(iid), job.message)
                 if deferred is None:
                     return
                 wait_s = max(MIN_RETRY_S, deferred.retry_after_s)
@@ -182,12 +184,6 @@ class ApiSender:
                     self._not_sent(job, deferred)
                     return
                 await self.clock.sleep(wait_s)
-                fresh = self.instances.session(job.instance_id)
-                if fresh is None:
-                    self._not_sent(job, Deferred("instance_not_connected", "the instance disconnected before the "
-                                                 "message could go"))
-                    return
-                session = fresh
         except JournalUnavailable as exc:
             log.error("API send %s: the journal is not writable (%s): not sent", job.message_id, exc)
             job.not_sent = ("storage_unavailable", "the worker's journal is not writable", 5.0)

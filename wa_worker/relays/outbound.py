@@ -95,6 +95,7 @@ class OutboundRelay:
         self._pacers: dict[str, SendPacer] = {}
         self._locks: dict[str, anyio.Lock] = {}  # one message at a time per instance (polls and the API)
         self.foreign_ids = 0  # proxy ids that name an API request's journal row: never sent nor acknowledged
+        self._foreign_logged: set[str] = set()
         self.waiting = 0  # messages left queued by pacing or number lookups
         self.stager = MediaStager(media_dir or staging_dir(journal.path), media or MediaLimits())
         self.sent = 0
@@ -151,6 +152,8 @@ class OutboundRelay:
                 break
             try:
                 async with self.lock(instance_id):
+                    if stopping():  # asked while an API send held the lock
+                        break
                     handled = await self._handle_message(instance_id, session, msg, stopping)
             except StorageError as exc:
                 self._storage_trouble(instance_id, msg.id, exc)
@@ -161,14 +164,18 @@ class OutboundRelay:
                 new += 1
         return new
 
-    async def send_one(self, instance_id: str, session: Session, msg: QueuedMessage, *,
+    async def send_one(self, instance_id: str, session_of: Callable[[], Session | None], msg: QueuedMessage, *,
                        origin: str = "api") -> Deferred | None:
         """One message outside a poll (the direct API), with everything a polled one goes
-        through, under the instance's lock. None: handled (its outcome is in the journal
-        under ``msg.id``, or it was there already); a :class:`Deferred` when it cannot go
-        now (nothing journaled). Raises :class:`JournalUnavailable`."""
+        through, under the instance's lock; ``session_of`` gives the instance's connected
+        session once the lock is held. None: handled (its outcome is in the journal under
+        ``msg.id``, or it was there already); a :class:`Deferred` when it cannot go now
+        (nothing journaled). Raises :class:`JournalUnavailable`."""
         try:
             async with self.lock(instance_id):
+                session = session_of()
+                if session is None:
+                    return Deferred("instance_not_connected", "the instance is not connected to WhatsApp")
                 await self._handle_message(instance_id, session, msg, lambda: False, origin)
         except StorageError as exc:
             self._storage_trouble(instance_id, msg.id, exc)
@@ -206,8 +213,13 @@ class OutboundRelay:
                 # a proxy id equal to an API request's journal id (api:<instance>:<key>), or the reverse:
                 # that row is not this message's; never sent, never acknowledged
                 self.foreign_ids += 1
-                log.warning("%s: message id %r is already an %s message's journal id: not sent (ids starting "
-                            "with 'api:' are reserved for the direct API)", instance_id, msg.id[:80], known.origin)
+                if msg.id not in self._foreign_logged:  # once per id: the proxy offers it at every poll
+                    if len(self._foreign_logged) >= 10_000:
+                        self._foreign_logged.clear()
+                    self._foreign_logged.add(msg.id)
+                    log.warning("%s: message id %r is already an %s message's journal id: not sent (ids starting "
+                                "with 'api:' are reserved for the direct API)", instance_id, msg.id[:80],
+                                known.origin)
                 return False
             if known.state != "sending" and origin == "proxy":
                 # handled before: its acknowledgement was lost or is still pending
