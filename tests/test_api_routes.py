@@ -19,13 +19,14 @@ import pytest
 from openapi_spec_validator import validate
 from PIL import Image
 
-from tests.conftest import connect, make_settings, running_worker, wait_until
+from tests.conftest import FakeClock, connect, make_settings, running_worker, wait_until
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import ROOT, start_worker, worker_env
 from tests.test_outbound_types import PDF, MediaServer, Served, b64, ffmpeg_file, image_bytes, needs_ffmpeg, sha
 from wa_worker.api.models import SendMessage
 from wa_worker.backends.base import ReceiptStatus
-from wa_worker.storage.journal import Journal
+from wa_worker.storage.journal import JOURNAL_RETENTION_S, Journal
+from wa_worker.storage.migrations import WORKER_MIGRATIONS, migrate
 
 pytestmark = pytest.mark.anyio
 
@@ -532,6 +533,23 @@ def test_a_proxy_id_equal_to_an_api_journal_id_is_neither_sent_nor_acknowledged(
     j.close()
 
 
+def test_api_rows_and_keys_are_pruned_with_the_journal(tmp_path):
+    clock = FakeClock()
+    j = Journal(tmp_path / "j.db", clock=clock)
+    assert j.api_request_add("api:acme:k1", "acme", "k1", "h1") and not j.api_request_add("api:acme:k1", "acme", "k1", "h2")
+    assert j.begin_send("api:acme:k1", "acme", TO_JID, "api")
+    j.record_sent("api:acme:k1", "WA1")
+    j.api_request_add("api:acme:k2", "acme", "k2", "h2")
+    assert j.begin_send("api:acme:k2", "acme", TO_JID, "api")  # in flight: kept
+    assert j.begin_send("m-1", "acme", TO_JID)
+    j.record_sent("m-1", "WA2")  # the proxy's, not yet acknowledged: kept
+    clock.now += JOURNAL_RETENTION_S + 1
+    assert j.prune() == 1
+    assert j.outbound_get("api:acme:k1") is None and j.api_request("api:acme:k1") is None
+    assert j.api_request("api:acme:k2") is not None and j.outbound_get("m-1") is not None
+    j.close()
+
+
 async def test_the_relay_leaves_a_proxy_message_that_names_an_api_row(tmp_path):
     proxy = await FakeProxy().start()
     try:
@@ -561,8 +579,6 @@ async def test_the_relay_leaves_a_proxy_message_that_names_an_api_row(tmp_path):
 def test_migration_7_keeps_old_rows_as_proxy_messages(tmp_path):
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    from wa_worker.storage.migrations import WORKER_MIGRATIONS, migrate  # the steps up to 5 only, here
-
     migrate(db, path, tuple(m for m in WORKER_MIGRATIONS if m.version <= 5))
     db.execute("INSERT INTO outbound (message_id, instance_id, state, wa_message_id, created_at, updated_at, "
                "next_ack_at) VALUES ('m1', 'acme', 'sent', 'WA1', 1, 1, 1)")
@@ -634,5 +650,35 @@ async def test_a_send_waiting_behind_another_goes_once_the_instance_reconnects(t
             assert big_outcome["state"] == "sent", big_outcome
             sent = w.backend.sent("acme")
             assert [(s["type"], s["sha256"]) for s in sent] == [("image", sha(big))]
+    finally:
+        await proxy.stop()
+
+
+async def test_concurrent_repeats_send_once_and_accepted_sends_keep_their_order(tmp_path):
+    proxy = await FakeProxy().start()
+    try:
+        proxy.add_instance("acme")
+        settings = make_settings(tmp_path, proxy.url, API_TOKEN=TOKEN, API_SEND_WAIT_S=0, SEND_MIN_GAP_MS=50,
+                                 SEND_JITTER_MS=0, TYPING_INDICATOR=False)
+        async with running_worker(settings) as w, httpx.AsyncClient(timeout=30) as http:
+            await connect(w, proxy)
+            base = f"http://127.0.0.1:{w.port}"
+            answers: list[httpx.Response] = []
+
+            async def one() -> None:
+                answers.append(await post(http, base, "same", {"to": TO, "body": "only once"}))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(one)
+            assert sum("Idempotent-Replayed" not in r.headers for r in answers) == 1
+            assert all(r.status_code in (200, 202) for r in answers)
+            for i in range(5):  # each answered 202 at once (API_SEND_WAIT_S=0): sent in the order accepted
+                r = await post(http, base, f"o{i}", {"to": TO, "body": f"order {i}"})
+                assert r.status_code in (200, 202)
+            await wait_until(lambda: len(w.backend.sent("acme")) == 6, what="6 sends")
+            assert [s["body"] for s in w.backend.sent("acme")] == ["only once", *(f"order {i}" for i in range(5))]
+            await anyio.sleep(0.3)
+            assert len(w.backend.sent("acme")) == 6
     finally:
         await proxy.stop()
