@@ -682,3 +682,26 @@ async def test_concurrent_repeats_send_once_and_accepted_sends_keep_their_order(
             assert len(w.backend.sent("acme")) == 6
     finally:
         await proxy.stop()
+
+
+async def test_a_bug_in_a_send_job_costs_that_message_not_the_worker(tmp_path, monkeypatch):
+    proxy = await FakeProxy().start()
+    try:
+        proxy.add_instance("acme")
+        async with running_worker(make_settings(tmp_path, proxy.url, API_TOKEN=TOKEN)) as w, \
+                httpx.AsyncClient(timeout=30) as http:
+            await connect(w, proxy)
+            base = f"http://127.0.0.1:{w.port}"
+
+            async def broken(*_: Any) -> Any:
+                raise RuntimeError("a bug")
+
+            monkeypatch.setattr(w.outbound.resolver, "resolve", broken)
+            r = await post(http, base, "bug", {"to": TO, "body": "x"})
+            assert (r.status_code, r.json()["state"], r.json()["error_code"]) == (200, "not_sent", "internal_error")
+            monkeypatch.undo()
+            r = await post(http, base, "bug", {"to": TO, "body": "x"})  # nothing was sent: the key runs again
+            assert r.json()["state"] == "sent"
+            assert (await http.get(f"{base}/health")).status_code == 200
+    finally:
+        await proxy.stop()

@@ -187,6 +187,9 @@ class ApiSender:
         except JournalUnavailable as exc:
             log.error("API send %s: the journal is not writable (%s): not sent", job.message_id, exc)
             job.not_sent = ("storage_unavailable", "the worker's journal is not writable", 5.0)
+        except Exception:  # a bug costs this message, never the worker (a journaled row still wins)
+            log.exception("API send %s raised unexpectedly", job.message_id)
+            job.not_sent = ("internal_error", "the worker failed before sending (logged)", None)
         finally:
             self._jobs.pop(job.message_id, None)
             job.done.set()
