@@ -354,6 +354,8 @@ async def test_bad_requests_get_the_error_shape_and_record_nothing(proxy, tmp_pa
                 (await post(http, b, "k", {"to": TO, "body": "x"}, iid="bad%20id"), 404, "instance_not_here", None),
                 (await http.get(f"{b}/api/instances/acme/messages/never-sent", headers=API), 404,
                  "message_not_found", None),
+                (await http.get(f"{b}/api/instances/acme/messages/bad%20key", headers=API), 400,
+                 "invalid_idempotency_key", "key"),
                 (await http.get(f"{b}/api/instances/not-mine", headers=API), 404, "instance_not_here", None),
                 (await http.get(f"{b}/api/instances/not-mine/qr", headers=API), 404, "instance_not_here", None),
                 (await http.get(f"{b}/api/instances/acme/qr", headers=API), 409, "already_connected", None),
@@ -703,5 +705,21 @@ async def test_a_bug_in_a_send_job_costs_that_message_not_the_worker(tmp_path, m
             r = await post(http, base, "bug", {"to": TO, "body": "x"})  # nothing was sent: the key runs again
             assert r.json()["state"] == "sent"
             assert (await http.get(f"{base}/health")).status_code == 200
+    finally:
+        await proxy.stop()
+
+
+async def test_an_outcome_is_read_only_under_its_own_instance_and_key(tmp_path):
+    proxy = await FakeProxy().start()
+    try:
+        proxy.add_instance("acme")
+        async with running_worker(make_settings(tmp_path, proxy.url, API_TOKEN=TOKEN)) as w, \
+                httpx.AsyncClient(timeout=30) as http:
+            await connect(w, proxy)
+            base = f"http://127.0.0.1:{w.port}"
+            assert (await post(http, base, "b:c", {"to": TO, "body": "x"})).json()["state"] == "sent"
+            assert (await http.get(f"{base}/api/instances/acme/messages/b:c", headers=API)).status_code == 200
+            r = await http.get(f"{base}/api/instances/acme:b/messages/c", headers=API)  # same "api:acme:b:c"
+            assert r.status_code == 404 and error_of(r)["code"] == "message_not_found"
     finally:
         await proxy.stop()

@@ -20,6 +20,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from ..http.common import read_json_object
+from ..ids import is_valid_instance_id
 from ..storage.journal import JournalUnavailable
 from .errors import api_error
 from .instances_routes import INSTANCE_ID, NOT_HERE, held
@@ -122,6 +123,8 @@ def message_operations(sender: ApiSender, *, max_body: int) -> list[Operation]:
     async def get_outcome(request: web.Request) -> web.Response:
         iid = request.match_info["id"]
         key = _key(request, "key")
+        if not is_valid_instance_id(iid):  # no ':' in an id: api:<id>:<key> names one message
+            raise api_error(404, "message_not_found", "no such instance id")
         try:
             outcome = sender.outcome(iid, key)
         except Refused as exc:
