@@ -1,0 +1,181 @@
+"""Per-instance settings from the edge proxy: what the worker knows of each
+instance (pacing and call settings, ``proxy_url``) and the one loop per worker
+that picks up changes for running instances (``GET /instance-settings``, at
+most once a minute; docs/proxy-contract.md).
+
+Discovery items and ``/instance-settings`` items feed the same
+:class:`InstanceSettingsBook`. Pacing changes apply to the next send, call
+settings to the next call, a ``proxy_url`` to the instance's next connect.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import anyio
+
+from ..edge.client import EdgeClient, EdgeError, EndpointMissing
+from ..edge.models import InstanceSettings
+from ..supervise import LoopHealth
+from ..timing import Clock
+from ..upstream import ProxyChoice, ProxyProblem
+from .runner import CallPolicy
+
+log = logging.getLogger("wa_worker.settings")
+
+#: one /instance-settings call per worker per minute at most
+SETTINGS_POLL_S = 60.0
+MAX_CALL_MESSAGE_CHARS = 4096
+#: instances remembered (an answer may list every instance of the proxy, not only this worker's)
+MAX_INSTANCES = 200_000
+
+
+class InstanceSettingsBook:
+    """Each instance's own settings and upstream proxy; ``configure(iid, settings | None)``
+    applies pacing (the outbound relay's :meth:`~wa_worker.relays.outbound.OutboundRelay.configure`)."""
+
+    def __init__(self, configure: Any) -> None:
+        self._configure = configure
+        self._settings: dict[str, dict[str, Any]] = {}
+        self._proxy: dict[str, ProxyChoice] = {}
+        self.changes: Counter[str] = Counter()  # settings, proxy_url, invalid_proxy_url
+
+    def apply(self, iid: str, settings: dict[str, Any] | None, *, cleared: bool = False,
+              proxy: ProxyChoice | None = None) -> bool:
+        """Record what the proxy said about ``iid`` (None: it did not say); True if anything changed."""
+        changed = False
+        if settings is not None or cleared:
+            new = dict(settings) if settings else None
+            if new != self._settings.get(iid) and (iid in self._settings or self._room()):
+                if new is None:
+                    self._settings.pop(iid, None)
+                else:
+                    self._settings[iid] = new
+                self._configure(iid, new)
+                self.changes["settings"] += 1
+                changed = True
+        if proxy is not None and proxy != self._proxy.get(iid, ProxyChoice()):
+            if iid in self._proxy or self._room():
+                self._proxy_changed(iid, proxy)
+                changed = True
+        return changed
+
+    def _room(self) -> bool:
+        return len(self._settings) + len(self._proxy) < MAX_INSTANCES
+
+    def _proxy_changed(self, iid: str, proxy: ProxyChoice) -> None:
+        if proxy == ProxyChoice():
+            self._proxy.pop(iid, None)
+        else:
+            self._proxy[iid] = proxy
+        if proxy.problem is not None:
+            self.changes["invalid_proxy_url"] += 1
+            log.warning("%s: proxy_url rejected (%s): the instance does not connect until the proxy gives a "
+                        "valid one (or null to dial directly)", iid, proxy.problem)
+        else:
+            self.changes["proxy_url"] += 1
+            log.info("%s: upstream proxy %s (applies at the instance's next connect)", iid, proxy.shown)
+
+    def settings(self, iid: str) -> dict[str, Any] | None:
+        return self._settings.get(iid)
+
+    def proxy_for(self, iid: str) -> str | None:
+        """The instance's upstream proxy URL (None: dial directly). Raises
+        :class:`~wa_worker.upstream.ProxyProblem` when the proxy gave an unusable one."""
+        choice = self._proxy.get(iid)
+        if choice is None:
+            return None
+        if choice.problem is not None:
+            raise ProxyProblem(f"invalid proxy_url from the edge proxy: {choice.problem}")
+        return choice.url
+
+    def proxy_shown(self, iid: str) -> str:
+        """"direct", "invalid" or the redacted URL (never its credentials)."""
+        return self._proxy.get(iid, ProxyChoice()).shown
+
+    def call_policy(self, iid: str, base: CallPolicy) -> CallPolicy:
+        """``base`` (CALL_REJECT, CALL_REJECT_MESSAGE) with the instance's ``call_reject`` and
+        ``call_reject_message`` over it (a value of the wrong type is ignored)."""
+        own = self._settings.get(iid)
+        if not own:
+            return base
+        reject, message = base.reject, base.message
+        if isinstance(own.get("call_reject"), bool):
+            reject = own["call_reject"]
+        text = own.get("call_reject_message")
+        if isinstance(text, str) and len(text) <= MAX_CALL_MESSAGE_CHARS:
+            message = text
+        return CallPolicy(reject=reject, message=message)
+
+
+class SettingsPoller:
+    """``GET /instance-settings?since=<cursor>`` once a minute; off for good (until restart)
+    when the proxy does not have it (404/405/501: one INFO line)."""
+
+    def __init__(self, edge: EdgeClient, book: InstanceSettingsBook, clock: Clock, *,
+                 every_s: float | None = None) -> None:
+        self.edge = edge
+        self.book = book
+        self.clock = clock
+        self.every_s = every_s if every_s is not None else SETTINGS_POLL_S  # (read late: tests shorten it)
+        self.cursor: str | None = None
+        self.supported: bool | None = None  # None: not asked yet
+        self.bad_items = 0  # items that could not be applied (a bug), skipped
+        self.calls = 0
+        self._last_call: float | None = None  # monotonic; a restarted loop keeps the minute's pace
+        self.health = LoopHealth("instance settings", clock, stale_after_s=3 * (self.every_s + edge.timeout_s))
+
+    async def poll_once(self) -> None:
+        """One call (never sooner than ``every_s`` after the previous one); its items applied.
+        Raises :class:`EdgeError` (EndpointMissing included)."""
+        if self._last_call is not None:
+            await self.clock.sleep(max(0.0, self._last_call + self.every_s - self.clock.monotonic()))
+        self._last_call = self.clock.monotonic()
+        self.calls += 1
+        items, cursor = await self.edge.instance_settings(self.cursor)
+        if self.supported is None:
+            log.info("the proxy offers /instance-settings: settings changes reach running instances "
+                     "within %.0f s", self.every_s)
+        self.supported = True
+        for item in items:
+            self._apply(item)
+        self.cursor = cursor
+
+    def _apply(self, item: InstanceSettings) -> None:
+        try:
+            self.book.apply(item.id, item.settings, cleared=item.settings_cleared, proxy=item.proxy)
+        except Exception:  # one bad item never ends the loop nor holds the others
+            self.bad_items += 1
+            log.exception("%s: could not apply its settings (skipped)", item.id)
+
+    async def first(self, timeout_s: float) -> None:
+        """The first call, before stored sessions are resumed (so they connect with their
+        ``proxy_url``); bounded, and never raising."""
+        with anyio.move_on_after(timeout_s):
+            try:
+                await self.poll_once()
+            except EndpointMissing:
+                self._switch_off()
+            except EdgeError:
+                pass
+
+    def _switch_off(self) -> None:
+        if self.supported is not False:
+            log.info("the proxy has no /instance-settings: per-instance settings come from discovery items "
+                     "only (until restart)")
+        self.supported = False
+        self.health.finished = True
+
+    async def run(self) -> None:
+        """The loop (under ``supervise.forever``): one call a minute, until the proxy says it has none."""
+        while self.supported is not False:
+            try:
+                await self.poll_once()
+            except EndpointMissing:
+                self._switch_off()
+                return
+            except EdgeError:
+                pass  # logged by the client; the next minute asks again
+            self.health.ok()
