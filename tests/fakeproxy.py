@@ -67,6 +67,7 @@ class FakeProxy:
     # instance id -> (change number, its item); set_settings() records a change
     instance_settings: dict[str, tuple[int, dict[str, Any]]] | None = None
     settings_since: list[str | None] = field(default_factory=list)  # the ?since= of every call
+    settings_delay_s: float = 0.0  # each /instance-settings answer takes this long
     url: str = ""
     _runner: web.AppRunner | None = None
     _inbound_keys: set[tuple[str, str]] = field(default_factory=set)
@@ -164,6 +165,7 @@ class FakeProxy:
             return web.json_response({"error": "unknown endpoint"}, status=404)
         since = request.query.get("since")
         self.settings_since.append(since)
+        await asyncio.sleep(self.settings_delay_s)
         floor = int(since) if since is not None and since.isdigit() else 0
         changed = [item for n, item in self.instance_settings.values() if n > floor]
         top = max((n for n, _ in self.instance_settings.values()), default=0)

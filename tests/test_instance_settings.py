@@ -220,3 +220,20 @@ def test_settings_reader_is_tolerant() -> None:
     refs = parse_instances([{"id": "a", "proxy_url": "socks5://h:1080", "settings": None}, {"id": "b"}], [])
     assert refs is not None and refs[0].proxy == ProxyChoice("socks5://h:1080") and refs[0].settings_cleared
     assert refs[1].proxy is None and not refs[1].settings_cleared
+
+
+async def test_a_resumed_session_dials_through_its_proxy_from_the_first_attempt(proxy, tmp_path):
+    """After a restart the stored session is resumed without any discovery item: the settings
+    call made before resuming gives it its proxy_url before its first connect."""
+    proxy.add_instance("acme")
+    settings = make_settings(tmp_path, proxy.url)
+    async with running_worker(settings) as w:
+        await connect(w, proxy)
+        assert w.backend.connect_proxies["acme"] == ["direct"]
+    proxy.set_settings("acme", proxy_url=f"http://ops:{SECRET_PW}@127.0.0.1:3128")
+    proxy.settings_delay_s = 0.5  # a slow answer: the resume must wait for it, not race it
+    async with running_worker(settings) as w:
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED" and w.backend.connect_proxies["acme"],
+                         what="resumed")
+        assert w.backend.connect_proxies["acme"] == ["http://***@127.0.0.1:3128"]
+        assert proxy.settings_since == [None]  # asked once at this start, without a cursor (the first run got a 404)
