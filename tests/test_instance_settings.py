@@ -237,3 +237,27 @@ async def test_a_resumed_session_dials_through_its_proxy_from_the_first_attempt(
                          what="resumed")
         assert w.backend.connect_proxies["acme"] == ["http://***@127.0.0.1:3128"]
         assert proxy.settings_since == [None]  # asked once at this start, without a cursor (the first run got a 404)
+
+
+async def test_settings_survive_a_restart_while_the_proxy_cannot_answer(proxy, tmp_path, fast_settings_poll):
+    """The journal keeps what the proxy last said: a restart during a proxy outage still
+    resumes the session through its proxy_url, with its call settings."""
+    proxy.add_instance("acme")
+    proxy.set_settings("acme", settings={"call_reject": True}, proxy_url=f"http://ops:{SECRET_PW}@127.0.0.1:3128")
+    settings = make_settings(tmp_path, proxy.url, CALL_REJECT=False)
+    async with running_worker(settings) as w:
+        await connect(w, proxy)
+        assert w.backend.connect_proxies["acme"] == ["http://***@127.0.0.1:3128"]
+    proxy.fail["instance-settings"] = 1000
+    async with running_worker(settings) as w:
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED" and w.backend.connect_proxies["acme"],
+                         what="resumed")
+        assert w.backend.connect_proxies["acme"] == ["http://***@127.0.0.1:3128"]
+        assert w.call_policy("acme").reject is True
+        # back to direct once the proxy says so; the journal forgets it too
+        proxy.fail["instance-settings"] = 0
+        proxy.set_settings("acme", settings=None, proxy_url=None)
+        await wait_until(lambda: w.manager.instance_settings.proxy_shown("acme") == "direct", timeout=5,
+                         what="cleared")
+        assert w.journal.instance_settings() == []
+        assert w.call_policy("acme").reject is False

@@ -53,7 +53,7 @@ class InstanceManager:
         self.pair_phones: dict[str, str] = {}  # discovery items' pair_phone (a pairing code next to the QR)
         ctx.pair_phone = self.pair_phones.get
         # each instance's own settings (discovery items, /instance-settings): pacing, calls, proxy_url
-        self.instance_settings = InstanceSettingsBook(ctx.outbound.configure)
+        self.instance_settings = InstanceSettingsBook(ctx.outbound.configure, ctx.outbound.journal)
         self.settings_poller = SettingsPoller(edge, self.instance_settings, ctx.clock)
         ctx.backend.instance_proxy = self.instance_settings.proxy_for
         clock = ctx.clock
@@ -198,6 +198,8 @@ class InstanceManager:
                 pacer.backlog = lambda: self.edge.backlog
             tg.start_soon(pacer.run)
             # before resuming: a stored session connects through its proxy_url from the first attempt
+            # (what the journal kept, then the proxy's answer if it gives one in time)
+            self.instance_settings.load()
             await self.settings_poller.first(self.edge.timeout_s)
             self._resume_stored()
             if self.settings_poller.supported is not False:

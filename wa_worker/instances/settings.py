@@ -18,6 +18,7 @@ import anyio
 
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
 from ..edge.models import InstanceSettings
+from ..storage.journal import Journal, JournalUnavailable
 from ..supervise import LoopHealth
 from ..timing import Clock
 from ..upstream import ProxyChoice, ProxyProblem
@@ -34,13 +35,43 @@ MAX_INSTANCES = 200_000
 
 class InstanceSettingsBook:
     """Each instance's own settings and upstream proxy; ``configure(iid, settings | None)``
-    applies pacing (the outbound relay's :meth:`~wa_worker.relays.outbound.OutboundRelay.configure`)."""
+    applies pacing (the outbound relay's :meth:`~wa_worker.relays.outbound.OutboundRelay.configure`).
+    With a ``journal``, what the edge proxy said is kept across restarts (:meth:`load`)."""
 
-    def __init__(self, configure: Any) -> None:
+    def __init__(self, configure: Any, journal: Journal | None = None) -> None:
         self._configure = configure
+        self._journal = journal
         self._settings: dict[str, dict[str, Any]] = {}
         self._proxy: dict[str, ProxyChoice] = {}
         self.changes: Counter[str] = Counter()  # settings, proxy_url, invalid_proxy_url
+        self.unsaved = 0  # changes the journal could not take (kept in memory only)
+
+    def load(self) -> int:
+        """What the journal kept (before the first proxy call of a start); how many instances."""
+        if self._journal is None:
+            return 0
+        try:
+            rows = self._journal.instance_settings()
+        except JournalUnavailable as exc:
+            log.warning("per-instance settings could not be read from the journal (%s): they come from the "
+                        "proxy only", exc)
+            return 0
+        for iid, settings, url, problem in rows:
+            if settings:
+                self._settings[iid] = settings
+                self._configure(iid, settings)
+            if url is not None or problem is not None:
+                self._proxy[iid] = ProxyChoice(url, problem)
+        return len(rows)
+
+    def _save(self, iid: str) -> None:
+        if self._journal is None:
+            return
+        proxy = self._proxy.get(iid, ProxyChoice())
+        try:
+            self._journal.save_instance_settings(iid, self._settings.get(iid), proxy.url, proxy.problem)
+        except JournalUnavailable:
+            self.unsaved += 1  # applied all the same; the next change or start saves it again
 
     def apply(self, iid: str, settings: dict[str, Any] | None, *, cleared: bool = False,
               proxy: ProxyChoice | None = None) -> bool:
@@ -60,6 +91,8 @@ class InstanceSettingsBook:
             if iid in self._proxy or self._room():
                 self._proxy_changed(iid, proxy)
                 changed = True
+        if changed:
+            self._save(iid)
         return changed
 
     def _room(self) -> bool:

@@ -414,6 +414,31 @@ class Journal:
         self._write("INSERT OR REPLACE INTO number_cache (phone, jid, checked_at) VALUES (?, ?, ?)",
                     (phone, jid, self._now()))
 
+    # ------------------------------------------------------------------ instance settings
+
+    def save_instance_settings(self, instance_id: str, settings: dict[str, Any] | None, proxy_url: str | None,
+                               proxy_problem: str | None) -> None:
+        """What the edge proxy last said about an instance (all None: nothing, the row goes)."""
+        if settings is None and proxy_url is None and proxy_problem is None:
+            self._write("DELETE FROM instance_settings WHERE instance_id = ?", (instance_id,))
+            return
+        self._write("INSERT OR REPLACE INTO instance_settings (instance_id, settings, proxy_url, proxy_problem, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (instance_id, json.dumps(settings) if settings is not None else None, proxy_url, proxy_problem,
+                     self._now()))
+
+    def instance_settings(self) -> list[tuple[str, dict[str, Any] | None, str | None, str | None]]:
+        """Every saved ``(instance_id, settings, proxy_url, proxy_problem)``."""
+        out = []
+        for r in self._read("SELECT instance_id, settings, proxy_url, proxy_problem FROM instance_settings"):
+            try:
+                settings = json.loads(r["settings"]) if r["settings"] else None
+            except ValueError:
+                settings = None
+            out.append((r["instance_id"], settings if isinstance(settings, dict) else None, r["proxy_url"],
+                        r["proxy_problem"]))
+        return out
+
     def reack(self, message_id: str) -> None:
         """The proxy offered an already-handled message again: acknowledge it
         again (its first acknowledgement was evidently lost)."""

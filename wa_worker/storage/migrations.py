@@ -136,12 +136,25 @@ CREATE INDEX receipts_updated ON receipts (updated_at);
 CREATE INDEX outbound_wa_id ON outbound (instance_id, wa_message_id) WHERE wa_message_id IS NOT NULL;
 """
 
+# issue #12: each instance's own settings and upstream proxy as the edge proxy last gave them
+# (a restart while the proxy cannot be reached still resumes sessions through their proxy_url)
+V8_INSTANCE_SETTINGS = """
+CREATE TABLE instance_settings (
+    instance_id   TEXT PRIMARY KEY,
+    settings      TEXT,
+    proxy_url     TEXT,
+    proxy_problem TEXT,
+    updated_at    REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_INITIAL),
     Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
     Migration(3, "error codes and message index", V3_ERROR_CODES_AND_MESSAGE_INDEX),
     Migration(4, "number cache", V4_NUMBER_CACHE),
     Migration(5, "receipts outbox", V5_RECEIPTS_OUTBOX),
+    Migration(8, "instance settings", V8_INSTANCE_SETTINGS),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})
