@@ -181,7 +181,7 @@ def test_proxy_url_validation_never_echoes_credentials() -> None:
     assert parse_proxy_url("https://proxy.example:443/").scheme == "https"
     for bad in (f"ftp://u:{SECRET_PW}@h:21", f"http://u:{SECRET_PW}@h", f"http://u:{SECRET_PW}@h:99999",
                 f"http://u:{SECRET_PW}@h:80/path", f"http://u:{SECRET_PW}@:80", "http://h:80 x", 8080, None,
-                f"{SECRET_PW}", "x" * 3000):
+                f"{SECRET_PW}", "x" * 3000, f"{SECRET_PW}://h:1"):
         with pytest.raises(ProxyProblem) as info:
             parse_proxy_url(bad)
         assert SECRET_PW not in str(info.value)

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import logging
+import shutil
 import ssl
 import subprocess
 import time
@@ -151,6 +152,8 @@ async def _tunnel(relay: ConnectRelay, token: str, port: int) -> tuple[asyncio.S
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make the https proxy's certificate")
     cert, key = tmp_path / "proxy.crt", tmp_path / "proxy.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
