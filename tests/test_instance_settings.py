@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 
 import anyio
 import httpx
 import pytest
 
 from tests.conftest import AUTH, connect, make_settings, running_worker, wait_until
+from tests.proc import ROOT, start_worker, worker_env
 from wa_worker.daemon import Worker
 from wa_worker.edge.models import parse_instance_settings, parse_instances
 from wa_worker.instances import settings as settings_mod
@@ -261,3 +263,35 @@ async def test_settings_survive_a_restart_while_the_proxy_cannot_answer(proxy, t
                          what="cleared")
         assert w.journal.instance_settings() == []
         assert w.call_policy("acme").reject is False
+
+
+@pytest.mark.slow
+async def test_the_real_process_applies_instance_settings(proxy, tmp_path):
+    """The ``wa-worker`` process: settings and proxy_url from /instance-settings (asked at start)
+    reach the connect and the call policy; the password is in no log line."""
+    proxy.add_instance("acme")
+    proxy.set_settings("acme", settings={"call_reject": True, "call_reject_message": "Texts only"},
+                       proxy_url=f"socks5://ops:{SECRET_PW}@127.0.0.1:1080")
+    env = worker_env(tmp_path, proxy.url)
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(env, ROOT, log_path)
+    base = f"http://127.0.0.1:{env['PORT']}/simulator"
+    try:
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", timeout=20, what="connected")
+        async with httpx.AsyncClient(headers=AUTH) as http:
+            [inst] = (await http.get(base + "/instances")).json()
+            assert inst["connect_proxies"] == ["socks5://***@127.0.0.1:1080"]
+            r = await http.post(base + "/instances/acme/call", json={"from": "5511988887777", "video": False})
+            assert r.status_code == 200, r.text
+        call_id = r.json()["call_id"]
+        await wait_until(lambda: call_id in proxy.inbound_ids(), timeout=10, what="call posted")
+        assert next(p for p in proxy.inbound if p["wa_message_id"] == call_id)["rejected"] is True
+        proc.send_signal(signal.SIGTERM)
+        await wait_until(lambda: proc.poll() is not None, timeout=15, what="the process exits")
+        assert proc.returncode == 0
+        log_text = log_path.read_text()
+        assert SECRET_PW not in log_text and "socks5://***@127.0.0.1:1080" in log_text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
