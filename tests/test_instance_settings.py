@@ -17,6 +17,7 @@ from tests.proc import ROOT, start_worker, worker_env
 from wa_worker.daemon import Worker
 from wa_worker.edge.models import parse_instance_settings, parse_instances
 from wa_worker.instances import settings as settings_mod
+from wa_worker.storage.journal import Journal
 from wa_worker.upstream import ProxyChoice, ProxyProblem, parse_proxy_url, proxy_choice
 
 pytestmark = pytest.mark.anyio
@@ -295,3 +296,24 @@ async def test_the_real_process_applies_instance_settings(proxy, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_long_list_is_one_summary_line_and_one_journal_transaction(tmp_path, caplog):
+    """A start's full answer may list thousands of instances: ten lines, then one for the rest;
+    all of them journaled (and read back by the next start)."""
+    caplog.set_level(logging.INFO, logger="wa_worker.settings")
+    journal = Journal(tmp_path / "j.db")
+    configured: dict[str, object] = {}
+    book = settings_mod.InstanceSettingsBook(configured.__setitem__, journal)
+    changes = [(f"i{n}", {"send_max_per_day": n + 1}, False, proxy_choice(f"http://u:{SECRET_PW}@10.0.0.{n}:3128"))
+               for n in range(30)]
+    assert book.apply_all(changes) == 30
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 11 and "30 instance(s) changed, 30 of them their upstream proxy" in lines[-1]
+    assert SECRET_PW not in caplog.text
+    assert book.apply_all(changes) == 0  # the same again: nothing changes, nothing logged
+    assert len(caplog.records) == 11
+    again = settings_mod.InstanceSettingsBook({}.__setitem__, journal)
+    assert again.load() == 30
+    assert again.proxy_for("i7") == f"http://u:{SECRET_PW}@10.0.0.7:3128" and again.settings("i7") == {"send_max_per_day": 8}
+    journal.close()

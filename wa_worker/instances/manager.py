@@ -261,9 +261,9 @@ class InstanceManager:
 
     def _start_discovered(self, refs: list[InstanceRef]) -> int:
         started = 0
+        self.instance_settings.apply_all((r.id, r.settings, r.settings_cleared, r.proxy) for r in refs)
         for ref in sorted(refs, key=lambda r: -r.priority):
             self._gone_ids.discard(ref.id)  # the proxy knows it again
-            self.instance_settings.apply(ref.id, ref.settings, cleared=ref.settings_cleared, proxy=ref.proxy)
             if ref.pair_phone is not None:
                 self.pair_phones[ref.id] = ref.pair_phone
             else:

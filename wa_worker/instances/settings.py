@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import anyio
 
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
-from ..edge.models import InstanceSettings
 from ..storage.journal import Journal, JournalUnavailable
 from ..supervise import LoopHealth
 from ..timing import Clock
@@ -32,6 +32,11 @@ MAX_CALL_MESSAGE_CHARS = 4096
 #: instances remembered (an answer may list every instance of the proxy, not only this worker's)
 MAX_INSTANCES = 200_000
 
+#: a call's first proxy changes get a line each; the rest one line together
+LOUD_PROXY_LINES = 10
+#: what the proxy said about one instance: (id, settings, settings cleared, proxy_url)
+Change = tuple[str, dict[str, Any] | None, bool, ProxyChoice | None]
+
 
 class InstanceSettingsBook:
     """Each instance's own settings and upstream proxy; ``configure(iid, settings | None)``
@@ -45,6 +50,7 @@ class InstanceSettingsBook:
         self._proxy: dict[str, ProxyChoice] = {}
         self.changes: Counter[str] = Counter()  # settings, proxy_url, invalid_proxy_url
         self.unsaved = 0  # changes the journal could not take (kept in memory only)
+        self.bad_items = 0  # changes that could not be applied (a bug), skipped
 
     def load(self) -> int:
         """What the journal kept (before the first proxy call of a start); how many instances."""
@@ -64,18 +70,48 @@ class InstanceSettingsBook:
                 self._proxy[iid] = ProxyChoice(url, problem)
         return len(rows)
 
-    def _save(self, iid: str) -> None:
+    def _save(self, iids: list[str]) -> None:
+        """Keep the instances' current values in the journal: one transaction for them all."""
         if self._journal is None:
             return
-        proxy = self._proxy.get(iid, ProxyChoice())
+        rows = []
+        for iid in iids:
+            proxy = self._proxy.get(iid, ProxyChoice())
+            rows.append((iid, self._settings.get(iid), proxy.url, proxy.problem))
         try:
-            self._journal.save_instance_settings(iid, self._settings.get(iid), proxy.url, proxy.problem)
+            self._journal.save_instance_settings(rows)
         except JournalUnavailable:
-            self.unsaved += 1  # applied all the same; the next change or start saves it again
+            self.unsaved += len(rows)  # applied all the same; the next change saves them again
+
+    def apply_all(self, changes: Iterable[Change]) -> int:
+        """Record what the proxy said, ``(iid, settings, cleared, proxy)`` each (None: it did not
+        say); how many instances changed. A new proxy is logged per instance for the first few of
+        a call, then one line sums them up (a start's full list has thousands). A change that
+        cannot be applied is counted and skipped."""
+        changed: list[str] = []
+        proxies = 0
+        for iid, settings, cleared, proxy in changes:
+            try:
+                if self._apply_one(iid, settings, cleared, proxy, loud=proxies < LOUD_PROXY_LINES):
+                    changed.append(iid)
+                    proxies += proxy is not None
+            except Exception:  # one bad item never ends the loop nor holds the others
+                self.bad_items += 1
+                log.exception("%s: could not apply its settings (skipped)", iid)
+        if changed:
+            self._save(changed)
+        if proxies > LOUD_PROXY_LINES:
+            log.info("per-instance settings: %d instance(s) changed, %d of them their upstream proxy (each "
+                     "applied at the instance's next connect)", len(changed), proxies)
+        return len(changed)
 
     def apply(self, iid: str, settings: dict[str, Any] | None, *, cleared: bool = False,
               proxy: ProxyChoice | None = None) -> bool:
-        """Record what the proxy said about ``iid`` (None: it did not say); True if anything changed."""
+        """:meth:`apply_all` for one instance; True if anything changed."""
+        return self.apply_all([(iid, settings, cleared, proxy)]) == 1
+
+    def _apply_one(self, iid: str, settings: dict[str, Any] | None, cleared: bool, proxy: ProxyChoice | None,
+                   *, loud: bool) -> bool:
         changed = False
         if settings is not None or cleared:
             new = dict(settings) if settings else None
@@ -89,16 +125,14 @@ class InstanceSettingsBook:
                 changed = True
         if proxy is not None and proxy != self._proxy.get(iid, ProxyChoice()):
             if iid in self._proxy or self._room():
-                self._proxy_changed(iid, proxy)
+                self._proxy_changed(iid, proxy, loud)
                 changed = True
-        if changed:
-            self._save(iid)
         return changed
 
     def _room(self) -> bool:
         return len(self._settings) + len(self._proxy) < MAX_INSTANCES
 
-    def _proxy_changed(self, iid: str, proxy: ProxyChoice) -> None:
+    def _proxy_changed(self, iid: str, proxy: ProxyChoice, loud: bool) -> None:
         if proxy == ProxyChoice():
             self._proxy.pop(iid, None)
         else:
@@ -109,7 +143,8 @@ class InstanceSettingsBook:
                         "valid one (or null to dial directly)", iid, proxy.problem)
         else:
             self.changes["proxy_url"] += 1
-            log.info("%s: upstream proxy %s (applies at the instance's next connect)", iid, proxy.shown)
+            log.log(logging.INFO if loud else logging.DEBUG,
+                    "%s: upstream proxy %s (applies at the instance's next connect)", iid, proxy.shown)
 
     def settings(self, iid: str) -> dict[str, Any] | None:
         return self._settings.get(iid)
@@ -155,7 +190,6 @@ class SettingsPoller:
         self.every_s = every_s if every_s is not None else SETTINGS_POLL_S  # (read late: tests shorten it)
         self.cursor: str | None = None
         self.supported: bool | None = None  # None: not asked yet
-        self.bad_items = 0  # items that could not be applied (a bug), skipped
         self.calls = 0
         self._last_call: float | None = None  # monotonic; a restarted loop keeps the minute's pace
         self.health = LoopHealth("instance settings", clock, stale_after_s=3 * (self.every_s + edge.timeout_s))
@@ -172,16 +206,8 @@ class SettingsPoller:
             log.info("the proxy offers /instance-settings: settings changes reach running instances "
                      "within %.0f s", self.every_s)
         self.supported = True
-        for item in items:
-            self._apply(item)
+        self.book.apply_all((i.id, i.settings, i.settings_cleared, i.proxy) for i in items)
         self.cursor = cursor
-
-    def _apply(self, item: InstanceSettings) -> None:
-        try:
-            self.book.apply(item.id, item.settings, cleared=item.settings_cleared, proxy=item.proxy)
-        except Exception:  # one bad item never ends the loop nor holds the others
-            self.bad_items += 1
-            log.exception("%s: could not apply its settings (skipped)", item.id)
 
     async def first(self, timeout_s: float) -> None:
         """The first call, before stored sessions are resumed (so they connect with their

@@ -416,16 +416,18 @@ class Journal:
 
     # ------------------------------------------------------------------ instance settings
 
-    def save_instance_settings(self, instance_id: str, settings: dict[str, Any] | None, proxy_url: str | None,
-                               proxy_problem: str | None) -> None:
-        """What the edge proxy last said about an instance (all None: nothing, the row goes)."""
-        if settings is None and proxy_url is None and proxy_problem is None:
-            self._write("DELETE FROM instance_settings WHERE instance_id = ?", (instance_id,))
-            return
-        self._write("INSERT OR REPLACE INTO instance_settings (instance_id, settings, proxy_url, proxy_problem, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?)",
-                    (instance_id, json.dumps(settings) if settings is not None else None, proxy_url, proxy_problem,
-                     self._now()))
+    def save_instance_settings(self, rows: list[tuple[str, dict[str, Any] | None, str | None, str | None]]) -> None:
+        """What the edge proxy last said, ``(instance_id, settings, proxy_url, proxy_problem)`` each, in one
+        transaction (all None: nothing; the instance's row goes)."""
+        with self._tx():
+            for instance_id, settings, proxy_url, proxy_problem in rows:
+                if settings is None and proxy_url is None and proxy_problem is None:
+                    self._write("DELETE FROM instance_settings WHERE instance_id = ?", (instance_id,))
+                else:
+                    self._write("INSERT OR REPLACE INTO instance_settings (instance_id, settings, proxy_url, "
+                                "proxy_problem, updated_at) VALUES (?, ?, ?, ?, ?)",
+                                (instance_id, json.dumps(settings) if settings is not None else None, proxy_url,
+                                 proxy_problem, self._now()))
 
     def instance_settings(self) -> list[tuple[str, dict[str, Any] | None, str | None, str | None]]:
         """Every saved ``(instance_id, settings, proxy_url, proxy_problem)``."""
