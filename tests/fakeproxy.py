@@ -63,6 +63,11 @@ class FakeProxy:
     enqueued_at: dict[str, float] = field(default_factory=dict)
     sent_at: dict[str, float] = field(default_factory=dict)
     on_queue_call: Any = None
+    # GET /instance-settings (issue #12): None = the proxy does not have it (404); else
+    # instance id -> (change number, its item); set_settings() records a change
+    instance_settings: dict[str, tuple[int, dict[str, Any]]] | None = None
+    settings_since: list[str | None] = field(default_factory=list)  # the ?since= of every call
+    settings_delay_s: float = 0.0  # each /instance-settings answer takes this long
     url: str = ""
     _runner: web.AppRunner | None = None
     _inbound_keys: set[tuple[str, str]] = field(default_factory=set)
@@ -81,6 +86,12 @@ class FakeProxy:
             del record["body"]
         self.queue[iid].append(record)
         self.enqueued_at[mid] = time.monotonic()
+
+    def set_settings(self, iid: str, **item: Any) -> None:
+        """A change of ``iid``'s ``settings`` / ``proxy_url`` (turns /instance-settings on)."""
+        table = self.instance_settings if self.instance_settings is not None else {}
+        self.instance_settings = table
+        table[iid] = (max((n for n, _ in table.values()), default=0) + 1, {"id": iid, **item})
 
     def status_of(self, iid: str) -> str | None:
         inst = self.instances.get(iid)
@@ -104,6 +115,7 @@ class FakeProxy:
         app.router.add_post("/inbound", self._inbound)
         app.router.add_post("/upload-media", self._upload_media)
         app.router.add_post("/message-status", self._message_status)
+        app.router.add_get("/instance-settings", self._instance_settings)
         return app
 
     async def start(self, port: int = 0) -> "FakeProxy":
@@ -145,6 +157,19 @@ class FakeProxy:
         items = [{"id": i, "priority": 0, **self.items.get(i, {})} for i, v in self.instances.items()
                  if v["status"] in ("DISCONNECTED", "CONNECTING")]
         return web.json_response(self._wrap("instances", items))
+
+    async def _instance_settings(self, request: web.Request) -> web.Response:
+        if (r := await self._gate(request, "instance-settings")) is not None:
+            return r
+        if self.instance_settings is None:
+            return web.json_response({"error": "unknown endpoint"}, status=404)
+        since = request.query.get("since")
+        self.settings_since.append(since)
+        await asyncio.sleep(self.settings_delay_s)
+        floor = int(since) if since is not None and since.isdigit() else 0
+        changed = [item for n, item in self.instance_settings.values() if n > floor]
+        top = max((n for n, _ in self.instance_settings.values()), default=0)
+        return web.json_response({"instances": changed, "cursor": str(top)})
 
     async def _update_status(self, request: web.Request) -> web.Response:
         if (r := await self._gate(request, "update-status")) is not None:

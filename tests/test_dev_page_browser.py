@@ -100,6 +100,8 @@ def proxy(tmp_path: Path):
     store.update_status("acme-sales", "CONNECTING", qr_code=qr_data_url(QR_TEXT))
     store.add_instance("acme-support", priority=1)
     store.update_status("acme-support", "CONNECTED", qr_code=None, phone_number="5511999990000")
+    store.set_instance_settings("acme-support", settings={"call_reject": True, "send_max_per_minute": 10},
+                                proxy_url="socks5://ops:pr0xy-pw@127.0.0.1:1080")
     sent = store.queue_message("acme-support", "+55 11 98888-7777", "Your order has shipped")
     store.claim_messages("acme-support")
     store.mark_sent(sent["id"], "3EB0C767D71D9A4B21F4")
@@ -188,6 +190,9 @@ def test_dump_dom_after_scripts(proxy: BackgroundProxy, tmp_path: Path) -> None:
     assert "[media_too_large] the media is larger" in dom
     # issue #12: a sent message's receipt, a rejected call
     assert "\u2713 read" in dom and "video call, rejected" in dom
+    # the instance's own settings and upstream proxy, its password never on the page
+    assert "upstream proxy socks5://***@127.0.0.1:1080" in dom and "pr0xy-pw" not in dom
+    assert "settings: call_reject=true, send_max_per_minute=10" in dom
 
 
 # ---------------------------------------------------------------------------- DevTools protocol

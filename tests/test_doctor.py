@@ -35,11 +35,13 @@ def _line(out: str, name: str) -> str:
 async def test_a_good_proxy_passes_every_line_and_changes_nothing(proxy: FakeProxy, tmp_path: Path) -> None:
     proxy.add_instance("acme")
     proxy.enqueue("acme", "m-1", "5511999990000", "hi")
+    proxy.set_settings("acme", settings={"call_reject": True})
     code, out = await _doctor(tmp_path, proxy.url)
     assert code == 0, out
     for name in ("configuration", "AUTH_DIR", "STATE_DB", "descriptor limit", "proxy reachable", "clock skew",
                  "secret", "GET /disconnected-instances", "GET /queued-messages", "POST /mark-sent",
-                 "POST /update-status", "POST /inbound", "POST /mark-failed", "POST /upload-media"):
+                 "POST /update-status", "POST /inbound", "POST /mark-failed", "POST /upload-media",
+                 "GET /instance-settings"):
         assert _line(out, name).startswith(OK), out
     assert "1 instance(s)" in _line(out, "GET /disconnected-instances")
     assert "supported" in _line(out, "POST /mark-failed")
@@ -74,6 +76,7 @@ async def test_optional_endpoints_and_batch_are_detected(tmp_path: Path) -> None
     assert code == 0, out  # optional endpoints missing are warnings
     assert _line(out, "POST /mark-failed").startswith(WARN)
     assert _line(out, "POST /upload-media").startswith(WARN)
+    assert _line(out, "GET /instance-settings").startswith(WARN)
     assert _line(out, "batch /queued-messages").startswith(OK)
     assert "supported: one call" in _line(out, "batch /queued-messages")
 

@@ -45,7 +45,7 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001
 
 
 def test_message_types_migration_runs_on_a_database_with_rows(pg_server: PgServer) -> None:
-    assert migration_files() == [FIRST, TYPES, RECEIPTS]
+    assert migration_files()[:3] == [FIRST, TYPES, RECEIPTS]  # later: tests/test_supabase_settings.py
     name = f"wa_types_{uuid.uuid4().hex[:10]}"
     pg_server.create_database(name)
     db = WaDb(pg_server, name)

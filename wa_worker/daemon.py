@@ -148,9 +148,10 @@ class Worker:
         )
 
     def call_policy(self, instance_id: str) -> CallPolicy:
-        """What to do with ``instance_id``'s incoming calls: the global settings (the seam
-        where per-instance settings from the proxy override them)."""
-        return CallPolicy(reject=self.settings.CALL_REJECT, message=self.settings.CALL_REJECT_MESSAGE)
+        """What to do with ``instance_id``'s incoming calls: CALL_REJECT / CALL_REJECT_MESSAGE,
+        overridden by the instance's own ``call_reject`` / ``call_reject_message`` settings."""
+        base = CallPolicy(reject=self.settings.CALL_REJECT, message=self.settings.CALL_REJECT_MESSAGE)
+        return self.manager.instance_settings.call_policy(instance_id, base)
 
     def _set_staleness(self) -> None:
         settings = self.settings

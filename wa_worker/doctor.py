@@ -14,6 +14,7 @@ edge client, only what changes nothing there:
 * ``POST /mark-sent`` and ``POST /mark-failed`` for a message id nobody has (a random UUID):
   the contract asks a 2xx that changes nothing (and a 404 from ``/mark-failed``
   means "not supported");
+* ``GET /instance-settings`` (a read, optional);
 * ``GET`` on ``/update-status``, ``/inbound`` and ``/upload-media``: a POST
   there could create a record on a proxy that does not check its input, so
   only the path is asked for (a 405 "method not allowed" means it exists);
@@ -166,6 +167,16 @@ async def proxy_checks(settings: Settings, *, probe_batch: bool = False, transpo
             out.append(_verdict("POST /mark-failed", exc, yard, "/mark-failed"))
 
         out.append(await _path_check(client, "/upload-media", yard, required=False))
+
+        try:
+            items, _cursor = await client.instance_settings(None)
+            out.append(Check(OK, "GET /instance-settings", f"supported ({len(items)} instance(s) with settings "
+                                                           "or a proxy_url)"))
+        except EndpointMissing as exc:
+            out.append(Check(WARN, "GET /instance-settings", f"not supported (HTTP {exc.status}): settings and "
+                                                             "proxy_url reach an instance only in discovery items"))
+        except EdgeError as exc:
+            out.append(_verdict("GET /instance-settings", exc, yard, "/instance-settings"))
 
         if not probe_batch:
             out.append(Check(SKIP, "batch /queued-messages", "not probed (a claiming proxy would hold every queued "

@@ -317,6 +317,10 @@ class Backend(abc.ABC):
 
     def __init__(self, auth_root: Path) -> None:
         self.auth_root = auth_root
+        # the instance's upstream proxy URL from the edge proxy (set by the worker; None: direct).
+        # Read at each connect; raises ValueError when the edge proxy gave an unusable value
+        # (the instance then does not connect: never directly behind the operator's back)
+        self.instance_proxy: Callable[[str], str | None] = lambda _iid: None
 
     def auth_dir(self, instance_id: str) -> Path:
         return self.auth_root / instance_id

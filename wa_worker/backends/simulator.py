@@ -15,7 +15,9 @@ The numbers that exist can be set (:meth:`SimulatorBackend.set_registered`; none
 set: every number exists); a Brazilian mobile registered without its 9th digit
 is found when looked up with it, as on WhatsApp. Lookups are counted. Received media is kept under
 ``AUTH_DIR/<id>/simulator-media/<sha256>`` (what WhatsApp's servers would hold)
-and downloaded from there, only while the session is connected. The phone's side can
+and downloaded from there, only while the session is connected. Each connect
+records the upstream proxy it would dial through (``connect_proxies``: "direct"
+or the redacted ``proxy_url``; an unusable one fails the connect as on neonize). The phone's side can
 also report receipts of sent messages, call (rejects are recorded in
 ``rejected_calls``) and ban the account for a while (connects are refused until then).
 
@@ -43,8 +45,10 @@ import anyio
 from ..fsutil import FILE_MODE, append_private, ensure_private_dir, write_private
 from ..ids import LID_SERVER, USER_SERVER, is_group_jid, normalize_recipient
 from ..messages import MEDIA_KINDS, ContactCard, InboundContent, Kind, Location, MediaInfo
+from ..upstream import parse_proxy_url
 from .base import (
     Backend,
+    BackendError,
     Call,
     Connected,
     Disconnected,
@@ -128,6 +132,12 @@ class SimulatorSession(Session):
     async def connect(self) -> None:
         if self.state == SessionState.CLOSED:
             raise SendError("session closed")
+        try:  # the upstream proxy this connect would dial through (recorded redacted)
+            proxy = self.backend.instance_proxy(self.instance_id)
+        except ValueError as exc:
+            raise BackendError(f"instance {self.instance_id}: bad upstream proxy: {exc}") from None
+        self.backend.connect_proxies[self.instance_id].append(
+            parse_proxy_url(proxy).redacted if proxy is not None else "direct")
         self._scanned = anyio.Event()
         self.state = SessionState.CONNECTING
         self.backend._spawn(self._connect_flow)
@@ -355,7 +365,8 @@ class SimulatorSession(Session):
         return {"id": self.instance_id, "state": self.state, "jid": self.jid, "qr": self.qr,
                 "qr_count": self.qr_count, "pair_code": self.pair_code, "fail_sends": self.backend.fail_sends.get(self.instance_id, 0),
                 "rejected_calls": self.backend.rejected_calls.get(self.instance_id, []),
-                "banned_until": self.backend.banned_until.get(self.instance_id)}
+                "banned_until": self.backend.banned_until.get(self.instance_id),
+                "connect_proxies": self.backend.connect_proxies.get(self.instance_id, [])[-10:]}
 
 
 def _lid_fields(sender: str, chat: str, sender_pn: str | None) -> dict[str, str | None]:
@@ -432,6 +443,8 @@ class SimulatorBackend(Backend):
         self.rejected_calls: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
         self.banned_until: dict[str, float] = {}  # epoch seconds
         self.ban_codes: dict[str, str] = {}
+        # per instance, each connect's upstream proxy: "direct" or the redacted proxy_url
+        self.connect_proxies: defaultdict[str, list[str]] = defaultdict(list)
         self._flows: Any = None  # task group of the sessions' connect flows
         self._tg_cm: Any = None
 

@@ -5,6 +5,8 @@
     wa-worker dev proxy [--dir DIR] [--proxy-port N] [--port N]
         the reference proxy alone (run a worker yourself against it)
     wa-worker dev instance add NAME [--priority N] [--phone DIGITS]
+    wa-worker dev instance set NAME [--setting KEY=VALUE ...] [--unset KEY ...] [--reset]
+                               [--upstream-proxy URL | --direct]
     wa-worker dev instance list
     wa-worker dev send INSTANCE TO [TEXT] [--media FILE | --media-url URL] [--type T]
                        [--caption TEXT] [--filename NAME] [--reply-to ID]
@@ -168,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_add.add_argument("--priority", type=int, default=0, help="higher connects first (default 0)")
     p_add.add_argument("--phone", help="pair with a code for this phone (digits with the country code) "
                        "besides the QR: the code shows on the page and in 'instance list'")
+    p_set = inst_sub.add_parser("set", parents=[helper], help="change an instance's own settings or upstream "
+                                "proxy (a connected worker picks them up within a minute)")
+    p_set.add_argument("name", type=_instance_id, metavar="NAME")
+    p_set.add_argument("--setting", action="append", type=_setting, default=[], metavar="KEY=VALUE",
+                       help="e.g. call_reject=true, send_max_per_minute=10, call_reject_message='Text us' "
+                            "(VALUE is read as JSON when it is JSON, else as text; repeatable)")
+    p_set.add_argument("--unset", action="append", default=[], metavar="KEY", help="remove a setting (repeatable)")
+    p_set.add_argument("--reset", action="store_true", help="remove every setting first")
+    route = p_set.add_mutually_exclusive_group()
+    route.add_argument("--upstream-proxy", metavar="URL", help="dial WhatsApp through this proxy: "
+                       "http://[user:pass@]host:port, https://… or socks5://… (at the instance's next connect)")
+    route.add_argument("--direct", action="store_true", help="no upstream proxy (at the next connect)")
     inst_sub.add_parser("list", parents=[helper], help="list instances and their status")
 
     p_send = sub.add_parser("send", parents=[helper], help="queue a message (text, media, location, ...)",
@@ -296,12 +310,40 @@ def _clock(ts: float | None) -> str:
     return time.strftime("%H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
+def _setting(value: str) -> tuple[str, Any]:
+    key, eq, raw = value.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError("expected KEY=VALUE, e.g. call_reject=true")
+    try:
+        parsed: Any = json.loads(raw)
+    except ValueError:
+        parsed = raw
+    if isinstance(parsed, (dict, list)) or parsed is None:
+        parsed = raw  # settings are scalars: keep what was typed
+    return key.strip(), parsed
+
+
+def _cmd_instance_set(c: Any, args: argparse.Namespace) -> int:
+    settings: dict[str, Any] = {key: None for key in args.unset}
+    settings.update(dict(args.setting))
+    body: dict[str, Any] = {"settings": settings, "replace": args.reset}
+    if args.upstream_proxy is not None or args.direct:
+        body["proxy_url"] = None if args.direct else args.upstream_proxy
+    inst = c.set_settings(args.name, body)
+    shown = json.dumps(inst.get("settings") or {}, ensure_ascii=False)
+    print(f"{inst['id']}: settings {_one_line(shown)}; upstream proxy {_one_line(inst.get('proxy_url') or 'none')}")
+    print("a connected instance picks these up within a minute (a proxy change at its next connect)")
+    return 0
+
+
 def _cmd_instance(args: argparse.Namespace) -> int:
     with _client(args) as c:
         if args.instance_command == "add":
             inst = c.add_instance(args.name, args.priority, args.phone)
             print(f"added instance {inst['id']} ({inst['status']}); the worker starts connecting it now")
             return 0
+        if args.instance_command == "set":
+            return _cmd_instance_set(c, args)
         instances = c.list_instances()
     if not instances:
         print("no instances (add one with: wa-worker dev instance add NAME)")

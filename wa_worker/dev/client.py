@@ -153,6 +153,10 @@ class DevClient:
             body["pair_phone"] = pair_phone
         return dict(self._call("POST", "/dev/instances", json=body)["instance"])
 
+    def set_settings(self, instance_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /dev/instances/<id>/settings``: ``settings`` merged (null removes a key), ``proxy_url``."""
+        return dict(self._call("POST", f"/dev/instances/{instance_id}/settings", json=body)["instance"])
+
     def queue(self, instance_id: str, to: str, body: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
         """Queue a message; ``fields`` are its content fields (``type``, ``media_base64``, ...)."""
         payload = {**(fields or {}), "instanceId": instance_id, "to": to, "body": body}

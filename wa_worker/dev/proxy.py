@@ -11,10 +11,13 @@ contract (called by the worker)
     POST /mark-failed                            ({"messageId", "error", "error_code"?})
     POST /inbound                                (every message type)
     POST /upload-media?instanceId=&wa_message_id=  (raw bytes; idempotent per message)
+    POST /message-status
+    GET  /instance-settings[?since=<cursor>]     (changes only; the cursor is a change number)
 media (loopback, no bearer, like the page: :mod:`wa_worker.dev.page`)
     GET  /media/<sha256>
 dev API (called by ``wa-worker dev instance|send|messages``, and by the page)
     GET  /dev/instances              POST /dev/instances   {"id", "priority"?, "pair_phone"?}
+    POST /dev/instances/<id>/settings  {"settings"?: {key: value | null}, "replace"?, "proxy_url"?: url | null}
     GET  /dev/messages[?instanceId=&limit=]
     POST /dev/messages   {"instanceId", "to", "body", + the content fields of a queued message}
 
@@ -38,6 +41,7 @@ must run in the owner's task group.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,10 +59,12 @@ from ..media.files import CappedFile, FetchedMedia
 from ..media.inline import decode_base64_to_file
 from ..media.sniff import infer_type, sniff_mimetype
 from ..messages import WA_MESSAGE_ID_RE, ContentError, Kind, parse_content
+from ..upstream import ProxyProblem, parse_proxy_url
 from .store import (
     RECEIPT_RANK,
     STATUSES,
     DevStore,
+    UNCHANGED,
     InstanceExists,
     UnknownInstance,
     UnknownMessage,
@@ -77,6 +83,7 @@ ERROR_CODES = frozenset({
     "media_invalid", "media_conversion_failed", "reply_target_unknown", "send_failed", "delivery_unknown",
 })
 MAX_LIMIT = 500
+MAX_SETTINGS_KEYS = 64
 MAX_PENDING_WAKES = 1000
 END_OF_9999 = 253_402_300_800  # 10000-01-01T00:00:00Z in Unix seconds
 
@@ -424,6 +431,16 @@ async def disconnected_instances(request: web.Request) -> web.Response:
     return web.json_response({"instances": proxy.store.disconnected_instances()})
 
 
+async def instance_settings(request: web.Request) -> web.Response:
+    """``GET /instance-settings?since=<cursor>``: instances whose settings or proxy_url changed."""
+    proxy = request.app[PROXY_KEY]
+    raw = request.query.get("since")
+    if raw is not None and not (raw.isdigit() and len(raw) <= 18):
+        raise ApiError(400, "since must be a cursor this proxy gave")
+    items, cursor = proxy.store.instance_settings(int(raw) if raw is not None else 0)
+    return web.json_response({"instances": items, "cursor": str(cursor)})
+
+
 async def update_status(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     data = storable(await _json_object(request))
@@ -583,6 +600,8 @@ def public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str,
         "has_qr": bool(inst["qr_code"]),
         "pair_phone": inst.get("pair_phone"),
         "pair_code": inst.get("pair_code"),
+        "settings": json.loads(inst["settings"]) if inst.get("settings") else None,
+        "proxy_url": _shown_proxy(inst.get("proxy_url")),
         "created_at": inst["created_at"],
         "updated_at": inst["updated_at"],
     }
@@ -590,6 +609,16 @@ def public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str,
         qr = inst["qr_code"]
         out["qr_code"] = qr if isinstance(qr, str) and qr.startswith("data:image/png;base64,") else None
     return out
+
+
+def _shown_proxy(url: str | None) -> str | None:
+    """The dev API and page show a proxy_url without its credentials."""
+    if url is None:
+        return None
+    try:
+        return parse_proxy_url(url).redacted
+    except ProxyProblem:
+        return "(invalid)"
 
 
 async def dev_list_instances(request: web.Request) -> web.Response:
@@ -602,6 +631,33 @@ async def dev_add_instance(request: web.Request) -> web.Response:
     data = storable(await _json_object(request))
     inst = proxy.add_instance(data.get("id"), data.get("priority", 0), data.get("pair_phone"))
     return web.json_response({"instance": public_instance(inst)}, status=201)
+
+
+async def dev_set_settings(request: web.Request) -> web.Response:
+    """``POST /dev/instances/<id>/settings``: merge settings keys (null removes one), set proxy_url."""
+    proxy = request.app[PROXY_KEY]
+    instance_id = _instance_param(request.match_info["id"], name="id")
+    data = storable(await _json_object(request))
+    settings = data.get("settings")
+    if settings is not None and not (isinstance(settings, dict) and len(settings) <= MAX_SETTINGS_KEYS and all(
+            isinstance(k, str) and 0 < len(k) <= 64 and (v is None or isinstance(v, (str, int, float, bool)))
+            for k, v in settings.items())):
+        raise ApiError(400, f"settings must be an object of at most {MAX_SETTINGS_KEYS} keys with scalar values")
+    url: Any = UNCHANGED
+    if "proxy_url" in data:
+        url = data["proxy_url"] or None
+        if url is not None:
+            try:
+                parse_proxy_url(url)
+            except ProxyProblem as exc:
+                raise ApiError(400, str(exc)) from None
+    try:
+        inst = proxy.store.set_instance_settings(instance_id, settings=settings, replace=data.get("replace") is True,
+                                                 proxy_url=url)
+    except UnknownInstance:
+        raise ApiError(404, f"no instance {instance_id}") from None
+    proxy.emit("instance_settings", instance_id)
+    return web.json_response({"instance": public_instance(inst)})
 
 
 async def dev_list_messages(request: web.Request) -> web.Response:
@@ -726,8 +782,10 @@ def add_api_routes(app: web.Application) -> None:
     app.router.add_post("/inbound", inbound)
     app.router.add_post("/upload-media", upload_media)
     app.router.add_post("/message-status", message_status)
+    app.router.add_get("/instance-settings", instance_settings)
     app.router.add_get(r"/media/{sha256:[0-9a-f]{64}}", serve_media)
     app.router.add_get("/dev/instances", dev_list_instances)
     app.router.add_post("/dev/instances", dev_add_instance)
+    app.router.add_post("/dev/instances/{id}/settings", dev_set_settings)
     app.router.add_get("/dev/messages", dev_list_messages)
     app.router.add_post("/dev/messages", dev_queue_message)

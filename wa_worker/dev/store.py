@@ -2,7 +2,8 @@
 
 Tables:
 
-* ``instances``: one row per WhatsApp account (status, QR data URL, phone number);
+* ``instances``: one row per WhatsApp account (status, QR data URL, phone number,
+  its own settings and ``proxy_url`` with the change number ``settings_seq``);
 * ``outbound``: the send queue (``queued → sending → sent | failed``), with the
   message's type and content fields (docs/proxy-contract.md, "Message types");
 * ``inbound``: received messages, unique per ``(instance_id, wa_message_id)``,
@@ -21,6 +22,7 @@ loop (a dev tool with one process and a handful of rows per second).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -159,12 +161,22 @@ V5_STATUS_DETAIL = """
 ALTER TABLE instances ADD COLUMN reason_detail TEXT;
 """
 
+# issue #12: each instance's own settings and upstream proxy, and a change number for
+# GET /instance-settings?since= (changes only)
+V6_INSTANCE_SETTINGS = """
+ALTER TABLE instances ADD COLUMN settings TEXT;
+ALTER TABLE instances ADD COLUMN proxy_url TEXT;
+ALTER TABLE instances ADD COLUMN settings_seq INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX instances_settings_seq ON instances(settings_seq);
+"""
+
 DEV_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_SCHEMA),
     Migration(2, "message types and media", V2_MESSAGE_TYPES),
     Migration(3, "pairing code", V3_PAIRING_CODE),
     Migration(4, "receipts, calls, bans", V4_RECEIPTS_CALLS_BANS),
     Migration(5, "status detail", V5_STATUS_DETAIL),
+    Migration(6, "instance settings", V6_INSTANCE_SETTINGS),
 )
 RECEIPT_RANK = {"delivered": 1, "read": 2, "played": 3}
 # the tables of a dev database written before versioning (user_version 0)
@@ -177,6 +189,9 @@ _OUT_FIELDS = (
     ("reply_to", "reply_to"), ("reaction", "reaction"), ("latitude", "latitude"), ("longitude", "longitude"),
     ("loc_name", "name"), ("loc_address", "address"), ("vcard", "vcard"),
 )
+
+
+UNCHANGED = object()  # set_instance_settings: leave proxy_url as it is
 
 
 class UnknownInstance(LookupError):
@@ -276,12 +291,45 @@ class DevStore:
         return int(row[0]) if row else 0
 
     def disconnected_instances(self) -> list[dict[str, Any]]:
+        """Discovery items; ``settings`` and ``proxy_url`` once either was ever set."""
         rows = self._all(
-            "SELECT id, priority, pair_phone FROM instances WHERE status IN ('DISCONNECTED', 'CONNECTING') "
-            "ORDER BY priority DESC, created_at, id"
+            "SELECT id, priority, pair_phone, settings, proxy_url, settings_seq FROM instances "
+            "WHERE status IN ('DISCONNECTED', 'CONNECTING') ORDER BY priority DESC, created_at, id"
         )
-        return [{"id": r["id"], "priority": r["priority"], **({"pair_phone": r["pair_phone"]} if r["pair_phone"] else {})}
+        return [{"id": r["id"], "priority": r["priority"], **({"pair_phone": r["pair_phone"]} if r["pair_phone"] else {}),
+                 **(_settings_fields(r) if r["settings_seq"] else {})}
                 for r in rows]
+
+    def set_instance_settings(self, instance_id: str, *, settings: dict[str, Any] | None = None,
+                              replace: bool = False, proxy_url: str | None | object = UNCHANGED) -> dict[str, Any]:
+        """Merge ``settings`` into the instance's (a ``None`` value removes its key; ``replace``:
+        start from none) and set ``proxy_url`` (None: dial directly). Raises :class:`UnknownInstance`."""
+        with self._lock:  # one writer: the change number stays unique and ordered
+            row = self._db.execute("SELECT settings, proxy_url FROM instances WHERE id = ?", (instance_id,)).fetchone()
+            if row is None:
+                raise UnknownInstance(instance_id)
+            merged = {} if replace or not row["settings"] else json.loads(row["settings"])
+            for key, value in (settings or {}).items():
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+            url = row["proxy_url"] if proxy_url is UNCHANGED else proxy_url
+            self._db.execute(
+                "UPDATE instances SET settings = ?, proxy_url = ?, updated_at = ?, "
+                "settings_seq = (SELECT COALESCE(MAX(settings_seq), 0) + 1 FROM instances) WHERE id = ?",
+                (json.dumps(merged) if merged else None, url, self._now(), instance_id))
+        inst = self.get_instance(instance_id)
+        assert inst is not None
+        return inst
+
+    def instance_settings(self, since: int) -> tuple[list[dict[str, Any]], int]:
+        """``GET /instance-settings``: the instances changed after change number ``since``, and the
+        newest change number (the next cursor)."""
+        rows = self._all("SELECT id, settings, proxy_url, settings_seq FROM instances WHERE settings_seq > ? "
+                         "ORDER BY settings_seq", (since,))
+        top = self._one("SELECT COALESCE(MAX(settings_seq), 0) FROM instances")
+        return [{"id": r["id"], **_settings_fields(r)} for r in rows], int(top[0]) if top else 0
 
     def update_status(
         self,
@@ -556,6 +604,10 @@ _OUT_CONTENT_COLUMNS = frozenset(
     {"type", "media_url", "media_sha256", "mimetype", "filename", "reply_to", "reaction", "latitude",
      "longitude", "loc_name", "loc_address", "contact_name", "contact_phone", "vcard"}
 )
+
+
+def _settings_fields(row: sqlite3.Row) -> dict[str, Any]:
+    return {"settings": json.loads(row["settings"]) if row["settings"] else None, "proxy_url": row["proxy_url"]}
 
 
 def _queued_dict(row: sqlite3.Row) -> dict[str, Any]:

@@ -37,10 +37,12 @@ from .transport import (
 )
 from .models import (
     InstanceRef,
+    InstanceSettings,
     MarkFailed,
     MarkSent,
     QueuedMessage,
     StatusUpdate,
+    parse_instance_settings,
     parse_instances,
     parse_messages,
 )
@@ -345,6 +347,26 @@ class EdgeClient:
         if items is None:
             return self._fail(EdgeError(ep, "response is not a list of instances", transient=True))
         return items
+
+    async def instance_settings(self, since: str | None) -> tuple[list[InstanceSettings], str | None]:
+        """``GET /instance-settings[?since=<cursor>]`` (optional): the instances whose
+        settings or ``proxy_url`` changed since ``cursor`` (all of them without one),
+        and the next cursor. Raises :class:`EndpointMissing` on 404/405/501."""
+        ep = "instance-settings"
+        try:
+            payload = await self._request("GET", "/instance-settings", endpoint=ep,
+                                          params={"since": since} if since is not None else None, optional=True)
+        except EndpointMissing as exc:
+            if exc.status in (404, 405, 501):
+                raise
+            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
+                            body=exc.body) from None
+        rejected: list[str] = []
+        parsed = parse_instance_settings(payload, rejected)
+        self._reject(ep, rejected)
+        if parsed is None:
+            return self._fail(EdgeError(ep, "response is not {\"instances\": [...], \"cursor\"}", transient=True))
+        return parsed
 
     async def update_status(self, update: StatusUpdate) -> None:
         await self._request("POST", "/update-status", endpoint="update-status", body=update.to_json(),

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..ids import InvalidRecipient, is_valid_instance_id, normalize_recipient
 from ..messages import Content, ContentError, Kind, parse_content
+from ..upstream import ProxyChoice, proxy_choice
 
 
 class Status(str, enum.Enum):
@@ -32,13 +33,44 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class InstanceRef:
-    """A discovery item. ``settings``: the instance's own pacing settings (docs/proxy-contract.md);
-    ``pair_phone``: digits of the phone to pair with a code instead of a QR."""
+    """A discovery item. ``settings``: the instance's own settings (pacing, calls;
+    docs/proxy-contract.md); ``pair_phone``: digits of the phone to pair with a code
+    instead of a QR; ``proxy``: its ``proxy_url`` (None: the item did not say)."""
 
     id: str
     priority: int = 0
     settings: dict[str, Any] | None = None
     pair_phone: str | None = None
+    proxy: ProxyChoice | None = None
+    settings_cleared: bool = False  # "settings": null (back to the worker's defaults)
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSettings:
+    """One item of ``/instance-settings``: ``settings`` None and ``proxy`` None
+    leave what the worker has; ``settings_cleared``: back to the defaults."""
+
+    id: str
+    settings: dict[str, Any] | None = None
+    proxy: ProxyChoice | None = None
+    settings_cleared: bool = False
+
+
+def _settings_and_proxy(item: dict[str, Any], rejected: list[str]
+                        ) -> tuple[dict[str, Any] | None, bool, ProxyChoice | None]:
+    """An item's ``settings`` (an object; ``null`` clears) and ``proxy_url`` (absent: unchanged)."""
+    raw = item.get("settings")
+    settings = raw if isinstance(raw, dict) else None
+    if raw is not None and settings is None:
+        rejected.append("invalid_settings")
+    if settings is not None and len(settings) > MAX_SETTINGS_KEYS:
+        rejected.append("invalid_settings")
+        settings = None
+    cleared = "settings" in item and raw is None
+    proxy = proxy_choice(item["proxy_url"]) if "proxy_url" in item else None
+    if proxy is not None and proxy.problem is not None:
+        rejected.append("invalid_proxy_url")
+    return settings, cleared, proxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +168,7 @@ def parse_instances(payload: Any, rejected: list[str]) -> list[InstanceRef] | No
         if raw_id in seen:
             continue
         seen.add(raw_id)
-        settings = item.get("settings") if isinstance(item, dict) else None
+        settings, cleared, proxy = _settings_and_proxy(item, rejected) if isinstance(item, dict) else (None, False, None)
         pair_phone = item.get("pair_phone") if isinstance(item, dict) else None
         if isinstance(pair_phone, int) and not isinstance(pair_phone, bool):
             pair_phone = str(pair_phone)
@@ -144,8 +176,42 @@ def parse_instances(payload: Any, rejected: list[str]) -> list[InstanceRef] | No
                                            and 8 <= len(pair_phone) <= 15):
             rejected.append("invalid_pair_phone")
             pair_phone = None
-        out.append(InstanceRef(raw_id, prio, settings if isinstance(settings, dict) else None, pair_phone))
+        out.append(InstanceRef(raw_id, prio, settings, pair_phone, proxy, cleared))
     return out
+
+
+MAX_SETTINGS_KEYS = 64
+MAX_CURSOR_CHARS = 512
+
+
+def parse_instance_settings(payload: Any, rejected: list[str]) -> tuple[list[InstanceSettings], str | None] | None:
+    """``{"instances": [{"id", "settings", "proxy_url"}], "cursor"}`` (or a bare list).
+    ``None``: no list at all. A bad item is skipped (counted); a bad cursor is
+    dropped (the next call asks for everything again)."""
+    items = _list_from(payload, "instances")
+    if items is None:
+        return None
+    out: list[InstanceSettings] = []
+    for item in items:
+        if not isinstance(item, dict):
+            rejected.append("settings_not_object")
+            continue
+        raw_id = item.get("id", item.get("instanceId"))
+        if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+            raw_id = str(raw_id)
+        if not isinstance(raw_id, str) or not is_valid_instance_id(raw_id):
+            rejected.append("invalid_instance_id")
+            continue
+        settings, cleared, proxy = _settings_and_proxy(item, rejected)
+        out.append(InstanceSettings(raw_id, settings, proxy, cleared))
+    cursor = payload.get("cursor") if isinstance(payload, dict) else None
+    if isinstance(cursor, int) and not isinstance(cursor, bool):
+        cursor = str(cursor)
+    if cursor is not None and not (isinstance(cursor, str) and 0 < len(cursor) <= MAX_CURSOR_CHARS
+                                   and cursor.isprintable() and _utf8(cursor)):
+        rejected.append("invalid_cursor")
+        cursor = None
+    return out, cursor
 
 
 # the optional content fields of a record (docs/proxy-contract.md, "Message types")

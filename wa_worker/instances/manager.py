@@ -22,6 +22,7 @@ from ..ids import is_valid_instance_id
 from ..supervise import LoopHealth, describe_error, forever, traceback_once
 from ..timing import AdaptiveInterval, Backoff
 from .runner import InstanceRunner, InstanceSnapshot, Outcome, RunnerContext, State, _wake_gap
+from .settings import InstanceSettingsBook, SettingsPoller
 
 log = logging.getLogger("wa_worker.manager")
 
@@ -51,6 +52,10 @@ class InstanceManager:
         self._gone_ids: set[str] = set()  # ended by a proxy 404/410: batch messages never restart them
         self.pair_phones: dict[str, str] = {}  # discovery items' pair_phone (a pairing code next to the QR)
         ctx.pair_phone = self.pair_phones.get
+        # each instance's own settings (discovery items, /instance-settings): pacing, calls, proxy_url
+        self.instance_settings = InstanceSettingsBook(ctx.outbound.configure, ctx.outbound.journal)
+        self.settings_poller = SettingsPoller(edge, self.instance_settings, ctx.clock)
+        ctx.backend.instance_proxy = self.instance_settings.proxy_for
         clock = ctx.clock
         # stale after 3 of its longest waits; the worker widens these (proxy call time, READY_MAX_PROXY_SILENCE_S)
         self.discovery_health = LoopHealth("discovery", clock, stale_after_s=3 * instance_poll_max_s)
@@ -201,7 +206,14 @@ class InstanceManager:
             if pacer.backlog is None:
                 pacer.backlog = lambda: self.edge.backlog
             tg.start_soon(pacer.run)
+            # before resuming: a stored session connects through its proxy_url from the first attempt
+            # (what the journal kept, then the proxy's answer if it gives one in time)
+            self.instance_settings.load()
+            await self.settings_poller.first(self.edge.timeout_s)
             self._resume_stored()
+            if self.settings_poller.supported is not False:
+                tg.start_soon(self._supervised, "instance settings", self.settings_poller.run,
+                              self.settings_poller.health)
             tg.start_soon(self._supervised, "discovery", self._discovery_loop, self.discovery_health)
             if self.batch_poll:
                 tg.start_soon(self._supervised, "batch poller", self._batch_loop, self.batch_health)
@@ -217,7 +229,7 @@ class InstanceManager:
                       backoff=Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng))
 
     def loops(self) -> list[LoopHealth]:
-        return [self.discovery_health, self.batch_health]
+        return [self.discovery_health, self.batch_health, self.settings_poller.health]
 
     async def _wait_runners(self) -> None:
         for r in list(self.runners.values()):
@@ -258,10 +270,9 @@ class InstanceManager:
 
     def _start_discovered(self, refs: list[InstanceRef]) -> int:
         started = 0
+        self.instance_settings.apply_all((r.id, r.settings, r.settings_cleared, r.proxy) for r in refs)
         for ref in sorted(refs, key=lambda r: -r.priority):
             self._gone_ids.discard(ref.id)  # the proxy knows it again
-            if ref.settings is not None:
-                self.ctx.outbound.configure(ref.id, ref.settings)
             if ref.pair_phone is not None:
                 self.pair_phones[ref.id] = ref.pair_phone
             else:

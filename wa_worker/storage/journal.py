@@ -438,6 +438,33 @@ class Journal:
         self._write("INSERT OR REPLACE INTO number_cache (phone, jid, checked_at) VALUES (?, ?, ?)",
                     (phone, jid, self._now()))
 
+    # ------------------------------------------------------------------ instance settings
+
+    def save_instance_settings(self, rows: list[tuple[str, dict[str, Any] | None, str | None, str | None]]) -> None:
+        """What the edge proxy last said, ``(instance_id, settings, proxy_url, proxy_problem)`` each, in one
+        transaction (all None: nothing; the instance's row goes)."""
+        with self._tx():
+            for instance_id, settings, proxy_url, proxy_problem in rows:
+                if settings is None and proxy_url is None and proxy_problem is None:
+                    self._write("DELETE FROM instance_settings WHERE instance_id = ?", (instance_id,))
+                else:
+                    self._write("INSERT OR REPLACE INTO instance_settings (instance_id, settings, proxy_url, "
+                                "proxy_problem, updated_at) VALUES (?, ?, ?, ?, ?)",
+                                (instance_id, json.dumps(settings) if settings is not None else None, proxy_url,
+                                 proxy_problem, self._now()))
+
+    def instance_settings(self) -> list[tuple[str, dict[str, Any] | None, str | None, str | None]]:
+        """Every saved ``(instance_id, settings, proxy_url, proxy_problem)``."""
+        out = []
+        for r in self._read("SELECT instance_id, settings, proxy_url, proxy_problem FROM instance_settings"):
+            try:
+                settings = json.loads(r["settings"]) if r["settings"] else None
+            except ValueError:
+                settings = None
+            out.append((r["instance_id"], settings if isinstance(settings, dict) else None, r["proxy_url"],
+                        r["proxy_problem"]))
+        return out
+
     def reack(self, message_id: str) -> None:
         """The proxy offered an already-handled message again: acknowledge it
         again (its first acknowledgement was evidently lost)."""

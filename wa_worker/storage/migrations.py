@@ -156,6 +156,18 @@ CREATE TABLE api_requests (
 CREATE INDEX api_requests_updated ON api_requests (updated_at);
 """
 
+# issue #12: each instance's own settings and upstream proxy as the edge proxy last gave them
+# (a restart while the proxy cannot be reached still resumes sessions through their proxy_url)
+V8_INSTANCE_SETTINGS = """
+CREATE TABLE instance_settings (
+    instance_id   TEXT PRIMARY KEY,
+    settings      TEXT,
+    proxy_url     TEXT,
+    proxy_problem TEXT,
+    updated_at    REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_INITIAL),
     Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
@@ -163,6 +175,7 @@ WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "number cache", V4_NUMBER_CACHE),
     Migration(5, "receipts outbox", V5_RECEIPTS_OUTBOX),
     Migration(7, "direct API requests", V7_API_REQUESTS),
+    Migration(8, "instance settings", V8_INSTANCE_SETTINGS),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})

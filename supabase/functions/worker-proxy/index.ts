@@ -17,6 +17,8 @@
 //   POST /mark-failed
 //   POST /inbound
 //   POST /upload-media?instanceId=<id>&wa_message_id=<wa id>   (raw bytes)
+//   POST /message-status
+//   GET  /instance-settings[?since=<cursor>]   (settings / proxy_url changes; 20261127000000_…)
 //
 // Media (issue #11) lives in a private Storage bucket (WORKER_MEDIA_BUCKET):
 // an outbound row's media_path is handed to the worker as a short-lived
@@ -328,12 +330,50 @@ function capped(max: number): { stream: TransformStream<Uint8Array, Uint8Array>;
 type Handler = (req: Request, url: URL) => Promise<Response>;
 
 // GET /disconnected-instances → {"instances":[{id,priority}]}, highest priority first.
+// An item also carries pair_phone (when set), and settings + proxy_url once either was
+// ever set (null then means "back to the worker's defaults" / "dial directly").
 async function disconnectedInstances(): Promise<Response> {
   const rows = await db()`
-    select id, priority from public.wa_instances
+    select id, priority, pair_phone, settings, proxy_url, settings_updated_at
+    from public.wa_instances
     where status in ('DISCONNECTED', 'CONNECTING')
     order by priority desc, id`;
-  return json(200, { instances: rows.map((r) => ({ id: r.id, priority: r.priority })) });
+  return json(200, {
+    instances: rows.map((r) => ({
+      id: r.id,
+      priority: r.priority,
+      ...(r.pair_phone ? { pair_phone: r.pair_phone } : {}),
+      ...(r.settings_updated_at ? { settings: r.settings ?? null, proxy_url: r.proxy_url ?? null } : {}),
+    })),
+  });
+}
+
+// GET /instance-settings[?since=<cursor>] → {"instances":[{id,settings,proxy_url}],"cursor"}:
+// the instances whose settings or proxy_url changed since the cursor (every instance that
+// has any without one). The cursor is this read's time (epoch microseconds); rows are
+// matched from 60 s before it, because a transaction still open while we read commits
+// later with an earlier settings_updated_at. An item may so come twice: harmless.
+const SETTINGS_OVERLAP_S = 60;
+
+async function instanceSettings(_req: Request, url: URL): Promise<Response> {
+  const raw = url.searchParams.get("since");
+  if (raw !== null && !/^[0-9]{1,17}$/.test(raw)) throw bad("since must be a cursor this function gave");
+  const since = raw === null ? null : Number(raw);
+  const sql = db();
+  const [{ now }] = await sql`select (extract(epoch from statement_timestamp()) * 1000000)::bigint::text as now`;
+  const rows = since === null
+    ? await sql`
+        select id, settings, proxy_url from public.wa_instances
+        where settings_updated_at is not null
+        order by settings_updated_at, id`
+    : await sql`
+        select id, settings, proxy_url from public.wa_instances
+        where settings_updated_at > to_timestamp(${since}::float8 / 1000000) - make_interval(secs => ${SETTINGS_OVERLAP_S})
+        order by settings_updated_at, id`;
+  return json(200, {
+    instances: rows.map((r) => ({ id: r.id, settings: r.settings ?? null, proxy_url: r.proxy_url ?? null })),
+    cursor: now,
+  });
 }
 
 // POST /update-status {instanceId, status, qr_code?, phone_number?, reason?}
@@ -354,6 +394,8 @@ async function updateStatus(req: Request): Promise<Response> {
   // a temporary ban (with DISCONNECTED): kept until the next status
   const banCode = optionalString(body, "ban_code", MAX_SHORT);
   const banExpires = optionalTimestamp(body, "ban_expires_at");
+  // a pairing code (with CONNECTING, when the row has pair_phone): kept while CONNECTING
+  const pairCode = optionalString(body, "pair_code", 64);
 
   const rows = await db()`
     update public.wa_instances set
@@ -365,6 +407,7 @@ async function updateStatus(req: Request): Promise<Response> {
       phone_number = coalesce(${phone}::text, phone_number),
       last_reason = case when ${hasReason}::boolean then ${reason}::text else last_reason end,
       ban_code = ${banCode}::text,
+      pair_code = case when ${status}::text = 'CONNECTING' then coalesce(${pairCode}::text, pair_code) else null end,
       ban_expires_at = case when ${banExpires}::float8 is null then null else to_timestamp(${banExpires}::float8) end
     where id = ${id}
     returning id, status`;
@@ -735,6 +778,7 @@ const ROUTES: Record<string, Record<string, Handler>> = {
   "inbound": { POST: inbound },
   "upload-media": { POST: uploadMedia },
   "message-status": { POST: messageStatus },
+  "instance-settings": { GET: instanceSettings },
 };
 
 // ---------------------------------------------------------------- server

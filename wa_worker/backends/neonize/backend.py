@@ -146,6 +146,11 @@ class NeonizeBackend(Backend):
     # ------------------------------------------------------------------ Backend API
 
     def upstream_for(self, instance_id: str) -> str | None:
+        """The instance's own ``proxy_url`` (from the edge proxy), else ``upstream_proxy``.
+        Raises ValueError when the instance's value is unusable."""
+        own = self.instance_proxy(instance_id)
+        if own is not None:
+            return own
         up = self.upstream_proxy
         return up(instance_id) if callable(up) else up
 

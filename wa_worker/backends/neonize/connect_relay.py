@@ -3,8 +3,10 @@
 Every client's proxy is ``http://<ticket-token>:x@127.0.0.1:<port>``, so each TCP
 connection the Go side opens arrives labelled with its attempt; revoking the
 ticket cuts them all (why: docs/neonize.md, "The CONNECT relay"). Only loopback
-clients holding a live ticket can use it. Upstream proxies:
-``http://[user:pass@]host:port`` (HTTP CONNECT).
+clients holding a live ticket can use it. Upstream proxies (one per ticket):
+``http://[user:pass@]host:port`` (HTTP CONNECT), ``https://…`` (CONNECT inside
+TLS to the proxy) and ``socks5://[user:pass@]host:port`` (RFC 1928, the proxy
+resolves the name; user/password auth RFC 1929).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import concurrent.futures
 import logging
 import secrets
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
 
 import anyio
+
+from ...upstream import parse_proxy_url
 
 _HEAD_LIMIT = 16 * 1024
 _BUF = 64 * 1024
@@ -35,18 +39,16 @@ class UpstreamProxy:
     host: str
     port: int
     auth: str | None = None  # "user:pass"
+    scheme: str = "http"  # http (CONNECT), https (CONNECT over TLS), socks5
+    username: str | None = None
+    password: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> "UpstreamProxy":
-        parts = urlsplit(url)
-        if parts.scheme != "http":
-            raise ValueError(f"unsupported upstream proxy scheme {parts.scheme!r} (http only)")
-        if not parts.hostname:
-            raise ValueError("upstream proxy URL has no host")
-        auth = None
-        if parts.username is not None:
-            auth = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        return cls(parts.hostname, parts.port or 8080, auth)
+        """Raises ValueError (:class:`~wa_worker.upstream.ProxyProblem`, no credentials in it)."""
+        p = parse_proxy_url(url)
+        auth = f"{p.username}:{p.password or ''}" if p.username is not None else None
+        return cls(p.host, p.port, auth, p.scheme, p.username, p.password)
 
 
 @dataclass(eq=False)
@@ -81,8 +83,11 @@ class ConnectRelay:
         allowed_ports: frozenset[int] | None = frozenset({443, 80, 5222}),
         resolver_threads: int = 4,
         log: logging.Logger | None = None,
+        upstream_tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``upstream_tls``: how ``https://`` upstream proxies are verified (default: the system CAs)."""
         self.dial_timeout_s = dial_timeout_s
+        self.upstream_tls = upstream_tls or ssl.create_default_context()
         self.head_timeout_s = head_timeout_s
         self.allowed_ports = allowed_ports
         self.log = log or logging.getLogger(__name__)
@@ -303,11 +308,14 @@ class ConnectRelay:
             raise RelayError(f"no address for {host}")
         return out
 
-    async def _open(self, host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _open(self, host: str, port: int, *, tls: ssl.SSLContext | None = None
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         last: Exception | None = None
         for _family, addr in await self._resolve(host, port):
             try:
                 # a numeric address: asyncio does not touch the default executor
+                if tls is not None:
+                    return await asyncio.open_connection(addr, port, limit=_BUF, ssl=tls, server_hostname=host)
                 return await asyncio.open_connection(addr, port, limit=_BUF)
             except OSError as exc:
                 last = exc
@@ -318,24 +326,80 @@ class ConnectRelay:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if upstream is None:
             return await self._open(host, port)
-        reader, writer = await self._open(upstream.host, upstream.port)
+        if upstream.scheme == "https":
+            # TLS to the proxy itself (verified against upstream_tls), then CONNECT inside it
+            reader, writer = await self._open(upstream.host, upstream.port, tls=self.upstream_tls)
+        else:
+            reader, writer = await self._open(upstream.host, upstream.port)
         try:
-            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            req = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
-            if upstream.auth is not None:
-                token = base64.b64encode(upstream.auth.encode()).decode()
-                req += f"Proxy-Authorization: Basic {token}\r\n"
-            writer.write((req + "\r\n").encode())
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = status_line.split(" ", 2)
-            if len(parts) < 2 or not parts[1].isdigit() or not 200 <= int(parts[1]) < 300:
-                raise RelayError(f"upstream proxy refused: {status_line[:120]}")
+            if upstream.scheme == "socks5":
+                await _socks5_connect(reader, writer, host, port, upstream)
+            else:
+                await _http_connect(reader, writer, host, port, upstream)
             return reader, writer
         except BaseException:
             _close(writer, True)
             raise
+
+
+async def _http_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
+                        upstream: UpstreamProxy) -> None:
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    req = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+    if upstream.auth is not None:
+        token = base64.b64encode(upstream.auth.encode()).decode()
+        req += f"Proxy-Authorization: Basic {token}\r\n"
+    writer.write((req + "\r\n").encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit() or not 200 <= int(parts[1]) < 300:
+        raise RelayError(f"upstream proxy refused: {status_line[:120]}")
+
+
+_SOCKS5_REPLIES = {1: "general failure", 2: "not allowed by ruleset", 3: "network unreachable",
+                   4: "host unreachable", 5: "connection refused", 6: "TTL expired",
+                   7: "command not supported", 8: "address type not supported"}
+
+
+async def _socks5_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int,
+                          upstream: UpstreamProxy) -> None:
+    """RFC 1928 CONNECT by name (the proxy resolves it), with RFC 1929 user/password when given."""
+    methods = b"\x00\x02" if upstream.username is not None else b"\x00"
+    writer.write(b"\x05" + bytes([len(methods)]) + methods)
+    await writer.drain()
+    version, method = await reader.readexactly(2)
+    if version != 5:
+        raise RelayError("upstream is not a SOCKS5 proxy")
+    if method == 2 and upstream.username is not None:
+        user, pw = upstream.username.encode(), (upstream.password or "").encode()
+        writer.write(b"\x01" + bytes([len(user)]) + user + bytes([len(pw)]) + pw)
+        await writer.drain()
+        _ver, status = await reader.readexactly(2)
+        if status != 0:
+            raise RelayError("upstream SOCKS5 proxy refused the credentials")
+    elif method != 0:
+        raise RelayError("upstream SOCKS5 proxy accepts none of our auth methods")
+    name = host.encode("idna") if not host.replace(".", "").isdigit() and ":" not in host else None
+    if name is not None and len(name) <= 255:
+        address = b"\x03" + bytes([len(name)]) + name
+    else:
+        try:
+            address = b"\x01" + socket.inet_pton(socket.AF_INET, host)
+        except OSError:
+            address = b"\x04" + socket.inet_pton(socket.AF_INET6, host)
+    writer.write(b"\x05\x01\x00" + address + port.to_bytes(2, "big"))
+    await writer.drain()
+    _ver, reply, _rsv, atyp = await reader.readexactly(4)
+    if reply != 0:
+        raise RelayError(f"upstream SOCKS5 proxy refused: {_SOCKS5_REPLIES.get(reply, f'code {reply}')}")
+    bound = {1: 4, 4: 16}.get(atyp)
+    if bound is None:
+        if atyp != 3:
+            raise RelayError("upstream SOCKS5 proxy sent a bad reply")
+        bound = (await reader.readexactly(1))[0]
+    await reader.readexactly(bound + 2)  # the bound address and port: not needed
 
 
 # ---------------------------------------------------------------------- helpers

@@ -302,8 +302,8 @@ class NeonizeSession(Session):
     def _start_attempt(self) -> None:
         backend = self.backend
         self._seq += 1
-        upstream = self.upstream_proxy or backend.upstream_for(self.instance_id)
         try:
+            upstream = self.upstream_proxy or backend.upstream_for(self.instance_id)
             attempt = new_attempt(backend, self.instance_id, self._seq, self.db_path, upstream, self._go_call)
         except ValueError as exc:
             raise BackendError(f"instance {self.instance_id}: bad upstream proxy: {exc}") from None

@@ -55,6 +55,16 @@
     return "waiting for the worker\u2026";
   }
 
+  // the instance's own settings and upstream proxy (issue #12; the proxy URL comes redacted)
+  function ownSettings(inst) {
+    const parts = [];
+    if (inst.proxy_url) parts.push("upstream proxy " + inst.proxy_url);
+    const own = inst.settings || {};
+    const keys = Object.keys(own).sort();
+    if (keys.length) parts.push("settings: " + keys.map((k) => k + "=" + JSON.stringify(own[k])).join(", "));
+    return parts.join(" \u00b7 ");
+  }
+
   function instanceCard(inst) {
     const card = el("article", { class: "instance", "data-instance-id": inst.id });
     const head = el("header");
@@ -64,7 +74,8 @@
     const scan = el("button", { type: "button", class: "sim", "data-action": "scan" }, "Scan (simulator)");
     scan.hidden = true;
     scan.addEventListener("click", () => control(inst.id, "scan", {}, card.querySelector(".detail")));
-    card.append(head, el("p", { class: "detail", "data-field": "detail" }), img, scan);
+    card.append(head, el("p", { class: "detail", "data-field": "detail" }),
+      el("p", { class: "own-settings", "data-field": "settings" }), img, scan);
     return card;
   }
 
@@ -84,6 +95,9 @@
       status.className = "status status-" + shown;
       const text = card.querySelector('[data-field="detail"]');
       if (!text.dataset.pinned) text.textContent = detail(inst);
+      const own = card.querySelector('[data-field="settings"]');
+      own.textContent = ownSettings(inst);
+      own.hidden = !own.textContent;
       card.querySelector('button[data-action="scan"]').hidden = !(simulator() && inst.status === "CONNECTING" && inst.qr_code);
       const img = card.querySelector('[data-field="qr"]');
       if (inst.qr_code) {
