@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wa-worker: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.LOG_LEVEL.value,
-                  [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url)],
+                  [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url),
+                   *url_secrets(settings.database_url or "")],
                   settings.LOG_FORMAT.value)
     if settings.WA_BACKEND.value == "neonize":
         from .backends.neonize.loading import ensure_bot_tag  # the simulator never loads neonize code

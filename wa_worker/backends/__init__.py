@@ -25,4 +25,5 @@ def make_backend(settings: "Settings") -> "Backend":
     configure_bot_tag(settings.WA_BOT_BADGE)  # before neonize is first imported
     from .neonize import NeonizeBackend  # only now: the bot tag must be set first
 
-    return NeonizeBackend(auth, connect_timeout_s=settings.CONNECT_TIMEOUT_S)
+    return NeonizeBackend(auth, connect_timeout_s=settings.CONNECT_TIMEOUT_S, database_url=settings.database_url,
+                          database_idle_timeout_s=settings.DATABASE_IDLE_TIMEOUT_S)
