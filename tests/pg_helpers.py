@@ -119,8 +119,9 @@ def sql_literal(value: Any) -> str:
 class PgServer:
     """A PostgreSQL server owned by the test run (started unprivileged when root)."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, max_connections: int = 50) -> None:
         self.bindir = bindir
+        self.max_connections = max_connections
         self.host = "127.0.0.1"
         self.port = 0
         self.user = "postgres"
@@ -176,7 +177,7 @@ class PgServer:
                     [str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port),
                      "-k", str(self.base_dir), "-c", "listen_addresses=127.0.0.1",
                      "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                     "-c", "max_connections=50", "-c", "shared_buffers=32MB"],
+                     "-c", f"max_connections={self.max_connections}", "-c", "shared_buffers=32MB"],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env=_clean_env(), cwd=self.base_dir, start_new_session=True,
                     **self._popen_kwargs(),

@@ -237,6 +237,10 @@ def test_the_go_dsn_gets_the_idle_bound_and_one_sslmode_rule() -> None:
     assert go == "postgres://u:p@h/db?sslmode=require&options=-c%20idle_session_timeout%3D60000"
     own, go = store_urls("postgres://u:p@h/db?sslmode=disable", 0)
     assert own == go == "postgres://u:p@h/db?sslmode=disable"
+    # lib/pq-only parameters (PgBouncer's transaction mode) reach Go only: libpq refuses them
+    own, go = store_urls("postgres://u:p@h:6432/db?sslmode=disable&binary_parameters=yes", 0)
+    assert own == "postgres://u:p@h:6432/db?sslmode=disable"
+    assert go == "postgres://u:p@h:6432/db?sslmode=disable&binary_parameters=yes"
     # an operator's own options (e.g. for a pooler) are left alone
     _, go = store_urls("postgres://u:p@h/db?sslmode=disable&options=-c%20search_path%3Dwa", 60)
     assert go == "postgres://u:p@h/db?sslmode=disable&options=-c%20search_path%3Dwa"

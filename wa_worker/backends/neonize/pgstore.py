@@ -49,19 +49,27 @@ def _with_params(url: str, extra: dict[str, str]) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(pairs, quote_via=quote), parts.fragment))
 
 
+#: lib/pq parameters libpq refuses ("invalid URI query parameter"): for goneonize's DSN only
+GO_ONLY_PARAMS = frozenset({"binary_parameters", "disable_prepared_binary_result"})
+
+
 def store_urls(url: str, idle_timeout_s: float) -> tuple[str, str]:
     """(the URL our own connection uses, the DSN handed to goneonize).
 
     * no ``sslmode`` → ``require`` on both sides: lib/pq 1.12 (inside goneonize)
       defaults to it and libpq to ``prefer``; one rule for both;
     * ``idle_timeout_s`` > 0 → goneonize's DSN gets
-      ``options=-c idle_session_timeout=<ms>`` (unless ``options`` is set: then it is left alone).
+      ``options=-c idle_session_timeout=<ms>`` (unless ``options`` is set: then it is left alone);
+    * lib/pq-only parameters (``binary_parameters=yes``, which PgBouncer's transaction
+      mode needs) stay out of our own URL.
     """
     query = dict(parse_qsl(urlsplit(url).query))
-    own = url if "sslmode" in query else _with_params(url, {"sslmode": "require"})
-    go = own
+    go = url if "sslmode" in query else _with_params(url, {"sslmode": "require"})
+    parts = urlsplit(go)
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in GO_ONLY_PARAMS]
+    own = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(kept, quote_via=quote), parts.fragment))
     if idle_timeout_s > 0 and "options" not in query:
-        go = _with_params(own, {"options": f"-c idle_session_timeout={int(idle_timeout_s * 1000)}"})
+        go = _with_params(go, {"options": f"-c idle_session_timeout={int(idle_timeout_s * 1000)}"})
     return own, go
 
 
