@@ -10,7 +10,11 @@ import asyncio
 import itertools
 import os
 import secrets
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ import pytest
 
 from tests.neonize_helpers import Recorder, StalledProxy, jid, push_event, wait_no_go_threads
 from tests.pg_helpers import PgServer, pg_server  # noqa: F401 - the fixture
+from tests.proc import start_worker, worker_env
 from wa_worker.backends.base import Disconnected
 from wa_worker.backends.neonize import NeonizeBackend
 from wa_worker.backends.neonize.loading import NeonizeLib
@@ -217,6 +222,41 @@ def test_an_unreachable_database_fails_the_start_without_the_password(tmp_path: 
         assert "s3cret-pass" not in text and "postgres://***@127.0.0.1:9/wa" in text
 
     asyncio.run(main())
+
+
+def test_the_worker_process_keeps_sessions_in_the_database_or_refuses_to_start(sessions_db, tmp_path: Path) -> None:
+    """``wa-worker`` with DATABASE_URL: it creates wa_worker_sessions and serves; with an
+    unreachable database it prints one line without the password and exits 2."""
+    server, db, url = sessions_db
+    env = worker_env(tmp_path, "http://127.0.0.1:9", WA_BACKEND="neonize", NEONIZE_BOT_TAG="off",
+                     DATABASE_URL="postgres://wa:s3cret-pass@127.0.0.1:9/wa?sslmode=disable")
+    res = subprocess.run([sys.executable, "-m", "wa_worker"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "DATABASE_URL: session store (postgres://***@127.0.0.1:9/wa" in res.stderr
+    assert "s3cret-pass" not in res.stderr + res.stdout
+
+    env["DATABASE_URL"] = url
+    proc = start_worker(env, tmp_path, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 30
+        while server.scalar("select to_regclass('wa_worker_sessions') is not null", db) is not True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.1)
+        while True:  # the table came first (the start-up check), the HTTP server next
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{env['PORT']}/health", timeout=5) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                time.sleep(0.1)
+        assert not (tmp_path / "auth").exists() or not any((tmp_path / "auth").iterdir())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    log = (tmp_path / "worker.log").read_text()
+    assert "neonize sessions in PostgreSQL: postgresql://***@127.0.0.1" in log
 
 
 def test_database_url_is_validated_without_echoing_it() -> None:

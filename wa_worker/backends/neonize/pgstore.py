@@ -82,7 +82,7 @@ class PgSessionStore:
         check_database_url(url)
         self.url, self.go_dsn = store_urls(url, idle_timeout_s)
         self.connect_timeout_s = connect_timeout_s
-        self._secrets = url_secrets(url)
+        self._secrets = url_secrets(url, user_alone_is_secret=False)
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
 
