@@ -87,6 +87,9 @@ class NeonizeBackend(Backend):
         self._token: EventLoopToken | None = None
         self._stack: AsyncExitStack | None = None
         self._sessions: dict[str, NeonizeSession] = {}
+        # DATABASE_URL: the paired instances, read at start and kept by this worker's own
+        # pairings and logouts, so has_session() never waits for the database on the loop
+        self._paired: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -100,6 +103,7 @@ class NeonizeBackend(Backend):
             stack.callback(self._forget_services)
             if self.pg is not None:  # unreachable: SessionStoreUnavailable (an OSError) ends the start
                 await anyio.to_thread.run_sync(self.pg.open)
+                self._paired = set(await anyio.to_thread.run_sync(self.pg.paired_instances))
                 stack.callback(self.pg.close)
                 self.log.info("neonize sessions in PostgreSQL: %s", self.pg.display)
             self.relay = await stack.enter_async_context(
@@ -164,17 +168,18 @@ class NeonizeBackend(Backend):
 
     def has_session(self, instance_id: str) -> bool:
         """True only for a *paired* store (see :func:`store.is_paired`); with
-        ``database_url``, a mapped device that whatsmeow still holds. A database
-        that cannot be read raises :class:`SessionStoreUnavailable` (an OSError)."""
+        ``database_url``, an instance mapped to a device whatsmeow held when this
+        backend started or that paired since (answered from memory: one worker per
+        database until leases exist, docs/fleet.md)."""
         if not is_valid_instance_id(instance_id):
             return False
         if self.pg is not None:
-            return self.pg.is_paired(instance_id)
+            return instance_id in self._paired
         return is_paired(self.auth_dir(instance_id) / DB_NAME, self.log)
 
     def stored_instances(self) -> list[str]:
         if self.pg is not None:
-            return [i for i in self.pg.paired_instances() if is_valid_instance_id(i)]
+            return sorted(i for i in self._paired if is_valid_instance_id(i))
         return super().stored_instances()
 
     async def forget_session(self, instance_id: str) -> None:
@@ -182,16 +187,23 @@ class NeonizeBackend(Backend):
         if self.pg is None:
             await super().forget_session(instance_id)
             return
+        self._paired.discard(instance_id)
         await self._pg_call(self.pg.forget, instance_id)
 
     async def stored_device(self, instance_id: str) -> str | None:
         """Shared database: the device JID instance ``instance_id`` must open (None: a new device)."""
         assert self.pg is not None
-        return await self._pg_call(self.pg.device_for, instance_id)
+        device = await self._pg_call(self.pg.device_for, instance_id)
+        if device is None:
+            self._paired.discard(instance_id)
+        else:
+            self._paired.add(instance_id)
+        return device
 
     async def remember_device(self, instance_id: str, jid: str) -> None:
         assert self.pg is not None
         await self._pg_call(self.pg.remember, instance_id, jid)
+        self._paired.add(instance_id)
 
     async def _pg_call(self, fn: Callable[..., T], *args: Any) -> T:
         """A session-store call in a worker thread; its failure as a BackendError."""

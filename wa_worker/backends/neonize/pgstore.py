@@ -195,16 +195,6 @@ class PgSessionStore:
 
         return self._run("forget the device", step)
 
-    def is_paired(self, instance_id: str) -> bool:
-        def step(cur: psycopg.Cursor[Any]) -> bool:
-            if not self._has_devices(cur):
-                return False
-            cur.execute("select 1 from wa_worker_sessions s join whatsmeow_device d on d.jid = s.jid "
-                        "where s.instance_id = %s", (instance_id,))
-            return cur.fetchone() is not None
-
-        return self._run("read the device", step)
-
     def paired_instances(self) -> list[str]:
         def step(cur: psycopg.Cursor[Any]) -> list[str]:
             if not self._has_devices(cur):
