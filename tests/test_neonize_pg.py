@@ -28,6 +28,7 @@ from wa_worker.backends.neonize import NeonizeBackend
 from wa_worker.backends.neonize.loading import NeonizeLib
 from wa_worker.backends.neonize.pgstore import SessionStoreUnavailable, store_urls
 from wa_worker.config import ConfigError, load_settings
+from wa_worker.doctor import FAIL, OK, local_checks
 
 pytestmark = [pytest.mark.neonize, pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -257,6 +258,18 @@ def test_the_worker_process_keeps_sessions_in_the_database_or_refuses_to_start(s
         proc.wait(timeout=30)
     log = (tmp_path / "worker.log").read_text()
     assert "neonize sessions in PostgreSQL: postgresql://***@127.0.0.1" in log
+
+
+def test_doctor_checks_the_database(sessions_db, tmp_path: Path) -> None:
+    server, db, url = sessions_db
+    base = {"EDGE_BASE_URL": "http://127.0.0.1:1", "WORKER_SECRET": "x" * 16, "AUTH_DIR": tmp_path / "a",
+            "STATE_DB": tmp_path / "s.db"}
+    row = next(c for c in local_checks(load_settings(**base, DATABASE_URL=url)) if c.name == "DATABASE_URL")
+    assert row.mark == OK and "reachable" in row.detail, row
+    assert server.scalar("select to_regclass('wa_worker_sessions') is not null", db) is True
+    bad = "postgres://wa:s3cret-pass@127.0.0.1:9/wa?sslmode=disable"
+    row = next(c for c in local_checks(load_settings(**base, DATABASE_URL=bad)) if c.name == "DATABASE_URL")
+    assert row.mark == FAIL and "connection failed" in row.detail and "s3cret-pass" not in row.detail, row
 
 
 def test_database_url_is_validated_without_echoing_it() -> None:
