@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import pwd
 import resource
 import shutil
 import socket
@@ -43,7 +42,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.pg_helpers import PgServer, find_pg_bindir  # (after the path change above)
+from tests.pg_helpers import PgBouncer, PgServer, find_pg_bindir, pgbouncer_client_connections  # (after the path change)
 
 IDLE_S = 5.0
 POOL = 10
@@ -68,82 +67,13 @@ def cpu_s() -> float:
     return round(ru.ru_utime + ru.ru_stime, 1)
 
 
-# ------------------------------------------------------------------ PgBouncer
-
-
-class Bouncer:
-    """PgBouncer in transaction mode in front of ``server`` (runs as the server's OS user)."""
-
-    def __init__(self, server: PgServer, dbname: str) -> None:
-        self.server, self.dbname = server, dbname
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="wa-pgb-"))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
-        (self.dir / "pgbouncer.ini").write_text(f"""[databases]
-{self.dbname} = host=127.0.0.1 port={self.server.port} dbname={self.dbname}
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {self.port}
-unix_socket_dir =
-auth_type = trust
-auth_file = {self.dir}/users.txt
-admin_users = postgres
-pool_mode = transaction
-default_pool_size = {POOL}
-max_client_conn = 5000
-client_idle_timeout = {int(IDLE_S)}
-ignore_startup_parameters = extra_float_digits,options
-logfile = {self.dir}/pgbouncer.log
-""")
-        (self.dir / "users.txt").write_text('"postgres" ""\n')
-        kw: dict[str, Any] = {}
-        if user is not None:
-            for p in (self.dir, *self.dir.iterdir()):
-                os.chown(p, user.pw_uid, user.pw_gid)
-            kw = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        self.proc = subprocess.Popen(["pgbouncer", str(self.dir / "pgbouncer.ini")], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT, start_new_session=True, **kw)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError("pgbouncer did not start")
-
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.dbname}?sslmode=disable&binary_parameters=yes"
-
-    def errors(self) -> list[str]:
-        log = (self.dir / "pgbouncer.log").read_text(errors="replace") if (self.dir / "pgbouncer.log").exists() else ""
-        # client_idle_timeout closing a leaked pool's connection is the point, not an error
-        return [ln for ln in log.splitlines()
-                if (" ERROR " in ln or " WARNING " in ln) and "client_idle_timeout" not in ln][:5]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def bouncer_clients(server: PgServer, port: int, dbname: str) -> int:
-    """Client connections PgBouncer holds for ``dbname`` (SHOW POOLS: cl_active + cl_waiting)."""
-    out = subprocess.run([str(server.bindir / "psql"), "-X", "-A", "-t", "-F", ",", "-h", "127.0.0.1",
-                          "-p", str(port), "-U", "postgres", "-d", "pgbouncer", "-c", "SHOW POOLS"],
-                         capture_output=True, text=True, timeout=10)
-    total = 0
-    for line in out.stdout.splitlines():
-        cols = line.split(",")
-        if len(cols) > 3 and cols[0] == dbname:
-            total += int(cols[2]) + int(cols[3])
-    return total
-
-
 # ------------------------------------------------------------------ one run (a subprocess)
+
+
+def pgbouncer_errors(log: str) -> list[str]:
+    """Its ERROR/WARNING lines, but client_idle_timeout closing a leaked pool's connection (the point)."""
+    return [ln for ln in log.splitlines()
+            if (" ERROR " in ln or " WARNING " in ln) and "client_idle_timeout" not in ln][:5]
 
 
 def conns(server: PgServer, dbname: str, *, own: bool = False) -> int:
@@ -218,11 +148,11 @@ async def run_once(n: int, url: str | None, idle_s: float, server: PgServer, dbn
                                   "end": conns(server, dbname, own=own),
                                   "failures": sorted(set(reasons.values()))}
             if bouncer_port is not None:
-                out[f"round{rnd}"]["bouncer_clients"] = bouncer_clients(server, bouncer_port, dbname)
+                out[f"round{rnd}"]["bouncer_clients"] = pgbouncer_client_connections(server, bouncer_port, dbname)
         await asyncio.sleep(8.0)
         out["idle_8s"] = {"conns": conns(server, dbname, own=own)}
         if bouncer_port is not None:
-            out["idle_8s"]["bouncer_clients"] = bouncer_clients(server, bouncer_port, dbname)
+            out["idle_8s"]["bouncer_clients"] = pgbouncer_client_connections(server, bouncer_port, dbname)
         out["process"] = {"rss_mb": round(rss_kb() / 1024, 1), "cpu_s": round(cpu_s() - t_cpu0, 1),
                           "threads": len(os.listdir("/proc/self/task")), "fds": len(os.listdir("/proc/self/fd"))}
         for s in sessions:
@@ -269,7 +199,7 @@ def main() -> int:
                 url: str | None = server.dsn(db) + "?sslmode=disable" if mode != "sqlite" else None
                 idle_s = {"direct": 0.0, "idle": IDLE_S, "pgbouncer": 0.0, "sqlite": 0.0}[mode]
                 if mode == "pgbouncer":
-                    bouncer = Bouncer(server, db)
+                    bouncer = PgBouncer(server, db, pool_size=POOL, client_idle_timeout_s=int(IDLE_S))
                     bouncer.start()
                     url = bouncer.url()
                 spec = {"n": n, "url": url, "idle_s": idle_s, "db": db, "bindir": str(bindir), "port": server.port,
@@ -278,7 +208,7 @@ def main() -> int:
                     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
                                           text=True, timeout=1800, cwd=ROOT)
                 finally:
-                    errors = bouncer.errors() if bouncer else []
+                    errors = pgbouncer_errors(bouncer.log_tail(1_000_000)) if bouncer else []
                     if bouncer:
                         bouncer.stop()
                 line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.neonize_helpers import Recorder, StalledProxy, jid, push_event, wait_no_go_threads
-from tests.pg_helpers import PgServer, pg_server  # noqa: F401 - the fixture
+from tests.pg_helpers import PgBouncer, PgServer, pg_server  # noqa: F401 - the fixture
 from tests.proc import start_worker, worker_env
 from wa_worker.backends.base import Disconnected
 from wa_worker.backends.neonize import NeonizeBackend
@@ -90,63 +90,77 @@ def whatsmeow_conns(server: PgServer, db: str) -> int:
                              "and coalesce(application_name, '') = ''"))
 
 
-# long: one story across a restart, each step checked against the database and Go
-def test_pairing_maps_the_instance_and_a_restart_reopens_its_own_device(sessions_db, tmp_path: Path) -> None:
+@pytest.mark.parametrize("via", ["direct", "pgbouncer"])
+def test_pairing_maps_the_instance_and_a_restart_reopens_its_own_device(sessions_db, tmp_path: Path, via) -> None:
+    """Also through PgBouncer in transaction mode (``binary_parameters=yes`` for lib/pq,
+    ``DATABASE_IDLE_TIMEOUT_S=0``): whatsmeow's schema, device load by JID, writes, cascade."""
     server, db, url = sessions_db
+    bouncer = None
+    if via == "pgbouncer":
+        bouncer = PgBouncer(server, db, pool_size=2)
+        bouncer.start()
+        url = bouncer.url()
+    try:
+        asyncio.run(_pairing_story(server, db, url, tmp_path, idle_s=0.0 if bouncer else 60.0))
+    finally:
+        if bouncer is not None:
+            log = bouncer.log_tail()
+            bouncer.stop()
+            assert " ERROR " not in log, log
 
-    async def main() -> None:
-        async with StalledProxy() as stalled:
-            def make() -> NeonizeBackend:
-                return NeonizeBackend(tmp_path / "auth", connect_timeout_s=30, upstream_proxy=stalled.url,
-                                      database_url=url)
 
-            backend = make()
-            async with backend:
-                assert not backend.has_session("acme") and backend.stored_instances() == []
-                seed = await dialing(backend, "seed", Recorder())  # its Go start creates whatsmeow's tables
-                await seed.close()
-                fabricate_device(server, db, FIRST)  # another account, stored first
+# long: one story across a restart, each step checked against the database and Go
+async def _pairing_story(server: PgServer, db: str, url: str, tmp_path: Path, idle_s: float) -> None:
+    async with StalledProxy() as stalled:
+        def make() -> NeonizeBackend:
+            return NeonizeBackend(tmp_path / "auth", connect_timeout_s=30, upstream_proxy=stalled.url,
+                                  database_url=url, database_idle_timeout_s=idle_s)
 
-                rec = Recorder()
-                session = await dialing(backend, "acme", rec)
-                # a new device, never "the first stored" (that would be somebody else's account)
-                assert await loaded_device(session) == ""
-                # the phone scanned: whatsmeow stored the device, then told us
-                fabricate_device(server, db, ACME)
-                att = session._attempt
-                await push_event(att.callbacks, att.uuid, PAIR,
-                                 NeonizeLib.get().pb.PairStatus(Status=2, ID=jid("5511999990002", device=3)))
-                rows = server.query("select instance_id, jid from wa_worker_sessions", db)
-                assert rows == [{"instance_id": "acme", "jid": ACME}]
-                assert backend.has_session("acme") and backend.stored_instances() == ["acme"]
-                assert not (tmp_path / "auth" / "acme").exists()  # nothing on disk
-                await session.close()
-            await wait_no_go_threads(10)
+        backend = make()
+        async with backend:
+            assert not backend.has_session("acme") and backend.stored_instances() == []
+            seed = await dialing(backend, "seed", Recorder())  # its Go start creates whatsmeow's tables
+            await seed.close()
+            fabricate_device(server, db, FIRST)  # another account, stored first
 
-            backend = make()  # a restart (or another worker on the same database)
-            async with backend:
-                assert backend.stored_instances() == ["acme"]
-                session = await dialing(backend, "acme", Recorder())
-                assert await loaded_device(session) == ACME
-                # whatsmeow's own store writes land under that device
-                nz = NeonizeLib.get()
-                contact = jid("5511888880000").SerializeToString()
-                att = session._attempt
-                await session._go_call("PutPushName", lambda: nz.gocode.PutPushName(att.uuid, contact, len(contact),
-                                                                                   b"Alice"), timeout_s=10)
-                assert server.query("select our_jid, push_name from whatsmeow_contacts", db) == [
-                    {"our_jid": ACME, "push_name": "Alice"}]
-                await session.close()
+            rec = Recorder()
+            session = await dialing(backend, "acme", rec)
+            # a new device, never "the first stored" (that would be somebody else's account)
+            assert await loaded_device(session) == ""
+            # the phone scanned: whatsmeow stored the device, then told us
+            fabricate_device(server, db, ACME)
+            att = session._attempt
+            await push_event(att.callbacks, att.uuid, PAIR,
+                             NeonizeLib.get().pb.PairStatus(Status=2, ID=jid("5511999990002", device=3)))
+            rows = server.query("select instance_id, jid from wa_worker_sessions", db)
+            assert rows == [{"instance_id": "acme", "jid": ACME}]
+            assert backend.has_session("acme") and backend.stored_instances() == ["acme"]
+            assert not (tmp_path / "auth" / "acme").exists()  # nothing on disk
+            await session.close()
+        await wait_no_go_threads(10)
 
-                # the phone logged the device out: the runner forgets the session
-                await backend.forget_session("acme")
-                assert server.query("select * from wa_worker_sessions", db) == []
-                assert server.query("select jid from whatsmeow_device order by jid", db) == [{"jid": FIRST}]
-                assert server.query("select * from whatsmeow_contacts", db) == []  # cascaded
-                assert not backend.has_session("acme") and backend.stored_instances() == []
-            await wait_no_go_threads(10)
+        backend = make()  # a restart (or another worker on the same database)
+        async with backend:
+            assert backend.stored_instances() == ["acme"]
+            session = await dialing(backend, "acme", Recorder())
+            assert await loaded_device(session) == ACME
+            # whatsmeow's own store writes land under that device
+            nz = NeonizeLib.get()
+            contact = jid("5511888880000").SerializeToString()
+            att = session._attempt
+            await session._go_call("PutPushName", lambda: nz.gocode.PutPushName(att.uuid, contact, len(contact),
+                                                                               b"Alice"), timeout_s=10)
+            assert server.query("select our_jid, push_name from whatsmeow_contacts", db) == [
+                {"our_jid": ACME, "push_name": "Alice"}]
+            await session.close()
 
-    asyncio.run(main())
+            # the phone logged the device out: the runner forgets the session
+            await backend.forget_session("acme")
+            assert server.query("select * from wa_worker_sessions", db) == []
+            assert server.query("select jid from whatsmeow_device order by jid", db) == [{"jid": FIRST}]
+            assert server.query("select * from whatsmeow_contacts", db) == []  # cascaded
+            assert not backend.has_session("acme") and backend.stored_instances() == []
+        await wait_no_go_threads(10)
 
 
 def test_a_mapping_whose_device_is_gone_pairs_again_instead_of_crashing_go(sessions_db, tmp_path: Path) -> None:
