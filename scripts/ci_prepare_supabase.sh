@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what tests/test_supabase_kit.py needs, on a fresh machine or CI:
-#   * PostgreSQL 15 server binaries (Debian package postgresql-15), only if missing;
+#   * PostgreSQL 15 server binaries (Debian package postgresql-15) and PgBouncer (pgbouncer),
+#     only if missing;
 #   * Deno and postgres.js from the npm registry into supabase/.test-cache/
 #     (gitignored), only if missing.
 # Idempotent and quiet: prints nothing on success, a short message on failure.
@@ -16,17 +17,29 @@ have_pg() {
     [ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/postgres" ] && [ -x "$PG_BIN/psql" ]
 }
 
-if ! have_pg; then
-    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-        echo "ci_prepare_supabase: PostgreSQL 15 missing and cannot apt-get install it" >&2
-        exit 1
-    fi
+have_pgbouncer() {
+    command -v pgbouncer >/dev/null 2>&1
+}
+
+can_apt() {
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
+}
+
+if ! have_pg && ! can_apt; then
+    echo "ci_prepare_supabase: PostgreSQL 15 missing and cannot apt-get install it" >&2
+    exit 1
+fi
+need=()
+have_pg || need+=(postgresql-15)
+# tests/test_neonize_pg.py (sessions through a transaction pooler); without root it only skips that test
+have_pgbouncer || ! can_apt || need+=(pgbouncer)
+if [ "${#need[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     log="$(mktemp)"
-    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql-15; } >"$log" 2>&1; then
+    if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}"; } >"$log" 2>&1; then
         tail -n 20 "$log" >&2
         rm -f "$log"
-        echo "ci_prepare_supabase: apt-get install postgresql-15 failed" >&2
+        echo "ci_prepare_supabase: apt-get install ${need[*]} failed" >&2
         exit 1
     fi
     rm -f "$log"

@@ -12,6 +12,7 @@ root conftest's ``pytest_plugins``)::
   ``supabase/migrations/*.sql`` applied, plus helpers to insert instances
   and outbound rows and read every table back.
 * ``clean_wa_db`` (function) -> the same :class:`WaDb`, emptied first.
+* :class:`PgBouncer` - PgBouncer (transaction mode) in front of one database.
 * ``edge_function`` (session) -> :class:`EdgeFunction`: the real
   ``supabase/functions/worker-proxy`` under Deno (npm ``deno`` package,
   installed into ``supabase/.test-cache``) against ``wa_db``;
@@ -119,8 +120,9 @@ def sql_literal(value: Any) -> str:
 class PgServer:
     """A PostgreSQL server owned by the test run (started unprivileged when root)."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, max_connections: int = 50) -> None:
         self.bindir = bindir
+        self.max_connections = max_connections
         self.host = "127.0.0.1"
         self.port = 0
         self.user = "postgres"
@@ -176,7 +178,7 @@ class PgServer:
                     [str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port),
                      "-k", str(self.base_dir), "-c", "listen_addresses=127.0.0.1",
                      "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                     "-c", "max_connections=50", "-c", "shared_buffers=32MB"],
+                     "-c", f"max_connections={self.max_connections}", "-c", "shared_buffers=32MB"],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env=_clean_env(), cwd=self.base_dir, start_new_session=True,
                     **self._popen_kwargs(),
@@ -289,6 +291,101 @@ def pg_server() -> Iterator[PgServer]:
     """A running PostgreSQL 15 server for the whole test session."""
     with _shared_resource("pg_server", start_pg_server, PgServer.stop) as server:
         yield server
+
+
+# --------------------------------------------------------------- PgBouncer
+
+
+class PgBouncer:
+    """PgBouncer in transaction mode in front of ``server``'s database ``dbname`` (as the
+    server's OS user when root); ``url()`` is a DATABASE_URL for the worker."""
+
+    def __init__(self, server: PgServer, dbname: str, *, pool_size: int = 10, client_idle_timeout_s: int = 0) -> None:
+        self.server, self.dbname = server, dbname
+        self.pool_size, self.client_idle_timeout_s = pool_size, client_idle_timeout_s
+        self.port = 0
+        self.dir = Path(tempfile.mkdtemp(prefix="wa-pgb-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = shutil.which("pgbouncer")
+        if binary is None:
+            unavailable("pgbouncer not found (Debian package pgbouncer)")
+        assert binary is not None
+        self.port = _free_port()
+        (self.dir / "pgbouncer.ini").write_text(f"""[databases]
+{self.dbname} = host=127.0.0.1 port={self.server.port} dbname={self.dbname}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {self.dir}/users.txt
+admin_users = {self.server.user}
+pool_mode = transaction
+default_pool_size = {self.pool_size}
+max_client_conn = 5000
+client_idle_timeout = {self.client_idle_timeout_s}
+ignore_startup_parameters = extra_float_digits,options
+logfile = {self.dir}/pgbouncer.log
+""")
+        (self.dir / "users.txt").write_text(f'"{self.server.user}" ""\n')
+        run_as = self.server._os_user()
+        kwargs: dict[str, Any] = {}
+        if run_as is not None:  # pgbouncer refuses to run as root
+            for path in (self.dir, *self.dir.iterdir()):
+                os.chown(path, run_as.pw_uid, run_as.pw_gid)
+            kwargs = {"user": run_as.pw_uid, "group": run_as.pw_gid, "extra_groups": []}
+        self.proc = subprocess.Popen([binary, str(self.dir / "pgbouncer.ini")], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_clean_env(),
+                                     start_new_session=True, **kwargs)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        log = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"pgbouncer did not start: {log}")
+
+    def url(self) -> str:
+        """lib/pq needs ``binary_parameters=yes`` behind a transaction pooler (docs/fleet.md)."""
+        return (f"postgresql://{self.server.user}@127.0.0.1:{self.port}/{self.dbname}"
+                "?sslmode=disable&binary_parameters=yes")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        with contextlib.suppress(OSError):
+            return (self.dir / "pgbouncer.log").read_text(errors="replace")[-chars:]
+        return ""
+
+    def client_connections(self) -> int:
+        return pgbouncer_client_connections(self.server, self.port, self.dbname)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pgbouncer_client_connections(server: PgServer, port: int, dbname: str) -> int:
+    """Client connections the PgBouncer on ``port`` holds for ``dbname`` (SHOW POOLS:
+    cl_active + cl_waiting), asked through its admin console."""
+    out = subprocess.run([str(server.bindir / "psql"), "-X", "-A", "-t", "-F", ",", "-h", "127.0.0.1",
+                          "-p", str(port), "-U", server.user, "-d", "pgbouncer", "-c", "SHOW POOLS"],
+                         capture_output=True, text=True, timeout=10, env=_clean_env())
+    total = 0
+    for line in out.stdout.splitlines():
+        cols = line.split(",")
+        if len(cols) > 3 and cols[0] == dbname:
+            total += int(cols[2]) + int(cols[3])
+    return total
 
 
 # --------------------------------------------------------- wa-worker schema

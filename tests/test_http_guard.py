@@ -381,3 +381,33 @@ async def test_sockets_filling_the_budget_refuse_connections_instead_of_restarti
         assert not w._stop.is_set() and w.exit_code == 0
         assert "file descriptors nearly exhausted" in w.not_ready_reasons()
         assert proxy.status_of("acme") == "CONNECTED"
+
+
+def test_sockets_closed_by_their_peer_count_as_the_leak():
+    """goneonize's abandoned PostgreSQL pools (DATABASE_URL): the server closes their idle
+    connections, the Go side never does; CLOSE_WAIT sockets are told apart and count
+    toward a restart like leaked files."""
+    budget = FdBudget()
+    assert budget.level(FdUsage(open=980, sockets=900, limit=1000, stale=700)) == "restart"
+    assert budget.level(FdUsage(open=980, sockets=900, limit=1000, stale=100)) == "refuse"
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    clients, before = [], fd_usage()
+    try:
+        for _ in range(3):
+            c = socket.create_connection(server.getsockname())
+            peer, _ = server.accept()
+            peer.close()  # the peer hangs up; nobody closes the client: CLOSE_WAIT
+            clients.append(c)
+        deadline = time.monotonic() + 5
+        while fd_usage().stale < before.stale + 3:
+            assert time.monotonic() < deadline, fd_usage()
+            time.sleep(0.01)
+        assert fd_usage().as_health()["stale_socket_fds"] >= 3
+    finally:
+        for c in clients:
+            c.close()
+        server.close()
+    assert fd_usage().stale == before.stale

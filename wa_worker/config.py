@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,24 @@ class LogLevel(str, enum.Enum):
 class LogFormat(str, enum.Enum):
     TEXT = "text"  # one human line per record
     JSON = "json"  # one JSON object per line, for log shippers (logutil.JsonFormatter)
+
+
+def check_database_url(url: str) -> str:
+    """``url`` if it is a ``postgres://`` / ``postgresql://`` URL naming a host and
+    a database; otherwise ValueError (whose text never holds the URL: it may carry a password)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a port that is not a number
+    except ValueError:
+        raise ValueError("must be a postgres:// URL") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("must be a postgres:// or postgresql:// URL (postgres://user:password@host:5432/dbname)")
+    query = dict(parse_qsl(parts.query))
+    if not (parts.hostname or query.get("host")):
+        raise ValueError("must name a host (postgres://user:password@host:5432/dbname)")
+    if not (parts.path.strip("/") or query.get("dbname")):
+        raise ValueError("must name a database (postgres://user:password@host:5432/dbname)")
+    return url
 
 
 class Settings(BaseSettings):
@@ -100,6 +119,9 @@ class Settings(BaseSettings):
 
     # --- neonize
     WA_BOT_BADGE: bool = False
+    # sessions in PostgreSQL instead of AUTH_DIR (docs/fleet.md); empty: files, as always
+    DATABASE_URL: SecretStr | None = None
+    DATABASE_IDLE_TIMEOUT_S: float = Field(60.0, ge=0, le=86_400)  # 0: leave idle connections open
 
     # --- simulator backend
     SIMULATOR_AUTO_SCAN_MS: int | None = Field(None, ge=0)
@@ -144,6 +166,23 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v
+
+    @field_validator("DATABASE_URL", mode="before")
+    @classmethod
+    def _database_url_empty(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _database_url_valid(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            check_database_url(v.get_secret_value().strip())
+        return v
+
+    @property
+    def database_url(self) -> str | None:
+        """DATABASE_URL in clear (None: sessions stay in AUTH_DIR)."""
+        return self.DATABASE_URL.get_secret_value().strip() if self.DATABASE_URL is not None else None
 
     @field_validator("API_TOKEN", mode="before")
     @classmethod
@@ -308,6 +347,8 @@ DESCRIPTIONS: dict[str, str] = {
     "API_RATE_PER_MINUTE": "direct API requests per token per minute (429 beyond)",
     "API_SEND_WAIT_S": "how long POST /api/instances/{id}/messages waits for the outcome before answering 202",
     "WA_BOT_BADGE": "let neonize mark 1:1 messages with WhatsApp's AI badge",
+    "DATABASE_URL": "neonize sessions in this PostgreSQL database (postgres://…) instead of AUTH_DIR; empty: files",
+    "DATABASE_IDLE_TIMEOUT_S": "with DATABASE_URL: the server closes a session connection idle this long (0: never)",
     "SIMULATOR_AUTO_SCAN_MS": "simulator only: the simulated phone scans each QR after this delay",
     "SIMULATOR_SEND_DELAY_MS": "simulator only: each simulated send takes this long",
 }

@@ -32,7 +32,7 @@ from .instances.manager import InstanceManager
 from .instances.runner import CallPolicy, RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
 from .metrics import MetricSources, WorkerMetrics, package_version
-from .preflight import StartupError, check_paths
+from .preflight import StartupError, check_paths, check_session_store
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
 from .relays.numbers import NumberResolver
@@ -427,12 +427,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wa-worker: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.LOG_LEVEL.value,
-                  [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url)],
+                  [settings.WORKER_SECRET.get_secret_value(), *url_secrets(settings.edge_base_url),
+                   *url_secrets(settings.database_url or "", user_alone_is_secret=False)],
                   settings.LOG_FORMAT.value)
     if settings.WA_BACKEND.value == "neonize":
         from .backends.neonize.loading import ensure_bot_tag  # the simulator never loads neonize code
 
         ensure_bot_tag(settings.WA_BOT_BADGE)  # may restart this process (same pid) once
+        if settings.database_url:
+            try:
+                check_session_store(settings.database_url, settings.DATABASE_IDLE_TIMEOUT_S)
+            except StartupError as exc:
+                print(f"wa-worker: {exc}", file=sys.stderr)
+                return 2
     raise_fd_limit()
     try:
         return anyio.run(_serve, settings)

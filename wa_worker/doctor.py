@@ -2,6 +2,7 @@
 
 It reads the same settings as the daemon (same messages), proves ``AUTH_DIR``
 and ``STATE_DB`` writable as the daemon's start does (creating the folders),
+connects to ``DATABASE_URL`` when set (creating ``wa_worker_sessions``),
 reports the descriptor limit, then asks the proxy, through the worker's own
 edge client, only what changes nothing there:
 
@@ -44,7 +45,7 @@ from .config import ConfigError, Settings, load_settings, placeholder_warnings
 from .edge.client import NOT_FOUND_HINT, SECRET_HINT, EdgeClient, EdgeError, EndpointMissing, InstanceGone, Unauthorized
 from .edge.transport import Reply, Transport
 from .logutil import redact_url
-from .preflight import StartupError, check_auth_dir, check_state_db
+from .preflight import StartupError, check_auth_dir, check_session_store, check_state_db
 
 OK, WARN, FAIL, SKIP = "✓", "!", "✗", "·"
 CLOCK_SKEW_WARN_S = 30.0
@@ -73,6 +74,13 @@ def local_checks(settings: Settings) -> list[Check]:
             out.append(Check(OK, name, f"{path} writable"))
         except StartupError as exc:
             out.append(Check(FAIL, name, str(exc)))
+    if settings.database_url and settings.WA_BACKEND.value == "neonize":
+        try:
+            check_session_store(settings.database_url, settings.DATABASE_IDLE_TIMEOUT_S)
+            out.append(Check(OK, "DATABASE_URL", f"{redact_url(settings.database_url)}: reachable, "
+                                                 "wa_worker_sessions ready"))
+        except StartupError as exc:
+            out.append(Check(FAIL, "DATABASE_URL", str(exc).removeprefix("DATABASE_URL: ")))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     usable = soft if hard == resource.RLIM_INFINITY else hard  # the daemon raises soft to hard at start
     if usable == resource.RLIM_INFINITY or usable >= FD_LIMIT_WARN:

@@ -1,12 +1,14 @@
 """File-descriptor budget.
 
 goneonize 0.5.2 leaks one SQLite descriptor per connection attempt (its Go
-store is never closed), so an instance that keeps failing to dial slowly eats
-the process's descriptors. The worker raises its soft limit to the hard limit
+store is never closed) — with ``DATABASE_URL`` one socket to PostgreSQL, which
+sits in ``CLOSE_WAIT`` once the server closed it (docs/fleet.md) — so an
+instance that keeps failing to dial slowly eats the process's descriptors. The worker raises its soft limit to the hard limit
 at start, shows usage in /health (sockets and everything else apart), fails
 /ready past a warning level, and past a restart level:
 
-* if the leak is the cause — non-socket descriptors (files, SQLite, pipes) make
+* if the leak is the cause — non-socket descriptors (files, SQLite, pipes) and
+  sockets whose peer has closed (``CLOSE_WAIT``: nobody will ever read them) make
   up at least half of the restart level — it stops gracefully with exit code
   75 (EX_TEMPFAIL) so the container's restart policy gives it a fresh budget;
   sessions are resumed from disk in seconds, which beats dying later on EMFILE
@@ -52,20 +54,27 @@ def fd_limit() -> int:
 
 @dataclass(frozen=True)
 class FdUsage:
-    """Open descriptors by kind. ``sockets`` is -1 when they could not be told apart."""
+    """Open descriptors by kind. ``sockets`` is -1 when they could not be told apart;
+    ``stale``: sockets (among ``sockets``) in ``CLOSE_WAIT``, closed by their peer."""
 
     open: int
     sockets: int
     limit: int
+    stale: int = 0
 
     @property
     def files(self) -> int:
         """Everything that is not a socket: files, SQLite, pipes, event fds."""
         return self.open - max(self.sockets, 0)
 
+    @property
+    def leaked(self) -> int:
+        """What a restart gives back: files and sockets whose peer is gone."""
+        return self.files + self.stale
+
     def as_health(self) -> dict[str, int]:
         return {"open_fds": self.open, "fd_limit": self.limit, "socket_fds": self.sockets,
-                "file_fds": self.files}
+                "file_fds": self.files, "stale_socket_fds": self.stale}
 
 
 def fd_usage(fd_dir: str = FD_DIR) -> FdUsage:
@@ -80,21 +89,44 @@ def fd_usage(fd_dir: str = FD_DIR) -> FdUsage:
     except OSError as exc:
         return FdUsage(limit if exc.errno in (errno.EMFILE, errno.ENFILE) else -1, -1, limit)
     opened = sockets = 0
+    inodes: list[str] = []
     for name in names:
         try:
             target = os.readlink(f"{fd_dir}/{name}")
         except OSError:  # closed meanwhile (e.g. the listing's own descriptor)
             continue
         opened += 1
-        sockets += target.startswith("socket:")
-    return FdUsage(opened, sockets, limit)
+        if target.startswith("socket:["):
+            sockets += 1
+            inodes.append(target[8:-1])
+    stale = 0
+    if inodes:
+        waiting = close_wait_inodes()
+        stale = sum(1 for i in inodes if i in waiting)
+    return FdUsage(opened, sockets, limit, stale)
+
+
+def close_wait_inodes(tables: tuple[str, ...] = ("/proc/self/net/tcp", "/proc/self/net/tcp6")) -> set[str]:
+    """Inodes of this network namespace's TCP sockets in ``CLOSE_WAIT`` (state 08)."""
+    found: set[str] = set()
+    for table in tables:
+        try:
+            with open(table) as f:
+                next(f, None)  # the header
+                for line in f:
+                    cols = line.split()
+                    if len(cols) > 9 and cols[3] == "08":
+                        found.add(cols[9])
+        except OSError:
+            continue
+    return found
 
 
 @dataclass
 class FdBudget:
     warn_ratio: float = 0.8
     restart_ratio: float = 0.95
-    leak_share: float = 0.5  # non-socket share of the restart level that makes a restart worth it
+    leak_share: float = 0.5  # leaked share (files, CLOSE_WAIT sockets) of the restart level worth a restart
 
     @staticmethod
     def usage() -> FdUsage:
@@ -106,7 +138,7 @@ class FdBudget:
             return "ok"
         restart_at = u.limit * self.restart_ratio
         if u.open >= restart_at:
-            leaking = u.sockets >= 0 and u.files >= restart_at * self.leak_share
+            leaking = u.sockets >= 0 and u.leaked >= restart_at * self.leak_share
             return "restart" if leaking else "refuse"
         if u.open >= u.limit * self.warn_ratio:
             return "warn"

@@ -42,8 +42,10 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def url_secrets(url: str) -> list[str]:
-    """The credentials inside ``url`` (raw and percent-decoded), for :class:`RedactFilter`."""
+def url_secrets(url: str, *, user_alone_is_secret: bool = True) -> list[str]:
+    """The credentials inside ``url`` (raw and percent-decoded), for :class:`RedactFilter`.
+    A user name without a password counts as a token unless ``user_alone_is_secret`` is
+    False (a database URL: its user is a role name like ``postgres``, not a credential)."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -52,9 +54,10 @@ def url_secrets(url: str) -> list[str]:
     if "@" in parts.netloc:
         userinfo = parts.netloc.rpartition("@")[0]
         user, _, password = userinfo.partition(":")
-        found += [userinfo, password, unquote(password)]
-        if not password:  # a token as the user name
-            found += [user, unquote(user)]
+        if password:
+            found += [userinfo, password, unquote(password)]
+        elif user_alone_is_secret:  # a token as the user name
+            found += [userinfo, user, unquote(user)]
     for chunk in parts.query.split("&"):
         name, eq, value = chunk.partition("=")
         if eq and value and _secret_param(unquote(name)):

@@ -75,3 +75,18 @@ def check_paths(auth_dir: Path, state_db: Path) -> None:
     """Raise :class:`StartupError` for the first problem found."""
     check_auth_dir(auth_dir)
     check_state_db(state_db)
+
+
+def check_session_store(database_url: str, idle_timeout_s: float) -> None:
+    """``DATABASE_URL`` (neonize backend): reachable, and ``wa_worker_sessions``
+    exists (created if missing). One line without the credentials on failure."""
+    # imported here: psycopg is loaded only by workers that keep sessions in PostgreSQL
+    from .backends.neonize.pgstore import PgSessionStore, SessionStoreUnavailable
+
+    store = PgSessionStore(database_url, idle_timeout_s=idle_timeout_s)
+    try:
+        store.open()
+    except SessionStoreUnavailable as exc:
+        raise StartupError(f"DATABASE_URL: {exc}") from None
+    finally:
+        store.close()

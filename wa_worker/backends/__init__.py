@@ -3,6 +3,7 @@ package) and an in-process fake network (``simulator``)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,9 @@ def make_backend(settings: "Settings") -> "Backend":
         # each backend is imported only when chosen: neonize's import has process-wide effects
         from .simulator import SimulatorBackend
 
+        if settings.database_url:
+            logging.getLogger("wa_worker").warning(
+                "DATABASE_URL is ignored by the simulator backend: its sessions stay in AUTH_DIR")
         return SimulatorBackend(auth, auto_scan_ms=settings.SIMULATOR_AUTO_SCAN_MS,
                                 send_delay_s=settings.simulator_send_delay_s)
     from .neonize.loading import configure_bot_tag  # no neonize import yet
@@ -25,4 +29,5 @@ def make_backend(settings: "Settings") -> "Backend":
     configure_bot_tag(settings.WA_BOT_BADGE)  # before neonize is first imported
     from .neonize import NeonizeBackend  # only now: the bot tag must be set first
 
-    return NeonizeBackend(auth, connect_timeout_s=settings.CONNECT_TIMEOUT_S)
+    return NeonizeBackend(auth, connect_timeout_s=settings.CONNECT_TIMEOUT_S, database_url=settings.database_url,
+                          database_idle_timeout_s=settings.DATABASE_IDLE_TIMEOUT_S)

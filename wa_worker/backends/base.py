@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fsutil import wipe_dir
 from ..ids import is_valid_instance_id
 from ..messages import ContactCard, InboundContent, Kind, Location
 
@@ -338,6 +339,11 @@ class Backend(abc.ABC):
             for p in self.auth_root.iterdir()
             if p.is_dir() and is_valid_instance_id(p.name) and self.has_session(p.name)
         )
+
+    async def forget_session(self, instance_id: str) -> None:
+        """The phone logged this device out: remove its stored session (the
+        instance pairs again with a fresh QR). Raises OSError on failure."""
+        wipe_dir(self.auth_dir(instance_id))
 
     @abc.abstractmethod
     async def open_session(self, instance_id: str, sink: EventSink) -> Session:

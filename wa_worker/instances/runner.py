@@ -40,7 +40,6 @@ from ..backends.base import (
 from ..backends.qr import qr_png_data_url
 from ..edge.client import EdgeClient, EdgeError, InstanceGone
 from ..edge.models import QueuedMessage, Status, StatusUpdate
-from ..fsutil import wipe_dir
 from ..storage.journal import JournalUnavailable, JournalWriteError
 from ..supervise import LoopHealth, forever, report_failure
 from ..timing import AdaptiveInterval, Backoff, Clock
@@ -572,7 +571,12 @@ class InstanceRunner:
                 self.status.set(Status.DISCONNECTED, None, reason="logged_out")
                 with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT_S):
                     await session.close()
-                wipe_dir(self.ctx.backend.auth_dir(iid))
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await self.ctx.backend.forget_session(iid)
+                except (OSError, BackendError) as exc:
+                    log.error("%s: the logged-out session could not be removed: %s", iid, exc,
+                              extra={"instance_id": iid})
                 return Outcome.LOGGED_OUT, None
             event = await self._next(rx)
 

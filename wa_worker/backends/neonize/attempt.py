@@ -9,12 +9,12 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .connect_relay import RelayTicket
+from .events import parse_device_jid
 from .gate import GO_GATE, WriterHold
 from .loading import NeonizeLib, log_callback
 
@@ -77,7 +77,7 @@ def new_attempt(
     backend: "NeonizeBackend",
     instance_id: str,
     seq: int,
-    db_path: Path,
+    db: str,
     upstream: str | None,
     go_call: Callable[..., Any],
 ) -> Attempt:
@@ -89,7 +89,7 @@ def new_attempt(
     hold = WriterHold(GO_GATE)
     ticket = backend.relay.issue(instance_id, upstream=upstream, on_first_request=hold.release)
     att = Attempt(seq=seq, uuid=uuid, ticket=ticket, hold=hold)
-    client = nz.NewAClient(str(db_path), uuid=uuid.decode())
+    client = nz.NewAClient(db, uuid=uuid.decode())
     client._stop_finalizer.detach()  # its GC hook calls a blocking Stop() on whatever thread
     client._NewAClient__client = PoolGoCode(go_call, backend.send_timeout_s, backend.media_timeout_s)
     att.client = client
@@ -124,10 +124,25 @@ def make_callbacks(att: Attempt, deliver: Deliver, log: Any, instance_id: str) -
     }
 
 
+def device_selector(device: str | None, shared: bool) -> tuple[bytes, int]:
+    """How ``Neonize()`` picks the device: (serialized JID, new_device flag).
+
+    A file of its own (``shared`` False) holds at most one device: "the first
+    stored" (b"", 0). In a shared database: the instance's own device by JID,
+    or a brand-new one (b"", 1), never "the first stored" (someone else's)."""
+    if device is None:
+        return b"", 1 if shared else 0
+    user, server, dev, agent = parse_device_jid(device)
+    jid = NeonizeLib.get().pb.JID(User=user, Server=server, Device=dev, RawAgent=agent, Integrator=0, IsEmpty=False)
+    return jid.SerializeToString(), 0
+
+
 def neonize_call(
-    att: Attempt, backend: "NeonizeBackend", db_path: Path, arm_net: Callable[[], None]
+    att: Attempt, backend: "NeonizeBackend", db: str, arm_net: Callable[[], None],
+    device: str | None = None, shared: bool = False,
 ) -> Callable[[], str]:
     """The blocking ``Neonize()`` call of ``att`` (returns its error text, "" = clean stop).
+    ``db``: a SQLite path or a postgres DSN; ``device``/``shared``: see :func:`device_selector`.
 
     It is a Go-map writer until its prologue ends: the first relay request or
     callback releases ``att.hold``; ``arm_net()`` (called once the hold is taken)
@@ -138,9 +153,10 @@ def neonize_call(
     subs = (ctypes.c_char * len(SUBSCRIBED_EVENTS)).from_buffer_copy(SUBSCRIBED_EVENTS)
     props = nz.DeviceProps(os=backend.device_name, platformType=nz.DeviceProps.SAFARI).SerializeToString()
     proxy = nz.ProxySettings(proxy_address=att.ticket.proxy_url)._to_c_struct()
-    db = str(db_path).encode()
+    db_name = db.encode()
+    jidbuf, new_device = device_selector(device, shared)
     level = backend.whatsmeow_log_level.encode()
-    att.refs = (cb["qr"], cb["login"], cb["event"], log_cb, subs, props, proxy, db, level)
+    att.refs = (cb["qr"], cb["login"], cb["event"], log_cb, subs, props, proxy, db_name, jidbuf, level)
     gate_wait = max(30.0, backend.connect_timeout_s)
 
     def run() -> str:
@@ -149,7 +165,7 @@ def neonize_call(
         arm_net()
         try:
             err = nz.gocode.Neonize(
-                db, att.uuid, b"", 0, 0, level,
+                db_name, att.uuid, jidbuf, len(jidbuf), new_device, level,
                 cb["qr"], cb["login"], cb["event"], log_cb,
                 subs, len(SUBSCRIBED_EVENTS), props, len(props),
                 b"", 0, ctypes.byref(proxy),

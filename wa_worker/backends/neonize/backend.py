@@ -4,11 +4,12 @@ short-call pool, the task group owning pumps, watchdogs and teardowns)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -19,11 +20,13 @@ from ..base import Backend, BackendError, EventSink
 from .attempt import Attempt
 from .connect_relay import ConnectRelay
 from .loading import NeonizeLib
+from .pgstore import PgSessionStore, SessionStoreUnavailable
 from .session import NeonizeSession
 from .store import DB_NAME, is_paired
 from .threads import CallPool, default_pool_size
 
 UpstreamProxy = str | Callable[[str], str | None] | None
+T = TypeVar("T")
 
 
 class NeonizeBackend(Backend):
@@ -34,7 +37,8 @@ class NeonizeBackend(Backend):
     ``max_threads`` sizes the short-call pool (default 4 per core, 8..64); the
     long-lived ``Neonize()`` calls each get their own thread on top of it.
     ``send_timeout_s`` bounds each short Go call (a send); ``media_timeout_s`` a
-    media upload or download.
+    media upload or download. ``database_url`` (postgres://…) keeps every
+    session in that database instead of ``auth_root`` (docs/fleet.md).
     """
 
     name = "neonize"
@@ -55,6 +59,8 @@ class NeonizeBackend(Backend):
         whatsmeow_log_level: str = "WARN",
         prologue_max_s: float = 5.0,
         gate_timeout_s: float = 10.0,
+        database_url: str | None = None,
+        database_idle_timeout_s: float = 60.0,
     ) -> None:
         super().__init__(Path(auth_root))
         if connect_timeout_s <= 0:
@@ -71,6 +77,9 @@ class NeonizeBackend(Backend):
         self.whatsmeow_log_level = whatsmeow_log_level
         self.prologue_max_s = prologue_max_s
         self.gate_timeout_s = gate_timeout_s
+        # sessions in PostgreSQL instead of AUTH_DIR/<id>/session.db (docs/fleet.md)
+        self.pg = (PgSessionStore(database_url, idle_timeout_s=database_idle_timeout_s)
+                   if database_url else None)
         self.relay: ConnectRelay | None = None
         self.pool: CallPool | None = None
         self.live: set[Attempt] = set()  # attempts whose Neonize() thread still runs
@@ -78,6 +87,9 @@ class NeonizeBackend(Backend):
         self._token: EventLoopToken | None = None
         self._stack: AsyncExitStack | None = None
         self._sessions: dict[str, NeonizeSession] = {}
+        # DATABASE_URL: the paired instances, read at start and kept by this worker's own
+        # pairings and logouts, so has_session() never waits for the database on the loop
+        self._paired: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -89,6 +101,11 @@ class NeonizeBackend(Backend):
             # sets only once per process; point it at the loop we run in
             NeonizeLib.get().aio_events.event_global_loop = asyncio.get_running_loop()
             stack.callback(self._forget_services)
+            if self.pg is not None:  # unreachable: SessionStoreUnavailable (an OSError) ends the start
+                await anyio.to_thread.run_sync(self.pg.open)
+                self._paired = set(await anyio.to_thread.run_sync(self.pg.paired_instances))
+                stack.callback(self.pg.close)
+                self.log.info("neonize sessions in PostgreSQL: %s", self.pg.display)
             self.relay = await stack.enter_async_context(
                 ConnectRelay(dial_timeout_s=self.dial_timeout_s, log=self.log)
             )
@@ -155,10 +172,50 @@ class NeonizeBackend(Backend):
         return up(instance_id) if callable(up) else up
 
     def has_session(self, instance_id: str) -> bool:
-        """True only for a *paired* store (see :func:`store.is_paired`)."""
+        """True only for a *paired* store (see :func:`store.is_paired`); with
+        ``database_url``, an instance mapped to a device whatsmeow held when this
+        backend started or that paired since (answered from memory: one worker per
+        database until leases exist, docs/fleet.md)."""
         if not is_valid_instance_id(instance_id):
             return False
+        if self.pg is not None:
+            return instance_id in self._paired
         return is_paired(self.auth_dir(instance_id) / DB_NAME, self.log)
+
+    def stored_instances(self) -> list[str]:
+        if self.pg is not None:
+            return sorted(i for i in self._paired if is_valid_instance_id(i))
+        return super().stored_instances()
+
+    async def forget_session(self, instance_id: str) -> None:
+        """After a logout: the device and its mapping leave the database (or the folder is wiped)."""
+        if self.pg is None:
+            await super().forget_session(instance_id)
+            return
+        self._paired.discard(instance_id)
+        await self._pg_call(self.pg.forget, instance_id)
+
+    async def stored_device(self, instance_id: str) -> str | None:
+        """Shared database: the device JID instance ``instance_id`` must open (None: a new device)."""
+        assert self.pg is not None
+        device = await self._pg_call(self.pg.device_for, instance_id)
+        if device is None:
+            self._paired.discard(instance_id)
+        else:
+            self._paired.add(instance_id)
+        return device
+
+    async def remember_device(self, instance_id: str, jid: str) -> None:
+        assert self.pg is not None
+        await self._pg_call(self.pg.remember, instance_id, jid)
+        self._paired.add(instance_id)
+
+    async def _pg_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """A session-store call in a worker thread; its failure as a BackendError."""
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+        except SessionStoreUnavailable as exc:
+            raise BackendError(str(exc)) from None
 
     async def open_session(self, instance_id: str, sink: EventSink) -> NeonizeSession:
         if not is_valid_instance_id(instance_id):

@@ -6,6 +6,7 @@ tests). JIDs, timestamps and skipped messages: docs/neonize.md, "Events"."""
 from __future__ import annotations
 
 import base64
+import re
 import time
 from typing import Any
 
@@ -90,6 +91,41 @@ def jid_to_str(jid: Any) -> str | None:
     if not user:
         return server
     return f"{user}@{server}"
+
+
+_DEVICE_JID = re.compile(r"^(?P<user>[^@.:]+)(?:\.(?P<agent>\d+))?(?::(?P<device>\d+))?@(?P<server>[^@:]+)$")
+
+
+def device_jid_text(jid: Any) -> str | None:
+    """The full device JID of a neonize ``JID``, as whatsmeow writes it in
+    ``whatsmeow_device.jid`` (``JID.String()``: ``user[.agent]:device@server``); None if no user."""
+    user = getattr(jid, "User", "") or ""
+    server = getattr(jid, "Server", "") or ""
+    if not user or not server:
+        return None
+    agent, device = int(getattr(jid, "RawAgent", 0) or 0), int(getattr(jid, "Device", 0) or 0)
+    if agent > 0:
+        return f"{user}.{agent}:{device}@{server}"
+    return f"{user}:{device}@{server}" if device > 0 else f"{user}@{server}"
+
+
+def parse_device_jid(text: str) -> tuple[str, str, int, int]:
+    """``user[.agent][:device]@server`` → (user, server, device, agent); ValueError otherwise."""
+    m = _DEVICE_JID.match(text)
+    if m is None:
+        raise ValueError(f"not a device JID: {text!r}")
+    return m["user"], m["server"], int(m["device"] or 0), int(m["agent"] or 0)
+
+
+def own_device_jid(ev: Any) -> str | None:
+    """The full device JID of our own account carried by a ``Device`` event or a
+    successful ``PairStatus`` (None for any other event)."""
+    name = ev.DESCRIPTOR.name
+    if name == "Device" and _has(ev, "JID"):
+        return device_jid_text(ev.JID)
+    if name == "PairStatus" and ev.Status == PAIR_STATUS_SUCCESS and _has(ev, "ID"):
+        return device_jid_text(ev.ID)
+    return None
 
 
 def timestamp_seconds(raw: int | float | None) -> float:

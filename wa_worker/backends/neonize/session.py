@@ -35,7 +35,7 @@ from ..base import (
 )
 from ..base import SessionState as SessionState  # re-exported by the package
 from .attempt import MEDIA_CALLS, Attempt, make_callbacks, neonize_call, new_attempt
-from .events import identity_from_event, is_terminal, jid_to_str, map_event, map_login_status
+from .events import identity_from_event, is_terminal, jid_to_str, map_event, map_login_status, own_device_jid
 from .gate import gated_call
 from .loading import NeonizeLib, jid_proto
 from .media import classify_download_error, message_from_handle, write_media
@@ -66,6 +66,7 @@ class NeonizeSession(Session):
         self.own_jid: str | None = None
         self.push_name: str | None = None
         self.upstream_proxy: str | None = None  # overrides the backend's choice when set
+        self._device: str | None = None  # shared database: the device JID this instance is mapped to
         self.log = backend.log
 
     @property
@@ -94,8 +95,13 @@ class NeonizeSession(Session):
             self.backend.require_started()
             if self._closed:  # closed while we waited
                 raise BackendError(f"session {self.instance_id} is closed")
-            prepare_store(self.backend.auth_root, self.auth_dir)
-            self._start_attempt()
+            device: str | None = None
+            if self.backend.pg is None:
+                prepare_store(self.backend.auth_root, self.auth_dir)
+            else:
+                device = await self.backend.stored_device(self.instance_id)
+                self._device = device
+            self._start_attempt(device)
 
     def _live_attempt(self) -> Attempt:
         attempt = self._attempt
@@ -299,17 +305,19 @@ class NeonizeSession(Session):
 
     # ------------------------------------------------------------------ attempts
 
-    def _start_attempt(self) -> None:
+    def _start_attempt(self, device: str | None = None) -> None:
         backend = self.backend
         self._seq += 1
+        shared = backend.pg is not None
+        db = backend.pg.go_dsn if backend.pg is not None else str(self.db_path)
         try:
             upstream = self.upstream_proxy or backend.upstream_for(self.instance_id)
-            attempt = new_attempt(backend, self.instance_id, self._seq, self.db_path, upstream, self._go_call)
+            attempt = new_attempt(backend, self.instance_id, self._seq, db, upstream, self._go_call)
         except ValueError as exc:
             raise BackendError(f"instance {self.instance_id}: bad upstream proxy: {exc}") from None
         attempt.callbacks = make_callbacks(attempt, self._deliver, self.log, self.instance_id)
         attempt.thread = run_in_dedicated_thread(
-            neonize_call(attempt, backend, self.db_path, functools.partial(self._arm_prologue_net, attempt)),
+            neonize_call(attempt, backend, db, functools.partial(self._arm_prologue_net, attempt), device, shared),
             name=f"neonize-{self.instance_id}-{attempt.seq}",
             on_done=functools.partial(self._thread_done, attempt),
             token=backend.token,
@@ -349,6 +357,8 @@ class NeonizeSession(Session):
     async def _on_go(self, attempt: Attempt, kind: str, payload: Any) -> None:
         if self._closed:
             return
+        if kind == "event" and self.backend.pg is not None and attempt is self._attempt:
+            await self._remember_device(payload)
         event = self._map(attempt, kind, payload)
         if event is None:
             return
@@ -488,7 +498,22 @@ class NeonizeSession(Session):
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass  # the session closed: nobody listens any more
 
+    async def _remember_device(self, ev: Any) -> None:
+        """Shared database: map this instance to the device JID Go announced
+        (PairStatus success, and the own-``Device`` event of every connection)."""
+        jid = own_device_jid(ev)
+        if jid is None or jid == self._device:
+            return
+        try:
+            await self.backend.remember_device(self.instance_id, jid)
+        except BackendError as exc:  # the next connection's Device event tries again
+            self.log.error("neonize %s: the paired device is not recorded: %s", self.instance_id, exc)
+            return
+        self._device = jid
+
     def _tighten(self) -> None:
+        if self.backend.pg is not None:
+            return  # no session files: the session lives in PostgreSQL
         try:
             tighten_tree(self.auth_dir)
         except OSError as exc:
