@@ -136,12 +136,27 @@ CREATE INDEX receipts_updated ON receipts (updated_at);
 CREATE INDEX outbound_wa_id ON outbound (instance_id, wa_message_id) WHERE wa_message_id IS NOT NULL;
 """
 
+# issue #15: the live event log behind GET /api/events (status, inbound, send, receipt), one row
+# per event under its stream sequence number; AUTOINCREMENT keeps the highest number ever used
+# (sqlite_sequence) so a restart after pruning never reuses one. Pruned to a window (events.py).
+V6_EVENT_LOG = """
+CREATE TABLE events (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    at              REAL NOT NULL,
+    instance_id     TEXT NOT NULL,
+    type            TEXT NOT NULL,
+    data            TEXT NOT NULL
+);
+CREATE INDEX events_at ON events (at);
+"""
+
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_INITIAL),
     Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
     Migration(3, "error codes and message index", V3_ERROR_CODES_AND_MESSAGE_INDEX),
     Migration(4, "number cache", V4_NUMBER_CACHE),
     Migration(5, "receipts outbox", V5_RECEIPTS_OUTBOX),
+    Migration(6, "event log", V6_EVENT_LOG),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})

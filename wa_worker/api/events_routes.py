@@ -1,0 +1,145 @@
+"""``GET /api/events``: the live event stream as Server-Sent Events (docs/api.md, "Live events").
+
+A stream subscribes first, then replays from the journal what the client missed
+(``Last-Event-ID``, or ``?since=`` for clients that cannot set headers), page by
+page, then goes live: every event published after the subscription is in its
+queue, every one before is in the journal, and a cursor (the last number sent)
+drops the overlap, so the seam has no gap and no repeat. A position the journal
+no longer covers starts with an ``event: reset``. Comments keep the connection
+alive; a client that falls :data:`~wa_worker.events.CLIENT_BUFFER` events behind
+is disconnected (its queue is emptied, its blocked write cancelled). The worker's
+stop ends every stream (the sub-app's ``on_shutdown``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+import anyio
+from aiohttp import web
+
+from ..events import EVENT_TYPES, EventLog, Subscription, sse_frame
+from ..ids import is_valid_instance_id
+from ..storage.journal import JournalUnavailable
+from .errors import api_error
+
+log = logging.getLogger("wa_worker.api")
+
+KEEPALIVE_S = 15.0
+REPLAY_PAGE = 500
+RETRY_MS = 2000  # what EventSource waits before reconnecting
+MAX_FILTER_INSTANCES = 1000
+
+
+def _listed(values: Iterable[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _instances(request: web.Request) -> frozenset[str] | None:
+    ids = _listed(request.query.getall("instance", []))
+    if not ids:
+        return None
+    bad = next((i for i in ids if not is_valid_instance_id(i)), None)
+    if bad is not None or len(ids) > MAX_FILTER_INSTANCES:
+        raise api_error(400, "bad_request", "instance: ids of letters, digits, '-', '_' "
+                        f"(at most {MAX_FILTER_INSTANCES}), repeated or comma-separated")
+    return frozenset(ids)
+
+
+def _types(request: web.Request) -> frozenset[str] | None:
+    types = _listed(request.query.getall("types", []))
+    if not types:
+        return None
+    unknown = sorted(set(types) - set(EVENT_TYPES))
+    if unknown:
+        raise api_error(400, "bad_request", f"types: unknown {', '.join(unknown)!s:.100} "
+                        f"(known: {', '.join(EVENT_TYPES)})")
+    return frozenset(types)
+
+
+def _resume_after(request: web.Request) -> int | None:
+    """The last number the client has: ``Last-Event-ID`` (EventSource's reconnect) before ``?since=``."""
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None or not raw.strip():
+        raw = request.query.get("since")
+    if raw is None or not raw.strip():
+        return None
+    raw = raw.strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise api_error(400, "bad_request", "Last-Event-ID / since: a sequence number (digits)")
+    return int(raw)
+
+
+def reset_frame(requested: int, oldest: int, reason: str) -> bytes:
+    """The first frame when ``requested`` cannot be resumed exactly (no ``id:``: the client's
+    position only moves with the events that follow)."""
+    data = json.dumps({"reason": reason, "requested": requested, "oldest": oldest})
+    return f"event: reset\ndata: {data}\n\n".encode()
+
+
+async def _replay(resp: web.StreamResponse, events: EventLog, sub: Subscription, after: int) -> int:
+    """Send what the journal holds after ``after``; returns the cursor the live part starts from."""
+    cursor, reason = events.resume_point(after)
+    if reason is not None:
+        await resp.write(reset_frame(after, cursor + 1, reason))
+    while True:
+        last = events.last_seq  # read with the page, no await between: all up to it is in the journal
+        rows = events.replay(cursor, REPLAY_PAGE, sub.instances, sub.types)
+        if rows:
+            await resp.write(b"".join(sse_frame(r) for r in rows))
+            cursor = rows[-1].seq
+        if len(rows) < REPLAY_PAGE:
+            return max(cursor, last)
+
+
+async def _stream(resp: web.StreamResponse, events: EventLog, sub: Subscription, after: int | None,
+                  keepalive_s: float) -> None:
+    await resp.write(f"retry: {RETRY_MS}\n: wa-worker events\n\n".encode())
+    cursor = events.last_seq if after is None else await _replay(resp, events, sub, after)
+    while not sub.ended:
+        batch = await sub.next_batch(keepalive_s)
+        fresh = [e.frame for e in batch if e.seq > cursor]
+        if fresh:
+            await resp.write(b"".join(fresh))
+            cursor = batch[-1].seq
+        elif not batch and not sub.ended:
+            await resp.write(b": keep-alive\n\n")
+
+
+def add_event_routes(api: web.Application, events: EventLog, *, max_streams: int,
+                     keepalive_s: float | None = None) -> None:
+    """``GET /api/events`` on the API sub-app; at most ``max_streams`` open at once; a comment
+    after ``keepalive_s`` (default :data:`KEEPALIVE_S`) without an event."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        instances, types, after = _instances(request), _types(request), _resume_after(request)
+        if events.closed:
+            raise api_error(503, "unavailable", "the worker is stopping", headers={"Retry-After": "2"})
+        if events.streams >= max_streams:
+            raise api_error(503, "too_many_streams", f"{max_streams} event streams are open on this worker",
+                            headers={"Retry-After": "5"})
+        with events.subscribe(instances, types) as sub:  # before the replay: nothing published is missed
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+            await resp.prepare(request)
+            try:
+                with anyio.CancelScope() as scope:
+                    sub.scope = scope
+                    if not sub.ended:
+                        await _stream(resp, events, sub, after, keepalive_s or KEEPALIVE_S)
+            except ConnectionError:  # the client went away: it resumes with Last-Event-ID
+                return resp
+            except JournalUnavailable as exc:  # the replay could not be read: the client resumes later
+                log.warning("event stream ended: the journal could not be read (%s)", exc)
+                return resp
+            if sub.overflowed and request.transport is not None:
+                request.transport.abort()  # it was not reading: no goodbye it would not read either
+        return resp
+
+    async def close_streams(_: web.Application) -> None:
+        events.close()
+
+    api.router.add_get("/events", stream)
+    api.on_shutdown.append(close_streams)
