@@ -37,7 +37,8 @@ EVENT_TYPES = ("status", "inbound", "send", "receipt")
 RETENTION_S = 24 * 3600.0  # events older than this are pruned (housekeeping) ...
 MAX_ROWS = 100_000  # ... and so is everything but the newest MAX_ROWS
 PENDING_MAX = 10_000  # events kept in memory while the journal refuses them
-CLIENT_BUFFER = 1_000  # frames a stream may hold for a client that is behind; one more ends it
+CLIENT_BUFFER = 1_000  # frames a stream may hold for a client that is behind; one more ends it ...
+CLIENT_BUFFER_BYTES = 4 * 1024 * 1024  # ... and so does holding more bytes than this
 PRUNE_EVERY = 1_000  # publishes between two prunes (the row cap holds between housekeeping rounds)
 
 
@@ -75,11 +76,14 @@ def sse_frame(row: EventRow) -> bytes:
 class Subscription:
     """One stream's view of the live events: the ones it asked for, at most ``capacity`` waiting."""
 
-    def __init__(self, instances: frozenset[str] | None, types: frozenset[str] | None, capacity: int) -> None:
+    def __init__(self, instances: frozenset[str] | None, types: frozenset[str] | None, capacity: int,
+                 max_bytes: int = CLIENT_BUFFER_BYTES) -> None:
         self.instances = instances
         self.types = types
         self.capacity = capacity
-        self.overflowed = False  # the client fell ``capacity`` events behind: its stream ends
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self.overflowed = False  # the client fell ``capacity`` events (or ``max_bytes``) behind: its stream ends
         self.closed = False  # the worker is stopping
         self.scope: anyio.CancelScope | None = None  # the stream's writes, cancelled when it must end
         self._queue: deque[Event] = deque()
@@ -96,12 +100,14 @@ class Subscription:
     def offer(self, event: Event) -> None:
         if self.ended or not self.wants(event.instance_id, event.type):
             return
-        if len(self._queue) >= self.capacity:
+        if len(self._queue) >= self.capacity or (self._queue and self._bytes + len(event.frame) > self.max_bytes):
             self.overflowed = True
             self._queue.clear()
+            self._bytes = 0
             self._end()
             return
         self._queue.append(event)
+        self._bytes += len(event.frame)
         if self._ready is not None:
             self._ready.set()
 
@@ -123,6 +129,7 @@ class Subscription:
                 await self._ready.wait()
         batch = list(self._queue)
         self._queue.clear()
+        self._bytes = 0
         return batch
 
 
@@ -171,8 +178,8 @@ class EventLog:
             if sub.overflowed and sub in self._subs:
                 self._subs.discard(sub)
                 self.slow_clients_cut += 1
-                log.warning("event stream cut: the client fell %d events behind (it resumes with Last-Event-ID)",
-                            sub.capacity)
+                log.warning("event stream cut: the client fell %d events or %d bytes behind (it resumes with "
+                            "Last-Event-ID)", sub.capacity, sub.max_bytes)
         if self.published % PRUNE_EVERY == 0:
             self.prune()
 
