@@ -96,6 +96,7 @@ async def _open(http: aiohttp.ClientSession, url: str, headers: dict[str, str] |
     return resp
 
 
+# long: one worker, the resume rules one after the other
 async def test_resume_filters_reset_and_auth(tmp_path: Path) -> None:
     proxy = FakeProxy()
     async with serving(proxy.app()) as url:

@@ -99,10 +99,7 @@ class Worker:
         self.receipts_health = LoopHealth("receipts relay", self.clock)
         self.receipts = ReceiptsRelay(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                       health=self.receipts_health)
-        # the live event stream (GET /api/events): recorded only when the API is on
-        self.event_log = EventLog(self.journal, self.clock) if settings.api_tokens else None
-        self.events: EventSink = self.event_log or NO_EVENTS
-        self.inbound.events = self.outbound.events = self.receipts.events = self.events
+        self._wire_events()
         self.host = host
         self.port: int | None = None  # the bound port, once serving
         self.started_at = time.time()
@@ -121,6 +118,12 @@ class Worker:
             ready=lambda: not self.not_ready_reasons(), clock=self.clock, version=package_version()))
         self.metrics_port: int | None = None  # the bound METRICS_PORT, once serving
         self._metrics_runner: web.AppRunner | None = None
+
+    def _wire_events(self) -> None:
+        """The live event stream (GET /api/events): recorded only when the API is on."""
+        self.event_log = EventLog(self.journal, self.clock) if self.settings.api_tokens else None
+        self.events: EventSink = self.event_log or NO_EVENTS
+        self.inbound.events = self.outbound.events = self.receipts.events = self.events
 
     def _build_manager(self, on_event: Callable[[str, BackendEvent], None] | None) -> InstanceManager:
         settings = self.settings
