@@ -585,10 +585,14 @@ class Journal:
 
     def add_events(self, rows: Collection[EventRow]) -> None:
         """Record events under the sequence numbers they were given, in one transaction."""
+        sql = "INSERT INTO events (seq, at, instance_id, type, data) VALUES (?, ?, ?, ?, ?)"
+        if len(rows) == 1:  # the usual case: one statement, its own transaction
+            [r] = rows
+            self._write(sql, (r.seq, r.at, r.instance_id, r.type, r.data))
+            return
         with self._tx():
             for r in rows:
-                self._write("INSERT INTO events (seq, at, instance_id, type, data) VALUES (?, ?, ?, ?, ?)",
-                            (r.seq, r.at, r.instance_id, r.type, r.data))
+                self._write(sql, (r.seq, r.at, r.instance_id, r.type, r.data))
 
     def events_after(self, seq: int, limit: int, instances: Collection[str] | None = None,
                      types: Collection[str] | None = None) -> list[EventRow]:
