@@ -305,3 +305,21 @@ def test_event_log_bounds_memory_and_unencodable_payloads(tmp_path: Path) -> Non
     log.publish("status", "a", {"bad": float("nan"), "obj": object()})  # default=str: still recorded
     assert log.last_seq == 11
     assert isinstance(EventRow, type)
+
+
+async def test_streams_are_capped(tmp_path: Path) -> None:
+    from wa_worker.api.app import build_api_app  # the sub-app alone, served as the worker mounts it
+
+    events = EventLog(Journal(tmp_path / "j.db"))
+    api = build_api_app((TOKEN,), per_minute=600)
+    events_routes.add_event_routes(api, events, max_streams=1)
+    async with serving(api) as url, aiohttp.ClientSession() as http:
+        first = await _open(http, f"{url}/events")
+        await wait_until(lambda: events.streams == 1, what="the first stream")
+        async with http.get(f"{url}/events", headers=AUTH) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+            assert (await resp.json())["error"]["code"] == "too_many_streams"
+        first.close()
+        await wait_until(lambda: events.streams == 0, what="the first stream closed")
+        second = await _open(http, f"{url}/events")
+        second.close()

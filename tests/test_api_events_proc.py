@@ -6,7 +6,9 @@ worker's memory stays flat."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import pytest
 from tests.conftest import wait_until
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import ROOT, start_worker, worker_env
-from tests.sse import SseEvent, collect
+from tests.sse import SseEvent, collect, read_events
 
 TOKEN = "api-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -126,9 +128,20 @@ async def test_resume_with_last_event_id_across_a_drop_and_a_kill_9(proxy: FakeP
                 await _inbound(http, base, f"after restart {i}")
             async with _stream(http, base, {"Last-Event-ID": str(last)}) as resp:
                 after = await _until(resp, lambda g: sum(e.event == "inbound" for e in g) == 2)
+                # SIGTERM: the stream gets the shutdown status, then ends; the worker exits promptly
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                with anyio.fail_after(10):
+                    final = [ev async for ev in read_events(resp)]
+                await anyio.to_thread.run_sync(proc.wait, 10)
+                stopped_s = time.monotonic() - t0
             assert after[0].event == "status"  # the resumed session's status came first
             assert [e.seq for e in after] == list(range(last + 1, last + 1 + len(after)))
             assert [_body(e) for e in after if e.event == "inbound"] == ["after restart 0", "after restart 1"]
+            assert [(e.event, e.json["payload"]["status"], e.json["payload"].get("reason")) for e in final] == [
+                ("status", "DISCONNECTED", "shutdown")]
+            assert final[0].seq == after[-1].seq + 1
+            assert proc.returncode == 0 and stopped_s < 8
 
 
 def _rss_kib(pid: int) -> int:

@@ -40,6 +40,7 @@ PENDING_MAX = 10_000  # events kept in memory while the journal refuses them
 CLIENT_BUFFER = 1_000  # frames a stream may hold for a client that is behind; one more ends it ...
 CLIENT_BUFFER_BYTES = 4 * 1024 * 1024  # ... and so does holding more bytes than this
 PRUNE_EVERY = 1_000  # publishes between two prunes (the row cap holds between housekeeping rounds)
+CLOSE_GRACE_S = 1.0  # at the worker's stop, a stream has this long to send what it holds
 
 
 class EventSink(Protocol):
@@ -112,8 +113,12 @@ class Subscription:
             self._ready.set()
 
     def close(self) -> None:
+        """The worker stops: the stream sends what it holds (at most :data:`CLOSE_GRACE_S`), then ends."""
         self.closed = True
-        self._end()
+        if self._ready is not None:
+            self._ready.set()
+        if self.scope is not None:
+            self.scope.deadline = min(self.scope.deadline, anyio.current_time() + CLOSE_GRACE_S)
 
     def _end(self) -> None:
         if self._ready is not None:
@@ -275,7 +280,7 @@ class EventLog:
             return 0
 
     def close(self) -> None:
-        """End every stream (the worker stops) and write what memory still holds."""
+        """End every stream (the worker stops; called from async code) and write what memory still holds."""
         self.closed = True
         for sub in list(self._subs):
             sub.close()

@@ -28,6 +28,7 @@ from .errors import api_error
 log = logging.getLogger("wa_worker.api")
 
 KEEPALIVE_S = 15.0
+GONE_CHECK_S = 1.0  # how often an idle stream looks whether its client hung up (aiohttp does not say)
 REPLAY_PAGE = 500
 RETRY_MS = 2000  # what EventSource waits before reconnecting
 MAX_FILTER_INSTANCES = 1000
@@ -94,18 +95,25 @@ async def _replay(resp: web.StreamResponse, events: EventLog, sub: Subscription,
             return max(cursor, last)
 
 
-async def _stream(resp: web.StreamResponse, events: EventLog, sub: Subscription, after: int | None,
-                  keepalive_s: float) -> None:
+async def _stream(request: web.Request, resp: web.StreamResponse, events: EventLog, sub: Subscription,
+                  after: int | None, keepalive_s: float) -> None:
     await resp.write(f"retry: {RETRY_MS}\n: wa-worker events\n\n".encode())
     cursor = events.last_seq if after is None else await _replay(resp, events, sub, after)
-    while not sub.ended:
-        batch = await sub.next_batch(keepalive_s)
+    quiet_since = anyio.current_time()
+    while not sub.overflowed:
+        batch = await sub.next_batch(min(keepalive_s, GONE_CHECK_S))
         fresh = [e.frame for e in batch if e.seq > cursor]
         if fresh:
             await resp.write(b"".join(fresh))
             cursor = batch[-1].seq
-        elif not batch and not sub.ended:
+            quiet_since = anyio.current_time()
+        if sub.closed:  # the worker stops: what it held is sent (its last statuses)
+            return
+        if request.transport is None or request.transport.is_closing():
+            return  # the client hung up: free its place now, not at the next write
+        if anyio.current_time() - quiet_since >= keepalive_s:
             await resp.write(b": keep-alive\n\n")
+            quiet_since = anyio.current_time()
 
 
 def add_event_routes(api: web.Application, events: EventLog, *, max_streams: int,
@@ -128,7 +136,7 @@ def add_event_routes(api: web.Application, events: EventLog, *, max_streams: int
                 with anyio.CancelScope() as scope:
                     sub.scope = scope
                     if not sub.ended:
-                        await _stream(resp, events, sub, after, keepalive_s or KEEPALIVE_S)
+                        await _stream(request, resp, events, sub, after, keepalive_s or KEEPALIVE_S)
             except ConnectionError:  # the client went away: it resumes with Last-Event-ID
                 return resp
             except JournalUnavailable as exc:  # the replay could not be read: the client resumes later
