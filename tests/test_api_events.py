@@ -323,3 +323,17 @@ async def test_streams_are_capped(tmp_path: Path) -> None:
         await wait_until(lambda: events.streams == 0, what="the first stream closed")
         second = await _open(http, f"{url}/events")
         second.close()
+
+
+async def test_without_api_token_no_event_is_recorded(tmp_path: Path) -> None:
+    proxy = FakeProxy()
+    proxy.add_instance("acme")
+    async with serving(proxy.app()) as url:
+        async with running_worker(make_settings(tmp_path, url)) as worker, aiohttp.ClientSession() as http:
+            assert worker.event_log is None and "events" not in worker.health()
+            await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="connected")
+            await _post(http, f"http://127.0.0.1:{worker.port}/simulator/instances/acme/inbound",
+                        {"from": "5511988887777", "body": "not recorded"})
+            await wait_until(lambda: proxy.inbound_ids(), what="the message delivered")
+            assert worker.journal.events_after(0, 10) == []
+            assert worker.journal.event_seq_bounds() == (None, 0)

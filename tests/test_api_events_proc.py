@@ -144,6 +144,38 @@ async def test_resume_with_last_event_id_across_a_drop_and_a_kill_9(proxy: FakeP
             assert proc.returncode == 0 and stopped_s < 8
 
 
+async def test_receipts_and_filters_on_the_real_process(proxy: FakeProxy, tmp_path: Path) -> None:
+    proxy.add_instance("acme")
+    proxy.add_instance("beta")
+    async with aiohttp.ClientSession(timeout=NO_TIMEOUT) as http:
+        with _worker(tmp_path, proxy) as (proc, base):
+            await _wait_up(http, base, proc, tmp_path / "worker.log")
+            await wait_until(lambda: proxy.status_of("acme") == proxy.status_of("beta") == "CONNECTED", timeout=20,
+                             what="both connected")
+            await _inbound(http, base, "to beta", iid="beta")
+            proxy.enqueue("acme", "m-1", "5511977776666", "hello")
+            await wait_until(lambda: "m-1" in proxy.sent_marks, timeout=15, what="m-1 sent")
+            async with _stream(http, base, query="?since=0&types=send") as resp:
+                [sent] = await _until(resp, lambda g: len(g) == 1)
+            wa_id = sent.json["payload"]["wa_message_id"]
+            async with http.post(f"{base}/simulator/instances/acme/receipt", json={"wa_message_id": wa_id,
+                                 "status": "read"}, headers={"Authorization": f"Bearer {SECRET}"}) as r:
+                assert r.status < 300
+            await _inbound(http, base, "to acme")
+            async with _stream(http, base, query="?since=0") as resp:
+                everything = await _until(resp, lambda g: any(_body(e) == "to acme" for e in g))
+            async with _stream(http, base, query="?since=0&types=send,receipt&instance=acme") as resp:
+                acme = await _until(resp, lambda g: len(g) == 2)
+            async with _stream(http, base, query="?since=0&instance=beta") as resp:
+                beta = await _until(resp, lambda g: any(e.event == "inbound" for e in g))
+    assert [e.seq for e in everything] == list(range(1, len(everything) + 1))
+    assert [(e.event, e.json["payload"].get("status")) for e in acme] == [("send", "sent"), ("receipt", "read")]
+    assert acme[1].json["payload"]["wa_message_id"] == wa_id
+    expected_beta = [e.seq for e in everything if e.json["instanceId"] == "beta"]
+    assert [e.seq for e in beta] == expected_beta[:len(beta)] and beta[-1].json["payload"]["body"] == "to beta"
+    assert {e.json["instanceId"] for e in beta} == {"beta"} and {e.event for e in beta} == {"status", "inbound"}
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
