@@ -329,7 +329,8 @@ async def test_without_api_token_no_event_is_recorded(tmp_path: Path) -> None:
     proxy = FakeProxy()
     proxy.add_instance("acme")
     async with serving(proxy.app()) as url:
-        async with running_worker(make_settings(tmp_path, url)) as worker, aiohttp.ClientSession() as http:
+        settings = make_settings(tmp_path, url, SIMULATOR_AUTO_SCAN_MS=50)
+        async with running_worker(settings) as worker, aiohttp.ClientSession() as http:
             assert worker.event_log is None and "events" not in worker.health()
             await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="connected")
             await _post(http, f"http://127.0.0.1:{worker.port}/simulator/instances/acme/inbound",
