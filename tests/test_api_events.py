@@ -208,6 +208,7 @@ async def test_slow_client_is_cut_and_shutdown_ends_streams(tmp_path: Path) -> N
                 await anyio.lowlevel.checkpoint()
             assert events.streams == 0 and events.slow_clients_cut == 1
             assert worker.health()["events"]["slow_clients_cut"] == 1
+            assert b"wa_worker_events_slow_clients_cut_total 1.0" in worker.metrics.render()
             # its connection is closed by the worker (read what was buffered, then EOF or a reset)
             with anyio.fail_after(10):
                 while True:

@@ -115,7 +115,8 @@ class Worker:
         self.metrics = WorkerMetrics(MetricSources(
             backend=self.backend, edge=self.edge, journal=self.journal, inbound=self.inbound, outbound=self.outbound,
             manager=self.manager, fds=self.fds, guard=self.http_guard, loops=self.loops,
-            ready=lambda: not self.not_ready_reasons(), clock=self.clock, version=package_version()))
+            ready=lambda: not self.not_ready_reasons(), clock=self.clock, version=package_version(),
+            events=self.event_log))
         self.metrics_port: int | None = None  # the bound METRICS_PORT, once serving
         self._metrics_runner: web.AppRunner | None = None
 
