@@ -142,12 +142,13 @@ def add_event_routes(api: web.Application, events: EventLog, *, max_streams: int
             except JournalUnavailable as exc:  # the replay could not be read: the client resumes later
                 log.warning("event stream ended: the journal could not be read (%s)", exc)
                 return resp
-            if sub.overflowed and request.transport is not None:
-                request.transport.abort()  # it was not reading: no goodbye it would not read either
+            if scope.cancelled_caught and request.transport is not None:
+                # cut (it was not reading) or out of time at the stop: no goodbye it would not read either
+                request.transport.abort()
         return resp
 
     async def close_streams(_: web.Application) -> None:
         events.close()
 
-    api.router.add_get("/events", stream)
+    api.router.add_get("/events", stream, allow_head=False)
     api.on_shutdown.append(close_streams)

@@ -217,7 +217,7 @@ async def favicon(request: web.Request) -> web.Response:
 def add_page_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/ui/state", ui_state)
-    app.router.add_get("/ui/events", ui_events)
+    app.router.add_get("/ui/events", ui_events, allow_head=False)
     app[STREAMS_KEY] = set()
     app.on_shutdown.append(_end_streams)
     app.router.add_post("/ui/queue", _secured(dev_queue_message))
