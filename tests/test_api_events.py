@@ -305,7 +305,6 @@ def test_event_log_bounds_memory_and_unencodable_payloads(tmp_path: Path) -> Non
     assert [r.seq for r in journal.events_after(0, 100)] == [8, 9, 10]
     log.publish("status", "a", {"bad": float("nan"), "obj": object()})  # default=str: still recorded
     assert log.last_seq == 11
-    assert isinstance(EventRow, type)
 
 
 async def test_streams_are_capped(tmp_path: Path) -> None:
@@ -339,3 +338,14 @@ async def test_without_api_token_no_event_is_recorded(tmp_path: Path) -> None:
             await wait_until(lambda: proxy.inbound_ids(), what="the message delivered")
             assert worker.journal.events_after(0, 10) == []
             assert worker.journal.event_seq_bounds() == (None, 0)
+
+
+def test_prune_keeps_the_window_and_the_row_cap(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.db")
+    journal.add_events([EventRow(seq, float(seq), "a", "status", "{}") for seq in range(1, 11)])
+    assert journal.prune_events(before=4.5, keep_rows=100) == 4  # at 1..4 are older
+    assert [r.seq for r in journal.events_after(0, 100)] == list(range(5, 11))
+    assert journal.prune_events(before=0, keep_rows=3) == 3
+    assert [r.seq for r in journal.events_after(0, 100)] == [8, 9, 10]
+    assert journal.prune_events(before=1e18, keep_rows=100) == 3  # all expired
+    assert journal.event_seq_bounds() == (None, 10)  # the numbering survives

@@ -29,7 +29,8 @@ log = logging.getLogger("wa_worker.api")
 
 KEEPALIVE_S = 15.0
 GONE_CHECK_S = 1.0  # how often an idle stream looks whether its client hung up (aiohttp does not say)
-REPLAY_PAGE = 500
+REPLAY_PAGE = 200  # journal rows read at once by a replay ...
+WRITE_CHUNK = 256 * 1024  # ... and written in chunks of about this many bytes
 RETRY_MS = 2000  # what EventSource waits before reconnecting
 MAX_FILTER_INSTANCES = 1000
 
@@ -88,8 +89,15 @@ async def _replay(resp: web.StreamResponse, events: EventLog, sub: Subscription,
     while True:
         last = events.last_seq  # read with the page, no await between: all up to it is in the journal
         rows = events.replay(cursor, REPLAY_PAGE, sub.instances, sub.types)
+        chunk: list[bytes] = []
+        size = 0
+        for r in rows:
+            chunk.append(sse_frame(r))
+            size += len(chunk[-1])
+            if size >= WRITE_CHUNK or r is rows[-1]:
+                await resp.write(b"".join(chunk))
+                chunk, size = [], 0
         if rows:
-            await resp.write(b"".join(sse_frame(r) for r in rows))
             cursor = rows[-1].seq
         if len(rows) < REPLAY_PAGE:
             return max(cursor, last)

@@ -613,8 +613,10 @@ class Journal:
         return (None if low is None else int(low)), int(high or 0)
 
     def prune_events(self, before: float, keep_rows: int) -> int:
-        """Drop events older than ``before`` and all but the newest ``keep_rows``."""
-        n = self._write("DELETE FROM events WHERE at < ?", (before,)).rowcount
+        """Drop the events before the first one at or after ``before`` (in number order: rows come in time
+        order, so this reads only what it deletes) and all but the newest ``keep_rows``."""
+        n = self._write("DELETE FROM events WHERE seq < COALESCE((SELECT seq FROM events WHERE at >= ? ORDER BY seq "
+                        "LIMIT 1), 9223372036854775807)", (before,)).rowcount
         n += self._write("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?", (keep_rows,)).rowcount
         return n
 

@@ -138,7 +138,8 @@ CREATE INDEX outbound_wa_id ON outbound (instance_id, wa_message_id) WHERE wa_me
 
 # issue #15: the live event log behind GET /api/events (status, inbound, send, receipt), one row
 # per event under its stream sequence number; AUTOINCREMENT keeps the highest number ever used
-# (sqlite_sequence) so a restart after pruning never reuses one. Pruned to a window (events.py).
+# (sqlite_sequence) so a restart after pruning never reuses one. Pruned to a window (events.py)
+# from the oldest end, found in seq order: no index on `at` (a quarter of every insert's cost)
 V6_EVENT_LOG = """
 CREATE TABLE events (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -147,7 +148,6 @@ CREATE TABLE events (
     type            TEXT NOT NULL,
     data            TEXT NOT NULL
 );
-CREATE INDEX events_at ON events (at);
 """
 
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
