@@ -349,3 +349,29 @@ def test_prune_keeps_the_window_and_the_row_cap(tmp_path: Path) -> None:
     assert [r.seq for r in journal.events_after(0, 100)] == [8, 9, 10]
     assert journal.prune_events(before=1e18, keep_rows=100) == 3  # all expired
     assert journal.event_seq_bounds() == (None, 10)  # the numbering survives
+
+
+async def test_a_prune_during_a_replay_is_said_not_skipped(tmp_path: Path, monkeypatch) -> None:
+    """The client reads page 1 while the housekeeping prunes what page 2 would have been."""
+    monkeypatch.setattr(events_routes, "REPLAY_PAGE", 5)
+    events = EventLog(Journal(tmp_path / "j.db"))
+    for n in range(30):
+        events.publish("status", "a", {"n": n})
+
+    class Client:  # the stream's writer: what the client received, the prune while page 1 is sent
+        def __init__(self) -> None:
+            self.received = b""
+
+        async def write(self, data: bytes) -> None:
+            if not self.received:
+                events.journal.prune_events(before=0, keep_rows=10)  # 21..30 left
+            self.received += data
+
+    client = Client()
+    with events.subscribe() as sub:
+        cursor = await events_routes._replay(client, events, sub, 0)
+    frames = [f for f in client.received.decode().split("\n\n") if f]
+    assert [f.split("\n")[0] for f in frames] == [f"id: {n}" for n in range(1, 6)] + ["event: reset"] + [
+        f"id: {n}" for n in range(21, 31)]
+    assert json.loads(frames[5].split("data: ", 1)[1]) == {"reason": "expired", "requested": 5, "oldest": 21}
+    assert cursor == 30

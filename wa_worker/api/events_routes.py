@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from typing import Protocol
 
 import anyio
 from aiohttp import web
@@ -81,13 +82,24 @@ def reset_frame(requested: int, oldest: int, reason: str) -> bytes:
     return f"event: reset\ndata: {data}\n\n".encode()
 
 
-async def _replay(resp: web.StreamResponse, events: EventLog, sub: Subscription, after: int) -> int:
+class Writer(Protocol):
+    """Where a stream's bytes go (an aiohttp ``StreamResponse``)."""
+
+    async def write(self, data: bytes) -> None: ...
+
+
+async def _replay(resp: Writer, events: EventLog, sub: Subscription, after: int) -> int:
     """Send what the journal holds after ``after``; returns the cursor the live part starts from."""
-    cursor, reason = events.resume_point(after)
-    if reason is not None:
-        await resp.write(reset_frame(after, cursor + 1, reason))
+    cursor = after
     while True:
-        last = events.last_seq  # read with the page, no await between: all up to it is in the journal
+        # checked before every page, with no await until the page is read: a prune while the
+        # previous page was being written is said (reset), never skipped in silence
+        start, reason = events.resume_point(cursor)
+        if reason is not None:
+            await resp.write(reset_frame(cursor, start + 1, reason))
+            cursor = start
+            continue
+        last = events.last_seq  # all up to it is in the journal (or the memory list) now
         rows = events.replay(cursor, REPLAY_PAGE, sub.instances, sub.types)
         chunk: list[bytes] = []
         size = 0
