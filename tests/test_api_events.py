@@ -303,8 +303,10 @@ def test_event_log_bounds_memory_and_unencodable_payloads(tmp_path: Path) -> Non
     journal.writable = True
     log.flush()
     assert [r.seq for r in journal.events_after(0, 100)] == [8, 9, 10]
-    log.publish("status", "a", {"bad": float("nan"), "obj": object()})  # default=str: still recorded
+    log.publish("status", "a", {"obj": object()})  # default=str: recorded as its text
     assert log.last_seq == 11
+    log.publish("status", "a", {"bad": float("nan")})  # no valid JSON for it: counted, logged, never raised
+    assert log.last_seq == 11 and log.lost == 8
 
 
 async def test_streams_are_capped(tmp_path: Path) -> None:

@@ -5,9 +5,9 @@ outcome, a receipt — is published here with one call from the code that observ
 it. :class:`EventLog` gives it the next sequence number, records it in the journal
 (``events`` table) and only then hands it to the open streams, so a client never
 sees an event a resume could not give again. Each stream has a
-:class:`Subscription`: a bounded queue of pre-encoded frames shared by every
-client (memory stays flat); one that overflows ends its stream (the client was
-not reading; it resumes with ``Last-Event-ID``).
+:class:`Subscription`: a bounded queue of frames (each encoded once, shared by
+every stream: memory stays flat); one that overflows ends its stream (the client
+was not reading; it resumes with ``Last-Event-ID``).
 
 Publishing never blocks and never raises: a journal that cannot take an event
 keeps it in a bounded memory list, written before the next one (resumes read it
@@ -172,7 +172,8 @@ class EventLog:
             log.exception("event log: a %s event of %s was lost (%s)", type, instance_id, exc)
 
     def _publish(self, type: str, instance_id: str, data: dict[str, Any]) -> None:
-        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
+        # strict JSON for every client (no NaN); what JSON has no type for becomes its text
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False)
         row = EventRow(self._next, self.clock.time(), instance_id, type, text)
         self._next += 1
         self._record(row)
