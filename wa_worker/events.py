@@ -44,13 +44,18 @@ CLOSE_GRACE_S = 1.0  # at the worker's stop, a stream has this long to send what
 
 
 class EventSink(Protocol):
-    """What the relays and runners publish to."""
+    """What the relays and runners publish to (``enabled``: False when nobody records; skip building
+    a payload then)."""
+
+    enabled: bool
 
     def publish(self, type: str, instance_id: str, data: dict[str, Any]) -> None: ...
 
 
 class NoEvents:
     """The sink without ``API_TOKEN``: nothing is encoded, recorded or kept."""
+
+    enabled = False
 
     def publish(self, type: str, instance_id: str, data: dict[str, Any]) -> None:
         return None
@@ -140,6 +145,8 @@ class Subscription:
 
 class EventLog:
     """Sequence numbers, the journal's ``events`` table, and the open streams (owned by the Worker)."""
+
+    enabled = True
 
     def __init__(self, journal: Journal, clock: Clock | None = None, *, retention_s: float = RETENTION_S,
                  max_rows: int = MAX_ROWS, pending_max: int = PENDING_MAX,

@@ -275,7 +275,7 @@ class StatusReporter:
             instanceId=self.instance_id, status=desired.status, qr_code=qr_code,
             phone_number=desired.phone_number, reason=desired.reason, pair_code=desired.pair_code,
             ban_code=desired.ban_code, ban_expires_at=desired.ban_expires_at, detail=desired.detail)
-        if update != self._published:  # once per change, whether or not the proxy takes it
+        if self.events.enabled and update != self._published:  # once per change, whether or not the proxy takes it
             self._published = update
             self.events.publish("status", self.instance_id, update.to_json())
         await self.edge.update_status(update)

@@ -247,7 +247,7 @@ class InboundRelay:
                 self.memory_dropped += 1
                 log.error("inbound memory buffer full while the store is unwritable: oldest message dropped")
             self._memory.append(payload)
-        if new:  # a replay WhatsApp sends again is no new event
+        if new and self.events.enabled:  # a replay WhatsApp sends again is no new event
             self.events.publish("inbound", payload["instanceId"],
                                 {k: v for k, v in payload.items() if k != MEDIA_HANDLE})
 

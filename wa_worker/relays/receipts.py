@@ -66,7 +66,7 @@ class ReceiptsRelay:
 
     # called from the WhatsApp event handler: never touches the network
     def accept(self, instance_id: str, receipt: Receipt) -> None:
-        for wa_id in receipt.wa_message_ids:  # every receipt seen, whatever the proxy supports
+        for wa_id in receipt.wa_message_ids if self.events.enabled else ():  # every one seen, whatever the proxy supports
             self.events.publish("receipt", instance_id, {
                 "wa_message_id": wa_id, "status": receipt.status.value, "timestamp": int(receipt.timestamp),
                 "recipient": receipt.recipient, "chat_id": receipt.chat_jid})
