@@ -1,6 +1,6 @@
 """The dev page in a real headless Chromium (Debian's ``chromium`` package).
 
-* ``--dump-dom`` after the page's JS ran: status, QR image, messages;
+* the DOM after the page's JS ran (read over DevTools): status, QR image, messages;
 * the DevTools protocol (aiohttp websocket client, no Playwright): type into
   the form, click "Queue", check the proxy's database; watch a live status
   change; take a screenshot and decode the QR code off it with zxing-cpp.
@@ -152,23 +152,15 @@ def proxy(tmp_path: Path):
     store.close()
 
 
-def test_dump_dom_after_scripts(proxy: BackgroundProxy, tmp_path: Path) -> None:
-    chromium = _chromium()
-    out = subprocess.run(
-        [
-            chromium,
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            proxy.url + "/",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    dom = out.stdout
-    assert out.returncode == 0, out.stderr[-2000:]
+async def _dom_after_scripts(port: int, url: str) -> str:
+    async with page_at(port, url) as b:  # page_at waits for the page's first render
+        return str(await b.eval("document.documentElement.outerHTML"))
+
+
+def test_dump_dom_after_scripts(proxy: BackgroundProxy, chromium_devtools: int) -> None:
+    # the DOM read over DevTools once the page's script rendered (``--dump-dom --virtual-time-budget``
+    # never returns now: virtual time does not advance while the page's event stream is open)
+    dom = asyncio.run(asyncio.wait_for(_dom_after_scripts(chromium_devtools, proxy.url + "/"), 60))
     assert 'data-refreshed="' in dom, "the page's script did not refresh the state"
     assert 'class="live ok"' in dom
     assert 'data-instance-id="acme-sales"' in dom and 'data-instance-id="acme-support"' in dom
@@ -447,6 +439,27 @@ def test_page_in_chromium(proxy: BackgroundProxy, chromium_devtools: int, tmp_pa
     assert [c.text for c in codes] == [QR_TEXT]
     if os.environ.get("WA_DEV_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["WA_DEV_KEEP_SCREENSHOT"])
+
+
+async def _drive_stream(port: int, proxy: BackgroundProxy) -> dict[str, Any]:
+    async with page_at(port, proxy.url + "/") as b:
+        # no poll while the stream is open (the slow one stretched to an hour): only an event can update
+        await b.eval("document.body.dataset.slowPollMs = String(3600 * 1000)")
+        await b.wait_for("document.body.dataset.stream === 'open'")
+        refreshed = await b.eval("Number(document.body.dataset.refreshed)")
+        t0 = time.monotonic()
+        proxy.store.update_status("acme-sales", "CONNECTED", qr_code=None, phone_number="5511911112222")
+        await b.wait_for(
+            "document.querySelector('[data-instance-id=\"acme-sales\"] [data-field=status]').textContent"
+            " === 'CONNECTED'", within=5)
+        return {"elapsed": time.monotonic() - t0, "by": await b.eval("document.body.dataset.refreshedBy"),
+                "more": await b.eval("Number(document.body.dataset.refreshed)") - refreshed}
+
+
+def test_page_updates_from_the_stream_without_polling(proxy: BackgroundProxy, chromium_devtools: int) -> None:
+    seen = asyncio.run(asyncio.wait_for(_drive_stream(chromium_devtools, proxy), 60))
+    assert seen["by"] == "event" and seen["more"] >= 1
+    assert seen["elapsed"] < 3
 
 
 # ---------------------------------------------------------------------------- with a simulator worker

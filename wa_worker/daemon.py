@@ -19,11 +19,13 @@ from .api.app import MOUNT_AT as API_MOUNT_AT
 from .api.app import build_api_app
 from .api.routes import mount_api_routes
 from .api.sender import ApiSender
+from .api.events_routes import add_event_routes
 from .backends import make_backend
 from .backends.base import Backend, BackendEvent
 from .backends.simulator import SimulatorBackend
 from .config import ConfigError, Settings, UnknownSendPolicy, load_settings, placeholder_warnings
 from .edge.client import EdgeClient
+from .events import NO_EVENTS, EventLog, EventSink
 from .fdguard import EXIT_FD_EXHAUSTED, FdBudget, fd_limit, raise_fd_limit
 from .http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite
 from .http.server import build_app, build_metrics_app
@@ -102,6 +104,7 @@ class Worker:
         self.receipts_health = LoopHealth("receipts relay", self.clock)
         self.receipts = ReceiptsRelay(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                       health=self.receipts_health)
+        self._wire_events()
         self.host = host
         self.port: int | None = None  # the bound port, once serving
         self.started_at = time.time()
@@ -117,9 +120,16 @@ class Worker:
         self.metrics = WorkerMetrics(MetricSources(
             backend=self.backend, edge=self.edge, journal=self.journal, inbound=self.inbound, outbound=self.outbound,
             manager=self.manager, fds=self.fds, guard=self.http_guard, loops=self.loops,
-            ready=lambda: not self.not_ready_reasons(), clock=self.clock, version=package_version()))
+            ready=lambda: not self.not_ready_reasons(), clock=self.clock, version=package_version(),
+            events=self.event_log))
         self.metrics_port: int | None = None  # the bound METRICS_PORT, once serving
         self._metrics_runner: web.AppRunner | None = None
+
+    def _wire_events(self) -> None:
+        """The live event stream (GET /api/events): recorded only when the API is on."""
+        self.event_log = EventLog(self.journal, self.clock) if self.settings.api_tokens else None
+        self.events: EventSink = self.event_log or NO_EVENTS
+        self.inbound.events = self.outbound.events = self.receipts.events = self.events
 
     def _build_manager(self, on_event: Callable[[str, BackendEvent], None] | None) -> InstanceManager:
         settings = self.settings
@@ -140,6 +150,7 @@ class Worker:
                 receipts=self.receipts,
                 call_policy=self.call_policy,
                 rng=self.rng,
+                events=self.events,
             ),
             self.edge,
             instance_poll_s=settings.instance_poll_s,
@@ -202,6 +213,7 @@ class Worker:
                 "batch_mode": self.manager.batch_mode(),
             },
             "loops": self.loop_ages(),
+            **({"events": self.event_log.stats()} if self.event_log is not None else {}),
         }
 
     def not_ready_reasons(self) -> list[str]:
@@ -301,6 +313,8 @@ class Worker:
                 if self._metrics_runner is not None:
                     await self._metrics_runner.cleanup()
             await self.edge.aclose()
+            if self.event_log is not None:
+                self.event_log.close()  # the streams ended with the server; this writes what memory held
             self.journal.close()
             log.info("wa-worker stopped")
 
@@ -325,6 +339,9 @@ class Worker:
                                         wait_s=self.settings.API_SEND_WAIT_S)
             mount_api_routes(api, self.api_sender, media_max_bytes=self.settings.MEDIA_MAX_BYTES,
                              version=package_version())
+        if api is not None and self.event_log is not None:
+            # event streams may hold at most half the connections the guard allows
+            add_event_routes(api, self.event_log, max_streams=max(1, self.http_guard.max_connections // 2))
         app = build_app(self, self.settings.WORKER_SECRET.get_secret_value(), guard=self.http_guard,
                         metrics=(self.metrics.render, self.metrics.content_type),
                         api=(API_MOUNT_AT, api) if api is not None else None)
@@ -343,6 +360,11 @@ class Worker:
             log.error("could not recover the journal at start (%s): interrupted sends stay unreported until a "
                       "restart with a writable store", exc)
             return
+        if ids and not at_least_once:
+            for message_id in ids:
+                row = self.journal.outbound_get(message_id)
+                if row is not None:
+                    self.outbound.publish_failed(row.instance_id, message_id, "delivery_unknown", "delivery_unknown")
         if ids:
             if at_least_once:
                 log.warning("%d send(s) interrupted by a crash will be sent again if the proxy offers them "
@@ -363,6 +385,8 @@ class Worker:
                 self.acks.wake()
                 self.inbound.wake()
                 self.receipts.wake()
+                if self.event_log is not None:
+                    self.event_log.flush()  # events kept in memory meanwhile
             fds = self.fds.usage()
             level = self.fds.level(fds)
             if (level == "refuse") != self.http_guard.refusing:
@@ -384,6 +408,8 @@ class Worker:
                     self.journal.prune()
                 except JournalUnavailable:
                     pass
+                if self.event_log is not None:
+                    self.event_log.prune()  # its own window (RETENTION_S, MAX_ROWS)
             self.housekeeping_health.ok()
             await self.clock.sleep(STORE_PROBE_EVERY_S)
 

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from .backends.base import Backend
 from .edge.client import EdgeClient
+from .events import EventLog
 from .fdguard import FdBudget
 from .http.guard import ConnectionGuard
 from .instances.manager import InstanceManager
@@ -47,6 +48,7 @@ class MetricSources:
     ready: Callable[[], bool]
     clock: Clock
     version: str
+    events: EventLog | None = None  # the live event log, with API_TOKEN
 
 
 def _counter(name: str, doc: str, value: float | None = None, *, labels: Iterable[str] = (),
@@ -82,6 +84,17 @@ class WorkerCollector(Collector):
         yield from self._proxy()
         yield from self._process()
         yield from self._loops()
+        yield from self._events()
+
+    def _events(self) -> Iterator[Metric]:
+        s = self.src.events.stats() if self.src.events is not None else {}
+        yield _counter("events_published", "Live events published (GET /api/events; 0 without API_TOKEN)",
+                       s.get("published", 0))
+        yield _gauge("events_streams", "Open event streams", s.get("streams", 0))
+        yield _counter("events_slow_clients_cut", "Event streams cut: the client fell too far behind",
+                       s.get("slow_clients_cut", 0))
+        yield _counter("events_lost", "Live events that could not be kept (the journal refused them and memory "
+                       "was full)", s.get("lost", 0))
 
     def _instances(self) -> Iterator[Metric]:
         c = self.src.manager.counts()

@@ -2,7 +2,10 @@
 
 ``GET /`` is a static shell (``static/index.html``); ``static/app.js`` fetches
 ``GET /ui/state`` (JSON) and renders everything, the first paint included,
-then again every second. The forms post to ``/ui/queue`` and
+then again whenever ``GET /ui/events`` (Server-Sent Events: ``event: changed``
+after every write to the store, :mod:`.changes`) says something changed; it
+polls every second only while that stream is down, and every 15 s anyway (the
+worker's health is not in the store). The forms post to ``/ui/queue`` and
 ``/ui/instances``, which are the dev API's handlers. No build step.
 ``/ui/state`` carries the worker's health too, and ``POST /ui/simulator/{id}/scan``
 / ``…/inbound`` drive the worker's simulator (:mod:`.worker_link`): the page
@@ -24,10 +27,12 @@ browser sends them, a same-origin ``Origin`` / ``Sec-Fetch-Site``.
 from __future__ import annotations
 
 import ipaddress
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -39,6 +44,8 @@ STATIC_DIR = Path(__file__).with_name("static")
 CSRF_HEADER = "X-WA-Dev"
 INDEX_HTML = STATIC_DIR / "index.html"
 RECENT = 30
+KEEPALIVE_S = 15.0
+STREAMS_KEY: web.AppKey[set[anyio.CancelScope]] = web.AppKey("page_streams")
 
 _LOCAL_HOSTNAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -160,6 +167,38 @@ async def ui_simulator(request: web.Request) -> web.Response:
     return web.json_response(answer, status=status, headers=_SECURITY_HEADERS)
 
 
+async def ui_events(request: web.Request) -> web.StreamResponse:
+    """``event: changed`` (``data: {"version": n}``) now and after every change of the store;
+    a comment every :data:`KEEPALIVE_S`. The page refetches ``/ui/state`` on each."""
+    changes = request.app[PROXY_KEY].store.changes
+    resp = web.StreamResponse(headers={**_SECURITY_HEADERS, "Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    streams = request.app[STREAMS_KEY]
+    with anyio.CancelScope() as scope:  # cancelled when the proxy shuts down
+        streams.add(scope)
+        try:
+            version = changes.version
+            await resp.write(f"retry: 1000\nevent: changed\ndata: {json.dumps({'version': version})}\n\n".encode())
+            while True:
+                now = await changes.wait_past(version, KEEPALIVE_S)
+                if now == version:
+                    await resp.write(b": keep-alive\n\n")
+                    continue
+                version = now
+                await resp.write(f"event: changed\ndata: {json.dumps({'version': version})}\n\n".encode())
+        except ConnectionError:
+            pass  # the page went away (or reloads)
+        finally:
+            streams.discard(scope)
+    return resp
+
+
+async def _end_streams(app: web.Application) -> None:
+    streams: set[anyio.CancelScope] = app[STREAMS_KEY]
+    for scope in list(streams):
+        scope.cancel()
+
+
 def _secured(handler: Handler) -> Handler:
     """``handler`` with the page's security headers on its answer."""
 
@@ -178,6 +217,9 @@ async def favicon(request: web.Request) -> web.Response:
 def add_page_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/ui/state", ui_state)
+    app.router.add_get("/ui/events", ui_events, allow_head=False)
+    app[STREAMS_KEY] = set()
+    app.on_shutdown.append(_end_streams)
     app.router.add_post("/ui/queue", _secured(dev_queue_message))
     app.router.add_post("/ui/instances", _secured(dev_add_instance))
     app.router.add_post("/ui/simulator/{id}/{action}", ui_simulator)

@@ -16,12 +16,15 @@ migration runner (:func:`wa_worker.storage.migrations.migrate`): a dev database
 written before versioning is adopted as version 1 and migrated in place.
 
 Every method is synchronous and short; the proxy calls them from its event
-loop (a dev tool with one process and a handful of rows per second).
+loop (a dev tool with one process and a handful of rows per second). Every
+write that changes what the dev page shows bumps :attr:`DevStore.changes`
+(the page's stream, :mod:`.changes`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -31,13 +34,15 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from ..fsutil import DIR_MODE
 from ..storage.db import MEMORY, open_db
 from ..storage.migrations import Migration, migrate
+from .changes import ChangeFeed
 
 STATUSES = ("CONNECTING", "CONNECTED", "DISCONNECTED")
 CLAIM_LEASE_S = 300.0  # re-offer claims older than 5 minutes (as the Supabase kit)
@@ -216,6 +221,25 @@ class StatusChange:
     reason: str | None
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _changes(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """A write the page shows: bump the store's change feed after it (an empty claim changed nothing)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        result = method(*args, **kwargs)
+        if result != []:
+            store = args[0]
+            assert isinstance(store, DevStore)
+            store.changes.bump()
+        return result
+
+    return wrapper
+
+
 class DevStore:
     """The reference proxy's database (one file, WAL mode)."""
 
@@ -225,6 +249,7 @@ class DevStore:
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
+        self.changes = ChangeFeed()  # bumped by every write the dev page shows
         self._db = open_db(path, foreign_keys=True)  # the worker's opener: WAL, 0700/0600
         try:
             migrate(self._db, path, DEV_MIGRATIONS, V1_TABLES)
@@ -262,6 +287,7 @@ class DevStore:
 
     # ------------------------------------------------------------------ instances
 
+    @_changes
     def add_instance(self, instance_id: str, *, priority: int = 0, pair_phone: str | None = None) -> dict[str, Any]:
         now = self._now()
         with self._lock:
@@ -300,6 +326,7 @@ class DevStore:
                  **(_settings_fields(r) if r["settings_seq"] else {})}
                 for r in rows]
 
+    @_changes
     def set_instance_settings(self, instance_id: str, *, settings: dict[str, Any] | None = None,
                               replace: bool = False, proxy_url: str | None | object = UNCHANGED) -> dict[str, Any]:
         """Merge ``settings`` into the instance's (a ``None`` value removes its key; ``replace``:
@@ -331,6 +358,7 @@ class DevStore:
         top = self._one("SELECT COALESCE(MAX(settings_seq), 0) FROM instances")
         return [{"id": r["id"], **_settings_fields(r)} for r in rows], int(top[0]) if top else 0
 
+    @_changes
     def update_status(
         self,
         instance_id: str,
@@ -374,6 +402,7 @@ class DevStore:
 
     # ------------------------------------------------------------------ outbound
 
+    @_changes
     def queue_message(
         self, instance_id: str, to: str, body: str, content: dict[str, Any] | None = None
     ) -> dict[str, Any]:
@@ -404,6 +433,7 @@ class DevStore:
         row = self._one("SELECT * FROM outbound WHERE id = ?", (message_id,))
         return _outbound_dict(row) if row else None
 
+    @_changes
     def claim_messages(
         self, instance_id: str | None = None, *, limit: int = 50, lease_s: float = CLAIM_LEASE_S
     ) -> list[dict[str, Any]]:
@@ -433,6 +463,7 @@ class DevStore:
         rows = sorted(rows, key=lambda r: r["seq"])
         return [_queued_dict(r) for r in rows]
 
+    @_changes
     def mark_sent(self, message_id: str, wa_message_id: str | None) -> tuple[dict[str, Any], bool]:
         """Mark a message sent (terminal, idempotent). Returns (message, changed)."""
         now = self._now()
@@ -453,6 +484,7 @@ class DevStore:
         assert msg is not None
         return msg, changed
 
+    @_changes
     def mark_failed(
         self, message_id: str, error: str, error_code: str | None = None
     ) -> tuple[dict[str, Any], bool]:
@@ -473,6 +505,7 @@ class DevStore:
         assert msg is not None
         return msg, changed
 
+    @_changes
     def record_receipt(self, instance_id: str, message_id: str | None, wa_message_id: str, status: str,
                        at: float | None, recipient: str | None) -> dict[str, Any] | None:
         """Keep a sent message's latest receipt (``delivered`` < ``read`` < ``played``; never
@@ -506,6 +539,7 @@ class DevStore:
 
     # ------------------------------------------------------------------ inbound
 
+    @_changes
     def add_inbound(self, instance_id: str, rec: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """DevStore an inbound message; a replay of the same wa_message_id is a no-op.
 

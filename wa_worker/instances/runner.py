@@ -40,6 +40,7 @@ from ..backends.base import (
 from ..backends.qr import qr_png_data_url
 from ..edge.client import EdgeClient, EdgeError, InstanceGone
 from ..edge.models import QueuedMessage, Status, StatusUpdate
+from ..events import NO_EVENTS, EventSink
 from ..storage.journal import JournalUnavailable, JournalWriteError
 from ..supervise import LoopHealth, forever, report_failure
 from ..timing import AdaptiveInterval, Backoff, Clock
@@ -149,6 +150,7 @@ class RunnerContext:
     # the phone to pair with a code (a discovery item's pair_phone), per instance
     pair_phone: Callable[[str], str | None] = lambda _iid: None
     stats: ConnectionStats = field(default_factory=ConnectionStats)
+    events: EventSink = NO_EVENTS  # the live event log (GET /api/events), with API_TOKEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +201,10 @@ class StatusReporter:
     def __init__(self, instance_id: str, edge: EdgeClient, on_gone: Callable[[], None],
                  rng: random.Random, clock: Clock | None = None,
                  connecting: anyio.CapacityLimiter | None = None,
-                 render: anyio.CapacityLimiter | None = None) -> None:
+                 render: anyio.CapacityLimiter | None = None, events: EventSink = NO_EVENTS) -> None:
         self.instance_id = instance_id
+        self.events = events
+        self._published: StatusUpdate | None = None  # the last status given to the event log
         self._render_limiter = render
         self._connecting_gate = connecting
         self._rendered: tuple[str, str] | None = None  # (raw QR, its PNG data URL)
@@ -302,10 +306,14 @@ class StatusReporter:
                 qr_code = None
             if self._version != version:
                 return await self._push_latest()  # replaced while rendering
-        await self.edge.update_status(StatusUpdate(
+        update = StatusUpdate(
             instanceId=self.instance_id, status=desired.status, qr_code=qr_code,
             phone_number=desired.phone_number, reason=desired.reason, pair_code=desired.pair_code,
-            ban_code=desired.ban_code, ban_expires_at=desired.ban_expires_at, detail=desired.detail))
+            ban_code=desired.ban_code, ban_expires_at=desired.ban_expires_at, detail=desired.detail)
+        if self.events.enabled and update != self._published:  # once per change, whether or not the proxy takes it
+            self._published = update
+            self.events.publish("status", self.instance_id, update.to_json())
+        await self.edge.update_status(update)
         return version
 
     async def _render(self, raw: str) -> str:
@@ -338,7 +346,7 @@ class InstanceRunner:
         self._inbox_tx, self._inbox_rx = anyio.create_memory_object_stream[list[QueuedMessage]](64)
         self.poll_interval = AdaptiveInterval(ctx.msg_poll_s, ctx.msg_poll_max_s)
         self.status = StatusReporter(instance_id, ctx.edge, self._gone, ctx.rng, ctx.clock,
-                                     connecting=ctx.connecting_pushes, render=ctx.qr_render)
+                                     connecting=ctx.connecting_pushes, render=ctx.qr_render, events=ctx.events)
         self.outbound_health = LoopHealth("outbound", ctx.clock)
         self._stopped_event = anyio.Event()
         self._gone_flag = False

@@ -40,6 +40,7 @@ import anyio.abc
 
 from ..backends.base import Call, InboundMessage, MediaUnavailable, Session
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
+from ..events import NO_EVENTS, EventSink
 from ..fsutil import ensure_private_dir
 from ..messages import MEDIA_KINDS, InboundContent, Kind
 from ..storage.journal import InboundRow, Journal, JournalUnavailable, JournalWriteError
@@ -220,6 +221,7 @@ class InboundRelay:
         self.delivered = 0
         self.dead_lettered = 0
         self.memory_dropped = 0
+        self.events: EventSink = NO_EVENTS  # the live event log (GET /api/events), with API_TOKEN
 
     # called from the WhatsApp event handler: never touches the network
     def accept(self, instance_id: str, msg: InboundMessage) -> None:
@@ -237,12 +239,17 @@ class InboundRelay:
 
     def _journal_payload(self, payload: dict[str, Any]) -> None:
         try:
-            self.journal.add_inbound(payload["instanceId"], payload["chat_id"], payload["wa_message_id"], payload)
+            new = self.journal.add_inbound(payload["instanceId"], payload["chat_id"], payload["wa_message_id"],
+                                           payload)
         except JournalUnavailable:
+            new = True
             if len(self._memory) == self._memory.maxlen:
                 self.memory_dropped += 1
                 log.error("inbound memory buffer full while the store is unwritable: oldest message dropped")
             self._memory.append(payload)
+        if new and self.events.enabled:  # a replay WhatsApp sends again is no new event
+            self.events.publish("inbound", payload["instanceId"],
+                                {k: v for k, v in payload.items() if k != MEDIA_HANDLE})
 
     def wake(self) -> None:
         self._wake.set()

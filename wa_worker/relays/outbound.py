@@ -44,6 +44,7 @@ import anyio
 from ..backends.base import BackendError, MessageRef, OutgoingMessage, SendError, Session
 from ..edge.client import EdgeClient, EdgeError
 from ..edge.models import QueuedMessage
+from ..events import NO_EVENTS, EventSink
 from ..media import MediaError, StorageError
 from ..messages import Content, ContentError, Kind
 from ..storage.journal import JOURNAL_RETENTION_S, Journal, JournalUnavailable, JournalWriteError, OutboundRow
@@ -106,6 +107,7 @@ class OutboundRelay:
         # the worker's disk could not stage media: media messages wait (in order) until then
         self._media_paused_until = 0.0
         self._media_pause_s = 0.0
+        self.events: EventSink = NO_EVENTS  # the live event log (GET /api/events), with API_TOKEN
 
     def pacer(self, instance_id: str) -> SendPacer:
         pacer = self._pacers.get(instance_id)
@@ -199,6 +201,7 @@ class OutboundRelay:
         self.journal.record_failure(message_id, instance_id, error, code, origin)
         self.failed += 1
         self.failed_by_code[code] += 1
+        self.publish_failed(instance_id, message_id, error, code)
         log.warning("message %s for %s rejected (%s): %s", message_id, instance_id, code, error,
                     extra={"instance_id": instance_id})
         self.acks.wake()
@@ -312,6 +315,8 @@ class OutboundRelay:
             else:
                 self.acks.record_outcome(message_id, self.journal.record_sent, message_id, wa_id)
                 self.sent += 1
+                self.events.publish("send", instance_id, {"messageId": message_id, "status": "sent",
+                                                          "wa_message_id": wa_id, "to": out.to_jid})
         self.acks.wake()
         return True
 
@@ -320,6 +325,12 @@ class OutboundRelay:
                                  origin)
         self.failed += 1
         self.failed_by_code[code] += 1
+        self.publish_failed(instance_id, message_id, error, code)
+
+    def publish_failed(self, instance_id: str, message_id: str, error: str, code: str) -> None:
+        """A send's failure, for the live event stream (the same ``error_code`` as ``/mark-failed``)."""
+        self.events.publish("send", instance_id, {"messageId": message_id, "status": "failed",
+                                                  "error_code": code, "error": error})
 
 
 class _Waiting(Exception):

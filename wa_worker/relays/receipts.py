@@ -23,6 +23,7 @@ import anyio
 
 from ..backends.base import Receipt
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
+from ..events import NO_EVENTS, EventSink
 from ..storage.journal import Journal, JournalUnavailable, JournalWriteError, ReceiptRow
 from ..supervise import LoopHealth, report_failure
 from ..timing import Clock, backoff_delay
@@ -61,9 +62,14 @@ class ReceiptsRelay:
         self._store_trouble = False  # this round could not record an outcome
         self.posted = 0  # statuses the proxy accepted
         self.dropped = 0  # receipts not journaled (switched off, or the store unwritable)
+        self.events: EventSink = NO_EVENTS  # the live event log (GET /api/events), with API_TOKEN
 
     # called from the WhatsApp event handler: never touches the network
     def accept(self, instance_id: str, receipt: Receipt) -> None:
+        for wa_id in receipt.wa_message_ids if self.events.enabled else ():  # every one seen, whatever the proxy supports
+            self.events.publish("receipt", instance_id, {
+                "wa_message_id": wa_id, "status": receipt.status.value, "timestamp": int(receipt.timestamp),
+                "recipient": receipt.recipient, "chat_id": receipt.chat_jid})
         if not self.supported:
             self.dropped += len(receipt.wa_message_ids)
             return

@@ -47,7 +47,7 @@ from .migrations import JournalTooNew, migrate
 
 log = logging.getLogger("wa_worker.store")
 
-__all__ = ["ApiRequestRow", "InboundRow", "JournalTooNew", "KnownMessage", "OutboundRow", "Journal", "ReceiptRow", "StoreOpenError",
+__all__ = ["ApiRequestRow", "EventRow", "InboundRow", "JournalTooNew", "KnownMessage", "OutboundRow", "Journal", "ReceiptRow", "StoreOpenError",
            "JournalUnavailable", "JournalWriteError"]
 
 JOURNAL_RETENTION_S = 7 * 24 * 3600
@@ -136,6 +136,17 @@ class ReceiptRow:
     @property
     def key(self) -> tuple[str, str]:
         return (self.instance_id, self.wa_message_id)
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One event of the live stream (``GET /api/events``): its sequence number and JSON text."""
+
+    seq: int
+    at: float
+    instance_id: str
+    type: str
+    data: str
 
 
 def headroom_needed(wal_bytes: int, floor: int = MIN_HEADROOM_BYTES) -> int:
@@ -625,6 +636,45 @@ class Journal:
 
     def receipts_pending(self) -> int:
         return int(self._scalar("SELECT COUNT(*) FROM receipts WHERE rank > posted_rank") or 0)
+
+    # ------------------------------------------------------------------ event log (issue #15)
+
+    def add_events(self, rows: Collection[EventRow]) -> None:
+        """Record events under the sequence numbers they were given, in one transaction."""
+        sql = "INSERT INTO events (seq, at, instance_id, type, data) VALUES (?, ?, ?, ?, ?)"
+        if len(rows) == 1:  # the usual case: one statement, its own transaction
+            [r] = rows
+            self._write(sql, (r.seq, r.at, r.instance_id, r.type, r.data))
+            return
+        with self._tx():
+            for r in rows:
+                self._write(sql, (r.seq, r.at, r.instance_id, r.type, r.data))
+
+    def events_after(self, seq: int, limit: int, instances: Collection[str] | None = None,
+                     types: Collection[str] | None = None) -> list[EventRow]:
+        """Up to ``limit`` events numbered above ``seq``, in order; only these instances / types when given."""
+        sql = "SELECT seq, at, instance_id, type, data FROM events WHERE seq > ?"
+        params: list[Any] = [seq]
+        for column, values in (("instance_id", instances), ("type", types)):
+            if values is not None:
+                sql += f" AND {column} IN ({','.join('?' * len(values))})"
+                params.extend(values)
+        rows = self._read(sql + " ORDER BY seq LIMIT ?", (*params, limit))
+        return [EventRow(r["seq"], r["at"], r["instance_id"], r["type"], r["data"]) for r in rows]
+
+    def event_seq_bounds(self) -> tuple[int | None, int]:
+        """(the lowest number still kept or None, the highest ever given: 0 before the first)."""
+        low = self._scalar("SELECT MIN(seq) FROM events")
+        high = self._scalar("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+        return (None if low is None else int(low)), int(high or 0)
+
+    def prune_events(self, before: float, keep_rows: int) -> int:
+        """Drop the events before the first one at or after ``before`` (in number order: rows come in time
+        order, so this reads only what it deletes) and all but the newest ``keep_rows``."""
+        n = self._write("DELETE FROM events WHERE seq < COALESCE((SELECT seq FROM events WHERE at >= ? ORDER BY seq "
+                        "LIMIT 1), 9223372036854775807)", (before,)).rowcount
+        n += self._write("DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?", (keep_rows,)).rowcount
+        return n
 
     # ------------------------------------------------------------------ housekeeping
 

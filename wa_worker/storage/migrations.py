@@ -136,6 +136,20 @@ CREATE INDEX receipts_updated ON receipts (updated_at);
 CREATE INDEX outbound_wa_id ON outbound (instance_id, wa_message_id) WHERE wa_message_id IS NOT NULL;
 """
 
+# issue #15: the live event log behind GET /api/events (status, inbound, send, receipt), one row
+# per event under its stream sequence number; AUTOINCREMENT keeps the highest number ever used
+# (sqlite_sequence) so a restart after pruning never reuses one. Pruned to a window (events.py)
+# from the oldest end, found in seq order: no index on `at` (a quarter of every insert's cost)
+V6_EVENT_LOG = """
+CREATE TABLE events (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    at              REAL NOT NULL,
+    instance_id     TEXT NOT NULL,
+    type            TEXT NOT NULL,
+    data            TEXT NOT NULL
+);
+"""
+
 # issue #15, the direct API: an outbound row says where its message came from (`origin`: 'proxy',
 # acknowledged with /mark-sent|/mark-failed; 'api', never acknowledged: the proxy does not know it),
 # and each API request is remembered by its journal id (api:<instance>:<Idempotency-Key>) with the
@@ -174,6 +188,7 @@ WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "error codes and message index", V3_ERROR_CODES_AND_MESSAGE_INDEX),
     Migration(4, "number cache", V4_NUMBER_CACHE),
     Migration(5, "receipts outbox", V5_RECEIPTS_OUTBOX),
+    Migration(6, "event log", V6_EVENT_LOG),
     Migration(7, "direct API requests", V7_API_REQUESTS),
     Migration(8, "instance settings", V8_INSTANCE_SETTINGS),
 )

@@ -1,10 +1,13 @@
 // wa-worker dev page: index.html is a static shell; this script renders everything from
-// GET /ui/state (JSON), the first paint included, then every second. The forms post JSON to /ui/*.
+// GET /ui/state (JSON), the first paint included, then again whenever the stream GET /ui/events
+// says the proxy's store changed. While that stream is down it polls every second (and every
+// data-slow-poll-ms anyway: the worker's health is not in the store). The forms post JSON to /ui/*.
 // Everything user-controlled goes through textContent / attributes, never innerHTML.
 "use strict";
 
 (function () {
   const POLL_MS = Number(document.body.dataset.pollMs) || 1000;
+  const slowPollMs = () => Number(document.body.dataset.slowPollMs) || 15000; // read each time (tests stretch it)
   const live = document.getElementById("live");
 
   function el(tag, attrs, text) {
@@ -282,7 +285,13 @@
     );
   }
 
+  let lastRefresh = 0;
+  let refreshing = null; // the refresh in flight
+  let again = false; // a change arrived during it: refresh once more after
+  let streamOpen = false;
+
   async function refresh() {
+    lastRefresh = Date.now();
     try {
       const resp = await fetch("/ui/state", { cache: "no-store" });
       if (!resp.ok) throw new Error("HTTP " + resp.status);
@@ -299,6 +308,7 @@
       live.className = "live ok";
       document.body.dataset.refreshed = String((Number(document.body.dataset.refreshed) || 0) + 1);
     } catch (err) {
+      lastRefresh = 0; // retry at the next tick
       live.textContent = "proxy unreachable";
       live.className = "live down";
     }
@@ -429,6 +439,37 @@
     }
   );
 
-  refresh();
-  setInterval(refresh, POLL_MS);
+  // one refresh at a time; changes arriving meanwhile cost one more, not one each
+  function refreshSoon(reason) {
+    if (refreshing) {
+      again = true;
+      return;
+    }
+    document.body.dataset.refreshedBy = reason;
+    refreshing = refresh().finally(() => {
+      refreshing = null;
+      if (again) {
+        again = false;
+        refreshSoon(reason);
+      }
+    });
+  }
+
+  function listen() {
+    if (!window.EventSource) return; // polling only
+    const source = new EventSource("/ui/events");
+    source.addEventListener("open", () => { streamOpen = true; document.body.dataset.stream = "open"; });
+    source.addEventListener("changed", () => refreshSoon("event"));
+    source.addEventListener("error", () => { streamOpen = false; document.body.dataset.stream = "down"; });
+  }
+
+  function tick() {
+    const due = streamOpen ? slowPollMs() : POLL_MS;
+    if (Date.now() - lastRefresh >= due) refreshSoon("poll");
+    setTimeout(tick, Math.min(POLL_MS, due));
+  }
+
+  refreshSoon("load");
+  listen();
+  setTimeout(tick, POLL_MS);
 })();
