@@ -607,7 +607,7 @@ async def test_openapi_document_is_valid_and_generated_from_the_request_models(t
     assert doc["openapi"] == "3.1.0"
     assert set(doc["paths"]) == {"/api/instances", "/api/instances/{id}", "/api/instances/{id}/qr",
                                  "/api/instances/{id}/messages", "/api/instances/{id}/messages/{key}",
-                                 "/api/openapi.json"}
+                                 "/api/events", "/api/openapi.json"}
     send = doc["paths"]["/api/instances/{id}/messages"]["post"]
     assert send["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SendMessage"}
     schema = doc["components"]["schemas"]["SendMessage"]
@@ -619,6 +619,12 @@ async def test_openapi_document_is_valid_and_generated_from_the_request_models(t
     assert set(send["responses"]) >= {"200", "202", "400", "401", "404", "409", "422", "429"}
     qr = doc["paths"]["/api/instances/{id}/qr"]["get"]["responses"]["200"]["content"]
     assert set(qr) == {"application/json", "image/png"}
+    events = doc["paths"]["/api/events"]["get"]
+    sse = events["responses"]["200"]["content"]["text/event-stream"]
+    assert sse["x-sse-data"] == {"$ref": "#/components/schemas/EventOut"}
+    assert set(doc["components"]["schemas"]["EventOut"]["properties"]) == {"seq", "type", "instanceId", "at", "payload"}
+    assert {(p["name"], p["in"]) for p in events["parameters"]} == {
+        ("Last-Event-ID", "header"), ("since", "query"), ("instance", "query"), ("types", "query")}
 
 
 async def test_a_send_waiting_behind_another_goes_once_the_instance_reconnects(tmp_path, media):

@@ -335,13 +335,13 @@ class Worker:
         tokens = self.settings.api_tokens
         api = build_api_app(tokens, per_minute=self.settings.API_RATE_PER_MINUTE, clock=self.clock) if tokens else None
         if api is not None:
+            # event streams may hold at most half the connections the guard allows
+            streams = (add_event_routes(api, self.event_log, max_streams=max(1, self.http_guard.max_connections // 2))
+                       if self.event_log is not None else [])
             self.api_sender = ApiSender(self.manager, self.outbound, self.journal, clock=self.clock,
                                         wait_s=self.settings.API_SEND_WAIT_S)
             mount_api_routes(api, self.api_sender, media_max_bytes=self.settings.MEDIA_MAX_BYTES,
-                             version=package_version())
-        if api is not None and self.event_log is not None:
-            # event streams may hold at most half the connections the guard allows
-            add_event_routes(api, self.event_log, max_streams=max(1, self.http_guard.max_connections // 2))
+                             version=package_version(), extra=streams)
         app = build_app(self, self.settings.WORKER_SECRET.get_secret_value(), guard=self.http_guard,
                         metrics=(self.metrics.render, self.metrics.content_type),
                         api=(API_MOUNT_AT, api) if api is not None else None)

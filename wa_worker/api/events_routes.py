@@ -25,6 +25,8 @@ from ..events import EVENT_TYPES, EventLog, Subscription, sse_frame
 from ..ids import is_valid_instance_id
 from ..storage.journal import JournalUnavailable
 from .errors import api_error
+from .models import ErrorBody, EventOut
+from .openapi import Answer, Operation, Param
 
 log = logging.getLogger("wa_worker.api")
 
@@ -137,9 +139,10 @@ async def _stream(request: web.Request, resp: web.StreamResponse, events: EventL
 
 
 def add_event_routes(api: web.Application, events: EventLog, *, max_streams: int,
-                     keepalive_s: float | None = None) -> None:
+                     keepalive_s: float | None = None) -> list[Operation]:
     """``GET /api/events`` on the API sub-app; at most ``max_streams`` open at once; a comment
-    after ``keepalive_s`` (default :data:`KEEPALIVE_S`) without an event."""
+    after ``keepalive_s`` (default :data:`KEEPALIVE_S`) without an event. Returns its
+    :class:`Operation` for the OpenAPI document (the route itself is added here)."""
 
     async def stream(request: web.Request) -> web.StreamResponse:
         instances, types, after = _instances(request), _types(request), _resume_after(request)
@@ -172,3 +175,18 @@ def add_event_routes(api: web.Application, events: EventLog, *, max_streams: int
 
     api.router.add_get("/events", stream, allow_head=False)
     api.on_shutdown.append(close_streams)
+    return [Operation(
+        "get", "/events", stream, "streamEvents",
+        "the live event stream (Server-Sent Events): statuses, inbound messages, send outcomes, receipts",
+        params=(Param("Last-Event-ID", "header", "resume after this sequence number (sent by EventSource)",
+                      required=False, pattern=r"^[0-9]{1,18}$"),
+                Param("since", "query", "resume after this sequence number (clients that cannot set headers)",
+                      required=False, pattern=r"^[0-9]{1,18}$"),
+                Param("instance", "query", "only these instances (repeated or comma-separated)", required=False),
+                Param("types", "query", f"only these types, comma-separated: {', '.join(EVENT_TYPES)}",
+                      required=False)),
+        answers={200: Answer("a stream of events, each frame's data line one EventOut; a first `event: reset` "
+                             "when the asked position is no longer kept", EventOut, stream=True),
+                 400: Answer("a bad filter or resume position", ErrorBody),
+                 503: Answer("the worker is stopping, or too many streams are open", ErrorBody,
+                             headers=("Retry-After",))})]

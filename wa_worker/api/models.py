@@ -11,7 +11,7 @@ the same :func:`~wa_worker.edge.models.parse_messages` as a polled message.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -117,3 +117,13 @@ class MessageOutcome(_Answer):
     error_code: str | None = None
     error: str | None = None
     retry_after_s: float | None = Field(default=None, description="not_sent: when trying again makes sense")
+
+
+class EventOut(_Answer):
+    """One event of ``GET /api/events`` (the ``data:`` line of its SSE frame)."""
+
+    seq: int = Field(description="the stream's sequence number (also the frame's id: resume with Last-Event-ID)")
+    type: Literal["status", "inbound", "send", "receipt"]
+    instanceId: str
+    at: float = Field(description="when the worker saw it, epoch seconds")
+    payload: dict[str, Any] = Field(description="by type: docs/api.md, Live events")

@@ -29,7 +29,7 @@ _REF = "#/components/schemas/{model}"
 @dataclass(frozen=True, slots=True)
 class Param:
     name: str
-    where: str  # "path" | "header"
+    where: str  # "path" | "header" | "query"
     description: str
     required: bool = True
     pattern: str | None = None
@@ -40,6 +40,7 @@ class Answer:
     description: str
     model: type[BaseModel] | None = None  # None: no JSON body (see ``png``)
     png: bool = False  # also (or only) image/png bytes
+    stream: bool = False  # text/event-stream: Server-Sent Events whose ``data:`` lines are ``model``
     headers: tuple[str, ...] = ()  # names of response headers worth saying (Location, Retry-After)
 
 
@@ -84,7 +85,12 @@ def _models(operations: Sequence[Operation]) -> list[type[BaseModel]]:
 def _answer(answer: Answer, schemas_ref: Callable[[type[BaseModel]], dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"description": answer.description}
     content: dict[str, Any] = {}
-    if answer.model is not None:
+    if answer.model is not None and answer.stream:
+        # a stream of SSE frames; each frame's data line is one JSON object of the model
+        content["text/event-stream"] = {"schema": {"type": "string", "description": "Server-Sent Events: id: <seq>, "
+                                                   "event: <type>, data: one JSON object per event"},
+                                        "x-sse-data": schemas_ref(answer.model)}
+    elif answer.model is not None:
         content["application/json"] = {"schema": schemas_ref(answer.model)}
     if answer.png:
         content["image/png"] = {"schema": {"type": "string", "contentMediaType": "image/png"}}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aiohttp import web
 
 from .instances_routes import instance_operations
@@ -20,7 +22,10 @@ def api_operations(sender: ApiSender, *, media_max_bytes: int) -> list[Operation
             *message_operations(sender, max_body=max_body_bytes(media_max_bytes))]
 
 
-def mount_api_routes(api: web.Application, sender: ApiSender, *, media_max_bytes: int, version: str) -> None:
+def mount_api_routes(api: web.Application, sender: ApiSender, *, media_max_bytes: int, version: str,
+                     extra: Sequence[Operation] = ()) -> None:
+    """The routes and the document describing them and ``extra`` (operations whose routes are
+    already on ``api``: the event stream)."""
     operations = api_operations(sender, media_max_bytes=media_max_bytes)
 
     async def openapi(_: web.Request) -> web.Response:
@@ -28,5 +33,5 @@ def mount_api_routes(api: web.Application, sender: ApiSender, *, media_max_bytes
 
     operations.append(Operation("get", "/openapi.json", openapi, "getOpenApi", "this document",
                                 answers={200: Answer("the OpenAPI 3.1 document (application/json)")}))
-    document = openapi_document(operations, version=version, description=DESCRIPTION)
+    document = openapi_document([*operations, *extra], version=version, description=DESCRIPTION)
     add_operations(api, operations)
