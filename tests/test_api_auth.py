@@ -3,9 +3,11 @@ that neither credential opens the other's routes."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import aiohttp
+import anyio
 import pytest
 
 from wa_worker.api.auth import RateLimiter
@@ -13,6 +15,7 @@ from wa_worker.config import ConfigError, load_settings
 
 from tests.conftest import SECRET, FakeClock, make_settings, running_worker, serving
 from tests.fakeproxy import FakeProxy
+from tests.proc import ROOT, start_worker, worker_env
 
 TOKEN = "api-token-0123456789abcdef"
 OTHER = "api-token-rotated-fedcba9876"
@@ -109,3 +112,50 @@ def test_api_token_settings_refused(value: str, problem: str) -> None:
 
 def test_empty_api_token_is_off(tmp_path: Path) -> None:
     assert make_settings(tmp_path, "http://127.0.0.1:9", API_TOKEN="  ").api_tokens == ()
+
+
+async def test_the_door_of_the_real_process(tmp_path: Path) -> None:
+    """The real ``wa-worker`` process: every wrong credential is a 401 with the error shape, the
+    right ones get in, the rate limit answers 429, the door's counters show in /health and
+    /metrics, and no token reaches the log."""
+    proxy = await FakeProxy().start()
+    env = worker_env(tmp_path, proxy.url, API_TOKEN=f"{TOKEN},{OTHER}", API_RATE_PER_MINUTE=60, LOG_LEVEL="DEBUG")
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(env, ROOT, log_path)
+    base = f"http://127.0.0.1:{env['PORT']}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            with anyio.fail_after(20):
+                while True:
+                    try:
+                        async with http.get(f"{base}/health") as resp:
+                            if resp.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    assert proc.poll() is None, log_path.read_text()
+                    await anyio.sleep(0.05)
+            wrong = ({}, {"Authorization": f"Bearer {SECRET}"}, {"x-api-key": SECRET}, {"x-api-key": TOKEN.upper()},
+                     {"Authorization": "Bearer " + "x" * 4_000}, {"Authorization": f"Bearer {TOKEN}\u00e9"})
+            for headers in wrong:
+                status, _, body = await _get(f"{base}/api/instances", headers)
+                assert status == 401 and body["error"]["code"] == "unauthorized", (headers, body)  # type: ignore[index]
+            status, _, _ = await _get(f"{base}/api/instances", {"Authorization": "Bearer " + "x" * 10_000})
+            assert status == 400  # past aiohttp's 8 KiB header line: refused before any route
+            status, _, body = await _get(f"{base}/api/instances", {"x-api-key": OTHER})
+            assert status == 200 and body == {"instances": []}
+            statuses = [(await _get(f"{base}/api/instances", {"Authorization": f"Bearer {TOKEN}"}))[0]
+                        for _ in range(11)]
+            assert statuses[:10] == [200] * 10 and statuses[10] == 429
+            status, _, health = await _get(f"{base}/health")
+            assert status == 200
+            assert health["api"] == {"allowed": 11, "refused": {"unauthorized": 6, "rate_limited": 1}}  # type: ignore[index]
+            status, _, text = await _get(f"{base}/metrics", {"Authorization": f"Bearer {SECRET}"})
+            assert 'wa_worker_api_refused_total{reason="unauthorized"} 6.0' in str(text)
+            assert "wa_worker_api_requests_total 11.0" in str(text)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        await proxy.stop()
+    log = log_path.read_text()
+    assert TOKEN not in log and OTHER not in log and SECRET not in log

@@ -16,7 +16,7 @@ import anyio
 from aiohttp import web
 
 from .api.app import MOUNT_AT as API_MOUNT_AT
-from .api.app import build_api_app
+from .api.app import ApiStats, build_api_app
 from .api.routes import mount_api_routes
 from .api.sender import ApiSender
 from .api.events_routes import add_event_routes
@@ -105,6 +105,7 @@ class Worker:
         self.receipts = ReceiptsRelay(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                       health=self.receipts_health)
         self._wire_events()
+        self.api_stats = ApiStats() if settings.api_tokens else None  # the direct API's door, with API_TOKEN
         self.host = host
         self.port: int | None = None  # the bound port, once serving
         self.started_at = time.time()
@@ -121,7 +122,7 @@ class Worker:
             backend=self.backend, edge=self.edge, journal=self.journal, inbound=self.inbound, outbound=self.outbound,
             manager=self.manager, fds=self.fds, guard=self.http_guard, loops=self.loops,
             ready=lambda: not self.not_ready_reasons(), clock=self.clock, version=package_version(),
-            events=self.event_log))
+            events=self.event_log, api=self.api_stats))
         self.metrics_port: int | None = None  # the bound METRICS_PORT, once serving
         self._metrics_runner: web.AppRunner | None = None
 
@@ -214,6 +215,7 @@ class Worker:
             },
             "loops": self.loop_ages(),
             **({"events": self.event_log.stats()} if self.event_log is not None else {}),
+            **({"api": self.api_stats.as_dict()} if self.api_stats is not None else {}),
         }
 
     def not_ready_reasons(self) -> list[str]:
@@ -333,7 +335,8 @@ class Worker:
 
     def _app(self) -> web.Application:
         tokens = self.settings.api_tokens
-        api = build_api_app(tokens, per_minute=self.settings.API_RATE_PER_MINUTE, clock=self.clock) if tokens else None
+        api = build_api_app(tokens, per_minute=self.settings.API_RATE_PER_MINUTE, clock=self.clock,
+                                  stats=self.api_stats) if tokens else None
         if api is not None:
             # event streams may hold at most half the connections the guard allows
             streams = (add_event_routes(api, self.event_log, max_streams=max(1, self.http_guard.max_connections // 2))

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .api.app import ApiStats
 from .backends.base import Backend
 from .edge.client import EdgeClient
 from .events import EventLog
@@ -49,6 +50,7 @@ class MetricSources:
     clock: Clock
     version: str
     events: EventLog | None = None  # the live event log, with API_TOKEN
+    api: ApiStats | None = None  # the direct API's door, with API_TOKEN
 
 
 def _counter(name: str, doc: str, value: float | None = None, *, labels: Iterable[str] = (),
@@ -85,6 +87,15 @@ class WorkerCollector(Collector):
         yield from self._process()
         yield from self._loops()
         yield from self._events()
+        yield from self._api()
+
+    def _api(self) -> Iterator[Metric]:
+        api = self.src.api
+        yield _counter("api_requests", "Direct API requests let in (authenticated, within the rate limit; 0 without "
+                       "API_TOKEN)", api.allowed if api is not None else 0)
+        refused = api.refused if api is not None else {}
+        yield _counter("api_refused", "Direct API requests refused at the door, by reason", labels=("reason",),
+                       samples={(r,): float(refused.get(r, 0)) for r in ("unauthorized", "rate_limited")})
 
     def _events(self) -> Iterator[Metric]:
         s = self.src.events.stats() if self.src.events is not None else {}

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -46,26 +48,45 @@ def _as_api_error(exc: web.HTTPException) -> web.HTTPException:
     return exc
 
 
+@dataclass
+class ApiStats:
+    """What the door saw: requests let in, refusals by reason (``/health`` and ``/metrics``)."""
+
+    allowed: int = 0
+    refused: Counter[str] = field(default_factory=Counter)  # unauthorized | rate_limited
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "refused": dict(self.refused)}
+
+
+STATS = web.AppKey("api_stats", ApiStats)
+
+
 def _json(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(api_error_body(code, message), status=status, headers=headers)
 
 
 def build_api_app(tokens: tuple[str, ...], *, per_minute: int, clock: Clock | None = None,
-                  max_body: int = 64 * 1024 * 1024) -> web.Application:
-    """The ``/api/`` sub-app with auth, rate limit and error shape; routes are added by their modules."""
+                  max_body: int = 64 * 1024 * 1024, stats: ApiStats | None = None) -> web.Application:
+    """The ``/api/`` sub-app with auth, rate limit and error shape (its counters: ``app[STATS]``);
+    routes are added by their modules."""
     known = TokenSet(tokens)
     limiter = RateLimiter(per_minute, clock or Clock())
+    stats = stats if stats is not None else ApiStats()
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         who = known.match(presented_token(request))
         if who is None:
+            stats.refused["unauthorized"] += 1
             return _json(401, "unauthorized", "send Authorization: Bearer <API_TOKEN> or x-api-key: <API_TOKEN>",
                          {"WWW-Authenticate": 'Bearer realm="wa-worker"'})
         wait_s = limiter.take(who)
         if wait_s > 0:
+            stats.refused["rate_limited"] += 1
             return _json(429, "rate_limited", f"more than {per_minute} requests a minute for this token",
                          {"Retry-After": str(max(1, int(wait_s + 0.999)))})
+        stats.allowed += 1
         return await handler(request)
 
     @web.middleware
@@ -77,4 +98,6 @@ def build_api_app(tokens: tuple[str, ...], *, per_minute: int, clock: Clock | No
                 raise _as_api_error(exc) from None
             raise
 
-    return web.Application(client_max_size=max_body, middlewares=[error_shape, authenticate])
+    app = web.Application(client_max_size=max_body, middlewares=[error_shape, authenticate])
+    app[STATS] = stats
+    return app
