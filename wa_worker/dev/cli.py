@@ -372,6 +372,10 @@ def _cmd_instance(args: argparse.Namespace) -> int:
             detail = "pairing code " + _one_line(i["pair_code"]) + " (or scan the QR)"
         elif i.get("has_qr"):
             detail = "waiting for a QR scan"
+        lease = i.get("lease")
+        if lease:  # a fleet: who holds it
+            held = f"{_one_line(str(lease['holder']))} #{lease['token']}" if lease.get("holder") else "free"
+            detail = f"{detail}  [lease {held}{' revoked' if lease.get('revoked') else ''}]".strip()
         print(f"{i['id']:<{width}}  {i['status']:<12}  {detail}".rstrip())
     return 0
 

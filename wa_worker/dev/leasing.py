@@ -108,10 +108,17 @@ def _release(db: sqlite3.Connection, req: LeaseRequest, now: float) -> list[str]
 
 
 def _target(db: sqlite3.Connection) -> int:
-    """``ceil(instances needing a worker / live workers)`` (every dev instance needs one)."""
-    instances = int(db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
-    live = max(1, int(db.execute("SELECT COUNT(*) FROM workers").fetchone()[0]))
-    return math.ceil(instances / live)
+    """The fair share: ``ceil(instances needing a worker / live workers)`` (every dev instance
+    needs one), water-filled over capacities: what a worker of small capacity cannot take is
+    shared by the others (else those instances would never be served)."""
+    remaining = int(db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+    caps = sorted(int(r[0]) for r in db.execute("SELECT capacity FROM workers"))
+    for i, cap in enumerate(caps):
+        share = math.ceil(remaining / (len(caps) - i))
+        if cap >= share:
+            return share
+        remaining -= cap
+    return max(caps[-1] if caps else 0, remaining, 1)
 
 
 def _notices(db: sqlite3.Connection, caller: str | None, now: float, ttl: float) -> list[str]:

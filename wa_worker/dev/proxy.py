@@ -297,10 +297,15 @@ class DevProxy:
             msg = self.store.queue_message(instance_id, to.strip(), body, columns)
         except UnknownInstance:
             raise ApiError(404, f"unknown instance {instance_id}") from None
+        self._announce_queued(msg)
+        return msg
+
+    def _announce_queued(self, msg: dict[str, Any]) -> None:
+        """The terminal, the worker's ``/wake``, and ``GET /events`` (to the instance's lease holder)."""
+        instance_id = msg["instanceId"]
         self.emit("queued", instance_id, message=msg)
         self.wake(instance_id)
         self.events.publish("queued", instance_id, self.store.lease_holder(instance_id))
-        return msg
 
     async def _store_base64(self, data: str, mimetype: str | None, filename: str | None) -> dict[str, Any]:
         def work() -> dict[str, Any]:
