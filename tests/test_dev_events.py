@@ -235,3 +235,17 @@ def test_a_long_answer_is_cut_and_the_rest_comes_next(http: httpx.Client, bp: Ba
 def test_bad_event_parameters_are_a_400(http: httpx.Client, params: dict, headers: dict, why: str) -> None:
     r = http.get("/events", params=params, headers=headers)
     assert r.status_code == 400 and why in r.json()["error"]
+
+
+def test_a_plain_renewal_wakes_nobody(http: httpx.Client, bp: BackgroundProxy) -> None:
+    for n in range(20):
+        add(http, f"i{n}")
+    lease(http, "w-a")
+    lease(http, "w-b")
+    b = Poll(bp, "w-b", 1, cursor_now(http, "w-b"))
+    b.start()
+    waiting(bp, 1)
+    held = lease(http, "w-a")["leases"]  # more grants for w-a, no release, no new worker
+    assert len(held) == 10
+    answer, _ = b.answer()
+    assert answer["events"] == []

@@ -44,7 +44,9 @@ class LeaseAnswer:
     granted: list[str] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
-    notify: list[str] = field(default_factory=list)  # other live workers whose next call would change something
+    # when the call released leases or came from a new worker: the other live workers
+    # whose next call would get a grant or a revocation
+    notify: list[str] = field(default_factory=list)
 
 
 def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float) -> LeaseAnswer:
@@ -60,6 +62,7 @@ def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float
         # so the others take its instances over at once instead of one TTL later
         db.execute("DELETE FROM workers WHERE id = :w", p)
         return LeaseAnswer([], released=released, notify=_notices(db, None, now, ttl))
+    arrived = db.execute("SELECT 1 FROM workers WHERE id = :w", p).fetchone() is None
     db.execute(
         "INSERT INTO workers (id, capacity, last_seen) VALUES (:w, :cap, :now) "
         "ON CONFLICT (id) DO UPDATE SET capacity = excluded.capacity, last_seen = excluded.last_seen",
@@ -91,7 +94,8 @@ def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float
                 {**p, "id": iid}).fetchone()
             answer.leases.append(_grant_item(row))
             answer.granted.append(iid)
-    answer.notify = _notices(db, req.worker_id, now, ttl)
+    if arrived or released:  # the share changed for the others (not for each renewal: no storm of calls)
+        answer.notify = _notices(db, req.worker_id, now, ttl)
     return answer
 
 
