@@ -52,7 +52,7 @@ class LeaseAnswer:
 def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float) -> LeaseAnswer:
     """One ``POST /leases`` (the caller holds the transaction)."""
     p = {"w": req.worker_id, "now": now, "ttl": ttl}
-    released = _release(db, req, now)
+    released = _release(db, req)
     db.execute("DELETE FROM workers WHERE last_seen < :now - :ttl", p)
     mine = db.execute(
         "SELECT id, lease_token, priority, settings, proxy_url, pair_phone FROM instances "
@@ -101,7 +101,7 @@ def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float
     return answer
 
 
-def _release(db: sqlite3.Connection, req: LeaseRequest, now: float) -> list[str]:
+def _release(db: sqlite3.Connection, req: LeaseRequest) -> list[str]:
     """Free the leases released with their current token (an old token is ignored)."""
     out = []
     for iid, token in req.release:
