@@ -109,6 +109,12 @@ async def events(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def _close_events(app: web.Application) -> None:
+    app[PROXY_KEY].events.close()
+
+
 def add_fleet_routes(app: web.Application) -> None:
+    """The routes, and the app's shutdown ending every waiting ``/events`` call at once."""
     app.router.add_post("/leases", leases)
     app.router.add_get("/events", events)
+    app.on_shutdown.append(_close_events)
