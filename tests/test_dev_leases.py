@@ -511,3 +511,20 @@ def test_two_proxies_on_one_database_never_grant_one_instance_twice(tmp_path: Pa
     finally:
         for s in stores:
             s.close()
+
+
+def test_dev_fleet_shows_the_workers_and_counts_the_refused_calls(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    add(http, "beta")
+    call(http, "w-a", capacity=1)
+    mid = queue(http, "acme")
+    move(http, clock, "acme", "w-a", "w-b")
+    assert connected(http, "acme", 1).status_code == 409
+    assert http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1}).status_code == 409
+    http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 2})
+    assert http.post("/mark-sent", json={"messageId": mid, "lease_token": 1}).status_code == 409
+    fleet = http.get("/dev/fleet").json()
+    assert fleet["refused"] == {"update_status": 1, "claim": 1, "ack": 1}
+    assert fleet["ttl_s"] == 30 and fleet["events_waiting"] == 0
+    # w-a's last call was 2 TTLs ago: no longer live, pruned at w-b's call
+    assert [(w["id"], w["live"], w["held"], w["capacity"]) for w in fleet["workers"]] == [("w-b", True, 2, 500)]

@@ -306,6 +306,15 @@ class DevStore:
         with self._lock, self._transaction():
             return lease_notices(self._db, self._now(), ttl)
 
+    def workers(self, ttl: float) -> list[dict[str, Any]]:
+        """The workers that called ``/leases`` (live: within ``ttl``), with the leases they hold."""
+        rows = self._all(
+            "SELECT w.id, w.capacity, w.last_seen, (SELECT COUNT(*) FROM instances i WHERE i.lease_holder = w.id "
+            "AND i.lease_revoked = 0) AS held FROM workers w ORDER BY w.id")
+        now = self._now()
+        return [{"id": r["id"], "capacity": r["capacity"], "last_seen": r["last_seen"],
+                 "live": r["last_seen"] >= now - ttl, "held": r["held"]} for r in rows]
+
     def lease_holder(self, instance_id: str) -> str | None:
         """The worker holding the instance's lease (None: free or revoked)."""
         row = self._one("SELECT lease_holder FROM instances WHERE id = ? AND lease_revoked = 0", (instance_id,))
