@@ -528,3 +528,16 @@ def test_dev_fleet_shows_the_workers_and_counts_the_refused_calls(http: httpx.Cl
     assert fleet["ttl_s"] == 30 and fleet["events_waiting"] == 0
     # w-a's last call was 2 TTLs ago: no longer live, pruned at w-b's call
     assert [(w["id"], w["live"], w["held"], w["capacity"]) for w in fleet["workers"]] == [("w-b", True, 2, 500)]
+
+
+def test_an_expired_lease_claims_nothing_until_it_is_renewed(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    connected(http, "acme", 1)
+    queue(http, "acme")
+    clock.now += TTL + 1  # w-a should have fenced itself at TTL/2
+    assert http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1}).status_code == 409
+    assert http.get("/queued-messages", headers={"X-Worker-Id": "w-a"}).json()["messages"] == []
+    assert tokens(call(http, "w-a", held={"acme": 1})) == {"acme": 1}  # nobody took it: renewed
+    r = http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1})
+    assert r.status_code == 200 and len(r.json()["messages"]) == 1
