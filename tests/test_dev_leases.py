@@ -541,3 +541,100 @@ def test_an_expired_lease_claims_nothing_until_it_is_renewed(http: httpx.Client,
     assert tokens(call(http, "w-a", held={"acme": 1})) == {"acme": 1}  # nobody took it: renewed
     r = http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1})
     assert r.status_code == 200 and len(r.json()["messages"]) == 1
+
+
+class Member:
+    """A worker as the contract describes it: renews every TTL/3, believes in its leases for TTL/2
+    after its last successful call (self-fencing), renews at once on a ``leases`` event."""
+
+    def __init__(self, name: str, http: httpx.Client) -> None:
+        self.name = name
+        self.http = http
+        self.held: dict[str, int] = {}
+        self.release: dict[str, int] = {}
+        self.at = -1e18
+        self.cursor = str(http.get("/events", params={"wait": 0}, headers={"X-Worker-Id": name}).json()["cursor"])
+
+    def renew(self, now: float, *, leaving: bool = False) -> None:
+        held = {} if leaving else self.held
+        release = {**self.release, **(self.held if leaving else {})}
+        answer = tokens(call(self.http, self.name, held, release))
+        self.release = {i: t for i, t in self.held.items() if answer.get(i) != t and not leaving}
+        self.held, self.at = answer, now
+
+    def told(self) -> bool:
+        r = self.http.get("/events", params={"wait": 0, "cursor": self.cursor}, headers={"X-Worker-Id": self.name})
+        self.cursor = r.json()["cursor"]
+        return {"type": "leases"} in r.json()["events"]
+
+    def believes(self, now: float) -> set[str]:
+        return set(self.held) if now - self.at < TTL / 2 else set()
+
+
+def test_a_fleet_never_runs_an_instance_twice_and_takes_over_on_sigterm_kill_and_scale_out(
+        http: httpx.Client, clock: FakeClock, store: DevStore) -> None:
+    for n in range(60):
+        add(http, f"i{n:02d}", priority=n % 3)
+    start = clock.now
+    members = {n: Member(n, http) for n in ("w1", "w2", "w3")}
+    running = dict(members)
+
+    def check() -> None:  # never two workers that both believe they hold one instance
+        seen: dict[str, str] = {}
+        for m in running.values():
+            for iid in m.believes(clock.now):
+                assert iid not in seen, f"{iid} on {seen.get(iid)} and {m.name} at +{clock.now - start:.0f} s"
+                seen[iid] = m.name
+
+    def served() -> int:
+        return len(set().union(*(m.believes(clock.now) for m in running.values())))
+
+    def step() -> None:
+        """TTL/3 of time: every running member renews, then those told to renew again."""
+        clock.now += TTL / 3
+        for m in sorted(running.values(), key=lambda m: m.name):
+            m.renew(clock.now)
+            check()
+        for _ in range(10):
+            told = [m for m in running.values() if m.told()]
+            if not told:
+                break
+            for m in told:
+                m.renew(clock.now)
+                check()
+
+    def until_served(count: int = 60, limit_steps: int = 30) -> float:
+        t0 = clock.now
+        for _ in range(limit_steps):
+            if served() >= count:
+                return clock.now - t0
+            step()
+        raise AssertionError(f"only {served()} of {count} instances served")
+
+    until_served()
+    assert sorted(len(m.held) for m in running.values()) == [20, 20, 20]
+    # SIGTERM w2: its last call releases everything; the others are told at once
+    w2 = running.pop("w2")
+    w2.renew(clock.now, leaving=True)
+    for _ in range(10):
+        told = [m for m in running.values() if m.told()]
+        for m in told:
+            m.renew(clock.now)
+            check()
+        if not told:
+            break
+    assert served() == 50  # at once: 5 more for each of the two left (told by a leases event)
+    assert until_served() == TTL / 3  # the rest at their next renewal (5 per call: no reconnect storm)
+    # kill -9 w3 (30 leases): it stops calling; its leases are free one TTL after they expire
+    running.pop("w3")
+    first = until_served(31)
+    assert 2 * TTL < first <= 2 * TTL + TTL / 3
+    assert until_served() == 5 * TTL / 3  # then 5 per renewal of the one worker left
+    # a fourth worker gets its share gradually (revocations of w1's lowest-priority leases)
+    running["w4"] = Member("w4", http)
+    for _ in range(20):
+        step()
+    assert served() == 60
+    assert sorted(len(m.held) for m in running.values()) == [30, 30]
+    owned = holders(store)
+    assert all(owned[i] == m.name for m in running.values() for i in m.held)
