@@ -295,9 +295,12 @@ def test_a_malformed_leases_call_is_a_400(http: httpx.Client, body: dict, why: s
     assert r.status_code == 400 and why in r.json()["error"]
 
 
-def test_leases_need_the_bearer(bp: BackgroundProxy) -> None:
-    r = httpx.post(bp.url + "/leases", json={"worker_id": "w-a"}, trust_env=False)
+@pytest.mark.parametrize("method,path", [("POST", "/leases"), ("GET", "/events?wait=0"), ("GET", "/dev/fleet")])
+def test_the_fleet_routes_need_the_bearer(bp: BackgroundProxy, method: str, path: str) -> None:
+    r = httpx.request(method, bp.url + path, json={"worker_id": "w-a"} if method == "POST" else None,
+                      headers={"Authorization": "Bearer wrong-secret-value"}, trust_env=False)
     assert r.status_code == 401
+    assert httpx.request(method, bp.url + path, trust_env=False).status_code == 401
 
 
 # ---------------------------------------------------------------------------- fencing
