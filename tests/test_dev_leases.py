@@ -574,6 +574,7 @@ class Member:
         return set(self.held) if now - self.at < TTL / 2 else set()
 
 
+# long: one scenario (start, SIGTERM, kill -9, scale out) with its invariant checked after every call
 def test_a_fleet_never_runs_an_instance_twice_and_takes_over_on_sigterm_kill_and_scale_out(
         http: httpx.Client, clock: FakeClock, store: DevStore) -> None:
     for n in range(60):
