@@ -21,7 +21,7 @@ import pytest
 from tests.proc import free_port
 from wa_worker.backends.base import Connected, QrCode
 from wa_worker.dev.background import BackgroundProxy
-from wa_worker.dev.cli import main
+from wa_worker.dev.cli import build_parser, main
 from wa_worker.dev.proxy import ProxyEvent
 from wa_worker.dev.state import DevPaths, DevStateError, resolve_secret
 from wa_worker.dev.store import DevStore
@@ -456,13 +456,18 @@ def test_dev_proxy_only_and_busy_port(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("WORKER_SECRET", "WA_DEV_PROXY_URL")}
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wa_worker", "dev", "proxy", "--proxy-port", str(port), "--instance", "solo"],
+        [sys.executable, "-m", "wa_worker", "dev", "proxy", "--proxy-port", str(port), "--instance", "solo",
+         "--lease-ttl", "7"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         wait_until(lambda: (tmp_path / ".wa-worker" / "proxy-url").exists(), 30, "the proxy")
         r = wa("instance", "list", cwd=tmp_path, env=env)
         assert r.returncode == 0 and re.search(r"^solo\s+DISCONNECTED", r.stdout, re.M)
+        secret = (tmp_path / ".wa-worker" / "secret").read_text().strip()
+        leased = httpx.post(f"http://127.0.0.1:{port}/leases", json={"worker_id": "w-sub"}, trust_env=False,
+                            headers={"Authorization": f"Bearer {secret}"}).json()
+        assert leased["ttl_s"] == 7 and [i["instanceId"] for i in leased["leases"]] == ["solo"]
         again = wa("proxy", "--proxy-port", str(port), "--dir", str(tmp_path / "other"), cwd=tmp_path, env=env,
                    timeout=30)
         assert again.returncode == 1 and "cannot listen" in again.stderr
@@ -476,6 +481,7 @@ def test_dev_proxy_only_and_busy_port(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "worker        not started" in out
+    assert "leases of 7 s" in out
 
 
 @pytest.mark.slow
@@ -506,3 +512,28 @@ def test_dev_with_a_damaged_journal_fails_in_one_line_and_keeps_it(tmp_path: Pat
     assert f"STATE_DB {db} is not a SQLite database (file kept untouched)" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert db.read_bytes() == b"this is not a journal\n" * 20
+
+
+def test_instance_list_shows_the_lease_holder(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
+    d = str(state_dir)
+    proxy.store.add_instance("acme")
+    proxy.store.add_instance("beta")
+    r = httpx.post(proxy.url + "/leases", headers={"Authorization": f"Bearer {SECRET}", "X-Worker-Id": "w-a1"},
+                   json={"worker_id": "w-a1", "capacity": 1}, trust_env=False)
+    assert r.status_code == 200 and len(r.json()["leases"]) == 1
+    leased = r.json()["leases"][0]["instanceId"]
+    code, out, _ = run_cli(capsys, "instance", "list", "--dir", d)
+    assert code == 0
+    assert re.search(rf"{leased}\s+DISCONNECTED\s+\[lease w-a1 #1\]", out)
+    other = ({"acme", "beta"} - {leased}).pop()
+    assert "lease" not in next(line for line in out.splitlines() if line.startswith(other))
+
+
+def test_the_lease_ttl_option_and_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WA_DEV_LEASE_TTL_S", raising=False)
+    assert build_parser().parse_args(["proxy"]).lease_ttl == 30
+    assert build_parser().parse_args(["proxy", "--lease-ttl", "2.5"]).lease_ttl == 2.5
+    monkeypatch.setenv("WA_DEV_LEASE_TTL_S", "4")
+    assert build_parser().parse_args([]).lease_ttl == 4
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["proxy", "--lease-ttl", "0"])

@@ -53,6 +53,7 @@ class DevOptions:
     secret: str | None = None
     auto_scan_ms: int | None = 1500  # simulator: the phone scans each QR after this delay; None: never
     command: str = "wa-worker"  # how the user runs wa-worker, for copy-pasteable hints
+    lease_ttl_s: float = 30.0  # a fleet: the TTL of the leases the proxy grants
 
 
 def _json_log(opts: DevOptions) -> logging.Logger | None:
@@ -102,7 +103,7 @@ class DevRun:
             store = self.store = DevStore(self.paths.proxy_db)
             stack.callback(store.close)
             app = create_app(store, self.secret, wake_url=f"http://127.0.0.1:{o.port}",
-                             on_event=self.printer.proxy_event)
+                             on_event=self.printer.proxy_event, lease_ttl_s=o.lease_ttl_s)
             web_runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await web_runner.setup()
             stack.push_async_callback(web_runner.cleanup)
@@ -165,6 +166,8 @@ class DevRun:
                 "  worker        not started: run one with",
                 f"                EDGE_BASE_URL={self.proxy_url} WORKER_SECRET=\"$(cat {self.paths.secret_file})\" "
                 f"PORT={o.port} {o.command}",
+                f"  a fleet       several workers share the instances: leases of {o.lease_ttl_s:g} s "
+                "(POST /leases; --lease-ttl), GET /dev/fleet",
             ]
         first = (self.store.list_instances()[0]["id"] if self.store and self.store.count_instances() else "NAME")
         cmd = self.helper_command()
