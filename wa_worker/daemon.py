@@ -105,7 +105,6 @@ class Worker:
         self.receipts = ReceiptsRelay(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                       health=self.receipts_health)
         self._wire_events()
-        self.api_stats = ApiStats() if settings.api_tokens else None  # the direct API's door, with API_TOKEN
         self.host = host
         self.port: int | None = None  # the bound port, once serving
         self.started_at = time.time()
@@ -127,7 +126,9 @@ class Worker:
         self._metrics_runner: web.AppRunner | None = None
 
     def _wire_events(self) -> None:
-        """The live event stream (GET /api/events): recorded only when the API is on."""
+        """The live event stream (GET /api/events): recorded only when the API is on; so are the
+        counters of the API's door."""
+        self.api_stats = ApiStats() if self.settings.api_tokens else None
         self.event_log = EventLog(self.journal, self.clock) if self.settings.api_tokens else None
         self.events: EventSink = self.event_log or NO_EVENTS
         self.inbound.events = self.outbound.events = self.receipts.events = self.events
