@@ -343,6 +343,8 @@ def test_update_status_is_fenced(fn: EdgeFunction, wa_db: WaDb) -> None:
     wa_db.insert_instance("acme")
     status = {"instanceId": "acme", "status": "CONNECTING"}
     assert fn.request("POST", "update-status", json=status).status_code == 200  # no token: as before
+    # token 0 is no lease (the first grant is 1)
+    assert fn.request("POST", "update-status", json={**status, "lease_token": 0}).status_code == 409
     lease(fn, "w-a")
     r = fn.request("POST", "update-status", json={**status, "status": "CONNECTED", "lease_token": 1})
     assert r.status_code == 200, r.text

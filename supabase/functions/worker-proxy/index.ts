@@ -455,7 +455,8 @@ async function updateStatus(req: Request): Promise<Response> {
       pair_code = case when ${status}::text = 'CONNECTING' then coalesce(${pairCode}::text, pair_code) else null end,
       ban_expires_at = case when ${banExpires}::float8 is null then null else to_timestamp(${banExpires}::float8) end
     where id = ${id}
-      and (${token}::bigint is null or (lease_token = ${token}::bigint and not lease_released))
+      and (${token}::bigint is null
+           or (lease_token = ${token}::bigint and lease_worker is not null and not lease_released))
     returning id, status`;
   if (rows.length === 0) {
     const found = await sql`select 1 from public.wa_instances where id = ${id}`;
