@@ -84,6 +84,36 @@ def test_leases_migration_on_a_database_with_rows(pg_server: PgServer) -> None:
         pg_server.psql("drop role if exists wa_nobody;")
 
 
+@deno
+def test_function_on_a_schema_without_leases(pg_server: PgServer) -> None:
+    """Deployed before `supabase db push`: everything without lease fields works as before, and
+    /leases says what is missing with a 500 (a 501 would send a fleet into single-worker mode)."""
+    name = f"wa_noleases_{uuid.uuid4().hex[:10]}"
+    pg_server.create_database(name)
+    db = WaDb(pg_server, name)
+    fn = EdgeFunction(db.dsn)
+    try:
+        for path in migration_files()[:-1]:
+            db.psql(path.read_text())
+        db.insert_instance("acme", "DISCONNECTED")
+        fn.start()
+        assert fn.request("GET", "disconnected-instances").json()["instances"] == [{"id": "acme", "priority": 0}]
+        assert fn.request("POST", "update-status", json={"instanceId": "acme", "status": "CONNECTED"}).status_code == 200
+        one, two = (db.insert_outbound("acme", "5511999990001", b) for b in ("one", "two"))
+        r = fn.request("GET", "queued-messages", params={"instanceId": "acme", "limit": 1})
+        assert [m["id"] for m in r.json()["messages"]] == [one]
+        assert [m["id"] for m in fn.request("GET", "queued-messages").json()["messages"]] == [two]
+        assert fn.request("POST", "mark-sent", json={"messageId": one, "wa_message_id": "W1"}).json()["status"] == "sent"
+        assert fn.request("POST", "mark-failed", json={"messageId": two, "error": "x"}).json()["status"] == "failed"
+        for method, endpoint, body in (("POST", "leases", {"worker_id": "w-a", "capacity": 1}),
+                                       ("GET", "events", None)):
+            r = fn.request(method, endpoint, json=body, params={"wait": 0} if method == "GET" else None)
+            assert r.status_code == 500 and "apply supabase/migrations/" in r.json()["error"], r.text
+    finally:
+        fn.stop()
+        pg_server.psql(f"drop database if exists {name} with (force);")
+
+
 # ------------------------------------------------------------------ function
 
 
