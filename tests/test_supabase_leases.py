@@ -659,3 +659,30 @@ def test_events_without_notifications_still_answer(wa_db: WaDb) -> None:
         assert "LISTEN failed" in deaf.log_tail()
     finally:
         deaf.stop()
+
+
+@deno
+def test_handoff_on_sigterm_through_events(fn: EdgeFunction, wa_db: WaDb) -> None:
+    """Two workers as HTTP clients: w-b waits on /events, w-a stops (SIGTERM: one last call
+    releasing everything); w-b is woken, takes the instance with a new token and gets w-a's
+    unacknowledged claim again as a prior claim, while w-a's late writes are fenced."""
+    wa_db.insert_instance("acme", "CONNECTED")
+    a = lease(fn, "w-a")
+    assert lease(fn, "w-b")["leases"] == []
+    unacked = wa_db.insert_outbound("acme", "5511999990001", "claimed by w-a before it stopped")
+    fn.request("GET", "queued-messages", headers={"X-Worker-Id": "w-a"})
+    start, _ = poll_events(fn, "w-b", 0)
+    waiting = in_background(lambda: poll_events(fn, "w-b", 20, start["cursor"]))
+    time.sleep(0.5)
+    began = time.monotonic()
+    assert lease(fn, "w-a", held=[], release=held(a))["leases"] == []
+    body, _ = waiting.result(timeout=30)
+    assert body["events"] == [{"type": "leases"}]
+    b = lease(fn, "w-b")
+    handoff = time.monotonic() - began
+    assert held(b) == [{"instanceId": "acme", "token": 2}] and handoff < 3
+    r = fn.request("GET", "queued-messages", headers={"X-Worker-Id": "w-b"})
+    assert [(m["id"], m["lease_token"], m.get("prior_claim")) for m in r.json()["messages"]] == [(unacked, 2, True)]
+    r = fn.request("POST", "update-status", json={"instanceId": "acme", "status": "DISCONNECTED", "lease_token": 1})
+    assert r.status_code == 409
+    assert fn.request("GET", "queued-messages", headers={"X-Worker-Id": "w-a"}).json()["messages"] == []
