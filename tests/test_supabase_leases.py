@@ -75,13 +75,20 @@ def test_leases_migration_on_a_database_with_rows(pg_server: PgServer) -> None:
         denied = db.psql("set role wa_nobody; select * from public.wa_lease_call('w', 1, '[]', '[]', 30, 5)",
                          check=False)
         assert "permission denied" in denied.stderr
+        denied = db.psql("set role wa_nobody; select public.wa_lease_changed()", check=False)
+        assert "permission denied" in denied.stderr
+        # where Supabase's roles exist, they lose the EXECUTE Supabase grants them by default
+        db.psql("drop role if exists anon; create role anon; "
+                "grant execute on function public.wa_lease_changed() to anon")
+        db.psql(LEASES_MIGRATION.read_text())
+        assert db.scalar("select has_function_privilege('anon', 'public.wa_lease_changed()', 'execute')") is False
         for bad in ("insert into wa_workers (id, capacity) values ('-bad', 1)",
                     "update wa_instances set lease_worker = 'has space'",
                     "insert into wa_fleet_state (id) values (2)"):
             assert db.psql(bad, check=False).returncode != 0, bad
     finally:
         pg_server.psql(f"drop database if exists {name} with (force);")
-        pg_server.psql("drop role if exists wa_nobody;")
+        pg_server.psql("drop role if exists wa_nobody; drop role if exists anon;")
 
 
 @deno
