@@ -355,3 +355,23 @@ def fleet_connected(proxy: FakeProxy, worker: str) -> bool:
     token = book(proxy).current("acme")
     return bool(pushes) and token is not None and token[0] == worker and pushes[-1]["status"] == "CONNECTED" \
         and pushes[-1].get("lease_token") == token[1]
+
+
+async def test_a_hanging_renewal_does_not_delay_self_fencing(tmp_path):
+    """EDGE_TIMEOUT_S (10 s) is longer than ttl/2 (3 s): the renewal in flight is cut at the
+    fencing deadline, so the runner stops on time."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=6.0), hang_s=8.0)
+    await proxy.start()
+    try:
+        proxy.add_instance("acme")
+        async with running_worker(lease_settings(tmp_path, proxy, EDGE_TIMEOUT_S=10)) as w:
+            await connect(w, proxy)
+            last_ok = w.manager.leases.last_ok or 0.0
+            proxy.hang["leases"] = 1000
+            await wait_until(lambda: w.manager.leases.fenced, timeout=8, what="fenced")
+            assert w.clock.monotonic() - last_ok < 4.0
+            await wait_until(lambda: "acme" not in w.manager.runners, what="runner stopped")
+            assert w.backend.has_session("acme")
+            proxy.hang["leases"] = 0
+    finally:
+        await proxy.stop()
