@@ -6,6 +6,7 @@ real ``wa-worker`` processes for SIGTERM hand-over."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -375,3 +376,33 @@ async def test_a_hanging_renewal_does_not_delay_self_fencing(tmp_path):
             proxy.hang["leases"] = 0
     finally:
         await proxy.stop()
+
+
+async def test_a_proxy_outage_at_start_resumes_as_before_when_the_proxy_had_no_leases(tmp_path):
+    """The journal remembers that the proxy had no leases: a restart during a proxy outage resumes the
+    stored sessions at once, as always; a proxy that answers with leases later restarts the worker (75)."""
+    plain = FakeProxy()
+    plain.add_instance("acme")
+    await plain.start()
+    settings = make_settings(tmp_path, plain.url)
+    try:
+        async with running_worker(settings) as w:
+            await connect(w, plain)
+            assert w.journal.meta("leases") == "off"
+    finally:
+        await plain.stop()
+    port = int(plain.url.rsplit(":", 1)[1])
+    async with running_worker(settings) as w:
+        await wait_until(lambda: "acme" in w.manager.runners and w.manager.runners["acme"].state.value == "connected",
+                         what="resumed during the outage")
+        assert w.manager.leases.unconfirmed and w.manager.leases.mode is False
+        fleet = FakeProxy(lease_book=LeaseBook(ttl_s=30.0))
+        fleet.add_instance("acme")
+        await fleet.start(port=port)
+        try:
+            await wait_until(lambda: w.exit_code == 75, timeout=40, what="restart into lease mode")
+            assert fleet.lease_calls[-1]["capacity"] == 0 and fleet.lease_answers[-1]["leases"] == []
+        finally:
+            await fleet.stop()
+    with sqlite3.connect(settings.STATE_DB) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'leases'").fetchone() == ("on",)

@@ -48,6 +48,7 @@ log = logging.getLogger("wa_worker")
 
 SHUTDOWN_GRACE_S = 8.0
 LEASE_RELEASE_TIMEOUT_S = 3.0
+EXIT_RESTART = EXIT_FD_EXHAUSTED  # 75 (EX_TEMPFAIL): "start me again", like the descriptor guard's restart
 HOUSEKEEPING_EVERY_S = 600.0
 STORE_PROBE_EVERY_S = 5.0
 
@@ -113,6 +114,7 @@ class Worker:
         self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
+        self.manager.on_restart_needed = self._restart_into_leases
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         self._set_staleness()
@@ -150,6 +152,12 @@ class Worker:
             worker_id=settings.worker_id,
             capacity=settings.MAX_INSTANCES,
         )
+
+    def _restart_into_leases(self) -> None:
+        """The proxy gained leases while this worker ran without them: stop gracefully (sessions
+        disconnected, never logged out) and exit 75, so the orchestrator starts it into lease mode."""
+        self.exit_code = EXIT_RESTART
+        self.request_stop()
 
     def call_policy(self, instance_id: str) -> CallPolicy:
         """What to do with ``instance_id``'s incoming calls: CALL_REJECT / CALL_REJECT_MESSAGE,
