@@ -192,8 +192,8 @@ class InstanceManager:
         await self._report_crashed(iid)
         await self.ctx.clock.wait(self._stop_event, delay)
         self.restarting.discard(iid)
-        if self._stop_event.is_set() or self.runners.get(iid) is not runner:
-            return None
+        if self._stop_event.is_set() or self.runners.get(iid) is not runner or runner.stop_requested:
+            return None  # stopping, replaced, or (leases) the lease was lost meanwhile
         fresh = InstanceRunner(iid, self.ctx)
         self.runners[iid] = fresh
         return fresh
