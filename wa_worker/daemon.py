@@ -231,6 +231,8 @@ class Worker:
             reasons.append("state store not writable")
         if self.fds.level() != "ok":
             reasons.append("file descriptors nearly exhausted")
+        if self.manager.leases.fenced:
+            reasons.append(f"self-fenced: no lease renewal for {self.manager.leases.ttl_s / 2:g}s")
         if self._stop.is_set():
             reasons.append("shutting down")
         reasons.extend(self.loop_problems())

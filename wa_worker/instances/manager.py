@@ -253,10 +253,12 @@ class InstanceManager:
             # before resuming: a stored session connects through its proxy_url from the first attempt
             # (what the journal kept, then the proxy's answer if it gives one in time)
             self.instance_settings.load()
+            # a fleet or one worker? Asked first (with leases every call says who calls). Until the proxy
+            # answers, nothing is resumed (two workers must never open one session); with leases, only
+            # what is leased runs here (its grant carries its proxy_url), no discovery, no resume
+            leased = await self.leases.probe(self._stop_event, known_without=self._remembered_leases() == "off")
             await self.settings_poller.first(self.edge.timeout_s)
-            # a fleet or one worker? Until the proxy answers, nothing is resumed (two workers must never
-            # open one session); with leases, only what is leased runs here (no discovery, no resume)
-            if await self.leases.probe(self._stop_event, known_without=self._remembered_leases() == "off"):
+            if leased:
                 self._remember_leases("on")
                 self.discovery_health.finished = True
                 tg.start_soon(self._supervised, "leases", self.leases.run, self.leases.health)
