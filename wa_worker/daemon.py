@@ -49,6 +49,8 @@ from .timing import Backoff, Clock
 log = logging.getLogger("wa_worker")
 
 SHUTDOWN_GRACE_S = 8.0
+LEASE_RELEASE_TIMEOUT_S = 3.0
+EXIT_RESTART = EXIT_FD_EXHAUSTED  # 75 (EX_TEMPFAIL): "start me again", like the descriptor guard's restart
 HOUSEKEEPING_EVERY_S = 600.0
 STORE_PROBE_EVERY_S = 5.0
 
@@ -100,7 +102,8 @@ class Worker:
                               max_per_minute=settings.SEND_MAX_PER_MINUTE, max_per_day=settings.SEND_MAX_PER_DAY,
                               typing=settings.TYPING_INDICATOR),
             resolver=NumberResolver(self.journal, self.clock, cache_days=settings.NUMBER_CACHE_DAYS,
-                                    lookups_per_minute=settings.NUMBER_LOOKUPS_PER_MINUTE))
+                                    lookups_per_minute=settings.NUMBER_LOOKUPS_PER_MINUTE),
+            at_least_once=settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE)
         self.receipts_health = LoopHealth("receipts relay", self.clock)
         self.receipts = ReceiptsRelay(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                       health=self.receipts_health)
@@ -114,6 +117,7 @@ class Worker:
         self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
+        self.manager.on_restart_needed = self._restart_into_leases
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         self._set_staleness()
@@ -158,7 +162,15 @@ class Worker:
             instance_poll_s=settings.instance_poll_s,
             instance_poll_max_s=settings.instance_poll_max_s,
             batch_poll=settings.BATCH_POLL,
+            worker_id=settings.worker_id,
+            capacity=settings.MAX_INSTANCES,
         )
+
+    def _restart_into_leases(self) -> None:
+        """The proxy gained leases while this worker ran without them: stop gracefully (sessions
+        disconnected, never logged out) and exit 75, so the orchestrator starts it into lease mode."""
+        self.exit_code = EXIT_RESTART
+        self.request_stop()
 
     def call_policy(self, instance_id: str) -> CallPolicy:
         """What to do with ``instance_id``'s incoming calls: CALL_REJECT / CALL_REJECT_MESSAGE,
@@ -214,6 +226,7 @@ class Worker:
                 "rejected_records": sum(self.edge.rejected.values()),
                 "batch_mode": self.manager.batch_mode(),
             },
+            "leases": self.manager.leases.describe(),
             "loops": self.loop_ages(),
             **({"events": self.event_log.stats()} if self.event_log is not None else {}),
             **({"api": self.api_stats.as_dict()} if self.api_stats is not None else {}),
@@ -233,6 +246,8 @@ class Worker:
             reasons.append("state store not writable")
         if self.fds.level() != "ok":
             reasons.append("file descriptors nearly exhausted")
+        if self.manager.leases.fenced:
+            reasons.append(f"self-fenced: no lease renewal for {self.manager.leases.ttl_s / 2:g}s")
         if self._stop.is_set():
             reasons.append("shutting down")
         reasons.extend(self.loop_problems())
@@ -308,6 +323,8 @@ class Worker:
                     await self._stop.wait()
                     log.info("stopping: finishing in-flight sends, reporting DISCONNECTED")
                     await self.manager.stop(SHUTDOWN_GRACE_S)
+                    # leases: every stopped instance given back at once, so another worker takes it over
+                    await self.manager.leases.release_all(min(self.settings.EDGE_TIMEOUT_S, LEASE_RELEASE_TIMEOUT_S))
                     await self.acks.flush(1.0)
                     tg.cancel_scope.cancel()
         finally:

@@ -1,6 +1,11 @@
 """All instances of this worker: discovery, resume, exactly one runner each,
 the optional batch poller, wake-ups and graceful stop.
 
+With a proxy that has leases (:mod:`.leases`), the leases decide which instances run
+here: no discovery loop and no resume of stored sessions at start; a granted lease
+starts its runner (a stored session resumes, else QR or pairing code), a lost one
+stops it without logout.
+
 Runners are supervised: one that crashes is reported DISCONNECTED (reason
 ``crashed``), counted, and started again after a per-instance clamped backoff;
 its id keeps its place in ``runners`` meanwhile, so there is never a second one.
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -19,8 +26,10 @@ from ..backends.base import Session
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
 from ..edge.models import InstanceRef, QueuedMessage, Status, StatusUpdate
 from ..ids import is_valid_instance_id
+from ..storage.journal import JournalUnavailable
 from ..supervise import LoopHealth, describe_error, forever, traceback_once
 from ..timing import AdaptiveInterval, Backoff
+from .leases import LeaseKeeper
 from .runner import InstanceRunner, InstanceSnapshot, Outcome, RunnerContext, State, _wake_gap
 from .settings import InstanceSettingsBook, SettingsPoller
 
@@ -31,7 +40,8 @@ CRASH_REPORT_TIMEOUT_S = 10.0
 
 class InstanceManager:
     def __init__(self, ctx: RunnerContext, edge: EdgeClient, *, instance_poll_s: float, instance_poll_max_s: float,
-                 batch_poll: bool, resume_jitter_s: float = 2.0) -> None:
+                 batch_poll: bool, resume_jitter_s: float = 2.0, worker_id: str = "wa-worker",
+                 capacity: int = 500) -> None:
         self.ctx = ctx
         self.edge = edge
         self.runners: dict[str, InstanceRunner] = {}
@@ -60,6 +70,13 @@ class InstanceManager:
         # stale after 3 of its longest waits; the worker widens these (proxy call time, READY_MAX_PROXY_SILENCE_S)
         self.discovery_health = LoopHealth("discovery", clock, stale_after_s=3 * instance_poll_max_s)
         self.batch_health = LoopHealth("batch poller", clock, stale_after_s=3 * ctx.msg_poll_max_s)
+        # leases (a fleet): probed first in run(); without them (mode False) everything is as it always was
+        self.leases = LeaseKeeper(edge, self, worker_id=worker_id, capacity=capacity, clock=clock, rng=ctx.rng,
+                                  backoff_base_s=ctx.backoff_base_s)
+        ctx.may_claim = self.leases.may_claim
+        self.foreign_token_messages = 0  # batch messages under a token that is not this worker's current one
+        # the worker's graceful restart (exit 75): a proxy that gained leases while this worker ran without
+        self.on_restart_needed: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ queries
 
@@ -98,9 +115,12 @@ class InstanceManager:
         """Poll now: one instance or all. Coalesced. Returns how many were woken.
 
         A wake for all instances, or for one this worker does not run (e.g. just
-        added on the proxy), also runs discovery now."""
+        added on the proxy), also runs discovery now (with leases: a renewal)."""
         if instance_id is None or instance_id not in self.runners:
-            self._discovery_wake.set()
+            if self.leases.mode:
+                self.leases.wake()
+            else:
+                self._discovery_wake.set()
         if self.batch_mode():
             self.batch_interval.activity()
             self._batch_wake.set()
@@ -130,6 +150,7 @@ class InstanceManager:
         """Run one instance's runner; restart it (same id, same slot) whenever it crashes."""
         iid = runner.instance_id
         backoff = Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng)
+        gone = False
         try:
             while True:
                 started = self.ctx.clock.monotonic()
@@ -152,6 +173,7 @@ class InstanceManager:
                 self.outcomes[outcome.value] += 1
                 if outcome is Outcome.GONE:
                     self._gone_ids.add(iid)
+                    gone = True
                 if outcome is Outcome.LOGGED_OUT:
                     # the proxy now lists it as DISCONNECTED: look now, for a fresh QR
                     self.discovery_interval.activity()
@@ -161,6 +183,7 @@ class InstanceManager:
             self.restarting.discard(iid)
             if self.runners.get(iid) is runner:
                 del self.runners[iid]
+                self.leases.runner_ended(iid, gone=gone)  # a lost lease is released; a held one restarts
 
     async def _restart_after(self, runner: InstanceRunner, delay: float) -> InstanceRunner | None:
         """Report a crashed runner, wait ``delay``; its successor (None when stopping)."""
@@ -169,8 +192,8 @@ class InstanceManager:
         await self._report_crashed(iid)
         await self.ctx.clock.wait(self._stop_event, delay)
         self.restarting.discard(iid)
-        if self._stop_event.is_set() or self.runners.get(iid) is not runner:
-            return None
+        if self._stop_event.is_set() or self.runners.get(iid) is not runner or runner.stop_requested:
+            return None  # stopping, replaced, or (leases) the lease was lost meanwhile
         fresh = InstanceRunner(iid, self.ctx)
         self.runners[iid] = fresh
         return fresh
@@ -182,6 +205,27 @@ class InstanceManager:
                 await self.edge.update_status(update)
             except EdgeError:
                 pass  # best effort: the restarted runner reports its own status
+
+    # ------------------------------------------------------------------ LeaseHost (the keeper's view)
+
+    def apply_grant(self, ref: InstanceRef) -> None:
+        """A new lease's discovery fields: settings, proxy_url and pair_phone, as for a discovered item."""
+        self.instance_settings.apply_all([(ref.id, ref.settings, ref.settings_cleared, ref.proxy)])
+        self._remember_item(ref)
+
+    def start_leased(self, instance_id: str) -> bool:
+        started = self.ensure(instance_id, initial_delay_s=self.ctx.rng.random() * 0.05)
+        if started:
+            log.info("%s: leased here: starting", instance_id, extra={"instance_id": instance_id})
+        return started
+
+    def stop_unleased(self, instance_id: str) -> None:
+        runner = self.runners.get(instance_id)
+        if runner is not None:
+            runner.stop(report=False)
+
+    def running(self, instance_id: str) -> bool:
+        return instance_id in self.runners
 
     def request_stop(self) -> None:
         self._stop_event.set()
@@ -209,12 +253,25 @@ class InstanceManager:
             # before resuming: a stored session connects through its proxy_url from the first attempt
             # (what the journal kept, then the proxy's answer if it gives one in time)
             self.instance_settings.load()
+            # a fleet or one worker? Asked first (with leases every call says who calls). Until the proxy
+            # answers, nothing is resumed (two workers must never open one session); with leases, only
+            # what is leased runs here (its grant carries its proxy_url), no discovery, no resume
+            leased = await self.leases.probe(self._stop_event, known_without=self._remembered_leases() == "off")
             await self.settings_poller.first(self.edge.timeout_s)
-            self._resume_stored()
+            if leased:
+                self._remember_leases("on")
+                self.discovery_health.finished = True
+                tg.start_soon(self._supervised, "leases", self.leases.run, self.leases.health)
+            else:
+                if self.leases.unconfirmed:
+                    tg.start_soon(self._confirm_no_leases)
+                elif self.leases.mode is False:
+                    self._remember_leases("off")
+                self._resume_stored()
+                tg.start_soon(self._supervised, "discovery", self._discovery_loop, self.discovery_health)
             if self.settings_poller.supported is not False:
                 tg.start_soon(self._supervised, "instance settings", self.settings_poller.run,
                               self.settings_poller.health)
-            tg.start_soon(self._supervised, "discovery", self._discovery_loop, self.discovery_health)
             if self.batch_poll:
                 tg.start_soon(self._supervised, "batch poller", self._batch_loop, self.batch_health)
             else:
@@ -229,11 +286,32 @@ class InstanceManager:
                       backoff=Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng))
 
     def loops(self) -> list[LoopHealth]:
-        return [self.discovery_health, self.batch_health, self.settings_poller.health]
+        return [self.discovery_health, self.batch_health, self.settings_poller.health, self.leases.health]
 
     async def _wait_runners(self) -> None:
         for r in list(self.runners.values()):
             await r.wait_stopped()
+
+    def _remembered_leases(self) -> str | None:
+        try:
+            return self.ctx.outbound.journal.meta("leases")
+        except JournalUnavailable:
+            return None
+
+    def _remember_leases(self, mode: str) -> None:
+        try:
+            self.ctx.outbound.journal.set_meta("leases", mode)
+        except JournalUnavailable:
+            pass  # only a proxy outage at the next start depends on it
+
+    async def _confirm_no_leases(self) -> None:
+        """Started without an answer to the lease probe: once the proxy answers, a proxy that has
+        leases now makes this worker restart gracefully into lease mode (exit 75)."""
+        if await self.leases.confirm(self._stop_event):
+            self._remember_leases("on")
+            self.on_restart_needed()
+        elif self.leases.mode is False and not self._stop_event.is_set():
+            self._remember_leases("off")
 
     def _resume_stored(self) -> None:
         """Sessions on disk are resumed even if the proxy thinks they are
@@ -272,11 +350,7 @@ class InstanceManager:
         started = 0
         self.instance_settings.apply_all((r.id, r.settings, r.settings_cleared, r.proxy) for r in refs)
         for ref in sorted(refs, key=lambda r: -r.priority):
-            self._gone_ids.discard(ref.id)  # the proxy knows it again
-            if ref.pair_phone is not None:
-                self.pair_phones[ref.id] = ref.pair_phone
-            else:
-                self.pair_phones.pop(ref.id, None)
+            self._remember_item(ref)
             running = self.runners.get(ref.id)
             if running is not None:
                 if running.state is State.CONNECTED:
@@ -288,6 +362,13 @@ class InstanceManager:
         if started:
             log.info("discovery started %d instance(s)", started)
         return started
+
+    def _remember_item(self, ref: InstanceRef) -> None:
+        self._gone_ids.discard(ref.id)  # the proxy knows it again
+        if ref.pair_phone is not None:
+            self.pair_phones[ref.id] = ref.pair_phone
+        else:
+            self.pair_phones.pop(ref.id, None)
 
     async def _batch_loop(self) -> None:
         """One ``GET /queued-messages`` for every instance, if the proxy supports it."""
@@ -322,8 +403,18 @@ class InstanceManager:
             return self.batch_interval.idle()
         by_instance: dict[str, list[QueuedMessage]] = {}
         for m in messages:
-            if m.instance_id is not None:
-                by_instance.setdefault(m.instance_id, []).append(m)
+            mid_iid = m.instance_id
+            if mid_iid is None:
+                continue
+            if self.leases.mode:
+                # only what this worker's current lease claimed: a message under another token is not ours
+                token = self.leases.held.get(mid_iid)
+                if token is None or (m.lease_token is not None and m.lease_token != token):
+                    self.foreign_token_messages += 1
+                    continue
+                if m.lease_token is None:
+                    m = replace(m, lease_token=token)
+            by_instance.setdefault(mid_iid, []).append(m)
         for iid, batch in by_instance.items():
             r = self.runners.get(iid)
             if r is None:
@@ -337,8 +428,8 @@ class InstanceManager:
         """Batch messages for an instance without a runner here: start it if its
         session is on this worker's disk; otherwise leave them (the proxy's lease
         expires and re-offers them) and say so once per instance."""
-        if not is_valid_instance_id(iid) or iid in self._gone_ids:
-            return
+        if not is_valid_instance_id(iid) or iid in self._gone_ids or self.leases.mode:
+            return  # with leases a session starts only when leased
         try:
             stored = self.ctx.backend.has_session(iid)
         except OSError:
