@@ -458,3 +458,35 @@ async def test_a_second_worker_gets_a_fair_share_gradually_and_no_session_is_eve
     events = [(kind, iid, wid) for _, kind, iid, wid, _t in book(proxy).events]
     for iid in ("i0", "i1", "i2"):
         assert events.index(("release", iid, "w-a")) < events.index(("grant", iid, "w-b"))
+
+
+async def test_a_send_never_outlives_the_lease_margin(tmp_path):
+    """With leases a send (upload included) is cut at 1.5 × ttl minus the stop budget (at least 5 s),
+    so a worker that self-fences mid-send has closed the session before the lease can move
+    (2 × ttl); the cut send is delivery_unknown, never sent again. Without leases it may take 60 s."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=6.0))
+    await proxy.start()
+    try:
+        proxy.add_instance("acme")
+        async with running_worker(lease_settings(tmp_path, proxy)) as w:
+            await connect(w, proxy)
+            assert w.outbound.send_cap_s() == 5.0  # max(5, 1.5 × 6 − 15)
+            w.backend.send_delay_s = 7.0
+            t0 = time.monotonic()
+            proxy.enqueue("acme", "m1", "5511988887777", "hello")
+            w.wake("acme")
+            await wait_until(lambda: "m1" in proxy.failed_marks, timeout=15, what="m1 reported")
+            assert proxy.failed_codes["m1"] == ["delivery_unknown"]
+            assert 4.9 <= time.monotonic() - t0 < 7.0
+            assert w.journal.outbound_get("m1").state != "sending"  # type: ignore[union-attr]
+    finally:
+        await proxy.stop()
+    plain = FakeProxy()
+    await plain.start()
+    try:
+        plain.add_instance("acme")
+        async with running_worker(make_settings(tmp_path / "plain", plain.url)) as w:
+            await connect(w, plain)
+            assert w.outbound.send_cap_s() is None
+    finally:
+        await plain.stop()

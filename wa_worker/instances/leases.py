@@ -30,6 +30,9 @@ from ..timing import Backoff, Clock
 log = logging.getLogger("wa_worker.leases")
 
 DEFAULT_TTL_S = 30.0
+# a lost or fenced runner's close (CLOSE_TIMEOUT_S) plus a margin for a slow event loop
+STOP_BUDGET_S = 15.0
+MIN_SEND_CAP_S = 5.0
 MIN_RENEW_S = 1.0
 PROBE_RETRY_CAP_S = 30.0
 
@@ -95,6 +98,14 @@ class LeaseKeeper:
         if not self.mode:
             return True
         return not self.fenced and instance_id in self.held
+
+    def send_cap_s(self) -> float | None:
+        """With leases, the longest a send (upload included) may hold the session open: a send that
+        began just before self-fencing (``ttl/2``) and the runner's close (``STOP_BUDGET_S``) must end
+        before the lease can be granted elsewhere (``2 × ttl``). None without leases."""
+        if not self.mode:
+            return None
+        return max(MIN_SEND_CAP_S, 1.5 * self.ttl_s - STOP_BUDGET_S)
 
     def describe(self) -> dict[str, object]:
         """For /health: counts only (no ids, not even the worker's)."""

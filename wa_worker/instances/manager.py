@@ -74,6 +74,7 @@ class InstanceManager:
         self.leases = LeaseKeeper(edge, self, worker_id=worker_id, capacity=capacity, clock=clock, rng=ctx.rng,
                                   backoff_base_s=ctx.backoff_base_s)
         ctx.may_claim = self.leases.may_claim
+        ctx.outbound.send_cap_s = self.leases.send_cap_s  # a send never outlives this worker's lease margin
         self.foreign_token_messages = 0  # batch messages under a token that is not this worker's current one
         # the worker's graceful restart (exit 75): a proxy that gained leases while this worker ran without
         self.on_restart_needed: Callable[[], None] = lambda: None

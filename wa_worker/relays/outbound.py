@@ -102,6 +102,8 @@ class OutboundRelay:
         self.foreign_ids = 0  # proxy ids that name an API request's journal row: never sent nor acknowledged
         self._foreign_logged: set[str] = set()
         self.waiting = 0  # messages left queued by pacing or number lookups
+        # with leases, the longest a send may take (None: no cap); past it the outcome is delivery_unknown
+        self.send_cap_s: Callable[[], float | None] = lambda: None
         self.stager = MediaStager(media_dir or staging_dir(journal.path), media or MediaLimits())
         self.sent = 0
         self.failed = 0
@@ -313,8 +315,9 @@ class OutboundRelay:
         # Once WhatsApp may have the message, the outcome must be journaled even
         # if the worker is shutting down: shield the send and its record.
         with anyio.CancelScope(shield=True):
+            cap = self.send_cap_s()
             try:
-                with anyio.fail_after(send_timeout_s(out)):
+                with anyio.fail_after(send_timeout_s(out) if cap is None else min(cap, send_timeout_s(out))):
                     wa_id = await session.send(out)
             except (SendError, TimeoutError) as exc:
                 # a timed-out send may still reach WhatsApp: its outcome is unknown, never retried
