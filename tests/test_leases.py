@@ -490,3 +490,24 @@ async def test_a_send_never_outlives_the_lease_margin(tmp_path):
             assert w.outbound.send_cap_s() is None
     finally:
         await plain.stop()
+
+
+async def test_a_worker_keeps_asking_while_the_proxy_keeps_granting(tmp_path):
+    """A proxy grants a few leases per call; while it does, the next call comes after 1 s instead
+    of ttl/3, so 12 instances at 2 per call are all held within seconds (at ttl 60: 20 s between
+    renewals, 2 minutes for the six calls), and once nothing new comes the pace is ttl/3 again."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=60.0, grants_per_call=2))
+    await proxy.start()
+    try:
+        for n in range(12):
+            proxy.add_instance(f"i{n}")
+        async with running_worker(lease_settings(tmp_path, proxy, SIMULATOR_AUTO_SCAN_MS=20)) as w:
+            t0 = time.monotonic()
+            await wait_until(lambda: len(w.manager.leases.held) == 12, timeout=15, what="twelve leases")
+            assert time.monotonic() - t0 < 10
+            await wait_until(lambda: w.manager.leases.last_granted == 0, timeout=5, what="a call with no grant")
+            calls = len(proxy.lease_calls)
+            await anyio.sleep(2.5)
+            assert len(proxy.lease_calls) == calls  # back to every 20 s
+    finally:
+        await proxy.stop()

@@ -32,6 +32,9 @@ log = logging.getLogger("wa_worker.leases")
 DEFAULT_TTL_S = 30.0
 # a lost or fenced runner's close (CLOSE_TIMEOUT_S) plus a margin for a slow event loop
 STOP_BUDGET_S = 15.0
+# while the proxy keeps granting (a cold start, a failover, a fair share) the next call comes this soon:
+# proxies grant a few per call (no reconnect storm), and waiting ttl/3 between those few is slow
+RAMP_RENEW_S = 1.0
 MIN_SEND_CAP_S = 5.0
 MIN_RENEW_S = 1.0
 PROBE_RETRY_CAP_S = 30.0
@@ -77,6 +80,7 @@ class LeaseKeeper:
         self.unconfirmed = False  # single-worker mode by memory (the probe was not answered)
         self.last_ok: float | None = None  # clock.monotonic() at the start of the last 2xx
         self.counts: Counter[str] = Counter()  # granted, lost, revoked_409, fenced, renewals, failures, released
+        self.last_granted = 0  # new leases in the last answer
         self.health = LoopHealth("leases", clock, stale_after_s=3 * (DEFAULT_TTL_S / 3 + edge.timeout_s))
         self._wake = anyio.Event()
         self._lock = anyio.Lock()
@@ -224,6 +228,8 @@ class LeaseKeeper:
                     wait = max(wait, exc.retry_after_s)
                 log.debug("lease renewal failed: %s", exc)
             self._check_fence()
+            if self.last_granted and len(self.held) < self.capacity and not self.fenced:
+                wait = min(wait, RAMP_RENEW_S)  # more may be waiting for a worker
             remaining = self._fence_remaining()
             if remaining is not None and not self.fenced:
                 wait = min(wait, remaining)  # wake at the fencing deadline
@@ -280,6 +286,7 @@ class LeaseKeeper:
         """The proxy's complete set: what is missing is lost, what is new is recorded (started by
         :meth:`_start_missing`)."""
         answer = {lease.instance_id: lease.token for lease in leases}
+        self.last_granted = sum(1 for iid in answer if iid not in self.held)
         for iid, token in list(self.held.items()):
             if iid not in answer:
                 log.warning("%s: lease %d not renewed by the proxy (moved or revoked): stopping it here (no logout)",
