@@ -319,7 +319,7 @@ class InstanceManager:
 
     def _dispatch(self, messages: list[QueuedMessage]) -> float:
         if not messages:
-            return self.batch_interval.idle()
+            return self.batch_interval.idle(self.ctx.idle_poll_max_s())
         by_instance: dict[str, list[QueuedMessage]] = {}
         for m in messages:
             if m.instance_id is not None:

@@ -149,6 +149,8 @@ class RunnerContext:
     # the phone to pair with a code (a discovery item's pair_phone), per instance
     pair_phone: Callable[[str], str | None] = lambda _iid: None
     stats: ConnectionStats = field(default_factory=ConnectionStats)
+    # the cap of idle polls now (None: msg_poll_max_s); longer while the push channel answers
+    idle_poll_max_s: Callable[[], float | None] = lambda: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,7 +682,7 @@ class InstanceRunner:
         """Send what a poll returned; returns the wait before the next poll."""
         if not messages:
             self.outbound_health.ok()
-            return self.poll_interval.idle()
+            return self.poll_interval.idle(self.ctx.idle_poll_max_s())
         try:
             new = await self.ctx.outbound.process(self.instance_id, session, messages,
                                                   stopping=lambda: self._stop_requested)
