@@ -11,8 +11,9 @@ polling and ``/wake`` exactly as before.
 
 Whatever the proxy answers, the worker is safe: the answer is capped (1 MiB,
 ``wait`` + ``EDGE_TIMEOUT_S``), read tolerantly, an empty answer that comes back
-at once backs off (1 s … 60 s), answers with events are at least
-:data:`EVENTS_MIN_GAP_S` apart, and errors back off like every proxy call.
+at once backs off (1 s … 60 s), answers with events that keep coming at once
+are spaced from :data:`EVENTS_MIN_GAP_S` up to :data:`EVENTS_MAX_GAP_S`, and
+errors back off like every proxy call.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ from collections.abc import Callable
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
 from ..edge.events import PushEvents
 from ..supervise import LoopHealth
-from ..timing import Backoff, Clock
+from ..timing import Backoff, Clock, backoff_raw
 
 log = logging.getLogger("wa_worker.push")
 
 PUSH_WAIT_S = 25.0  # the contract's longest wait (a proxy may hold the call less)
 # idle per-instance (and batch) polls while the channel is live: 12 an hour instead of 60
 PUSH_IDLE_POLL_MAX_S = 300.0
-EVENTS_MIN_GAP_S = 0.1  # between the starts of two calls whose answers had events (like WAKE_MIN_GAP_S)
+# answers with events that come back at once: the next call waits 0.1 s, then 0.2, 0.4 … 2 s while
+# they keep coming at once (a held answer resets it); at 2 s the instances poll at MSG_POLL_MS anyway
+EVENTS_MIN_GAP_S = 0.1
+EVENTS_MAX_GAP_S = 2.0
 FAST_EMPTY_S = 1.0  # an empty answer sooner than this (or half the wait): the proxy does not hold the call
 
 
@@ -80,6 +84,7 @@ class PushChannel:
     async def run(self) -> None:
         errors = Backoff(1.0, 60.0, rng=self.rng)
         quick = Backoff(1.0, 60.0, rng=self.rng)  # empty answers that came back at once
+        instant = 0  # answers with events in a row that came back at once
         while True:
             started = self.clock.monotonic()
             try:
@@ -109,8 +114,11 @@ class PushChannel:
                 await self.clock.sleep(quick.next_delay())
                 continue
             quick.reset()
-            if not answer.empty and elapsed < EVENTS_MIN_GAP_S:
-                await self.clock.sleep(EVENTS_MIN_GAP_S - elapsed)
+            if elapsed >= EVENTS_MIN_GAP_S:
+                instant = 0  # the proxy held the call: events as they come
+            else:
+                await self.clock.sleep(backoff_raw(instant, EVENTS_MIN_GAP_S, EVENTS_MAX_GAP_S) - elapsed)
+                instant += 1
 
     def _dispatch(self, answer: PushEvents) -> None:
         if answer.cursor is not None:
