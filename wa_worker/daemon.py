@@ -29,7 +29,7 @@ from .http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite
 from .http.server import build_app, build_metrics_app
 from .http.simulator_routes import mount_simulator_routes
 from .instances.manager import InstanceManager
-from .instances.push import PushChannel, default_worker_id
+from .instances.push import PushChannel
 from .instances.runner import CallPolicy, RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
 from .metrics import MetricSources, WorkerMetrics, package_version
@@ -113,7 +113,7 @@ class Worker:
         self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
-        self.push = self._build_push(worker_id or default_worker_id())
+        self.push = self._build_push(worker_id)
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         self._set_staleness()
@@ -151,16 +151,12 @@ class Worker:
             batch_poll=settings.BATCH_POLL,
         )
 
-    def _build_push(self, worker_id: str) -> PushChannel:
+    def _build_push(self, worker_id: str | None) -> PushChannel:
         """The ``GET /events`` loop: ``queued`` wakes an instance the way ``/wake`` does."""
-        # SEAM (leases): worker_id becomes settings.WORKER_ID, on_leases the lease keeper's "renew now"
+        # SEAM (leases): while leases are on, push.worker_id = settings.WORKER_ID (None: single worker),
+        # and on_leases = the lease keeper's "renew now"
         return PushChannel(self.edge, worker_id=worker_id, clock=self.clock, rng=self.rng,
                            on_queued=self.manager.wake, on_lost=self.manager.wake)
-
-    @property
-    def worker_id(self) -> str:
-        """This process's id at the proxy (``X-Worker-Id``)."""
-        return self.push.worker_id
 
     def call_policy(self, instance_id: str) -> CallPolicy:
         """What to do with ``instance_id``'s incoming calls: CALL_REJECT / CALL_REJECT_MESSAGE,

@@ -7,7 +7,8 @@ channel answers, idle polls back off to :data:`PUSH_IDLE_POLL_MAX_S` instead of
 ``MSG_POLL_MAX_MS`` (a safety net for a missed event); when it stops answering,
 every instance is woken once and polling returns to its normal cap. A proxy
 without ``/events`` (404/405/501) switches it off for good: one INFO line,
-polling and ``/wake`` exactly as before.
+polling and ``/wake`` exactly as before. A cursor the proxy refuses (a 4xx such
+as 400) is dropped: the next call starts afresh (the proxy resyncs).
 
 Whatever the proxy answers, the worker is safe: the answer is capped (1 MiB,
 ``wait`` + ``EDGE_TIMEOUT_S``), read tolerantly, an empty answer that comes back
@@ -20,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import random
-import secrets
-import socket
 from collections import Counter
 from collections.abc import Callable
 
@@ -42,10 +41,8 @@ EVENTS_MAX_GAP_S = 2.0
 FAST_EMPTY_S = 1.0  # an empty answer sooner than this (or half the wait): the proxy does not hold the call
 
 
-def default_worker_id() -> str:
-    """``<hostname>-<8 hex>``, chosen once per process (until ``WORKER_ID`` is a setting)."""
-    host = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())[:100].strip("-._")
-    return f"{host or 'worker'}-{secrets.token_hex(4)}"
+# 4xx answers that say nothing about the cursor (auth, timeouts, rate limits)
+_NOT_THE_CURSOR = frozenset({401, 403, 407, 408, 425, 429})
 
 
 def _nothing() -> None:
@@ -55,9 +52,14 @@ def _nothing() -> None:
 class PushChannel:
     """The ``/events`` loop. ``on_queued(instance_id)`` wakes an instance,
     ``on_leases()`` renews leases now, ``on_lost()`` wakes everything after the
-    channel stopped answering (at most once per ``idle_poll_max_s``)."""
+    channel stopped answering (at most once per ``idle_poll_max_s``).
 
-    def __init__(self, edge: EdgeClient, *, worker_id: str, clock: Clock, on_queued: Callable[[str], object],
+    ``worker_id``: sent as ``X-Worker-Id`` while leases are on (then the proxy
+    answers only for the instances this worker holds); None without leases (the
+    proxy answers for every instance, a single worker's view). Whoever turns leases
+    on or off sets it."""
+
+    def __init__(self, edge: EdgeClient, *, worker_id: str | None, clock: Clock, on_queued: Callable[[str], object],
                  on_leases: Callable[[], object] = _nothing, on_lost: Callable[[], object] = _nothing,
                  wait_s: float = PUSH_WAIT_S, idle_poll_max_s: float = PUSH_IDLE_POLL_MAX_S,
                  rng: random.Random | None = None) -> None:
@@ -96,10 +98,12 @@ class PushChannel:
                 self._set_live(False)
                 self.health.finished = True
                 return
-            except EdgeError:
+            except EdgeError as exc:
                 self._set_live(False)
                 self.health.ok()  # the proxy's reachability is /ready's edge check, not this loop's
-                await self.clock.sleep(errors.next_delay())
+                if exc.status is not None and 400 <= exc.status < 500 and exc.status not in _NOT_THE_CURSOR:
+                    self.cursor = None  # e.g. 400 "cursor must be one this proxy gave": start afresh
+                await self.clock.sleep(max(errors.next_delay(), exc.retry_after_s or 0.0))
                 continue
             errors.reset()
             if self.supported is None:
