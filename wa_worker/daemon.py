@@ -33,7 +33,7 @@ from .instances.push import PushChannel
 from .instances.runner import CallPolicy, RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
 from .metrics import MetricSources, WorkerMetrics, package_version
-from .preflight import StartupError, check_paths, check_session_store
+from .preflight import StartupError, check_paths, check_session_store, check_simulator_store
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
 from .relays.numbers import NumberResolver
@@ -454,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
             except StartupError as exc:
                 print(f"wa-worker: {exc}", file=sys.stderr)
                 return 2
+    elif settings.database_url:  # the simulator's sessions in PostgreSQL
+        try:
+            check_simulator_store(settings.database_url)
+        except StartupError as exc:
+            print(f"wa-worker: {exc}", file=sys.stderr)
+            return 2
     raise_fd_limit()
     try:
         return anyio.run(_serve, settings)
