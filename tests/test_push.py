@@ -6,6 +6,7 @@ simulator with the real worker and a real loopback proxy."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -16,7 +17,8 @@ import anyio
 import pytest
 from aiohttp import web
 
-from tests.conftest import connect, make_settings, running_worker, serving, stream_endlessly, wait_until
+from tests.conftest import (FakeClock, connect, make_settings, running_worker, serving, stream_endlessly,
+                            wait_until)
 from tests.fakeproxy import SECRET, FakeProxy
 from wa_worker.edge.client import EdgeClient, EdgeError
 from wa_worker.edge.events import MAX_CURSOR_CHARS, MAX_EVENTS, parse_events
@@ -204,6 +206,50 @@ async def test_a_cursor_the_proxy_refuses_is_dropped():
     assert seen[:3] == [None, "from-another-proxy", None], seen
     assert all(not (a and b) for a, b in zip(seen, seen[1:], strict=False)), seen
     assert len(renewals) >= 2 and channel.supported is True
+
+
+async def _channel_against(handler: Any, clock: FakeClock, run_s: float, **kw: Any) -> push_mod.PushChannel:
+    app = web.Application()
+    app.router.add_get("/events", handler)
+    async with serving(app) as url:
+        edge = EdgeClient(url, SECRET, timeout_s=1.0)
+        channel = push_mod.PushChannel(edge, worker_id=None, clock=clock, on_queued=lambda _iid: None, **kw)
+        try:
+            with anyio.move_on_after(run_s):
+                await channel.run()
+        finally:
+            await edge.aclose()
+    return channel
+
+
+async def test_a_long_retry_after_never_makes_the_worker_unready():
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({"error": "busy"}, status=503, headers={"Retry-After": "300"})
+
+    clock = FakeClock()
+    channel = await _channel_against(busy, clock, 0.5)
+    assert clock.sleeps and max(clock.sleeps) == 60.0  # Retry-After honoured up to the backoff's cap
+    assert channel.health.stale_after_s is not None and channel.health.stale_after_s >= 3 * 26
+    assert not channel.health.stale(clock.monotonic()) and not channel.health.failing(clock.monotonic())
+
+
+async def test_a_flapping_channel_wakes_every_instance_at_most_once_per_idle_cap():
+    answers = itertools.count()
+
+    async def flapping(request: web.Request) -> web.Response:
+        if next(answers) % 2:
+            return web.json_response({"error": "flap"}, status=500)
+        return web.json_response({"events": [{"type": "leases"}], "cursor": "1"})
+
+    clock = FakeClock()
+    woken: list[float] = []
+    channel = await _channel_against(flapping, clock, 1.0, on_lost=lambda: woken.append(clock.monotonic()),
+                                     idle_poll_max_s=300.0)
+    losses = next(answers) // 2
+    elapsed = clock.monotonic() - 1_000_000.0  # fake seconds
+    assert losses >= 10 and 1 <= len(woken) <= 1 + elapsed / 300, (losses, elapsed, woken)
+    assert all(b - a >= 300 for a, b in zip(woken, woken[1:], strict=False)), woken
+    assert channel.events["leases"] >= 10
 
 
 async def test_the_events_call_deadline_is_wait_plus_the_edge_timeout():

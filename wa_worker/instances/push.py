@@ -103,7 +103,8 @@ class PushChannel:
                 self.health.ok()  # the proxy's reachability is /ready's edge check, not this loop's
                 if exc.status is not None and 400 <= exc.status < 500 and exc.status not in _NOT_THE_CURSOR:
                     self.cursor = None  # e.g. 400 "cursor must be one this proxy gave": start afresh
-                await self.clock.sleep(max(errors.next_delay(), exc.retry_after_s or 0.0))
+                # a Retry-After is honoured up to the backoff's cap (the loop stays fresh for /ready)
+                await self.clock.sleep(min(max(errors.next_delay(), exc.retry_after_s or 0.0), errors.cap_s))
                 continue
             errors.reset()
             if self.supported is None:
