@@ -31,10 +31,11 @@ from .http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite
 from .http.server import build_app, build_metrics_app
 from .http.simulator_routes import mount_simulator_routes
 from .instances.manager import InstanceManager
+from .instances.push import PushChannel
 from .instances.runner import CallPolicy, RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
 from .metrics import MetricSources, WorkerMetrics, package_version
-from .preflight import StartupError, check_paths, check_session_store
+from .preflight import StartupError, check_paths, check_session_store, check_simulator_store
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
 from .relays.numbers import NumberResolver
@@ -77,6 +78,7 @@ class Worker:
         rng: random.Random | None = None,
         host: str = "0.0.0.0",
         retry_cap_s: float = 300.0,
+        worker_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or Clock()
@@ -118,6 +120,8 @@ class Worker:
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
         self.manager.on_restart_needed = self._restart_into_leases
+        self.push = self._build_push(worker_id)
+        self.manager.on_lease_mode = self._push_for_leases
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         self._set_staleness()
@@ -157,6 +161,7 @@ class Worker:
                 call_policy=self.call_policy,
                 rng=self.rng,
                 events=self.events,
+                idle_poll_max_s=lambda: self.push.idle_cap(),
             ),
             self.edge,
             instance_poll_s=settings.instance_poll_s,
@@ -172,6 +177,17 @@ class Worker:
         self.exit_code = EXIT_RESTART
         self.request_stop()
 
+    def _build_push(self, worker_id: str | None) -> PushChannel:
+        """The ``GET /events`` loop: ``queued`` wakes an instance the way ``/wake`` does."""
+        # leases on (the manager's probe): X-Worker-Id = WORKER_ID (the proxy pushes this worker's leased
+        # instances) and a ``leases`` event renews at once; until then (and without leases) no header
+        return PushChannel(self.edge, worker_id=worker_id, clock=self.clock, rng=self.rng,
+                           on_queued=self.manager.wake, on_lost=self.manager.wake)
+
+    def _push_for_leases(self) -> None:
+        self.push.worker_id = self.settings.worker_id
+        self.push.on_leases = self.manager.leases.wake
+
     def call_policy(self, instance_id: str) -> CallPolicy:
         """What to do with ``instance_id``'s incoming calls: CALL_REJECT / CALL_REJECT_MESSAGE,
         overridden by the instance's own ``call_reject`` / ``call_reject_message`` settings."""
@@ -185,7 +201,8 @@ class Worker:
         call_s = settings.EDGE_TIMEOUT_S
         for h, longest_s in ((self.housekeeping_health, STORE_PROBE_EVERY_S),
                              (self.manager.discovery_health, settings.instance_poll_max_s + call_s),
-                             (self.manager.batch_health, settings.msg_poll_max_s + call_s)):
+                             (self.manager.batch_health, settings.msg_poll_max_s + call_s),
+                             (self.push.health, self.push.wait_s + call_s)):
             h.stale_after_s = max(3 * longest_s, settings.READY_MAX_PROXY_SILENCE_S)
 
     # ------------------------------------------------------------------ queries
@@ -225,6 +242,7 @@ class Worker:
                 "failures": sum(self.edge.failures.values()),
                 "rejected_records": sum(self.edge.rejected.values()),
                 "batch_mode": self.manager.batch_mode(),
+                "push": self.push.live,
             },
             "leases": self.manager.leases.describe(),
             "loops": self.loop_ages(),
@@ -255,7 +273,7 @@ class Worker:
 
     def loops(self) -> list[LoopHealth]:
         return [self.housekeeping_health, self.inbound_health, self.acks_health, self.receipts_health,
-                *self.manager.loops()]
+                *self.manager.loops(), self.push.health]
 
     def loop_ages(self) -> dict[str, Any]:
         """Each supervised loop: last success age, failing, failure count."""
@@ -317,6 +335,7 @@ class Worker:
                     tg.start_soon(self._supervised, self.receipts.run, self.receipts_health)
                     tg.start_soon(self._supervised, self._housekeeping, self.housekeeping_health)
                     tg.start_soon(self.manager.run)
+                    tg.start_soon(self._supervised, self.push.run, self.push.health)
                     if self.api_sender is not None:
                         tg.start_soon(self.api_sender.run)
                     task_status.started(self)
@@ -487,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
             except StartupError as exc:
                 print(f"wa-worker: {exc}", file=sys.stderr)
                 return 2
+    elif settings.database_url:  # the simulator's sessions in PostgreSQL
+        try:
+            check_simulator_store(settings.database_url)
+        except StartupError as exc:
+            print(f"wa-worker: {exc}", file=sys.stderr)
+            return 2
     raise_fd_limit()
     try:
         return anyio.run(_serve, settings)

@@ -78,6 +78,8 @@ class InstanceManager:
         self.foreign_token_messages = 0  # batch messages under a token that is not this worker's current one
         # the worker's graceful restart (exit 75): a proxy that gained leases while this worker ran without
         self.on_restart_needed: Callable[[], None] = lambda: None
+        # leases turned on (the probe said so): the worker points its push channel at this worker's leases
+        self.on_lease_mode: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ queries
 
@@ -261,6 +263,7 @@ class InstanceManager:
             await self.settings_poller.first(self.edge.timeout_s)
             if leased:
                 self._remember_leases("on")
+                self.on_lease_mode()
                 self.discovery_health.finished = True
                 tg.start_soon(self._supervised, "leases", self.leases.run, self.leases.health)
             else:
@@ -401,7 +404,7 @@ class InstanceManager:
 
     def _dispatch(self, messages: list[QueuedMessage]) -> float:
         if not messages:
-            return self.batch_interval.idle()
+            return self.batch_interval.idle(self.ctx.idle_poll_max_s())
         by_instance: dict[str, list[QueuedMessage]] = {}
         for m in messages:
             mid_iid = m.instance_id
