@@ -511,3 +511,22 @@ async def test_a_worker_keeps_asking_while_the_proxy_keeps_granting(tmp_path):
             assert len(proxy.lease_calls) == calls  # back to every 20 s
     finally:
         await proxy.stop()
+
+
+async def test_with_leases_the_push_channel_says_who_calls_and_a_leases_event_renews_at_once(tmp_path):
+    """Once the probe turns leases on, GET /events carries X-Worker-Id (the proxy pushes this
+    worker's leased instances) and a ``leases`` event is a renewal now, not after ttl/3."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=60.0), events=True, events_wait_cap_s=2.0)
+    await proxy.start()
+    try:
+        proxy.add_instance("acme")
+        async with running_worker(lease_settings(tmp_path, proxy, "w-push")) as w:
+            await connect(w, proxy)
+            await wait_until(lambda: w.push.live and w.push.worker_id == "w-push", what="push for leases")
+            calls = len(proxy.lease_calls)
+            await wait_until(lambda: any(q["worker_id"] == "w-push" for q in proxy.events_queries),
+                             what="an /events call with X-Worker-Id")
+            proxy.push_event({"type": "leases"})
+            await wait_until(lambda: len(proxy.lease_calls) > calls, timeout=3, what="a renewal at once")
+    finally:
+        await proxy.stop()
