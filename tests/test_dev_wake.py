@@ -1,5 +1,6 @@
 """Adding an instance on the dev proxy starts it at once: the proxy posts the worker's
-``/wake`` and a wake for an instance the worker does not run runs its discovery."""
+``/wake`` and a wake for an instance the worker does not run renews its leases (the dev proxy
+has them) or, on a proxy without leases, runs its discovery."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ async def test_an_added_instance_is_connecting_within_a_second(tmp_path: Path) -
                                  INSTANCE_POLL_MAX_MS=30000, SIMULATOR_AUTO_SCAN_MS=None)
         async with running_worker(settings) as w, httpx.AsyncClient(base_url=bp.url, headers=AUTH,
                                                                      trust_env=False) as http:
-            await wait_until(lambda: w.manager.discovery_health.last_ok is not None, 5, "the first discovery")
-            await anyio.sleep(0.5)  # now in its 5 s wait
+            assert w.settings.INSTANCE_POLL_MS == 5000
+            await wait_until(lambda: w.manager.leases.last_ok is not None, 5, "the first lease call")
+            await anyio.sleep(0.5)  # now in its 10 s wait (ttl 30 s / 3)
 
             async def status() -> str | None:
                 found = [i for i in (await http.get("/dev/instances")).json()["instances"] if i["id"] == "sales"]

@@ -98,14 +98,7 @@ class Worker:
                                     media_dir=settings.STATE_DB.parent / "media-tmp" / "inbound")
         self.acks = Acknowledger(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                  health=self.acks_health)
-        self.outbound = OutboundRelay(
-            self.journal, self.acks, MediaLimits.from_settings(settings), clock=self.clock, rng=self.rng,
-            limits=SendLimits(min_gap_ms=settings.SEND_MIN_GAP_MS, jitter_ms=settings.SEND_JITTER_MS,
-                              max_per_minute=settings.SEND_MAX_PER_MINUTE, max_per_day=settings.SEND_MAX_PER_DAY,
-                              typing=settings.TYPING_INDICATOR),
-            resolver=NumberResolver(self.journal, self.clock, cache_days=settings.NUMBER_CACHE_DAYS,
-                                    lookups_per_minute=settings.NUMBER_LOOKUPS_PER_MINUTE),
-            at_least_once=settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE)
+        self.outbound = self._build_outbound()
         self.receipts_health = LoopHealth("receipts relay", self.clock)
         self.receipts = ReceiptsRelay(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                       health=self.receipts_health)
@@ -132,6 +125,17 @@ class Worker:
             events=self.event_log, api=self.api_stats))
         self.metrics_port: int | None = None  # the bound METRICS_PORT, once serving
         self._metrics_runner: web.AppRunner | None = None
+
+    def _build_outbound(self) -> OutboundRelay:
+        settings = self.settings
+        return OutboundRelay(
+            self.journal, self.acks, MediaLimits.from_settings(settings), clock=self.clock, rng=self.rng,
+            limits=SendLimits(min_gap_ms=settings.SEND_MIN_GAP_MS, jitter_ms=settings.SEND_JITTER_MS,
+                              max_per_minute=settings.SEND_MAX_PER_MINUTE, max_per_day=settings.SEND_MAX_PER_DAY,
+                              typing=settings.TYPING_INDICATOR),
+            resolver=NumberResolver(self.journal, self.clock, cache_days=settings.NUMBER_CACHE_DAYS,
+                                    lookups_per_minute=settings.NUMBER_LOOKUPS_PER_MINUTE),
+            at_least_once=settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE)
 
     def _wire_events(self) -> None:
         """The live event stream (GET /api/events): recorded only when the API is on; so are the
