@@ -95,7 +95,11 @@ class LeaseBook:
             answer = [a for a in answer if a["instanceId"] not in lowest]
             mine = [a["instanceId"] for a in answer]
         room = min(capacity, target) - len(mine)
-        free = [i for i in needing if self._free(i, now)]
+        # free ones, and this worker's own leases it did not list (it restarted without knowing them:
+        # same worker id, new process): given back at once under a new token
+        listed = {item["instanceId"] for item in [*body.get("held", []), *body.get("release", [])]}
+        free = [i for i in needing if self._free(i, now) or (self.rows[i].holder == wid and not self.rows[i].revoked
+                                                               and i not in listed)]
         for iid in sorted(free, key=lambda i: -needing[i])[:max(0, min(room, self.grants_per_call))]:
             row = self.rows.setdefault(iid, LeaseRow())
             row.token += 1

@@ -530,3 +530,34 @@ async def test_with_leases_the_push_channel_says_who_calls_and_a_leases_event_re
             await wait_until(lambda: len(proxy.lease_calls) > calls, timeout=3, what="a renewal at once")
     finally:
         await proxy.stop()
+
+
+async def test_a_worker_killed_and_restarted_on_its_journal_gets_its_leases_back_at_once(tmp_path):
+    """Without WORKER_ID the worker remembers the id it chose in its journal: after a kill -9 the
+    restarted process asks under the same id and its unexpired lease comes back at once (the one
+    machine case: a crash costs a restart, not two TTLs), under a new token."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=60.0))
+    await proxy.start()
+    procs = []
+    try:
+        proxy.add_instance("acme")
+        env = worker_env(tmp_path, proxy.url)
+        assert "WORKER_ID" not in env
+        procs.append(start_worker(env, ROOT, tmp_path / "1.log"))
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", timeout=20, what="connected")
+        first = book(proxy).current("acme")
+        assert first is not None and first[1] == 1
+        procs[0].kill()
+        procs[0].wait(10)
+        t0 = time.monotonic()
+        procs.append(start_worker(env, ROOT, tmp_path / "2.log"))
+        await wait_until(lambda: book(proxy).current("acme") == (first[0], 2) and fleet_connected(proxy, first[0]),
+                         timeout=20, what="the same worker id holds acme again")
+        assert time.monotonic() - t0 < 15  # not the 120 s of expiry + grace
+        assert {c["worker_id"] for c in proxy.lease_calls} == {first[0]}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        await proxy.stop()

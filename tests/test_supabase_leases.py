@@ -693,3 +693,20 @@ def test_handoff_on_sigterm_through_events(fn: EdgeFunction, wa_db: WaDb) -> Non
     r = fn.request("POST", "update-status", json={"instanceId": "acme", "status": "DISCONNECTED", "lease_token": 1})
     assert r.status_code == 409
     assert fn.request("GET", "queued-messages", headers={"X-Worker-Id": "w-a"}).json()["messages"] == []
+
+
+def test_a_worker_restarted_with_its_id_gets_its_leases_back_at_once(fn: EdgeFunction, wa_db: WaDb) -> None:
+    """A worker that crashed and came back with the same WORKER_ID (it is remembered in its journal)
+    does not know its leases: a call that does not list them gives them back at once, under a new
+    token (the old process's writes are fenced); another worker still waits for the expiry."""
+    for i in range(3):
+        wa_db.insert_instance(f"i{i}")
+    first = lease(fn, "w-a")
+    assert ids(first) == {"i0", "i1", "i2"}
+    again = lease(fn, "w-a")  # the restarted process: held [], release []
+    assert ids(again) == {"i0", "i1", "i2"}
+    assert all(token_of(again, i) == token_of(first, i) + 1 for i in ("i0", "i1", "i2"))
+    assert ids(lease(fn, "w-b")) == set()  # held by w-a, unexpired: another worker waits
+    # a listed lease with a wrong token is still lost, not given back
+    wrong = [dict(i, token=i["token"] + 5) if i["instanceId"] == "i0" else i for i in held(again)]
+    assert ids(lease(fn, "w-a", held=wrong)) == {"i1", "i2"}

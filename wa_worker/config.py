@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     BATCH_POLL: bool = True
 
     # --- a fleet (issue #13): leases through the proxy's optional POST /leases (docs/proxy-contract.md)
-    WORKER_ID: str | None = None  # empty: <hostname>-<8 random hex>, chosen at process start
+    WORKER_ID: str | None = None  # empty: <hostname>-<8 random hex>, chosen once, remembered in the journal
     MAX_INSTANCES: int = Field(500, ge=1, le=100_000)  # the capacity this worker asks leases for
 
     # --- media (outbound media_url / media_base64; inbound downloads)
@@ -366,7 +366,7 @@ DESCRIPTIONS: dict[str, str] = {
     "CONNECT_TIMEOUT_S": "a connection showing neither QR nor success in this time is retried",
     "START_CONCURRENCY": "instances connecting at once",
     "BATCH_POLL": "probe once whether the proxy serves every queue in one call",
-    "WORKER_ID": "this worker's name in a fleet (X-Worker-Id, POST /leases); empty: <hostname>-<8 random hex>",
+    "WORKER_ID": "this worker's name in a fleet (X-Worker-Id, POST /leases); empty: chosen once, kept in STATE_DB",
     "MAX_INSTANCES": "with leases: the most instances this worker asks to hold",
     "MEDIA_MAX_BYTES": "largest media file sent or received",
     "MEDIA_ALLOW_PRIVATE": "let media_url point at private/loopback addresses (dev only)",

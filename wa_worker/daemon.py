@@ -23,7 +23,7 @@ from .api.events_routes import add_event_routes
 from .backends import make_backend
 from .backends.base import Backend, BackendEvent
 from .backends.simulator import SimulatorBackend
-from .config import ConfigError, Settings, UnknownSendPolicy, load_settings, placeholder_warnings
+from .config import WORKER_ID_RE, ConfigError, Settings, UnknownSendPolicy, load_settings, placeholder_warnings
 from .edge.client import EdgeClient
 from .events import NO_EVENTS, EventLog, EventSink
 from .fdguard import EXIT_FD_EXHAUSTED, FdBudget, fd_limit, raise_fd_limit
@@ -43,7 +43,7 @@ from .relays.outbound_media import MediaLimits
 from .relays.send_pacing import SendLimits
 from .relays.receipts import ReceiptsRelay
 from .storage.db import StoreOpenError
-from .storage.journal import Journal, JournalUnavailable
+from .storage.journal import Journal, JournalUnavailable, JournalWriteError
 from .supervise import LoopHealth, forever
 from .timing import Backoff, Clock
 
@@ -88,6 +88,7 @@ class Worker:
                                        timeout_s=settings.EDGE_TIMEOUT_S,
                                        max_response_bytes=settings.EDGE_MAX_RESPONSE_BYTES)
         self.journal = _open_journal(settings.STATE_DB, self.clock)
+        self.worker_id = _worker_id(settings, self.journal)
         # the relays report each round (and store trouble) to these; their crashes count too
         self.inbound_health = LoopHealth("inbound relay", self.clock)
         self.acks_health = LoopHealth("acknowledger", self.clock)
@@ -171,7 +172,7 @@ class Worker:
             instance_poll_s=settings.instance_poll_s,
             instance_poll_max_s=settings.instance_poll_max_s,
             batch_poll=settings.BATCH_POLL,
-            worker_id=settings.worker_id,
+            worker_id=self.worker_id,
             capacity=settings.MAX_INSTANCES,
         )
 
@@ -189,7 +190,7 @@ class Worker:
                            on_queued=self.manager.wake, on_lost=self.manager.wake)
 
     def _push_for_leases(self) -> None:
-        self.push.worker_id = self.settings.worker_id
+        self.push.worker_id = self.worker_id
         self.push.on_leases = self.manager.leases.wake
 
     def call_policy(self, instance_id: str) -> CallPolicy:
@@ -456,6 +457,22 @@ class Worker:
                     self.event_log.prune()  # its own window (RETENTION_S, MAX_ROWS)
             self.housekeeping_health.ok()
             await self.clock.sleep(STORE_PROBE_EVERY_S)
+
+
+def _worker_id(settings: Settings, journal: Journal) -> str:
+    """WORKER_ID, else the one this journal remembers (a restart, even after a crash, asks for its
+    leases under the same id and the proxy gives them back at once), else a new one, remembered."""
+    if settings.WORKER_ID:
+        return settings.WORKER_ID
+    try:
+        known = journal.meta("worker_id")
+        if known is not None and WORKER_ID_RE.fullmatch(known):
+            return known
+        journal.set_meta("worker_id", settings.worker_id)
+    except (JournalUnavailable, JournalWriteError) as exc:
+        log.warning("the worker id could not be remembered in the journal (%s): %s for this run only",
+                    exc, settings.worker_id)
+    return settings.worker_id
 
 
 def _open_journal(path: Any, clock: Clock) -> Journal:

@@ -267,7 +267,12 @@ begin
         return query
             with free as (
                 select i.id from public.wa_instances as i
-                where (i.lease_worker is null or i.lease_released or i.lease_expires_at + v_ttl < now())
+                where (i.lease_worker is null or i.lease_released or i.lease_expires_at + v_ttl < now()
+                       -- this worker's own lease it neither holds nor releases in this call (it restarted
+                       -- with the same WORKER_ID without knowing it): given back at once, under a new token
+                       or (i.lease_worker = p_worker and not i.lease_revoked and not i.lease_released
+                           and not exists (select 1 from jsonb_array_elements(p_held || p_release) as x
+                                           where x->>'instanceId' = i.id)))
                   and not (i.id = any(v_released))
                 order by i.priority desc, i.id
                 limit v_room
