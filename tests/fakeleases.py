@@ -33,6 +33,7 @@ class LeaseBook:
     clock: Callable[[], float] = time.monotonic
     rows: dict[str, LeaseRow] = field(default_factory=dict)
     workers: dict[str, float] = field(default_factory=dict)  # worker id -> its last /leases call
+    api_urls: dict[str, str | None] = field(default_factory=dict)  # worker id -> api_url of its last call
     events: list[tuple[float, str, str, str, int]] = field(default_factory=list)  # (at, kind, iid, worker, token)
     claim_token: dict[str, int] = field(default_factory=dict)  # message id -> token it was last claimed under
     refused: Counter[str] = field(default_factory=Counter)  # endpoint -> 409 lease_lost answers
@@ -55,6 +56,13 @@ class LeaseBook:
         cur = self.current(iid)
         return cur is not None and token == cur[1]
 
+    def holder(self, iid: str) -> dict[str, Any] | None:
+        """``GET /lease-holder``'s answer: a live lease not revoked, with its holder's api_url."""
+        cur = self.current(iid)
+        if cur is None or self.rows[iid].revoked:
+            return None
+        return {"instanceId": iid, "worker_id": cur[0], "api_url": self.api_urls.get(cur[0])}
+
     def held_by(self, worker: str) -> list[str]:
         return sorted(i for i in self.rows if self.holder_of(i) == worker)
 
@@ -68,6 +76,7 @@ class LeaseBook:
         wid = body["worker_id"]
         capacity = int(body["capacity"])
         self.workers[wid] = now
+        self.api_urls[wid] = body.get("api_url")
         for item in body.get("release", []):
             row = self.rows.get(item["instanceId"])
             if row is not None and row.holder == wid and row.token == item["token"]:

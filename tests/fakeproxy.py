@@ -84,6 +84,7 @@ class FakeProxy:
     lease_book: LeaseBook | None = None  # a fleet proxy (see the module docstring)
     lease_calls: list[dict[str, Any]] = field(default_factory=list)  # every POST /leases body
     lease_answers: list[dict[str, Any]] = field(default_factory=list)
+    holder_answers: dict[str, Any] = field(default_factory=dict)  # instance id -> GET /lease-holder's answer
     worker_ids: dict[str, set[str | None]] = field(default_factory=lambda: defaultdict(set))  # endpoint -> X-Worker-Id
     tokens_seen: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))  # endpoint -> lease_token
     # GET /events (push channel): off by default (a proxy without it answers 404)
@@ -150,6 +151,7 @@ class FakeProxy:
         app.router.add_post("/message-status", self._message_status)
         app.router.add_get("/instance-settings", self._instance_settings)
         app.router.add_post("/leases", self._leases)
+        app.router.add_get("/lease-holder", self._lease_holder)
         if self.events:
             app.router.add_get("/events", self._events)
         return app
@@ -211,13 +213,30 @@ class FakeProxy:
         if (r := await self._gate(request, "leases")) is not None:
             return r
         body = await request.json()
-        assert set(body) == {"worker_id", "capacity", "held", "release"}, body
+        # the strict writer: api_url only when the worker has one to give (API_PUBLIC_URL with API_TOKEN)
+        assert set(body) - {"api_url"} == {"worker_id", "capacity", "held", "release"}, body
+        assert "api_url" not in body or isinstance(body["api_url"], str), body
         assert request.headers.get("X-Worker-Id") == body["worker_id"]
         self.lease_calls.append(body)
         needing = {i: int(self.items.get(i, {}).get("priority", 0)) for i in self.instances if i not in self.gone}
         answer = self.lease_book.call(body, needing, lambda i: {k: v for k, v in self.items.get(i, {}).items()})
         self.lease_answers.append(answer)
         return web.json_response(answer)
+
+    async def _lease_holder(self, request: web.Request) -> web.Response:
+        """``GET /lease-holder?instanceId=``: the live lease's holder and its api_url, else 404."""
+        if self.lease_book is None:
+            self.calls["lease-holder"] += 1
+            return web.json_response({"error": "no such route"}, status=404)
+        if (r := await self._gate(request, "lease-holder")) is not None:
+            return r
+        iid = request.query.get("instanceId", "")
+        if iid in self.holder_answers:  # a scripted answer (a stale or hostile proxy)
+            return web.json_response(self.holder_answers[iid])
+        found = self.lease_book.holder(iid)
+        if found is None:
+            return web.json_response({"error": "no holder"}, status=404)
+        return web.json_response(found)
 
     def _wrap(self, key: str, items: list[Any]) -> Any:
         return items if self.shape == "list" else {key: items}

@@ -457,14 +457,15 @@ def test_a_batch_claim_after_a_move_carries_prior_claim(http: httpx.Client, cloc
     assert [(m["id"], m["lease_token"], m.get("prior_claim")) for m in again] == [(mid, 2, True)]
 
 
-def test_the_dev_store_migrates_to_version_7(tmp_path: Path, clock: FakeClock) -> None:
+def test_the_dev_store_migrates_to_version_8(tmp_path: Path, clock: FakeClock) -> None:
     s = DevStore(tmp_path / "p.db", clock=clock)
     s.close()
     raw = sqlite3.connect(tmp_path / "p.db")
     try:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == 7
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 8
         cols = {r[1] for r in raw.execute("PRAGMA table_info(instances)")}
         assert {"lease_token", "lease_holder", "lease_expires_at", "lease_revoked"} <= cols
+        assert "api_url" in {r[1] for r in raw.execute("PRAGMA table_info(workers)")}
     finally:
         raw.close()
 
@@ -642,3 +643,51 @@ def test_a_fleet_never_runs_an_instance_twice_and_takes_over_on_sigterm_kill_and
     assert sorted(len(m.held) for m in running.values()) == [30, 30]
     owned = holders(store)
     assert all(owned[i] == m.name for m in running.values() for i in m.held)
+
+
+def holder(http: httpx.Client, iid: str) -> httpx.Response:
+    return http.get("/lease-holder", params={"instanceId": iid}, headers={"X-Worker-Id": "w-x"})
+
+
+def test_lease_holder_names_the_live_holder_and_the_api_url_it_gave(http: httpx.Client, bp: BackgroundProxy,
+                                                                    clock: FakeClock) -> None:
+    add(http, "acme")
+    add(http, "beta")
+    assert holder(http, "acme").status_code == 404 and holder(http, "acme").json() == {"error": "no holder"}
+    r = http.post("/leases", headers={"X-Worker-Id": "w-a"},
+                  json={"worker_id": "w-a", "capacity": 1, "held": [], "release": [], "api_url": "http://10.0.0.5:3000/"})
+    assert r.status_code == 200 and tokens(r.json()) == {"acme": 1}
+    assert holder(http, "acme").json() == {"instanceId": "acme", "worker_id": "w-a", "api_url": "http://10.0.0.5:3000"}
+    call(http, "w-b", capacity=1)  # a worker that gave no api_url
+    assert holder(http, "beta").json() == {"instanceId": "beta", "worker_id": "w-b", "api_url": None}
+    # a renewal without it forgets it (the field is the worker's current word)
+    call(http, "w-a", held={"acme": 1}, capacity=1)
+    assert holder(http, "acme").json()["api_url"] is None
+    # released → no holder
+    call(http, "w-b", release={"beta": 1}, capacity=0)
+    assert holder(http, "beta").status_code == 404
+    # expired → no holder (not renewed for a TTL)
+    clock.now += TTL + 1
+    assert holder(http, "acme").status_code == 404
+    # bearer-authenticated like every proxy call; a bad instanceId or api_url is a 400
+    assert httpx.get(f"{bp.url}/lease-holder", params={"instanceId": "acme"}).status_code == 401
+    assert http.get("/lease-holder").status_code == 400
+    for bad in ("ftp://x", "http://u:p@x", "http://x/?q=1", 5):
+        r = http.post("/leases", headers={"X-Worker-Id": "w-c"},
+                      json={"worker_id": "w-c", "capacity": 1, "held": [], "release": [], "api_url": bad})
+        assert r.status_code == 400 and "api_url" in r.text, bad
+
+
+def test_lease_holder_is_not_a_revoked_lease(http: httpx.Client) -> None:
+    for iid in ("i1", "i2", "i3", "i4"):
+        add(http, iid)
+    first = call(http, "w-a")  # alone: up to 5 per call, all four
+    assert len(tokens(first)) == 4
+    assert call(http, "w-b")["leases"] == []  # a second live worker: target 2, w-a holds 4 > 3
+    second = call(http, "w-a", held=tokens(first))
+    revoked = set(tokens(first)) - set(tokens(second))
+    assert revoked
+    for iid in revoked:
+        assert holder(http, iid).status_code == 404
+    for iid in tokens(second):
+        assert holder(http, iid).json()["worker_id"] == "w-a"

@@ -60,6 +60,26 @@ def check_database_url(url: str) -> str:
     return url
 
 
+def check_public_url(url: str) -> str:
+    """An http(s) base URL without credentials, query or fragment (API_PUBLIC_URL), without its
+    trailing slash; ValueError naming what is wrong."""
+    text = url.strip()
+    try:
+        parsed = urlsplit(text)
+        host, _port = parsed.hostname, parsed.port
+    except ValueError:
+        raise ValueError("must be an http(s) URL") from None
+    if parsed.scheme not in ("http", "https") or not host or any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError("must be an http(s) URL with a host (e.g. http://10.0.0.5:3000)")
+    if "@" in parsed.netloc:
+        raise ValueError("must not contain user:password@ (it is handed to API clients)")
+    if parsed.query or parsed.fragment or "?" in text or "#" in text:
+        raise ValueError("must not have a query or a fragment (the request's path and query are appended)")
+    if len(text) > 512:
+        raise ValueError("must be at most 512 characters")
+    return text.rstrip("/")
+
+
 WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _DEFAULT_WORKER_ID: list[str] = []
 
@@ -136,6 +156,8 @@ class Settings(BaseSettings):
     API_TOKEN: SecretStr | None = None  # one token, or several separated by commas (rotation)
     API_RATE_PER_MINUTE: int = Field(600, ge=1, le=1_000_000)  # per token; bursts of a sixth of it
     API_SEND_WAIT_S: float = Field(10.0, ge=0, le=60)  # a send answers its outcome within this, else 202
+    # with leases: where API clients reach THIS worker (sent in POST /leases; other workers redirect there)
+    API_PUBLIC_URL: str | None = None
 
     # --- neonize
     WA_BOT_BADGE: bool = False
@@ -238,6 +260,16 @@ class Settings(BaseSettings):
                 raise ValueError("each token (comma-separated) must be at least 16 printable ASCII characters "
                                  "without spaces")
         return v
+
+    @field_validator("API_PUBLIC_URL", mode="before")
+    @classmethod
+    def _api_public_url_empty(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("API_PUBLIC_URL")
+    @classmethod
+    def _api_public_url_valid(cls, v: str | None) -> str | None:
+        return None if v is None else check_public_url(v)
 
     @property
     def api_tokens(self) -> tuple[str, ...]:
@@ -385,6 +417,8 @@ DESCRIPTIONS: dict[str, str] = {
     "CALL_REJECT_MESSAGE": "text sent to the caller after a declined call (empty: none)",
     "API_TOKEN": "enables the direct API (/api): its bearer token(s), comma-separated, min. 16 characters each",
     "API_RATE_PER_MINUTE": "direct API requests per token per minute (429 beyond)",
+    "API_PUBLIC_URL": "with leases and API_TOKEN: the base URL API clients reach this worker at (others redirect "
+                      "there)",
     "API_SEND_WAIT_S": "how long POST /api/instances/{id}/messages waits for the outcome before answering 202",
     "WA_BOT_BADGE": "let neonize mark 1:1 messages with WhatsApp's AI badge",
     "DATABASE_URL": "WhatsApp sessions (the simulator's too) in this PostgreSQL database instead of AUTH_DIR",

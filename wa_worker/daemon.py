@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .api.app import MOUNT_AT as API_MOUNT_AT
 from .api.app import ApiStats, build_api_app
+from .api.elsewhere import HolderFinder
 from .api.routes import mount_api_routes
 from .api.sender import ApiSender
 from .api.events_routes import add_event_routes
@@ -114,6 +115,8 @@ class Worker:
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
         self.manager.on_restart_needed = self._restart_into_leases
+        # in a fleet: where other workers send API clients for this worker's instances (only with an API)
+        self.manager.leases.api_url = settings.API_PUBLIC_URL if settings.api_tokens else None
         self.push = self._build_push(worker_id)
         self.manager.on_lease_mode = self._push_for_leases
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
@@ -385,8 +388,11 @@ class Worker:
                        if self.event_log is not None else [])
             self.api_sender = ApiSender(self.manager, self.outbound, self.journal, clock=self.clock,
                                         wait_s=self.settings.API_SEND_WAIT_S)
+            keeper = self.manager.leases
+            finder = HolderFinder(self.edge.lease_holder, leases_on=lambda: keeper.mode is True,
+                                  worker_id=self.worker_id, api_url=keeper.api_url, clock=self.clock)
             mount_api_routes(api, self.api_sender, media_max_bytes=self.settings.MEDIA_MAX_BYTES,
-                             version=package_version(), extra=streams)
+                             version=package_version(), extra=streams, finder=finder)
         app = build_app(self, self.settings.WORKER_SECRET.get_secret_value(), guard=self.http_guard,
                         metrics=(self.metrics.render, self.metrics.content_type),
                         api=(API_MOUNT_AT, api) if api is not None else None)

@@ -1,7 +1,8 @@
 """``GET /api/instances``, ``GET /api/instances/{id}``, ``GET /api/instances/{id}/qr``.
 
 Read-only, from the manager's snapshots (:class:`~wa_worker.instances.runner.InstanceSnapshot`):
-only the instances this worker holds; any other id is ``404 instance_not_here``.
+only the instances this worker holds; any other id is ``404 instance_not_here``, or in a
+fleet ``307 instance_elsewhere`` to the worker that holds it (:mod:`.elsewhere`).
 The QR is rendered from the raw code the runner holds (a PNG, in a thread, one
 at a time; the last one per instance is kept), as JSON with a data URL or, for
 ``Accept: image/png``, as the bytes.
@@ -17,6 +18,7 @@ from aiohttp import web
 from ..backends.qr import qr_png_data_url
 from ..ids import is_valid_instance_id
 from ..instances.runner import InstanceSnapshot
+from .elsewhere import HolderFinder, not_held
 from .errors import api_error
 from .models import ErrorBody, Instance, InstanceList, Qr
 from .openapi import Answer, Operation, Param
@@ -24,21 +26,20 @@ from .sender import Instances
 
 INSTANCE_ID = Param("id", "path", "the instance id (as the proxy names it)",
                     pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-NOT_HERE = Answer("this worker does not hold that instance (instance_not_here)", ErrorBody)
+NOT_HERE = Answer("no worker holds that instance, or its holder gave no API_PUBLIC_URL (instance_not_here; "
+                  "error.worker_id names the holder when known)", ErrorBody)
+ELSEWHERE = Answer("in a fleet: another worker holds the instance (instance_elsewhere); send the same request, "
+                   "with the same token, to Location", ErrorBody, headers=("Location",))
 _CACHE_MAX = 1024
 
 
-def not_here(instance_id: str) -> web.HTTPException:
-    return api_error(404, "instance_not_here", f"this worker does not hold instance {instance_id!r} (see docs/api.md, "
-                                               "\"Fleets\": ask the worker that holds it)")
-
-
-def held(instances: Instances, request: web.Request) -> InstanceSnapshot:
-    """The snapshot of the path's instance; 404 ``instance_not_here`` when this worker does not hold it."""
+async def held(instances: Instances, request: web.Request, finder: HolderFinder | None) -> InstanceSnapshot:
+    """The snapshot of the path's instance; when this worker does not hold it, 307 to the worker
+    that does (leases on and it gave its address) or 404 ``instance_not_here``."""
     iid = request.match_info["id"]
     snap = instances.snapshot(iid) if is_valid_instance_id(iid) else None
     if snap is None:
-        raise not_here(iid[:128])
+        raise await not_held(finder, request, iid)
     return snap
 
 
@@ -55,7 +56,7 @@ def wants_png(request: web.Request) -> bool:
     return ("image/png" in accept or "image/*" in accept) and "application/json" not in accept
 
 
-def instance_operations(instances: Instances) -> list[Operation]:
+def instance_operations(instances: Instances, finder: HolderFinder | None = None) -> list[Operation]:
     render_limiter = anyio.CapacityLimiter(1)
     rendered: dict[str, tuple[str, str]] = {}  # instance id -> (raw QR, its data URL)
 
@@ -74,10 +75,10 @@ def instance_operations(instances: Instances) -> list[Operation]:
         return web.json_response(body.model_dump(mode="json"))
 
     async def get_instance(request: web.Request) -> web.Response:
-        return web.json_response(instance_model(held(instances, request)).model_dump(mode="json"))
+        return web.json_response(instance_model(await held(instances, request, finder)).model_dump(mode="json"))
 
     async def get_qr(request: web.Request) -> web.Response:
-        snap = held(instances, request)
+        snap = await held(instances, request, finder)
         if snap.qr is None:
             if snap.state == "connected":
                 raise api_error(409, "already_connected", "the instance is connected: there is no QR code to scan")
@@ -95,13 +96,13 @@ def instance_operations(instances: Instances) -> list[Operation]:
                   answers={200: Answer("every instance this worker holds, by id", InstanceList)}),
         Operation("get", "/instances/{id}", get_instance, "getInstance", "one instance's status",
                   params=(INSTANCE_ID,),
-                  answers={200: Answer("the instance", Instance), 404: NOT_HERE}),
+                  answers={200: Answer("the instance", Instance), 307: ELSEWHERE, 404: NOT_HERE}),
         Operation("get", "/instances/{id}/qr", get_qr, "getInstanceQr",
                   "the QR code to scan (JSON data URL, or image/png with Accept: image/png)",
                   params=(INSTANCE_ID,),
                   answers={200: Answer("the QR code (and the pairing code, when pairing by phone number)", Qr,
                                        png=True),
-                           404: NOT_HERE,
+                           307: ELSEWHERE, 404: NOT_HERE,
                            409: Answer("no QR now: already_connected, or qr_not_ready (Retry-After)", ErrorBody,
                                        headers=("Retry-After",))}),
     ]

@@ -23,7 +23,8 @@ from ..http.common import read_json_object
 from ..ids import is_valid_instance_id
 from ..storage.journal import JournalUnavailable
 from .errors import api_error
-from .instances_routes import INSTANCE_ID, NOT_HERE, held
+from .elsewhere import HolderFinder, elsewhere
+from .instances_routes import ELSEWHERE, INSTANCE_ID, NOT_HERE, held
 from .models import IDEMPOTENCY_KEY_PATTERN, ErrorBody, MessageOutcome, SendMessage
 from .openapi import Answer, Operation, Param
 from .sender import ApiSender, Refused, check_message
@@ -95,11 +96,11 @@ def _store_unavailable() -> web.HTTPException:
 
 
 # long: the two handlers and their OpenAPI description, read as one table
-def message_operations(sender: ApiSender, *, max_body: int) -> list[Operation]:
+def message_operations(sender: ApiSender, *, max_body: int, finder: HolderFinder | None = None) -> list[Operation]:
     readers = anyio.CapacityLimiter(BODY_READERS)
 
     async def send(request: web.Request) -> web.Response:
-        snap = held(sender.instances, request)
+        snap = await held(sender.instances, request, finder)  # before the body: nothing read, nothing recorded
         key = _key(request, "Idempotency-Key")
         async with readers:
             data = await read_json_object(request, max_bytes=max_body)
@@ -128,6 +129,9 @@ def message_operations(sender: ApiSender, *, max_body: int) -> list[Operation]:
         try:
             outcome = sender.outcome(iid, key)
         except Refused as exc:
+            if exc.code == "message_not_found" and sender.instances.snapshot(iid) is None:
+                # not sent here, and the instance is not here: its holder's journal may have it
+                raise (await elsewhere(finder, request, iid)) or _refused(exc) from None
             raise _refused(exc) from None
         except JournalUnavailable:
             raise _store_unavailable() from None
@@ -146,7 +150,7 @@ def message_operations(sender: ApiSender, *, max_body: int) -> list[Operation]:
                            202: Answer("still pending after the short wait: read the outcome at Location",
                                        MessageOutcome, headers=("Location",)),
                            400: Answer("no or bad Idempotency-Key, or a body that is not a JSON object", ErrorBody),
-                           404: NOT_HERE, 409: conflict,
+                           307: ELSEWHERE, 404: NOT_HERE, 409: conflict,
                            413: Answer("body larger than MEDIA_MAX_BYTES as base64", ErrorBody),
                            422: Answer("a field is wrong (error.field names it); nothing recorded", ErrorBody),
                            503: Answer("the journal is not writable, or too many sends in progress (Retry-After)",
@@ -155,6 +159,8 @@ def message_operations(sender: ApiSender, *, max_body: int) -> list[Operation]:
                   "what became of a message sent with that Idempotency-Key",
                   params=(INSTANCE_ID, KEY),
                   answers={200: Answer("its outcome (pending: ask again)", MessageOutcome),
+                           307: Answer("in a fleet: not sent through this worker, and another worker holds the "
+                                       "instance (instance_elsewhere): ask Location", ErrorBody, headers=("Location",)),
                            400: Answer("a key that cannot be one", ErrorBody),
                            404: Answer("message_not_found", ErrorBody)}),
     ]

@@ -71,9 +71,13 @@ class SendMessage(_Request):
 
 class ErrorDetail(_Answer):
     code: str = Field(description="machine-readable: unauthorized, rate_limited, not_found, instance_not_here, "
-                                  "invalid_request, idempotency_conflict, ...")
+                                  "instance_elsewhere, invalid_request, idempotency_conflict, ...")
     message: str = Field(description="for people; never echoes the request")
     field: str | None = Field(default=None, description="the request field at fault (validation errors)")
+    worker_id: str | None = Field(default=None, description="in a fleet: the worker that holds the instance "
+                                                            "(instance_elsewhere, instance_not_here when known)")
+    location: str | None = Field(default=None, description="instance_elsewhere: the same request at that worker "
+                                                           "(as the Location header)")
 
 
 class ErrorBody(_Answer):

@@ -63,7 +63,8 @@ COMMON_ERRORS = {
 }
 
 _HEADER_SCHEMAS = {
-    "Location": {"type": "string", "description": "where the outcome can be read"},
+    "Location": {"type": "string", "description": "where the outcome can be read (2xx), or the same request at "
+                                                  "the worker that holds the instance (307)"},
     "Retry-After": {"type": "integer", "description": "seconds"},
 }
 

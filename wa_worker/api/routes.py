@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
+from .elsewhere import HolderFinder
 from .instances_routes import instance_operations
 from .messages_routes import max_body_bytes, message_operations
 from .openapi import Answer, Operation, add_operations, openapi_document
@@ -16,17 +17,17 @@ DESCRIPTION = ("The worker's own API (docs/api.md): the instances it holds, thei
                "once per Idempotency-Key. Errors are {\"error\": {\"code\", \"message\"}}.")
 
 
-def api_operations(sender: ApiSender, *, media_max_bytes: int) -> list[Operation]:
-    """The routes (without the document's own)."""
-    return [*instance_operations(sender.instances),
-            *message_operations(sender, max_body=max_body_bytes(media_max_bytes))]
+def api_operations(sender: ApiSender, *, media_max_bytes: int, finder: HolderFinder | None = None) -> list[Operation]:
+    """The routes (without the document's own); ``finder``: in a fleet, who holds the others."""
+    return [*instance_operations(sender.instances, finder),
+            *message_operations(sender, max_body=max_body_bytes(media_max_bytes), finder=finder)]
 
 
 def mount_api_routes(api: web.Application, sender: ApiSender, *, media_max_bytes: int, version: str,
-                     extra: Sequence[Operation] = ()) -> None:
+                     extra: Sequence[Operation] = (), finder: HolderFinder | None = None) -> None:
     """The routes and the document describing them and ``extra`` (operations whose routes are
     already on ``api``: the event stream)."""
-    operations = api_operations(sender, media_max_bytes=media_max_bytes)
+    operations = api_operations(sender, media_max_bytes=media_max_bytes, finder=finder)
 
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(document)

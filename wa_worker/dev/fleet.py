@@ -2,6 +2,7 @@
 
     POST /leases   {"worker_id", "capacity", "held": [{"instanceId", "token"}], "release": [...]}
                    → {"ttl_s", "leases": [{"instanceId", "token"} | a grant with the discovery fields]}
+    GET  /lease-holder?instanceId=<id> → {"instanceId", "worker_id", "api_url"} | 404 {"error": "no holder"}
     GET  /events?wait=<s>&cursor=<c>   (X-Worker-Id) → {"events": [...], "cursor": "..."}
     GET  /dev/fleet    (dev API) the workers, the fenced calls refused, the waiting /events calls
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config import check_public_url
 from ..http.common import read_json_object
 from ..ids import is_valid_instance_id
 from .events import MAX_EVENT_WAIT_S, BadCursor, TooManyWaiters
@@ -51,7 +53,15 @@ def _request(data: dict[str, Any], header: str | None) -> LeaseRequest:
     capacity = data.get("capacity", DEFAULT_CAPACITY)
     if not isinstance(capacity, int) or isinstance(capacity, bool) or not 0 <= capacity <= MAX_CAPACITY:
         raise ApiError(400, f"capacity must be an integer between 0 and {MAX_CAPACITY}")
-    return LeaseRequest(worker_id, capacity, _lease_items(data, "held"), _lease_items(data, "release"))
+    api_url = data.get("api_url")
+    if api_url is not None:
+        try:
+            api_url = check_public_url(api_url) if isinstance(api_url, str) else None
+        except ValueError:
+            api_url = None
+        if api_url is None:
+            raise ApiError(400, "api_url must be an http(s) URL without credentials, query or fragment")
+    return LeaseRequest(worker_id, capacity, _lease_items(data, "held"), _lease_items(data, "release"), api_url)
 
 
 def _seconds(value: float) -> float | int:
@@ -72,6 +82,18 @@ async def leases(request: web.Request) -> web.Response:
     for iid in answer.released:
         proxy.emit("lease", iid, holder=req.worker_id, change="released")
     return web.json_response({"ttl_s": _seconds(proxy.lease_ttl_s), "leases": answer.leases})
+
+
+async def lease_holder(request: web.Request) -> web.Response:
+    """``GET /lease-holder?instanceId=<id>``: who holds a live lease, and where API clients reach it."""
+    proxy: DevProxy = request.app[PROXY_KEY]
+    iid = request.query.get("instanceId")
+    if not is_valid_instance_id(iid):
+        raise ApiError(400, "instanceId is required (a valid instance id)")
+    found = proxy.store.lease_holder_of(str(iid))
+    if found is None:
+        return web.json_response({"error": "no holder"}, status=404)
+    return web.json_response(found)
 
 
 def _wait(raw: str | None) -> float:
@@ -124,6 +146,7 @@ async def _close_events(app: web.Application) -> None:
 def add_fleet_routes(app: web.Application) -> None:
     """The routes, and the app's shutdown ending every waiting ``/events`` call at once."""
     app.router.add_post("/leases", leases)
+    app.router.add_get("/lease-holder", lease_holder)
     app.router.add_get("/events", events)
     app.router.add_get("/dev/fleet", dev_fleet)
     app.on_shutdown.append(_close_events)

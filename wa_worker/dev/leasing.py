@@ -8,7 +8,8 @@ are serialized and never both get one instance.
 Per instance: ``lease_token`` (monotonic, bumped by each grant, never reused),
 ``lease_holder`` (NULL: free), ``lease_expires_at``, ``lease_revoked`` (left out
 of its holder's answer; free once released, or one TTL after it expires).
-Per worker: ``workers`` (capacity, last call); live = called within the TTL.
+Per worker: ``workers`` (capacity, last call, the ``api_url`` it gave: ``GET /lease-holder``);
+live = called within the TTL.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class LeaseRequest:
     capacity: int
     held: tuple[tuple[str, int], ...] = ()
     release: tuple[tuple[str, int], ...] = ()
+    api_url: str | None = None  # where API clients reach this worker (GET /lease-holder)
 
 
 @dataclass(slots=True)
@@ -64,9 +66,10 @@ def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float
         return LeaseAnswer([], released=released, notify=_notices(db, None, now, ttl))
     arrived = db.execute("SELECT 1 FROM workers WHERE id = :w", p).fetchone() is None
     db.execute(
-        "INSERT INTO workers (id, capacity, last_seen) VALUES (:w, :cap, :now) "
-        "ON CONFLICT (id) DO UPDATE SET capacity = excluded.capacity, last_seen = excluded.last_seen",
-        {**p, "cap": req.capacity})
+        "INSERT INTO workers (id, capacity, last_seen, api_url) VALUES (:w, :cap, :now, :url) "
+        "ON CONFLICT (id) DO UPDATE SET capacity = excluded.capacity, last_seen = excluded.last_seen, "
+        "api_url = excluded.api_url",
+        {**p, "cap": req.capacity, "url": req.api_url})
     db.execute("UPDATE instances SET lease_expires_at = :now + :ttl WHERE lease_holder = :w AND lease_revoked = 0", p)
     target = _target(db)
     limit = min(req.capacity, target)

@@ -193,6 +193,11 @@ CREATE TABLE workers (
 );
 """
 
+# issue #15 in a fleet: where API clients reach each worker (its API_PUBLIC_URL), for GET /lease-holder
+V8_WORKER_API_URL = """
+ALTER TABLE workers ADD COLUMN api_url TEXT;
+"""
+
 DEV_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_SCHEMA),
     Migration(2, "message types and media", V2_MESSAGE_TYPES),
@@ -201,6 +206,7 @@ DEV_MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "status detail", V5_STATUS_DETAIL),
     Migration(6, "instance settings", V6_INSTANCE_SETTINGS),
     Migration(7, "leases", V7_LEASES),
+    Migration(8, "worker api_url", V8_WORKER_API_URL),
 )
 RECEIPT_RANK = {"delivered": 1, "read": 2, "played": 3}
 # the tables of a dev database written before versioning (user_version 0)
@@ -345,6 +351,17 @@ class DevStore:
         """The worker holding the instance's lease (None: free or revoked)."""
         row = self._one("SELECT lease_holder FROM instances WHERE id = ? AND lease_revoked = 0", (instance_id,))
         return str(row[0]) if row is not None and row[0] is not None else None
+
+    def lease_holder_of(self, instance_id: str) -> dict[str, Any] | None:
+        """``GET /lease-holder``: the holder of a live, unreleased, unrevoked, unexpired lease and
+        the api_url its last ``/leases`` call gave (None when it gave none)."""
+        row = self._one(
+            "SELECT i.id, i.lease_holder, w.api_url FROM instances i LEFT JOIN workers w ON w.id = i.lease_holder "
+            "WHERE i.id = ? AND i.lease_holder IS NOT NULL AND i.lease_revoked = 0 AND i.lease_expires_at >= ?",
+            (instance_id, self._now()))
+        if row is None:
+            return None
+        return {"instanceId": row["id"], "worker_id": row["lease_holder"], "api_url": row["api_url"]}
 
     def leased_with_queued(self, worker_id: str | None, limit: int) -> list[str]:
         """Instances with queued messages, of ``worker_id``'s leases (None: every instance)."""

@@ -41,12 +41,14 @@ from .models import (
     InstanceRef,
     InstanceSettings,
     Lease,
+    LeaseHolder,
     MarkFailed,
     MarkSent,
     QueuedMessage,
     StatusUpdate,
     parse_instance_settings,
     parse_instances,
+    parse_lease_holder,
     parse_leases,
     parse_messages,
 )
@@ -60,6 +62,7 @@ _ACK_BODY_BYTES = 64 * 1024
 RETRY_AFTER_CAP_S = 300.0
 # a GET /events answer names instances and a cursor: a few KiB; more is a broken proxy
 EVENTS_MAX_BYTES = 1024 * 1024
+HOLDER_MAX_BYTES = 16 * 1024  # GET /lease-holder: one small object
 # proxy latency buckets (s): a healthy call is tens of ms, EDGE_TIMEOUT_S is 10 s by default
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # integers longer than this decode as +/-infinity (an out-of-range number every parser rejects)
@@ -411,14 +414,17 @@ class EdgeClient:
         return parsed
 
     async def leases(self, worker_id: str, capacity: int, held: dict[str, int],
-                     release: dict[str, int]) -> tuple[float, list[Lease]]:
+                     release: dict[str, int], *, api_url: str | None = None) -> tuple[float, list[Lease]]:
         """``POST /leases`` (optional): renew ``held``, give back ``release`` (instance id → token);
-        returns ``ttl_s`` and every lease held after the call. Raises :class:`EndpointMissing` on
-        404/405/501 (a proxy without leases), :class:`EdgeError` otherwise."""
+        returns ``ttl_s`` and every lease held after the call. ``api_url``: where API clients reach
+        this worker (sent only when set). Raises :class:`EndpointMissing` on 404/405/501 (a proxy
+        without leases), :class:`EdgeError` otherwise."""
         ep = "leases"
-        body = {"worker_id": worker_id, "capacity": capacity,
-                "held": [{"instanceId": i, "token": t} for i, t in sorted(held.items())],
-                "release": [{"instanceId": i, "token": t} for i, t in sorted(release.items())]}
+        body: dict[str, Any] = {"worker_id": worker_id, "capacity": capacity,
+                                "held": [{"instanceId": i, "token": t} for i, t in sorted(held.items())],
+                                "release": [{"instanceId": i, "token": t} for i, t in sorted(release.items())]}
+        if api_url is not None:
+            body["api_url"] = api_url
         try:
             payload = await self._request("POST", "/leases", endpoint=ep, body=body, optional=True,
                                           raw_headers={"X-Worker-Id": worker_id})
@@ -433,6 +439,24 @@ class EdgeClient:
         if parsed is None:
             return self._fail(EdgeError(ep, "response is not {\"ttl_s\", \"leases\": [...]}", transient=True))
         return parsed
+
+    async def lease_holder(self, instance_id: str) -> LeaseHolder | None:
+        """``GET /lease-holder?instanceId=<id>`` (optional): who holds the instance's lease and
+        where API clients reach it. None when nobody does (404), when the proxy has no such route
+        (404/405/501) or when its answer is not about this instance; :class:`EdgeError` otherwise."""
+        ep = "lease-holder"
+        try:
+            payload = await self._request("GET", "/lease-holder", endpoint=ep, params={"instanceId": instance_id},
+                                          optional=True, max_bytes=HOLDER_MAX_BYTES, missing_level=logging.DEBUG)
+        except EndpointMissing as exc:
+            if exc.status in (404, 405, 501):
+                return None
+            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
+                            body=exc.body) from None
+        rejected: list[str] = []
+        holder = parse_lease_holder(payload, instance_id, rejected)
+        self._reject(ep, rejected)
+        return holder
 
     async def events(self, *, wait_s: float, cursor: str | None, worker_id: str | None) -> PushEvents:
         """``GET /events?wait=<s>[&cursor=…]`` (optional push channel): a long poll answered

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ..config import WORKER_ID_RE, check_public_url
 from ..ids import InvalidRecipient, is_valid_instance_id, normalize_recipient
 from ..messages import Content, ContentError, Kind, parse_content
 from ..upstream import ProxyChoice, proxy_choice
@@ -341,6 +342,38 @@ class Lease:
     instance_id: str
     token: int
     ref: InstanceRef | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseHolder:
+    """``GET /lease-holder``'s answer: the worker holding an instance's lease and, when that worker
+    said it (``API_PUBLIC_URL``), where API clients reach it."""
+
+    instance_id: str
+    worker_id: str
+    api_url: str | None = None
+
+
+def parse_lease_holder(payload: Any, instance_id: str, rejected: list[str]) -> LeaseHolder | None:
+    """``{"instanceId", "worker_id", "api_url"}`` for ``instance_id``; None when it is not that
+    (another instance, no usable worker id). An unusable ``api_url`` is dropped (counted): the
+    holder is still named, there is only nowhere to send the client."""
+    if not isinstance(payload, dict) or payload.get("instanceId") != instance_id:
+        rejected.append("holder_not_this_instance")
+        return None
+    worker = payload.get("worker_id")
+    if not isinstance(worker, str) or not WORKER_ID_RE.fullmatch(worker):
+        rejected.append("holder_invalid_worker_id")
+        return None
+    url = payload.get("api_url")
+    if url is not None:
+        try:
+            url = check_public_url(url) if isinstance(url, str) else None
+        except ValueError:
+            url = None
+        if url is None:
+            rejected.append("holder_invalid_api_url")
+    return LeaseHolder(instance_id, worker, url)
 
 
 MIN_LEASE_TTL_S = 1.0

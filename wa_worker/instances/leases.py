@@ -70,6 +70,7 @@ class LeaseKeeper:
         self.rng = rng or random.Random()
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
+        self.api_url: str | None = None  # API_PUBLIC_URL (with API_TOKEN): sent with every call
         self.mode: bool | None = None
         self.ttl_s = DEFAULT_TTL_S
         self.held: dict[str, int] = {}  # instance id -> current token
@@ -269,7 +270,8 @@ class LeaseKeeper:
                 del release[iid]  # still stopping: released once stopped
             started = self.clock.monotonic()
             self.counts["renewals"] += 1
-            ttl, leases = await self.edge.leases(self.worker_id, self.capacity, dict(self.held), release)
+            ttl, leases = await self.edge.leases(self.worker_id, self.capacity, dict(self.held), release,
+                                                 api_url=self.api_url)
             self.last_ok = started
             self.ttl_s = ttl
             self.health.stale_after_s = 3 * (self.interval_s + self.edge.timeout_s)
