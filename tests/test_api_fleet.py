@@ -217,3 +217,11 @@ def test_api_public_url_is_validated(tmp_path):
     for bad in ("ftp://w1", "w1.example", "http://u:p@w1", "http://w1/?a=1", "http://w1/#x", "http://"):
         with pytest.raises(ConfigError, match="API_PUBLIC_URL"):
             load_settings(**base, API_PUBLIC_URL=bad)
+
+
+async def test_an_api_public_url_without_an_api_is_not_sent(fleet, tmp_path):
+    fleet.add_instance("acme")
+    settings = make_settings(tmp_path, fleet.url, WORKER_ID="w-a", API_PUBLIC_URL="http://10.0.0.5:3000")
+    async with running_worker(settings) as w:
+        await connect(w, fleet)
+        assert fleet.lease_calls and all("api_url" not in c for c in fleet.lease_calls)

@@ -88,6 +88,11 @@ def test_the_pods_fit_the_worker(kind):
     # liveness gives a stopping worker (503 on /ready, /health still 200) no reason to be killed
     assert c["livenessProbe"]["periodSeconds"] * c["livenessProbe"]["failureThreshold"] >= 60
     assert env["WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # the pod's own address for API clients (a 307 from another pod), built from POD_IP defined before it
+    names = [e["name"] for e in c["env"]]
+    assert env["API_PUBLIC_URL"]["value"] == f"http://$(POD_IP):{port}"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert names.index("POD_IP") < names.index("API_PUBLIC_URL")
     assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"]
     # the journal's place: /data, an emptyDir (Deployment) or a per-pod claim (StatefulSet)
     assert env["STATE_DB"]["value"].startswith("/data/") and env["AUTH_DIR"]["value"].startswith("/data/")

@@ -710,3 +710,53 @@ def test_a_worker_restarted_with_its_id_gets_its_leases_back_at_once(fn: EdgeFun
     # a listed lease with a wrong token is still lost, not given back
     wrong = [dict(i, token=i["token"] + 5) if i["instanceId"] == "i0" else i for i in held(again)]
     assert ids(lease(fn, "w-a", held=wrong)) == {"i1", "i2"}
+
+
+# ------------------------------------------------------------------ lease holder (the direct API's 307)
+
+
+@deno
+def test_lease_holder_names_the_live_holder_and_its_api_url(fn: EdgeFunction, wa_db: WaDb) -> None:
+    wa_db.insert_instance("acme", priority=2)
+    wa_db.insert_instance("beta", priority=1)
+
+    def holder(iid: str) -> Any:
+        return fn.request("GET", "lease-holder", params={"instanceId": iid})
+
+    r = holder("acme")
+    assert r.status_code == 404 and r.json() == {"error": "no holder"}
+    r = fn.request("POST", "leases", json={"worker_id": "w-a", "capacity": 1, "held": [], "release": [],
+                                           "api_url": "http://10.0.0.5:3000/"})
+    assert r.status_code == 200 and ids(r.json()) == {"acme"}
+    a_token = token_of(r.json(), "acme")
+    assert holder("acme").json() == {"instanceId": "acme", "worker_id": "w-a", "api_url": "http://10.0.0.5:3000"}
+    b = lease(fn, "w-b", capacity=1)  # no api_url
+    assert holder("beta").json() == {"instanceId": "beta", "worker_id": "w-b", "api_url": None}
+    # a renewal without the field forgets it; with it again, remembered again
+    lease(fn, "w-a", capacity=1, held=[{"instanceId": "acme", "token": a_token}])
+    assert holder("acme").json()["api_url"] is None
+    r = fn.request("POST", "leases", json={"worker_id": "w-a", "capacity": 1, "release": [],
+                                           "held": [{"instanceId": "acme", "token": a_token}],
+                                           "api_url": "https://w-a.internal"})
+    assert r.status_code == 200 and holder("acme").json()["api_url"] == "https://w-a.internal"
+    # released, revoked or expired → no holder
+    lease(fn, "w-b", capacity=0, release=held(b))
+    assert holder("beta").status_code == 404
+    expire(wa_db, "acme", 1)
+    assert holder("acme").status_code == 404
+    wa_db.psql("update wa_instances set lease_expires_at = now() + interval '1 minute', lease_revoked = true "
+               "where id = 'acme'")
+    assert holder("acme").status_code == 404
+    # bad input is a 400 (nothing stored); the route is bearer-authenticated like every other
+    assert fn.request("GET", "lease-holder").status_code == 400
+    assert fn.request("GET", "lease-holder", params={"instanceId": "../x"}).status_code == 400
+    for bad in ("ftp://x", "http://u:p@x", "http://x/?q=1", "http://x/#f", "not a url", 5, "http://" + "x" * 600):
+        r = fn.request("POST", "leases", json={"worker_id": "w-c", "capacity": 1, "held": [], "release": [],
+                                               "api_url": bad})
+        assert r.status_code == 400 and "api_url" in r.json()["error"], (bad, r.text)
+    assert wa_db.scalar("select count(*) from wa_workers where id = 'w-c'") == 0
+    assert fn.request("GET", "lease-holder", params={"instanceId": "acme"},
+                      secret="wrong-secret").status_code == 401
+    # the column is in the leases migration (idempotent: applying it again keeps the value)
+    wa_db.psql(LEASES_MIGRATION.read_text())
+    assert wa_db.scalar("select api_url from wa_workers where id = 'w-a'") == "https://w-a.internal"

@@ -71,8 +71,8 @@ def check_public_url(url: str) -> str:
         raise ValueError("must be an http(s) URL") from None
     if parsed.scheme not in ("http", "https") or not host or any(c.isspace() or not c.isprintable() for c in text):
         raise ValueError("must be an http(s) URL with a host (e.g. http://10.0.0.5:3000)")
-    if "@" in parsed.netloc:
-        raise ValueError("must not contain user:password@ (it is handed to API clients)")
+    if "@" in text:
+        raise ValueError("must not contain user:password@ or any '@' (it is handed to API clients)")
     if parsed.query or parsed.fragment or "?" in text or "#" in text:
         raise ValueError("must not have a query or a fragment (the request's path and query are appended)")
     if len(text) > 512:

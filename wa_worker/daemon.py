@@ -115,8 +115,6 @@ class Worker:
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
         self.manager.on_restart_needed = self._restart_into_leases
-        # in a fleet: where other workers send API clients for this worker's instances (only with an API)
-        self.manager.leases.api_url = settings.API_PUBLIC_URL if settings.api_tokens else None
         self.push = self._build_push(worker_id)
         self.manager.on_lease_mode = self._push_for_leases
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
@@ -151,7 +149,7 @@ class Worker:
 
     def _build_manager(self, on_event: Callable[[str, BackendEvent], None] | None) -> InstanceManager:
         settings = self.settings
-        return InstanceManager(
+        manager = InstanceManager(
             RunnerContext(
                 backend=self.backend,
                 edge=self.edge,
@@ -178,6 +176,9 @@ class Worker:
             worker_id=self.worker_id,
             capacity=settings.MAX_INSTANCES,
         )
+        # in a fleet: where other workers send API clients for this worker's instances (only with an API)
+        manager.leases.api_url = settings.API_PUBLIC_URL if settings.api_tokens else None
+        return manager
 
     def _restart_into_leases(self) -> None:
         """The proxy gained leases while this worker ran without them: stop gracefully (sessions

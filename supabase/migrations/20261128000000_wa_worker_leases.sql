@@ -9,6 +9,7 @@
 --   wa_instances.lease_released    the holder gave it back (or it was never held)
 --   wa_instances.lease_revoked     left out of its holder's answer (fair share): it must stop it
 --   wa_workers                     one row per worker that called POST /leases (live: seen within TTL)
+--   wa_workers.api_url             where API clients reach that worker (its API_PUBLIC_URL; GET /lease-holder)
 --   wa_outbound.claim_token        the lease token under which the message was claimed
 --   wa_outbound.prior_claim_token  the token of the claim a re-offer replaced (its mark-sent still counts)
 --   wa_outbound.queued_xact        the transaction that made the row 'queued' (GET /events' cursor)
@@ -58,6 +59,11 @@ create table if not exists public.wa_fleet_state (
 
 insert into public.wa_fleet_state (id) values (1) on conflict (id) do nothing;
 
+alter table public.wa_workers add column if not exists api_url text;
+
+comment on column public.wa_workers.api_url is
+    'Where API clients reach this worker (its API_PUBLIC_URL, sent in POST /leases; null: none). GET /lease-holder answers it.';
+
 do $$
 begin
     if not exists (select 1 from pg_constraint where conname = 'wa_workers_id_format'
@@ -69,6 +75,11 @@ begin
                    and conrelid = 'public.wa_instances'::regclass) then
         alter table public.wa_instances add constraint wa_instances_lease_worker_format
             check (lease_worker is null or lease_worker ~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$');
+    end if;
+    if not exists (select 1 from pg_constraint where conname = 'wa_workers_api_url_format'
+                   and conrelid = 'public.wa_workers'::regclass) then
+        alter table public.wa_workers add constraint wa_workers_api_url_format
+            check (api_url is null or (api_url ~ '^https?://[^\s?#@/]+' and length(api_url) <= 512));
     end if;
 end
 $$;

@@ -20,6 +20,7 @@
 //   POST /message-status
 //   GET  /instance-settings[?since=<cursor>]   (settings / proxy_url changes; 20261127000000_…)
 //   POST /leases                               (a fleet: 20261128000000_wa_worker_leases.sql)
+//   GET  /lease-holder?instanceId=<id>         (who holds it, and its api_url: the direct API's 307)
 //   GET  /events?wait=<s>[&cursor=<c>]         (long poll: LISTEN/NOTIFY)
 //
 // Leases and fencing (docs/proxy-contract.md, "Leases and fencing"): POST /leases grants,
@@ -946,11 +947,24 @@ async function leases(req: Request): Promise<Response> {
   }
   const held = leaseItems(body, "held");
   const release = leaseItems(body, "release");
+  const apiUrl = publicUrl(body.api_url);
   const sql = db();
   const rows = await sql`
     select * from public.wa_lease_call(${worker}, ${capacity}::integer,
       ${sql.json(held as postgres.JSONValue)}, ${sql.json(release as postgres.JSONValue)},
       ${LEASE_TTL_S}::integer, ${LEASE_GRANTS_PER_CALL}::integer)`;
+  // where API clients reach this worker (GET /lease-holder); absent: it gave none. Written only
+  // when it changed (a renewal is not a write); a worker that left has no row to write to.
+  try {
+    await sql`
+      update public.wa_workers set api_url = ${apiUrl}
+      where id = ${worker} and api_url is distinct from ${apiUrl}`;
+  } catch (e) {
+    // wa_workers.api_url missing (the leases migration applied before it had the column): the
+    // leases still work (a renewal must never fail for a hint); GET /lease-holder says what is missing
+    if ((e as { code?: string }).code !== "42703") throw e;
+    console.warn("worker-proxy POST /leases: wa_workers.api_url is missing: apply supabase/migrations/ again");
+  }
   return json(200, {
     ttl_s: LEASE_TTL_S,
     leases: rows.map((r) =>
@@ -962,6 +976,37 @@ async function leases(req: Request): Promise<Response> {
         : { instanceId: r.instance_id, token: Number(r.token) }
     ),
   });
+}
+
+// api_url of POST /leases: an http(s) base URL without credentials, query or fragment (the
+// worker's API_PUBLIC_URL), without its trailing slash; null when absent.
+function publicUrl(value: unknown): string | null {
+  if (value === undefined || value === null) return null;
+  const problem = "api_url must be an http(s) URL without credentials, query or fragment (at most 512 characters)";
+  if (typeof value !== "string" || value.length > 512 || /[\s?#@]/.test(value)) throw bad(problem);
+  let parsed: URL;
+  try {
+    parsed = new URL(value);
+  } catch {
+    throw bad(problem);
+  }
+  if ((parsed.protocol !== "http:" && parsed.protocol !== "https:") || parsed.hostname === "") throw bad(problem);
+  return value.replace(/\/+$/, "");
+}
+
+// GET /lease-holder?instanceId=<id> → {"instanceId", "worker_id", "api_url"}: the holder of a
+// live lease (granted, not released, not revoked, not expired) and the api_url its last
+// POST /leases gave (null: none); 404 {"error": "no holder"} otherwise. A worker asked for an
+// instance it does not hold redirects its API client there (docs/api.md, "Fleets").
+async function leaseHolder(_req: Request, url: URL): Promise<Response> {
+  const id = instanceId(url.searchParams.get("instanceId"));
+  const rows = await db()`
+    select i.id, i.lease_worker, w.api_url
+    from public.wa_instances as i left join public.wa_workers as w on w.id = i.lease_worker
+    where i.id = ${id} and i.lease_worker is not null and not i.lease_released and not i.lease_revoked
+      and i.lease_expires_at > now()`;
+  if (rows.length === 0) return json(404, { error: "no holder" });
+  return json(200, { instanceId: rows[0].id, worker_id: rows[0].lease_worker, api_url: rows[0].api_url ?? null });
 }
 
 // ------------------------------------------------------------------ events
@@ -1111,6 +1156,7 @@ const ROUTES: Record<string, Record<string, Handler>> = {
   "message-status": { POST: messageStatus },
   "instance-settings": { GET: instanceSettings },
   "leases": { POST: leases },
+  "lease-holder": { GET: leaseHolder },
   "events": { GET: events },
 };
 
