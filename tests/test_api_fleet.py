@@ -16,13 +16,15 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from tests.conftest import connect, make_settings, running_worker, wait_until
+from tests.conftest import FakeClock, connect, make_settings, running_worker, wait_until
 from tests.fakeleases import LeaseBook
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import free_port
+from wa_worker.api.elsewhere import CACHE_S, HolderFinder
 from wa_worker.config import ConfigError, load_settings
 from wa_worker.daemon import Worker
 from wa_worker.edge.client import EdgeClient
+from wa_worker.edge.models import LeaseHolder
 
 pytestmark = pytest.mark.anyio
 
@@ -225,3 +227,60 @@ async def test_an_api_public_url_without_an_api_is_not_sent(fleet, tmp_path):
     async with running_worker(settings) as w:
         await connect(w, fleet)
         assert fleet.lease_calls and all("api_url" not in c for c in fleet.lease_calls)
+
+
+async def test_holder_finder_shares_one_lookup_remembers_it_and_stays_bounded():
+    clock = FakeClock()
+    asked: list[str] = []
+    gate = anyio.Event()
+    on = [True]
+
+    async def lookup(iid: str) -> LeaseHolder | None:
+        asked.append(iid)
+        await gate.wait()
+        return LeaseHolder(iid, "w-b", "http://b:3000")
+
+    finder = HolderFinder(lookup, leases_on=lambda: on[0], worker_id="w-a", api_url="http://a:3000", clock=clock,
+                          cache_max=3)
+    found: list[Any] = []
+
+    async def ask(iid: str) -> None:
+        found.append(await finder.find(iid))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(ask, "acme")
+        await wait_until(lambda: asked, what="the lookup")
+        await anyio.sleep(0.05)
+        gate.set()
+    assert asked == ["acme"] and len(found) == 10 and {h.worker_id for h in found} == {"w-b"}
+    assert (await finder.find("acme")).api_url == "http://b:3000" and asked == ["acme"]  # remembered
+    clock.now += CACHE_S
+    await finder.find("acme")
+    assert asked == ["acme", "acme"]  # asked again after 2 s
+    # a cancelled lookup is forgotten: the next asker asks again
+    gate2 = anyio.Event()
+
+    async def slow(iid: str) -> LeaseHolder | None:
+        asked.append(iid)
+        await gate2.wait()
+        return None
+
+    finder.lookup = slow
+    with anyio.move_on_after(0.05):
+        await finder.find("beta")
+    gate2.set()
+    assert await finder.find("beta") is None and asked.count("beta") == 2
+    # bounded: at most cache_max answers kept
+    finder.lookup = lookup
+    for i in range(10):
+        await finder.find(f"i{i}")
+    assert len(finder._cache) <= 3
+    # never a redirect to itself, by id or by address; without leases nobody is asked
+    assert finder.redirect(LeaseHolder("x", "w-a", "http://b:3000")) is None
+    assert finder.redirect(LeaseHolder("x", "w-z", "http://a:3000")) is None
+    assert finder.redirect(LeaseHolder("x", "w-b", None)) is None
+    assert finder.redirect(LeaseHolder("x", "w-b", "http://b:3000")) == "http://b:3000"
+    on[0] = False
+    before = len(asked)
+    assert await finder.find("gamma") is None and len(asked) == before

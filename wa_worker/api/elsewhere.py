@@ -61,6 +61,7 @@ class HolderFinder:
         if entry is not None and (not entry.done.is_set() or now - entry.at < self.cache_s):
             await entry.done.wait()
             return entry.holder
+        self._cache.pop(instance_id, None)  # re-inserted last: the dict's order is the age order
         self._make_room(now)
         entry = self._cache[instance_id] = _Lookup(now)
         self.calls += 1

@@ -341,11 +341,11 @@ class DevStore:
     def workers(self, ttl: float) -> list[dict[str, Any]]:
         """The workers that called ``/leases`` (live: within ``ttl``), with the leases they hold."""
         rows = self._all(
-            "SELECT w.id, w.capacity, w.last_seen, (SELECT COUNT(*) FROM instances i WHERE i.lease_holder = w.id "
-            "AND i.lease_revoked = 0) AS held FROM workers w ORDER BY w.id")
+            "SELECT w.id, w.capacity, w.last_seen, w.api_url, (SELECT COUNT(*) FROM instances i "
+            "WHERE i.lease_holder = w.id AND i.lease_revoked = 0) AS held FROM workers w ORDER BY w.id")
         now = self._now()
         return [{"id": r["id"], "capacity": r["capacity"], "last_seen": r["last_seen"],
-                 "live": r["last_seen"] >= now - ttl, "held": r["held"]} for r in rows]
+                 "live": r["last_seen"] >= now - ttl, "held": r["held"], "api_url": r["api_url"]} for r in rows]
 
     def lease_holder(self, instance_id: str) -> str | None:
         """The worker holding the instance's lease (None: free or revoked)."""
