@@ -91,6 +91,9 @@ async def test_a_call_for_an_instance_held_elsewhere_is_redirected_to_its_holder
             assert qr.status_code == 307 and qr.headers["Location"] == f"{b_url}/api/instances/acme/qr"
             # one GET /lease-holder per instance per 2 s, however many calls
             assert fleet.calls["lease-holder"] == 1
+            # the door first: without the token, a 401 and no word of where the instance lives
+            r = await http.get(f"{a_url}/api/instances/acme")
+            assert r.status_code == 401 and "Location" not in r.headers
             assert set(fleet.worker_ids["lease-holder"]) == {"w-a"}
 
             # POST on A → 307 before anything is read or recorded; following it sends exactly once, on B
