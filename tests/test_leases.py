@@ -561,3 +561,27 @@ async def test_a_worker_killed_and_restarted_on_its_journal_gets_its_leases_back
                 p.kill()
                 p.wait()
         await proxy.stop()
+
+
+async def test_a_prior_claim_of_this_workers_own_unbegun_claim_is_sent_not_reported(fleet, tmp_path):
+    """The one-machine restart: a message claimed under lease 1 and not begun (its number lookup
+    had to wait) is offered again under lease 2 with prior_claim after the worker restarts on its
+    journal. The journal remembers the claim was this worker's and has no send row for it: it is
+    sent (once), not reported delivery_unknown, even with UNKNOWN_SEND_POLICY=at_most_once."""
+    fleet.add_instance("acme")
+    first = lease_settings(tmp_path, fleet, NUMBER_LOOKUPS_PER_MINUTE=1, SIMULATOR_AUTO_SCAN_MS=20)
+    async with running_worker(first) as w:
+        await wait_until(lambda: fleet.status_of("acme") == "CONNECTED", what="connected")
+        fleet.enqueue("acme", "m1", "5511988880001", "first")
+        fleet.enqueue("acme", "m2", "5511988880002", "second: its lookup waits")
+        w.wake("acme")
+        await wait_until(lambda: "m1" in fleet.sent_marks, what="m1 sent")
+        await wait_until(lambda: w.journal.claimed_here("m2"), what="m2 claimed")
+        assert w.journal.outbound_get("m2") is None  # claimed, never begun
+    again = lease_settings(tmp_path, fleet, NUMBER_LOOKUPS_PER_MINUTE=0, SIMULATOR_AUTO_SCAN_MS=20)
+    async with running_worker(again) as w:
+        await wait_until(lambda: "m2" in fleet.sent_marks, what="m2 sent after the restart")
+        assert book(fleet).current("acme")[1] == 2  # type: ignore[index]
+        assert w.outbound.prior_claims == {"own_claim": 1}
+        assert "m2" not in fleet.failed_marks
+        assert [m["body"] for m in w.backend.sent("acme")] == ["first", "second: its lookup waits"]  # each once

@@ -386,6 +386,7 @@ class InstanceManager:
             else:
                 try:
                     messages = await self.edge.queued_messages_batch()
+                    self.ctx.outbound.note_claims(messages)
                 except EndpointMissing:
                     log.info("the proxy does not support batch polling: polling per instance")
                     self.batch_supported = False

@@ -695,6 +695,7 @@ class InstanceRunner:
             else:
                 try:
                     messages = await self.ctx.edge.queued_messages(iid, limit=allowed)
+                    self.ctx.outbound.note_claims(messages, iid)
                 except InstanceGone:
                     self._gone()
                     return

@@ -91,7 +91,7 @@ class OutboundRelay:
         self.journal = journal
         # UNKNOWN_SEND_POLICY for a prior_claim message this journal has no row of (leases)
         self.at_least_once = at_least_once
-        self.prior_claims: Counter[str] = Counter()  # "reported" (delivery_unknown) | "sent_again"
+        self.prior_claims: Counter[str] = Counter()  # "reported" (delivery_unknown) | "sent_again" | "own_claim"
         self.acks = acks
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
@@ -140,6 +140,17 @@ class OutboundRelay:
     def allowance(self, instance_id: str) -> int | None:
         """How many messages ``instance_id`` may send now (None: no cap): what a poll may claim."""
         return self.pacer(instance_id).allowance()
+
+    def note_claims(self, messages: list[QueuedMessage], instance_id: str | None = None) -> None:
+        """A poll's answer, before anything else: the messages claimed under a lease token are
+        remembered, so a later ``prior_claim`` re-offer of one of them is known to be this worker's
+        own claim (a restart, a lease lost and won back) and sent if it was never begun."""
+        claims = [(m.id, instance_id or m.instance_id or "") for m in messages
+                  if m.lease_token is not None and not m.prior_claim and m.problem is None]
+        try:
+            self.journal.note_claimed(claims)
+        except (JournalUnavailable, JournalWriteError) as exc:  # nothing is sent while it is unwritable
+            log.debug("claims not remembered (%s)", exc)
 
     def clear_media_leftovers(self) -> int:
         """Empty the staging folder (at start: files a killed process left)."""
@@ -203,6 +214,12 @@ class OutboundRelay:
         log.error("%s: the worker could not stage the media of message %s on its own disk (%s): it stays "
                   "queued and is tried again in %.0f s", instance_id, message_id, exc, self._media_pause_s)
 
+    def _claimed_here(self, message_id: str) -> bool:
+        try:
+            return self.journal.claimed_here(message_id)
+        except JournalUnavailable:
+            return False
+
     def _fail(self, message_id: str, instance_id: str, error: str, code: str, origin: str = "proxy",
               claim_token: int | None = None) -> bool:
         self.journal.record_failure(message_id, instance_id, error, code, origin, claim_token)
@@ -241,7 +258,11 @@ class OutboundRelay:
         if msg.problem is not None or msg.jid is None:
             return self._fail(msg.id, instance_id, msg.problem or "invalid message", msg.error_code or "invalid_message",
                               origin, token)
-        if msg.prior_claim and origin == "proxy":
+        if msg.prior_claim and origin == "proxy" and self._claimed_here(msg.id):
+            # this worker's own earlier claim (a restart, a lease lost and won back), never begun: the
+            # journal would hold its row otherwise. Sent as any message
+            self.prior_claims["own_claim"] += 1
+        elif msg.prior_claim and origin == "proxy":
             # claimed before by a worker that lost its lease (maybe this one, before a restart) and
             # never acknowledged: it may have reached WhatsApp. UNKNOWN_SEND_POLICY decides
             if not self.at_least_once:

@@ -692,8 +692,23 @@ class Journal:
 
     # ------------------------------------------------------------------ housekeeping
 
+    def note_claimed(self, claims: list[tuple[str, str]]) -> None:
+        """Remember ``(message id, instance id)`` claims made under a lease token (one transaction)."""
+        if not claims:
+            return
+        now = self._now()
+        with self._tx():
+            for message_id, instance_id in claims:
+                self._write("INSERT OR IGNORE INTO claimed (message_id, instance_id, claimed_at) VALUES (?, ?, ?)",
+                            (message_id, instance_id, now))
+
+    def claimed_here(self, message_id: str) -> bool:
+        """This worker claimed ``message_id`` before (under a lease token)."""
+        return self._scalar("SELECT 1 FROM claimed WHERE message_id = ?", (message_id,)) is not None
+
     def prune(self) -> int:
         now = self._now()
+        self._write("DELETE FROM claimed WHERE claimed_at < ?", (now - JOURNAL_RETENTION_S,))
         n = self._write(
             "DELETE FROM outbound WHERE (state IN ('marked','failed') OR (origin = 'api' AND state IN "
             "('sent','failing'))) AND updated_at < ?",

@@ -188,6 +188,18 @@ V9_CLAIM_TOKEN = """
 ALTER TABLE outbound ADD COLUMN claim_token INTEGER;
 """
 
+# issue #13: the messages this worker claimed under a lease token (from the poll's answer, before
+# anything else): a later re-offer marked prior_claim of one it claimed but never began to send is
+# this worker's own claim (its journal would have the row otherwise), so it is sent, not reported
+V10_CLAIMED = """
+CREATE TABLE claimed (
+    message_id   TEXT PRIMARY KEY,
+    instance_id  TEXT NOT NULL,
+    claimed_at   REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX claimed_at ON claimed (claimed_at);
+"""
+
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_INITIAL),
     Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
@@ -198,6 +210,7 @@ WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "direct API requests", V7_API_REQUESTS),
     Migration(8, "instance settings", V8_INSTANCE_SETTINGS),
     Migration(9, "claim token", V9_CLAIM_TOKEN),
+    Migration(10, "claims made here", V10_CLAIMED),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})
