@@ -7,6 +7,9 @@ Every variable is documented in README.md, ``.env.example`` and ``easypanel.json
 from __future__ import annotations
 
 import enum
+import re
+import secrets
+import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -57,6 +60,19 @@ def check_database_url(url: str) -> str:
     return url
 
 
+WORKER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_DEFAULT_WORKER_ID: list[str] = []
+
+
+def default_worker_id() -> str:
+    """``<hostname>-<8 random hex>``: the same for the whole process (the hostname cleaned to the
+    WORKER_ID alphabet and cut to fit)."""
+    if not _DEFAULT_WORKER_ID:
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:110].lstrip("_.-") or "worker"
+        _DEFAULT_WORKER_ID.append(f"{host}-{secrets.token_hex(4)}")
+    return _DEFAULT_WORKER_ID[0]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -93,6 +109,10 @@ class Settings(BaseSettings):
     CONNECT_TIMEOUT_S: float = Field(30.0, gt=0, le=600)
     START_CONCURRENCY: int = Field(8, ge=1, le=256)
     BATCH_POLL: bool = True
+
+    # --- a fleet (issue #13): leases through the proxy's optional POST /leases (docs/proxy-contract.md)
+    WORKER_ID: str | None = None  # empty: <hostname>-<8 random hex>, chosen at process start
+    MAX_INSTANCES: int = Field(500, ge=1, le=100_000)  # the capacity this worker asks leases for
 
     # --- media (outbound media_url / media_base64; inbound downloads)
     MEDIA_MAX_BYTES: int = Field(64 * 1024 * 1024, ge=1024)
@@ -166,6 +186,24 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v
+
+    @field_validator("WORKER_ID", mode="before")
+    @classmethod
+    def _worker_id_empty(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("WORKER_ID")
+    @classmethod
+    def _worker_id_valid(cls, v: str | None) -> str | None:
+        if v is not None and not WORKER_ID_RE.fullmatch(v.strip()):
+            raise ValueError("must be 1-128 characters: letters, digits, '_', '.', '-' (starting with a letter "
+                             "or digit)")
+        return None if v is None else v.strip()
+
+    @property
+    def worker_id(self) -> str:
+        """WORKER_ID, or ``<hostname>-<8 random hex>`` chosen once per process."""
+        return self.WORKER_ID or default_worker_id()
 
     @field_validator("DATABASE_URL", mode="before")
     @classmethod
@@ -328,6 +366,8 @@ DESCRIPTIONS: dict[str, str] = {
     "CONNECT_TIMEOUT_S": "a connection showing neither QR nor success in this time is retried",
     "START_CONCURRENCY": "instances connecting at once",
     "BATCH_POLL": "probe once whether the proxy serves every queue in one call",
+    "WORKER_ID": "this worker's name in a fleet (X-Worker-Id, POST /leases); empty: <hostname>-<8 random hex>",
+    "MAX_INSTANCES": "with leases: the most instances this worker asks to hold",
     "MEDIA_MAX_BYTES": "largest media file sent or received",
     "MEDIA_ALLOW_PRIVATE": "let media_url point at private/loopback addresses (dev only)",
     "MEDIA_FETCH_TIMEOUT_S": "total time to fetch one media_url",

@@ -49,6 +49,7 @@ from .timing import Backoff, Clock
 log = logging.getLogger("wa_worker")
 
 SHUTDOWN_GRACE_S = 8.0
+LEASE_RELEASE_TIMEOUT_S = 3.0
 HOUSEKEEPING_EVERY_S = 600.0
 STORE_PROBE_EVERY_S = 5.0
 
@@ -100,7 +101,8 @@ class Worker:
                               max_per_minute=settings.SEND_MAX_PER_MINUTE, max_per_day=settings.SEND_MAX_PER_DAY,
                               typing=settings.TYPING_INDICATOR),
             resolver=NumberResolver(self.journal, self.clock, cache_days=settings.NUMBER_CACHE_DAYS,
-                                    lookups_per_minute=settings.NUMBER_LOOKUPS_PER_MINUTE))
+                                    lookups_per_minute=settings.NUMBER_LOOKUPS_PER_MINUTE),
+            at_least_once=settings.UNKNOWN_SEND_POLICY is UnknownSendPolicy.AT_LEAST_ONCE)
         self.receipts_health = LoopHealth("receipts relay", self.clock)
         self.receipts = ReceiptsRelay(self.journal, self.edge, clock=self.clock, rng=self.rng, retry_cap_s=retry_cap_s,
                                       health=self.receipts_health)
@@ -157,6 +159,8 @@ class Worker:
             instance_poll_s=settings.instance_poll_s,
             instance_poll_max_s=settings.instance_poll_max_s,
             batch_poll=settings.BATCH_POLL,
+            worker_id=settings.worker_id,
+            capacity=settings.MAX_INSTANCES,
         )
 
     def call_policy(self, instance_id: str) -> CallPolicy:
@@ -213,6 +217,7 @@ class Worker:
                 "rejected_records": sum(self.edge.rejected.values()),
                 "batch_mode": self.manager.batch_mode(),
             },
+            "leases": self.manager.leases.describe(),
             "loops": self.loop_ages(),
             **({"events": self.event_log.stats()} if self.event_log is not None else {}),
             **({"api": self.api_stats.as_dict()} if self.api_stats is not None else {}),
@@ -307,6 +312,8 @@ class Worker:
                     await self._stop.wait()
                     log.info("stopping: finishing in-flight sends, reporting DISCONNECTED")
                     await self.manager.stop(SHUTDOWN_GRACE_S)
+                    # leases: every stopped instance given back at once, so another worker takes it over
+                    await self.manager.leases.release_all(min(self.settings.EDGE_TIMEOUT_S, LEASE_RELEASE_TIMEOUT_S))
                     await self.acks.flush(1.0)
                     tg.cancel_scope.cancel()
         finally:

@@ -17,7 +17,8 @@ import math
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,14 @@ from .transport import (
 from .models import (
     InstanceRef,
     InstanceSettings,
+    Lease,
     MarkFailed,
     MarkSent,
     QueuedMessage,
     StatusUpdate,
     parse_instance_settings,
     parse_instances,
+    parse_leases,
     parse_messages,
 )
 
@@ -87,6 +90,15 @@ class EndpointMissing(EdgeError):
 
 class Unauthorized(EdgeError):
     """401/403: the proxy refuses our WORKER_SECRET."""
+
+
+class LeaseLost(EdgeError):
+    """409 ``{"error": "lease_lost"}``: the lease token sent is not the instance's current one
+    (fencing): this worker must no longer act for the instance. Never transient."""
+
+
+def _no_token(_instance_id: str) -> int | None:
+    return None
 
 
 def _is_transient_status(status: int) -> bool:
@@ -180,6 +192,24 @@ class EdgeClient:
         # endpoint -> hint of a misconfiguration it revealed (cleared by its next 2xx)
         self._problems: dict[str, str] = {}
         self._answered_ok: set[str] = set()  # endpoints that have answered 2xx: their path exists
+        # leases (docs/proxy-contract.md, "Leases and fencing"): off until enable_leases(); then every
+        # call carries X-Worker-Id and instance-scoped calls the instance's current token
+        self.worker_id: str | None = None
+        self.lease_token_of: Callable[[str], int | None] = _no_token
+        # told about every 409 lease_lost on an instance-scoped call: (instance id, the token refused)
+        self.on_lease_lost: Callable[[str, int], None] | None = None
+        self.lease_lost = 0  # 409 lease_lost answers
+
+    def enable_leases(self, worker_id: str, token_of: Callable[[str], int | None]) -> None:
+        """Leases are on: every call carries ``X-Worker-Id``, instance-scoped calls ``token_of(id)``."""
+        self.worker_id = worker_id
+        self.lease_token_of = token_of
+        self._headers = {**self._headers, "X-Worker-Id": worker_id}
+
+    def _lease_lost(self, instance_id: str | None, token: int | None) -> None:
+        self.lease_lost += 1
+        if instance_id is not None and token is not None and self.on_lease_lost is not None:
+            self.on_lease_lost(instance_id, token)
 
     @property
     def backlog(self) -> int:
@@ -287,6 +317,9 @@ class EdgeClient:
             self._problem(endpoint, SECRET_HINT, status)
             return self._fail(Unauthorized(endpoint, f"HTTP {status}: the proxy rejected WORKER_SECRET",
                                            status=status, transient=True, body=snippet), level=logging.DEBUG)
+        if status == 409 and "lease_lost" in snippet:
+            return self._fail(LeaseLost(endpoint, "HTTP 409: lease lost (another worker holds the instance now)",
+                                        status=status, transient=False, body=snippet), level=logging.INFO)
         if status in (404, 410) and instance_scoped:
             return self._fail(InstanceGone(endpoint, f"HTTP {status}: unknown instance", status=status,
                                            transient=False, body=snippet), level=logging.INFO)
@@ -368,23 +401,65 @@ class EdgeClient:
             return self._fail(EdgeError(ep, "response is not {\"instances\": [...], \"cursor\"}", transient=True))
         return parsed
 
+    async def leases(self, worker_id: str, capacity: int, held: dict[str, int],
+                     release: dict[str, int]) -> tuple[float, list[Lease]]:
+        """``POST /leases`` (optional): renew ``held``, give back ``release`` (instance id → token);
+        returns ``ttl_s`` and every lease held after the call. Raises :class:`EndpointMissing` on
+        404/405/501 (a proxy without leases), :class:`EdgeError` otherwise."""
+        ep = "leases"
+        body = {"worker_id": worker_id, "capacity": capacity,
+                "held": [{"instanceId": i, "token": t} for i, t in sorted(held.items())],
+                "release": [{"instanceId": i, "token": t} for i, t in sorted(release.items())]}
+        try:
+            payload = await self._request("POST", "/leases", endpoint=ep, body=body, optional=True,
+                                          raw_headers={"X-Worker-Id": worker_id})
+        except EndpointMissing as exc:
+            if exc.status in (404, 405, 501):
+                raise
+            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
+                            body=exc.body) from None
+        rejected: list[str] = []
+        parsed = parse_leases(payload, rejected)
+        self._reject(ep, rejected)
+        if parsed is None:
+            return self._fail(EdgeError(ep, "response is not {\"ttl_s\", \"leases\": [...]}", transient=True))
+        return parsed
+
     async def update_status(self, update: StatusUpdate) -> None:
-        await self._request("POST", "/update-status", endpoint="update-status", body=update.to_json(),
-                            instance_scoped=True, parse=False)
+        token = self.lease_token_of(update.instanceId) if update.lease_token is None else update.lease_token
+        if token is not None:
+            update = update.model_copy(update={"lease_token": token})
+        try:
+            await self._request("POST", "/update-status", endpoint="update-status", body=update.to_json(),
+                                instance_scoped=True, parse=False)
+        except LeaseLost:
+            self._lease_lost(update.instanceId, token)
+            raise
 
     async def queued_messages(self, instance_id: str, limit: int | None = None) -> list[QueuedMessage]:
-        """``limit``: at most that many (what pacing lets the instance send now); a proxy may ignore it."""
+        """``limit``: at most that many (what pacing lets the instance send now); a proxy may ignore it.
+        With leases the claim carries the instance's token, and each message the token it was claimed
+        under (the one sent, unless the proxy says otherwise)."""
         ep = "queued-messages"
         params = {"instanceId": instance_id}
         if limit is not None:
             params["limit"] = str(limit)
-        payload = await self._request("GET", "/queued-messages", endpoint=ep, params=params,
-                                      instance_scoped=True)
+        token = self.lease_token_of(instance_id)
+        if token is not None:
+            params["lease_token"] = str(token)
+        try:
+            payload = await self._request("GET", "/queued-messages", endpoint=ep, params=params,
+                                          instance_scoped=True)
+        except LeaseLost:
+            self._lease_lost(instance_id, token)
+            raise
         rejected: list[str] = []
         items = parse_messages(payload, rejected)
         self._reject(ep, rejected)
         if items is None:
             return self._fail(EdgeError(ep, "response is not a list of messages", transient=True))
+        if token is not None:
+            items = [m if m.lease_token is not None else replace(m, lease_token=token) for m in items]
         return items
 
     async def queued_messages_batch(self) -> list[QueuedMessage]:
@@ -406,19 +481,31 @@ class EdgeClient:
             return self._fail(EdgeError(ep, "batch response is not a list of messages", transient=True))
         return items
 
-    async def mark_sent(self, message_id: str, wa_message_id: str) -> None:
-        body = MarkSent(messageId=message_id, wa_message_id=wa_message_id).model_dump()
-        await self._request("POST", "/mark-sent", endpoint="mark-sent", body=body, parse=False)
+    async def mark_sent(self, message_id: str, wa_message_id: str, *, lease_token: int | None = None,
+                        instance_id: str | None = None) -> None:
+        """``lease_token``: the token the message was claimed under (leases; None: not sent)."""
+        body = MarkSent(messageId=message_id, wa_message_id=wa_message_id, lease_token=lease_token).to_json()
+        try:
+            await self._request("POST", "/mark-sent", endpoint="mark-sent", body=body, parse=False)
+        except LeaseLost:
+            self._lease_lost(instance_id, lease_token)
+            raise
 
-    async def mark_failed(self, message_id: str, error: str, error_code: str | None = None) -> bool:
+    async def mark_failed(self, message_id: str, error: str, error_code: str | None = None, *,
+                          lease_token: int | None = None, instance_id: str | None = None) -> bool:
         """Returns False (and stops calling) when the proxy has no such endpoint.
-        ``error_code`` is the machine-readable reason (omitted when None)."""
+        ``error_code`` is the machine-readable reason (omitted when None); ``lease_token`` the
+        token the message was claimed under (leases; None: not sent)."""
         if not self.mark_failed_supported:
             return False
-        body = MarkFailed(messageId=message_id, error=error[:500], error_code=error_code).to_json()
+        body = MarkFailed(messageId=message_id, error=error[:500], error_code=error_code,
+                          lease_token=lease_token).to_json()
         try:
             await self._request("POST", "/mark-failed", endpoint="mark-failed", body=body, optional=True,
                                 parse=False)
+        except LeaseLost:
+            self._lease_lost(instance_id, lease_token)
+            raise
         except EndpointMissing as exc:
             if exc.status == 404:
                 self.mark_failed_supported = False
@@ -429,6 +516,9 @@ class EdgeClient:
         return True
 
     async def inbound(self, payload: dict[str, Any]) -> None:
+        token = self.lease_token_of(payload["instanceId"]) if isinstance(payload.get("instanceId"), str) else None
+        if token is not None:
+            payload = {**payload, "lease_token": token}  # a fact: never refused for it (contract)
         await self._request("POST", "/inbound", endpoint="inbound", body=payload, parse=False)
 
     async def message_status(self, statuses: list[dict[str, Any]]) -> None:
@@ -436,6 +526,8 @@ class EdgeClient:
         :class:`EndpointMissing` on 404/405/501 (the caller switches receipts off),
         :class:`EdgeError` otherwise."""
         ep = "message-status"
+        if self.worker_id is not None:
+            statuses = [self._with_token(st) for st in statuses]
         try:
             await self._request("POST", "/message-status", endpoint=ep, body={"statuses": statuses},
                                 optional=True, parse=False)
@@ -456,9 +548,12 @@ class EdgeClient:
         if filename:
             # header values are latin-1: a non-ASCII name travels percent-encoded
             headers["X-Filename"] = urllib.parse.quote(filename, safe=" ()[]+,;=@-._~")
+        params = {"instanceId": instance_id, "wa_message_id": wa_message_id}
+        token = self.lease_token_of(instance_id)
+        if token is not None:
+            params["lease_token"] = str(token)
         try:
-            answer = await self._request("POST", "/upload-media", endpoint=ep,
-                                         params={"instanceId": instance_id, "wa_message_id": wa_message_id},
+            answer = await self._request("POST", "/upload-media", endpoint=ep, params=params,
                                          stream=_file_chunks(path), raw_headers=headers,
                                          timeout_s=self.timeout_s + size / 1_000_000, optional=True)
         except EndpointMissing as exc:
@@ -470,6 +565,11 @@ class EdgeClient:
         if not isinstance(location, str) or not location.strip() or len(location) > 4096:
             return self._fail(EdgeError(ep, "answer has no \"url\" (or \"path\") string", transient=False))
         return location.strip()
+
+    def _with_token(self, status: dict[str, Any]) -> dict[str, Any]:
+        iid = status.get("instanceId")
+        token = self.lease_token_of(iid) if isinstance(iid, str) else None
+        return status if token is None else {**status, "lease_token": token}
 
     async def probe(self, method: str, path: str, params: dict[str, str] | None = None,
                     body: dict[str, Any] | None = None) -> Reply:

@@ -93,6 +93,10 @@ class QueuedMessage:
     content: Content | None = None
     error_code: str | None = None
     type_given: bool = False
+    # leases (docs/proxy-contract.md): the lease token it was claimed under (None: no leases) and
+    # whether another token claimed it before without an acknowledgement (its send may have happened)
+    lease_token: int | None = None
+    prior_claim: bool = False
 
 
 def _list_from(payload: Any, key: str) -> list[Any] | None:
@@ -310,9 +314,67 @@ def parse_messages(payload: Any, rejected: list[str], *, batch: bool = False) ->
                 content=None if content is None or _plain_text(content) else content,
                 error_code=code,
                 type_given=item.get("type") is not None,
+                lease_token=lease_token_of(item.get("lease_token")),
+                prior_claim=item.get("prior_claim") is True,
             )
         )
     return out
+
+
+MAX_LEASE_TOKEN = 2**63 - 1
+
+
+def lease_token_of(value: Any) -> int | None:
+    """A lease token: a non-negative integer (``17``, ``"17"``); None for anything else."""
+    if isinstance(value, str) and value.isdigit() and len(value) <= 19:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LEASE_TOKEN:
+        return value
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One item of ``POST /leases``'s ``leases``: the instance, its token and, when the item
+    carries the discovery fields (a new grant), ``ref`` (priority, settings, proxy_url, pair_phone)."""
+
+    instance_id: str
+    token: int
+    ref: InstanceRef | None = None
+
+
+MIN_LEASE_TTL_S = 1.0
+MAX_LEASE_TTL_S = 3600.0
+_GRANT_FIELDS = ("priority", "settings", "proxy_url", "pair_phone")
+
+
+def parse_leases(payload: Any, rejected: list[str]) -> tuple[float, list[Lease]] | None:
+    """``{"ttl_s", "leases": [{"instanceId", "token", ...}]}``; None when the answer is not that
+    (no list, no usable ``ttl_s``: the renewal counts as failed). A bad item is skipped (counted)."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("leases"), list):
+        return None
+    ttl = payload.get("ttl_s")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl) \
+            or not MIN_LEASE_TTL_S <= ttl <= MAX_LEASE_TTL_S:
+        rejected.append("invalid_ttl")
+        return None
+    out: list[Lease] = []
+    seen: set[str] = set()
+    for item in payload["leases"]:
+        if not isinstance(item, dict):
+            rejected.append("lease_not_object")
+            continue
+        token = lease_token_of(item.get("token"))
+        refs = parse_instances([item], rejected)
+        if token is None or not refs:
+            rejected.append("invalid_lease")
+            continue
+        ref = refs[0]
+        if ref.id in seen:
+            continue
+        seen.add(ref.id)
+        out.append(Lease(ref.id, token, ref if any(k in item for k in _GRANT_FIELDS) else None))
+    return float(ttl), out
 
 
 def _plain_text(content: Content) -> bool:
@@ -336,11 +398,12 @@ class StatusUpdate(_Strict):
     ban_code: str | None = None  # a temporary ban's reason (with DISCONNECTED, reason temporary_ban)
     ban_expires_at: int | None = None  # when the ban ends, epoch seconds
     detail: str | None = None  # with DISCONNECTED: what went wrong, for a person (e.g. the connect error)
+    lease_token: int | None = None  # with leases: the instance's current lease token (fencing)
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
         # the three contract fields always go; the extras only when known
-        for extra in ("phone_number", "reason", "pair_code", "ban_code", "ban_expires_at", "detail"):
+        for extra in ("phone_number", "reason", "pair_code", "ban_code", "ban_expires_at", "detail", "lease_token"):
             if data[extra] is None:
                 del data[extra]
         return data
@@ -349,16 +412,25 @@ class StatusUpdate(_Strict):
 class MarkSent(_Strict):
     messageId: str
     wa_message_id: str
+    lease_token: int | None = None  # with leases: the token the message was claimed under
+
+    def to_json(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        if data["lease_token"] is None:
+            del data["lease_token"]
+        return data
 
 
 class MarkFailed(_Strict):
     messageId: str
     error: str  # what happened and what to fix, for people
     error_code: str | None = None  # machine-readable (docs/proxy-contract.md); omitted when unknown
+    lease_token: int | None = None  # with leases: the token the message was claimed under
 
     def to_json(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
-        if data["error_code"] is None:
-            del data["error_code"]
+        for extra in ("error_code", "lease_token"):
+            if data[extra] is None:
+                del data[extra]
         return data
 

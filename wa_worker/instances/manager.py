@@ -1,6 +1,11 @@
 """All instances of this worker: discovery, resume, exactly one runner each,
 the optional batch poller, wake-ups and graceful stop.
 
+With a proxy that has leases (:mod:`.leases`), the leases decide which instances run
+here: no discovery loop and no resume of stored sessions at start; a granted lease
+starts its runner (a stored session resumes, else QR or pairing code), a lost one
+stops it without logout.
+
 Runners are supervised: one that crashes is reported DISCONNECTED (reason
 ``crashed``), counted, and started again after a per-instance clamped backoff;
 its id keeps its place in ``runners`` meanwhile, so there is never a second one.
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -21,6 +27,7 @@ from ..edge.models import InstanceRef, QueuedMessage, Status, StatusUpdate
 from ..ids import is_valid_instance_id
 from ..supervise import LoopHealth, describe_error, forever, traceback_once
 from ..timing import AdaptiveInterval, Backoff
+from .leases import LeaseKeeper
 from .runner import InstanceRunner, InstanceSnapshot, Outcome, RunnerContext, State, _wake_gap
 from .settings import InstanceSettingsBook, SettingsPoller
 
@@ -31,7 +38,8 @@ CRASH_REPORT_TIMEOUT_S = 10.0
 
 class InstanceManager:
     def __init__(self, ctx: RunnerContext, edge: EdgeClient, *, instance_poll_s: float, instance_poll_max_s: float,
-                 batch_poll: bool, resume_jitter_s: float = 2.0) -> None:
+                 batch_poll: bool, resume_jitter_s: float = 2.0, worker_id: str = "wa-worker",
+                 capacity: int = 500) -> None:
         self.ctx = ctx
         self.edge = edge
         self.runners: dict[str, InstanceRunner] = {}
@@ -60,6 +68,11 @@ class InstanceManager:
         # stale after 3 of its longest waits; the worker widens these (proxy call time, READY_MAX_PROXY_SILENCE_S)
         self.discovery_health = LoopHealth("discovery", clock, stale_after_s=3 * instance_poll_max_s)
         self.batch_health = LoopHealth("batch poller", clock, stale_after_s=3 * ctx.msg_poll_max_s)
+        # leases (a fleet): probed first in run(); without them (mode False) everything is as it always was
+        self.leases = LeaseKeeper(edge, self, worker_id=worker_id, capacity=capacity, clock=clock, rng=ctx.rng,
+                                  backoff_base_s=ctx.backoff_base_s)
+        ctx.may_claim = self.leases.may_claim
+        self.foreign_token_messages = 0  # batch messages under a token that is not this worker's current one
 
     # ------------------------------------------------------------------ queries
 
@@ -98,9 +111,12 @@ class InstanceManager:
         """Poll now: one instance or all. Coalesced. Returns how many were woken.
 
         A wake for all instances, or for one this worker does not run (e.g. just
-        added on the proxy), also runs discovery now."""
+        added on the proxy), also runs discovery now (with leases: a renewal)."""
         if instance_id is None or instance_id not in self.runners:
-            self._discovery_wake.set()
+            if self.leases.mode:
+                self.leases.wake()
+            else:
+                self._discovery_wake.set()
         if self.batch_mode():
             self.batch_interval.activity()
             self._batch_wake.set()
@@ -130,6 +146,7 @@ class InstanceManager:
         """Run one instance's runner; restart it (same id, same slot) whenever it crashes."""
         iid = runner.instance_id
         backoff = Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng)
+        gone = False
         try:
             while True:
                 started = self.ctx.clock.monotonic()
@@ -152,6 +169,7 @@ class InstanceManager:
                 self.outcomes[outcome.value] += 1
                 if outcome is Outcome.GONE:
                     self._gone_ids.add(iid)
+                    gone = True
                 if outcome is Outcome.LOGGED_OUT:
                     # the proxy now lists it as DISCONNECTED: look now, for a fresh QR
                     self.discovery_interval.activity()
@@ -161,6 +179,7 @@ class InstanceManager:
             self.restarting.discard(iid)
             if self.runners.get(iid) is runner:
                 del self.runners[iid]
+                self.leases.runner_ended(iid, gone=gone)  # a lost lease is released; a held one restarts
 
     async def _restart_after(self, runner: InstanceRunner, delay: float) -> InstanceRunner | None:
         """Report a crashed runner, wait ``delay``; its successor (None when stopping)."""
@@ -182,6 +201,27 @@ class InstanceManager:
                 await self.edge.update_status(update)
             except EdgeError:
                 pass  # best effort: the restarted runner reports its own status
+
+    # ------------------------------------------------------------------ LeaseHost (the keeper's view)
+
+    def apply_grant(self, ref: InstanceRef) -> None:
+        """A new lease's discovery fields: settings, proxy_url and pair_phone, as for a discovered item."""
+        self.instance_settings.apply_all([(ref.id, ref.settings, ref.settings_cleared, ref.proxy)])
+        self._remember_item(ref)
+
+    def start_leased(self, instance_id: str) -> bool:
+        started = self.ensure(instance_id, initial_delay_s=self.ctx.rng.random() * 0.05)
+        if started:
+            log.info("%s: leased here: starting", instance_id, extra={"instance_id": instance_id})
+        return started
+
+    def stop_unleased(self, instance_id: str) -> None:
+        runner = self.runners.get(instance_id)
+        if runner is not None:
+            runner.stop(report=False)
+
+    def running(self, instance_id: str) -> bool:
+        return instance_id in self.runners
 
     def request_stop(self) -> None:
         self._stop_event.set()
@@ -210,11 +250,17 @@ class InstanceManager:
             # (what the journal kept, then the proxy's answer if it gives one in time)
             self.instance_settings.load()
             await self.settings_poller.first(self.edge.timeout_s)
-            self._resume_stored()
+            # a fleet or one worker? Until the proxy answers, nothing is resumed (two workers must never
+            # open one session); with leases, only what is leased runs here (no discovery, no resume)
+            if await self.leases.probe(self._stop_event):
+                self.discovery_health.finished = True
+                tg.start_soon(self._supervised, "leases", self.leases.run, self.leases.health)
+            else:
+                self._resume_stored()
+                tg.start_soon(self._supervised, "discovery", self._discovery_loop, self.discovery_health)
             if self.settings_poller.supported is not False:
                 tg.start_soon(self._supervised, "instance settings", self.settings_poller.run,
                               self.settings_poller.health)
-            tg.start_soon(self._supervised, "discovery", self._discovery_loop, self.discovery_health)
             if self.batch_poll:
                 tg.start_soon(self._supervised, "batch poller", self._batch_loop, self.batch_health)
             else:
@@ -229,7 +275,7 @@ class InstanceManager:
                       backoff=Backoff(self.ctx.backoff_base_s, self.ctx.backoff_cap_s, rng=self.ctx.rng))
 
     def loops(self) -> list[LoopHealth]:
-        return [self.discovery_health, self.batch_health, self.settings_poller.health]
+        return [self.discovery_health, self.batch_health, self.settings_poller.health, self.leases.health]
 
     async def _wait_runners(self) -> None:
         for r in list(self.runners.values()):
@@ -272,11 +318,7 @@ class InstanceManager:
         started = 0
         self.instance_settings.apply_all((r.id, r.settings, r.settings_cleared, r.proxy) for r in refs)
         for ref in sorted(refs, key=lambda r: -r.priority):
-            self._gone_ids.discard(ref.id)  # the proxy knows it again
-            if ref.pair_phone is not None:
-                self.pair_phones[ref.id] = ref.pair_phone
-            else:
-                self.pair_phones.pop(ref.id, None)
+            self._remember_item(ref)
             running = self.runners.get(ref.id)
             if running is not None:
                 if running.state is State.CONNECTED:
@@ -288,6 +330,13 @@ class InstanceManager:
         if started:
             log.info("discovery started %d instance(s)", started)
         return started
+
+    def _remember_item(self, ref: InstanceRef) -> None:
+        self._gone_ids.discard(ref.id)  # the proxy knows it again
+        if ref.pair_phone is not None:
+            self.pair_phones[ref.id] = ref.pair_phone
+        else:
+            self.pair_phones.pop(ref.id, None)
 
     async def _batch_loop(self) -> None:
         """One ``GET /queued-messages`` for every instance, if the proxy supports it."""
@@ -322,8 +371,18 @@ class InstanceManager:
             return self.batch_interval.idle()
         by_instance: dict[str, list[QueuedMessage]] = {}
         for m in messages:
-            if m.instance_id is not None:
-                by_instance.setdefault(m.instance_id, []).append(m)
+            mid_iid = m.instance_id
+            if mid_iid is None:
+                continue
+            if self.leases.mode:
+                # only what this worker's current lease claimed: a message under another token is not ours
+                token = self.leases.held.get(mid_iid)
+                if token is None or (m.lease_token is not None and m.lease_token != token):
+                    self.foreign_token_messages += 1
+                    continue
+                if m.lease_token is None:
+                    m = replace(m, lease_token=token)
+            by_instance.setdefault(mid_iid, []).append(m)
         for iid, batch in by_instance.items():
             r = self.runners.get(iid)
             if r is None:
@@ -337,8 +396,8 @@ class InstanceManager:
         """Batch messages for an instance without a runner here: start it if its
         session is on this worker's disk; otherwise leave them (the proxy's lease
         expires and re-offers them) and say so once per instance."""
-        if not is_valid_instance_id(iid) or iid in self._gone_ids:
-            return
+        if not is_valid_instance_id(iid) or iid in self._gone_ids or self.leases.mode:
+            return  # with leases a session starts only when leased
         try:
             stored = self.ctx.backend.has_session(iid)
         except OSError:

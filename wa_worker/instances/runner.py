@@ -38,7 +38,7 @@ from ..backends.base import (
     SendError,
 )
 from ..backends.qr import qr_png_data_url
-from ..edge.client import EdgeClient, EdgeError, InstanceGone
+from ..edge.client import EdgeClient, EdgeError, InstanceGone, LeaseLost
 from ..edge.models import QueuedMessage, Status, StatusUpdate
 from ..events import NO_EVENTS, EventSink
 from ..storage.journal import JournalUnavailable, JournalWriteError
@@ -149,6 +149,8 @@ class RunnerContext:
     qr_render: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
     # the phone to pair with a code (a discovery item's pair_phone), per instance
     pair_phone: Callable[[str], str | None] = lambda _iid: None
+    # leases: whether the instance's queue may be claimed now (held, not fenced); always without leases
+    may_claim: Callable[[str], bool] = lambda _iid: True
     stats: ConnectionStats = field(default_factory=ConnectionStats)
     events: EventSink = NO_EVENTS  # the live event log (GET /api/events), with API_TOKEN
 
@@ -279,6 +281,11 @@ class StatusReporter:
                 self._pushed_version = self._version
                 self._pushed.set()
                 return
+            except LeaseLost:
+                # fenced: another worker holds the instance; its status is no longer ours to tell
+                # (the lease keeper, told by the edge client, stops this runner)
+                self.drop()
+                continue
             except EdgeError as exc:
                 # the proxy's Retry-After (429/503) is the least we wait
                 delay = max(backoff.next_delay(), exc.retry_after_s or 0.0)
@@ -323,6 +330,11 @@ class StatusReporter:
                                                                   limiter=self._render_limiter))
         return self._rendered[1]
 
+    def drop(self) -> None:
+        """Forget what is not pushed yet (the lease is lost: the status is no longer ours to tell)."""
+        self._pushed_version = self._version
+        self._pushed.set()
+
     async def flush(self, timeout_s: float) -> bool:
         """Wait until the latest status is pushed (bounded)."""
         if self._pushed_version == self._version:
@@ -341,6 +353,7 @@ class InstanceRunner:
         self.initial_delay_s = initial_delay_s
         self.reconnects = 0
         self._stop_requested = False
+        self._silent_stop = False  # the lease is lost: stop without reporting any status
         self._receive_scope: anyio.CancelScope | None = None  # the lifecycle's current wait for an event
         self._wake = anyio.Event()
         self._inbox_tx, self._inbox_rx = anyio.create_memory_object_stream[list[QueuedMessage]](64)
@@ -359,10 +372,14 @@ class InstanceRunner:
 
     # ------------------------------------------------------------------ control
 
-    def stop(self) -> None:
+    def stop(self, *, report: bool = True) -> None:
         """Ask for a graceful stop (report, disconnect, keep the session).
-        Cannot be lost: a flag, and the lifecycle's wait is cut short."""
+        Cannot be lost: a flag, and the lifecycle's wait is cut short.
+        ``report=False`` (a lost lease): no status is pushed any more, pending ones are dropped."""
         self._stop_requested = True
+        if not report:
+            self._silent_stop = True
+            self.status.drop()
         self._interrupt_lifecycle()
 
     def wake(self) -> None:
@@ -433,6 +450,8 @@ class InstanceRunner:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.status.run)
                 outcome = await self._lifecycle()
+                if self._silent_stop:
+                    self.status.drop()
                 # let the last status reach the proxy, then end the reporter
                 await self.status.flush(5.0)
                 tg.cancel_scope.cancel()
@@ -537,7 +556,7 @@ class InstanceRunner:
                     log.warning("%s: the proxy no longer knows this instance: stopping (auth files kept)", iid,
                                 extra={"instance_id": iid})
                     return Outcome.GONE, None
-                if connected:
+                if connected and not self._silent_stop:
                     self.ctx.stats.disconnects["shutdown"] += 1
                     self.status.set(Status.DISCONNECTED, None, reason="shutdown")
                 return Outcome.STOPPED, None
@@ -656,6 +675,9 @@ class InstanceRunner:
             last_start = self.ctx.clock.monotonic()
             if not self.ctx.journal_writable():
                 wait = 5.0  # pull no new work we could not journal
+                self.outbound_health.ok()
+            elif not self.ctx.may_claim(iid):
+                wait = self.ctx.msg_poll_s  # the lease is lost or fenced: claim nothing (the runner is stopping)
                 self.outbound_health.ok()
             elif self.ctx.batch_mode():
                 wait = await self._drain_inbox(session)

@@ -86,8 +86,12 @@ class OutboundRelay:
 
     def __init__(self, journal: Journal, acks: "Acknowledger", media: MediaLimits | None = None,
                  media_dir: Path | None = None, *, clock: Clock | None = None, limits: SendLimits | None = None,
-                 resolver: NumberResolver | None = None, rng: random.Random | None = None) -> None:
+                 resolver: NumberResolver | None = None, rng: random.Random | None = None,
+                 at_least_once: bool = False) -> None:
         self.journal = journal
+        # UNKNOWN_SEND_POLICY for a prior_claim message this journal has no row of (leases)
+        self.at_least_once = at_least_once
+        self.prior_claims: Counter[str] = Counter()  # "reported" (delivery_unknown) | "sent_again"
         self.acks = acks
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
@@ -197,8 +201,9 @@ class OutboundRelay:
         log.error("%s: the worker could not stage the media of message %s on its own disk (%s): it stays "
                   "queued and is tried again in %.0f s", instance_id, message_id, exc, self._media_pause_s)
 
-    def _fail(self, message_id: str, instance_id: str, error: str, code: str, origin: str = "proxy") -> bool:
-        self.journal.record_failure(message_id, instance_id, error, code, origin)
+    def _fail(self, message_id: str, instance_id: str, error: str, code: str, origin: str = "proxy",
+              claim_token: int | None = None) -> bool:
+        self.journal.record_failure(message_id, instance_id, error, code, origin, claim_token)
         self.failed += 1
         self.failed_by_code[code] += 1
         self.publish_failed(instance_id, message_id, error, code)
@@ -227,12 +232,24 @@ class OutboundRelay:
             if known.state != "sending" and origin == "proxy":
                 # handled before: its acknowledgement was lost or is still pending
                 self.duplicates_suppressed += 1
-                self.journal.reack(msg.id)
+                self.journal.reack(msg.id, msg.lease_token)
                 self.acks.wake()
             return False
+        token = msg.lease_token
         if msg.problem is not None or msg.jid is None:
             return self._fail(msg.id, instance_id, msg.problem or "invalid message", msg.error_code or "invalid_message",
-                              origin)
+                              origin, token)
+        if msg.prior_claim and origin == "proxy":
+            # claimed before by a worker that lost its lease (maybe this one, before a restart) and
+            # never acknowledged: it may have reached WhatsApp. UNKNOWN_SEND_POLICY decides
+            if not self.at_least_once:
+                self.prior_claims["reported"] += 1
+                return self._fail(msg.id, instance_id, "delivery_unknown: claimed before by a worker that lost its "
+                                  "lease, which may have sent it; not sent again (UNKNOWN_SEND_POLICY=at_most_once)",
+                                  "delivery_unknown", origin, token)
+            self.prior_claims["sent_again"] += 1
+            log.warning("%s: message %s was claimed before by a worker that lost its lease: sending it "
+                        "(UNKNOWN_SEND_POLICY=at_least_once)", instance_id, msg.id[:80])
         if not self.journal.writable:
             # its outcome could not be journaled: leave it queued at the proxy
             raise JournalUnavailable("the state store is not writable")
@@ -247,7 +264,7 @@ class OutboundRelay:
             raise _Waiting("number_lookup_unavailable", "WhatsApp cannot be asked about this number now "
                            "(NUMBER_LOOKUPS_PER_MINUTE, or no answer)", 0.0)
         if resolved.outcome is Outcome.NOT_ON_WHATSAPP or resolved.jid is None:
-            return self._fail(msg.id, instance_id, f"{msg.to} is not on WhatsApp", "not_on_whatsapp", origin)
+            return self._fail(msg.id, instance_id, f"{msg.to} is not on WhatsApp", "not_on_whatsapp", origin, token)
         content = msg.content or Content(Kind.TEXT, body=msg.body)
         reply_to: MessageRef | None = None
         if content.reply_to is not None:
@@ -258,13 +275,13 @@ class OutboundRelay:
                     msg.id, instance_id,
                     f"reply_to {content.reply_to!r} is not a message this instance sent or received in the last "
                     f"{days} days (the worker only knows those): check the id, or send without reply_to",
-                    "reply_target_unknown", origin)
+                    "reply_target_unknown", origin, token)
             reply_to = MessageRef(target.wa_message_id, target.chat_jid, target.sender_jid, target.from_me)
         out = OutgoingMessage(to_jid=resolved.jid, kind=content.kind or Kind.DOCUMENT, body=content.body,
                               reply_to=reply_to, reaction=content.reaction, location=content.location,
                               contact=content.contact)
         if content.media is None:
-            return await self._send(instance_id, session, msg.id, out, origin)
+            return await self._send(instance_id, session, msg.id, out, origin, token)
         if time.monotonic() < self._media_paused_until:
             raise _MediaPaused()
         try:
@@ -273,12 +290,13 @@ class OutboundRelay:
                 self._media_pause_s = 0.0
                 if stopping():
                     raise _MediaPaused()  # left queued for the next run
-                return await self._send(instance_id, session, msg.id, replace(out, kind=kind, media=media), origin)
+                return await self._send(instance_id, session, msg.id, replace(out, kind=kind, media=media), origin,
+                                        token)
         except (MediaError, ContentError) as exc:
-            return self._fail(msg.id, instance_id, str(exc), exc.code, origin)
+            return self._fail(msg.id, instance_id, str(exc), exc.code, origin, token)
 
     async def _send(self, instance_id: str, session: Session, message_id: str, out: OutgoingMessage,
-                    origin: str = "proxy") -> bool:
+                    origin: str = "proxy", claim_token: int | None = None) -> bool:
         pacer = self.pacer(instance_id)
         await pacer.gap()
         typing_s = pacer.limits.typing_s(out.body) if out.kind is Kind.TEXT else 0.0
@@ -289,7 +307,7 @@ class OutboundRelay:
                 log.debug("%s: typing indicator not shown (%s)", instance_id, exc)
             else:
                 await self.clock.sleep(typing_s)
-        if not self.journal.begin_send(message_id, instance_id, out.to_jid, origin):
+        if not self.journal.begin_send(message_id, instance_id, out.to_jid, origin, claim_token):
             return False
         pacer.sent()
         # Once WhatsApp may have the message, the outcome must be journaled even
@@ -460,9 +478,12 @@ class Acknowledger:
         if row.origin != "proxy":  # the journal never offers one; the proxy must never hear of it
             return
         try:
+            # with leases, the token the message was claimed under: accepted even after the lease moved
             if row.state == "sent":
-                await self.edge.mark_sent(row.message_id, row.wa_message_id or "")
-            elif not await self.edge.mark_failed(row.message_id, row.error or "failed", row.error_code):
+                await self.edge.mark_sent(row.message_id, row.wa_message_id or "", lease_token=row.claim_token,
+                                          instance_id=row.instance_id)
+            elif not await self.edge.mark_failed(row.message_id, row.error or "failed", row.error_code,
+                                                 lease_token=row.claim_token, instance_id=row.instance_id):
                 # the proxy has no /mark-failed (404): not acknowledged. The row
                 # stays pending, retried rarely and at every restart (the proxy
                 # may gain the endpoint)

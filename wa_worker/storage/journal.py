@@ -90,6 +90,7 @@ class OutboundRow:
     ack_attempts: int
     error_code: str | None = None  # machine-readable, sent with /mark-failed
     origin: str = "proxy"  # "api": a direct API request, never acknowledged to the proxy
+    claim_token: int | None = None  # leases: the token the message was claimed under (acks carry it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,13 +369,15 @@ class Journal:
         rows = self._read("SELECT * FROM outbound WHERE message_id = ?", (message_id,))
         return self._outbound_row(rows[0]) if rows else None
 
-    def begin_send(self, message_id: str, instance_id: str, to_jid: str, origin: str = "proxy") -> bool:
-        """Record ``sending``. False if the id is already journaled (never send twice)."""
+    def begin_send(self, message_id: str, instance_id: str, to_jid: str, origin: str = "proxy",
+                   claim_token: int | None = None) -> bool:
+        """Record ``sending`` (with the lease token it was claimed under, if any). False if the id is
+        already journaled (never send twice)."""
         now = self._now()
         cur = self._write(
-            "INSERT OR IGNORE INTO outbound (message_id, instance_id, state, to_jid, created_at, updated_at, origin) "
-            "VALUES (?, ?, 'sending', ?, ?, ?, ?)",
-            (message_id, instance_id, to_jid, now, now, origin),
+            "INSERT OR IGNORE INTO outbound (message_id, instance_id, state, to_jid, created_at, updated_at, origin, "
+            "claim_token) VALUES (?, ?, 'sending', ?, ?, ?, ?, ?)",
+            (message_id, instance_id, to_jid, now, now, origin, claim_token),
         )
         return cur.rowcount == 1
 
@@ -395,17 +398,19 @@ class Journal:
             )
 
     def record_failure(self, message_id: str, instance_id: str, error: str, code: str = "send_failed",
-                       origin: str = "proxy") -> None:
+                       origin: str = "proxy", claim_token: int | None = None) -> None:
         """A message that will not be sent (invalid, send error, unknown outcome); ``code`` is
-        the machine-readable reason /mark-failed carries. A row that exists keeps its origin."""
+        the machine-readable reason /mark-failed carries. A row that exists keeps its origin and
+        its claim token."""
         now = self._now()
         self._write(
             "INSERT INTO outbound (message_id, instance_id, state, error, error_code, created_at, updated_at, "
-            "next_ack_at, origin) VALUES (?, ?, 'failing', ?, ?, ?, ?, ?, ?) ON CONFLICT(message_id) DO UPDATE SET "
+            "next_ack_at, origin, claim_token) VALUES (?, ?, 'failing', ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(message_id) DO UPDATE SET "
             "state = 'failing', error = excluded.error, error_code = excluded.error_code, "
             "updated_at = excluded.updated_at, next_ack_at = excluded.next_ack_at, "
             "ack_attempts = 0 WHERE outbound.state IN ('sending', 'failing')",
-            (message_id, instance_id, error[:500], code[:64], now, now, now, origin),
+            (message_id, instance_id, error[:500], code[:64], now, now, now, origin, claim_token),
         )
 
     # ------------------------------------------------------------------ message index
@@ -476,15 +481,16 @@ class Journal:
                         r["proxy_problem"]))
         return out
 
-    def reack(self, message_id: str) -> None:
+    def reack(self, message_id: str, claim_token: int | None = None) -> None:
         """The proxy offered an already-handled message again: acknowledge it
-        again (its first acknowledgement was evidently lost)."""
+        again (its first acknowledgement was evidently lost). ``claim_token``: the
+        token of this new claim (leases), which the acknowledgement carries from now on."""
         now = self._now()
         self._write(
             "UPDATE outbound SET state = CASE state WHEN 'marked' THEN 'sent' WHEN 'failed' THEN 'failing' "
-            "ELSE state END, next_ack_at = ?, updated_at = ? WHERE message_id = ? AND state IN "
-            "('marked','failed','sent','failing') AND origin = 'proxy'",
-            (now, now, message_id),
+            "ELSE state END, next_ack_at = ?, updated_at = ?, claim_token = COALESCE(?, claim_token) "
+            "WHERE message_id = ? AND state IN ('marked','failed','sent','failing') AND origin = 'proxy'",
+            (now, now, claim_token, message_id),
         )
 
     def due_acks(self, limit: int = 64, skip: Collection[str] = ()) -> list[OutboundRow]:
@@ -564,7 +570,7 @@ class Journal:
     @staticmethod
     def _outbound_row(r: sqlite3.Row) -> OutboundRow:
         return OutboundRow(r["message_id"], r["instance_id"], r["state"], r["wa_message_id"], r["error"],
-                           r["ack_attempts"], r["error_code"], r["origin"])
+                           r["ack_attempts"], r["error_code"], r["origin"], r["claim_token"])
 
     # ------------------------------------------------------------------ receipts outbox
 

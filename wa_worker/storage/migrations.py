@@ -182,6 +182,12 @@ CREATE TABLE instance_settings (
 ) WITHOUT ROWID;
 """
 
+# issue #13, leases: the lease token a proxy message was claimed under (NULL: no leases); its
+# /mark-sent or /mark-failed carries it, so the proxy accepts the truth about a send after the lease moved
+V9_CLAIM_TOKEN = """
+ALTER TABLE outbound ADD COLUMN claim_token INTEGER;
+"""
+
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_INITIAL),
     Migration(2, "inbound server errors", V2_INBOUND_SERVER_ERRORS),
@@ -191,6 +197,7 @@ WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "event log", V6_EVENT_LOG),
     Migration(7, "direct API requests", V7_API_REQUESTS),
     Migration(8, "instance settings", V8_INSTANCE_SETTINGS),
+    Migration(9, "claim token", V9_CLAIM_TOKEN),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})
