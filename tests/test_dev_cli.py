@@ -21,7 +21,7 @@ import pytest
 from tests.proc import free_port
 from wa_worker.backends.base import Connected, QrCode
 from wa_worker.dev.background import BackgroundProxy
-from wa_worker.dev.cli import main
+from wa_worker.dev.cli import build_parser, main
 from wa_worker.dev.proxy import ProxyEvent
 from wa_worker.dev.state import DevPaths, DevStateError, resolve_secret
 from wa_worker.dev.store import DevStore
@@ -506,3 +506,28 @@ def test_dev_with_a_damaged_journal_fails_in_one_line_and_keeps_it(tmp_path: Pat
     assert f"STATE_DB {db} is not a SQLite database (file kept untouched)" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert db.read_bytes() == b"this is not a journal\n" * 20
+
+
+def test_instance_list_shows_the_lease_holder(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
+    d = str(state_dir)
+    proxy.store.add_instance("acme")
+    proxy.store.add_instance("beta")
+    r = httpx.post(proxy.url + "/leases", headers={"Authorization": f"Bearer {SECRET}", "X-Worker-Id": "w-a1"},
+                   json={"worker_id": "w-a1", "capacity": 1}, trust_env=False)
+    assert r.status_code == 200 and len(r.json()["leases"]) == 1
+    leased = r.json()["leases"][0]["instanceId"]
+    code, out, _ = run_cli(capsys, "instance", "list", "--dir", d)
+    assert code == 0
+    assert re.search(rf"{leased}\s+DISCONNECTED\s+\[lease w-a1 #1\]", out)
+    other = ({"acme", "beta"} - {leased}).pop()
+    assert "lease" not in next(line for line in out.splitlines() if line.startswith(other))
+
+
+def test_the_lease_ttl_option_and_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WA_DEV_LEASE_TTL_S", raising=False)
+    assert build_parser().parse_args(["proxy"]).lease_ttl == 30
+    assert build_parser().parse_args(["proxy", "--lease-ttl", "2.5"]).lease_ttl == 2.5
+    monkeypatch.setenv("WA_DEV_LEASE_TTL_S", "4")
+    assert build_parser().parse_args([]).lease_ttl == 4
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["proxy", "--lease-ttl", "0"])

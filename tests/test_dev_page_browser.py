@@ -28,6 +28,7 @@ import pytest
 import qrcode
 
 from wa_worker.dev.background import BackgroundProxy
+from wa_worker.dev.leasing import LeaseRequest
 from wa_worker.dev.store import DevStore
 
 # a real 2x2 red PNG and a real 0.1 s WAV: the page must show the first as an <img>
@@ -147,6 +148,8 @@ def proxy(tmp_path: Path):
     store.queue_message("acme-support", "<b>to</b>", "<script>alert(1)</script>")
     store.add_inbound("acme-support", {"wa_message_id": "XSS1", "from": "5511977776666@s.whatsapp.net",
                                        "body": "<img src=x onerror=alert(1)>", "push_name": "<i>x</i>"})
+    # a fleet: the highest-priority instance leased to one worker
+    assert store.lease(LeaseRequest("w-page1", 1), 30).granted == ["acme-support"]
     with BackgroundProxy(store, SECRET) as bp:
         yield bp
     store.close()
@@ -185,6 +188,7 @@ def test_dump_dom_after_scripts(proxy: BackgroundProxy, chromium_devtools: int) 
     # the instance's own settings and upstream proxy, its password never on the page
     assert "upstream proxy socks5://***@127.0.0.1:1080" in dom and "pr0xy-pw" not in dom
     assert "settings: call_reject=true, send_max_per_minute=10" in dom
+    assert "lease: w-page1 #1" in dom  # issue #13: who holds the instance
 
 
 # ---------------------------------------------------------------------------- DevTools protocol

@@ -5,7 +5,8 @@ plus the page (:mod:`.page`), behind one access check.
   (:func:`~wa_worker.dev.page.check_local`);
 * everything else: ``Authorization: Bearer <secret>``.
 
-Imports go one way: ``app → page → proxy → store`` (and ``page → worker_link``).
+Imports go one way: ``app → page → proxy → store`` (and ``page → worker_link``,
+``app → fleet → proxy``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,17 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from .fleet import add_fleet_routes
 from .page import add_page_routes, check_local, is_page_path
-from .proxy import PROXY_KEY, ApiError, DevProxy, ProxyEventCallback, add_api_routes, error_response
+from .proxy import (
+    DEFAULT_LEASE_TTL_S,
+    PROXY_KEY,
+    ApiError,
+    DevProxy,
+    ProxyEventCallback,
+    add_api_routes,
+    error_response,
+)
 from .store import DevStore
 from .worker_link import WORKER_LINK_KEY, WorkerLink
 
@@ -39,13 +49,15 @@ def create_app(
     *,
     wake_url: str | None = None,
     on_event: ProxyEventCallback | None = None,
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
 ) -> web.Application:
     """Build the proxy app. ``wake_url`` is the worker's base URL (``http://127.0.0.1:3000``);
     whoever serves the app runs ``app[PROXY_KEY].run_waker()`` in its task group."""
     app = web.Application(middlewares=[_guard], client_max_size=1024 * 1024)
-    app[PROXY_KEY] = DevProxy(store, secret, wake_url=wake_url, on_event=on_event)
+    app[PROXY_KEY] = DevProxy(store, secret, wake_url=wake_url, on_event=on_event, lease_ttl_s=lease_ttl_s)
     if wake_url:  # the page shows the worker's health and drives its simulator through this
         app[WORKER_LINK_KEY] = WorkerLink(wake_url.rstrip("/"), secret)
     add_api_routes(app)
+    add_fleet_routes(app)
     add_page_routes(app)
     return app

@@ -17,7 +17,7 @@ import anyio.lowlevel
 from aiohttp import web
 
 from .app import create_app
-from .proxy import PROXY_KEY, DevProxy, ProxyEventCallback
+from .proxy import DEFAULT_LEASE_TTL_S, PROXY_KEY, DevProxy, ProxyEventCallback
 from .store import DevStore
 
 
@@ -31,9 +31,10 @@ class BackgroundProxy:
         port: int = 0,
         wake_url: str | None = None,
         on_event: ProxyEventCallback | None = None,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     ) -> None:
         self.store = store
-        self.app = create_app(store, secret, wake_url=wake_url, on_event=on_event)
+        self.app = create_app(store, secret, wake_url=wake_url, on_event=on_event, lease_ttl_s=lease_ttl_s)
         self.host = host
         self.port = port
         self._thread: threading.Thread | None = None

@@ -69,6 +69,16 @@ def _positive(value: str) -> float:
     return number
 
 
+LEASE_TTL_ENV = "WA_DEV_LEASE_TTL_S"
+
+
+def _lease_ttl(value: str) -> float:
+    number = _positive(value)
+    if number > 3600:
+        raise argparse.ArgumentTypeError("must be at most 3600 seconds")
+    return number
+
+
 SEND_TYPES = ("text", "image", "video", "audio", "voice", "document", "sticker", "location", "contact", "reaction")
 MAX_SEND_FILE_BYTES = 64 * 1024 * 1024  # the dev proxy's cap (and the worker's MEDIA_MAX_BYTES default)
 
@@ -119,6 +129,8 @@ def _add_serve_options(p: argparse.ArgumentParser, *, top: bool) -> None:
         help="do not create a first instance",
     )
     p.add_argument("--secret", default=d(None), help="shared secret (default: $WORKER_SECRET or DIR/secret)")
+    p.add_argument("--lease-ttl", type=_lease_ttl, metavar="S", default=d(os.environ.get(LEASE_TTL_ENV, "30")),
+                   help=f"a fleet: the TTL of the leases POST /leases grants (default: ${LEASE_TTL_ENV}, else 30)")
 
 
 def _helper_parent() -> argparse.ArgumentParser:
@@ -250,6 +262,7 @@ def _serve(args: argparse.Namespace, *, with_worker: bool) -> int:
         secret=args.secret,
         auto_scan_ms=getattr(args, "auto_scan_ms", 1500),
         command=_command_name(),
+        lease_ttl_s=args.lease_ttl,
     )
     return run(opts)
 
@@ -359,6 +372,10 @@ def _cmd_instance(args: argparse.Namespace) -> int:
             detail = "pairing code " + _one_line(i["pair_code"]) + " (or scan the QR)"
         elif i.get("has_qr"):
             detail = "waiting for a QR scan"
+        lease = i.get("lease")
+        if lease:  # a fleet: who holds it
+            held = f"{_one_line(str(lease['holder']))} #{lease['token']}" if lease.get("holder") else "free"
+            detail = f"{detail}  [lease {held}{' revoked' if lease.get('revoked') else ''}]".strip()
         print(f"{i['id']:<{width}}  {i['status']:<12}  {detail}".rstrip())
     return 0
 

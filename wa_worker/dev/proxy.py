@@ -13,6 +13,11 @@ contract (called by the worker)
     POST /upload-media?instanceId=&wa_message_id=  (raw bytes; idempotent per message)
     POST /message-status
     GET  /instance-settings[?since=<cursor>]     (changes only; the cursor is a change number)
+    POST /leases, GET /events                    (a fleet: :mod:`wa_worker.dev.fleet`)
+fencing (docs/proxy-contract.md, "Leases and fencing"): ``lease_token`` on
+/update-status and claims must be the instance's current lease, on /mark-sent and
+/mark-failed a token the message was claimed under, else 409 ``lease_lost``;
+without it, a call behaves as in single-worker mode.
 media (loopback, no bearer, like the page: :mod:`wa_worker.dev.page`)
     GET  /media/<sha256>
 dev API (called by ``wa-worker dev instance|send|messages``, and by the page)
@@ -60,12 +65,15 @@ from ..media.inline import decode_base64_to_file
 from ..media.sniff import infer_type, sniff_mimetype
 from ..messages import WA_MESSAGE_ID_RE, ContentError, Kind, parse_content
 from ..upstream import ProxyProblem, parse_proxy_url
+from .events import EventHub
+from .leasing import WORKER_ID_RE
 from .store import (
     RECEIPT_RANK,
     STATUSES,
     DevStore,
     UNCHANGED,
     InstanceExists,
+    LeaseLost,
     UnknownInstance,
     UnknownMessage,
 )
@@ -85,6 +93,8 @@ ERROR_CODES = frozenset({
 MAX_LIMIT = 500
 MAX_SETTINGS_KEYS = 64
 MAX_PENDING_WAKES = 1000
+DEFAULT_LEASE_TTL_S = 30.0
+MAX_LEASE_NOTICES = 10_000
 END_OF_9999 = 253_402_300_800  # 10000-01-01T00:00:00Z in Unix seconds
 
 
@@ -122,9 +132,15 @@ class DevProxy:
         on_event: ProxyEventCallback | None = None,
         wake_timeout_s: float = 3.0,
         media_max_bytes: int = MAX_MEDIA_BYTES,
+        lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     ) -> None:
         if not secret:
             raise ValueError("secret must not be empty")
+        if not 0 < lease_ttl_s <= 3600:
+            raise ValueError("lease_ttl_s must be between 0 and 3600 seconds")
+        self.lease_ttl_s = lease_ttl_s
+        self.events = EventHub()
+        self._lease_noticed: set[str] = set()  # workers told "leases" since their last /leases call
         self.store = store
         self._secret = secret.encode()
         self._secret_str = secret
@@ -144,6 +160,19 @@ class DevProxy:
                 cb(event)
             except Exception:  # a printer bug must never fail a contract call
                 log.exception("dev proxy event listener failed")
+
+    def notify_leases(self, worker_ids: list[str]) -> None:
+        """A ``leases`` event for each worker (once until its next ``/leases`` call)."""
+        for worker_id in worker_ids:
+            if worker_id in self._lease_noticed:
+                continue
+            if len(self._lease_noticed) >= MAX_LEASE_NOTICES:
+                self._lease_noticed.clear()  # bounded: at worst a worker is told twice
+            self._lease_noticed.add(worker_id)
+            self.events.publish("leases", worker_id=worker_id)
+
+    def leases_called(self, worker_id: str) -> None:
+        self._lease_noticed.discard(worker_id)
 
     # -------------------------------------------------------------- auth
 
@@ -208,6 +237,7 @@ class DevProxy:
             raise ApiError(409, f"instance {instance_id} already exists") from None
         self.emit("instance_added", instance_id)
         self.wake(instance_id)  # the worker does not run it yet: this runs its discovery now
+        self.notify_leases(self.store.lease_notices(self.lease_ttl_s))  # a fleet: someone takes it
         return inst
 
     async def queue_message(
@@ -267,9 +297,15 @@ class DevProxy:
             msg = self.store.queue_message(instance_id, to.strip(), body, columns)
         except UnknownInstance:
             raise ApiError(404, f"unknown instance {instance_id}") from None
+        self._announce_queued(msg)
+        return msg
+
+    def _announce_queued(self, msg: dict[str, Any]) -> None:
+        """The terminal, the worker's ``/wake``, and ``GET /events`` (to the instance's lease holder)."""
+        instance_id = msg["instanceId"]
         self.emit("queued", instance_id, message=msg)
         self.wake(instance_id)
-        return msg
+        self.events.publish("queued", instance_id, self.store.lease_holder(instance_id))
 
     async def _store_base64(self, data: str, mimetype: str | None, filename: str | None) -> dict[str, Any]:
         def work() -> dict[str, Any]:
@@ -410,6 +446,30 @@ def _check_inbound_content(data: dict[str, Any]) -> None:
             _check_type(value.get(sub), (str,), f"{key}.{sub}")
 
 
+def lease_token(value: Any) -> int | None:
+    """A ``lease_token`` field: absent/null, or a non-negative integer (400 otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit() and len(value) <= 18:
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ApiError(400, "lease_token must be a non-negative integer")
+    return value
+
+
+def worker_header(request: web.Request) -> str | None:
+    """The ``X-Worker-Id`` header (None when absent; 400 when malformed)."""
+    value = request.headers.get("X-Worker-Id")
+    if value is None:
+        return None
+    if not WORKER_ID_RE.fullmatch(value):
+        raise ApiError(400, "X-Worker-Id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    return value
+
+
+LEASE_LOST = "lease_lost"
+
+
 def _limit(request: web.Request, default: int = 50) -> int:
     raw = request.query.get("limit")
     if raw is None:
@@ -455,13 +515,17 @@ async def update_status(request: web.Request) -> web.Response:
     ban_code = _opt_str(data, "ban_code")
     ban_expires_at = _timestamp(data.get("ban_expires_at"))
     detail = _opt_str(data, "detail")
+    token = lease_token(data.get("lease_token"))
     try:
         change = proxy.store.update_status(
             instance_id, status, qr_code=qr_code, phone_number=phone, reason=reason, pair_code=pair_code,
             ban_code=ban_code, ban_expires_at=ban_expires_at, detail=detail[:500] if detail else None,
+            lease_token=token,
         )
     except UnknownInstance:
         raise ApiError(404, f"unknown instance {instance_id}") from None
+    except LeaseLost:
+        raise ApiError(409, LEASE_LOST) from None
     if change.old_status != change.status or change.old_reason != change.reason:
         proxy.emit(
             "status",
@@ -477,13 +541,17 @@ async def update_status(request: web.Request) -> web.Response:
 async def queued_messages(request: web.Request) -> web.Response:
     proxy = request.app[PROXY_KEY]
     limit = _limit(request)
-    if "instanceId" in request.query:
-        instance_id = _instance_param(request.query["instanceId"])
-        if not proxy.store.has_instance(instance_id):
-            raise ApiError(404, f"unknown instance {instance_id}")
-        messages = proxy.store.claim_messages(instance_id, limit=limit)
-    else:
-        messages = proxy.store.claim_messages(None, limit=limit)
+    token = lease_token(request.query.get("lease_token"))
+    try:
+        if "instanceId" in request.query:
+            instance_id = _instance_param(request.query["instanceId"])
+            if not proxy.store.has_instance(instance_id):
+                raise ApiError(404, f"unknown instance {instance_id}")
+            messages = proxy.store.claim_messages(instance_id, limit=limit, lease_token=token)
+        else:  # with X-Worker-Id: only the instances leased to the caller
+            messages = proxy.store.claim_messages(None, limit=limit, worker_id=worker_header(request))
+    except LeaseLost:
+        raise ApiError(409, LEASE_LOST) from None
     for msg in messages:
         sha = msg.pop("media_sha256", None)
         if sha is not None:
@@ -498,8 +566,11 @@ async def mark_sent(request: web.Request) -> web.Response:
     if not isinstance(message_id, str) or not message_id:
         raise ApiError(400, "messageId is required")
     wa_id = _opt_str(data, "wa_message_id")
+    token = lease_token(data.get("lease_token"))
     try:
-        msg, changed = proxy.store.mark_sent(message_id, wa_id)
+        msg, changed = proxy.store.mark_sent(message_id, wa_id, token)
+    except LeaseLost:
+        raise ApiError(409, LEASE_LOST) from None
     except UnknownMessage:
         # 200, not 404: the worker reads a 404 from /mark-failed as "endpoint not
         # implemented" and would stop reporting failures (the Supabase kit does the same)
@@ -519,8 +590,11 @@ async def mark_failed(request: web.Request) -> web.Response:
     error_code = _opt_str(data, "error_code")
     if error_code is not None and not _is_code(error_code):
         raise ApiError(400, "error_code must be a short lower_snake_case code")
+    token = lease_token(data.get("lease_token"))
     try:
-        msg, changed = proxy.store.mark_failed(message_id, error[:2000], error_code)
+        msg, changed = proxy.store.mark_failed(message_id, error[:2000], error_code, token)
+    except LeaseLost:
+        raise ApiError(409, LEASE_LOST) from None
     except UnknownMessage:
         return web.json_response({"ok": False, "found": False})  # see mark_sent
     if changed:
@@ -602,6 +676,10 @@ def public_instance(inst: dict[str, Any], *, with_qr: bool = False) -> dict[str,
         "pair_code": inst.get("pair_code"),
         "settings": json.loads(inst["settings"]) if inst.get("settings") else None,
         "proxy_url": _shown_proxy(inst.get("proxy_url")),
+        # a fleet: who holds the instance (None: never leased)
+        "lease": ({"holder": inst.get("lease_holder"), "token": inst["lease_token"],
+                   "expires_at": inst.get("lease_expires_at"), "revoked": bool(inst.get("lease_revoked"))}
+                  if inst.get("lease_token") else None),
         "created_at": inst["created_at"],
         "updated_at": inst["updated_at"],
     }

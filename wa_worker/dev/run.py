@@ -53,6 +53,7 @@ class DevOptions:
     secret: str | None = None
     auto_scan_ms: int | None = 1500  # simulator: the phone scans each QR after this delay; None: never
     command: str = "wa-worker"  # how the user runs wa-worker, for copy-pasteable hints
+    lease_ttl_s: float = 30.0  # a fleet: the TTL of the leases the proxy grants
 
 
 def _json_log(opts: DevOptions) -> logging.Logger | None:
@@ -102,7 +103,7 @@ class DevRun:
             store = self.store = DevStore(self.paths.proxy_db)
             stack.callback(store.close)
             app = create_app(store, self.secret, wake_url=f"http://127.0.0.1:{o.port}",
-                             on_event=self.printer.proxy_event)
+                             on_event=self.printer.proxy_event, lease_ttl_s=o.lease_ttl_s)
             web_runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await web_runner.setup()
             stack.push_async_callback(web_runner.cleanup)

@@ -43,9 +43,11 @@ from ..fsutil import DIR_MODE
 from ..storage.db import MEMORY, open_db
 from ..storage.migrations import Migration, migrate
 from .changes import ChangeFeed
+from .leasing import LeaseAnswer, LeaseRequest, lease_call, lease_notices
 
 STATUSES = ("CONNECTING", "CONNECTED", "DISCONNECTED")
 CLAIM_LEASE_S = 300.0  # re-offer claims older than 5 minutes (as the Supabase kit)
+MAX_CLAIM_TOKENS = 16  # the lease tokens a message was claimed under, kept for acknowledgements
 
 V1_SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -175,6 +177,22 @@ ALTER TABLE instances ADD COLUMN settings_seq INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX instances_settings_seq ON instances(settings_seq);
 """
 
+# issue #13: leases (instance ownership across a fleet of workers) and the token of each claim
+V7_LEASES = """
+ALTER TABLE instances ADD COLUMN lease_token INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE instances ADD COLUMN lease_holder TEXT;
+ALTER TABLE instances ADD COLUMN lease_expires_at REAL;
+ALTER TABLE instances ADD COLUMN lease_revoked INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX instances_lease_holder ON instances(lease_holder);
+ALTER TABLE outbound ADD COLUMN claim_token INTEGER;
+ALTER TABLE outbound ADD COLUMN claim_tokens TEXT;
+CREATE TABLE workers (
+    id        TEXT PRIMARY KEY,
+    capacity  INTEGER NOT NULL,
+    last_seen REAL NOT NULL
+);
+"""
+
 DEV_MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial", V1_SCHEMA),
     Migration(2, "message types and media", V2_MESSAGE_TYPES),
@@ -182,6 +200,7 @@ DEV_MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "receipts, calls, bans", V4_RECEIPTS_CALLS_BANS),
     Migration(5, "status detail", V5_STATUS_DETAIL),
     Migration(6, "instance settings", V6_INSTANCE_SETTINGS),
+    Migration(7, "leases", V7_LEASES),
 )
 RECEIPT_RANK = {"delivered": 1, "read": 2, "played": 3}
 # the tables of a dev database written before versioning (user_version 0)
@@ -209,6 +228,10 @@ class UnknownMessage(LookupError):
 
 class InstanceExists(ValueError):
     pass
+
+
+class LeaseLost(Exception):
+    """A fenced call whose ``lease_token`` is not the instance's current one (HTTP 409)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +307,43 @@ class DevStore:
     def _all(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Any:
+        """One write transaction (the caller holds ``self._lock``)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ leases
+
+    @_changes
+    def lease(self, req: LeaseRequest, ttl: float) -> LeaseAnswer:
+        """One ``POST /leases`` in one transaction (:func:`~wa_worker.dev.leasing.lease_call`)."""
+        with self._lock, self._transaction():
+            return lease_call(self._db, req, self._now(), ttl)
+
+    def lease_notices(self, ttl: float) -> list[str]:
+        """Live workers whose next ``/leases`` call would get a grant or a revocation."""
+        with self._lock, self._transaction():
+            return lease_notices(self._db, self._now(), ttl)
+
+    def lease_holder(self, instance_id: str) -> str | None:
+        """The worker holding the instance's lease (None: free or revoked)."""
+        row = self._one("SELECT lease_holder FROM instances WHERE id = ? AND lease_revoked = 0", (instance_id,))
+        return str(row[0]) if row is not None and row[0] is not None else None
+
+    def leased_with_queued(self, worker_id: str | None, limit: int) -> list[str]:
+        """Instances with queued messages, of ``worker_id``'s leases (None: every instance)."""
+        rows = self._all(
+            "SELECT DISTINCT o.instance_id FROM outbound o JOIN instances i ON i.id = o.instance_id "
+            "WHERE o.status = 'queued' AND (:w IS NULL OR (i.lease_holder = :w AND i.lease_revoked = 0)) "
+            "ORDER BY o.instance_id LIMIT :n", {"w": worker_id, "n": limit})
+        return [str(r[0]) for r in rows]
 
     # ------------------------------------------------------------------ instances
 
@@ -371,8 +431,10 @@ class DevStore:
         ban_code: str | None = None,
         ban_expires_at: float | None = None,
         detail: str | None = None,
+        lease_token: int | None = None,
     ) -> StatusChange:
-        """DevStore a status report (``pair_code`` kept only while CONNECTING). Raises :class:`UnknownInstance`."""
+        """Store a status report (``pair_code`` kept only while CONNECTING). Raises :class:`UnknownInstance`,
+        or :class:`LeaseLost` when ``lease_token`` is given and is not the instance's current one."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         now = self._now()
@@ -380,6 +442,8 @@ class DevStore:
             old = self._db.execute("SELECT * FROM instances WHERE id = ?", (instance_id,)).fetchone()
             if old is None:
                 raise UnknownInstance(instance_id)
+            if lease_token is not None and old["lease_token"] != lease_token:
+                raise LeaseLost(instance_id)
             # keep the last known phone number unless a new one is reported
             phone = phone_number if phone_number else old["phone_number"]
             new_reason = reason if status == "DISCONNECTED" else None
@@ -434,43 +498,88 @@ class DevStore:
         return _outbound_dict(row) if row else None
 
     @_changes
+    # long: one claim, with its fencing and prior_claim rules, reads best in one place
     def claim_messages(
-        self, instance_id: str | None = None, *, limit: int = 50, lease_s: float = CLAIM_LEASE_S
+        self, instance_id: str | None = None, *, limit: int = 50, lease_s: float = CLAIM_LEASE_S,
+        lease_token: int | None = None, worker_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Claim queued messages (and re-offer stale claims), oldest first.
 
         With ``instance_id=None`` (batch mode) only messages of CONNECTED
-        instances are handed out: the others would sit claimed for a lease.
+        instances are handed out: the others would sit claimed for a lease;
+        with ``worker_id`` too, only those of the instances it holds a lease on.
+        ``lease_token`` (with ``instance_id``) must be the instance's current lease,
+        else :class:`LeaseLost` and nothing is claimed.
+
+        A claim made under a lease records its token (``claim_token``); a ``sending``
+        claim is offered again once it is older than ``lease_s``, or at once when its
+        token is no longer the instance's lease (the lease moved), then with
+        ``prior_claim: true`` when the new claim's token differs.
         """
         now = self._now()
-        stale = now - lease_s
+        fenced = lease_token is not None or (instance_id is None and worker_id is not None)
         if instance_id is None:
-            scope = "instance_id IN (SELECT id FROM instances WHERE status = 'CONNECTED')"
+            scope = "i.status = 'CONNECTED'"
             scope_params: tuple[Any, ...] = ()
+            if worker_id is not None:
+                scope += " AND i.lease_holder = ? AND i.lease_revoked = 0"
+                scope_params = (worker_id,)
         else:
-            scope = "instance_id = ?"
+            scope = "o.instance_id = ?"
             scope_params = (instance_id,)
-        sql = (
-            "UPDATE outbound SET status = 'sending', claimed_at = ?, claims = claims + 1, updated_at = ? "
-            "WHERE seq IN ("
-            f"  SELECT seq FROM outbound WHERE {scope} AND "
-            "  (status = 'queued' OR (status = 'sending' AND claimed_at < ?)) "
-            "  ORDER BY seq LIMIT ?"
-            ") RETURNING *"
-        )
-        with self._lock:
-            rows = self._db.execute(sql, (now, now, *scope_params, stale, limit)).fetchall()
-        rows = sorted(rows, key=lambda r: r["seq"])
-        return [_queued_dict(r) for r in rows]
+        out = []
+        with self._lock, self._transaction():
+            if instance_id is not None and lease_token is not None:
+                lease = self._db.execute("SELECT lease_token, lease_holder, lease_revoked FROM instances "
+                                         "WHERE id = ?", (instance_id,)).fetchone()
+                if lease is None:
+                    raise UnknownInstance(instance_id)
+                if lease["lease_token"] != lease_token or lease["lease_holder"] is None or lease["lease_revoked"]:
+                    raise LeaseLost(instance_id)
+            rows = self._db.execute(
+                "SELECT o.seq, o.status, o.claim_token, o.claim_tokens, i.lease_token AS current "
+                f"FROM outbound o JOIN instances i ON i.id = o.instance_id WHERE {scope} AND "
+                "(o.status = 'queued' OR (o.status = 'sending' AND (o.claimed_at < ? OR "
+                " (o.claim_token IS NOT NULL AND o.claim_token != i.lease_token)))) "
+                "ORDER BY o.seq LIMIT ?", (*scope_params, now - lease_s, limit)).fetchall()
+            for r in rows:
+                token = (lease_token if lease_token is not None else r["current"]) if fenced else None
+                tokens = (r["claim_tokens"] or "").split(",") if r["claim_tokens"] else []
+                if token is not None:
+                    tokens = [t for t in tokens if t != str(token)][-(MAX_CLAIM_TOKENS - 1):] + [str(token)]
+                claimed = self._db.execute(
+                    "UPDATE outbound SET status = 'sending', claimed_at = ?, claims = claims + 1, updated_at = ?, "
+                    "claim_token = ?, claim_tokens = ? WHERE seq = ? RETURNING *",
+                    (now, now, token, ",".join(tokens) or None, r["seq"])).fetchone()
+                item = _queued_dict(claimed)
+                if token is not None:
+                    item["lease_token"] = token
+                    if r["status"] == "sending" and r["claim_token"] != token:
+                        item["prior_claim"] = True
+                out.append(item)
+        return out
 
     @_changes
     def mark_sent(self, message_id: str, wa_message_id: str | None) -> tuple[dict[str, Any], bool]:
         """Mark a message sent (terminal, idempotent). Returns (message, changed)."""
+    def _check_ack(self, message_id: str, lease_token: int | None) -> sqlite3.Row:
+        """The message's row; :class:`LeaseLost` when ``lease_token`` is given and the message was
+        claimed under leases but never under that token (the caller holds ``self._lock``)."""
+        row = self._db.execute("SELECT status, claim_token, claim_tokens FROM outbound WHERE id = ?",
+                               (message_id,)).fetchone()
+        if row is None:
+            raise UnknownMessage(message_id)
+        if lease_token is not None and row["claim_tokens"] and str(lease_token) not in row["claim_tokens"].split(","):
+            raise LeaseLost(message_id)
+        return row
+
+    def mark_sent(self, message_id: str, wa_message_id: str | None,
+                  lease_token: int | None = None) -> tuple[dict[str, Any], bool]:
+        """Mark a message sent (terminal, idempotent). Returns (message, changed).
+        ``lease_token``: the token it was claimed under (:class:`LeaseLost` otherwise)."""
         now = self._now()
         with self._lock:
-            row = self._db.execute("SELECT status FROM outbound WHERE id = ?", (message_id,)).fetchone()
-            if row is None:
-                raise UnknownMessage(message_id)
+            row = self._check_ack(message_id, lease_token)
             changed = row["status"] != "sent"
             if changed:
                 # the worker's word that WhatsApp has it beats an earlier failure report
@@ -486,14 +595,13 @@ class DevStore:
 
     @_changes
     def mark_failed(
-        self, message_id: str, error: str, error_code: str | None = None
+        self, message_id: str, error: str, error_code: str | None = None, lease_token: int | None = None
     ) -> tuple[dict[str, Any], bool]:
-        """Mark a message failed (never overrides ``sent``). Returns (message, changed)."""
+        """Mark a message failed (never overrides ``sent``). Returns (message, changed).
+        ``lease_token``: as for :meth:`mark_sent`."""
         now = self._now()
         with self._lock:
-            row = self._db.execute("SELECT status FROM outbound WHERE id = ?", (message_id,)).fetchone()
-            if row is None:
-                raise UnknownMessage(message_id)
+            row = self._check_ack(message_id, lease_token)
             changed = row["status"] not in ("sent", "failed")
             if changed:
                 self._db.execute(

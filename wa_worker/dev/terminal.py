@@ -161,6 +161,8 @@ class TerminalPrinter:
             m = d["message"]
             receipt = m.get("receipt") or {}
             self.line(iid, f"{clip(str(receipt.get('status')), 20)} {m['id']} → {clip(m['to'], 80)}")
+        elif event.kind == "lease":
+            self.line(iid, f"lease {clip(str(d.get('change')), 20)} ({clip(str(d.get('holder')), 130)})")
         elif event.kind == "inbound":
             m = d["message"]
             who = clip(m["from"], 80) + (f" ({clip(m['push_name'], 60)})" if m.get("push_name") else "")

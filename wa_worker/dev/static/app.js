@@ -61,6 +61,10 @@
   // the instance's own settings and upstream proxy (issue #12; the proxy URL comes redacted)
   function ownSettings(inst) {
     const parts = [];
+    // a fleet (POST /leases): which worker holds the instance, under which token
+    if (inst.lease) parts.push(inst.lease.holder
+      ? "lease: " + inst.lease.holder + " #" + inst.lease.token + (inst.lease.revoked ? " (revoked)" : "")
+      : "lease: free (last #" + inst.lease.token + ")");
     if (inst.proxy_url) parts.push("upstream proxy " + inst.proxy_url);
     const own = inst.settings || {};
     const keys = Object.keys(own).sort();

@@ -1,0 +1,475 @@
+"""The reference proxy's fleet side (issue #13): POST /leases, fencing with lease_token,
+claims that outlive their lease, over real HTTP against the real dev proxy (loopback)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import AUTH, FakeClock
+from tests.fakeproxy import SECRET
+from wa_worker.dev.background import BackgroundProxy
+from wa_worker.dev.store import DevStore
+
+TTL = 30.0
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_800_000_000.0)
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: FakeClock) -> Iterator[DevStore]:
+    s = DevStore(tmp_path / "proxy.db", clock=clock)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def bp(store: DevStore) -> Iterator[BackgroundProxy]:
+    with BackgroundProxy(store, SECRET, lease_ttl_s=TTL) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def http(bp: BackgroundProxy) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=bp.url, headers=AUTH, timeout=10, trust_env=False) as client:
+        yield client
+
+
+def add(http: httpx.Client, iid: str, priority: int = 0, **extra: Any) -> None:
+    r = http.post("/dev/instances", json={"id": iid, "priority": priority, **extra})
+    assert r.status_code == 201, r.text
+
+
+def call(http: httpx.Client, worker: str, held: Any = (), release: Any = (), capacity: int = 500) -> dict:
+    """One POST /leases; ``held`` / ``release``: {instanceId: token} or (instanceId, token) pairs."""
+    def items(pairs: Any) -> list[dict]:
+        pairs = pairs.items() if isinstance(pairs, dict) else pairs
+        return [{"instanceId": i, "token": t} for i, t in pairs]
+
+    r = http.post("/leases", headers={"X-Worker-Id": worker},
+                  json={"worker_id": worker, "capacity": capacity, "held": items(held), "release": items(release)})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def tokens(answer: dict) -> dict[str, int]:
+    return {item["instanceId"]: item["token"] for item in answer["leases"]}
+
+
+class Fleet:
+    """Workers that behave as the contract says: hold what they were answered, release what they lost."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+        self.held: dict[str, dict[str, int]] = {}
+        self.to_release: dict[str, dict[str, int]] = {}
+
+    def call(self, worker: str, capacity: int = 500) -> dict:
+        held = self.held.get(worker, {})
+        answer = call(self.http, worker, held, self.to_release.pop(worker, {}), capacity)
+        now = tokens(answer)
+        self.to_release[worker] = {i: t for i, t in held.items() if now.get(i) != t}
+        self.held[worker] = now
+        return answer
+
+    def counts(self) -> dict[str, int]:
+        return {w: len(h) for w, h in self.held.items()}
+
+
+def holders(store: DevStore) -> dict[str, str | None]:
+    return {i["id"]: i["lease_holder"] for i in store.list_instances()}
+
+
+# ---------------------------------------------------------------------------- grants and renewals
+
+
+def test_a_grant_carries_the_discovery_fields_and_tokens_never_repeat(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme", priority=7, pair_phone="5511999990000")
+    r = http.post("/dev/instances/acme/settings", json={"settings": {"call_reject": True},
+                                                        "proxy_url": "socks5://u:p@127.0.0.1:1080"})
+    assert r.status_code == 200
+    first = call(http, "w-a")
+    assert first["ttl_s"] == 30
+    assert first["leases"] == [{"instanceId": "acme", "token": 1, "priority": 7, "settings": {"call_reject": True},
+                                "proxy_url": "socks5://u:p@127.0.0.1:1080", "pair_phone": "5511999990000"}]
+    # renewed: the same token, no fields
+    assert call(http, "w-a", held={"acme": 1})["leases"] == [{"instanceId": "acme", "token": 1}]
+    # released, then granted elsewhere: a new token
+    assert call(http, "w-a", release={"acme": 1})["leases"] == []
+    assert tokens(call(http, "w-b")) == {"acme": 2}
+    assert tokens(call(http, "w-b", release={"acme": 2})) == {}
+    assert tokens(call(http, "w-a")) == {"acme": 3}
+
+
+def test_renewals_keep_the_lease_and_nobody_else_gets_it(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    assert tokens(call(http, "w-a")) == {"acme": 1}
+    for _ in range(5):  # 100 s of renewals every 20 s: never expires
+        clock.now += 20
+        assert tokens(call(http, "w-a", held={"acme": 1})) == {"acme": 1}
+        assert tokens(call(http, "w-b")) == {}
+
+
+def test_at_most_five_grants_per_call_highest_priority_first(http: httpx.Client, store: DevStore) -> None:
+    for n in range(12):
+        add(http, f"i{n:02d}", priority=n % 4)
+    fleet = Fleet(http)
+    first = fleet.call("w-a")
+    assert len(first["leases"]) == 5
+    assert [item["priority"] for item in first["leases"]] == [3, 3, 3, 2, 2]
+    assert len(fleet.call("w-a")["leases"]) == 10
+    assert len(fleet.call("w-a")["leases"]) == 12
+    assert set(holders(store).values()) == {"w-a"}
+
+
+def test_capacity_bounds_what_a_worker_gets_and_the_others_share_the_rest(http: httpx.Client) -> None:
+    for n in range(6):
+        add(http, f"i{n}")
+    fleet = Fleet(http)
+    for _ in range(3):
+        fleet.call("w-a", capacity=2)
+    assert fleet.counts() == {"w-a": 2}
+    fleet.call("w-b")
+    fleet.call("w-b")
+    assert fleet.counts() == {"w-a": 2, "w-b": 4}
+
+
+# ---------------------------------------------------------------------------- fair share, revocation
+
+
+def test_fair_share_across_three_workers(http: httpx.Client, store: DevStore) -> None:
+    for n in range(15):
+        add(http, f"i{n:02d}")
+    fleet = Fleet(http)
+    for w in ("w-a", "w-b", "w-c"):  # all three live first (capacity 0: nothing granted yet)
+        fleet.call(w, capacity=0)
+    for _ in range(2):
+        for w in ("w-a", "w-b", "w-c"):
+            fleet.call(w)
+    assert fleet.counts() == {"w-a": 5, "w-b": 5, "w-c": 5}
+    owned = holders(store)
+    assert all(owned[i] == w for w, held in fleet.held.items() for i in held)
+
+
+def test_a_new_worker_gets_its_share_gradually_through_revocations(http: httpx.Client, store: DevStore) -> None:
+    for n in range(15):
+        add(http, f"i{n:02d}", priority=n)
+    fleet = Fleet(http)
+    for _ in range(3):
+        fleet.call("w-a")
+    assert fleet.counts() == {"w-a": 15}
+    assert tokens(fleet.call("w-b")) == {}  # target 8: nothing is free, nothing is taken from w-a yet
+    answer = fleet.call("w-a")  # 15 > target + 1: its 5 lowest-priority leases are left out
+    assert len(answer["leases"]) == 10
+    assert set(fleet.to_release["w-a"]) == {"i00", "i01", "i02", "i03", "i04"}
+    assert tokens(fleet.call("w-b")) == {}  # revoked but not released yet: not granted elsewhere
+    fleet.call("w-a")  # releases them
+    assert set(tokens(fleet.call("w-b"))) == {"i00", "i01", "i02", "i03", "i04"}
+    fleet.call("w-a")  # 10 > 9: two more are left out (down to the target, 8)
+    assert fleet.counts()["w-a"] == 8
+    fleet.call("w-a")
+    fleet.call("w-b")
+    assert fleet.counts() == {"w-a": 8, "w-b": 7}
+    # never one instance on two workers
+    assert not set(fleet.held["w-a"]) & set(fleet.held["w-b"])
+
+
+def test_a_revoked_lease_is_not_renewed_even_if_still_held(http: httpx.Client, clock: FakeClock) -> None:
+    for n in range(4):
+        add(http, f"i{n}", priority=n)
+    held = tokens(call(http, "w-a"))
+    assert len(held) == 4
+    assert tokens(call(http, "w-b")) == {}  # target 2: w-a holds 4 > 3
+    kept = tokens(call(http, "w-a", held=held))
+    assert set(kept) == {"i3", "i2"}
+    # a worker that keeps listing them in held: still left out, never renewed
+    assert set(tokens(call(http, "w-a", held=held))) == {"i3", "i2"}
+    clock.now += TTL + 1  # they expired ...
+    assert tokens(call(http, "w-b")) == {}  # ... within the grace
+    clock.now += TTL
+    call(http, "w-a", held=kept)
+    assert tokens(call(http, "w-b")) == {"i1": 2, "i0": 2}  # expired + one TTL: granted, new tokens
+
+
+# ---------------------------------------------------------------------------- expiry, release
+
+
+def test_an_expired_lease_is_granted_elsewhere_only_after_a_grace_of_one_ttl(
+        http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    assert tokens(call(http, "w-a")) == {"acme": 1}
+    clock.now += TTL + 1  # expired: w-a should have fenced itself at ttl/2
+    assert tokens(call(http, "w-b")) == {}
+    clock.now += TTL - 2  # still within the grace
+    assert tokens(call(http, "w-b")) == {}
+    clock.now += 2  # expires_at + ttl < now
+    assert tokens(call(http, "w-b")) == {"acme": 2}
+    # the old holder's renewal: lost (absent from leases), and its fenced calls are refused
+    assert tokens(call(http, "w-a", held={"acme": 1})) == {}
+    r = http.post("/update-status", json={"instanceId": "acme", "status": "CONNECTED", "qr_code": None,
+                                          "lease_token": 1})
+    assert r.status_code == 409 and r.json() == {"error": "lease_lost"}
+
+
+def test_an_expired_lease_nobody_took_is_renewed_with_its_token(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    clock.now += TTL * 1.5
+    assert tokens(call(http, "w-a", held={"acme": 1})) == {"acme": 1}
+
+
+def test_a_release_frees_at_once_and_an_old_token_is_ignored(http: httpx.Client) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    call(http, "w-b", capacity=0)
+    assert tokens(call(http, "w-a", held={}, release={"acme": 0})) == {"acme": 1}  # an old token: ignored
+    assert tokens(call(http, "w-b")) == {}
+    assert tokens(call(http, "w-a", release={"acme": 1})) == {}
+    assert tokens(call(http, "w-b")) == {"acme": 2}
+
+
+def test_a_leaving_worker_is_not_counted_so_the_others_take_over_at_once(http: httpx.Client) -> None:
+    for n in range(10):
+        add(http, f"i{n}")
+    fleet = Fleet(http)
+    for w in ("w-a", "w-b"):
+        fleet.call(w, capacity=0)
+    for w in ("w-a", "w-b"):
+        fleet.call(w)
+    assert fleet.counts() == {"w-a": 5, "w-b": 5}
+    # SIGTERM: the last call releases everything and holds nothing
+    assert call(http, "w-a", held={}, release=fleet.held.pop("w-a"))["leases"] == []
+    assert len(fleet.call("w-b")["leases"]) == 10  # the target is 10 again, not 5
+
+
+def test_two_workers_calling_at_once_never_both_get_one_instance(http: httpx.Client, bp: BackgroundProxy,
+                                                                 store: DevStore) -> None:
+    for n in range(40):
+        add(http, f"i{n:02d}")
+    workers = [f"w-{n}" for n in range(8)]
+    answers: dict[str, dict[str, int]] = {w: {} for w in workers}
+    errors: list[BaseException] = []
+
+    def run(worker: str, barrier: threading.Barrier) -> None:
+        try:
+            with httpx.Client(base_url=bp.url, headers=AUTH, timeout=10, trust_env=False) as client:
+                for _ in range(4):
+                    barrier.wait(10)
+                    answers[worker] = tokens(call(client, worker, held=answers[worker]))
+        except (AssertionError, httpx.HTTPError, threading.BrokenBarrierError) as exc:  # the main thread reports it
+            errors.append(exc)
+
+    barrier = threading.Barrier(len(workers))
+    threads = [threading.Thread(target=run, args=(w, barrier)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    granted = [i for held in answers.values() for i in held]
+    assert len(granted) == len(set(granted)) == 40
+    owned = holders(store)
+    assert all(owned[i] == w for w, held in answers.items() for i in held)
+
+
+@pytest.mark.parametrize("body,why", [
+    ({"capacity": 5}, "worker_id"),
+    ({"worker_id": "bad id", "capacity": 5}, "worker_id"),
+    ({"worker_id": "w-a", "capacity": -1}, "capacity"),
+    ({"worker_id": "w-a", "capacity": True}, "capacity"),
+    ({"worker_id": "w-a", "held": [{"instanceId": "acme"}]}, "token"),
+    ({"worker_id": "w-a", "release": [{"instanceId": "../x", "token": 1}]}, "instanceId"),
+    ({"worker_id": "w-a", "held": "acme"}, "held"),
+])
+def test_a_malformed_leases_call_is_a_400(http: httpx.Client, body: dict, why: str) -> None:
+    r = http.post("/leases", json=body)
+    assert r.status_code == 400 and why in r.json()["error"]
+
+
+def test_leases_need_the_bearer(bp: BackgroundProxy) -> None:
+    r = httpx.post(bp.url + "/leases", json={"worker_id": "w-a"}, trust_env=False)
+    assert r.status_code == 401
+
+
+# ---------------------------------------------------------------------------- fencing
+
+
+def connected(http: httpx.Client, iid: str, token: int | None = None) -> httpx.Response:
+    body: dict[str, Any] = {"instanceId": iid, "status": "CONNECTED", "qr_code": None}
+    if token is not None:
+        body["lease_token"] = token
+    return http.post("/update-status", json=body)
+
+
+def queue(http: httpx.Client, iid: str, body: str = "hi") -> str:
+    r = http.post("/dev/messages", json={"instanceId": iid, "to": "5511999990000", "body": body})
+    assert r.status_code == 201, r.text
+    return str(r.json()["message"]["id"])
+
+
+def move(http: httpx.Client, clock: FakeClock, iid: str, old: str, new: str) -> int:
+    """The lease of ``iid`` expires on ``old`` and is granted to ``new``; returns the new token."""
+    clock.now += 2 * TTL + 1
+    granted = tokens(call(http, new))
+    assert iid in granted
+    return granted[iid]
+
+
+def test_status_reports_are_fenced_by_the_lease_token(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    assert connected(http, "acme", 1).status_code == 200
+    assert connected(http, "acme", 0).status_code == 409
+    assert connected(http, "acme").status_code == 200  # no lease fields: single-worker mode
+    assert move(http, clock, "acme", "w-a", "w-b") == 2
+    r = connected(http, "acme", 1)
+    assert r.status_code == 409 and r.json() == {"error": "lease_lost"}
+    assert connected(http, "acme", 2).status_code == 200
+    assert http.post("/update-status", json={"instanceId": "acme", "status": "CONNECTED",
+                                             "lease_token": "x"}).status_code == 400
+
+
+def test_a_stale_claim_is_refused_and_claims_nothing(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    move(http, clock, "acme", "w-a", "w-b")
+    mid = queue(http, "acme")
+    r = http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1})
+    assert r.status_code == 409 and r.json() == {"error": "lease_lost"}
+    assert [m["status"] for m in http.get("/dev/messages").json()["outbound"]] == ["queued"]
+    r = http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 2})
+    assert r.status_code == 200
+    assert [(m["id"], m["lease_token"]) for m in r.json()["messages"]] == [(mid, 2)]
+    assert "prior_claim" not in r.json()["messages"][0]
+
+
+def test_a_claim_on_a_released_or_revoked_lease_is_refused(http: httpx.Client) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    queue(http, "acme")
+    call(http, "w-a", release={"acme": 1})
+    assert http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1}).status_code == 409
+
+
+def test_batch_claims_with_a_worker_id_only_return_its_instances(http: httpx.Client) -> None:
+    for iid in ("a1", "a2", "b1", "free"):
+        add(http, iid)
+    r = http.post("/leases", headers={"X-Worker-Id": "w-a"}, json={"worker_id": "w-a", "capacity": 2})
+    mine = tokens(r.json())
+    assert set(mine) == {"a1", "a2"}
+    call(http, "w-b", capacity=1)
+    for iid in ("a1", "a2", "b1", "free"):
+        assert connected(http, iid).status_code == 200
+        queue(http, iid)
+    r = http.get("/queued-messages", headers={"X-Worker-Id": "w-a"})
+    assert r.status_code == 200
+    got = {(m["instanceId"], m["lease_token"]) for m in r.json()["messages"]}
+    assert got == {("a1", mine["a1"]), ("a2", mine["a2"])}
+    # without X-Worker-Id: single-worker batch mode, as today (every connected instance)
+    rest = http.get("/queued-messages").json()["messages"]
+    assert {m["instanceId"] for m in rest} == {"b1", "free"}
+    assert all("lease_token" not in m for m in rest)
+
+
+def test_an_ack_with_the_claim_token_is_accepted_after_the_lease_moved(
+        http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    connected(http, "acme", 1)
+    sent_id, failed_id, other_id = queue(http, "acme", "one"), queue(http, "acme", "two"), queue(http, "acme", "3")
+    claimed = http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1}).json()["messages"]
+    assert [m["lease_token"] for m in claimed] == [1, 1, 1]
+    move(http, clock, "acme", "w-a", "w-b")
+    # the truth about its own send is never refused, even though the lease is w-b's now
+    r = http.post("/mark-sent", json={"messageId": sent_id, "wa_message_id": "WA1", "lease_token": 1})
+    assert r.status_code == 200 and r.json()["status"] == "sent"
+    r = http.post("/mark-failed", json={"messageId": failed_id, "error": "x", "lease_token": 1})
+    assert r.status_code == 200 and r.json()["status"] == "failed"
+    # a token it was never claimed under: refused
+    r = http.post("/mark-sent", json={"messageId": other_id, "wa_message_id": "WA3", "lease_token": 2})
+    assert r.status_code == 409 and r.json() == {"error": "lease_lost"}
+    r = http.post("/mark-failed", json={"messageId": other_id, "error": "x", "lease_token": 7})
+    assert r.status_code == 409
+    # no lease fields: as today
+    assert http.post("/mark-sent", json={"messageId": other_id, "wa_message_id": "WA3"}).status_code == 200
+
+
+def test_facts_are_never_refused_for_their_token(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    move(http, clock, "acme", "w-a", "w-b")
+    r = http.post("/inbound", json={"instanceId": "acme", "wa_message_id": "IN1", "from": "5511988887777",
+                                    "body": "oi", "lease_token": 1})
+    assert r.status_code == 200 and r.json()["duplicate"] is False
+    r = http.post("/message-status", json={"statuses": [{"instanceId": "acme", "wa_message_id": "X",
+                                                         "status": "read"}], "lease_token": 1})
+    assert r.status_code == 200
+    r = http.post("/upload-media", params={"instanceId": "acme", "wa_message_id": "IN1", "lease_token": "1"},
+                  content=b"\x89PNG\r\n\x1a\n" + b"0" * 64, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+
+
+# ---------------------------------------------------------------------------- claims that outlive their lease
+
+
+def test_a_claim_left_by_a_lost_lease_is_offered_again_with_prior_claim(
+        http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    connected(http, "acme", 1)
+    mid = queue(http, "acme")
+    assert [m["id"] for m in http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1})
+            .json()["messages"]] == [mid]
+    # the same holder asks again: not offered twice
+    assert http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1}).json()["messages"] == []
+    move(http, clock, "acme", "w-a", "w-b")
+    again = http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 2}).json()["messages"]
+    assert [(m["id"], m["lease_token"], m.get("prior_claim")) for m in again] == [(mid, 2, True)]
+    # the dead holder's late acknowledgement is still the truth about its send
+    r = http.post("/mark-sent", json={"messageId": mid, "wa_message_id": "WA1", "lease_token": 1})
+    assert r.status_code == 200 and r.json()["status"] == "sent"
+    r = http.post("/mark-failed", json={"messageId": mid, "error": "delivery unknown",
+                                        "error_code": "delivery_unknown", "lease_token": 2})
+    assert r.status_code == 200 and r.json()["status"] == "sent"  # never overrides sent
+
+
+def test_a_batch_claim_after_a_move_carries_prior_claim(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    connected(http, "acme", 1)
+    mid = queue(http, "acme")
+    assert len(http.get("/queued-messages", headers={"X-Worker-Id": "w-a"}).json()["messages"]) == 1
+    move(http, clock, "acme", "w-a", "w-b")
+    assert http.get("/queued-messages", headers={"X-Worker-Id": "w-a"}).json()["messages"] == []
+    again = http.get("/queued-messages", headers={"X-Worker-Id": "w-b"}).json()["messages"]
+    assert [(m["id"], m["lease_token"], m.get("prior_claim")) for m in again] == [(mid, 2, True)]
+
+
+def test_the_dev_store_migrates_to_version_7(tmp_path: Path, clock: FakeClock) -> None:
+    s = DevStore(tmp_path / "p.db", clock=clock)
+    s.close()
+    raw = sqlite3.connect(tmp_path / "p.db")
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 7
+        cols = {r[1] for r in raw.execute("PRAGMA table_info(instances)")}
+        assert {"lease_token", "lease_holder", "lease_expires_at", "lease_revoked"} <= cols
+    finally:
+        raw.close()
+
+
+def test_the_dev_api_shows_the_lease_holder(http: httpx.Client) -> None:
+    add(http, "acme")
+    add(http, "never")
+    call(http, "w-a", capacity=1)
+    shown = {i["id"]: i["lease"] for i in http.get("/dev/instances").json()["instances"]}
+    assert shown["never"] is None
+    assert shown["acme"]["holder"] == "w-a" and shown["acme"]["token"] == 1 and shown["acme"]["revoked"] is False

@@ -1,0 +1,114 @@
+"""The dev proxy's fleet routes (docs/proxy-contract.md, "Leases and fencing" and "GET /events").
+
+    POST /leases   {"worker_id", "capacity", "held": [{"instanceId", "token"}], "release": [...]}
+                   → {"ttl_s", "leases": [{"instanceId", "token"} | a grant with the discovery fields]}
+    GET  /events?wait=<s>&cursor=<c>   (X-Worker-Id) → {"events": [...], "cursor": "..."}
+
+The rules live in :mod:`wa_worker.dev.leasing` (one SQLite transaction per call)
+and :mod:`wa_worker.dev.events` (the long poll).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from aiohttp import web
+
+from ..http.common import read_json_object
+from ..ids import is_valid_instance_id
+from .events import MAX_EVENT_WAIT_S, BadCursor, TooManyWaiters
+from .leasing import WORKER_ID_RE, LeaseRequest
+from .proxy import MAX_REQUEST_BYTES, PROXY_KEY, ApiError, DevProxy, worker_header
+
+MAX_LEASE_ITEMS = 10_000
+MAX_CAPACITY = 1_000_000
+DEFAULT_CAPACITY = 500
+
+
+def _lease_items(data: dict[str, Any], key: str) -> tuple[tuple[str, int], ...]:
+    items = data.get(key) or []
+    if not isinstance(items, list) or len(items) > MAX_LEASE_ITEMS:
+        raise ApiError(400, f"{key} must be a list of at most {MAX_LEASE_ITEMS} items")
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or not is_valid_instance_id(item.get("instanceId")):
+            raise ApiError(400, f"each {key} item needs a valid instanceId")
+        token = item.get("token")
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < 2**63:
+            raise ApiError(400, f"each {key} item needs its token (a non-negative integer)")
+        out.append((item["instanceId"], token))
+    return tuple(out)
+
+
+def _request(data: dict[str, Any], header: str | None) -> LeaseRequest:
+    worker_id = data.get("worker_id")
+    if not isinstance(worker_id, str) or not WORKER_ID_RE.fullmatch(worker_id):
+        raise ApiError(400, "worker_id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    if header is not None and header != worker_id:
+        raise ApiError(400, "X-Worker-Id and worker_id differ")
+    capacity = data.get("capacity", DEFAULT_CAPACITY)
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or not 0 <= capacity <= MAX_CAPACITY:
+        raise ApiError(400, f"capacity must be an integer between 0 and {MAX_CAPACITY}")
+    return LeaseRequest(worker_id, capacity, _lease_items(data, "held"), _lease_items(data, "release"))
+
+
+def _seconds(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+async def leases(request: web.Request) -> web.Response:
+    """``POST /leases``: renew, release, grant (fair share) and revoke, in one transaction."""
+    proxy: DevProxy = request.app[PROXY_KEY]
+    req = _request(await read_json_object(request, max_bytes=MAX_REQUEST_BYTES), worker_header(request))
+    answer = proxy.store.lease(req, proxy.lease_ttl_s)
+    proxy.leases_called(req.worker_id)
+    proxy.notify_leases(answer.notify)
+    for iid in answer.granted:
+        proxy.emit("lease", iid, holder=req.worker_id, change="granted")
+    for iid in answer.revoked:
+        proxy.emit("lease", iid, holder=req.worker_id, change="revoked")
+    for iid in answer.released:
+        proxy.emit("lease", iid, holder=req.worker_id, change="released")
+    return web.json_response({"ttl_s": _seconds(proxy.lease_ttl_s), "leases": answer.leases})
+
+
+def _wait(raw: str | None) -> float:
+    if raw is None:
+        return MAX_EVENT_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, "wait must be a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise ApiError(400, "wait must be a number of seconds")
+    return min(value, MAX_EVENT_WAIT_S)
+
+
+async def events(request: web.Request) -> web.Response:
+    """``GET /events``: a long poll for queued work and lease changes (:mod:`wa_worker.dev.events`)."""
+    proxy: DevProxy = request.app[PROXY_KEY]
+    worker = worker_header(request)
+    wait_s = _wait(request.query.get("wait"))
+
+    def alive() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    def resync(worker_id: str | None, limit: int) -> list[dict[str, Any]]:
+        queued = [{"type": "queued", "instanceId": i} for i in proxy.store.leased_with_queued(worker_id, limit)]
+        return ([{"type": "leases"}] if worker_id is not None else []) + queued[:limit - 1]
+
+    try:
+        answer = await proxy.events.wait(worker, request.query.get("cursor"), wait_s, alive=alive, resync=resync)
+    except BadCursor as exc:
+        raise ApiError(400, str(exc)) from None
+    except TooManyWaiters:
+        return web.json_response({"error": "too many waiting /events calls; retry later"}, status=503,
+                                 headers={"Retry-After": "1"})
+    return web.json_response(answer)
+
+
+def add_fleet_routes(app: web.Application) -> None:
+    app.router.add_post("/leases", leases)
+    app.router.add_get("/events", events)
