@@ -422,7 +422,10 @@ class WaDb:
             self.psql(path.read_text())
 
     def reset(self) -> None:
-        self.psql("truncate " + ", ".join(f"public.{t}" for t in self.TABLES) + " cascade;")
+        self.psql("truncate " + ", ".join(f"public.{t}" for t in self.TABLES) + " cascade;\n"
+                  # the fleet's workers (20261128000000_wa_worker_leases.sql), where migrated
+                  "do $$ begin if to_regclass('public.wa_workers') is not null then "
+                  "truncate public.wa_workers; end if; end $$;")
 
     # -- instances
     def insert_instance(self, instance_id: str, status: str = "DISCONNECTED", priority: int = 0,

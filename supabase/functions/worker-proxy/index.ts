@@ -19,6 +19,15 @@
 //   POST /upload-media?instanceId=<id>&wa_message_id=<wa id>   (raw bytes)
 //   POST /message-status
 //   GET  /instance-settings[?since=<cursor>]   (settings / proxy_url changes; 20261127000000_…)
+//   POST /leases                               (a fleet: 20261128000000_wa_worker_leases.sql)
+//   GET  /events?wait=<s>[&cursor=<c>]         (long poll: LISTEN/NOTIFY)
+//
+// Leases and fencing (docs/proxy-contract.md, "Leases and fencing"): POST /leases grants,
+// renews, revokes and releases instances in one transaction (public.wa_lease_call). Calls
+// carrying a `lease_token` are checked against it: /update-status and claims need the
+// instance's current token, /mark-sent and /mark-failed the token the message was claimed
+// under; a stale one is a 409 {"error":"lease_lost"}. /inbound, /message-status and
+// /upload-media are facts and never refused for it. Without lease fields nothing changes.
 //
 // Media (issue #11) lives in a private Storage bucket (WORKER_MEDIA_BUCKET):
 // an outbound row's media_path is handed to the worker as a short-lived
@@ -43,12 +52,18 @@
 //   WORKER_MEDIA_BUCKET    the private bucket for media ("wa-media")
 //   MEDIA_SIGNED_URL_SECONDS  lifetime of the signed URLs handed to the worker (600)
 //   WORKER_MEDIA_MAX_BYTES largest /upload-media body (67108864)
+//   WORKER_LEASE_TTL_SECONDS  lease TTL handed to the workers (30); free one TTL after expiry
+//   WORKER_EVENTS_MAX_WAIT_SECONDS  cap of GET /events?wait (25; the edge runtime's wall clock
+//                          limit is 150 s per request on the free plan, 400 s on paid plans)
+//   WORKER_PROXY_LISTEN_DB_URL  a session connection for LISTEN (default SUPABASE_DB_URL; set it
+//                          when SUPABASE_DB_URL goes through a transaction-mode pooler)
 //   WORKER_PROXY_PORT      local runs only: listen on this port (0 = any)
 //   WORKER_PROXY_HOSTNAME  local runs only: listen address (127.0.0.1)
 
 import postgres from "postgres";
 
 const INSTANCE_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$/;
+const WORKER_ID_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const INSTANCE_STATUSES = ["CONNECTING", "CONNECTED", "DISCONNECTED"];
 
@@ -69,6 +84,12 @@ function envInt(name: string, fallback: number): number {
 }
 
 const LEASE_SECONDS = envInt("CLAIM_LEASE_SECONDS", 300);
+const LEASE_TTL_S = envInt("WORKER_LEASE_TTL_SECONDS", 30);
+const LEASE_GRANTS_PER_CALL = 5;
+const MAX_LEASE_ITEMS = 10_000; // held / release entries per call
+const MAX_CAPACITY = 100_000;
+const EVENTS_MAX_WAIT_S = envInt("WORKER_EVENTS_MAX_WAIT_SECONDS", 25);
+const EVENTS_CHANNEL = "wa_worker_events";
 const MEDIA_BUCKET = Deno.env.get("WORKER_MEDIA_BUCKET") || "wa-media";
 const SIGNED_URL_SECONDS = envInt("MEDIA_SIGNED_URL_SECONDS", 600);
 const MEDIA_MAX_BYTES = envInt("WORKER_MEDIA_MAX_BYTES", 64 * 1024 * 1024);
@@ -255,6 +276,28 @@ function limitParam(url: URL): number {
   return Math.min(n, MAX_LIMIT);
 }
 
+// The fencing token of an instance-scoped call (a body field or a query parameter); null
+// when absent: the call is then not checked (a worker without leases).
+function leaseToken(value: unknown): number | null {
+  if (value === undefined || value === null || value === "") return null;
+  const n = typeof value === "string" && /^[0-9]{1,16}$/.test(value) ? Number(value) : value;
+  if (typeof n !== "number" || !Number.isSafeInteger(n) || n < 0) {
+    throw bad("lease_token must be a non-negative integer");
+  }
+  return n;
+}
+
+// X-Worker-Id (sent by a worker with leases on); null when absent.
+function workerIdHeader(req: Request): string | null {
+  const raw = (req.headers.get("x-worker-id") ?? "").trim();
+  if (raw === "") return null;
+  if (!WORKER_ID_RE.test(raw)) throw bad("X-Worker-Id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$");
+  return raw;
+}
+
+// A stale fencing token: the worker no longer holds the instance (or never claimed the message).
+const leaseLost = () => new HttpError(409, "lease_lost");
+
 // --------------------------------------------------------------- storage
 // Supabase Storage's object API (what supabase-js calls):
 //   POST {SUPABASE_URL}/storage/v1/object/<bucket>/<path>       upload (x-upsert: true overwrites)
@@ -396,8 +439,10 @@ async function updateStatus(req: Request): Promise<Response> {
   const banExpires = optionalTimestamp(body, "ban_expires_at");
   // a pairing code (with CONNECTING, when the row has pair_phone): kept while CONNECTING
   const pairCode = optionalString(body, "pair_code", 64);
+  const token = leaseToken(body.lease_token);
 
-  const rows = await db()`
+  const sql = db();
+  const rows = await sql`
     update public.wa_instances set
       status = ${status},
       qr_code = case
@@ -410,20 +455,33 @@ async function updateStatus(req: Request): Promise<Response> {
       pair_code = case when ${status}::text = 'CONNECTING' then coalesce(${pairCode}::text, pair_code) else null end,
       ban_expires_at = case when ${banExpires}::float8 is null then null else to_timestamp(${banExpires}::float8) end
     where id = ${id}
+      and (${token}::bigint is null or (lease_token = ${token}::bigint and not lease_released))
     returning id, status`;
-  if (rows.length === 0) throw new HttpError(404, "unknown instance");
+  if (rows.length === 0) {
+    const found = await sql`select 1 from public.wa_instances where id = ${id}`;
+    throw found.length === 0 ? new HttpError(404, "unknown instance") : leaseLost();
+  }
   return json(200, { ok: true, id: rows[0].id, status: rows[0].status });
 }
 
 // GET /queued-messages?instanceId=<id> → claims the instance's queued
 // messages (and 'sending' claims older than the lease), oldest first.
 // Without instanceId (batch mode): the same over every CONNECTED instance.
-async function queuedMessages(_req: Request, url: URL): Promise<Response> {
+//
+// With leases: `lease_token=<n>` must be the instance's current token (else 409
+// lease_lost, nothing claimed); batch mode with X-Worker-Id claims only for the
+// instances leased to that worker. Each claim records its token (claim_token) and
+// each message then carries lease_token; a 'sending' claim made under another
+// token is offered again at once (the lease moved: its holder stopped) with
+// "prior_claim": true, as is one under no token once older than CLAIM_LEASE_SECONDS.
+async function queuedMessages(req: Request, url: URL): Promise<Response> {
   const limit = limitParam(url);
   const raw = url.searchParams.get("instanceId");
+  const token = leaseToken(url.searchParams.get("lease_token"));
+  const worker = raw === null ? workerIdHeader(req) : null;
   const sql = db();
   let rows;
-  if (raw === null) {
+  if (raw === null && worker === null) {
     rows = await sql`
       with picked as (
         select m.id
@@ -444,33 +502,79 @@ async function queuedMessages(_req: Request, url: URL): Promise<Response> {
         limit ${MAX_BATCH}
       ), claimed as (
         update public.wa_outbound o
-        set status = 'sending', claimed_at = now(), attempts = o.attempts + 1
+        set status = 'sending', claimed_at = now(), attempts = o.attempts + 1, claim_token = null
         from picked
         where o.id = picked.id
         returning o.*
       )
       select * from claimed order by created_at, seq`;
+  } else if (raw === null) {
+    // batch mode with leases: this worker's live leases only, each claim under its token
+    rows = await sql`
+      with picked as (
+        select m.id, m.prev_status, m.prev_claim, i.lease_token as tok
+        from public.wa_instances i
+        cross join lateral (
+          select o.id, o.created_at, o.seq, o.status as prev_status, o.claim_token as prev_claim
+          from public.wa_outbound o
+          where o.instance_id = i.id
+            and (o.status = 'queued'
+                 or (o.status = 'sending'
+                     and (o.claimed_at < now() - make_interval(secs => ${LEASE_SECONDS})
+                          or o.claim_token <> i.lease_token)))
+          order by o.created_at, o.seq
+          limit ${limit}
+          for update of o skip locked
+        ) m
+        where i.status = 'CONNECTED' and i.lease_worker = ${worker}
+          and not i.lease_released and not i.lease_revoked and i.lease_expires_at > now()
+        order by m.created_at, m.seq
+        limit ${MAX_BATCH}
+      ), claimed as (
+        update public.wa_outbound o
+        set status = 'sending', claimed_at = now(), attempts = o.attempts + 1, claim_token = picked.tok,
+            prior_claim_token = case when picked.prev_status = 'sending' then picked.prev_claim
+                                     else o.prior_claim_token end
+        from picked
+        where o.id = picked.id
+        returning o.*, picked.prev_status = 'sending' and picked.prev_claim is distinct from picked.tok as prior_claim
+      )
+      select * from claimed order by created_at, seq`;
   } else {
     const id = instanceId(raw);
     rows = await sql.begin(async (tx) => {
-      const found = await tx`select 1 from public.wa_instances where id = ${id}`;
-      if (found.length === 0) throw new HttpError(404, "unknown instance");
+      if (token === null) {
+        const found = await tx`select 1 from public.wa_instances where id = ${id}`;
+        if (found.length === 0) throw new HttpError(404, "unknown instance");
+      } else {
+        // the lease is checked and the claim made in one transaction; FOR SHARE holds off a grant meanwhile
+        const found = await tx`
+          select lease_token = ${token}::bigint and not lease_released and not lease_revoked
+                 and lease_expires_at > now() as current
+          from public.wa_instances where id = ${id} for share`;
+        if (found.length === 0) throw new HttpError(404, "unknown instance");
+        if (found[0].current !== true) throw leaseLost();
+      }
       return await tx`
         with picked as (
-          select id from public.wa_outbound
+          select id, status as prev_status, claim_token as prev_claim from public.wa_outbound
           where instance_id = ${id}
             and (status = 'queued'
                  or (status = 'sending'
-                     and claimed_at < now() - make_interval(secs => ${LEASE_SECONDS})))
+                     and (claimed_at < now() - make_interval(secs => ${LEASE_SECONDS})
+                          or claim_token <> ${token}::bigint)))
           order by created_at, seq
           limit ${limit}
           for update skip locked
         ), claimed as (
           update public.wa_outbound o
-          set status = 'sending', claimed_at = now(), attempts = o.attempts + 1
+          set status = 'sending', claimed_at = now(), attempts = o.attempts + 1, claim_token = ${token}::bigint,
+              prior_claim_token = case when picked.prev_status = 'sending' and ${token}::bigint is not null
+                                       then picked.prev_claim else o.prior_claim_token end
           from picked
           where o.id = picked.id
-          returning o.*
+          returning o.*, picked.prev_status = 'sending' and picked.prev_claim is distinct from ${token}::bigint
+                         as prior_claim
         )
         select * from claimed order by created_at, seq`;
     });
@@ -488,6 +592,10 @@ async function queuedMessages(_req: Request, url: URL): Promise<Response> {
 // only the content fields the row has (a text row is exactly a v1 record).
 async function queuedMessage(sql: Sql, r: postgres.Row): Promise<Json | null> {
   const m: Json = { id: r.id, instanceId: r.instance_id, to: r.to, body: r.body };
+  if (r.claim_token !== null && r.claim_token !== undefined) {
+    m.lease_token = Number(r.claim_token);
+    if (r.prior_claim === true) m.prior_claim = true;
+  }
   const copy: [string, string][] = [
     ["type", "type"], ["media_url", "media_url"], ["mimetype", "mimetype"], ["filename", "filename"],
     ["reply_to", "reply_to"], ["reaction", "reaction"], ["latitude", "latitude"], ["longitude", "longitude"],
@@ -522,13 +630,17 @@ async function queuedMessage(sql: Sql, r: postgres.Row): Promise<Json | null> {
   return m;
 }
 
-// POST /mark-sent {messageId, wa_message_id}. Idempotent; 'sent' is terminal
-// (it also overrides an earlier 'failed': the worker knows best).
+// POST /mark-sent {messageId, wa_message_id, lease_token?}. Idempotent; 'sent' is terminal
+// (it also overrides an earlier 'failed': the worker knows best). With lease_token: accepted
+// when it is the token the message was claimed under, even if the lease moved since (or the
+// one of the claim a re-offer replaced: the truth about a send is never refused), else 409.
 async function markSent(req: Request): Promise<Response> {
   const body = await readJson(req);
   const id = messageId(body.messageId);
   const waId = optionalString(body, "wa_message_id", MAX_SHORT);
-  const rows = await db()`
+  const token = leaseToken(body.lease_token);
+  const sql = db();
+  const rows = await sql`
     update public.wa_outbound set
       status = 'sent',
       wa_message_id = coalesce(${waId}::text, wa_message_id),
@@ -536,14 +648,20 @@ async function markSent(req: Request): Promise<Response> {
       error = null,
       error_code = null
     where id = ${id}::uuid
+      and (${token}::bigint is null or claim_token = ${token}::bigint or prior_claim_token = ${token}::bigint)
     returning status`;
   // An unknown id is answered 200 (nothing left to do) so that the worker
   // stops retrying a row the SaaS deleted.
-  if (rows.length === 0) return json(200, { ok: true, found: false });
+  if (rows.length === 0) {
+    const found = token === null ? [] : await sql`select 1 from public.wa_outbound where id = ${id}::uuid`;
+    if (found.length > 0) throw leaseLost();
+    return json(200, { ok: true, found: false });
+  }
   return json(200, { ok: true, found: true, status: "sent" });
 }
 
-// POST /mark-failed {messageId, error, error_code?}. Never overrides 'sent'.
+// POST /mark-failed {messageId, error, error_code?, lease_token?}. Never overrides 'sent'.
+// With lease_token: only the token the message was claimed under (else 409).
 async function markFailed(req: Request): Promise<Response> {
   const body = await readJson(req, ["error"]); // a diagnostic: repaired rather than refused
   const id = messageId(body.messageId);
@@ -551,16 +669,18 @@ async function markFailed(req: Request): Promise<Response> {
   if (error.length > MAX_ERROR) error = error.slice(0, MAX_ERROR).toWellFormed(); // never half a pair
   const errorCode = optionalString(body, "error_code", 64);
   if (errorCode !== null && !ERROR_CODE_RE.test(errorCode)) throw bad("error_code must be a lower_snake_case code");
+  const token = leaseToken(body.lease_token);
   const sql = db();
   const rows = await sql`
     update public.wa_outbound set status = 'failed', error = ${error}, error_code = ${errorCode}::text
-    where id = ${id}::uuid and status <> 'sent'
+    where id = ${id}::uuid and status <> 'sent' and (${token}::bigint is null or claim_token = ${token}::bigint)
     returning status`;
   if (rows.length > 0) return json(200, { ok: true, found: true, status: "failed" });
   const existing = await sql`select status from public.wa_outbound where id = ${id}::uuid`;
   // Never 404 here: the worker reads a 404 from /mark-failed as "endpoint
   // not implemented" and stops calling it.
   if (existing.length === 0) return json(200, { ok: true, found: false });
+  if (token !== null && existing[0].status !== "sent") throw leaseLost();
   return json(200, { ok: true, found: true, status: existing[0].status, ignored: true });
 }
 
@@ -769,6 +889,180 @@ async function messageStatus(req: Request): Promise<Response> {
   return json(200, { ok: true, changed });
 }
 
+// ------------------------------------------------------------------ leases
+
+type LeaseItem = { instanceId: string; token: number };
+
+function leaseItems(body: Json, field: string): LeaseItem[] {
+  const value = body[field];
+  if (value === undefined || value === null) return [];
+  if (!Array.isArray(value) || value.length > MAX_LEASE_ITEMS) {
+    throw bad(`${field} must be a list of at most ${MAX_LEASE_ITEMS} {instanceId, token}`);
+  }
+  return value.map((item, i) => {
+    if (typeof item !== "object" || item === null || Array.isArray(item)) throw bad(`${field}[${i}] must be an object`);
+    const it = item as Json;
+    const token = it.token;
+    if (typeof token !== "number" || !Number.isSafeInteger(token) || token < 1) {
+      throw bad(`${field}[${i}].token must be a positive integer`);
+    }
+    return { instanceId: instanceId(it.instanceId, `${field}[${i}].instanceId`), token };
+  });
+}
+
+// POST /leases {worker_id, capacity, held: [{instanceId, token}], release: [...]} →
+// {"ttl_s", "leases": [...]}: the complete set the worker holds after this call, in one
+// transaction (public.wa_lease_call): releases, renewals, revocations (fair share) and at
+// most LEASE_GRANTS_PER_CALL grants, highest priority first. A new grant carries the
+// discovery fields (priority, settings, proxy_url, pair_phone).
+async function leases(req: Request): Promise<Response> {
+  const body = await readJson(req);
+  const worker = body.worker_id;
+  if (typeof worker !== "string" || !WORKER_ID_RE.test(worker)) {
+    throw bad("worker_id must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$");
+  }
+  const capacity = body.capacity;
+  if (typeof capacity !== "number" || !Number.isSafeInteger(capacity) || capacity < 0 || capacity > MAX_CAPACITY) {
+    throw bad(`capacity must be an integer from 0 to ${MAX_CAPACITY}`);
+  }
+  const held = leaseItems(body, "held");
+  const release = leaseItems(body, "release");
+  const sql = db();
+  const rows = await sql`
+    select * from public.wa_lease_call(${worker}, ${capacity}::integer,
+      ${sql.json(held as postgres.JSONValue)}, ${sql.json(release as postgres.JSONValue)},
+      ${LEASE_TTL_S}::integer, ${LEASE_GRANTS_PER_CALL}::integer)`;
+  return json(200, {
+    ttl_s: LEASE_TTL_S,
+    leases: rows.map((r) =>
+      r.granted
+        ? {
+          instanceId: r.instance_id, token: Number(r.token), priority: r.priority,
+          settings: r.settings ?? null, proxy_url: r.proxy_url ?? null, pair_phone: r.pair_phone ?? null,
+        }
+        : { instanceId: r.instance_id, token: Number(r.token) }
+    ),
+  });
+}
+
+// ------------------------------------------------------------------ events
+// GET /events?wait=<s>&cursor=<c> (X-Worker-Id) → {"events": [...], "cursor"}. One LISTEN
+// connection per isolate wakes the waiting polls; what a poll answers is read from the tables,
+// never from the notifications: queued rows made 'queued' by a transaction the cursor's
+// snapshot did not see (wa_outbound.queued_xact) of the worker's instances, and "leases" when
+// wa_fleet_state.lease_version moved. So a notification lost (between polls, or while the
+// LISTEN connection reconnects) is found by the next poll. Cursor: "<lease_version>.<pg_snapshot>".
+
+type Waiter = (payload: string) => void;
+const waiters = new Set<Waiter>();
+let listening: Promise<void> | null = null;
+
+function listenForEvents(): Promise<void> {
+  if (listening === null) {
+    const url = Deno.env.get("WORKER_PROXY_LISTEN_DB_URL") || Deno.env.get("SUPABASE_DB_URL");
+    if (!url) throw new HttpError(500, "SUPABASE_DB_URL is not set");
+    // postgres.js keeps this connection and LISTENs again after a reconnect
+    const listener = postgres(url, { max: 1, prepare: false, connect_timeout: 10, onnotice: () => {} });
+    listening = listener.listen(EVENTS_CHANNEL, (payload) => {
+      for (const waiter of [...waiters]) waiter(payload);
+    }).then(() => {}, (e) => {
+      listening = null;
+      listener.end({ timeout: 1 }).catch(() => {});
+      throw e;
+    });
+  }
+  return listening;
+}
+
+const CURSOR_RE = /^([0-9]{1,19})\.([0-9]{1,20}:[0-9]{1,20}:[0-9,]{0,65536})$/;
+
+type EventsCursor = { version: string; snapshot: string };
+type EventsState = { cursor: EventsCursor; held: Set<string>; events: Json[] };
+
+// The state now, and what changed since `since` (nothing without one).
+async function eventsSince(sql: Sql, worker: string | null, since: EventsCursor | null): Promise<EventsState> {
+  const [row] = await sql`
+    select (select lease_version from public.wa_fleet_state where id = 1)::text as version,
+           pg_current_snapshot()::text as snapshot,
+           coalesce((select array_agg(i.id) from public.wa_instances i
+                     where i.lease_worker = ${worker}::text and not i.lease_released and not i.lease_revoked),
+                    '{}') as held,
+           case when ${since?.snapshot ?? null}::text is null then '{}'::text[] else coalesce((
+             select array_agg(distinct o.instance_id order by o.instance_id) from public.wa_outbound o
+             where o.status = 'queued' and o.queued_xact is not null
+               and not pg_visible_in_snapshot(o.queued_xact, ${since?.snapshot ?? null}::text::pg_snapshot)
+               and (${worker}::text is null or exists (
+                 select 1 from public.wa_instances i
+                 where i.id = o.instance_id and i.lease_worker = ${worker}::text
+                   and not i.lease_released and not i.lease_revoked))
+           ), '{}') end as queued`;
+  const events: Json[] = (row.queued as string[]).map((id) => ({ type: "queued", instanceId: id }));
+  const version = String(row.version ?? "0");
+  if (since !== null && BigInt(version) > BigInt(since.version)) events.push({ type: "leases" });
+  return { cursor: { version, snapshot: row.snapshot }, held: new Set(row.held as string[]), events };
+}
+
+function eventsAnswer(state: EventsState): Response {
+  return json(200, { events: state.events, cursor: `${state.cursor.version}.${state.cursor.snapshot}` });
+}
+
+// long: the wait loop reads best in one piece
+async function events(req: Request, url: URL): Promise<Response> {
+  const worker = workerIdHeader(req);
+  const rawWait = url.searchParams.get("wait");
+  const wantWait = rawWait === null || rawWait === "" ? EVENTS_MAX_WAIT_S : Number(rawWait);
+  if (!Number.isFinite(wantWait) || wantWait < 0) throw bad("wait must be a number of seconds");
+  const waitMs = Math.min(wantWait, EVENTS_MAX_WAIT_S) * 1000;
+  const rawCursor = url.searchParams.get("cursor");
+  let since: EventsCursor | null = null;
+  if (rawCursor !== null && rawCursor !== "") {
+    const m = CURSOR_RE.exec(rawCursor);
+    if (m === null) throw bad("cursor must be one this function gave");
+    since = { version: m[1], snapshot: m[2] };
+  }
+  const deadline = Date.now() + waitMs;
+  const sql = db();
+  let held = new Set<string>();
+  let woken = false;
+  let wake = () => {};
+  const waiter: Waiter = (payload) => {
+    if (payload === "l" || (payload.startsWith("q:") && (worker === null || held.has(payload.slice(2))))) {
+      woken = true;
+      wake();
+    }
+  };
+  waiters.add(waiter);
+  try {
+    await listenForEvents(); // listening before the first read: nothing falls in between
+    const start = await eventsSince(sql, worker, since);
+    if (start.events.length > 0 || waitMs === 0) return eventsAnswer(start);
+    held = start.held;
+    for (;;) {
+      const left = deadline - Date.now();
+      if (!woken && left > 0 && !req.signal.aborted) {
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, left);
+          const done = () => {
+            clearTimeout(timer);
+            req.signal.removeEventListener("abort", done);
+            resolve();
+          };
+          wake = done;
+          req.signal.addEventListener("abort", done);
+        });
+        wake = () => {};
+      }
+      woken = false;
+      // everything since the start of this poll: the answer's cursor covers it all
+      const now = await eventsSince(sql, worker, start.cursor);
+      held = now.held;
+      if (now.events.length > 0 || Date.now() >= deadline || req.signal.aborted) return eventsAnswer(now);
+    }
+  } finally {
+    waiters.delete(waiter);
+  }
+}
+
 const ROUTES: Record<string, Record<string, Handler>> = {
   "disconnected-instances": { GET: disconnectedInstances },
   "update-status": { POST: updateStatus },
@@ -779,6 +1073,8 @@ const ROUTES: Record<string, Record<string, Handler>> = {
   "upload-media": { POST: uploadMedia },
   "message-status": { POST: messageStatus },
   "instance-settings": { GET: instanceSettings },
+  "leases": { POST: leases },
+  "events": { GET: events },
 };
 
 // ---------------------------------------------------------------- server
