@@ -559,9 +559,6 @@ class DevStore:
                 out.append(item)
         return out
 
-    @_changes
-    def mark_sent(self, message_id: str, wa_message_id: str | None) -> tuple[dict[str, Any], bool]:
-        """Mark a message sent (terminal, idempotent). Returns (message, changed)."""
     def _check_ack(self, message_id: str, lease_token: int | None) -> sqlite3.Row:
         """The message's row; :class:`LeaseLost` when ``lease_token`` is given and the message was
         claimed under leases but never under that token (the caller holds ``self._lock``)."""
@@ -573,6 +570,7 @@ class DevStore:
             raise LeaseLost(message_id)
         return row
 
+    @_changes
     def mark_sent(self, message_id: str, wa_message_id: str | None,
                   lease_token: int | None = None) -> tuple[dict[str, Any], bool]:
         """Mark a message sent (terminal, idempotent). Returns (message, changed).
