@@ -7,6 +7,11 @@ succeeds, so a worker that re-sends on a lost acknowledgement is caught. With
 per call), like the Supabase kit's ``queued -> sending`` (the benchmarks). Faults
 are injected per endpoint (``fail``: next N calls answer 500; ``hang``: next N
 calls sleep past the client's timeout; ``status``: a fixed answer).
+
+With ``lease_book`` set (:class:`tests.fakeleases.LeaseBook`) it is a fleet proxy: ``POST /leases``,
+fencing of instance-scoped calls (409 ``lease_lost``), claim tokens, ``prior_claim``; each message is
+handed out once per lease token (re-offered, with ``prior_claim``, only after the lease moved).
+Without it ``/leases`` is a 404, as on every proxy before leases.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tests.fakeleases import LeaseBook
 
 SECRET = "test-secret-0123456789"
 
@@ -68,6 +75,11 @@ class FakeProxy:
     instance_settings: dict[str, tuple[int, dict[str, Any]]] | None = None
     settings_since: list[str | None] = field(default_factory=list)  # the ?since= of every call
     settings_delay_s: float = 0.0  # each /instance-settings answer takes this long
+    lease_book: LeaseBook | None = None  # a fleet proxy (see the module docstring)
+    lease_calls: list[dict[str, Any]] = field(default_factory=list)  # every POST /leases body
+    lease_answers: list[dict[str, Any]] = field(default_factory=list)
+    worker_ids: dict[str, set[str | None]] = field(default_factory=lambda: defaultdict(set))  # endpoint -> X-Worker-Id
+    tokens_seen: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))  # endpoint -> lease_token
     url: str = ""
     _runner: web.AppRunner | None = None
     _inbound_keys: set[tuple[str, str]] = field(default_factory=set)
@@ -116,6 +128,7 @@ class FakeProxy:
         app.router.add_post("/upload-media", self._upload_media)
         app.router.add_post("/message-status", self._message_status)
         app.router.add_get("/instance-settings", self._instance_settings)
+        app.router.add_post("/leases", self._leases)
         return app
 
     async def start(self, port: int = 0) -> "FakeProxy":
@@ -131,6 +144,7 @@ class FakeProxy:
 
     async def _gate(self, request: web.Request, endpoint: str) -> web.Response | None:
         self.calls[endpoint] += 1
+        self.worker_ids[endpoint].add(request.headers.get("X-Worker-Id"))
         if request.headers.get("Authorization") != f"Bearer {self.secret}":
             return web.json_response({"error": "unauthorized"}, status=401)
         if self.hang[endpoint] > 0:
@@ -147,6 +161,37 @@ class FakeProxy:
                 await asyncio.sleep(self.hang_s)
             return web.json_response({"error": "random"}, status=503)
         return None
+
+    # ---------------------------------------------------------------- leases
+
+    def _lease_refused(self, endpoint: str) -> web.Response:
+        assert self.lease_book is not None
+        self.lease_book.refused[endpoint] += 1
+        return web.json_response({"error": "lease_lost"}, status=409)
+
+    def _fenced(self, endpoint: str, iid: Any, token: Any) -> web.Response | None:
+        """409 when leases are on and ``token`` (if sent) is not the instance's current lease token."""
+        self.tokens_seen[endpoint].append(token)
+        if self.lease_book is None or token is None:
+            return None
+        if not self.lease_book.valid(iid, int(token) if isinstance(token, str) and token.isdigit() else token):
+            return self._lease_refused(endpoint)
+        return None
+
+    async def _leases(self, request: web.Request) -> web.Response:
+        if self.lease_book is None:
+            self.calls["leases"] += 1
+            return web.json_response({"error": "no such route"}, status=404)
+        if (r := await self._gate(request, "leases")) is not None:
+            return r
+        body = await request.json()
+        assert set(body) == {"worker_id", "capacity", "held", "release"}, body
+        assert request.headers.get("X-Worker-Id") == body["worker_id"]
+        self.lease_calls.append(body)
+        needing = {i: int(self.items.get(i, {}).get("priority", 0)) for i in self.instances if i not in self.gone}
+        answer = self.lease_book.call(body, needing, lambda i: {k: v for k, v in self.items.get(i, {}).items()})
+        self.lease_answers.append(answer)
+        return web.json_response(answer)
 
     def _wrap(self, key: str, items: list[Any]) -> Any:
         return items if self.shape == "list" else {key: items}
@@ -179,6 +224,8 @@ class FakeProxy:
         if iid in self.gone or iid not in self.instances:
             return web.json_response({"error": "not found"}, status=404)
         assert set(("instanceId", "status", "qr_code")) <= set(body), body
+        if (r := self._fenced("update-status", iid, body.get("lease_token"))) is not None:
+            return r
         self.statuses.append(body)
         self.instances[iid].update(status=body["status"], qr_code=body["qr_code"])
         return web.json_response({"ok": True})
@@ -193,7 +240,10 @@ class FakeProxy:
             if not self.batch:
                 return web.json_response({"error": "instanceId required"}, status=400)
             items: list[dict[str, Any]] = []
+            worker = request.headers.get("X-Worker-Id")
             for i in list(self.queue):
+                if self.lease_book is not None and self.lease_book.holder_of(i) != worker:
+                    continue  # with leases: only the instances leased to the caller
                 room = None if self.poll_limit is None else self.poll_limit - len(items)
                 if room is not None and room <= 0:
                     break
@@ -201,6 +251,8 @@ class FakeProxy:
             return web.json_response({"messages": items})
         if iid in self.gone:
             return web.json_response({"error": "not found"}, status=404)
+        if (r := self._fenced("queued-messages", iid, request.query.get("lease_token"))) is not None:
+            return r  # a claim refused claims nothing
         asked = request.query.get("limit")
         self.limits_seen.append(asked)
         limit = self.poll_limit
@@ -209,8 +261,22 @@ class FakeProxy:
         return web.json_response(self._wrap("messages", self._offer(iid, limit)))
 
     def _offer(self, iid: str, limit: int | None) -> list[dict[str, Any]]:
-        """Up to ``limit`` queued messages of ``iid``, oldest first; claimed (removed) in claim mode."""
+        """Up to ``limit`` queued messages of ``iid``, oldest first; claimed (removed) in claim mode.
+        With leases: each message once per lease token, with its ``lease_token`` (and ``prior_claim``
+        when another token claimed it before without an acknowledgement)."""
         q = self.queue.get(iid, [])
+        if self.lease_book is not None:
+            cur = self.lease_book.current(iid)
+            if cur is None:
+                return []
+            out = []
+            for m in q:
+                if limit is not None and len(out) >= limit:
+                    break
+                if self.lease_book.claimable(iid, m["id"]):
+                    prior = self.lease_book.claim(m["id"], cur[1])
+                    out.append({**m, "lease_token": cur[1], **({"prior_claim": True} if prior else {})})
+            return out
         end = len(q) if limit is None else limit
         out = q[:end]
         if self.claim:
@@ -227,6 +293,9 @@ class FakeProxy:
         if (r := await self._gate(request, "mark-sent")) is not None:
             return r
         body = await request.json()
+        self.tokens_seen["mark-sent"].append(body.get("lease_token"))
+        if self.lease_book is not None and not self.lease_book.ack_allowed(body["messageId"], body.get("lease_token")):
+            return self._lease_refused("mark-sent")
         self.sent_marks[body["messageId"]].append(body["wa_message_id"])
         self.sent_at.setdefault(body["messageId"], time.monotonic())
         self._remove(body["messageId"])
@@ -239,6 +308,9 @@ class FakeProxy:
         if (r := await self._gate(request, "mark-failed")) is not None:
             return r
         body = await request.json()
+        self.tokens_seen["mark-failed"].append(body.get("lease_token"))
+        if self.lease_book is not None and not self.lease_book.ack_allowed(body["messageId"], body.get("lease_token")):
+            return self._lease_refused("mark-failed")
         self.failed_marks[body["messageId"]].append(body["error"])
         self.failed_codes[body["messageId"]].append(body.get("error_code"))
         self._remove(body["messageId"])
@@ -248,6 +320,7 @@ class FakeProxy:
         if (r := await self._gate(request, "inbound")) is not None:
             return r
         body = json.loads(await request.read())
+        self.tokens_seen["inbound"].append(body.pop("lease_token", None))  # a fact: never refused for it
         self.inbound_posts += 1
         key = (body["instanceId"], body["wa_message_id"])
         if key not in self._inbound_keys:  # (instanceId, wa_message_id) is unique, as the contract asks
@@ -265,6 +338,7 @@ class FakeProxy:
         assert isinstance(statuses, list) and 1 <= len(statuses) <= 100, len(statuses)
         self.message_status_posts.append(statuses)
         for st in statuses:
+            self.tokens_seen["message-status"].append(st.pop("lease_token", None))  # a fact: never refused
             assert set(st) == {"instanceId", "messageId", "wa_message_id", "status", "timestamp", "recipient"}, st
             self.message_status[(st["instanceId"], st["wa_message_id"])] = st
         return self._maybe_lose({"ok": True})
@@ -276,6 +350,7 @@ class FakeProxy:
         if (r := await self._gate(request, "upload-media")) is not None:
             return r
         key = (request.query["instanceId"], request.query["wa_message_id"])
+        self.tokens_seen["upload-media"].append(request.query.get("lease_token"))  # a fact: never refused
         data = bytearray()
         async for chunk in request.content.iter_chunked(64 * 1024):
             data += chunk

@@ -187,8 +187,9 @@ class LeaseKeeper:
             await self.clock.wait(self._wake, wait)
 
     async def release_all(self, timeout_s: float) -> int:
-        """SIGTERM, after the graceful stop: one last call, ``held: []`` and every stopped instance
-        in ``release`` (a runner still running is left to expire). Bounded; never raises."""
+        """SIGTERM, after the graceful stop: one last call, ``held: []``, ``capacity: 0`` (so that
+        nothing is granted in its answer) and every stopped instance in ``release`` (a runner still
+        running is left to expire). Bounded; never raises."""
         if not self.mode or self.closed:
             return 0
         release = {i: t for i, t in {**self.releasing, **self.held}.items() if not self.host.running(i)}
@@ -196,7 +197,7 @@ class LeaseKeeper:
             async with self._lock:
                 self.closed = True
                 try:
-                    await self.edge.leases(self.worker_id, self.capacity, {}, release)
+                    await self.edge.leases(self.worker_id, 0, {}, release)
                 except EdgeError as exc:
                     log.warning("could not release %d lease(s) at shutdown (%s): they expire after %gs",
                                 len(release), exc, self.ttl_s)

@@ -1,0 +1,357 @@
+"""Leases and fencing, worker side (issue #13; docs/proxy-contract.md, "Leases and fencing").
+
+The real daemon code and simulator against FakeProxy's lease mode (tests/fakeleases.py), and
+real ``wa-worker`` processes for SIGTERM hand-over."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.conftest import connect, make_settings, running_worker, wait_until
+from tests.fakeleases import LeaseBook, LeaseRow
+from tests.fakeproxy import SECRET, FakeProxy
+from tests.proc import ROOT, start_worker, worker_env
+from wa_worker.edge.client import EdgeClient, LeaseLost
+from wa_worker.edge.models import Status, StatusUpdate
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[FakeProxy]:
+    p = FakeProxy(lease_book=LeaseBook(ttl_s=30.0))
+    await p.start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+def book(proxy: FakeProxy) -> LeaseBook:
+    assert proxy.lease_book is not None
+    return proxy.lease_book
+
+
+def lease_settings(tmp_path: Any, proxy: FakeProxy, worker_id: str = "w-a", **extra: Any) -> Any:
+    return make_settings(tmp_path, proxy.url, WORKER_ID=worker_id, **extra)
+
+
+async def test_a_granted_lease_starts_a_runner_and_every_call_says_who_is_calling(fleet, tmp_path):
+    fleet.add_instance("acme", priority=3)
+    async with running_worker(lease_settings(tmp_path, fleet)) as w:
+        await connect(w, fleet)
+        assert book(fleet).current("acme") == ("w-a", 1)
+        assert w.manager.leases.held == {"acme": 1}
+        assert w.manager.leases.priority == {"acme": 3}
+        # discovery is off with leases; every call carries X-Worker-Id, status pushes the token
+        assert fleet.calls["disconnected-instances"] == 0
+        assert fleet.worker_ids["update-status"] == {"w-a"}
+        assert fleet.worker_ids["leases"] == {"w-a"}
+        assert {s.get("lease_token") for s in fleet.statuses_of("acme")} == {1}
+        first = fleet.lease_calls[0]
+        assert first == {"worker_id": "w-a", "capacity": 500, "held": [], "release": []}
+        fleet.enqueue("acme", "m1", "5511988887777", "hello")
+        w.wake("acme")
+        await wait_until(lambda: "m1" in fleet.sent_marks, what="m1 acknowledged")
+        assert fleet.tokens_seen["queued-messages"][-1] == "1"
+        assert fleet.tokens_seen["mark-sent"] == [1]  # the claim token, journaled with the row
+        assert w.journal.outbound_get("m1").claim_token == 1
+        assert w.health()["leases"]["mode"] == "leases"
+
+
+async def test_stored_sessions_resume_only_when_leased(fleet, tmp_path):
+    fleet.add_instance("acme")
+    fleet.add_instance("beta")
+    # both sessions stored on this worker's disk (a run against a proxy without leases)
+    plain = FakeProxy()
+    plain.add_instance("acme")
+    plain.add_instance("beta")
+    await plain.start()
+    try:
+        async with running_worker(make_settings(tmp_path, plain.url)) as w:
+            await connect(w, plain, "acme")
+            await connect(w, plain, "beta")
+    finally:
+        await plain.stop()
+    # "beta" is leased to another worker: this one resumes only "acme"
+    book(fleet).rows["beta"] = LeaseRow(token=7, holder="w-b", expires_at=time.monotonic() + 60)
+    book(fleet).workers["w-b"] = time.monotonic()
+    async with running_worker(lease_settings(tmp_path, fleet)) as w:
+        await wait_until(lambda: fleet.status_of("acme") == "CONNECTED", what="acme resumed")
+        await anyio.sleep(0.5)
+        assert set(w.manager.runners) == {"acme"}
+        assert "beta" not in w.backend.sessions
+        assert w.backend.has_session("beta")  # kept on disk, untouched
+
+
+async def test_a_lost_lease_stops_the_runner_without_logout_and_is_released(tmp_path):
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=3.0))  # renewals every second
+    await proxy.start()
+    try:
+        proxy.add_instance("acme")
+        async with running_worker(lease_settings(tmp_path, proxy)) as w:
+            await connect(w, proxy)
+            pushes = len(proxy.statuses_of("acme"))
+            runner = w.manager.runners["acme"]
+            book(proxy).rows["acme"].revoked = True  # the next renewal leaves it out
+            await wait_until(lambda: runner.state.value == "stopped", what="runner stopped")
+            assert w.backend.has_session("acme")  # disconnected, never logged out
+            assert len(proxy.statuses_of("acme")) == pushes  # no status pushed for an instance not ours
+            await wait_until(lambda: any(c["release"] == [{"instanceId": "acme", "token": 1}]
+                                         for c in proxy.lease_calls), what="released on the next call")
+            assert ("release", "acme", "w-a", 1) in [e[1:] for e in book(proxy).events]
+            assert w.manager.leases.counts["lost"] == 1
+            # free again, and this worker is the only one: granted back (token 2), the stored session resumes
+            await wait_until(lambda: w.manager.leases.held == {"acme": 2} and proxy.status_of("acme") == "CONNECTED"
+                             and proxy.statuses_of("acme")[-1].get("lease_token") == 2, what="granted back")
+            assert not any(s["qr_code"] for s in proxy.statuses_of("acme")[pushes:])
+    finally:
+        await proxy.stop()
+
+
+async def test_409_on_a_claim_loses_the_lease_and_claims_nothing(fleet, tmp_path):
+    fleet.add_instance("acme")
+    async with running_worker(lease_settings(tmp_path, fleet)) as w:
+        await connect(w, fleet)
+        # the lease moved (another worker, a newer token) before this worker's next renewal (ttl 30 s)
+        book(fleet).rows["acme"] = LeaseRow(token=2, holder="w-b", expires_at=time.monotonic() + 60)
+        fleet.enqueue("acme", "m1", "5511988887777", "not for a stale worker")
+        w.wake("acme")
+        await wait_until(lambda: "acme" not in w.manager.runners, what="runner stopped on 409")
+        assert book(fleet).refused["queued-messages"] >= 1
+        assert w.backend.sent("acme") == []
+        assert w.journal.outbound_get("m1") is None
+        assert w.backend.has_session("acme")
+        assert w.manager.leases.counts["revoked_409"] == 1
+        await wait_until(lambda: any(c["release"] == [{"instanceId": "acme", "token": 1}] for c in fleet.lease_calls),
+                         what="released once stopped")
+        assert "acme" not in w.manager.leases.held
+
+
+async def test_409_on_a_status_push_loses_the_lease(fleet, tmp_path):
+    fleet.add_instance("acme")
+    async with running_worker(lease_settings(tmp_path, fleet)) as w:
+        await connect(w, fleet)
+        book(fleet).rows["acme"] = LeaseRow(token=2, holder="w-b", expires_at=time.monotonic() + 60)
+        await w.backend.session("acme").drop()  # a network loss: DISCONNECTED pushed with token 1
+        await wait_until(lambda: "acme" not in w.manager.runners, what="runner stopped on 409")
+        assert book(fleet).refused["update-status"] >= 1
+        assert fleet.status_of("acme") == "CONNECTED"  # the refused push changed nothing at the proxy
+
+
+async def test_an_ack_under_another_claim_token_is_refused_and_dead_lettered(fleet, tmp_path):
+    fleet.add_instance("acme")
+    async with running_worker(lease_settings(tmp_path, fleet), retry_cap_s=0.2) as w:
+        await connect(w, fleet)
+        fleet.fail["mark-sent"] = 1000
+        fleet.enqueue("acme", "m1", "5511988887777", "hello")
+        w.wake("acme")
+        await wait_until(lambda: len(w.backend.sent("acme")) == 1, what="sent")
+        # lease 1 ended, m1 was claimed under token 5 elsewhere; this worker holds the instance again (6)
+        book(fleet).claim_token["m1"] = 5
+        fleet.queue["acme"].clear()  # in flight elsewhere: not offered here again
+        row = book(fleet).rows["acme"]
+        row.token, row.expires_at = 6, time.monotonic() + 60
+        w.manager.leases.held["acme"] = 6
+        fleet.fail["mark-sent"] = 0
+        await wait_until(lambda: book(fleet).refused["mark-sent"] >= 1, what="ack refused")
+        await wait_until(lambda: w.journal.dead_letters("mark-sent"), what="dead-lettered")
+        assert "m1" not in fleet.sent_marks
+        # an old claim token refused is not this worker's current lease: it keeps it
+        assert "acme" in w.manager.runners and w.manager.leases.held == {"acme": 6}
+
+
+async def test_an_ack_with_the_claim_token_is_accepted_after_the_lease_moved(fleet, tmp_path):
+    fleet.add_instance("acme")
+    async with running_worker(lease_settings(tmp_path, fleet), retry_cap_s=0.2) as w:
+        await connect(w, fleet)
+        fleet.fail["mark-sent"] = 1000
+        fleet.enqueue("acme", "m1", "5511988887777", "hello")
+        w.wake("acme")
+        await wait_until(lambda: len(w.backend.sent("acme")) == 1, what="sent")
+        # the lease moves to another worker; this one learns it through a 409 on its status
+        book(fleet).rows["acme"] = LeaseRow(token=2, holder="w-b", expires_at=time.monotonic() + 60)
+        await w.backend.session("acme").drop()
+        await wait_until(lambda: "acme" not in w.manager.runners, what="runner stopped")
+        fleet.fail["mark-sent"] = 0
+        await wait_until(lambda: "m1" in fleet.sent_marks, what="the truth about the send accepted")
+        assert fleet.tokens_seen["mark-sent"][-1] == 1
+        assert book(fleet).refused["mark-sent"] == 0
+
+
+async def test_self_fencing_when_leases_stop_answering_then_back(tmp_path):
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=6.0))  # renewals every 2 s, fencing at 3 s
+    await proxy.start()
+    try:
+        proxy.add_instance("acme")
+        async with running_worker(lease_settings(tmp_path, proxy)) as w:
+            await connect(w, proxy)
+            last_ok = w.manager.leases.last_ok
+            proxy.fail["leases"] = 1000
+            t0 = time.monotonic()
+            await wait_until(lambda: w.manager.leases.fenced, timeout=6, what="fenced")
+            fenced_after = w.clock.monotonic() - (last_ok or 0)
+            await wait_until(lambda: "acme" not in w.manager.runners, what="runner stopped")
+            assert 2.9 <= fenced_after <= 4.0, fenced_after  # ttl/2 after the last good renewal began
+            assert time.monotonic() - t0 < 4.5
+            assert w.backend.has_session("acme")  # no logout
+            assert w.manager.leases.may_claim("acme") is False
+            proxy.fail["leases"] = 0
+            w.manager.leases.wake()
+            await wait_until(lambda: not w.manager.leases.fenced, what="renewal succeeds again")
+            # the lease was still ours (fencing at ttl/2, expiry at ttl): the session resumes here
+            await wait_until(lambda: "acme" in w.manager.runners and proxy.status_of("acme") == "CONNECTED"
+                             and w.manager.runners["acme"].state.value == "connected", what="resumed")
+            assert book(proxy).current("acme") == ("w-a", 1)
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("policy", ["at_most_once", "at_least_once"])
+async def test_prior_claim_follows_unknown_send_policy(fleet, tmp_path, policy):
+    fleet.add_instance("acme")
+    # a worker that held lease 1 claimed m1 and vanished without acknowledging it
+    book(fleet).rows["acme"] = LeaseRow(token=1, holder=None, free_at=0.0)
+    book(fleet).claim_token["m1"] = 1
+    fleet.enqueue("acme", "m1", "5511988887777", "maybe sent already")
+    async with running_worker(lease_settings(tmp_path, fleet, UNKNOWN_SEND_POLICY=policy)) as w:
+        await connect(w, fleet)
+        assert w.manager.leases.held == {"acme": 2}
+        w.wake("acme")
+        if policy == "at_most_once":
+            await wait_until(lambda: "m1" in fleet.failed_marks, what="reported")
+            assert fleet.failed_codes["m1"] == ["delivery_unknown"]
+            assert fleet.tokens_seen["mark-failed"] == [2]
+            assert w.backend.sent("acme") == []
+            assert w.outbound.prior_claims["reported"] == 1
+        else:
+            await wait_until(lambda: "m1" in fleet.sent_marks, what="sent")
+            assert [m["body"] for m in w.backend.sent("acme")] == ["maybe sent already"]
+            assert w.outbound.prior_claims["sent_again"] == 1
+
+
+async def test_prior_claim_of_a_journaled_message_is_never_sent_again(fleet, tmp_path):
+    """A message this worker's journal has (it sent it under lease 1, then lost and regained the
+    lease) is re-acknowledged with the new claim token, whatever the policy."""
+    fleet.add_instance("acme")
+    async with running_worker(lease_settings(tmp_path, fleet, UNKNOWN_SEND_POLICY="at_least_once"),
+                              retry_cap_s=0.2) as w:
+        await connect(w, fleet)
+        fleet.fail["mark-sent"] = 1000
+        fleet.enqueue("acme", "m1", "5511988887777", "once")
+        w.wake("acme")
+        await wait_until(lambda: len(w.backend.sent("acme")) == 1, what="sent")
+        # lease 1 ends; lease 2 goes to the same worker: m1 is offered again with prior_claim
+        row = book(fleet).rows["acme"]
+        row.token, row.expires_at = 2, time.monotonic() + 60
+        w.manager.leases.held["acme"] = 2
+        fleet.fail["mark-sent"] = 0
+        w.wake("acme")
+        await wait_until(lambda: "m1" in fleet.sent_marks, what="acknowledged")
+        assert len(w.backend.sent("acme")) == 1
+        assert w.journal.outbound_get("m1").claim_token == 2
+
+
+async def test_a_proxy_without_leases_sees_exactly_what_it_saw_before(proxy, tmp_path):
+    proxy.add_instance("acme")
+    async with running_worker(make_settings(tmp_path, proxy.url, WORKER_ID="w-a")) as w:
+        await connect(w, proxy)
+        proxy.enqueue("acme", "m1", "5511988887777", "hello")
+        proxy.enqueue("acme", "m2", "not a number", "bad")
+        w.wake("acme")
+        await wait_until(lambda: "m1" in proxy.sent_marks and "m2" in proxy.failed_marks, what="acknowledged")
+        assert proxy.calls["leases"] == 1  # the probe, a 404
+        assert proxy.calls["disconnected-instances"] >= 1
+        assert w.manager.leases.mode is False and w.health()["leases"]["mode"] == "single-worker"
+        # no header, no token field anywhere: a text-only proxy sees the first contract
+        for endpoint, ids in proxy.worker_ids.items():
+            assert ids == {None}, endpoint
+        assert all(s.keys() <= {"instanceId", "status", "qr_code", "phone_number", "reason"} for s in proxy.statuses)
+        assert set(proxy.tokens_seen["mark-sent"]) == {None} and set(proxy.tokens_seen["mark-failed"]) == {None}
+        assert w.journal.outbound_get("m1").claim_token is None
+
+
+async def test_the_edge_client_maps_409_lease_lost_to_its_own_error(fleet):
+    fleet.add_instance("acme")
+    book(fleet).rows["acme"] = LeaseRow(token=3, holder="w-b", expires_at=time.monotonic() + 60)
+    edge = EdgeClient(fleet.url, SECRET, timeout_s=2)
+    lost: list[tuple[str, int]] = []
+    edge.enable_leases("w-a", lambda iid: 2)
+    edge.on_lease_lost = lambda iid, token: lost.append((iid, token))
+    try:
+        with pytest.raises(LeaseLost) as err:
+            await edge.update_status(StatusUpdate(instanceId="acme", status=Status.CONNECTED, qr_code=None))
+        assert err.value.status == 409 and not err.value.transient
+        with pytest.raises(LeaseLost):
+            await edge.queued_messages("acme")
+        assert lost == [("acme", 2), ("acme", 2)]
+        # the current token passes
+        edge.lease_token_of = lambda iid: 3
+        await edge.update_status(StatusUpdate(instanceId="acme", status=Status.CONNECTED, qr_code=None))
+    finally:
+        await edge.aclose()
+
+
+async def _wait_exit(proc: Any, timeout_s: float) -> None:
+    try:
+        await anyio.to_thread.run_sync(proc.wait, timeout_s)
+    except subprocess.TimeoutExpired:
+        pass  # the caller's assertions report it
+
+
+async def test_sigterm_releases_leases_and_a_second_real_worker_takes_over_within_seconds(tmp_path):
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=3.0))
+    await proxy.start()
+    procs = []
+    try:
+        proxy.add_instance("acme")
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        env_a = worker_env(tmp_path / "a", proxy.url, WORKER_ID="w-a")
+        env_b = worker_env(tmp_path / "b", proxy.url, WORKER_ID="w-b")
+        procs.append(start_worker(env_a, ROOT, tmp_path / "a.log"))
+        await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", timeout=20, what="connected on w-a")
+        assert book(proxy).current("acme") == ("w-a", 1)
+        procs.append(start_worker(env_b, ROOT, tmp_path / "b.log"))
+        await wait_until(lambda: "w-b" in book(proxy).workers, timeout=20, what="w-b calling /leases")
+        await anyio.sleep(1.5)
+        assert book(proxy).current("acme") == ("w-a", 1)  # never granted while held
+        t0 = time.monotonic()
+        procs[0].send_signal(signal.SIGTERM)
+        await wait_until(lambda: book(proxy).holder_of("acme") == "w-b" and fleet_connected(proxy, "w-b"),
+                         timeout=10, what="taken over by w-b")
+        handoff_s = time.monotonic() - t0
+        await _wait_exit(procs[0], 10)
+        assert procs[0].returncode == 0, (tmp_path / "a.log").read_text()
+        events = [(kind, iid, wid, tok) for _, kind, iid, wid, tok in book(proxy).events]
+        assert events.index(("release", "acme", "w-a", 1)) < events.index(("grant", "acme", "w-b", 2))
+        assert ("expire", "acme", "w-a", 1) not in events  # released, not left to expire
+        final = [c for c in proxy.lease_calls if c["worker_id"] == "w-a"][-1]
+        assert final == {"worker_id": "w-a", "capacity": 0, "held": [], "release": [{"instanceId": "acme", "token": 1}]}
+        assert handoff_s < 5, handoff_s
+        # w-a reported its shutdown under its own lease, before giving it back
+        pushes = proxy.statuses_of("acme")
+        shutdown = [i for i, s in enumerate(pushes) if s.get("reason") == "shutdown"]
+        assert shutdown and pushes[shutdown[0]]["lease_token"] == 1
+        assert pushes[-1]["status"] == "CONNECTED" and pushes[-1]["lease_token"] == 2
+        assert "released 1 lease(s) at shutdown" in (tmp_path / "a.log").read_text()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        await proxy.stop()
+
+
+def fleet_connected(proxy: FakeProxy, worker: str) -> bool:
+    pushes = proxy.statuses_of("acme")
+    token = book(proxy).current("acme")
+    return bool(pushes) and token is not None and token[0] == worker and pushes[-1]["status"] == "CONNECTED" \
+        and pushes[-1].get("lease_token") == token[1]
