@@ -473,3 +473,41 @@ def test_the_dev_api_shows_the_lease_holder(http: httpx.Client) -> None:
     shown = {i["id"]: i["lease"] for i in http.get("/dev/instances").json()["instances"]}
     assert shown["never"] is None
     assert shown["acme"]["holder"] == "w-a" and shown["acme"]["token"] == 1 and shown["acme"]["revoked"] is False
+
+
+def test_two_proxies_on_one_database_never_grant_one_instance_twice(tmp_path: Path, clock: FakeClock) -> None:
+    """Each call is one SQLite transaction: two proxy processes' connections to one file serialize."""
+    stores = [DevStore(tmp_path / "shared.db", clock=clock) for _ in range(2)]
+    for n in range(40):
+        stores[0].add_instance(f"i{n:02d}")
+    workers = [f"w-{n}" for n in range(8)]
+    answers: dict[str, dict[str, int]] = {w: {} for w in workers}
+    errors: list[BaseException] = []
+    try:
+        with BackgroundProxy(stores[0], SECRET) as one, BackgroundProxy(stores[1], SECRET) as two:
+            urls = [one.url, two.url]
+
+            def run(n: int, worker: str, barrier: threading.Barrier) -> None:
+                try:
+                    for r in range(4):
+                        with httpx.Client(base_url=urls[(n + r) % 2], headers=AUTH, timeout=10,
+                                          trust_env=False) as client:
+                            barrier.wait(10)
+                            answers[worker] = tokens(call(client, worker, held=answers[worker]))
+                except (AssertionError, httpx.HTTPError, threading.BrokenBarrierError) as exc:
+                    errors.append(exc)
+
+            barrier = threading.Barrier(len(workers))
+            threads = [threading.Thread(target=run, args=(n, w, barrier)) for n, w in enumerate(workers)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+        assert not errors
+        granted = [i for held in answers.values() for i in held]
+        assert len(granted) == len(set(granted)) == 40
+        owned = holders(stores[0])
+        assert all(owned[i] == w for w, held in answers.items() for i in held)
+    finally:
+        for s in stores:
+            s.close()

@@ -93,9 +93,12 @@ class EventHub:
         out: list[dict[str, Any]] = []
         seen: set[tuple[str, str | None]] = set()
         pos = after
-        for ev in self._log:
+        fresh: list[FleetEvent] = []
+        for ev in reversed(self._log):  # the new ones are at the end: cost of the news, not of the log
             if ev.seq <= after:
-                continue
+                break
+            fresh.append(ev)
+        for ev in reversed(fresh):
             if len(out) >= self.max_events:
                 return out, pos  # the rest in the next answer
             pos = ev.seq

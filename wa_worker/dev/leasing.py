@@ -52,7 +52,7 @@ class LeaseAnswer:
 def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float) -> LeaseAnswer:
     """One ``POST /leases`` (the caller holds the transaction)."""
     p = {"w": req.worker_id, "now": now, "ttl": ttl}
-    released = _release(db, req, now)
+    released = _release(db, req)
     db.execute("DELETE FROM workers WHERE last_seen < :now - :ttl", p)
     mine = db.execute(
         "SELECT id, lease_token, priority, settings, proxy_url, pair_phone FROM instances "
@@ -90,8 +90,10 @@ def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float
         for (iid,) in free:
             row = db.execute(
                 "UPDATE instances SET lease_token = lease_token + 1, lease_holder = :w, lease_expires_at = :now + :ttl, "
-                "lease_revoked = 0 WHERE id = :id RETURNING id, lease_token, priority, settings, proxy_url, pair_phone",
-                {**p, "id": iid}).fetchone()
+                f"lease_revoked = 0 WHERE id = :id AND {_FREE} "
+                "RETURNING id, lease_token, priority, settings, proxy_url, pair_phone", {**p, "id": iid}).fetchone()
+            if row is None:  # cannot happen inside the transaction; never grant a lease that is not free
+                continue
             answer.leases.append(_grant_item(row))
             answer.granted.append(iid)
     if arrived or released:  # the share changed for the others (not for each renewal: no storm of calls)
@@ -99,7 +101,7 @@ def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float
     return answer
 
 
-def _release(db: sqlite3.Connection, req: LeaseRequest, now: float) -> list[str]:
+def _release(db: sqlite3.Connection, req: LeaseRequest) -> list[str]:
     """Free the leases released with their current token (an old token is ignored)."""
     out = []
     for iid, token in req.release:
