@@ -268,7 +268,7 @@ def test_concurrent_lease_calls_never_share_an_instance(fn: EdgeFunction, wa_db:
 
     with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
         for _round in range(3):
-            results = dict(zip(workers, pool.map(call, workers)))
+            results = dict(zip(workers, pool.map(call, workers), strict=True))
             answers.update(results)
             owned: dict[str, str] = {}
             for worker, answer in results.items():
@@ -606,3 +606,24 @@ def test_events_between_polls_are_not_missed(fn: EdgeFunction, wa_db: WaDb, pg_s
     wa_db.insert_instance("another")
     seventh, took = poll_events(fn, "w-a", 5, sixth["cursor"])
     assert {"type": "leases"} in seventh["events"] and took < 3
+
+
+@deno
+def test_events_without_notifications_still_answer(wa_db: WaDb) -> None:
+    """LISTEN impossible (here: nothing listens on its port; on Supabase: a transaction-mode
+    pooler): polls still find the rows, by reading the tables again every few seconds."""
+    wa_db.reset()
+    wa_db.insert_instance("acme", "CONNECTED")
+    deaf = EdgeFunction(wa_db.dsn, extra_env={"WORKER_PROXY_LISTEN_DB_URL": "postgresql://postgres@127.0.0.1:1/none"})
+    deaf.start()
+    try:
+        lease(deaf, "w-a")
+        start, _ = poll_events(deaf, "w-a", 0)
+        waiting = in_background(lambda: poll_events(deaf, "w-a", 20, start["cursor"]))
+        time.sleep(0.5)
+        wa_db.insert_outbound("acme", "5511999990001", "found without a notification")
+        body, took = waiting.result(timeout=40)
+        assert body["events"] == [{"type": "queued", "instanceId": "acme"}] and 1 < took < 8
+        assert "LISTEN failed" in deaf.log_tail()
+    finally:
+        deaf.stop()

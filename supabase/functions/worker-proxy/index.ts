@@ -956,13 +956,31 @@ async function leases(req: Request): Promise<Response> {
 type Waiter = (payload: string) => void;
 const waiters = new Set<Waiter>();
 let listening: Promise<void> | null = null;
+let listenFailedAt = -Infinity;
+const LISTEN_RETRY_MS = 30_000;
+// A waiting poll reads the tables again at least this often: without notifications (LISTEN
+// through a transaction-mode pooler, a dropped connection) /events still works, slower.
+const EVENTS_RECHECK_MS = 5_000;
 
-function listenForEvents(): Promise<void> {
+// Whether notifications can arrive; never throws (a poll then relies on its rechecks).
+async function listenForEvents(): Promise<boolean> {
+  if (listening === null && Date.now() - listenFailedAt < LISTEN_RETRY_MS) return false;
+  try {
+    await startListening();
+    return true;
+  } catch (e) {
+    listenFailedAt = Date.now();
+    console.warn(`worker-proxy events: LISTEN failed (${(e as Error)?.message ?? e}); polling the tables instead`);
+    return false;
+  }
+}
+
+function startListening(): Promise<void> {
   if (listening === null) {
     const url = Deno.env.get("WORKER_PROXY_LISTEN_DB_URL") || Deno.env.get("SUPABASE_DB_URL");
     if (!url) throw new HttpError(500, "SUPABASE_DB_URL is not set");
     // postgres.js keeps this connection and LISTENs again after a reconnect
-    const listener = postgres(url, { max: 1, prepare: false, connect_timeout: 10, onnotice: () => {} });
+    const listener = postgres(url, { max: 1, prepare: false, connect_timeout: 5, onnotice: () => {} });
     listening = listener.listen(EVENTS_CHANNEL, (payload) => {
       for (const waiter of [...waiters]) waiter(payload);
     }).then(() => {}, (e) => {
@@ -1041,7 +1059,7 @@ async function events(req: Request, url: URL): Promise<Response> {
       const left = deadline - Date.now();
       if (!woken && left > 0 && !req.signal.aborted) {
         await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, left);
+          const timer = setTimeout(resolve, Math.min(left, EVENTS_RECHECK_MS));
           const done = () => {
             clearTimeout(timer);
             req.signal.removeEventListener("abort", done);
