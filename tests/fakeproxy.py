@@ -12,6 +12,12 @@ With ``lease_book`` set (:class:`tests.fakeleases.LeaseBook`) it is a fleet prox
 fencing of instance-scoped calls (409 ``lease_lost``), claim tokens, ``prior_claim``; each message is
 handed out once per lease token (re-offered, with ``prior_claim``, only after the lease moved).
 Without it ``/leases`` is a 404, as on every proxy before leases.
+
+With ``events=True`` it serves ``GET /events`` (the push channel) as a faithful
+long poll: every enqueue (and :meth:`FakeProxy.push_event`) is numbered; a call
+answers at once with the events newer than its ``cursor`` (without one: a
+``queued`` event per instance with messages waiting), else holds until one
+arrives or ``wait`` (capped at ``events_wait_cap_s``) passes.
 """
 
 from __future__ import annotations
@@ -80,7 +86,14 @@ class FakeProxy:
     lease_answers: list[dict[str, Any]] = field(default_factory=list)
     worker_ids: dict[str, set[str | None]] = field(default_factory=lambda: defaultdict(set))  # endpoint -> X-Worker-Id
     tokens_seen: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))  # endpoint -> lease_token
+    # GET /events (push channel): off by default (a proxy without it answers 404)
+    events: bool = False
+    events_wait_cap_s: float = 25.0
+    event_log: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (number, event)
+    events_queries: list[dict[str, str]] = field(default_factory=list)  # query + X-Worker-Id of every call
     url: str = ""
+    _event_added: asyncio.Event | None = None
+    _closing: bool = False
     _runner: web.AppRunner | None = None
     _inbound_keys: set[tuple[str, str]] = field(default_factory=set)
 
@@ -98,6 +111,14 @@ class FakeProxy:
             del record["body"]
         self.queue[iid].append(record)
         self.enqueued_at[mid] = time.monotonic()
+        self.push_event({"type": "queued", "instanceId": iid})
+
+    def push_event(self, event: dict[str, Any]) -> None:
+        """Number ``event`` and answer the ``/events`` calls waiting for one."""
+        self.event_log.append((len(self.event_log) + 1, event))
+        if self._event_added is not None:
+            self._event_added.set()
+            self._event_added = None
 
     def set_settings(self, iid: str, **item: Any) -> None:
         """A change of ``iid``'s ``settings`` / ``proxy_url`` (turns /instance-settings on)."""
@@ -129,6 +150,8 @@ class FakeProxy:
         app.router.add_post("/message-status", self._message_status)
         app.router.add_get("/instance-settings", self._instance_settings)
         app.router.add_post("/leases", self._leases)
+        if self.events:
+            app.router.add_get("/events", self._events)
         return app
 
     async def start(self, port: int = 0) -> "FakeProxy":
@@ -139,6 +162,9 @@ class FakeProxy:
         return self
 
     async def stop(self) -> None:
+        self._closing = True
+        if self._event_added is not None:  # held /events calls answer now
+            self._event_added.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -202,6 +228,35 @@ class FakeProxy:
         items = [{"id": i, "priority": 0, **self.items.get(i, {})} for i, v in self.instances.items()
                  if v["status"] in ("DISCONNECTED", "CONNECTING")]
         return web.json_response(self._wrap("instances", items))
+
+    async def _events(self, request: web.Request) -> web.Response:
+        if (r := await self._gate(request, "events")) is not None:
+            return r
+        self.events_queries.append({**request.query, "worker_id": request.headers.get("X-Worker-Id", "")})
+        try:
+            wait = min(self.events_wait_cap_s, max(0.0, float(request.query.get("wait", "0"))))
+        except ValueError:
+            return web.json_response({"error": "wait must be a number"}, status=400)
+        cursor = request.query.get("cursor")
+        seen = int(cursor) if cursor is not None and cursor.isdigit() else None
+        deadline = time.monotonic() + wait
+        while True:
+            top = len(self.event_log)
+            if seen is None:  # a first call: whatever is waiting now
+                due = [{"type": "queued", "instanceId": i} for i, q in self.queue.items() if q]
+                seen = top
+            else:
+                due = [e for n, e in self.event_log if n > seen]
+            left = deadline - time.monotonic()
+            if due or left <= 0 or self._closing:
+                return web.json_response({"events": due, "cursor": str(top)})
+            if self._event_added is None:
+                self._event_added = asyncio.Event()
+            added = self._event_added
+            try:
+                await asyncio.wait_for(added.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     async def _instance_settings(self, request: web.Request) -> web.Response:
         if (r := await self._gate(request, "instance-settings")) is not None:

@@ -31,6 +31,7 @@ from .http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite
 from .http.server import build_app, build_metrics_app
 from .http.simulator_routes import mount_simulator_routes
 from .instances.manager import InstanceManager
+from .instances.push import PushChannel, default_worker_id
 from .instances.runner import CallPolicy, RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
 from .metrics import MetricSources, WorkerMetrics, package_version
@@ -76,6 +77,7 @@ class Worker:
         rng: random.Random | None = None,
         host: str = "0.0.0.0",
         retry_cap_s: float = 300.0,
+        worker_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock or Clock()
@@ -117,6 +119,7 @@ class Worker:
         self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
+        self.push = self._build_push(worker_id or default_worker_id())
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         self._set_staleness()
@@ -154,6 +157,7 @@ class Worker:
                 call_policy=self.call_policy,
                 rng=self.rng,
                 events=self.events,
+                idle_poll_max_s=lambda: self.push.idle_cap(),
             ),
             self.edge,
             instance_poll_s=settings.instance_poll_s,
@@ -162,6 +166,17 @@ class Worker:
             worker_id=settings.worker_id,
             capacity=settings.MAX_INSTANCES,
         )
+
+    def _build_push(self, worker_id: str) -> PushChannel:
+        """The ``GET /events`` loop: ``queued`` wakes an instance the way ``/wake`` does."""
+        # SEAM (leases): worker_id becomes settings.WORKER_ID, on_leases the lease keeper's "renew now"
+        return PushChannel(self.edge, worker_id=worker_id, clock=self.clock, rng=self.rng,
+                           on_queued=self.manager.wake, on_lost=self.manager.wake)
+
+    @property
+    def worker_id(self) -> str:
+        """This process's id at the proxy (``X-Worker-Id``)."""
+        return self.push.worker_id
 
     def call_policy(self, instance_id: str) -> CallPolicy:
         """What to do with ``instance_id``'s incoming calls: CALL_REJECT / CALL_REJECT_MESSAGE,
@@ -176,7 +191,8 @@ class Worker:
         call_s = settings.EDGE_TIMEOUT_S
         for h, longest_s in ((self.housekeeping_health, STORE_PROBE_EVERY_S),
                              (self.manager.discovery_health, settings.instance_poll_max_s + call_s),
-                             (self.manager.batch_health, settings.msg_poll_max_s + call_s)):
+                             (self.manager.batch_health, settings.msg_poll_max_s + call_s),
+                             (self.push.health, self.push.wait_s + call_s)):
             h.stale_after_s = max(3 * longest_s, settings.READY_MAX_PROXY_SILENCE_S)
 
     # ------------------------------------------------------------------ queries
@@ -216,6 +232,7 @@ class Worker:
                 "failures": sum(self.edge.failures.values()),
                 "rejected_records": sum(self.edge.rejected.values()),
                 "batch_mode": self.manager.batch_mode(),
+                "push": self.push.live,
             },
             "leases": self.manager.leases.describe(),
             "loops": self.loop_ages(),
@@ -244,7 +261,7 @@ class Worker:
 
     def loops(self) -> list[LoopHealth]:
         return [self.housekeeping_health, self.inbound_health, self.acks_health, self.receipts_health,
-                *self.manager.loops()]
+                *self.manager.loops(), self.push.health]
 
     def loop_ages(self) -> dict[str, Any]:
         """Each supervised loop: last success age, failing, failure count."""
@@ -306,6 +323,7 @@ class Worker:
                     tg.start_soon(self._supervised, self.receipts.run, self.receipts_health)
                     tg.start_soon(self._supervised, self._housekeeping, self.housekeeping_health)
                     tg.start_soon(self.manager.run)
+                    tg.start_soon(self._supervised, self.push.run, self.push.health)
                     if self.api_sender is not None:
                         tg.start_soon(self.api_sender.run)
                     task_status.started(self)

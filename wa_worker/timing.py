@@ -85,10 +85,12 @@ class AdaptiveInterval:
     def __post_init__(self) -> None:
         self.current_s = self.floor_s
 
-    def idle(self) -> float:
-        """An empty poll: return the wait before the next one, then grow."""
-        wait = self.current_s
-        self.current_s = min(self.cap_s, self.current_s * 2)
+    def idle(self, cap_s: float | None = None) -> float:
+        """An empty poll: return the wait before the next one, then grow (up to
+        ``cap_s`` when given, e.g. longer while work is pushed, else ``self.cap_s``)."""
+        cap = self.cap_s if cap_s is None else cap_s
+        wait = min(self.current_s, cap)
+        self.current_s = min(cap, self.current_s * 2)
         return wait
 
     def activity(self) -> None:

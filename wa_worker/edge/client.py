@@ -36,6 +36,7 @@ from .transport import (
     TransportError,
     TransportTimeout,
 )
+from .events import PushEvents, parse_events
 from .models import (
     InstanceRef,
     InstanceSettings,
@@ -57,6 +58,8 @@ DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 _ERROR_BODY_BYTES = 2048
 _ACK_BODY_BYTES = 64 * 1024
 RETRY_AFTER_CAP_S = 300.0
+# a GET /events answer names instances and a cursor: a few KiB; more is a broken proxy
+EVENTS_MAX_BYTES = 1024 * 1024
 # proxy latency buckets (s): a healthy call is tens of ms, EDGE_TIMEOUT_S is 10 s by default
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # integers longer than this decode as +/-infinity (an out-of-range number every parser rejects)
@@ -244,11 +247,15 @@ class EdgeClient:
         stream: AsyncIterator[bytes] | None = None,
         raw_headers: dict[str, str] | None = None,
         timeout_s: float | None = None,
+        max_bytes: int | None = None,
+        missing_level: int = logging.INFO,
     ) -> Any:
         """One call. ``parse``: decode the 2xx body as JSON (reads); otherwise the
         2xx status alone is the answer (writes) and the body is barely read.
         ``stream``: a streamed body (with its ``raw_headers``) instead of JSON;
-        ``timeout_s``: a longer total deadline for it."""
+        ``timeout_s``: a longer total deadline for it; ``max_bytes``: a smaller cap
+        on a read than EDGE_MAX_RESPONSE_BYTES; ``missing_level``: the log level of
+        an optional endpoint's absence (the caller may say it once itself)."""
         self.calls[endpoint] += 1
         content: bytes | AsyncIterator[bytes] | None = stream if stream is not None else (
             None if body is None else _encode(body))
@@ -256,7 +263,7 @@ class EdgeClient:
         if raw_headers:
             headers = {**headers, **raw_headers}
         total_s = timeout_s or self.timeout_s
-        strict_cap = self.max_response_bytes
+        strict_cap = min(self.max_response_bytes, max_bytes or self.max_response_bytes)
 
         def policy(status: int) -> BodyPolicy:
             if 200 <= status < 300:
@@ -274,8 +281,9 @@ class EdgeClient:
         except TransportTimeout:
             return self._fail(EdgeError(endpoint, f"timed out (no complete answer within {total_s:g}s)"))
         except BodyTooLarge as exc:
-            return self._fail(EdgeError(endpoint, f"response larger than EDGE_MAX_RESPONSE_BYTES "
-                                                  f"({self.max_response_bytes} bytes; read {exc.read})",
+            cap_name = "EDGE_MAX_RESPONSE_BYTES" if strict_cap == self.max_response_bytes else "its cap"
+            return self._fail(EdgeError(endpoint, f"response larger than {cap_name} "
+                                                  f"({strict_cap} bytes; read {exc.read})",
                                         status=exc.status))
         except TransportError as exc:
             return self._fail(EdgeError(endpoint, f"connection failed ({exc})"))
@@ -290,7 +298,8 @@ class EdgeClient:
             return self._decode(endpoint, status, reply.body) if parse else None
         snippet = reply.body.decode("utf-8", "replace")
         snippet = snippet.replace(self._secret, "***")[:300] if self._secret else snippet[:300]
-        return self._error_status(endpoint, reply, snippet, instance_scoped=instance_scoped, optional=optional)
+        return self._error_status(endpoint, reply, snippet, instance_scoped=instance_scoped, optional=optional,
+                                  missing_level=missing_level)
 
     def _decode(self, endpoint: str, status: int, raw: bytes) -> Any:
         if not raw.strip():
@@ -302,7 +311,7 @@ class EdgeClient:
                                                   f"({_short(str(exc))})", status=status))
 
     def _error_status(self, endpoint: str, resp: Reply, snippet: str, *, instance_scoped: bool,
-                      optional: bool) -> Any:
+                      optional: bool, missing_level: int = logging.INFO) -> Any:
         status = resp.status
         # any answer means the proxy is reachable
         self.last_ok_monotonic = time.monotonic() if status < 500 else self.last_ok_monotonic
@@ -325,7 +334,7 @@ class EdgeClient:
                                            transient=False, body=snippet), level=logging.INFO)
         if status in (400, 404, 405, 501) and optional:
             return self._fail(EndpointMissing(endpoint, f"HTTP {status}: not supported by the proxy",
-                                              status=status, transient=False, body=snippet), level=logging.INFO)
+                                              status=status, transient=False, body=snippet), level=missing_level)
         if status == 404:
             if endpoint in self._answered_ok:
                 # the path exists (it has answered 2xx): the proxy does not know this
@@ -423,6 +432,31 @@ class EdgeClient:
         self._reject(ep, rejected)
         if parsed is None:
             return self._fail(EdgeError(ep, "response is not {\"ttl_s\", \"leases\": [...]}", transient=True))
+        return parsed
+
+    async def events(self, *, wait_s: float, cursor: str | None, worker_id: str) -> PushEvents:
+        """``GET /events?wait=<s>[&cursor=…]`` (optional push channel): a long poll answered
+        at the first queued message or lease change for this worker, else after ``wait_s``.
+        Its deadline is ``wait_s`` + EDGE_TIMEOUT_S, its answer at most 1 MiB. Raises
+        :class:`EndpointMissing` on 404/405/501 (logged at DEBUG: the caller says it once)."""
+        ep = "events"
+        params = {"wait": f"{wait_s:g}"}
+        if cursor is not None:
+            params["cursor"] = cursor
+        try:
+            payload = await self._request("GET", "/events", endpoint=ep, params=params, optional=True,
+                                          raw_headers={"X-Worker-Id": worker_id}, timeout_s=wait_s + self.timeout_s,
+                                          max_bytes=EVENTS_MAX_BYTES, missing_level=logging.DEBUG)
+        except EndpointMissing as exc:
+            if exc.status in (404, 405, 501):
+                raise
+            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=True,
+                            body=exc.body) from None
+        rejected: list[str] = []
+        parsed = parse_events(payload, rejected)
+        self._reject(ep, rejected)
+        if parsed is None:
+            return self._fail(EdgeError(ep, "response is not {\"events\": [...]}", transient=True))
         return parsed
 
     async def update_status(self, update: StatusUpdate) -> None:

@@ -368,7 +368,7 @@ class InstanceManager:
 
     def _dispatch(self, messages: list[QueuedMessage]) -> float:
         if not messages:
-            return self.batch_interval.idle()
+            return self.batch_interval.idle(self.ctx.idle_poll_max_s())
         by_instance: dict[str, list[QueuedMessage]] = {}
         for m in messages:
             mid_iid = m.instance_id

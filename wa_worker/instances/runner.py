@@ -153,6 +153,8 @@ class RunnerContext:
     may_claim: Callable[[str], bool] = lambda _iid: True
     stats: ConnectionStats = field(default_factory=ConnectionStats)
     events: EventSink = NO_EVENTS  # the live event log (GET /api/events), with API_TOKEN
+    # the cap of idle polls now (None: msg_poll_max_s); longer while the push channel answers
+    idle_poll_max_s: Callable[[], float | None] = lambda: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -710,7 +712,7 @@ class InstanceRunner:
         """Send what a poll returned; returns the wait before the next poll."""
         if not messages:
             self.outbound_health.ok()
-            return self.poll_interval.idle()
+            return self.poll_interval.idle(self.ctx.idle_poll_max_s())
         try:
             new = await self.ctx.outbound.process(self.instance_id, session, messages,
                                                   stopping=lambda: self._stop_requested)
