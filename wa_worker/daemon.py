@@ -31,7 +31,7 @@ from .http.guard import SERVER_OPTIONS, ConnectionGuard, GuardedSite
 from .http.server import build_app, build_metrics_app
 from .http.simulator_routes import mount_simulator_routes
 from .instances.manager import InstanceManager
-from .instances.push import PushChannel, default_worker_id
+from .instances.push import PushChannel
 from .instances.runner import CallPolicy, RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
 from .metrics import MetricSources, WorkerMetrics, package_version
@@ -119,7 +119,7 @@ class Worker:
         self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
-        self.push = self._build_push(worker_id or default_worker_id())
+        self.push = self._build_push(worker_id or settings.worker_id)
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         self._set_staleness()
@@ -169,9 +169,11 @@ class Worker:
 
     def _build_push(self, worker_id: str) -> PushChannel:
         """The ``GET /events`` loop: ``queued`` wakes an instance the way ``/wake`` does."""
-        # SEAM (leases): worker_id becomes settings.WORKER_ID, on_leases the lease keeper's "renew now"
+        # the same X-Worker-Id as POST /leases (the proxy pushes this worker's leased instances);
+        # a ``leases`` event renews at once
         return PushChannel(self.edge, worker_id=worker_id, clock=self.clock, rng=self.rng,
-                           on_queued=self.manager.wake, on_lost=self.manager.wake)
+                           on_queued=self.manager.wake, on_lost=self.manager.wake,
+                           on_leases=self.manager.leases.wake)
 
     @property
     def worker_id(self) -> str:

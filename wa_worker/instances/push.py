@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import random
-import secrets
-import socket
 from collections import Counter
 from collections.abc import Callable
 
@@ -36,12 +34,6 @@ PUSH_WAIT_S = 25.0  # the contract's longest wait (a proxy may hold the call les
 PUSH_IDLE_POLL_MAX_S = 300.0
 EVENTS_MIN_GAP_S = 0.1  # between the starts of two calls whose answers had events (like WAKE_MIN_GAP_S)
 FAST_EMPTY_S = 1.0  # an empty answer sooner than this (or half the wait): the proxy does not hold the call
-
-
-def default_worker_id() -> str:
-    """``<hostname>-<8 hex>``, chosen once per process (until ``WORKER_ID`` is a setting)."""
-    host = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())[:100].strip("-._")
-    return f"{host or 'worker'}-{secrets.token_hex(4)}"
 
 
 def _nothing() -> None:
