@@ -3,7 +3,6 @@ package) and an in-process fake network (``simulator``)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,11 +18,9 @@ def make_backend(settings: "Settings") -> "Backend":
         # each backend is imported only when chosen: neonize's import has process-wide effects
         from .simulator import SimulatorBackend
 
-        if settings.database_url:
-            logging.getLogger("wa_worker").warning(
-                "DATABASE_URL is ignored by the simulator backend: its sessions stay in AUTH_DIR")
+        # DATABASE_URL: simulated sessions in PostgreSQL too, so simulated instances move between workers
         return SimulatorBackend(auth, auto_scan_ms=settings.SIMULATOR_AUTO_SCAN_MS,
-                                send_delay_s=settings.simulator_send_delay_s)
+                                send_delay_s=settings.simulator_send_delay_s, database_url=settings.database_url)
     from .neonize.loading import configure_bot_tag  # no neonize import yet
 
     configure_bot_tag(settings.WA_BOT_BADGE)  # before neonize is first imported

@@ -1,7 +1,8 @@
 """An in-process fake WhatsApp network.
 
 It behaves like the real backend where the worker can tell: sessions are stored
-under ``AUTH_DIR/<id>/`` (so a restarted worker resumes them without a QR), an
+under ``AUTH_DIR/<id>/`` (so a restarted worker resumes them without a QR) or, with
+``DATABASE_URL``, in PostgreSQL (``simstore``: any worker on the database resumes them), an
 unpaired session shows rotating QR codes until the phone "scans", events arrive
 asynchronously, sends can fail, the network can drop and the phone can unlink
 the device. Every delivered message (any kind) is appended to
@@ -43,9 +44,10 @@ from typing import Any
 import anyio
 
 from ..fsutil import FILE_MODE, append_private, ensure_private_dir, write_private
-from ..ids import LID_SERVER, USER_SERVER, is_group_jid, normalize_recipient
+from ..ids import LID_SERVER, USER_SERVER, is_group_jid, is_valid_instance_id, normalize_recipient
 from ..messages import MEDIA_KINDS, ContactCard, InboundContent, Kind, Location, MediaInfo
 from ..upstream import parse_proxy_url
+from .simstore import SimulatorPgStore, SimulatorStoreUnavailable
 from .base import (
     Backend,
     BackendError,
@@ -159,7 +161,14 @@ class SimulatorSession(Session):
             self.state = SessionState.DISCONNECTED
             await self.sink(Disconnected("connect_failure", "simulated dial failure"))
             return
-        phone = self.backend._load_phone(self.instance_id)
+        try:
+            phone = await self.backend.load_phone(self.instance_id)
+        except SimulatorStoreUnavailable as exc:  # like a store neonize cannot open: this attempt fails
+            self.state = SessionState.DISCONNECTED
+            await self.sink(Disconnected("connect_failure", str(exc)))
+            return
+        if self.state != SessionState.CONNECTING:
+            return  # disconnected while the store answered
         if phone is not None:
             await self._go_online(phone)
             return
@@ -180,7 +189,12 @@ class SimulatorSession(Session):
 
     async def _pair(self) -> None:
         phone = _Phone(jid=f"{_fake_phone(self.instance_id)}@{USER_SERVER}", push_name=f"Sim {self.instance_id}")
-        self.backend._save_phone(self.instance_id, phone)
+        try:
+            await self.backend.save_phone(self.instance_id, phone)
+        except SimulatorStoreUnavailable as exc:
+            self.state = SessionState.DISCONNECTED
+            await self.sink(Disconnected("connect_failure", str(exc)))
+            return
         await self._go_online(phone)
 
     async def _go_online(self, phone: _Phone) -> None:
@@ -261,7 +275,10 @@ class SimulatorSession(Session):
         if self.state != SessionState.CONNECTED:
             raise SimulatorError(f"not linked: instance is {self.state}")
         self.state = SessionState.LOGGED_OUT
-        self.backend._delete_phone(self.instance_id)
+        try:
+            await self.backend.delete_phone(self.instance_id)
+        except SimulatorStoreUnavailable as exc:  # the worker's forget_session tries again
+            log.warning("%s: %s", self.instance_id, exc)
         await self.sink(LoggedOut("logged_out", "device removed from the phone"))
 
     async def receipt(self, wa_message_id: str, status: ReceiptStatus) -> None:
@@ -425,8 +442,11 @@ class SimulatorBackend(Backend):
     name = "simulator"
 
     def __init__(self, auth_root: Path, *, auto_scan_ms: int | None = None, connect_delay_s: float = 0.02,
-                 send_delay_s: float = 0.0, qr_rotate_s: float = 20.0) -> None:
+                 send_delay_s: float = 0.0, qr_rotate_s: float = 20.0, database_url: str | None = None) -> None:
         super().__init__(auth_root)
+        # DATABASE_URL: paired sessions in PostgreSQL (any worker on the database resumes them)
+        self.pg = SimulatorPgStore(database_url) if database_url else None
+        self._paired: set[str] = set()  # with pg: the paired instances known here (see has_session)
         self.auto_scan_ms = auto_scan_ms
         self.connect_delay_s = connect_delay_s
         self.send_delay_s = send_delay_s
@@ -450,13 +470,22 @@ class SimulatorBackend(Backend):
 
     # the backend's own tasks (connect flows) live in a task group the worker enters
     async def __aenter__(self) -> "SimulatorBackend":
+        if self.pg is not None:  # unreachable: SimulatorStoreUnavailable (an OSError) ends the start
+            await self.pg.open()
+            self._paired = set(await self.pg.instances())
+            log.info("simulator sessions in PostgreSQL: %s", self.pg.display)
         self._tg_cm = anyio.create_task_group()
         self._flows = await self._tg_cm.__aenter__()
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         self._flows.cancel_scope.cancel()
-        return await self._tg_cm.__aexit__(*exc)
+        try:
+            return await self._tg_cm.__aexit__(*exc)
+        finally:
+            if self.pg is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    await self.pg.close()
 
     def _spawn(self, fn: Any) -> None:
         if self._flows is None:
@@ -469,7 +498,47 @@ class SimulatorBackend(Backend):
         return self.auth_dir(instance_id) / SESSION_FILE
 
     def has_session(self, instance_id: str) -> bool:
+        """With DATABASE_URL: answered from memory (the sessions listed at start, then
+        this worker's own pairings, loads and logouts), so the event loop never waits."""
+        if self.pg is not None:
+            return instance_id in self._paired
         return self._load_phone(instance_id) is not None
+
+    def stored_instances(self) -> list[str]:
+        if self.pg is not None:
+            return sorted(i for i in self._paired if is_valid_instance_id(i))
+        return super().stored_instances()
+
+    async def load_phone(self, instance_id: str) -> _Phone | None:
+        """The instance's paired phone: from the database (DATABASE_URL) or its AUTH_DIR file."""
+        if self.pg is None:
+            return self._load_phone(instance_id)
+        row = await self.pg.load(instance_id)
+        if row is None:
+            self._paired.discard(instance_id)
+            return None
+        self._paired.add(instance_id)
+        return _Phone(jid=row[0], push_name=row[1])
+
+    async def save_phone(self, instance_id: str, phone: _Phone) -> None:
+        if self.pg is None:
+            self._save_phone(instance_id, phone)
+            return
+        await self.pg.save(instance_id, phone.jid, phone.push_name)
+        self._paired.add(instance_id)
+
+    async def delete_phone(self, instance_id: str) -> None:
+        self._paired.discard(instance_id)
+        if self.pg is None:
+            self._delete_phone(instance_id)
+            return
+        await self.pg.delete(instance_id)
+
+    async def forget_session(self, instance_id: str) -> None:
+        """After a logout: the database row (DATABASE_URL) and the instance's folder go."""
+        if self.pg is not None:
+            await self.delete_phone(instance_id)
+        await super().forget_session(instance_id)
 
     def _load_phone(self, instance_id: str) -> _Phone | None:
         try:
