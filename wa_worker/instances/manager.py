@@ -388,7 +388,7 @@ class InstanceManager:
             if r is None:
                 self._unheld(iid, len(batch))
             elif not r.offer(batch):
-                log.debug("batch: %d message(s) for %s which is not connected yet", len(batch), iid)
+                log.debug("batch: %d message(s) for %s, which is stopping: left for the proxy", len(batch), iid)
         self.batch_interval.activity()
         return self.batch_interval.floor_s
 
