@@ -34,3 +34,31 @@ async def test_a_batch_claim_for_an_instance_still_connecting_is_sent_once_it_co
             assert [r["body"] for r in w.backend.sent("b")] == ["while b reconnects"]
     finally:
         await proxy.stop()
+
+
+async def test_a_worker_past_its_fencing_deadline_claims_nothing_before_a_renewal(tmp_path):
+    """Self-fencing is decided by the clock, not only by the renewal loop: a process frozen past
+    ttl/2 (SIGSTOP, a VM pause) whose batch poll runs first on resume must not claim (the contract:
+    "claims nothing until a renewal succeeds again"); its leased runners stop."""
+    proxy = FakeProxy(batch=True, lease_book=LeaseBook(ttl_s=30.0))  # renewals every 10 s
+    proxy.add_instance("acme")
+    await proxy.start()
+    try:
+        async with running_worker(make_settings(tmp_path, proxy.url, WORKER_ID="w-a")) as w:
+            await connect(w, proxy)
+            keeper = w.manager.leases
+            await wait_until(lambda: keeper.last_ok is not None and proxy.calls["queued-messages"] > 0,
+                             what="renewed and polling")
+            renewals = len(proxy.lease_calls)
+            keeper.last_ok -= 20.0  # as if frozen for 20 s since the last renewal (> ttl/2)
+            assert keeper.may_claim("acme") is False
+            assert keeper.fenced
+            seen: list[int] = []  # each claim after the freeze: how many renewals had been made by then
+            proxy.on_queue_call = lambda _iid: seen.append(len(proxy.lease_calls))
+            proxy.enqueue("acme", "m1", "5511988887777", "after the freeze")
+            w.wake("acme")
+            await wait_until(lambda: "m1" in proxy.sent_marks, timeout=25, what="m1 sent after a renewal")
+            assert seen and min(seen) > renewals, (seen, renewals)  # no claim before a renewal succeeded
+            assert w.backend.has_session("acme")  # stopped without logout, resumed after the renewal
+    finally:
+        await proxy.stop()

@@ -345,7 +345,7 @@ class InstanceManager:
             last_start = self.ctx.clock.monotonic()
             connected = [r for r in self.runners.values() if r.state is State.CONNECTED]
             wait: float
-            if not connected:
+            if not connected or self.leases.check_fence():  # fenced: claim nothing until a renewal
                 wait = self.batch_interval.floor_s
             else:
                 try:
