@@ -66,6 +66,7 @@ class Worker:
     # the direct API's sends (only with API_TOKEN): built with the app, run in the services task group
     api_sender: ApiSender | None = None
 
+    # long: builds and wires every part of the worker (relays, manager, push channel, event log, metrics)
     def __init__(
         self,
         settings: Settings,

@@ -497,8 +497,8 @@ class DevStore:
         row = self._one("SELECT * FROM outbound WHERE id = ?", (message_id,))
         return _outbound_dict(row) if row else None
 
-    @_changes
     # long: one claim, with its fencing and prior_claim rules, reads best in one place
+    @_changes
     def claim_messages(
         self, instance_id: str | None = None, *, limit: int = 50, lease_s: float = CLAIM_LEASE_S,
         lease_token: int | None = None, worker_id: str | None = None,
