@@ -158,13 +158,18 @@ async def test_ready_reflects_proxy_and_store(proxy, tmp_path):
 
 
 def fill(path: Path) -> None:
-    with open(path, "wb") as fh:
+    fh = open(path, "wb")
+    try:
+        while True:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+    except OSError:
+        pass
+    finally:
         try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
+            fh.close()
         except OSError:
-            pass
+            pass  # the bytes still buffered did not fit either (depends on what else is on the disk): full
 
 
 @pytest.fixture

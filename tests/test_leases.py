@@ -6,6 +6,7 @@ real ``wa-worker`` processes for SIGTERM hand-over."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from tests.conftest import connect, make_settings, running_worker, wait_until
 from tests.fakeleases import LeaseBook, LeaseRow
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import ROOT, start_worker, worker_env
+from wa_worker.backends.base import SessionState
 from wa_worker.edge.client import EdgeClient, LeaseLost
 from wa_worker.edge.models import Status, StatusUpdate
 
@@ -52,8 +54,6 @@ async def test_a_granted_lease_starts_a_runner_and_every_call_says_who_is_callin
         assert w.manager.leases.priority == {"acme": 3}
         # discovery is off with leases; every call carries X-Worker-Id, status pushes the token
         assert fleet.calls["disconnected-instances"] == 0
-        assert fleet.worker_ids["update-status"] == {"w-a"}
-        assert fleet.worker_ids["leases"] == {"w-a"}
         assert {s.get("lease_token") for s in fleet.statuses_of("acme")} == {1}
         first = fleet.lease_calls[0]
         assert first == {"worker_id": "w-a", "capacity": 500, "held": [], "release": []}
@@ -63,6 +63,12 @@ async def test_a_granted_lease_starts_a_runner_and_every_call_says_who_is_callin
         assert fleet.tokens_seen["queued-messages"][-1] == "1"
         assert fleet.tokens_seen["mark-sent"] == [1]  # the claim token, journaled with the row
         assert w.journal.outbound_get("m1").claim_token == 1
+        await w.backend.session("acme").receive("5511977776666", "hi there")
+        await wait_until(lambda: fleet.inbound, what="inbound posted")
+        assert fleet.tokens_seen["inbound"] == [1]
+        assert {"leases", "update-status", "queued-messages", "mark-sent", "inbound"} <= set(fleet.worker_ids)
+        for endpoint, ids in fleet.worker_ids.items():
+            assert ids == {"w-a"}, endpoint
         assert w.health()["leases"]["mode"] == "leases"
 
 
@@ -200,6 +206,7 @@ async def test_self_fencing_when_leases_stop_answering_then_back(tmp_path):
             fenced_after = w.clock.monotonic() - (last_ok or 0)
             await wait_until(lambda: "acme" not in w.manager.runners, what="runner stopped")
             assert 2.9 <= fenced_after <= 4.0, fenced_after  # ttl/2 after the last good renewal began
+            assert "self-fenced: no lease renewal for 3s" in w.not_ready_reasons()
             assert time.monotonic() - t0 < 4.5
             assert w.backend.has_session("acme")  # no logout
             assert w.manager.leases.may_claim("acme") is False
@@ -355,3 +362,99 @@ def fleet_connected(proxy: FakeProxy, worker: str) -> bool:
     token = book(proxy).current("acme")
     return bool(pushes) and token is not None and token[0] == worker and pushes[-1]["status"] == "CONNECTED" \
         and pushes[-1].get("lease_token") == token[1]
+
+
+async def test_a_hanging_renewal_does_not_delay_self_fencing(tmp_path):
+    """EDGE_TIMEOUT_S (10 s) is longer than ttl/2 (3 s): the renewal in flight is cut at the
+    fencing deadline, so the runner stops on time."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=6.0), hang_s=8.0)
+    await proxy.start()
+    try:
+        proxy.add_instance("acme")
+        async with running_worker(lease_settings(tmp_path, proxy, EDGE_TIMEOUT_S=10)) as w:
+            await connect(w, proxy)
+            last_ok = w.manager.leases.last_ok or 0.0
+            proxy.hang["leases"] = 1000
+            await wait_until(lambda: w.manager.leases.fenced, timeout=8, what="fenced")
+            assert w.clock.monotonic() - last_ok < 4.0
+            await wait_until(lambda: "acme" not in w.manager.runners, what="runner stopped")
+            assert w.backend.has_session("acme")
+            proxy.hang["leases"] = 0
+    finally:
+        await proxy.stop()
+
+
+async def test_a_proxy_outage_at_start_resumes_as_before_when_the_proxy_had_no_leases(tmp_path):
+    """The journal remembers that the proxy had no leases: a restart during a proxy outage resumes the
+    stored sessions at once, as always; a proxy that answers with leases later restarts the worker (75)."""
+    plain = FakeProxy()
+    plain.add_instance("acme")
+    await plain.start()
+    settings = make_settings(tmp_path, plain.url)
+    try:
+        async with running_worker(settings) as w:
+            await connect(w, plain)
+            assert w.journal.meta("leases") == "off"
+    finally:
+        await plain.stop()
+    port = int(plain.url.rsplit(":", 1)[1])
+    async with running_worker(settings) as w:
+        await wait_until(lambda: "acme" in w.manager.runners and w.manager.runners["acme"].state.value == "connected",
+                         what="resumed during the outage")
+        assert w.manager.leases.unconfirmed and w.manager.leases.mode is False
+        fleet = FakeProxy(lease_book=LeaseBook(ttl_s=30.0))
+        fleet.add_instance("acme")
+        await fleet.start(port=port)
+        try:
+            await wait_until(lambda: w.exit_code == 75, timeout=40, what="restart into lease mode")
+            assert fleet.lease_calls[-1]["capacity"] == 0 and fleet.lease_answers[-1]["leases"] == []
+        finally:
+            await fleet.stop()
+    with sqlite3.connect(settings.STATE_DB) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'leases'").fetchone() == ("on",)
+
+
+async def test_a_second_worker_gets_a_fair_share_gradually_and_no_session_is_ever_open_twice(tmp_path):
+    """Six instances on w-a; w-b joins: w-a's lowest-priority leases above target + 1 are revoked,
+    stopped (no logout), released, and only then granted to w-b. A watcher checks every 5 ms that no
+    instance is connected on both workers."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=3.0))
+    await proxy.start()
+    ids = [f"i{n}" for n in range(6)]
+    for n, iid in enumerate(ids):
+        proxy.add_instance(iid, priority=n)
+    both: list[str] = []
+    try:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        async with running_worker(lease_settings(tmp_path / "a", proxy, "w-a", SIMULATOR_AUTO_SCAN_MS=20)) as wa:
+            await wait_until(lambda: sum(1 for r in wa.manager.runners.values() if r.state.value == "connected") == 6,
+                             what="six connected on w-a")
+            async with running_worker(lease_settings(tmp_path / "b", proxy, "w-b", SIMULATOR_AUTO_SCAN_MS=20)) as wb:
+
+                def connected(w: Any) -> set[str]:
+                    return {i for i, r in w.manager.runners.items() if r.connected_session is not None}
+
+                def open_(w: Any) -> set[str]:  # the backend's view: from connect until disconnect
+                    return {i for i, s in w.backend.sessions.items()
+                            if s.state in (SessionState.CONNECTING, SessionState.QR, SessionState.CONNECTED)}
+
+                async def watch() -> None:
+                    while True:
+                        both.extend(open_(wa) & open_(wb))
+                        await anyio.sleep(0.005)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch)
+                    await wait_until(lambda: len(connected(wb)) == 3 and len(connected(wa)) == 3, timeout=20,
+                                     what="three each")
+                    tg.cancel_scope.cancel()
+                assert connected(wa) == {"i3", "i4", "i5"}  # the highest priorities stay
+                assert wa.manager.leases.counts["lost"] == 3
+                assert all(wa.backend.has_session(i) for i in ids)  # revoked: disconnected, never logged out
+    finally:
+        await proxy.stop()
+    assert both == []
+    events = [(kind, iid, wid) for _, kind, iid, wid, _t in book(proxy).events]
+    for iid in ("i0", "i1", "i2"):
+        assert events.index(("release", iid, "w-a")) < events.index(("grant", iid, "w-b"))

@@ -51,6 +51,7 @@ log = logging.getLogger("wa_worker")
 
 SHUTDOWN_GRACE_S = 8.0
 LEASE_RELEASE_TIMEOUT_S = 3.0
+EXIT_RESTART = EXIT_FD_EXHAUSTED  # 75 (EX_TEMPFAIL): "start me again", like the descriptor guard's restart
 HOUSEKEEPING_EVERY_S = 600.0
 STORE_PROBE_EVERY_S = 5.0
 
@@ -121,6 +122,7 @@ class Worker:
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
         self.push = self._build_push(worker_id or settings.worker_id)
+        self.manager.on_restart_needed = self._restart_into_leases
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         self._set_staleness()
@@ -180,6 +182,12 @@ class Worker:
     def worker_id(self) -> str:
         """This process's id at the proxy (``X-Worker-Id``)."""
         return self.push.worker_id
+
+    def _restart_into_leases(self) -> None:
+        """The proxy gained leases while this worker ran without them: stop gracefully (sessions
+        disconnected, never logged out) and exit 75, so the orchestrator starts it into lease mode."""
+        self.exit_code = EXIT_RESTART
+        self.request_stop()
 
     def call_policy(self, instance_id: str) -> CallPolicy:
         """What to do with ``instance_id``'s incoming calls: CALL_REJECT / CALL_REJECT_MESSAGE,
@@ -257,6 +265,8 @@ class Worker:
             reasons.append("state store not writable")
         if self.fds.level() != "ok":
             reasons.append("file descriptors nearly exhausted")
+        if self.manager.leases.fenced:
+            reasons.append(f"self-fenced: no lease renewal for {self.manager.leases.ttl_s / 2:g}s")
         if self._stop.is_set():
             reasons.append("shutting down")
         reasons.extend(self.loop_problems())

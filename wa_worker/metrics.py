@@ -163,6 +163,13 @@ class WorkerCollector(Collector):
         last = edge.last_ok_monotonic
         yield _gauge("proxy_last_ok_age_seconds", "Seconds since the proxy last answered (-1: never)",
                      -1 if last is None else max(0.0, self.src.clock.monotonic() - last))
+        leases = self.src.manager.leases
+        yield _gauge("leases_held", "Instance leases this worker holds (0 without leases)", len(leases.held))
+        yield _gauge("leases_fenced", "1 while self-fenced (no lease renewal for ttl/2)", 1 if leases.fenced else 0)
+        yield _counter("leases_lost", "Leases lost, by cause: not_renewed (missing from an answer), refused (409 "
+                       "lease_lost)", labels=["cause"],
+                       samples={("not_renewed",): leases.counts["lost"] - leases.counts["revoked_409"],
+                                ("refused",): leases.counts["revoked_409"]})
         relay_bytes = getattr(self.src.backend, "relay_bytes", None)  # neonize only: its CONNECT relay
         up, down = relay_bytes() if callable(relay_bytes) else (0, 0)
         yield _counter("relay_bytes", "Bytes through the CONNECT relay (WhatsApp traffic of neonize sessions)",

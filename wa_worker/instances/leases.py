@@ -71,6 +71,7 @@ class LeaseKeeper:
         self.releasing: dict[str, int] = {}  # lost or ended: released on the next call once the runner stopped
         self.fenced = False
         self.closed = False  # the final release was sent: no more calls
+        self.unconfirmed = False  # single-worker mode by memory (the probe was not answered)
         self.last_ok: float | None = None  # clock.monotonic() at the start of the last 2xx
         self.counts: Counter[str] = Counter()  # granted, lost, revoked_409, fenced, renewals, failures, released
         self.health = LoopHealth("leases", clock, stale_after_s=3 * (DEFAULT_TTL_S / 3 + edge.timeout_s))
@@ -106,9 +107,9 @@ class LeaseKeeper:
         return self.fenced
 
     def describe(self) -> dict[str, object]:
-        """For /health: counts only."""
+        """For /health: counts only (no ids, not even the worker's)."""
         return {"mode": {None: "probing", True: "leases", False: "single-worker"}[self.mode],
-                "worker_id": self.worker_id, "held": len(self.held), "fenced": self.fenced,
+                "held": len(self.held), "fenced": self.fenced,
                 "ttl_s": self.ttl_s, **dict(self.counts)}
 
     # ------------------------------------------------------------------ events
@@ -140,9 +141,12 @@ class LeaseKeeper:
 
     # ------------------------------------------------------------------ calls
 
-    async def probe(self, stop: anyio.Event) -> bool:
+    async def probe(self, stop: anyio.Event, *, known_without: bool = False) -> bool:
         """The first call, retried until the proxy answers (or ``stop``): True when it has leases
-        (the leases it granted are started), False for 404/405/501 or another refusal."""
+        (the leases it granted are started), False for 404/405/501 or another refusal.
+        ``known_without``: the proxy had no leases at this worker's last start; if it does not answer
+        now, single-worker mode at once (stored sessions resume during an outage, as always) and
+        ``unconfirmed`` is set (:meth:`confirm` asks again in the background)."""
         backoff = Backoff(self.backoff_base_s, self.backoff_cap_s, rng=self.rng)
         while not stop.is_set():
             try:
@@ -158,6 +162,13 @@ class LeaseKeeper:
                     self.health.finished = True
                     log.warning("POST /leases refused (%s): single-worker mode", exc)
                     return False
+                if known_without:
+                    self.mode = False
+                    self.unconfirmed = True
+                    self.health.finished = True
+                    log.warning("POST /leases not answered (%s); the proxy had no leases at the last start: "
+                                "single-worker mode now, asked again in the background", exc)
+                    return False
                 delay = max(backoff.next_delay(), exc.retry_after_s or 0.0)
                 log.warning("POST /leases not answered (%s): nothing is resumed until the proxy says whether it "
                             "has leases; again in %.1fs", exc, delay)
@@ -169,6 +180,28 @@ class LeaseKeeper:
             log.info("the proxy has leases: worker %s, capacity %d, ttl %gs, %d lease(s) granted",
                      self.worker_id, self.capacity, self.ttl_s, len(self.held))
             self._start_missing()
+            return True
+        return False
+
+    async def confirm(self, stop: anyio.Event) -> bool:
+        """After a probe that was not answered (``unconfirmed``): ask until the proxy answers, with
+        ``capacity: 0`` (nothing can be granted). True when it now has leases (the caller restarts
+        the worker into lease mode), False when it still has none."""
+        backoff = Backoff(self.backoff_base_s, self.backoff_cap_s, rng=self.rng)
+        while not stop.is_set():
+            try:
+                await self.edge.leases(self.worker_id, 0, {}, {})
+            except EndpointMissing:
+                self.unconfirmed = False
+                return False
+            except EdgeError as exc:
+                if not exc.transient:
+                    self.unconfirmed = False
+                    return False
+                await self.clock.wait(stop, max(backoff.next_delay(), exc.retry_after_s or 0.0))
+                continue
+            self.unconfirmed = False
+            log.error("the proxy has leases now, and this worker started without them: restarting into lease mode")
             return True
         return False
 

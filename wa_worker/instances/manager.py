@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..backends.base import Session
 from ..edge.client import EdgeClient, EdgeError, EndpointMissing
 from ..edge.models import InstanceRef, QueuedMessage, Status, StatusUpdate
 from ..ids import is_valid_instance_id
+from ..storage.journal import JournalUnavailable
 from ..supervise import LoopHealth, describe_error, forever, traceback_once
 from ..timing import AdaptiveInterval, Backoff
 from .leases import LeaseKeeper
@@ -73,6 +75,8 @@ class InstanceManager:
                                   backoff_base_s=ctx.backoff_base_s)
         ctx.may_claim = self.leases.may_claim
         self.foreign_token_messages = 0  # batch messages under a token that is not this worker's current one
+        # the worker's graceful restart (exit 75): a proxy that gained leases while this worker ran without
+        self.on_restart_needed: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ queries
 
@@ -188,8 +192,8 @@ class InstanceManager:
         await self._report_crashed(iid)
         await self.ctx.clock.wait(self._stop_event, delay)
         self.restarting.discard(iid)
-        if self._stop_event.is_set() or self.runners.get(iid) is not runner:
-            return None
+        if self._stop_event.is_set() or self.runners.get(iid) is not runner or runner.stop_requested:
+            return None  # stopping, replaced, or (leases) the lease was lost meanwhile
         fresh = InstanceRunner(iid, self.ctx)
         self.runners[iid] = fresh
         return fresh
@@ -249,13 +253,20 @@ class InstanceManager:
             # before resuming: a stored session connects through its proxy_url from the first attempt
             # (what the journal kept, then the proxy's answer if it gives one in time)
             self.instance_settings.load()
+            # a fleet or one worker? Asked first (with leases every call says who calls). Until the proxy
+            # answers, nothing is resumed (two workers must never open one session); with leases, only
+            # what is leased runs here (its grant carries its proxy_url), no discovery, no resume
+            leased = await self.leases.probe(self._stop_event, known_without=self._remembered_leases() == "off")
             await self.settings_poller.first(self.edge.timeout_s)
-            # a fleet or one worker? Until the proxy answers, nothing is resumed (two workers must never
-            # open one session); with leases, only what is leased runs here (no discovery, no resume)
-            if await self.leases.probe(self._stop_event):
+            if leased:
+                self._remember_leases("on")
                 self.discovery_health.finished = True
                 tg.start_soon(self._supervised, "leases", self.leases.run, self.leases.health)
             else:
+                if self.leases.unconfirmed:
+                    tg.start_soon(self._confirm_no_leases)
+                elif self.leases.mode is False:
+                    self._remember_leases("off")
                 self._resume_stored()
                 tg.start_soon(self._supervised, "discovery", self._discovery_loop, self.discovery_health)
             if self.settings_poller.supported is not False:
@@ -280,6 +291,27 @@ class InstanceManager:
     async def _wait_runners(self) -> None:
         for r in list(self.runners.values()):
             await r.wait_stopped()
+
+    def _remembered_leases(self) -> str | None:
+        try:
+            return self.ctx.outbound.journal.meta("leases")
+        except JournalUnavailable:
+            return None
+
+    def _remember_leases(self, mode: str) -> None:
+        try:
+            self.ctx.outbound.journal.set_meta("leases", mode)
+        except JournalUnavailable:
+            pass  # only a proxy outage at the next start depends on it
+
+    async def _confirm_no_leases(self) -> None:
+        """Started without an answer to the lease probe: once the proxy answers, a proxy that has
+        leases now makes this worker restart gracefully into lease mode (exit 75)."""
+        if await self.leases.confirm(self._stop_event):
+            self._remember_leases("on")
+            self.on_restart_needed()
+        elif self.leases.mode is False and not self._stop_event.is_set():
+            self._remember_leases("off")
 
     def _resume_stored(self) -> None:
         """Sessions on disk are resumed even if the proxy thinks they are

@@ -384,6 +384,10 @@ class InstanceRunner:
             self.status.drop()
         self._interrupt_lifecycle()
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
     def wake(self) -> None:
         """Poll the queue now (coalesced: many wakes, one poll)."""
         self.poll_interval.activity()

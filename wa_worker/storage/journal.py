@@ -266,6 +266,14 @@ class Journal:
             log.warning("state store is writable again (%d bytes free)", free or 0)
         return True
 
+    def meta(self, key: str) -> str | None:
+        """A small remembered value (e.g. ``leases``: what the proxy said at the last start)."""
+        return self._scalar("SELECT value FROM meta WHERE key = ?", (key,))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value))
+
     # ------------------------------------------------------------------ inbound outbox
 
     def add_inbound(self, instance_id: str, chat_id: str, wa_message_id: str, payload: dict[str, Any]) -> bool:
