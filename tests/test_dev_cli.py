@@ -456,13 +456,18 @@ def test_dev_proxy_only_and_busy_port(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("WORKER_SECRET", "WA_DEV_PROXY_URL")}
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wa_worker", "dev", "proxy", "--proxy-port", str(port), "--instance", "solo"],
+        [sys.executable, "-m", "wa_worker", "dev", "proxy", "--proxy-port", str(port), "--instance", "solo",
+         "--lease-ttl", "7"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         wait_until(lambda: (tmp_path / ".wa-worker" / "proxy-url").exists(), 30, "the proxy")
         r = wa("instance", "list", cwd=tmp_path, env=env)
         assert r.returncode == 0 and re.search(r"^solo\s+DISCONNECTED", r.stdout, re.M)
+        secret = (tmp_path / ".wa-worker" / "secret").read_text().strip()
+        leased = httpx.post(f"http://127.0.0.1:{port}/leases", json={"worker_id": "w-sub"}, trust_env=False,
+                            headers={"Authorization": f"Bearer {secret}"}).json()
+        assert leased["ttl_s"] == 7 and [i["instanceId"] for i in leased["leases"]] == ["solo"]
         again = wa("proxy", "--proxy-port", str(port), "--dir", str(tmp_path / "other"), cwd=tmp_path, env=env,
                    timeout=30)
         assert again.returncode == 1 and "cannot listen" in again.stderr
@@ -476,6 +481,7 @@ def test_dev_proxy_only_and_busy_port(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "worker        not started" in out
+    assert "leases of 7 s" in out
 
 
 @pytest.mark.slow

@@ -249,3 +249,19 @@ def test_a_plain_renewal_wakes_nobody(http: httpx.Client, bp: BackgroundProxy) -
     assert len(held) == 10
     answer, _ = b.answer()
     assert answer["events"] == []
+
+
+def test_a_waiting_poll_does_not_hold_up_the_proxy_s_stop(tmp_path: Path) -> None:
+    store = DevStore(tmp_path / "p.db")
+    try:
+        bp = BackgroundProxy(store, SECRET).start()
+        pending = Poll(bp, "w-a", 25, None)
+        pending.start()
+        waiting(bp, 1)
+        start = time.monotonic()
+        bp.stop(timeout=30)
+        assert time.monotonic() - start < 5
+        answer, took = pending.answer()
+        assert answer["events"] == [] and took < 6
+    finally:
+        store.close()

@@ -295,9 +295,12 @@ def test_a_malformed_leases_call_is_a_400(http: httpx.Client, body: dict, why: s
     assert r.status_code == 400 and why in r.json()["error"]
 
 
-def test_leases_need_the_bearer(bp: BackgroundProxy) -> None:
-    r = httpx.post(bp.url + "/leases", json={"worker_id": "w-a"}, trust_env=False)
+@pytest.mark.parametrize("method,path", [("POST", "/leases"), ("GET", "/events?wait=0"), ("GET", "/dev/fleet")])
+def test_the_fleet_routes_need_the_bearer(bp: BackgroundProxy, method: str, path: str) -> None:
+    r = httpx.request(method, bp.url + path, json={"worker_id": "w-a"} if method == "POST" else None,
+                      headers={"Authorization": "Bearer wrong-secret-value"}, trust_env=False)
     assert r.status_code == 401
+    assert httpx.request(method, bp.url + path, trust_env=False).status_code == 401
 
 
 # ---------------------------------------------------------------------------- fencing
@@ -511,3 +514,131 @@ def test_two_proxies_on_one_database_never_grant_one_instance_twice(tmp_path: Pa
     finally:
         for s in stores:
             s.close()
+
+
+def test_dev_fleet_shows_the_workers_and_counts_the_refused_calls(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    add(http, "beta")
+    call(http, "w-a", capacity=1)
+    mid = queue(http, "acme")
+    move(http, clock, "acme", "w-a", "w-b")
+    assert connected(http, "acme", 1).status_code == 409
+    assert http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1}).status_code == 409
+    http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 2})
+    assert http.post("/mark-sent", json={"messageId": mid, "lease_token": 1}).status_code == 409
+    fleet = http.get("/dev/fleet").json()
+    assert fleet["refused"] == {"update_status": 1, "claim": 1, "ack": 1}
+    assert fleet["ttl_s"] == 30 and fleet["events_waiting"] == 0
+    # w-a's last call was 2 TTLs ago: no longer live, pruned at w-b's call
+    assert [(w["id"], w["live"], w["held"], w["capacity"]) for w in fleet["workers"]] == [("w-b", True, 2, 500)]
+
+
+def test_an_expired_lease_claims_nothing_until_it_is_renewed(http: httpx.Client, clock: FakeClock) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    connected(http, "acme", 1)
+    queue(http, "acme")
+    clock.now += TTL + 1  # w-a should have fenced itself at TTL/2
+    assert http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1}).status_code == 409
+    assert http.get("/queued-messages", headers={"X-Worker-Id": "w-a"}).json()["messages"] == []
+    assert tokens(call(http, "w-a", held={"acme": 1})) == {"acme": 1}  # nobody took it: renewed
+    r = http.get("/queued-messages", params={"instanceId": "acme", "lease_token": 1})
+    assert r.status_code == 200 and len(r.json()["messages"]) == 1
+
+
+class Member:
+    """A worker as the contract describes it: renews every TTL/3, believes in its leases for TTL/2
+    after its last successful call (self-fencing), renews at once on a ``leases`` event."""
+
+    def __init__(self, name: str, http: httpx.Client) -> None:
+        self.name = name
+        self.http = http
+        self.held: dict[str, int] = {}
+        self.release: dict[str, int] = {}
+        self.at = -1e18
+        self.cursor = str(http.get("/events", params={"wait": 0}, headers={"X-Worker-Id": name}).json()["cursor"])
+
+    def renew(self, now: float, *, leaving: bool = False) -> None:
+        held = {} if leaving else self.held
+        release = {**self.release, **(self.held if leaving else {})}
+        answer = tokens(call(self.http, self.name, held, release))
+        self.release = {i: t for i, t in self.held.items() if answer.get(i) != t and not leaving}
+        self.held, self.at = answer, now
+
+    def told(self) -> bool:
+        r = self.http.get("/events", params={"wait": 0, "cursor": self.cursor}, headers={"X-Worker-Id": self.name})
+        self.cursor = r.json()["cursor"]
+        return {"type": "leases"} in r.json()["events"]
+
+    def believes(self, now: float) -> set[str]:
+        return set(self.held) if now - self.at < TTL / 2 else set()
+
+
+# long: one scenario (start, SIGTERM, kill -9, scale out) with its invariant checked after every call
+def test_a_fleet_never_runs_an_instance_twice_and_takes_over_on_sigterm_kill_and_scale_out(
+        http: httpx.Client, clock: FakeClock, store: DevStore) -> None:
+    for n in range(60):
+        add(http, f"i{n:02d}", priority=n % 3)
+    start = clock.now
+    members = {n: Member(n, http) for n in ("w1", "w2", "w3")}
+    running = dict(members)
+
+    def check() -> None:  # never two workers that both believe they hold one instance
+        seen: dict[str, str] = {}
+        for m in running.values():
+            for iid in m.believes(clock.now):
+                assert iid not in seen, f"{iid} on {seen.get(iid)} and {m.name} at +{clock.now - start:.0f} s"
+                seen[iid] = m.name
+
+    def served() -> int:
+        return len(set().union(*(m.believes(clock.now) for m in running.values())))
+
+    def step() -> None:
+        """TTL/3 of time: every running member renews, then those told to renew again."""
+        clock.now += TTL / 3
+        for m in sorted(running.values(), key=lambda m: m.name):
+            m.renew(clock.now)
+            check()
+        for _ in range(10):
+            told = [m for m in running.values() if m.told()]
+            if not told:
+                break
+            for m in told:
+                m.renew(clock.now)
+                check()
+
+    def until_served(count: int = 60, limit_steps: int = 30) -> float:
+        t0 = clock.now
+        for _ in range(limit_steps):
+            if served() >= count:
+                return clock.now - t0
+            step()
+        raise AssertionError(f"only {served()} of {count} instances served")
+
+    until_served()
+    assert sorted(len(m.held) for m in running.values()) == [20, 20, 20]
+    # SIGTERM w2: its last call releases everything; the others are told at once
+    w2 = running.pop("w2")
+    w2.renew(clock.now, leaving=True)
+    for _ in range(10):
+        told = [m for m in running.values() if m.told()]
+        for m in told:
+            m.renew(clock.now)
+            check()
+        if not told:
+            break
+    assert served() == 50  # at once: 5 more for each of the two left (told by a leases event)
+    assert until_served() == TTL / 3  # the rest at their next renewal (5 per call: no reconnect storm)
+    # kill -9 w3 (30 leases): it stops calling; its leases are free one TTL after they expire
+    running.pop("w3")
+    first = until_served(31)
+    assert 2 * TTL < first <= 2 * TTL + TTL / 3
+    assert until_served() == 5 * TTL / 3  # then 5 per renewal of the one worker left
+    # a fourth worker gets its share gradually (revocations of w1's lowest-priority leases)
+    running["w4"] = Member("w4", http)
+    for _ in range(20):
+        step()
+    assert served() == 60
+    assert sorted(len(m.held) for m in running.values()) == [30, 30]
+    owned = holders(store)
+    assert all(owned[i] == m.name for m in running.values() for i in m.held)

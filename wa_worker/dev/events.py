@@ -12,7 +12,8 @@ A cursor from another boot, or older than the log keeps, gets a resync answer
 at once (``leases`` and every instance of the caller with queued messages).
 Waiting uses one broadcast :class:`anyio.Event` (set on each change, never
 polled); the waiter also checks every :data:`LIVENESS_TICK_S` that its client
-is still connected, so a client that went away frees its place.
+is still connected, so a client that went away frees its place. When the proxy
+stops (:meth:`EventHub.close`, on the app's shutdown), every waiter answers at once.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class EventHub:
         self.max_waiters = max_waiters
         self.max_events = max_events
         self.waiters = 0
+        self._closed = False
 
     @property
     def cursor(self) -> str:
@@ -71,6 +73,13 @@ class EventHub:
     def publish(self, kind: str, instance_id: str | None = None, worker_id: str | None = None) -> None:
         self._seq += 1
         self._log.append(FleetEvent(self._seq, kind, instance_id, worker_id))
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def close(self) -> None:
+        """The proxy stops: every waiter answers now (a long poll never holds up the stop)."""
+        self._closed = True
         if self._changed is not None:
             self._changed.set()
             self._changed = None
@@ -127,7 +136,7 @@ class EventHub:
             with anyio.move_on_after(min(wait_s, MAX_EVENT_WAIT_S)):
                 while True:
                     events, after = self._collect(worker, after)
-                    if events or not alive():
+                    if events or self._closed or not alive():
                         break
                     if self._changed is None:
                         self._changed = anyio.Event()

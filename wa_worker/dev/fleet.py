@@ -3,6 +3,7 @@
     POST /leases   {"worker_id", "capacity", "held": [{"instanceId", "token"}], "release": [...]}
                    → {"ttl_s", "leases": [{"instanceId", "token"} | a grant with the discovery fields]}
     GET  /events?wait=<s>&cursor=<c>   (X-Worker-Id) → {"events": [...], "cursor": "..."}
+    GET  /dev/fleet    (dev API) the workers, the fenced calls refused, the waiting /events calls
 
 The rules live in :mod:`wa_worker.dev.leasing` (one SQLite transaction per call)
 and :mod:`wa_worker.dev.events` (the long poll).
@@ -109,6 +110,20 @@ async def events(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def dev_fleet(request: web.Request) -> web.Response:
+    """``GET /dev/fleet``: what a fleet test or a person checks (no secrets in it)."""
+    proxy: DevProxy = request.app[PROXY_KEY]
+    return web.json_response({"ttl_s": _seconds(proxy.lease_ttl_s), "workers": proxy.store.workers(proxy.lease_ttl_s),
+                              "refused": dict(proxy.refused), "events_waiting": proxy.events.waiters})
+
+
+async def _close_events(app: web.Application) -> None:
+    app[PROXY_KEY].events.close()
+
+
 def add_fleet_routes(app: web.Application) -> None:
+    """The routes, and the app's shutdown ending every waiting ``/events`` call at once."""
     app.router.add_post("/leases", leases)
     app.router.add_get("/events", events)
+    app.router.add_get("/dev/fleet", dev_fleet)
+    app.on_shutdown.append(_close_events)

@@ -141,6 +141,7 @@ class DevProxy:
         self.lease_ttl_s = lease_ttl_s
         self.events = EventHub()
         self._lease_noticed: set[str] = set()  # workers told "leases" since their last /leases call
+        self.refused = {"update_status": 0, "claim": 0, "ack": 0}  # fenced calls answered 409 lease_lost
         self.store = store
         self._secret = secret.encode()
         self._secret_str = secret
@@ -173,6 +174,12 @@ class DevProxy:
 
     def leases_called(self, worker_id: str) -> None:
         self._lease_noticed.discard(worker_id)
+
+    def lease_lost(self, call: str, what: str) -> ApiError:
+        """The 409 of a fenced call refused for its token (counted, shown by ``GET /dev/fleet``)."""
+        self.refused[call] += 1
+        log.info("refused a stale %s for %s: lease_lost", call, what)
+        return ApiError(409, LEASE_LOST)
 
     # -------------------------------------------------------------- auth
 
@@ -525,7 +532,7 @@ async def update_status(request: web.Request) -> web.Response:
     except UnknownInstance:
         raise ApiError(404, f"unknown instance {instance_id}") from None
     except LeaseLost:
-        raise ApiError(409, LEASE_LOST) from None
+        raise proxy.lease_lost("update_status", instance_id) from None
     if change.old_status != change.status or change.old_reason != change.reason:
         proxy.emit(
             "status",
@@ -550,8 +557,8 @@ async def queued_messages(request: web.Request) -> web.Response:
             messages = proxy.store.claim_messages(instance_id, limit=limit, lease_token=token)
         else:  # with X-Worker-Id: only the instances leased to the caller
             messages = proxy.store.claim_messages(None, limit=limit, worker_id=worker_header(request))
-    except LeaseLost:
-        raise ApiError(409, LEASE_LOST) from None
+    except LeaseLost as exc:
+        raise proxy.lease_lost("claim", str(exc)) from None
     for msg in messages:
         sha = msg.pop("media_sha256", None)
         if sha is not None:
@@ -570,7 +577,7 @@ async def mark_sent(request: web.Request) -> web.Response:
     try:
         msg, changed = proxy.store.mark_sent(message_id, wa_id, token)
     except LeaseLost:
-        raise ApiError(409, LEASE_LOST) from None
+        raise proxy.lease_lost("ack", message_id) from None
     except UnknownMessage:
         # 200, not 404: the worker reads a 404 from /mark-failed as "endpoint not
         # implemented" and would stop reporting failures (the Supabase kit does the same)
@@ -594,7 +601,7 @@ async def mark_failed(request: web.Request) -> web.Response:
     try:
         msg, changed = proxy.store.mark_failed(message_id, error[:2000], error_code, token)
     except LeaseLost:
-        raise ApiError(409, LEASE_LOST) from None
+        raise proxy.lease_lost("ack", message_id) from None
     except UnknownMessage:
         return web.json_response({"ok": False, "found": False})  # see mark_sent
     if changed:

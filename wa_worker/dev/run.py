@@ -166,6 +166,8 @@ class DevRun:
                 "  worker        not started: run one with",
                 f"                EDGE_BASE_URL={self.proxy_url} WORKER_SECRET=\"$(cat {self.paths.secret_file})\" "
                 f"PORT={o.port} {o.command}",
+                f"  a fleet       several workers share the instances: leases of {o.lease_ttl_s:g} s "
+                "(POST /leases; --lease-ttl), GET /dev/fleet",
             ]
         first = (self.store.list_instances()[0]["id"] if self.store and self.store.count_instances() else "NAME")
         cmd = self.helper_command()

@@ -332,6 +332,15 @@ class DevStore:
         with self._lock, self._transaction():
             return lease_notices(self._db, self._now(), ttl)
 
+    def workers(self, ttl: float) -> list[dict[str, Any]]:
+        """The workers that called ``/leases`` (live: within ``ttl``), with the leases they hold."""
+        rows = self._all(
+            "SELECT w.id, w.capacity, w.last_seen, (SELECT COUNT(*) FROM instances i WHERE i.lease_holder = w.id "
+            "AND i.lease_revoked = 0) AS held FROM workers w ORDER BY w.id")
+        now = self._now()
+        return [{"id": r["id"], "capacity": r["capacity"], "last_seen": r["last_seen"],
+                 "live": r["last_seen"] >= now - ttl, "held": r["held"]} for r in rows]
+
     def lease_holder(self, instance_id: str) -> str | None:
         """The worker holding the instance's lease (None: free or revoked)."""
         row = self._one("SELECT lease_holder FROM instances WHERE id = ? AND lease_revoked = 0", (instance_id,))
@@ -508,8 +517,9 @@ class DevStore:
         With ``instance_id=None`` (batch mode) only messages of CONNECTED
         instances are handed out: the others would sit claimed for a lease;
         with ``worker_id`` too, only those of the instances it holds a lease on.
-        ``lease_token`` (with ``instance_id``) must be the instance's current lease,
-        else :class:`LeaseLost` and nothing is claimed.
+        ``lease_token`` (with ``instance_id``) must be the instance's current lease, still
+        held (not released, revoked nor expired: a worker fences itself at TTL/2), else
+        :class:`LeaseLost` and nothing is claimed.
 
         A claim made under a lease records its token (``claim_token``); a ``sending``
         claim is offered again once it is older than ``lease_s``, or at once when its
@@ -522,19 +532,20 @@ class DevStore:
             scope = "i.status = 'CONNECTED'"
             scope_params: tuple[Any, ...] = ()
             if worker_id is not None:
-                scope += " AND i.lease_holder = ? AND i.lease_revoked = 0"
-                scope_params = (worker_id,)
+                scope += " AND i.lease_holder = ? AND i.lease_revoked = 0 AND i.lease_expires_at >= ?"
+                scope_params = (worker_id, now)
         else:
             scope = "o.instance_id = ?"
             scope_params = (instance_id,)
         out = []
         with self._lock, self._transaction():
             if instance_id is not None and lease_token is not None:
-                lease = self._db.execute("SELECT lease_token, lease_holder, lease_revoked FROM instances "
-                                         "WHERE id = ?", (instance_id,)).fetchone()
+                lease = self._db.execute("SELECT lease_token, lease_holder, lease_revoked, lease_expires_at "
+                                         "FROM instances WHERE id = ?", (instance_id,)).fetchone()
                 if lease is None:
                     raise UnknownInstance(instance_id)
-                if lease["lease_token"] != lease_token or lease["lease_holder"] is None or lease["lease_revoked"]:
+                if (lease["lease_token"] != lease_token or lease["lease_holder"] is None or lease["lease_revoked"]
+                        or lease["lease_expires_at"] < now):
                     raise LeaseLost(instance_id)
             rows = self._db.execute(
                 "SELECT o.seq, o.status, o.claim_token, o.claim_tokens, i.lease_token AS current "
