@@ -75,13 +75,50 @@ def test_leases_migration_on_a_database_with_rows(pg_server: PgServer) -> None:
         denied = db.psql("set role wa_nobody; select * from public.wa_lease_call('w', 1, '[]', '[]', 30, 5)",
                          check=False)
         assert "permission denied" in denied.stderr
+        denied = db.psql("set role wa_nobody; select public.wa_lease_changed()", check=False)
+        assert "permission denied" in denied.stderr
+        # where Supabase's roles exist, they lose the EXECUTE Supabase grants them by default
+        db.psql("drop role if exists anon; create role anon; "
+                "grant execute on function public.wa_lease_changed() to anon")
+        db.psql(LEASES_MIGRATION.read_text())
+        assert db.scalar("select has_function_privilege('anon', 'public.wa_lease_changed()', 'execute')") is False
         for bad in ("insert into wa_workers (id, capacity) values ('-bad', 1)",
                     "update wa_instances set lease_worker = 'has space'",
                     "insert into wa_fleet_state (id) values (2)"):
             assert db.psql(bad, check=False).returncode != 0, bad
     finally:
         pg_server.psql(f"drop database if exists {name} with (force);")
-        pg_server.psql("drop role if exists wa_nobody;")
+        pg_server.psql("drop role if exists wa_nobody; drop role if exists anon;")
+
+
+@deno
+def test_function_on_a_schema_without_leases(pg_server: PgServer) -> None:
+    """Deployed before `supabase db push`: everything without lease fields works as before, and
+    /leases says what is missing with a 500 (a 501 would send a fleet into single-worker mode)."""
+    name = f"wa_noleases_{uuid.uuid4().hex[:10]}"
+    pg_server.create_database(name)
+    db = WaDb(pg_server, name)
+    fn = EdgeFunction(db.dsn)
+    try:
+        for path in migration_files()[:-1]:
+            db.psql(path.read_text())
+        db.insert_instance("acme", "DISCONNECTED")
+        fn.start()
+        assert fn.request("GET", "disconnected-instances").json()["instances"] == [{"id": "acme", "priority": 0}]
+        assert fn.request("POST", "update-status", json={"instanceId": "acme", "status": "CONNECTED"}).status_code == 200
+        one, two = (db.insert_outbound("acme", "5511999990001", b) for b in ("one", "two"))
+        r = fn.request("GET", "queued-messages", params={"instanceId": "acme", "limit": 1})
+        assert [m["id"] for m in r.json()["messages"]] == [one]
+        assert [m["id"] for m in fn.request("GET", "queued-messages").json()["messages"]] == [two]
+        assert fn.request("POST", "mark-sent", json={"messageId": one, "wa_message_id": "W1"}).json()["status"] == "sent"
+        assert fn.request("POST", "mark-failed", json={"messageId": two, "error": "x"}).json()["status"] == "failed"
+        for method, endpoint, body in (("POST", "leases", {"worker_id": "w-a", "capacity": 1}),
+                                       ("GET", "events", None)):
+            r = fn.request(method, endpoint, json=body, params={"wait": 0} if method == "GET" else None)
+            assert r.status_code == 500 and "apply supabase/migrations/" in r.json()["error"], r.text
+    finally:
+        fn.stop()
+        pg_server.psql(f"drop database if exists {name} with (force);")
 
 
 # ------------------------------------------------------------------ function
@@ -343,6 +380,8 @@ def test_update_status_is_fenced(fn: EdgeFunction, wa_db: WaDb) -> None:
     wa_db.insert_instance("acme")
     status = {"instanceId": "acme", "status": "CONNECTING"}
     assert fn.request("POST", "update-status", json=status).status_code == 200  # no token: as before
+    # token 0 is no lease (the first grant is 1)
+    assert fn.request("POST", "update-status", json={**status, "lease_token": 0}).status_code == 409
     lease(fn, "w-a")
     r = fn.request("POST", "update-status", json={**status, "status": "CONNECTED", "lease_token": 1})
     assert r.status_code == 200, r.text
@@ -627,3 +666,30 @@ def test_events_without_notifications_still_answer(wa_db: WaDb) -> None:
         assert "LISTEN failed" in deaf.log_tail()
     finally:
         deaf.stop()
+
+
+@deno
+def test_handoff_on_sigterm_through_events(fn: EdgeFunction, wa_db: WaDb) -> None:
+    """Two workers as HTTP clients: w-b waits on /events, w-a stops (SIGTERM: one last call
+    releasing everything); w-b is woken, takes the instance with a new token and gets w-a's
+    unacknowledged claim again as a prior claim, while w-a's late writes are fenced."""
+    wa_db.insert_instance("acme", "CONNECTED")
+    a = lease(fn, "w-a")
+    assert lease(fn, "w-b")["leases"] == []
+    unacked = wa_db.insert_outbound("acme", "5511999990001", "claimed by w-a before it stopped")
+    fn.request("GET", "queued-messages", headers={"X-Worker-Id": "w-a"})
+    start, _ = poll_events(fn, "w-b", 0)
+    waiting = in_background(lambda: poll_events(fn, "w-b", 20, start["cursor"]))
+    time.sleep(0.5)
+    began = time.monotonic()
+    assert lease(fn, "w-a", held=[], release=held(a))["leases"] == []
+    body, _ = waiting.result(timeout=30)
+    assert body["events"] == [{"type": "leases"}]
+    b = lease(fn, "w-b")
+    handoff = time.monotonic() - began
+    assert held(b) == [{"instanceId": "acme", "token": 2}] and handoff < 3
+    r = fn.request("GET", "queued-messages", headers={"X-Worker-Id": "w-b"})
+    assert [(m["id"], m["lease_token"], m.get("prior_claim")) for m in r.json()["messages"]] == [(unacked, 2, True)]
+    r = fn.request("POST", "update-status", json={"instanceId": "acme", "status": "DISCONNECTED", "lease_token": 1})
+    assert r.status_code == 409
+    assert fn.request("GET", "queued-messages", headers={"X-Worker-Id": "w-a"}).json()["messages"] == []

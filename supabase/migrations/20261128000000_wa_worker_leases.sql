@@ -289,16 +289,19 @@ begin
 end
 $$;
 
--- Only the table owner (the edge function) calls it: not through PostgREST's /rpc.
+-- Only the table owner (the edge function) and the triggers call these: not through
+-- PostgREST's /rpc (Supabase grants EXECUTE on new public functions to anon and authenticated).
 revoke all on function public.wa_lease_call(text, integer, jsonb, jsonb, integer, integer) from public;
+revoke all on function public.wa_lease_changed() from public;
 do $$
+declare
+    r text;
 begin
-    if exists (select 1 from pg_roles where rolname = 'anon') then
-        revoke all on function public.wa_lease_call(text, integer, jsonb, jsonb, integer, integer) from anon;
-    end if;
-    if exists (select 1 from pg_roles where rolname = 'authenticated') then
-        revoke all on function public.wa_lease_call(text, integer, jsonb, jsonb, integer, integer)
-            from authenticated;
-    end if;
+    foreach r in array array['anon', 'authenticated'] loop
+        if exists (select 1 from pg_roles where rolname = r) then
+            execute format('revoke all on function public.wa_lease_call(text, integer, jsonb, jsonb, integer, integer) from %I', r);
+            execute format('revoke all on function public.wa_lease_changed() from %I', r);
+        end if;
+    end loop;
 end
 $$;

@@ -454,8 +454,8 @@ async function updateStatus(req: Request): Promise<Response> {
       ban_code = ${banCode}::text,
       pair_code = case when ${status}::text = 'CONNECTING' then coalesce(${pairCode}::text, pair_code) else null end,
       ban_expires_at = case when ${banExpires}::float8 is null then null else to_timestamp(${banExpires}::float8) end
-    where id = ${id}
-      and (${token}::bigint is null or (lease_token = ${token}::bigint and not lease_released))
+    where id = ${id} ${
+    token === null ? sql`` : sql`and lease_token = ${token}::bigint and lease_worker is not null and not lease_released`}
     returning id, status`;
   if (rows.length === 0) {
     const found = await sql`select 1 from public.wa_instances where id = ${id}`;
@@ -480,6 +480,7 @@ async function queuedMessages(req: Request, url: URL): Promise<Response> {
   const token = leaseToken(url.searchParams.get("lease_token"));
   const worker = raw === null ? workerIdHeader(req) : null;
   const sql = db();
+  const leased = token !== null || worker !== null; // claims under lease tokens
   let rows;
   if (raw === null && worker === null) {
     rows = await sql`
@@ -502,7 +503,7 @@ async function queuedMessages(req: Request, url: URL): Promise<Response> {
         limit ${MAX_BATCH}
       ), claimed as (
         update public.wa_outbound o
-        set status = 'sending', claimed_at = now(), attempts = o.attempts + 1, claim_token = null
+        set status = 'sending', claimed_at = now(), attempts = o.attempts + 1
         from picked
         where o.id = picked.id
         returning o.*
@@ -543,18 +544,35 @@ async function queuedMessages(req: Request, url: URL): Promise<Response> {
   } else {
     const id = instanceId(raw);
     rows = await sql.begin(async (tx) => {
-      if (token === null) {
+      if (token === null) { // without leases: exactly as before
         const found = await tx`select 1 from public.wa_instances where id = ${id}`;
         if (found.length === 0) throw new HttpError(404, "unknown instance");
-      } else {
-        // the lease is checked and the claim made in one transaction; FOR SHARE holds off a grant meanwhile
-        const found = await tx`
-          select lease_token = ${token}::bigint and not lease_released and not lease_revoked
-                 and lease_expires_at > now() as current
-          from public.wa_instances where id = ${id} for share`;
-        if (found.length === 0) throw new HttpError(404, "unknown instance");
-        if (found[0].current !== true) throw leaseLost();
+        return await tx`
+          with picked as (
+            select id from public.wa_outbound
+            where instance_id = ${id}
+              and (status = 'queued'
+                   or (status = 'sending'
+                       and claimed_at < now() - make_interval(secs => ${LEASE_SECONDS})))
+            order by created_at, seq
+            limit ${limit}
+            for update skip locked
+          ), claimed as (
+            update public.wa_outbound o
+            set status = 'sending', claimed_at = now(), attempts = o.attempts + 1
+            from picked
+            where o.id = picked.id
+            returning o.*
+          )
+          select * from claimed order by created_at, seq`;
       }
+      // the lease is checked and the claim made in one transaction; FOR SHARE holds off a grant meanwhile
+      const found = await tx`
+        select lease_token = ${token}::bigint and not lease_released and not lease_revoked
+               and lease_expires_at > now() as current
+        from public.wa_instances where id = ${id} for share`;
+      if (found.length === 0) throw new HttpError(404, "unknown instance");
+      if (found[0].current !== true) throw leaseLost();
       return await tx`
         with picked as (
           select id, status as prev_status, claim_token as prev_claim from public.wa_outbound
@@ -569,8 +587,8 @@ async function queuedMessages(req: Request, url: URL): Promise<Response> {
         ), claimed as (
           update public.wa_outbound o
           set status = 'sending', claimed_at = now(), attempts = o.attempts + 1, claim_token = ${token}::bigint,
-              prior_claim_token = case when picked.prev_status = 'sending' and ${token}::bigint is not null
-                                       then picked.prev_claim else o.prior_claim_token end
+              prior_claim_token = case when picked.prev_status = 'sending' then picked.prev_claim
+                                       else o.prior_claim_token end
           from picked
           where o.id = picked.id
           returning o.*, picked.prev_status = 'sending' and picked.prev_claim is distinct from ${token}::bigint
@@ -582,7 +600,7 @@ async function queuedMessages(req: Request, url: URL): Promise<Response> {
   // signed in small parallel groups: a batch may hold many media rows
   const messages: Json[] = [];
   for (let i = 0; i < rows.length; i += SIGN_CONCURRENCY) {
-    const group = await Promise.all(rows.slice(i, i + SIGN_CONCURRENCY).map((r) => queuedMessage(sql, r)));
+    const group = await Promise.all(rows.slice(i, i + SIGN_CONCURRENCY).map((r) => queuedMessage(sql, r, leased)));
     for (const message of group) if (message !== null) messages.push(message);
   }
   return json(200, { messages });
@@ -590,9 +608,10 @@ async function queuedMessages(req: Request, url: URL): Promise<Response> {
 
 // A claimed row as the worker reads it: the first contract's four fields, plus
 // only the content fields the row has (a text row is exactly a v1 record).
-async function queuedMessage(sql: Sql, r: postgres.Row): Promise<Json | null> {
+// Claimed under a lease token (`leased`), it also carries lease_token and prior_claim.
+async function queuedMessage(sql: Sql, r: postgres.Row, leased: boolean): Promise<Json | null> {
   const m: Json = { id: r.id, instanceId: r.instance_id, to: r.to, body: r.body };
-  if (r.claim_token !== null && r.claim_token !== undefined) {
+  if (leased && r.claim_token !== null && r.claim_token !== undefined) {
     m.lease_token = Number(r.claim_token);
     if (r.prior_claim === true) m.prior_claim = true;
   }
@@ -647,8 +666,8 @@ async function markSent(req: Request): Promise<Response> {
       sent_at = coalesce(sent_at, now()),
       error = null,
       error_code = null
-    where id = ${id}::uuid
-      and (${token}::bigint is null or claim_token = ${token}::bigint or prior_claim_token = ${token}::bigint)
+    where id = ${id}::uuid ${
+    token === null ? sql`` : sql`and (claim_token = ${token}::bigint or prior_claim_token = ${token}::bigint)`}
     returning status`;
   // An unknown id is answered 200 (nothing left to do) so that the worker
   // stops retrying a row the SaaS deleted.
@@ -673,7 +692,7 @@ async function markFailed(req: Request): Promise<Response> {
   const sql = db();
   const rows = await sql`
     update public.wa_outbound set status = 'failed', error = ${error}, error_code = ${errorCode}::text
-    where id = ${id}::uuid and status <> 'sent' and (${token}::bigint is null or claim_token = ${token}::bigint)
+    where id = ${id}::uuid and status <> 'sent' ${token === null ? sql`` : sql`and claim_token = ${token}::bigint`}
     returning status`;
   if (rows.length > 0) return json(200, { ok: true, found: true, status: "failed" });
   const existing = await sql`select status from public.wa_outbound where id = ${id}::uuid`;
@@ -1120,6 +1139,13 @@ export async function handler(req: Request): Promise<Response> {
     if (/^2[23][0-9A-Z]{3}$/.test(code)) {
       console.warn(`worker-proxy ${req.method} ${url.pathname}: rejected data: ${code} ${(e as Error).message}`);
       return json(400, { error: `the database refused the data (${code}): ${(e as Error).message}` });
+    }
+    // 42P01 undefined_table, 42703 undefined_column, 42883 undefined_function: a migration is
+    // missing. Said plainly, and a 500, never a 501: a fleet worker must not take a missing
+    // leases migration for "no leases here" and run every instance beside the others.
+    if (/^42(P01|703|883)$/.test(code)) {
+      console.error(`worker-proxy ${req.method} ${url.pathname}: ${code} ${(e as Error).message}`);
+      return json(500, { error: "the database schema is older than this function: apply supabase/migrations/" });
     }
     // Connection problems and serialization failures are transient (503 →
     // the worker backs off and retries); anything else is a 500.
