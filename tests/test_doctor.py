@@ -81,6 +81,27 @@ async def test_optional_endpoints_and_batch_are_detected(tmp_path: Path) -> None
     assert "supported: one call" in _line(out, "batch /queued-messages")
 
 
+async def test_the_push_channel_is_detected(tmp_path: Path) -> None:
+    proxy = await FakeProxy(events=True).start()
+    try:
+        proxy.add_instance("acme")
+        proxy.enqueue("acme", "m-1", "5511999990000", "hi")
+        code, out = await _doctor(tmp_path, proxy.url)
+    finally:
+        await proxy.stop()
+    assert code == 0, out
+    assert _line(out, "GET /events").startswith(OK) and "pushed" in _line(out, "GET /events")
+    assert proxy.events_queries == [{"wait": "1", "worker_id": ""}]
+    assert [m["id"] for m in proxy.queue["acme"]] == ["m-1"]  # a read: nothing claimed
+    minimal = await _MinimalProxy().start()  # a proxy of the first contract
+    try:
+        code, out = await _doctor(tmp_path, minimal.url)
+    finally:
+        await minimal.stop()
+    assert code == 0 and _line(out, "GET /events").startswith(WARN), out
+    assert "not supported (HTTP 404)" in _line(out, "GET /events")
+
+
 async def test_a_wrong_secret_is_a_secret_mismatch(proxy: FakeProxy, tmp_path: Path) -> None:
     code, out = await _doctor(tmp_path, proxy.url, "not-the-proxy-secret")
     assert code == 1

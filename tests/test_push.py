@@ -6,6 +6,7 @@ simulator with the real worker and a real loopback proxy."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -16,11 +17,13 @@ import anyio
 import pytest
 from aiohttp import web
 
-from tests.conftest import connect, make_settings, running_worker, serving, stream_endlessly, wait_until
+from tests.conftest import (FakeClock, connect, make_settings, running_worker, serving, stream_endlessly,
+                            wait_until)
 from tests.fakeproxy import SECRET, FakeProxy
 from wa_worker.edge.client import EdgeClient, EdgeError
 from wa_worker.edge.events import MAX_CURSOR_CHARS, MAX_EVENTS, parse_events
 from wa_worker.instances import push as push_mod
+from wa_worker.timing import Clock
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +42,7 @@ async def test_queued_is_sent_in_one_round_trip_without_wake(tmp_path, batch):
     try:
         proxy.add_instance("acme")
         settings = make_settings(tmp_path, proxy.url, BATCH_POLL=batch, **SLOW_POLLS)
-        async with running_worker(settings) as w:
+        async with running_worker(settings, worker_id="w-a1b2c3d4") as w:
             await connect(w, proxy)
             await wait_until(lambda: w.push.live, what="push channel live")
             polls_before = proxy.calls["queued-messages"]
@@ -52,7 +55,7 @@ async def test_queued_is_sent_in_one_round_trip_without_wake(tmp_path, batch):
             assert [r["to"] for r in w.backend.sent("acme")] == [f"{ALICE}@s.whatsapp.net"]
             assert w.push.events["queued"] >= 1
         queries = proxy.events_queries
-        assert all(q["worker_id"] == w.worker_id and q["wait"] == "25" for q in queries)
+        assert all(q["worker_id"] == "w-a1b2c3d4" and q["wait"] == "25" for q in queries)
         assert any("cursor" in q for q in queries[1:]), "the next call carries the previous answer's cursor"
     finally:
         await proxy.stop()
@@ -89,6 +92,8 @@ async def test_idle_polls_back_off_further_while_push_is_live_and_not_after(tmp_
                              what="polls back at their usual cap")
             proxy.enqueue("acme", "m1", ALICE, "polled")
             await wait_until(lambda: "m1" in proxy.sent_marks, timeout=3, what="m1 sent by polling")
+        # no worker id (leases off): no X-Worker-Id, the proxy answers for every instance
+        assert proxy.events_queries and all(q["worker_id"] == "" for q in proxy.events_queries)
     finally:
         await proxy.stop()
 
@@ -159,9 +164,10 @@ async def test_a_hostile_events_answer_never_hurts_the_worker(tmp_path, mode):
             assert not [r for r in w.not_ready_reasons() if "push" in r]
             assert w.health()["status"] == "ok"
             calls = proxy.calls["events"]
-            if mode in ("instant-events",):
-                # events come back without waiting: never more than one call per EVENTS_MIN_GAP_S
-                assert calls <= (elapsed + 1) / push_mod.EVENTS_MIN_GAP_S + 2, calls
+            if mode == "instant-events":
+                # events that keep coming at once: calls spaced 0.1, 0.2, 0.4 … 2 s apart
+                assert calls <= 3 + elapsed / 0.5, calls
+                assert push_mod.EVENTS_MAX_GAP_S <= 2.0
             else:
                 # errors and empty answers that do not wait back off from 1 s
                 assert calls <= 4, calls
@@ -171,6 +177,79 @@ async def test_a_hostile_events_answer_never_hurts_the_worker(tmp_path, mode):
                 assert not w.push.live and w.push.idle_cap() is None
             else:  # well-formed envelopes of nothing usable: answered, no instance woken, no cursor kept
                 assert w.push.events["queued"] == 0 and w.push.cursor is None
+
+
+async def test_a_cursor_the_proxy_refuses_is_dropped():
+    seen: list[str | None] = []
+
+    async def events(request: web.Request) -> web.Response:
+        cursor = request.query.get("cursor")
+        seen.append(cursor)
+        if cursor is not None:
+            return web.json_response({"error": "cursor must be one this proxy gave"}, status=400)
+        await anyio.sleep(0.2)
+        return web.json_response({"events": [{"type": "leases"}], "cursor": "from-another-proxy"})
+
+    app = web.Application()
+    app.router.add_get("/events", events)
+    async with serving(app) as url:
+        edge = EdgeClient(url, SECRET, timeout_s=1.0)
+        renewals: list[int] = []
+        channel = push_mod.PushChannel(edge, worker_id="w-1", clock=Clock(), on_queued=lambda _iid: None,
+                                       on_leases=lambda: renewals.append(1), wait_s=1.0)
+        try:
+            with anyio.move_on_after(3.5):
+                await channel.run()
+        finally:
+            await edge.aclose()
+    # refused once, then asked again without it (a resync), never twice in a row with it
+    assert seen[:3] == [None, "from-another-proxy", None], seen
+    assert all(not (a and b) for a, b in zip(seen, seen[1:], strict=False)), seen
+    assert len(renewals) >= 2 and channel.supported is True
+
+
+async def _channel_against(handler: Any, clock: FakeClock, run_s: float, **kw: Any) -> push_mod.PushChannel:
+    app = web.Application()
+    app.router.add_get("/events", handler)
+    async with serving(app) as url:
+        edge = EdgeClient(url, SECRET, timeout_s=1.0)
+        channel = push_mod.PushChannel(edge, worker_id=None, clock=clock, on_queued=lambda _iid: None, **kw)
+        try:
+            with anyio.move_on_after(run_s):
+                await channel.run()
+        finally:
+            await edge.aclose()
+    return channel
+
+
+async def test_a_long_retry_after_never_makes_the_worker_unready():
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({"error": "busy"}, status=503, headers={"Retry-After": "300"})
+
+    clock = FakeClock()
+    channel = await _channel_against(busy, clock, 0.5)
+    assert clock.sleeps and max(clock.sleeps) == 60.0  # Retry-After honoured up to the backoff's cap
+    assert channel.health.stale_after_s is not None and channel.health.stale_after_s >= 3 * 26
+    assert not channel.health.stale(clock.monotonic()) and not channel.health.failing(clock.monotonic())
+
+
+async def test_a_flapping_channel_wakes_every_instance_at_most_once_per_idle_cap():
+    answers = itertools.count()
+
+    async def flapping(request: web.Request) -> web.Response:
+        if next(answers) % 2:
+            return web.json_response({"error": "flap"}, status=500)
+        return web.json_response({"events": [{"type": "leases"}], "cursor": "1"})
+
+    clock = FakeClock()
+    woken: list[float] = []
+    channel = await _channel_against(flapping, clock, 1.0, on_lost=lambda: woken.append(clock.monotonic()),
+                                     idle_poll_max_s=300.0)
+    losses = next(answers) // 2
+    elapsed = clock.monotonic() - 1_000_000.0  # fake seconds
+    assert losses >= 10 and 1 <= len(woken) <= 1 + elapsed / 300, (losses, elapsed, woken)
+    assert all(b - a >= 300 for a, b in zip(woken, woken[1:], strict=False)), woken
+    assert channel.events["leases"] >= 10
 
 
 async def test_the_events_call_deadline_is_wait_plus_the_edge_timeout():

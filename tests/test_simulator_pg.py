@@ -5,6 +5,10 @@ database, and a logout removes it for all. Against a real PostgreSQL 15."""
 from __future__ import annotations
 
 import itertools
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ import pytest
 from tests.conftest import connect, make_settings, running_worker, wait_until
 from tests.fakeproxy import FakeProxy
 from tests.pg_helpers import PgServer, pg_server  # noqa: F401 - the fixture
+from tests.proc import start_worker, worker_env
 from wa_worker.backends import make_backend
 from wa_worker.backends.base import Connected, LoggedOut, QrCode
 from wa_worker.backends.simstore import SimulatorPgStore, SimulatorStoreUnavailable
@@ -102,6 +107,30 @@ async def test_a_simulated_instance_moves_to_another_worker(tmp_path: Path, db: 
             await wait_until(lambda: proxy.status_of("acme") == "DISCONNECTED", what="stopped")
     finally:
         await proxy.stop()
+
+
+def test_the_worker_process_keeps_simulated_sessions_in_the_database_or_refuses_to_start(db: str, tmp_path: Path):
+    """``wa-worker`` (simulator) with an unreachable DATABASE_URL: one line without the password,
+    exit 2; with a reachable one it creates its table and serves."""
+    env = worker_env(tmp_path, "http://127.0.0.1:9", WA_BACKEND="simulator",
+                     DATABASE_URL="postgres://wa:s3cret-pass@127.0.0.1:9/wa?sslmode=disable")
+    res = subprocess.run([sys.executable, "-m", "wa_worker"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("wa-worker: DATABASE_URL: simulator session store (postgres://***@127.0.0.1:9/wa")
+    assert "s3cret-pass" not in res.stderr + res.stdout and len(res.stderr.strip().splitlines()) == 1
+
+    env["DATABASE_URL"] = db
+    proc = start_worker(env, tmp_path, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 30
+        while "simulator sessions in PostgreSQL" not in (tmp_path / "worker.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, (tmp_path / "worker.log").read_text()
 
 
 async def test_an_unreachable_database_fails_without_the_password():

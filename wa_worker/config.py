@@ -387,8 +387,7 @@ DESCRIPTIONS: dict[str, str] = {
     "API_RATE_PER_MINUTE": "direct API requests per token per minute (429 beyond)",
     "API_SEND_WAIT_S": "how long POST /api/instances/{id}/messages waits for the outcome before answering 202",
     "WA_BOT_BADGE": "let neonize mark 1:1 messages with WhatsApp's AI badge",
-    "DATABASE_URL": "WhatsApp sessions (neonize; the simulator's too) in this PostgreSQL database (postgres://…) "
-                    "instead of AUTH_DIR; empty: files",
+    "DATABASE_URL": "WhatsApp sessions (the simulator's too) in this PostgreSQL database instead of AUTH_DIR",
     "DATABASE_IDLE_TIMEOUT_S": "with DATABASE_URL: the server closes a session connection idle this long (0: never)",
     "SIMULATOR_AUTO_SCAN_MS": "simulator only: the simulated phone scans each QR after this delay",
     "SIMULATOR_SEND_DELAY_MS": "simulator only: each simulated send takes this long",

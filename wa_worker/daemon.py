@@ -35,7 +35,7 @@ from .instances.push import PushChannel
 from .instances.runner import CallPolicy, RunnerContext
 from .logutil import redact_url, setup_logging, url_secrets
 from .metrics import MetricSources, WorkerMetrics, package_version
-from .preflight import StartupError, check_paths, check_session_store
+from .preflight import StartupError, check_paths, check_session_store, check_simulator_store
 from .relays.inbound import InboundRelay
 from .relays.outbound import Acknowledger, OutboundRelay
 from .relays.numbers import NumberResolver
@@ -121,7 +121,7 @@ class Worker:
         self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
-        self.push = self._build_push(worker_id or settings.worker_id)
+        self.push = self._build_push(worker_id)
         self.manager.on_restart_needed = self._restart_into_leases
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
@@ -170,18 +170,14 @@ class Worker:
             capacity=settings.MAX_INSTANCES,
         )
 
-    def _build_push(self, worker_id: str) -> PushChannel:
+    def _build_push(self, worker_id: str | None) -> PushChannel:
         """The ``GET /events`` loop: ``queued`` wakes an instance the way ``/wake`` does."""
-        # the same X-Worker-Id as POST /leases (the proxy pushes this worker's leased instances);
-        # a ``leases`` event renews at once
+        # X-Worker-Id: once leases are on, the edge client sends WORKER_ID on every call (enable_leases),
+        # so the proxy pushes this worker's leased instances; without leases none (every instance's events).
+        # A ``leases`` event renews leases at once.
         return PushChannel(self.edge, worker_id=worker_id, clock=self.clock, rng=self.rng,
                            on_queued=self.manager.wake, on_lost=self.manager.wake,
                            on_leases=self.manager.leases.wake)
-
-    @property
-    def worker_id(self) -> str:
-        """This process's id at the proxy (``X-Worker-Id``)."""
-        return self.push.worker_id
 
     def _restart_into_leases(self) -> None:
         """The proxy gained leases while this worker ran without them: stop gracefully (sessions
@@ -507,6 +503,12 @@ def main(argv: list[str] | None = None) -> int:
             except StartupError as exc:
                 print(f"wa-worker: {exc}", file=sys.stderr)
                 return 2
+    elif settings.database_url:  # the simulator's sessions in PostgreSQL
+        try:
+            check_simulator_store(settings.database_url)
+        except StartupError as exc:
+            print(f"wa-worker: {exc}", file=sys.stderr)
+            return 2
     raise_fd_limit()
     try:
         return anyio.run(_serve, settings)

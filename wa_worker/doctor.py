@@ -16,6 +16,7 @@ edge client, only what changes nothing there:
   the contract asks a 2xx that changes nothing (and a 404 from ``/mark-failed``
   means "not supported");
 * ``GET /instance-settings`` (a read, optional);
+* ``GET /events?wait=1`` (the push channel, optional; a read, no ``X-Worker-Id``);
 * ``GET`` on ``/update-status``, ``/inbound`` and ``/upload-media``: a POST
   there could create a record on a proxy that does not check its input, so
   only the path is asked for (a 405 "method not allowed" means it exists);
@@ -185,6 +186,15 @@ async def proxy_checks(settings: Settings, *, probe_batch: bool = False, transpo
                                                              "proxy_url reach an instance only in discovery items"))
         except EdgeError as exc:
             out.append(_verdict("GET /instance-settings", exc, yard, "/instance-settings"))
+
+        try:
+            await client.events(wait_s=1.0, cursor=None, worker_id=None)
+            out.append(Check(OK, "GET /events", "supported: queued messages are pushed (no /wake needed)"))
+        except EndpointMissing as exc:
+            out.append(Check(WARN, "GET /events", f"not supported (HTTP {exc.status}): idle instances wait for "
+                                                  "their next poll (up to MSG_POLL_MAX_MS) unless /wake is called"))
+        except EdgeError as exc:
+            out.append(_verdict("GET /events", exc, yard, "/events"))
 
         if not probe_batch:
             out.append(Check(SKIP, "batch /queued-messages", "not probed (a claiming proxy would hold every queued "

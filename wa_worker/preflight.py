@@ -12,6 +12,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+import anyio
+
 from .fsutil import ensure_private_dir
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -75,6 +77,25 @@ def check_paths(auth_dir: Path, state_db: Path) -> None:
     """Raise :class:`StartupError` for the first problem found."""
     check_auth_dir(auth_dir)
     check_state_db(state_db)
+
+
+def check_simulator_store(database_url: str) -> None:
+    """``DATABASE_URL`` with the simulator backend: reachable, ``wa_worker_simulator_sessions``
+    created if missing. One line without the credentials on failure."""
+    # imported here: psycopg is loaded only by workers that keep sessions in PostgreSQL
+    from .backends.simstore import SimulatorPgStore, SimulatorStoreUnavailable
+
+    async def check() -> None:
+        store = SimulatorPgStore(database_url)
+        try:
+            await store.open()
+        finally:
+            await store.close()
+
+    try:
+        anyio.run(check)
+    except SimulatorStoreUnavailable as exc:
+        raise StartupError(f"DATABASE_URL: {exc}") from None
 
 
 def check_session_store(database_url: str, idle_timeout_s: float) -> None:

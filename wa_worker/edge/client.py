@@ -434,9 +434,10 @@ class EdgeClient:
             return self._fail(EdgeError(ep, "response is not {\"ttl_s\", \"leases\": [...]}", transient=True))
         return parsed
 
-    async def events(self, *, wait_s: float, cursor: str | None, worker_id: str) -> PushEvents:
+    async def events(self, *, wait_s: float, cursor: str | None, worker_id: str | None) -> PushEvents:
         """``GET /events?wait=<s>[&cursor=…]`` (optional push channel): a long poll answered
         at the first queued message or lease change for this worker, else after ``wait_s``.
+        ``worker_id``: the ``X-Worker-Id`` header (leases on; None: none, every instance's events).
         Its deadline is ``wait_s`` + EDGE_TIMEOUT_S, its answer at most 1 MiB. Raises
         :class:`EndpointMissing` on 404/405/501 (logged at DEBUG: the caller says it once)."""
         ep = "events"
@@ -445,7 +446,8 @@ class EdgeClient:
             params["cursor"] = cursor
         try:
             payload = await self._request("GET", "/events", endpoint=ep, params=params, optional=True,
-                                          raw_headers={"X-Worker-Id": worker_id}, timeout_s=wait_s + self.timeout_s,
+                                          raw_headers={"X-Worker-Id": worker_id} if worker_id else None,
+                                          timeout_s=wait_s + self.timeout_s,
                                           max_bytes=EVENTS_MAX_BYTES, missing_level=logging.DEBUG)
         except EndpointMissing as exc:
             if exc.status in (404, 405, 501):
