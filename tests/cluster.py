@@ -182,50 +182,173 @@ def http_json(method: str, url: str, body: Any = None, timeout: float = 5.0) -> 
         return json.loads(resp.read() or b"null")
 
 
+class DevProxyTarget:
+    """The reference proxy, ``wa-worker dev proxy`` (SQLite), as a subprocess."""
+
+    name = "dev"
+
+    def __init__(self, root: Path, ttl_s: float) -> None:
+        self.root = root
+        self.ttl_s = ttl_s
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.root / "proxy.log", "ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "WORKER_", "WA_"))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wa_worker", "dev", "proxy", "--dir", str(self.root / "proxy"),
+             "--proxy-port", str(self.port), "--no-instance", "--secret", SECRET, "--lease-ttl", f"{self.ttl_s:g}"],
+            env=env, cwd=self.root, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        Fleet.wait(self._up, 30, "the dev proxy")
+
+    def _up(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"dev proxy exited {self.proc.returncode}")
+        try:
+            http_json("GET", self.url + "/dev/instances", timeout=1)
+            return True
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def add_instance(self, iid: str) -> None:
+        http_json("POST", self.url + "/dev/instances", {"id": iid})
+
+    def instances(self) -> list[dict[str, Any]]:
+        """``{id, status, holder}`` of every instance (holder None: free or revoked)."""
+        out = []
+        for i in http_json("GET", self.url + "/dev/instances")["instances"]:
+            lease = i.get("lease")
+            out.append({"id": i["id"], "status": i["status"],
+                        "holder": lease["holder"] if lease and not lease["revoked"] else None})
+        return out
+
+    def queue(self, iid: str, to: str, body: str) -> str | None:
+        """Queue a message as the SaaS would (the dev API); its id."""
+        return str(http_json("POST", self.url + "/dev/messages", {"instanceId": iid, "to": to, "body": body},
+                             timeout=3)["message"]["id"])
+
+    def _rows(self, table: str) -> list[dict[str, Any]]:
+        db = sqlite3.connect(f"file:{self.root / 'proxy' / 'proxy.db'}?mode=ro", uri=True, timeout=10)
+        db.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in db.execute(f"SELECT * FROM {table}")]
+        finally:
+            db.close()
+
+    def outbound(self) -> list[dict[str, Any]]:
+        """``{body, status, error_code}`` of every queued message."""
+        return [{"body": r["body"], "status": r["status"], "error_code": r["error_code"]} for r in self._rows("outbound")]
+
+    def inbound_bodies(self) -> list[str]:
+        return [str(r["body"]) for r in self._rows("inbound")]
+
+
+class KitTarget:
+    """The Supabase kit: ``supabase/functions/worker-proxy`` under Deno on its own database of the
+    PostgreSQL server (migrations applied), lease TTL ``ttl_s``."""
+
+    name = "kit"
+
+    def __init__(self, root: Path, ttl_s: float, server: Any) -> None:
+        from tests.pg_helpers import EdgeFunction, WaDb  # here: only this target needs Deno and the kit
+
+        self.root = root
+        self.db = WaDb(server, "cluster_kit")
+        server.create_database(self.db.dbname)
+        self.db.apply_migrations()
+        self.fn = EdgeFunction(self.db.dsn, SECRET, extra_env={"WORKER_LEASE_TTL_SECONDS": f"{max(1, round(ttl_s))}"})
+        self.url = ""
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        import psycopg  # here: only this target reads the kit's tables
+
+        self.fn.start()
+        self.url = self.fn.base_url
+        self._conn = psycopg.connect(self.db.dsn, autocommit=True)
+
+    def stop(self) -> None:
+        self.fn.stop()
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _q(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        import psycopg  # here: only this target reads the kit's tables
+
+        try:
+            with self._lock:
+                if self._conn is None:  # stopped: the checks read the tables with a connection of their own
+                    with psycopg.connect(self.db.dsn, autocommit=True) as conn, conn.cursor() as cur:
+                        cur.execute(sql, args)
+                        return list(cur.fetchall()) if cur.description else []
+                with self._conn.cursor() as cur:
+                    cur.execute(sql, args)
+                    return list(cur.fetchall()) if cur.description else []
+        except psycopg.Error as exc:
+            raise OSError(f"kit database: {exc}") from exc
+
+    def add_instance(self, iid: str) -> None:
+        self._q("insert into public.wa_instances (id) values (%s)", iid)
+
+    def instances(self) -> list[dict[str, Any]]:
+        rows = self._q("select id, status, lease_worker, lease_released or lease_revoked from public.wa_instances "
+                       "order by id")
+        return [{"id": r[0], "status": r[1], "holder": None if r[3] else r[2]} for r in rows]
+
+    def queue(self, iid: str, to: str, body: str) -> str | None:
+        rows = self._q('insert into public.wa_outbound (instance_id, "to", body) values (%s, %s, %s) returning id',
+                       iid, to, body)
+        return str(rows[0][0])
+
+    def outbound(self) -> list[dict[str, Any]]:
+        rows = self._q("select body, status, error_code from public.wa_outbound")
+        return [{"body": r[0], "status": r[1], "error_code": r[2]} for r in rows]
+
+    def inbound_bodies(self) -> list[str]:
+        return [str(r[0]) for r in self._q("select body from public.wa_inbound")]
+
+
 class Fleet:
     """The reference proxy, the recorder and the workers of one run under ``root``."""
 
-    def __init__(self, root: Path, database_url: str, *, ttl_s: float = 6.0, worker_env_extra: dict[str, str] | None
-                 = None) -> None:
+    def __init__(self, root: Path, database_url: str, *, ttl_s: float = 6.0, target: Any = None,
+                 worker_env_extra: dict[str, str] | None = None) -> None:
         self.root = root
         self.database_url = database_url
         self.ttl_s = ttl_s
         self.extra = worker_env_extra or {}
         self.loop = Loop()
-        self.proxy_port = free_port()
-        self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
-        self.proxy: subprocess.Popen[bytes] | None = None
-        self.recorder = Recorder(self.proxy_url)
+        self.target = target if target is not None else DevProxyTarget(root, ttl_s)
+        self.recorder = Recorder("")
         self.workers: dict[str, WorkerProc] = {}
         self.events: list[tuple[float, str, str]] = []  # (time, what, worker): signals sent by the test
 
     # ------------------------------------------------------------------ processes
 
     def start_proxy(self) -> None:
-        log = open(self.root / "proxy.log", "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "WORKER_", "WA_"))}
-        self.proxy = subprocess.Popen(
-            [sys.executable, "-m", "wa_worker", "dev", "proxy", "--dir", str(self.root / "proxy"),
-             "--proxy-port", str(self.proxy_port), "--no-instance", "--secret", SECRET,
-             "--lease-ttl", f"{self.ttl_s:g}"],
-            env=env, cwd=self.root, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        self.wait(lambda: self._proxy_up(), 30, "the dev proxy")
+        self.target.start()
+        self.recorder.upstream = self.target.url
         self.loop.run(self.recorder.start())
-
-    def _proxy_up(self) -> bool:
-        assert self.proxy is not None
-        if self.proxy.poll() is not None:
-            raise AssertionError(f"dev proxy exited {self.proxy.returncode}: {self.tail('proxy.log')}")
-        try:
-            http_json("GET", self.proxy_url + "/dev/instances", timeout=1)
-            return True
-        except (OSError, urllib.error.URLError):
-            return False
 
     def add_instances(self, n: int, prefix: str = "i") -> list[str]:
         ids = [f"{prefix}{k:03d}" for k in range(n)]
         for iid in ids:
-            http_json("POST", self.proxy_url + "/dev/instances", {"id": iid})
+            self.target.add_instance(iid)
         return ids
 
     def start_worker(self, name: str, **extra: str) -> WorkerProc:
@@ -280,13 +403,7 @@ class Fleet:
             self.loop.run(self.recorder.close(), timeout=10)
         finally:
             self.loop.close()
-        if self.proxy is not None and self.proxy.poll() is None:
-            self.proxy.terminate()
-            try:
-                self.proxy.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proxy.kill()
-                self.proxy.wait(5)
+        self.target.stop()
         with open(self.root / "calls.jsonl", "w") as f:  # for a post-mortem
             for c in self.recorder.calls:
                 f.write(json.dumps({k: getattr(c, k) for k in Call.__slots__}) + "\n")
@@ -322,29 +439,21 @@ class Fleet:
                 raise AssertionError(f"timed out after {timeout}s waiting for {what}")
             time.sleep(every)
 
-    def instances(self) -> list[dict[str, Any]]:
-        return list(http_json("GET", self.proxy_url + "/dev/instances")["instances"])
-
     def holders(self) -> dict[str, str | None]:
         """instance → the worker holding its lease (None: free or revoked)."""
-        out: dict[str, str | None] = {}
-        for inst in self.instances():
-            lease = inst.get("lease")
-            out[inst["id"]] = lease["holder"] if lease and not lease["revoked"] else None
-        return out
+        return {i["id"]: i["holder"] for i in self.target.instances()}
 
     def all_connected(self, names: set[str] | None = None) -> bool:
         """Every instance CONNECTED at the proxy, held by a live worker (one of ``names``) whose
         simulator has it online."""
         live = set(self.live()) if names is None else names
-        insts = self.instances()
-        if not all(i["status"] == "CONNECTED" and i.get("lease") and i["lease"]["holder"] in live
-                   and not i["lease"]["revoked"] for i in insts):
+        insts = self.target.instances()
+        if not all(i["status"] == "CONNECTED" and i["holder"] in live for i in insts):
             return False
         online: dict[str, set[str]] = {}
         for n in live:
             online[n] = self.sim_online(n)
-        return all(i["id"] in online[i["lease"]["holder"]] for i in insts)
+        return all(i["id"] in online[i["holder"]] for i in insts)
 
     def sim_online(self, name: str) -> set[str]:
         w = self.workers[name]
@@ -392,14 +501,6 @@ class Fleet:
                         continue
                     out.append({**rec, "worker": name, "instance": path.parent.name})
         return out
-
-    def proxy_rows(self, table: str) -> list[dict[str, Any]]:
-        db = sqlite3.connect(f"file:{self.root / 'proxy' / 'proxy.db'}?mode=ro", uri=True, timeout=10)
-        db.row_factory = sqlite3.Row
-        try:
-            return [dict(r) for r in db.execute(f"SELECT * FROM {table}")]  # noqa: S608 - our table names
-        finally:
-            db.close()
 
 
 def overlaps(log: dict[str, list[tuple[float, float, str]]], tolerance_s: float = 0.0
@@ -483,7 +584,7 @@ class Traffic:
         self.fleet.loop.run(halt(), timeout=60)
 
     async def _run(self) -> None:
-        auth = {"Authorization": f"Bearer {SECRET}"}
+        auth = {"Authorization": f"Bearer {SECRET}"}  # the simulator routes of the workers
         async with aiohttp.ClientSession(headers=auth, timeout=aiohttp.ClientTimeout(total=3)) as http:
             await asyncio.gather(self._holders_loop(http), self._out_loop(http), self._in_loop(http))
 
@@ -497,11 +598,8 @@ class Traffic:
     async def _holders_loop(self, http: aiohttp.ClientSession) -> None:
         while True:
             try:
-                async with http.get(self.fleet.proxy_url + "/dev/instances") as r:
-                    data = await r.json()
-                self._holders = {i["id"]: (i["lease"]["holder"] if i.get("lease") and not i["lease"]["revoked"]
-                                           else None) for i in data["instances"]}
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError):
+                self._holders = await asyncio.get_running_loop().run_in_executor(None, self.fleet.holders)
+            except (OSError, ValueError, KeyError):  # a missed refresh: the next one comes 0.3 s later
                 pass
             if not await self._sleep(0.3):
                 return
@@ -516,12 +614,12 @@ class Traffic:
             n += 1
             t = time.time()
             try:
-                async with http.post(self.fleet.proxy_url + "/dev/messages",
-                                     json={"instanceId": iid, "to": "5511999990000", "body": body}) as r:
-                    if r.status == 201:
-                        self.queued[body] = (iid, t, (await r.json())["message"]["id"])
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
+                mid = await asyncio.get_running_loop().run_in_executor(
+                    None, self.fleet.target.queue, iid, "5511999990000", body)
+            except (OSError, ValueError, KeyError):  # not queued: not counted
+                continue
+            if mid is not None:
+                self.queued[body] = (iid, t, mid)
 
     async def _in_loop(self, http: aiohttp.ClientSession) -> None:
         if self.in_gap is None:
