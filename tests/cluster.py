@@ -358,8 +358,8 @@ class Fleet:
             w.home.mkdir(parents=True, exist_ok=True)
             self.workers[name] = w
         env = worker_env(w.home, self.recorder.url, WORKER_ID=name, PORT=str(w.port), DATABASE_URL=self.database_url,
-                         MSG_POLL_MS="1000", MSG_POLL_MAX_MS="30000", EDGE_TIMEOUT_S="5", LOG_LEVEL="INFO",
-                         **{**self.extra, **extra})
+                         MSG_POLL_MS="1000", MSG_POLL_MAX_MS="30000", EDGE_TIMEOUT_S="5",
+                         **{"LOG_LEVEL": "INFO", **self.extra, **extra})
         w.proc = start_worker(env, w.home, w.home / "worker.log")
         w.ended_at = None
         self.events.append((time.time(), "start", name))
