@@ -80,7 +80,6 @@ class Recorder:
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self.blocked: set[str] = set()  # worker ids whose calls are answered 503 (a partition)
 
     async def start(self) -> str:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
@@ -104,8 +103,6 @@ class Recorder:
         t0 = time.time()
         body = await request.read()
         worker = request.headers.get("X-Worker-Id")
-        if worker in self.blocked:
-            return web.json_response({"error": "partitioned"}, status=503)
         headers = {k: request.headers[k] for k in HOP_HEADERS if k in request.headers}
         try:
             async with self._session.request(request.method, self.upstream + request.path_qs, data=body or None,
