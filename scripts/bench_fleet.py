@@ -179,8 +179,10 @@ def main() -> int:  # long: one benchmark run, step by step
                 result[k] = {"runs": [round(x, 2) for x in v], "p50_s": round(statistics.median(v), 2),
                              "max_s": round(max(v), 2)}
         finally:
-            fleet.stop_all()
-            pg.stop()
+            try:
+                fleet.stop_all()
+            finally:
+                pg.stop()
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
