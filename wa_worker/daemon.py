@@ -68,6 +68,7 @@ class Worker:
     # the direct API's sends (only with API_TOKEN): built with the app, run in the services task group
     api_sender: ApiSender | None = None
 
+    # long: builds and wires every part of the worker (relays, manager, push channel, event log, metrics)
     def __init__(
         self,
         settings: Settings,
@@ -114,9 +115,8 @@ class Worker:
         self.http_guard = ConnectionGuard.for_fd_limit(fd_limit())
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
-        self.manager.on_restart_needed = self._restart_into_leases
         self.push = self._build_push(worker_id)
-        self.manager.on_lease_mode = self._push_for_leases
+        self.manager.on_restart_needed = self._restart_into_leases
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
         self._set_staleness()
@@ -180,22 +180,20 @@ class Worker:
         manager.leases.api_url = settings.API_PUBLIC_URL if settings.api_tokens else None
         return manager
 
+    def _build_push(self, worker_id: str | None) -> PushChannel:
+        """The ``GET /events`` loop: ``queued`` wakes an instance the way ``/wake`` does."""
+        # X-Worker-Id: once leases are on, the edge client sends WORKER_ID on every call (enable_leases),
+        # so the proxy pushes this worker's leased instances; without leases none (every instance's events).
+        # A ``leases`` event renews leases at once.
+        return PushChannel(self.edge, worker_id=worker_id, clock=self.clock, rng=self.rng,
+                           on_queued=self.manager.wake, on_lost=self.manager.wake,
+                           on_leases=self.manager.leases.wake)
+
     def _restart_into_leases(self) -> None:
         """The proxy gained leases while this worker ran without them: stop gracefully (sessions
         disconnected, never logged out) and exit 75, so the orchestrator starts it into lease mode."""
         self.exit_code = EXIT_RESTART
         self.request_stop()
-
-    def _build_push(self, worker_id: str | None) -> PushChannel:
-        """The ``GET /events`` loop: ``queued`` wakes an instance the way ``/wake`` does."""
-        # leases on (the manager's probe): X-Worker-Id = WORKER_ID (the proxy pushes this worker's leased
-        # instances) and a ``leases`` event renews at once; until then (and without leases) no header
-        return PushChannel(self.edge, worker_id=worker_id, clock=self.clock, rng=self.rng,
-                           on_queued=self.manager.wake, on_lost=self.manager.wake)
-
-    def _push_for_leases(self) -> None:
-        self.push.worker_id = self.worker_id
-        self.push.on_leases = self.manager.leases.wake
 
     def call_policy(self, instance_id: str) -> CallPolicy:
         """What to do with ``instance_id``'s incoming calls: CALL_REJECT / CALL_REJECT_MESSAGE,

@@ -31,6 +31,11 @@ create table if not exists wa_worker_simulator_sessions (
 """
 
 
+# workers starting together on a new database would race on "create table if not exists" (all but
+# one get a unique violation in pg_type): the creation is serialized by a transaction-level lock
+DDL_LOCK = "select pg_advisory_xact_lock(hashtext('wa_worker_simulator_sessions'))"
+
+
 class SimulatorStoreUnavailable(OSError):
     """PostgreSQL could not be reached or refused the query (no credentials in the text)."""
 
@@ -91,6 +96,7 @@ class SimulatorPgStore:
     async def open(self) -> None:
         """Connect and create the table if missing."""
         async def step(cur: psycopg.AsyncCursor[Any]) -> None:
+            await cur.execute(DDL_LOCK)
             await cur.execute(DDL)
         await self._run("create wa_worker_simulator_sessions", step)
 

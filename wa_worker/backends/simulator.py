@@ -12,6 +12,10 @@ as the kind has them ``mimetype``, ``size`` and ``sha256`` of the bytes it read,
 ``filename``, ``seconds``, ``reply_to`` (+ ``reply_to_chat``), ``reaction``,
 ``latitude``/``longitude``/``name``/``address``, ``contact: {name, vcard}``, and
 ``typing_s`` when "typing…" was shown first. ``to`` is the JID the worker resolved.
+Each session's time online is appended to ``AUTH_DIR/<id>/simulator-sessions.jsonl``
+(``{"event": "up"|"down", "ts", "pid"}``: "up" written before the session can send,
+"down" after it no longer can), so a fleet test can check that an instance was
+never online on two workers at once.
 The numbers that exist can be set (:meth:`SimulatorBackend.set_registered`; none
 set: every number exists); a Brazilian mobile registered without its 9th digit
 is found when looked up with it, as on WhatsApp. Lookups are counted. Received media is kept under
@@ -73,6 +77,7 @@ log = logging.getLogger("wa_worker.simulator")
 
 SESSION_FILE = "simulator-session.json"
 SENT_FILE = "simulator-sent.jsonl"
+SESSIONS_FILE = "simulator-sessions.jsonl"
 MEDIA_DIR = "simulator-media"
 _SHA256_HEX = frozenset("0123456789abcdef")
 
@@ -198,6 +203,7 @@ class SimulatorSession(Session):
         await self._go_online(phone)
 
     async def _go_online(self, phone: _Phone) -> None:
+        self.backend._record_session(self.instance_id, "up")
         self.state = SessionState.CONNECTED
         self.qr = None
         self.pair_code = None
@@ -242,7 +248,10 @@ class SimulatorSession(Session):
 
     async def disconnect(self) -> None:
         if self.state in (SessionState.CONNECTING, SessionState.QR, SessionState.CONNECTED):
+            was_online = self.state == SessionState.CONNECTED
             self.state = SessionState.DISCONNECTED
+            if was_online:
+                self.backend._record_session(self.instance_id, "down")
             if self._cancel is not None:
                 self._cancel.cancel()
 
@@ -275,6 +284,7 @@ class SimulatorSession(Session):
         if self.state != SessionState.CONNECTED:
             raise SimulatorError(f"not linked: instance is {self.state}")
         self.state = SessionState.LOGGED_OUT
+        self.backend._record_session(self.instance_id, "down")
         try:
             await self.backend.delete_phone(self.instance_id)
         except SimulatorStoreUnavailable as exc:  # the worker's forget_session tries again
@@ -561,6 +571,12 @@ class SimulatorBackend(Backend):
     def _record_sent(self, instance_id: str, record: dict[str, Any]) -> None:
         folder = ensure_private_dir(self.auth_dir(instance_id))
         append_private(folder / SENT_FILE, json.dumps(record, ensure_ascii=False) + "\n")
+
+    def _record_session(self, instance_id: str, event: str) -> None:
+        """One line of the instance's online record (see the module docstring)."""
+        folder = ensure_private_dir(self.auth_dir(instance_id))
+        append_private(folder / SESSIONS_FILE,
+                       json.dumps({"event": event, "ts": time.time(), "pid": os.getpid()}) + "\n")
 
     def _store_media(self, instance_id: str, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()

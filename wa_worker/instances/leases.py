@@ -102,7 +102,17 @@ class LeaseKeeper:
         """Leases on: only a held lease, never while fenced. Without leases: always."""
         if not self.mode:
             return True
-        return not self.fenced and instance_id in self.held
+        return not self.check_fence() and instance_id in self.held
+
+    def check_fence(self) -> bool:
+        """Whether this worker is fenced now, by the clock: a process frozen past the fencing
+        deadline (SIGSTOP, a VM pause) fences itself at its first claim after it resumes, not
+        only when the renewal loop next wakes (which it then does at once, to renew)."""
+        if self.mode and not self.fenced:
+            self._check_fence()
+            if self.fenced:
+                self._wake.set()
+        return self.fenced
 
     def send_cap_s(self) -> float | None:
         """With leases, the longest a send (upload included) may hold the session open: a send that

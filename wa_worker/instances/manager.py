@@ -78,8 +78,6 @@ class InstanceManager:
         self.foreign_token_messages = 0  # batch messages under a token that is not this worker's current one
         # the worker's graceful restart (exit 75): a proxy that gained leases while this worker ran without
         self.on_restart_needed: Callable[[], None] = lambda: None
-        # leases turned on (the probe said so): the worker points its push channel at this worker's leases
-        self.on_lease_mode: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ queries
 
@@ -263,7 +261,6 @@ class InstanceManager:
             await self.settings_poller.first(self.edge.timeout_s)
             if leased:
                 self._remember_leases("on")
-                self.on_lease_mode()
                 self.discovery_health.finished = True
                 tg.start_soon(self._supervised, "leases", self.leases.run, self.leases.health)
             else:
@@ -381,7 +378,7 @@ class InstanceManager:
             last_start = self.ctx.clock.monotonic()
             connected = [r for r in self.runners.values() if r.state is State.CONNECTED]
             wait: float
-            if not connected:
+            if not connected or self.leases.check_fence():  # fenced: claim nothing until a renewal
                 wait = self.batch_interval.floor_s
             else:
                 try:
@@ -425,7 +422,7 @@ class InstanceManager:
             if r is None:
                 self._unheld(iid, len(batch))
             elif not r.offer(batch):
-                log.debug("batch: %d message(s) for %s which is not connected yet", len(batch), iid)
+                log.debug("batch: %d message(s) for %s, which is stopping: left for the proxy", len(batch), iid)
         self.batch_interval.activity()
         return self.batch_interval.floor_s
 

@@ -394,8 +394,12 @@ class InstanceRunner:
         self._wake.set()
 
     def offer(self, messages: list[QueuedMessage]) -> bool:
-        """Batch mode: messages fetched for this instance by the batch poller."""
-        if self.state != State.CONNECTED:
+        """Batch mode: messages fetched (claimed) for this instance by the batch poller. Kept
+        while the session is still connecting too (sent once it is connected): a proxy may hand
+        them out as soon as it counts the instance as connected (e.g. a lease that just moved here
+        while the old holder's CONNECTED still stands), and a claim dropped here would sit
+        ``sending`` at the proxy until its re-offer, minutes later."""
+        if self.state == State.STOPPED or self._stop_requested:
             return False
         try:
             self._inbox_tx.send_nowait(messages)

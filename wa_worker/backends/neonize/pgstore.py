@@ -38,6 +38,12 @@ create table if not exists wa_worker_sessions (
 )
 """
 
+# workers starting together on a new database would race on "create table if not exists" (all but
+# one get a unique violation in pg_type): the creation is serialized by a transaction-level lock
+# (transaction-level: it works through PgBouncer in transaction mode too)
+SESSIONS_DDL_LOCK = "select pg_advisory_xact_lock(hashtext('wa_worker_sessions'))"
+
+
 class SessionStoreUnavailable(OSError):
     """PostgreSQL could not be reached or refused the query (no credentials in the text)."""
 
@@ -145,7 +151,10 @@ class PgSessionStore:
 
     def open(self) -> None:
         """Connect and create ``wa_worker_sessions`` if missing."""
-        self._run("create wa_worker_sessions", lambda cur: cur.execute(SESSIONS_DDL))
+        def step(cur: psycopg.Cursor[Any]) -> None:
+            cur.execute(SESSIONS_DDL_LOCK)
+            cur.execute(SESSIONS_DDL)
+        self._run("create wa_worker_sessions", step)
 
     def close(self) -> None:
         with self._lock:
