@@ -143,6 +143,14 @@ class JsonFormatter(logging.Formatter):
         return out
 
 
+def scrubbed(exc: BaseException, secrets: list[str], limit: int = 300) -> str:
+    """An exception's text on one line, ``secrets`` replaced by ``***``, at most ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for s in secrets:
+        text = text.replace(s, "***")
+    return text[:limit]
+
+
 def make_handler(log_format: str, secrets: list[str], stream: TextIO | None = None) -> logging.Handler:
     """A handler writing ``log_format`` (``text`` or ``json``) lines, secrets scrubbed."""
     redact = RedactFilter(secrets)

@@ -17,7 +17,7 @@ import anyio
 import psycopg
 
 from ..config import check_database_url
-from ..logutil import redact_url, url_secrets
+from ..logutil import redact_url, scrubbed, url_secrets
 
 T = TypeVar("T")
 
@@ -54,10 +54,7 @@ class SimulatorPgStore:
         return redact_url(self.url)
 
     def _clean(self, exc: BaseException) -> str:
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        for s in self._secrets:
-            text = text.replace(s, "***")
-        return text[:300]
+        return scrubbed(exc, self._secrets)
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         if self._conn is None or self._conn.closed:

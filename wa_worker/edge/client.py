@@ -153,6 +153,18 @@ def parse_retry_after(value: str | None, *, now: float | None = None, cap_s: flo
     return min(max(delay, 0.0), cap_s)
 
 
+#: the statuses that mean "this proxy has no such endpoint" on an optional one
+ABSENT = frozenset({404, 405, 501})
+
+
+def _absent_or_refused(ep: str, exc: EndpointMissing, *, transient: bool) -> EdgeError:
+    """An optional endpoint's 4xx/5xx: the :class:`EndpointMissing` itself when it means "absent"
+    (404/405/501, the caller switches the feature off), else an :class:`EdgeError`."""
+    if exc.status in ABSENT:
+        return exc
+    return EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=transient, body=exc.body)
+
+
 class EdgeClient:
     def __init__(
         self,
@@ -402,10 +414,7 @@ class EdgeClient:
             payload = await self._request("GET", "/instance-settings", endpoint=ep,
                                           params={"since": since} if since is not None else None, optional=True)
         except EndpointMissing as exc:
-            if exc.status in (404, 405, 501):
-                raise
-            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
-                            body=exc.body) from None
+            raise _absent_or_refused(ep, exc, transient=False) from None
         rejected: list[str] = []
         parsed = parse_instance_settings(payload, rejected)
         self._reject(ep, rejected)
@@ -429,10 +438,7 @@ class EdgeClient:
             payload = await self._request("POST", "/leases", endpoint=ep, body=body, optional=True,
                                           raw_headers={"X-Worker-Id": worker_id})
         except EndpointMissing as exc:
-            if exc.status in (404, 405, 501):
-                raise
-            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
-                            body=exc.body) from None
+            raise _absent_or_refused(ep, exc, transient=False) from None
         rejected: list[str] = []
         parsed = parse_leases(payload, rejected)
         self._reject(ep, rejected)
@@ -449,10 +455,9 @@ class EdgeClient:
             payload = await self._request("GET", "/lease-holder", endpoint=ep, params={"instanceId": instance_id},
                                           optional=True, max_bytes=HOLDER_MAX_BYTES, missing_level=logging.DEBUG)
         except EndpointMissing as exc:
-            if exc.status in (404, 405, 501):
+            if exc.status in ABSENT:
                 return None
-            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
-                            body=exc.body) from None
+            raise _absent_or_refused(ep, exc, transient=False) from None
         rejected: list[str] = []
         holder = parse_lease_holder(payload, instance_id, rejected)
         self._reject(ep, rejected)
@@ -474,10 +479,7 @@ class EdgeClient:
                                           timeout_s=wait_s + self.timeout_s,
                                           max_bytes=EVENTS_MAX_BYTES, missing_level=logging.DEBUG)
         except EndpointMissing as exc:
-            if exc.status in (404, 405, 501):
-                raise
-            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=True,
-                            body=exc.body) from None
+            raise _absent_or_refused(ep, exc, transient=True) from None
         rejected: list[str] = []
         parsed = parse_events(payload, rejected)
         self._reject(ep, rejected)
@@ -592,10 +594,7 @@ class EdgeClient:
             await self._request("POST", "/message-status", endpoint=ep, body={"statuses": statuses},
                                 optional=True, parse=False)
         except EndpointMissing as exc:
-            if exc.status in (404, 405, 501):
-                raise
-            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
-                            body=exc.body) from None
+            raise _absent_or_refused(ep, exc, transient=False) from None
 
     async def upload_media(self, instance_id: str, wa_message_id: str, path: Path, *, mimetype: str,
                            filename: str | None, sha256: str, size: int) -> str:
@@ -617,10 +616,7 @@ class EdgeClient:
                                          stream=_file_chunks(path), raw_headers=headers,
                                          timeout_s=self.timeout_s + size / 1_000_000, optional=True)
         except EndpointMissing as exc:
-            if exc.status in (404, 405, 501):
-                raise
-            raise EdgeError(ep, str(exc).split(": ", 1)[-1], status=exc.status, transient=False,
-                            body=exc.body) from None
+            raise _absent_or_refused(ep, exc, transient=False) from None
         location = (answer.get("url") or answer.get("path")) if isinstance(answer, dict) else None
         if not isinstance(location, str) or not location.strip() or len(location) > 4096:
             return self._fail(EdgeError(ep, "answer has no \"url\" (or \"path\") string", transient=False))

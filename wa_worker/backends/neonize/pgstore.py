@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import psycopg
 
 from ...config import check_database_url
-from ...logutil import redact_url, url_secrets
+from ...logutil import redact_url, scrubbed, url_secrets
 
 T = TypeVar("T")
 
@@ -100,10 +100,7 @@ class PgSessionStore:
     # ------------------------------------------------------------------ plumbing
 
     def _clean(self, exc: BaseException) -> str:
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        for s in self._secrets:
-            text = text.replace(s, "***")
-        return text[:300]
+        return scrubbed(exc, self._secrets)
 
     def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
