@@ -194,6 +194,9 @@ class DevProxyTarget:
     def start(self) -> None:
         log = open(self.root / "proxy.log", "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "WORKER_", "WA_"))}
+        # a claim a worker dropped (a runner stopped by fencing or a lost lease, same token) comes back
+        # within the test's settle window instead of the production 5 minutes
+        env["WA_DEV_CLAIM_LEASE_S"] = "20"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wa_worker", "dev", "proxy", "--dir", str(self.root / "proxy"),
              "--proxy-port", str(self.port), "--no-instance", "--secret", SECRET, "--lease-ttl", f"{self.ttl_s:g}"],
@@ -265,7 +268,8 @@ class KitTarget:
         self.db = WaDb(server, "cluster_kit")
         server.create_database(self.db.dbname)
         self.db.apply_migrations()
-        self.fn = EdgeFunction(self.db.dsn, SECRET, extra_env={"WORKER_LEASE_TTL_SECONDS": f"{max(1, round(ttl_s))}"})
+        self.fn = EdgeFunction(self.db.dsn, SECRET, extra_env={"WORKER_LEASE_TTL_SECONDS": f"{max(1, round(ttl_s))}",
+                                                                        "CLAIM_LEASE_SECONDS": "20"})
         self.url = ""
         self._conn: Any = None
         self._lock = threading.Lock()

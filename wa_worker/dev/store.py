@@ -46,7 +46,8 @@ from .changes import ChangeFeed
 from .leasing import LeaseAnswer, LeaseRequest, lease_call, lease_notices
 
 STATUSES = ("CONNECTING", "CONNECTED", "DISCONNECTED")
-CLAIM_LEASE_S = 300.0  # re-offer claims older than 5 minutes (as the Supabase kit)
+CLAIM_LEASE_S = 300.0  # re-offer claims older than 5 minutes (as the Supabase kit's CLAIM_LEASE_SECONDS)
+CLAIM_LEASE_ENV = "WA_DEV_CLAIM_LEASE_S"  # another claim lease (tests: a claim a worker dropped comes back sooner)
 MAX_CLAIM_TOKENS = 16  # the lease tokens a message was claimed under, kept for acknowledgements
 
 V1_SCHEMA = """
@@ -269,6 +270,15 @@ def _changes(method: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+def _claim_lease_s(raw: str | None) -> float:
+    """``WA_DEV_CLAIM_LEASE_S`` (seconds, 1 to 86400), else :data:`CLAIM_LEASE_S`."""
+    try:
+        value = float(raw) if raw else CLAIM_LEASE_S
+    except ValueError:
+        return CLAIM_LEASE_S
+    return value if 1.0 <= value <= 86_400.0 else CLAIM_LEASE_S
+
+
 class DevStore:
     """The reference proxy's database (one file, WAL mode)."""
 
@@ -279,6 +289,7 @@ class DevStore:
         self._clock = clock
         self._lock = threading.Lock()
         self.changes = ChangeFeed()  # bumped by every write the dev page shows
+        self.claim_lease_s = _claim_lease_s(os.environ.get(CLAIM_LEASE_ENV))
         self._db = open_db(path, foreign_keys=True)  # the worker's opener: WAL, 0700/0600
         try:
             migrate(self._db, path, DEV_MIGRATIONS, V1_TABLES)
@@ -526,7 +537,7 @@ class DevStore:
     # long: one claim, with its fencing and prior_claim rules, reads best in one place
     @_changes
     def claim_messages(
-        self, instance_id: str | None = None, *, limit: int = 50, lease_s: float = CLAIM_LEASE_S,
+        self, instance_id: str | None = None, *, limit: int = 50, lease_s: float | None = None,
         lease_token: int | None = None, worker_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Claim queued messages (and re-offer stale claims), oldest first.
@@ -569,7 +580,7 @@ class DevStore:
                 f"FROM outbound o JOIN instances i ON i.id = o.instance_id WHERE {scope} AND "
                 "(o.status = 'queued' OR (o.status = 'sending' AND (o.claimed_at < ? OR "
                 " (o.claim_token IS NOT NULL AND o.claim_token != i.lease_token)))) "
-                "ORDER BY o.seq LIMIT ?", (*scope_params, now - lease_s, limit)).fetchall()
+                "ORDER BY o.seq LIMIT ?", (*scope_params, now - (self.claim_lease_s if lease_s is None else lease_s), limit)).fetchall()
             for r in rows:
                 token = (lease_token if lease_token is not None else r["current"]) if fenced else None
                 tokens = (r["claim_tokens"] or "").split(",") if r["claim_tokens"] else []
