@@ -8,7 +8,8 @@ through the proxy's dev API: the workers learn of it through ``GET /events``, no
 inbound traffic (injected into the simulator of the worker the proxy's lease table names). Then:
 SIGTERM one worker, kill -9 another and start a fourth, SIGSTOP the third past two lease TTLs and
 SIGCONT it, and bring the killed one back with its own ``STATE_DB`` (a pod coming back with its
-volume: what it journaled before the kill is delivered then).
+volume: what it journaled before the kill is delivered then, or at once by the instance's next
+holder when the journal is shared in PostgreSQL).
 
 Asserted:
 
@@ -69,10 +70,14 @@ class Run:
 @pytest.mark.parametrize("proxy", ["dev", "kit"])
 def test_a_fleet_moves_instances_without_duplicates_losses_or_two_owners(tmp_path: Path, proxy: str,
                                                                           pg_server: PgServer) -> None:  # noqa: F811
-    """``dev``: the reference proxy (``wa-worker dev proxy``, SQLite); ``kit``: the Supabase function
-    under Deno on its own database of the same PostgreSQL server."""
+    """``dev``: the reference proxy (``wa-worker dev proxy``, SQLite), each worker's journal its own
+    ``STATE_DB`` (``JOURNAL_IN_DATABASE=false``: a StatefulSet's pods); ``kit``: the Supabase function
+    under Deno on its own database of the same PostgreSQL server, the workers' journal shared in the
+    sessions' database (the default with ``DATABASE_URL``)."""
     target = DevProxyTarget(tmp_path, TTL_S) if proxy == "dev" else KitTarget(tmp_path, TTL_S, pg_server)
-    fleet = Fleet(tmp_path, pg_server.create_database(f"cluster_sessions_{proxy}"), ttl_s=TTL_S, target=target)
+    journal = {"JOURNAL_IN_DATABASE": "false"} if proxy == "dev" else {}
+    fleet = Fleet(tmp_path, pg_server.create_database(f"cluster_sessions_{proxy}"), ttl_s=TTL_S, target=target,
+                  worker_env_extra=journal)
     run = Run()
     try:
         _start(fleet, run)

@@ -164,6 +164,8 @@ class Settings(BaseSettings):
     # sessions in PostgreSQL instead of AUTH_DIR (docs/fleet.md); empty: files, as always
     DATABASE_URL: SecretStr | None = None
     DATABASE_IDLE_TIMEOUT_S: float = Field(60.0, ge=0, le=86_400)  # 0: leave idle connections open
+    # with DATABASE_URL: the journal there too (shared by the fleet); false: STATE_DB, a file of this worker's
+    JOURNAL_IN_DATABASE: bool = True
 
     # --- simulator backend
     SIMULATOR_AUTO_SCAN_MS: int | None = Field(None, ge=0)
@@ -423,6 +425,7 @@ DESCRIPTIONS: dict[str, str] = {
     "WA_BOT_BADGE": "let neonize mark 1:1 messages with WhatsApp's AI badge",
     "DATABASE_URL": "WhatsApp sessions (the simulator's too) in this PostgreSQL database instead of AUTH_DIR",
     "DATABASE_IDLE_TIMEOUT_S": "with DATABASE_URL: the server closes a session connection idle this long (0: never)",
+    "JOURNAL_IN_DATABASE": "with DATABASE_URL: keep the journal there too, shared by the fleet (false: STATE_DB)",
     "SIMULATOR_AUTO_SCAN_MS": "simulator only: the simulated phone scans each QR after this delay",
     "SIMULATOR_SEND_DELAY_MS": "simulator only: each simulated send takes this long",
 }

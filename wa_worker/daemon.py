@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -45,6 +46,7 @@ from .relays.send_pacing import SendLimits
 from .relays.receipts import ReceiptsRelay
 from .storage.db import StoreOpenError
 from .storage.journal import Journal, JournalUnavailable, JournalWriteError
+from .storage.pgjournal import PgJournal
 from .supervise import LoopHealth, forever
 from .timing import Backoff, Clock
 
@@ -89,7 +91,7 @@ class Worker:
         self.edge = edge or EdgeClient(settings.edge_base_url, settings.WORKER_SECRET.get_secret_value(),
                                        timeout_s=settings.EDGE_TIMEOUT_S,
                                        max_response_bytes=settings.EDGE_MAX_RESPONSE_BYTES)
-        self.journal = _open_journal(settings.STATE_DB, self.clock)
+        self.journal = _open_journal(settings, self.clock)
         self.worker_id = _worker_id(settings, self.journal)
         # the relays report each round (and store trouble) to these; their crashes count too
         self.inbound_health = LoopHealth("inbound relay", self.clock)
@@ -116,6 +118,7 @@ class Worker:
         self.exit_code = 0
         self.manager = self._build_manager(on_event)
         self.push = self._build_push(worker_id)
+        self.journal.scope = self._journal_scope
         self.manager.on_restart_needed = self._restart_into_leases
         self.inbound.sessions = self.manager.session  # received media is downloaded through the live session
         self.housekeeping_health = LoopHealth("housekeeping", self.clock)
@@ -188,6 +191,12 @@ class Worker:
         return PushChannel(self.edge, worker_id=worker_id, clock=self.clock, rng=self.rng,
                            on_queued=self.manager.wake, on_lost=self.manager.wake,
                            on_leases=self.manager.leases.wake)
+
+    def _journal_scope(self) -> set[str] | None:
+        """A shared journal's rows this worker delivers: its leased instances', all without leases
+        (one worker), none until the proxy said which."""
+        keeper = self.manager.leases
+        return set(keeper.held) if keeper.mode else (None if keeper.mode is False else set())
 
     def _restart_into_leases(self) -> None:
         """The proxy gained leases while this worker ran without them: stop gracefully (sessions
@@ -431,6 +440,8 @@ class Worker:
         last_prune = 0.0
         while True:
             now = self.clock.monotonic()
+            if not self.journal.writable:
+                await anyio.to_thread.run_sync(self.journal.reconnect)  # a shared journal's lost connection
             if not self.journal.writable and self.journal.probe_writable():
                 self.acks.wake()
                 self.inbound.wake()
@@ -467,8 +478,8 @@ class Worker:
 def _worker_id(settings: Settings, journal: Journal) -> str:
     """WORKER_ID, else the one this journal remembers (a restart, even after a crash, asks for its
     leases under the same id and the proxy gives them back at once), else a new one, remembered."""
-    if settings.WORKER_ID:
-        return settings.WORKER_ID
+    if settings.WORKER_ID or journal.shared:  # a shared journal remembers nothing per machine
+        return settings.worker_id
     try:
         known = journal.meta("worker_id")
         if known is not None and WORKER_ID_RE.fullmatch(known):
@@ -480,12 +491,44 @@ def _worker_id(settings: Settings, journal: Journal) -> str:
     return settings.worker_id
 
 
-def _open_journal(path: Any, clock: Clock) -> Journal:
-    """Open the journal; a file SQLite cannot use is a start-up error, never repaired or replaced."""
+def _open_journal(settings: Settings, clock: Clock) -> Journal:
+    """Open the journal (in PostgreSQL with DATABASE_URL, unless JOURNAL_IN_DATABASE=false); a store
+    that cannot be used is a start-up error, never repaired or replaced."""
+    url = settings.database_url
+    if url and settings.JOURNAL_IN_DATABASE:
+        try:
+            journal: Journal = PgJournal(url, worker_id=settings.worker_id, clock=clock)
+        except StoreOpenError as exc:  # unreachable, refused, a newer schema ... (no credentials in the text)
+            raise StartupError(f"the journal in DATABASE_URL ({exc.path}) cannot be used: {exc.cause}") from None
+        _warn_left_in_file(settings.STATE_DB)
+        return journal
+    path = settings.STATE_DB
     try:
         return Journal(path, clock=clock)
     except StoreOpenError as exc:  # a folder, a foreign or newer database, a read-only file system ...
         raise StartupError(f"STATE_DB {path} cannot be used: {exc.cause} (file kept untouched)") from None
+
+
+def _warn_left_in_file(path: Path) -> None:
+    """The journal moved to PostgreSQL: say what an older STATE_DB file still holds (never read again)."""
+    if not path.is_file():
+        return
+    try:
+        old = Journal(path)
+    except StoreOpenError:
+        return
+    try:
+        counts = old.counts()
+    except JournalUnavailable:
+        return
+    finally:
+        old.close()
+    waiting = counts["inbound_pending"] + counts["outbound_pending_acks"] + counts["outbound_in_flight"]
+    if waiting:
+        log.warning("STATE_DB %s still holds %d inbound message(s) and %d outcome(s) not yet delivered to the "
+                    "proxy, which the journal in DATABASE_URL does not have: run once with "
+                    "JOURNAL_IN_DATABASE=false to deliver them, then switch", path, counts["inbound_pending"],
+                    counts["outbound_pending_acks"] + counts["outbound_in_flight"])
 
 
 # ---------------------------------------------------------------------- entry point

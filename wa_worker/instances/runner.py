@@ -588,6 +588,9 @@ class InstanceRunner:
                 self.push_name = event.push_name or self.push_name
                 log.info("%s: connected", iid, extra={"instance_id": iid})
                 self.ctx.inbound.instance_connected(iid)  # media downloads waiting for the connection
+                self.ctx.outbound.instance_connected(iid)  # a shared journal: what another worker left
+                if self.ctx.receipts is not None:
+                    self.ctx.receipts.wake()
                 self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
                 self.poll_interval.activity()
                 tg.start_soon(self._supervised_outbound, session)

@@ -255,9 +255,10 @@ class InboundRelay:
         self._wake.set()
 
     def instance_connected(self, instance_id: str) -> None:
-        """Media downloads that waited for this instance may go now."""
+        """Media downloads that waited for this instance may go now (and, in a shared journal, what
+        the instance's previous worker left)."""
         try:
-            if self.journal.inbound_media_due_now(instance_id):
+            if self.journal.inbound_media_due_now(instance_id) or self.journal.shared:
                 self._wake.set()
         except JournalUnavailable as exc:
             log.debug("inbound relay: cannot reschedule media rows now (%s)", exc)

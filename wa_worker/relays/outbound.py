@@ -214,6 +214,29 @@ class OutboundRelay:
         log.error("%s: the worker could not stage the media of message %s on its own disk (%s): it stays "
                   "queued and is tried again in %.0f s", instance_id, message_id, exc, self._media_pause_s)
 
+    def instance_connected(self, instance_id: str) -> None:
+        """A shared journal: this worker now serves ``instance_id``; take over what the worker that
+        served it before left (unacknowledged outcomes; sends it left ``sending``, by the policy)."""
+        if not self.journal.shared:
+            return
+        try:
+            ids = self.journal.adopt_instance(instance_id, self.at_least_once)
+        except JournalUnavailable as exc:
+            log.warning("%s: could not take over the journal rows another worker left (%s): they wait for the "
+                        "next connection", instance_id, exc, extra={"instance_id": instance_id})
+            return
+        for message_id in ids:
+            row = self.journal.outbound_get(message_id)
+            if row is not None and row.state == "failing":
+                self.prior_claims["reported"] += 1
+                self.publish_failed(instance_id, message_id, "delivery_unknown", "delivery_unknown")
+        if ids:
+            log.warning("%s: %d send(s) another worker left unfinished: %s", instance_id, len(ids),
+                        "sent again if offered (UNKNOWN_SEND_POLICY=at_least_once)" if self.at_least_once
+                        else "reported delivery_unknown (UNKNOWN_SEND_POLICY=at_most_once)",
+                        extra={"instance_id": instance_id})
+        self.acks.wake()
+
     def _claimed_here(self, message_id: str) -> bool:
         try:
             return self.journal.claimed_here(message_id)

@@ -37,7 +37,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ class OutboundRow:
     error_code: str | None = None  # machine-readable, sent with /mark-failed
     origin: str = "proxy"  # "api": a direct API request, never acknowledged to the proxy
     claim_token: int | None = None  # leases: the token the message was claimed under (acks carry it)
+    worker_id: str | None = None  # a shared journal (PostgreSQL): the worker that wrote the row last
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,13 +163,22 @@ _HEADS = "SELECT MIN(seq) AS seq FROM inbound GROUP BY instance_id, chat_id"
 
 class Journal:
     """The journal at ``path``. Raises :class:`StoreOpenError` (or
-    :class:`JournalTooNew`) when the file cannot be used; never deletes it."""
+    :class:`JournalTooNew`) when the file cannot be used; never deletes it.
+
+    The SQL here is portable (SQLite and PostgreSQL): :class:`~.pgjournal.PgJournal` runs the same
+    methods on a database the fleet shares, where ``owner`` (this worker's id) and ``scope`` (the
+    instances it serves now) keep each worker to its own rows."""
+
+    _BEGIN = "BEGIN IMMEDIATE"
+    _integrity_errors: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
+    _errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    # a journal of its own (None): every row is this worker's. Shared: the worker's id
+    owner: str | None = None
+    shared = False
+    _db: Any  # a sqlite3.Connection, or pgjournal's connection of the same shape
 
     def __init__(self, path: Path, *, clock: Any = None, min_headroom_bytes: int = MIN_HEADROOM_BYTES) -> None:
-        self.path = path
-        self._now = (clock.time if clock is not None else time.time)
-        self.min_headroom_bytes = min_headroom_bytes
-        self.writable = True
+        self._init_common(path, clock, min_headroom_bytes)
         self._memory = str(path) == MEMORY
         self._db = open_db(path)
         try:
@@ -179,27 +189,55 @@ class Journal:
         if not self._memory:
             tighten_private(Path(path))
 
+    def _init_common(self, path: Path | str, clock: Any, min_headroom_bytes: int) -> None:
+        self.path = path
+        self._now = (clock.time if clock is not None else time.time)
+        self.min_headroom_bytes = min_headroom_bytes
+        self.writable = True
+        # a shared journal: the instances this worker serves now (None: all of them; set by the daemon)
+        self.scope: Callable[[], Collection[str] | None] = lambda: None
+
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(*self._errors):
             self._db.close()
+
+    def reconnect(self) -> None:
+        """Reopen a lost connection to a shared journal (blocking: the daemon runs it in a thread);
+        nothing to do for a file."""
 
     # ------------------------------------------------------------------ plumbing
 
-    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         try:
             return self._db.execute(sql, params)
-        except sqlite3.IntegrityError as exc:
+        except self._integrity_errors as exc:
             # a constraint, not the disk: the store itself is fine
             raise JournalUnavailable(f"constraint failed: {exc}") from exc
-        except sqlite3.Error as exc:
+        except self._errors as exc:
             self._mark_unwritable(exc)
             raise JournalWriteError(str(exc)) from exc
 
-    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         try:
             return self._db.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
+        except self._errors as exc:
             raise JournalUnavailable(f"read failed: {exc}") from exc
+
+    def _mine(self) -> tuple[str, tuple[Any, ...]]:
+        """A condition (`` AND …``) and its parameters: a shared journal's rows this worker wrote."""
+        if self.owner is None:
+            return "", ()
+        return " AND worker_id = ?", (self.owner,)
+
+    def _in_scope(self, column: str) -> tuple[str, tuple[Any, ...]]:
+        """A condition (`` AND …``) and its parameters: a shared journal's rows of the instances this
+        worker serves now (``scope``); every row when it serves them all or the journal is its own."""
+        ids = self.scope() if self.owner is not None else None
+        if ids is None:
+            return "", ()
+        if not ids:
+            return " AND 1 = 0", ()
+        return f" AND {column} IN ({','.join('?' * len(ids))})", tuple(sorted(ids))
 
     def _scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         rows = self._read(sql, params)
@@ -213,7 +251,7 @@ class Journal:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
-        self._write("BEGIN IMMEDIATE")
+        self._write(self._BEGIN)
         try:
             yield
             self._write("COMMIT")
@@ -225,7 +263,7 @@ class Journal:
         if self._db.in_transaction:
             try:
                 self._db.execute("ROLLBACK")
-            except sqlite3.Error as exc:  # SQLite may have rolled back by itself (disk full)
+            except self._errors as exc:  # SQLite may have rolled back by itself (disk full)
                 log.debug("rollback: %s", exc)
 
     def free_bytes(self) -> int | None:
@@ -257,8 +295,7 @@ class Journal:
                     self._mark_unwritable(OSError(f"only {free} bytes free, {needed} needed"))
                 return False
         try:
-            self._write("INSERT INTO meta (key, value) VALUES ('probe', ?) "
-                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(self._now()),))
+            self.set_meta("probe", str(self._now()))
         except JournalUnavailable:
             return False
         if not self.writable:
@@ -280,8 +317,8 @@ class Journal:
         """Persist a received message. False if it was already there (a replay)."""
         now = self._now()
         cur = self._write(
-            "INSERT OR IGNORE INTO inbound (instance_id, chat_id, wa_message_id, payload, created_at, "
-            "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO inbound (instance_id, chat_id, wa_message_id, payload, created_at, "
+            "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (instance_id, chat_id, wa_message_id, json.dumps(payload, ensure_ascii=False), now, now),
         )
         return cur.rowcount == 1
@@ -290,10 +327,11 @@ class Journal:
         """The oldest pending row of each chat, if it is due, except the chats in
         ``skip`` (in flight): delivering only heads keeps every chat in arrival
         order while chats proceed independently."""
+        scope, ids = self._in_scope("i.instance_id")
         rows = self._read(
             f"SELECT i.* FROM inbound i JOIN ({_HEADS}) h ON h.seq = i.seq "
-            "WHERE i.next_attempt_at <= ? ORDER BY i.seq LIMIT ?",
-            (self._now(), limit + len(skip)),
+            f"WHERE i.next_attempt_at <= ?{scope} ORDER BY i.seq LIMIT ?",
+            (self._now(), *ids, limit + len(skip)),
         )
         heads = [self._inbound_row(r) for r in rows]
         return [h for h in heads if h.chat_key not in skip][:limit]
@@ -302,20 +340,22 @@ class Journal:
         """The oldest pending row of each chat not in ``skip``, due or not, the
         earliest due first (one query gives the relay both what to start now
         and when to look again)."""
+        scope, ids = self._in_scope("i.instance_id")
         rows = self._read(
-            f"SELECT i.* FROM inbound i JOIN ({_HEADS}) h ON h.seq = i.seq "
+            f"SELECT i.* FROM inbound i JOIN ({_HEADS}) h ON h.seq = i.seq{scope} "
             "ORDER BY i.next_attempt_at, i.seq LIMIT ?",
-            (limit + len(skip),),
+            (*ids, limit + len(skip)),
         )
         heads = [self._inbound_row(r) for r in rows]
         return [h for h in heads if h.chat_key not in skip][:limit]
 
     def next_inbound_due_at(self, skip: Collection[tuple[str, str]] = ()) -> float | None:
         """When the next head (of a chat not in ``skip``) is due."""
+        scope, ids = self._in_scope("i.instance_id")
         rows = self._read(
             f"SELECT i.instance_id, i.chat_id, i.next_attempt_at FROM inbound i JOIN ({_HEADS}) h "
-            "ON h.seq = i.seq ORDER BY i.next_attempt_at LIMIT ?",
-            (len(skip) + 1,),
+            f"ON h.seq = i.seq{scope} ORDER BY i.next_attempt_at LIMIT ?",
+            (*ids, len(skip) + 1),
         )
         for r in rows:
             if (r["instance_id"], r["chat_id"]) not in skip:
@@ -333,7 +373,7 @@ class Journal:
         now = self._now()
         return self._write(
             "UPDATE inbound SET next_attempt_at = ? WHERE instance_id = ? AND next_attempt_at > ? "
-            "AND instr(payload, '\"_media_handle\"') > 0",
+            "AND payload LIKE '%\"\\_media\\_handle\"%' ESCAPE '\\'",
             (now, instance_id, now),
         ).rowcount
 
@@ -367,7 +407,7 @@ class Journal:
         return len(rows)
 
     @staticmethod
-    def _inbound_row(r: sqlite3.Row) -> InboundRow:
+    def _inbound_row(r: Any) -> InboundRow:
         return InboundRow(r["seq"], r["instance_id"], r["chat_id"], r["wa_message_id"], json.loads(r["payload"]),
                           r["created_at"], r["attempts"], r["server_errors"], r["next_attempt_at"])
 
@@ -383,20 +423,23 @@ class Journal:
         already journaled (never send twice)."""
         now = self._now()
         cur = self._write(
-            "INSERT OR IGNORE INTO outbound (message_id, instance_id, state, to_jid, created_at, updated_at, origin, "
-            "claim_token) VALUES (?, ?, 'sending', ?, ?, ?, ?, ?)",
-            (message_id, instance_id, to_jid, now, now, origin, claim_token),
+            "INSERT INTO outbound (message_id, instance_id, state, to_jid, created_at, updated_at, origin, "
+            "claim_token, worker_id) VALUES (?, ?, 'sending', ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (message_id, instance_id, to_jid, now, now, origin, claim_token, self.owner),
         )
         return cur.rowcount == 1
 
     def record_sent(self, message_id: str, wa_message_id: str) -> None:
         """``sent``, and the message joins the index (a later reply or reaction may name it)."""
         now = self._now()
+        mine, owner = self._mine()
         with self._tx():
+            # only over its own `sending` row: a worker that resumes after its lease moved (frozen, partitioned)
+            # never overwrites what the next holder recorded
             self._write(
                 "UPDATE outbound SET state = 'sent', wa_message_id = ?, updated_at = ?, next_ack_at = ?, "
-                "ack_attempts = 0 WHERE message_id = ?",
-                (wa_message_id, now, now, message_id),
+                f"ack_attempts = 0 WHERE message_id = ? AND state = 'sending'{mine}",
+                (wa_message_id, now, now, message_id, *owner),
             )
             self._write(
                 "INSERT INTO message_index (instance_id, wa_message_id, chat_jid, sender_jid, from_me, created_at) "
@@ -413,12 +456,12 @@ class Journal:
         now = self._now()
         self._write(
             "INSERT INTO outbound (message_id, instance_id, state, error, error_code, created_at, updated_at, "
-            "next_ack_at, origin, claim_token) VALUES (?, ?, 'failing', ?, ?, ?, ?, ?, ?, ?) "
+            "next_ack_at, origin, claim_token, worker_id) VALUES (?, ?, 'failing', ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(message_id) DO UPDATE SET "
             "state = 'failing', error = excluded.error, error_code = excluded.error_code, "
             "updated_at = excluded.updated_at, next_ack_at = excluded.next_ack_at, "
             "ack_attempts = 0 WHERE outbound.state IN ('sending', 'failing')",
-            (message_id, instance_id, error[:500], code[:64], now, now, now, origin, claim_token),
+            (message_id, instance_id, error[:500], code[:64], now, now, now, origin, claim_token, self.owner),
         )
 
     # ------------------------------------------------------------------ message index
@@ -459,8 +502,8 @@ class Journal:
         return (rows[0]["jid"],) if rows else None
 
     def cache_number(self, phone: str, jid: str | None) -> None:
-        self._write("INSERT OR REPLACE INTO number_cache (phone, jid, checked_at) VALUES (?, ?, ?)",
-                    (phone, jid, self._now()))
+        self._write("INSERT INTO number_cache (phone, jid, checked_at) VALUES (?, ?, ?) ON CONFLICT(phone) "
+                    "DO UPDATE SET jid = excluded.jid, checked_at = excluded.checked_at", (phone, jid, self._now()))
 
     # ------------------------------------------------------------------ instance settings
 
@@ -472,8 +515,10 @@ class Journal:
                 if settings is None and proxy_url is None and proxy_problem is None:
                     self._write("DELETE FROM instance_settings WHERE instance_id = ?", (instance_id,))
                 else:
-                    self._write("INSERT OR REPLACE INTO instance_settings (instance_id, settings, proxy_url, "
-                                "proxy_problem, updated_at) VALUES (?, ?, ?, ?, ?)",
+                    self._write("INSERT INTO instance_settings (instance_id, settings, proxy_url, proxy_problem, "
+                                "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT(instance_id) DO UPDATE SET "
+                                "settings = excluded.settings, proxy_url = excluded.proxy_url, "
+                                "proxy_problem = excluded.proxy_problem, updated_at = excluded.updated_at",
                                 (instance_id, json.dumps(settings) if settings is not None else None, proxy_url,
                                  proxy_problem, self._now()))
 
@@ -496,26 +541,29 @@ class Journal:
         now = self._now()
         self._write(
             "UPDATE outbound SET state = CASE state WHEN 'marked' THEN 'sent' WHEN 'failed' THEN 'failing' "
-            "ELSE state END, next_ack_at = ?, updated_at = ?, claim_token = COALESCE(?, claim_token) "
+            "ELSE state END, next_ack_at = ?, updated_at = ?, claim_token = COALESCE(?, claim_token), "
+            "worker_id = COALESCE(?, worker_id) "
             "WHERE message_id = ? AND state IN ('marked','failed','sent','failing') AND origin = 'proxy'",
-            (now, now, claim_token, message_id),
+            (now, now, claim_token, self.owner, message_id),
         )
 
     def due_acks(self, limit: int = 64, skip: Collection[str] = ()) -> list[OutboundRow]:
         """Rows whose acknowledgement is due, except the ids in ``skip`` (in flight)."""
+        mine, owner = self._mine()
         rows = self._read(
-            "SELECT * FROM outbound WHERE state IN ('sent','failing') AND origin = 'proxy' AND next_ack_at <= ? "
-            "ORDER BY next_ack_at LIMIT ?",
-            (self._now(), limit + len(skip)),
+            "SELECT * FROM outbound WHERE state IN ('sent','failing') AND origin = 'proxy' AND next_ack_at <= ?"
+            f"{mine} ORDER BY next_ack_at LIMIT ?",
+            (self._now(), *owner, limit + len(skip)),
         )
         return [self._outbound_row(r) for r in rows if r["message_id"] not in skip][:limit]
 
     def next_ack_due_at(self, skip: Collection[str] = ()) -> float | None:
         """When the next acknowledgement (of an id not in ``skip``) is due."""
+        mine, owner = self._mine()
         rows = self._read(
-            "SELECT message_id, next_ack_at FROM outbound WHERE state IN ('sent','failing') AND origin = 'proxy' "
+            f"SELECT message_id, next_ack_at FROM outbound WHERE state IN ('sent','failing') AND origin = 'proxy'{mine} "
             "ORDER BY next_ack_at LIMIT ?",
-            (len(skip) + 1,),
+            (*owner, len(skip) + 1),
         )
         for r in rows:
             if r["message_id"] not in skip:
@@ -554,7 +602,8 @@ class Journal:
         (``delivery_unknown``). At-least-once: forget them so the proxy's next
         offer sends them again. API rows are always ``delivery_unknown``: an
         Idempotency-Key is never sent twice."""
-        rows = self._read("SELECT message_id, origin FROM outbound WHERE state = 'sending'")
+        mine, owner = self._mine()
+        rows = self._read(f"SELECT message_id, origin FROM outbound WHERE state = 'sending'{mine}", owner)
         ids = [r[0] for r in rows]
         api = {r[0] for r in rows if r[1] == "api"}
         for mid in ids:
@@ -566,19 +615,44 @@ class Journal:
                                     row.origin if row else "proxy")
         return ids
 
+    def adopt_instance(self, instance_id: str, at_least_once: bool) -> list[str]:
+        """A shared journal, when this worker starts serving ``instance_id``: the rows other workers
+        left for it become this worker's. Their unacknowledged outcomes are acknowledged from here
+        (under the token each was claimed with, which the proxy accepts after a move); their sends
+        left ``sending`` (the worker died, stopped or was fenced, and its lease moved, so its send is
+        over) follow the policy as :meth:`recover_unknown_sends`. Returns those sends' ids."""
+        if self.owner is None:
+            return []
+        now = self._now()
+        with self._tx():
+            rows = self._read("SELECT message_id, origin FROM outbound WHERE instance_id = ? AND state = 'sending' "
+                              "AND worker_id <> ?", (instance_id, self.owner))
+            for mid, origin in ((r["message_id"], r["origin"]) for r in rows):
+                if at_least_once and origin == "proxy":
+                    self._write("DELETE FROM outbound WHERE message_id = ? AND state = 'sending'", (mid,))
+                else:
+                    self._write("UPDATE outbound SET state = 'failing', error = 'delivery_unknown', "
+                                "error_code = 'delivery_unknown', updated_at = ?, next_ack_at = ?, ack_attempts = 0 "
+                                "WHERE message_id = ? AND state = 'sending'", (now, now, mid))
+            self._write("UPDATE outbound SET worker_id = ?, next_ack_at = ? WHERE instance_id = ? "
+                        "AND state IN ('sent','failing') AND worker_id <> ?", (self.owner, now, instance_id, self.owner))
+        return [r["message_id"] for r in rows]
+
     def retry_all_now(self) -> None:
         now = self._now()
-        self._write("UPDATE inbound SET next_attempt_at = ? WHERE next_attempt_at > ?", (now, now))
-        self._write("UPDATE receipts SET next_attempt_at = ? WHERE next_attempt_at > ? AND rank > posted_rank",
-                    (now, now))
+        scope, ids = self._in_scope("instance_id")
+        mine, owner = self._mine()
+        self._write(f"UPDATE inbound SET next_attempt_at = ? WHERE next_attempt_at > ?{scope}", (now, now, *ids))
+        self._write(f"UPDATE receipts SET next_attempt_at = ? WHERE next_attempt_at > ? AND rank > posted_rank{scope}",
+                    (now, now, *ids))
         self._write("UPDATE outbound SET next_ack_at = ? WHERE state IN ('sent','failing') AND origin = 'proxy' "
-                    "AND next_ack_at > ?",
-                    (now, now))
+                    f"AND next_ack_at > ?{mine}",
+                    (now, now, *owner))
 
     @staticmethod
-    def _outbound_row(r: sqlite3.Row) -> OutboundRow:
+    def _outbound_row(r: Any) -> OutboundRow:
         return OutboundRow(r["message_id"], r["instance_id"], r["state"], r["wa_message_id"], r["error"],
-                           r["ack_attempts"], r["error_code"], r["origin"], r["claim_token"])
+                           r["ack_attempts"], r["error_code"], r["origin"], r["claim_token"], r["worker_id"])
 
     # ------------------------------------------------------------------ receipts outbox
 
@@ -592,7 +666,8 @@ class Journal:
             "updated_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(instance_id, wa_message_id) DO UPDATE SET status = excluded.status, "
             "rank = excluded.rank, recipient = excluded.recipient, timestamp = excluded.timestamp, "
-            "updated_at = excluded.updated_at, next_attempt_at = MIN(receipts.next_attempt_at, excluded.updated_at) "
+            "updated_at = excluded.updated_at, next_attempt_at = CASE WHEN receipts.next_attempt_at < excluded.updated_at "
+            "THEN receipts.next_attempt_at ELSE excluded.updated_at END "
             "WHERE excluded.rank > receipts.rank",
             (instance_id, wa_message_id, chat_jid, recipient, status, int(rank), timestamp, now, now),
         )
@@ -612,21 +687,24 @@ class Journal:
 
     def receipts_due(self, limit: int) -> list[ReceiptRow]:
         """Unposted receipts due now, the earliest due first, with the proxy's message id when known."""
-        rows = self._read(self._RECEIPT_SELECT + "WHERE r.rank > r.posted_rank AND r.next_attempt_at <= ? "
-                          "ORDER BY r.next_attempt_at LIMIT ?", (self._now(), limit))
+        scope, ids = self._in_scope("r.instance_id")
+        rows = self._read(self._RECEIPT_SELECT + f"WHERE r.rank > r.posted_rank AND r.next_attempt_at <= ?{scope} "
+                          "ORDER BY r.next_attempt_at LIMIT ?", (self._now(), *ids, limit))
         return [ReceiptRow(r["instance_id"], r["wa_message_id"], r["chat_jid"], r["recipient"], r["status"],
                            r["rank"], r["timestamp"], r["attempts"], r["next_attempt_at"], r["message_id"])
                 for r in rows]
 
     def next_receipt_due_at(self) -> float | None:
-        return self._scalar("SELECT MIN(next_attempt_at) FROM receipts WHERE rank > posted_rank")
+        scope, ids = self._in_scope("instance_id")
+        return self._scalar(f"SELECT MIN(next_attempt_at) FROM receipts WHERE rank > posted_rank{scope}", ids)
 
     def receipts_posted(self, rows: list[ReceiptRow]) -> None:
         """The proxy has these statuses: a newer one that arrived meanwhile stays due."""
         with self._tx():
             for r in rows:
-                self._write("UPDATE receipts SET posted_rank = MAX(posted_rank, ?), attempts = 0, last_error = NULL "
-                            "WHERE instance_id = ? AND wa_message_id = ?", (r.rank, r.instance_id, r.wa_message_id))
+                self._write("UPDATE receipts SET posted_rank = CASE WHEN posted_rank > ? THEN posted_rank ELSE ? END, "
+                            "attempts = 0, last_error = NULL WHERE instance_id = ? AND wa_message_id = ?",
+                            (r.rank, r.rank, r.instance_id, r.wa_message_id))
 
     def receipts_retry_later(self, rows: list[ReceiptRow], delay_s: float, error: str) -> None:
         at = self._now() + delay_s
@@ -699,8 +777,8 @@ class Journal:
         now = self._now()
         with self._tx():
             for message_id, instance_id in claims:
-                self._write("INSERT OR IGNORE INTO claimed (message_id, instance_id, claimed_at) VALUES (?, ?, ?)",
-                            (message_id, instance_id, now))
+                self._write("INSERT INTO claimed (message_id, instance_id, claimed_at) VALUES (?, ?, ?) "
+                            "ON CONFLICT DO NOTHING", (message_id, instance_id, now))
 
     def claimed_here(self, message_id: str) -> bool:
         """This worker claimed ``message_id`` before (under a lease token)."""
@@ -766,8 +844,8 @@ class Journal:
         """Remember a new API request (before anything of it is done). False if its id is known."""
         now = self._now()
         return self._write(
-            "INSERT OR IGNORE INTO api_requests (message_id, instance_id, idem_key, body_sha256, created_at, "
-            "updated_at) VALUES (?, ?, ?, ?, ?, ?)", (message_id, instance_id, idem_key, body_sha256, now, now),
+            "INSERT INTO api_requests (message_id, instance_id, idem_key, body_sha256, created_at, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", (message_id, instance_id, idem_key, body_sha256, now, now),
         ).rowcount == 1
 
     def api_request_not_sent(self, message_id: str, code: str | None, error: str | None = None) -> None:
