@@ -36,6 +36,7 @@ def db(pg_server: PgServer) -> str:  # noqa: F811 - the fixture
     return pg_server.create_database(f"journal_{next(_names)}")
 
 
+# long: one scenario crossing every journal call's rules, read top to bottom like the journal itself
 def scenario(j: Journal, clock: FakeClock) -> list[Any]:
     """Every kind of journal call, in an order that crosses their rules; what each answered."""
     seen: list[Any] = []

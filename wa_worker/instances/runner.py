@@ -581,18 +581,7 @@ class InstanceRunner:
             elif isinstance(event, Connected):
                 backoff.reset()
                 connected = True
-                self.state = State.CONNECTED
-                self.connected_session = session
-                self.ctx.stats.connects += 1
-                self.own_jid = event.jid or self.own_jid
-                self.push_name = event.push_name or self.push_name
-                log.info("%s: connected", iid, extra={"instance_id": iid})
-                self.ctx.inbound.instance_connected(iid)  # media downloads waiting for the connection
-                self.ctx.outbound.instance_connected(iid)  # a shared journal: what another worker left
-                if self.ctx.receipts is not None:
-                    self.ctx.receipts.wake()
-                self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
-                self.poll_interval.activity()
+                self._connected(event, session)
                 tg.start_soon(self._supervised_outbound, session)
             elif isinstance(event, Call):
                 tg.start_soon(self._on_call, session, event)
@@ -619,6 +608,21 @@ class InstanceRunner:
                               extra={"instance_id": iid})
                 return Outcome.LOGGED_OUT, None
             event = await self._next(rx)
+
+    def _connected(self, event: Connected, session: Session) -> None:
+        iid = self.instance_id
+        self.state = State.CONNECTED
+        self.connected_session = session
+        self.ctx.stats.connects += 1
+        self.own_jid = event.jid or self.own_jid
+        self.push_name = event.push_name or self.push_name
+        log.info("%s: connected", iid, extra={"instance_id": iid})
+        self.ctx.inbound.instance_connected(iid)  # media downloads waiting for the connection
+        self.ctx.outbound.instance_connected(iid)  # a shared journal: what another worker left
+        if self.ctx.receipts is not None:
+            self.ctx.receipts.wake()
+        self.status.set(Status.CONNECTED, None, phone_number=event.phone_number)
+        self.poll_interval.activity()
 
     async def _pair_code(self, session: Session) -> str | None:
         """The pairing code to show next to the QR when discovery gave a ``pair_phone``: asked for
