@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import signal
 import subprocess
 import threading
@@ -18,11 +19,15 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import AUTH, FakeClock, wait_until
+from tests.conftest import AUTH, FakeClock, make_settings, wait_until
 from tests.fakeproxy import FakeProxy
 from tests.pg_helpers import PgServer, pg_server  # noqa: F401 - the fixture
 from tests.proc import ROOT, start_worker, worker_env
+from wa_worker.daemon import _open_journal
+from wa_worker.doctor import FAIL, OK, local_checks
+from wa_worker.preflight import StartupError
 from wa_worker.storage.db import StoreOpenError
+from wa_worker.timing import Clock
 from wa_worker.storage.journal import EventRow, Journal, JournalUnavailable, ReceiptRow
 from wa_worker.storage.pgjournal import PgJournal, to_pg
 
@@ -280,6 +285,33 @@ def test_an_unusable_database_is_a_clear_error_without_its_password(db: str, pg_
         conn.execute("INSERT INTO wa_worker_journal.schema_version VALUES (99)")
     with pytest.raises(StoreOpenError, match="newer"):
         PgJournal(db, worker_id="w-a")
+
+
+def test_doctor_and_start_say_where_the_journal_is(tmp_path: Path, db: str, caplog: pytest.LogCaptureFixture) -> None:
+    # a STATE_DB left with undelivered rows from before the switch: named at start, never read again
+    old = Journal(tmp_path / "state" / "wa-worker.db")
+    old.add_inbound("acme", "c1", "in1", {})
+    old.close()
+    settings = make_settings(tmp_path, "http://127.0.0.1:9", DATABASE_URL=db)
+    with caplog.at_level(logging.WARNING):
+        journal = _open_journal(settings, Clock())
+    try:
+        assert isinstance(journal, PgJournal) and journal.counts()["inbound_pending"] == 0
+        assert "still holds 1 inbound message(s)" in caplog.text and "JOURNAL_IN_DATABASE=false" in caplog.text
+    finally:
+        journal.close()
+    file_journal = _open_journal(make_settings(tmp_path, "http://127.0.0.1:9", DATABASE_URL=db,
+                                               JOURNAL_IN_DATABASE=False), Clock())
+    try:
+        assert not isinstance(file_journal, PgJournal) and file_journal.counts()["inbound_pending"] == 1
+    finally:
+        file_journal.close()
+    checks = {c.name: c for c in local_checks(settings)}
+    assert checks["journal"].mark == OK and "wa_worker_journal at version 1" in checks["journal"].detail
+    bad = make_settings(tmp_path, "http://127.0.0.1:9", DATABASE_URL=db.rsplit("/", 1)[0] + "/no_such_db")
+    with pytest.raises(StartupError, match="the journal in DATABASE_URL"):
+        _open_journal(bad, Clock())
+    assert {c.name: c for c in local_checks(bad)}["journal"].mark == FAIL
 
 
 # ------------------------------------------------------------------------- the real process

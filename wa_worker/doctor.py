@@ -47,6 +47,8 @@ from .edge.client import NOT_FOUND_HINT, SECRET_HINT, EdgeClient, EdgeError, End
 from .edge.transport import Reply, Transport
 from .logutil import redact_url
 from .preflight import StartupError, check_auth_dir, check_session_store, check_state_db
+from .storage.db import StoreOpenError
+from .storage.pgjournal import SCHEMA, PgJournal
 
 OK, WARN, FAIL, SKIP = "✓", "!", "✗", "·"
 CLOCK_SKEW_WARN_S = 30.0
@@ -82,6 +84,8 @@ def local_checks(settings: Settings) -> list[Check]:
                                                  "wa_worker_sessions ready"))
         except StartupError as exc:
             out.append(Check(FAIL, "DATABASE_URL", str(exc).removeprefix("DATABASE_URL: ")))
+    if settings.database_url and settings.JOURNAL_IN_DATABASE:
+        out.append(_journal_check(settings.database_url))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     usable = soft if hard == resource.RLIM_INFINITY else hard  # the daemon raises soft to hard at start
     if usable == resource.RLIM_INFINITY or usable >= FD_LIMIT_WARN:
@@ -90,6 +94,17 @@ def local_checks(settings: Settings) -> list[Check]:
         out.append(Check(WARN, "descriptor limit", f"hard limit {usable} < {FD_LIMIT_WARN}: each instance holds "
                                                    "sockets and files; raise nofile (ulimit -n, --ulimit)"))
     return out
+
+
+def _journal_check(url: str) -> Check:
+    """The journal's schema in DATABASE_URL, created or migrated as the daemon's start does."""
+    try:
+        journal = PgJournal(url, worker_id="doctor")
+    except StoreOpenError as exc:
+        return Check(FAIL, "journal", f"in DATABASE_URL ({exc.path}): {exc.cause}")
+    journal.close()
+    return Check(OK, "journal", f"in DATABASE_URL ({journal.display}): schema {SCHEMA} at version "
+                                f"{journal.schema_version}")
 
 
 class _Yardstick:

@@ -237,7 +237,10 @@ class Journal:
             return "", ()
         if not ids:
             return " AND 1 = 0", ()
-        return f" AND {column} IN ({','.join('?' * len(ids))})", tuple(sorted(ids))
+        return self._in_list(column, ids)
+
+    def _in_list(self, column: str, values: Collection[str]) -> tuple[str, tuple[Any, ...]]:
+        return f" AND {column} IN ({','.join('?' * len(values))})", tuple(values)
 
     def _scalar(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         rows = self._read(sql, params)
