@@ -203,6 +203,9 @@ def test_a_fleet_shares_one_journal_each_worker_to_its_rows(db: str) -> None:
         held_b.add("acme")
         assert a.due_inbound_heads(10) == []
         assert sorted(h.wa_message_id for h in b.due_inbound_heads(10)) == ["in1", "in2"]
+        # each worker's health counts its own (not the fleet's, which a dashboard would sum up)
+        assert (a.counts()["inbound_pending"], b.counts()["inbound_pending"]) == (0, 2)
+        assert (a.counts()["outbound_in_flight"], b.counts()["outbound_in_flight"]) == (1, 0)
         assert b.adopt_instance("acme", at_least_once=False) == ["m2"]
         m2 = b.outbound_get("m2")
         assert m2 is not None and (m2.state, m2.error_code, m2.worker_id, m2.claim_token) == (

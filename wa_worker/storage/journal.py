@@ -807,25 +807,31 @@ class Journal:
         return n
 
     def counts(self) -> dict[str, int]:
+        """Rows waiting, by kind (a shared journal: this worker's own, and its instances' outboxes;
+        the dead letters of the whole fleet)."""
         q = self._scalar
+        scope, ids = self._in_scope("instance_id")
+        mine, owner = self._mine()
         return {
-            "inbound_pending": q("SELECT COUNT(*) FROM inbound"),
+            "inbound_pending": q(f"SELECT COUNT(*) FROM inbound WHERE 1 = 1{scope}", ids),
             "inbound_dead_letter": q("SELECT COUNT(*) FROM dead_letter WHERE kind = 'inbound'"),
             "outbound_pending_acks": q("SELECT COUNT(*) FROM outbound WHERE state IN ('sent','failing') "
-                                       "AND origin = 'proxy'"),
-            "outbound_in_flight": q("SELECT COUNT(*) FROM outbound WHERE state = 'sending'"),
+                                       f"AND origin = 'proxy'{mine}", owner),
+            "outbound_in_flight": q(f"SELECT COUNT(*) FROM outbound WHERE state = 'sending'{mine}", owner),
             "dead_letter": q("SELECT COUNT(*) FROM dead_letter"),
-            "receipts_pending": q("SELECT COUNT(*) FROM receipts WHERE rank > posted_rank"),
+            "receipts_pending": q(f"SELECT COUNT(*) FROM receipts WHERE rank > posted_rank{scope}", ids),
         }
 
     def oldest_pending_age_s(self) -> dict[str, float]:
         """Seconds since the oldest row still waiting: ``inbound`` (not yet taken by the proxy)
         and ``acks`` (an outcome not yet acknowledged); 0 when none waits."""
         now = self._now()
+        scope, ids = self._in_scope("instance_id")
+        mine, owner = self._mine()
         oldest = {
-            "inbound": self._scalar("SELECT MIN(created_at) FROM inbound"),
+            "inbound": self._scalar(f"SELECT MIN(created_at) FROM inbound WHERE 1 = 1{scope}", ids),
             "acks": self._scalar("SELECT MIN(created_at) FROM outbound WHERE state IN ('sent','failing') "
-                                 "AND origin = 'proxy'"),
+                                 f"AND origin = 'proxy'{mine}", owner),
         }
         return {k: 0.0 if v is None else max(0.0, now - v) for k, v in oldest.items()}
 
