@@ -288,6 +288,15 @@ def test_an_unusable_database_is_a_clear_error_without_its_password(db: str, pg_
         conn.execute("INSERT INTO wa_worker_journal.schema_version VALUES (99)")
     with pytest.raises(StoreOpenError, match="newer"):
         PgJournal(db, worker_id="w-a")
+    # another application's tables in the schema, with no version: refused, untouched
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA wa_worker_journal CASCADE")
+        conn.execute("CREATE SCHEMA wa_worker_journal")
+        conn.execute("CREATE TABLE wa_worker_journal.inbound (id int)")
+    with pytest.raises(StoreOpenError, match=r"not a wa-worker journal \(inbound\)"):
+        PgJournal(db, worker_id="w-a")
+    with psycopg.connect(db, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('wa_worker_journal.schema_version')").fetchone() == (None,)
 
 
 def test_doctor_and_start_say_where_the_journal_is(tmp_path: Path, db: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -344,6 +344,10 @@ class PgJournal(Journal):
 
     def add_events(self, rows: Collection[EventRow]) -> None:
         sql = "INSERT INTO events (worker_id, seq, at, instance_id, type, data) VALUES (?, ?, ?, ?, ?, ?)"
+        if len(rows) == 1:  # the usual case: one round trip, its own transaction
+            [r] = rows
+            self._write(sql, (self.owner, r.seq, r.at, r.instance_id, r.type, r.data))
+            return
         with self._tx():
             for r in rows:
                 self._write(sql, (self.owner, r.seq, r.at, r.instance_id, r.type, r.data))
@@ -386,6 +390,13 @@ def pg_migrate(conn: psycopg.Connection[Any], display: str) -> int:
         conn.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version (version INTEGER NOT NULL)")
         row = conn.execute(f"SELECT MAX(version) FROM {SCHEMA}.schema_version").fetchone()
         current = int(row[0]) if row is not None and row[0] is not None else 0
+        if current == 0:
+            foreign = conn.execute(
+                "SELECT string_agg(table_name, ', ' ORDER BY table_name) FROM information_schema.tables "
+                "WHERE table_schema = %s AND table_name <> 'schema_version'", (SCHEMA,)).fetchone()
+            if foreign is not None and foreign[0]:
+                raise StoreOpenError(display, f"the schema {SCHEMA} holds tables that are not a wa-worker journal "
+                                              f"({foreign[0]}); left untouched")
         if current > latest:
             raise JournalTooNew(display, f"its schema {SCHEMA} is at version {current}, newer than this "
                                          f"wa-worker knows ({latest}); run a wa-worker at least as new")
