@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import AUTH, FakeClock, make_settings, wait_until
 from tests.fakeproxy import FakeProxy
-from tests.pg_helpers import PgServer, pg_server  # noqa: F401 - the fixture
+from tests.pg_helpers import PgBouncer, PgServer, pg_server  # noqa: F401 - the fixture
 from tests.proc import ROOT, start_worker, worker_env
 from wa_worker.daemon import _open_journal
 from wa_worker.doctor import FAIL, OK, local_checks
@@ -151,8 +151,18 @@ def scenario(j: Journal, clock: FakeClock) -> list[Any]:
     return seen
 
 
-def test_same_answers_on_sqlite_and_postgresql(tmp_path: Path, db: str) -> None:
+@pytest.mark.parametrize("via", ["direct", "pgbouncer"])
+def test_same_answers_on_sqlite_and_postgresql(tmp_path: Path, db: str, pg_server: PgServer,  # noqa: F811
+                                               via: str) -> None:
+    """Also through PgBouncer in transaction mode, with the URL docs/fleet.md gives for it (its
+    lib/pq-only ``binary_parameters=yes`` is for goneonize; libpq would refuse it)."""
     sqlite_clock, pg_clock = FakeClock(), FakeClock()
+    bouncer = None
+    if via == "pgbouncer":
+        bouncer = PgBouncer(pg_server, db.rsplit("/", 1)[1], pool_size=2)
+        bouncer.start()
+        db = bouncer.url()
+        assert "binary_parameters=yes" in db
     lite = Journal(tmp_path / "j.db", clock=sqlite_clock)
     pg = PgJournal(db, worker_id="w-a", clock=pg_clock)
     try:
@@ -161,6 +171,10 @@ def test_same_answers_on_sqlite_and_postgresql(tmp_path: Path, db: str) -> None:
     finally:
         lite.close()
         pg.close()
+        if bouncer is not None:
+            log = bouncer.log_tail()
+            bouncer.stop()
+            assert " ERROR " not in log, log
     assert len(got) == len(expected)
     for n, (a, b) in enumerate(zip(expected, got, strict=True)):
         assert b == a, f"step {n}: SQLite {a!r}, PostgreSQL {b!r}"

@@ -12,7 +12,7 @@ import secrets
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, HttpUrl, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +58,18 @@ def check_database_url(url: str) -> str:
     if not (parts.path.strip("/") or query.get("dbname")):
         raise ValueError("must name a database (postgres://user:password@host:5432/dbname)")
     return url
+
+
+#: lib/pq parameters libpq refuses ("invalid URI query parameter"): for goneonize's DSN only
+GO_ONLY_PARAMS = frozenset({"binary_parameters", "disable_prepared_binary_result"})
+
+
+def libpq_url(url: str) -> str:
+    """DATABASE_URL for libpq (psycopg): without the lib/pq-only parameters the PgBouncer setup
+    adds for goneonize (docs/fleet.md)."""
+    parts = urlsplit(url)
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in GO_ONLY_PARAMS]
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(kept, quote_via=quote), parts.fragment))
 
 
 def check_public_url(url: str) -> str:

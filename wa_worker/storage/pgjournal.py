@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from ..config import check_database_url
+from ..config import check_database_url, libpq_url
 from ..logutil import redact_url, scrubbed, url_secrets
 from .db import StoreOpenError
 from .journal import EventRow, Journal, JournalUnavailable
@@ -261,7 +261,7 @@ class PgJournal(Journal):
         self._secrets = url_secrets(url, user_alone_is_secret=False)
         self._init_common(self.display, clock, 0)
         self.owner = worker_id
-        self._pg = self._db = _Connection(url, connect_timeout_s)
+        self._pg = self._db = _Connection(libpq_url(url), connect_timeout_s)
         self._down_logged = False
         try:
             self.schema_version = pg_migrate(self._pg.connect(), self.display)

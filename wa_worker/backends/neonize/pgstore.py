@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 
-from ...config import check_database_url
+from ...config import check_database_url, libpq_url
 from ...logutil import redact_url, scrubbed, url_secrets
 
 T = TypeVar("T")
@@ -55,10 +55,6 @@ def _with_params(url: str, extra: dict[str, str]) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(pairs, quote_via=quote), parts.fragment))
 
 
-#: lib/pq parameters libpq refuses ("invalid URI query parameter"): for goneonize's DSN only
-GO_ONLY_PARAMS = frozenset({"binary_parameters", "disable_prepared_binary_result"})
-
-
 def store_urls(url: str, idle_timeout_s: float) -> tuple[str, str]:
     """(the URL our own connection uses, the DSN handed to goneonize).
 
@@ -71,9 +67,7 @@ def store_urls(url: str, idle_timeout_s: float) -> tuple[str, str]:
     """
     query = dict(parse_qsl(urlsplit(url).query))
     go = url if "sslmode" in query else _with_params(url, {"sslmode": "require"})
-    parts = urlsplit(go)
-    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in GO_ONLY_PARAMS]
-    own = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(kept, quote_via=quote), parts.fragment))
+    own = libpq_url(go)
     if idle_timeout_s > 0 and "options" not in query:
         go = _with_params(go, {"options": f"-c idle_session_timeout={int(idle_timeout_s * 1000)}"})
     return own, go
