@@ -29,7 +29,7 @@ from wa_worker.preflight import StartupError
 from wa_worker.storage.db import StoreOpenError
 from wa_worker.timing import Clock
 from wa_worker.storage.journal import EventRow, Journal, JournalUnavailable, ReceiptRow
-from wa_worker.storage.pgjournal import PgJournal, to_pg
+from wa_worker.storage.pgjournal import KEEPALIVE_S, PgJournal, to_pg
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
@@ -270,9 +270,12 @@ def test_workers_starting_together_on_a_new_database_create_it_once(db: str) -> 
 def test_a_lost_connection_fails_fast_and_comes_back(db: str, pg_server: PgServer) -> None:  # noqa: F811
     j = PgJournal(db, worker_id="w-a")
     try:
+        def terminate() -> None:
+            pg_server.psql("select pg_terminate_backend(pid) from pg_stat_activity "
+                           "where application_name = 'wa-worker-journal'", dbname=db.rsplit("/", 1)[1])
+
         assert j.add_inbound("acme", "c1", "in1", {})
-        pg_server.psql("select pg_terminate_backend(pid) from pg_stat_activity "
-                       "where application_name = 'wa-worker-journal'", dbname=db.rsplit("/", 1)[1])
+        terminate()
         with pytest.raises(JournalUnavailable):
             j.add_inbound("acme", "c1", "in2", {})
         assert not j.writable
@@ -284,6 +287,15 @@ def test_a_lost_connection_fails_fast_and_comes_back(db: str, pg_server: PgServe
         assert j.add_inbound("acme", "c1", "in2", {})
         assert [h.wa_message_id for h in j.inbound_heads(10)] == ["in1"]
         assert j.counts()["inbound_pending"] == 2
+        # lost while idle (a pooler's idle timeout): the housekeeping keepalive finds it, not the next send
+        j.keepalive()
+        assert j.writable  # used just now: no query
+        terminate()
+        j._pg.last_used -= KEEPALIVE_S
+        j.keepalive()
+        assert not j.writable
+        j.reconnect()
+        assert j.probe_writable() and j.counts()["inbound_pending"] == 2
     finally:
         j.close()
 

@@ -440,6 +440,7 @@ class Worker:
         last_prune = 0.0
         while True:
             now = self.clock.monotonic()
+            self.journal.keepalive()  # a shared journal's idle connection
             if not self.journal.writable:
                 await anyio.to_thread.run_sync(self.journal.reconnect)  # a shared journal's lost connection
             if not self.journal.writable and self.journal.probe_writable():

@@ -205,6 +205,9 @@ class Journal:
         """Reopen a lost connection to a shared journal (blocking: the daemon runs it in a thread);
         nothing to do for a file."""
 
+    def keepalive(self) -> None:
+        """Keep a shared journal's idle connection open (a pooler's idle timeout); a file has none."""
+
     # ------------------------------------------------------------------ plumbing
 
     def _write(self, sql: str, params: tuple[Any, ...] = ()) -> Any:

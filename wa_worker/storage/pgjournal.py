@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from .migrations import JournalTooNew
 log = logging.getLogger("wa_worker.store")
 
 SCHEMA = "wa_worker_journal"
+KEEPALIVE_S = 30.0  # an idle connection is used at least this often (docs/fleet.md: client_idle_timeout ≥ 60)
 TABLES = ("inbound", "outbound", "dead_letter", "meta", "message_index", "number_cache", "receipts", "events",
           "api_requests", "instance_settings", "claimed")
 _TABLE_REF = re.compile(rf"\b(FROM|INTO|UPDATE|JOIN)\s+({'|'.join(TABLES)})\b")
@@ -209,6 +211,7 @@ class _Connection:
         self.url = url
         self.connect_timeout_s = connect_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
+        self.last_used = time.monotonic()
 
     @property
     def up(self) -> bool:
@@ -231,6 +234,7 @@ class _Connection:
         conn = self._conn
         if conn is None or conn.closed:
             raise psycopg.OperationalError("no connection to PostgreSQL (reconnecting)")
+        self.last_used = time.monotonic()
         return conn.execute(to_pg(sql), tuple(params))
 
     @property
@@ -298,6 +302,15 @@ class PgJournal(Journal):
         # one text parameter, whatever the count (an array of 2,000 strings costs ~1 ms to adapt);
         # instance ids are [A-Za-z0-9_-] (ids.py), so a comma separates them safely
         return f" AND {column} = ANY(string_to_array(?, ','))", (",".join(values),)
+
+    def keepalive(self) -> None:
+        """One tiny query when the connection has been idle for ``KEEPALIVE_S`` (PgBouncer's
+        ``client_idle_timeout``, a NAT's idle timer): a lost one is found here, not at a send."""
+        if self._pg.up and time.monotonic() - self._pg.last_used >= KEEPALIVE_S:
+            try:
+                self._read("SELECT 1")
+            except JournalUnavailable as exc:
+                log.warning("the journal's PostgreSQL connection was lost while idle (%s): reconnecting", exc)
 
     def free_bytes(self) -> int | None:
         return None  # the server's disk: PostgreSQL refuses a write when it is full (then unwritable)
