@@ -412,3 +412,47 @@ async def test_a_new_container_without_the_volume_delivers_what_a_killed_one_jou
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_prepared_statements_off_behind_a_pooler_that_does_not_keep_them(tmp_path: Path, db: str,
+                                                                          pg_server: PgServer) -> None:  # noqa: F811
+    """Two workers' journals through PgBouncer in transaction mode with one server connection and a
+    URL without docs/fleet.md's marker: their prepared statements collide there, the journal turns
+    them off and every call still answers; with the marker they are never on."""
+    bouncer = PgBouncer(pg_server, db.rsplit("/", 1)[1], pool_size=1)
+    bouncer.start()
+    plain = bouncer.url().replace("&binary_parameters=yes", "")
+    journals = [PgJournal(plain, worker_id=f"w-{n}") for n in range(2)]
+    try:
+        for n in range(20):
+            for j in journals:
+                assert j.add_inbound("acme", "c1", f"in-{j.owner}-{n}", {})
+                j.outbound_get("m1")
+        assert any(not j._pg.prepared for j in journals)
+        assert journals[0].counts()["inbound_pending"] == 40
+        marked = PgJournal(bouncer.url(), worker_id="w-m")
+        assert not marked._pg.prepared
+        marked.close()
+    finally:
+        for j in journals:
+            j.close()
+        bouncer.stop()
+
+
+def test_a_schema_change_under_prepared_statements_costs_one_call(db: str) -> None:
+    """A newer worker adding a column (a rolling upgrade): a prepared ``SELECT *`` fails once, the
+    connection is dropped, and after reconnecting the same call answers."""
+    j = PgJournal(db, worker_id="w-a")
+    try:
+        assert j.begin_send("m1", "acme", "to")
+        for _ in range(3):
+            assert j.outbound_get("m1") is not None  # prepared by now
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("ALTER TABLE wa_worker_journal.outbound ADD COLUMN added_later TEXT")
+        with pytest.raises(JournalUnavailable, match="cached plan"):
+            j.outbound_get("m1")
+        assert not j.writable
+        j.reconnect()
+        assert j.probe_writable() and j.outbound_get("m1") is not None
+    finally:
+        j.close()

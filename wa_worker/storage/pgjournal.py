@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -41,6 +42,8 @@ from .migrations import JournalTooNew
 log = logging.getLogger("wa_worker.store")
 
 SCHEMA = "wa_worker_journal"
+PREPARE_AFTER = 2  # a statement run this often is prepared on the server
+PREPARED_MAX = 256  # more than the journal's distinct statements
 KEEPALIVE_S = 30.0  # an idle connection is used at least this often (docs/fleet.md: client_idle_timeout ≥ 60)
 TABLES = ("inbound", "outbound", "dead_letter", "meta", "message_index", "number_cache", "receipts", "events",
           "api_requests", "instance_settings", "claimed")
@@ -205,11 +208,16 @@ def _row_factory(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
 
 class _Connection:
     """One psycopg connection in the shape the journal's plumbing uses (``execute``, ``in_transaction``,
-    ``close``); never re-dialled inside a call."""
+    ``close``); never re-dialled inside a call.
 
-    def __init__(self, url: str, connect_timeout_s: float) -> None:
+    Server-side prepared statements (a call costs about half as much: docs/performance.md) unless
+    ``prepared`` is False — the URL of docs/fleet.md's PgBouncer setup — or a pooler turns out not
+    to keep them (a statement missing or already there): then they are off from that call on."""
+
+    def __init__(self, url: str, connect_timeout_s: float, *, prepared: bool = True) -> None:
         self.url = url
         self.connect_timeout_s = connect_timeout_s
+        self.prepared = prepared
         self._conn: psycopg.Connection[Any] | None = None
         self.last_used = time.monotonic()
 
@@ -221,10 +229,12 @@ class _Connection:
         # prepare_threshold=None: no named prepared statements (PgBouncer in transaction mode);
         # tcp_user_timeout and keepalives: a silent network fails a call in seconds, not minutes
         conn: psycopg.Connection[Any] = psycopg.Connection.connect(
-            self.url, autocommit=True, prepare_threshold=None, row_factory=_row_factory,
+            self.url, autocommit=True, prepare_threshold=PREPARE_AFTER if self.prepared else None,
+            row_factory=_row_factory,
             connect_timeout=max(1, int(self.connect_timeout_s)), application_name="wa-worker-journal",
             keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
             tcp_user_timeout=int(self.connect_timeout_s * 1000))
+        conn.prepared_max = PREPARED_MAX  # every statement of the journal stays prepared
         old, self._conn = self._conn, conn
         if old is not None:
             old.close()
@@ -235,7 +245,21 @@ class _Connection:
         if conn is None or conn.closed:
             raise psycopg.OperationalError("no connection to PostgreSQL (reconnecting)")
         self.last_used = time.monotonic()
-        return conn.execute(to_pg(sql), tuple(params))
+        try:
+            return conn.execute(to_pg(sql), tuple(params))
+        except (psycopg.errors.InvalidSqlStatementName, psycopg.errors.DuplicatePreparedStatement):
+            if conn.prepare_threshold is None:
+                raise
+            self.prepared, conn.prepare_threshold = False, None
+            log.warning("the journal's PostgreSQL connection goes through a pooler that does not keep prepared "
+                        "statements (PgBouncer in transaction mode?): they are off from now on")
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                raise  # inside a transaction: that one fails (its caller retries), the next ones work
+            return conn.execute(to_pg(sql), tuple(params))
+        except psycopg.errors.FeatureNotSupported as exc:
+            if "cached plan" in str(exc):  # a newer worker changed the schema under a prepared statement:
+                conn.close()  # a new connection (housekeeping, within 5 s) prepares them afresh
+            raise
 
     @property
     def in_transaction(self) -> bool:
@@ -265,7 +289,9 @@ class PgJournal(Journal):
         self._secrets = url_secrets(url, user_alone_is_secret=False)
         self._init_common(self.display, clock, 0)
         self.owner = worker_id
-        self._pg = self._db = _Connection(libpq_url(url), connect_timeout_s)
+        # the URL docs/fleet.md gives for PgBouncer (binary_parameters=yes): no prepared statements
+        pooled = any(k == "binary_parameters" for k, _ in parse_qsl(urlsplit(url).query))
+        self._pg = self._db = _Connection(libpq_url(url), connect_timeout_s, prepared=not pooled)
         self._down_logged = False
         try:
             self.schema_version = pg_migrate(self._pg.connect(), self.display)
@@ -301,7 +327,8 @@ class PgJournal(Journal):
     def _in_list(self, column: str, values: Collection[str]) -> tuple[str, tuple[Any, ...]]:
         # one text parameter, whatever the count (an array of 2,000 strings costs ~1 ms to adapt);
         # instance ids are [A-Za-z0-9_-] (ids.py), so a comma separates them safely
-        return f" AND {column} = ANY(string_to_array(?, ','))", (",".join(values),)
+        # (a sub-select: split once per query, not once per row under a prepared statement's generic plan)
+        return f" AND {column} IN (SELECT unnest(string_to_array(?, ',')))", (",".join(values),)
 
     def keepalive(self) -> None:
         """One tiny query when the connection has been idle for ``KEEPALIVE_S`` (PgBouncer's
