@@ -100,7 +100,8 @@ async def api_process(tmp_path: Path, proxy: FakeProxy, *, connected: bool = Tru
                 await until_connected(http, worker.base)
             yield worker, http
     finally:
-        worker.stop()
+        # in a thread: the fake proxy (this loop) answers the worker's goodbyes (else each waits EDGE_TIMEOUT_S)
+        await anyio.to_thread.run_sync(worker.stop)
 
 
 @asynccontextmanager
