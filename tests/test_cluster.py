@@ -46,7 +46,7 @@ from tests.pg_helpers import PgServer, pg_server  # noqa: F401 - the fixture
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.timeout(175)]
 
 N_INSTANCES = 60
-TTL_S = 6.0
+TTL_S = 4.0
 FENCE_S = 2.0  # after SIGCONT, the frozen worker stops the sessions it lost within this
 
 
