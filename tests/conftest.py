@@ -15,6 +15,7 @@ from tests.fakeproxy import SECRET, FakeProxy
 from wa_worker.backends.base import SessionState
 from wa_worker.backends.simulator import SimulatorBackend
 from wa_worker.config import Settings
+from wa_worker import daemon as daemon_mod
 from wa_worker.daemon import Worker
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.cli import main as dev_main
@@ -66,6 +67,12 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     code = dev_main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture
+def fast_housekeeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process workers run their housekeeping (descriptor budget, store probe) every 0.2 s, not 5 s."""
+    monkeypatch.setattr(daemon_mod, "STORE_PROBE_EVERY_S", 0.2)
 
 
 def make_settings(tmp_path: Path, proxy_url: str, **overrides: Any) -> Settings:
