@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,12 @@ from tests.fakeproxy import SECRET, FakeProxy
 from wa_worker.backends.base import SessionState
 from wa_worker.backends.simulator import SimulatorBackend
 from wa_worker.config import Settings
+from wa_worker import daemon as daemon_mod
 from wa_worker.daemon import Worker
+from wa_worker.dev.background import BackgroundProxy
+from wa_worker.dev.cli import main as dev_main
+from wa_worker.dev.state import DevPaths
+from wa_worker.dev.store import DevStore
 from wa_worker.timing import Clock
 
 #: the bearer header every worker and proxy in the tests accepts
@@ -34,6 +39,40 @@ async def proxy() -> AsyncIterator[FakeProxy]:
         yield p
     finally:
         await p.stop()
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A prepared ``wa-worker dev`` state folder holding SECRET (none in the environment)."""
+    monkeypatch.delenv("WORKER_SECRET", raising=False)
+    monkeypatch.delenv("WA_DEV_PROXY_URL", raising=False)
+    d = tmp_path / ".wa-worker"
+    DevPaths(d).prepare()
+    (d / "secret").write_text(SECRET + "\n")
+    return d
+
+
+@pytest.fixture
+def dev_proxy(state_dir: Path) -> Iterator[BackgroundProxy]:
+    """The dev proxy on its own thread, its URL written into ``state_dir``."""
+    store = DevStore(state_dir / "proxy.db")
+    with BackgroundProxy(store, SECRET) as bp:
+        (state_dir / "proxy-url").write_text(bp.url + "\n")
+        yield bp
+    store.close()
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``wa-worker dev`` in this process: its exit code, stdout and stderr."""
+    code = dev_main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def fast_housekeeping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process workers run their housekeeping (descriptor budget, store probe) every 0.2 s, not 5 s."""
+    monkeypatch.setattr(daemon_mod, "STORE_PROBE_EVERY_S", 0.2)
 
 
 def make_settings(tmp_path: Path, proxy_url: str, **overrides: Any) -> Settings:

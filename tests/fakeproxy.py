@@ -23,6 +23,7 @@ arrives or ``wait`` (capped at ``events_wait_cap_s``) passes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -95,6 +96,7 @@ class FakeProxy:
     url: str = ""
     _event_added: asyncio.Event | None = None
     _closing: bool = False
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set by stop(): held calls answer now
     _runner: web.AppRunner | None = None
     _inbound_keys: set[tuple[str, str]] = field(default_factory=set)
 
@@ -157,6 +159,7 @@ class FakeProxy:
         return app
 
     async def start(self, port: int = 0) -> "FakeProxy":
+        self._stopping = asyncio.Event()
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
@@ -165,10 +168,16 @@ class FakeProxy:
 
     async def stop(self) -> None:
         self._closing = True
+        self._stopping.set()  # hanging calls answer now: the runner's cleanup waits for every handler
         if self._event_added is not None:  # held /events calls answer now
             self._event_added.set()
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _hold(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if the proxy stops meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _gate(self, request: web.Request, endpoint: str) -> web.Response | None:
         self.calls[endpoint] += 1
@@ -177,7 +186,7 @@ class FakeProxy:
             return web.json_response({"error": "unauthorized"}, status=401)
         if self.hang[endpoint] > 0:
             self.hang[endpoint] -= 1
-            await asyncio.sleep(self.hang_s)
+            await self._hold(self.hang_s)
             return web.json_response({"error": "slow"}, status=504)
         if self.fail[endpoint] > 0:
             self.fail[endpoint] -= 1
@@ -186,7 +195,7 @@ class FakeProxy:
             return web.json_response({"error": "fixed"}, status=self.fixed_status[endpoint])
         if self.random_fault_rate and self.rng.random() < self.random_fault_rate:
             if self.rng.random() < 0.3:
-                await asyncio.sleep(self.hang_s)
+                await self._hold(self.hang_s)
             return web.json_response({"error": "random"}, status=503)
         return None
 

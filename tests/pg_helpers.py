@@ -47,6 +47,8 @@ from typing import Any
 
 import pytest
 
+from tests.proc import stop_process
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUPABASE_DIR = REPO_ROOT / "supabase"
 MIGRATIONS_DIR = SUPABASE_DIR / "migrations"
@@ -199,14 +201,7 @@ class PgServer:
 
     def _stop_proc(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGINT)  # fast shutdown
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc, 15, signal.SIGINT)  # SIGINT: PostgreSQL's fast shutdown
 
     def stop(self) -> None:
         self._stop_proc()
@@ -364,13 +359,7 @@ logfile = {self.dir}/pgbouncer.log
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc, 10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -613,13 +602,7 @@ class EdgeFunction:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc, 10)
         if self.staged is not None:
             shutil.rmtree(self.staged.parent, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +42,19 @@ def worker_env(tmp_path: Path, proxy_url: str, **extra: Any) -> dict[str, str]:
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0,
+                 sig: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``sig`` to ``proc`` (if still running) and wait ``timeout`` s for it; then SIGKILL it and reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def start_worker(env: dict[str, str], cwd: Path, log_path: Path,

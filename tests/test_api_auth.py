@@ -155,7 +155,7 @@ async def test_the_door_of_the_real_process(tmp_path: Path) -> None:
             assert "wa_worker_api_requests_total 11.0" in str(text)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        await anyio.to_thread.run_sync(proc.wait, 20)  # the fake proxy (this loop) answers its goodbyes
         await proxy.stop()
     log = log_path.read_text()
     assert TOKEN not in log and OTHER not in log and SECRET not in log

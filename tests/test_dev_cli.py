@@ -18,47 +18,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import run_cli
+from tests.fakeproxy import SECRET
 from tests.proc import free_port
 from wa_worker.backends.base import Connected, QrCode
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.cli import build_parser, main
 from wa_worker.dev.proxy import ProxyEvent
 from wa_worker.dev.state import DevPaths, DevStateError, resolve_secret
-from wa_worker.dev.store import DevStore
 from wa_worker.dev.terminal import TerminalPrinter, render_qr
 
-SECRET = "cli-test-secret-abcdef"
-
-
-# ---------------------------------------------------------------------------- helpers against a proxy
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("WORKER_SECRET", raising=False)
-    monkeypatch.delenv("WA_DEV_PROXY_URL", raising=False)
-    d = tmp_path / ".wa-worker"
-    DevPaths(d).prepare()
-    (d / "secret").write_text(SECRET + "\n")
-    return d
-
-
-@pytest.fixture
-def proxy(state_dir: Path):
-    store = DevStore(state_dir / "proxy.db")
-    with BackgroundProxy(store, SECRET) as bp:
-        (state_dir / "proxy-url").write_text(bp.url + "\n")
-        yield bp
-    store.close()
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_instance_add_and_list(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
+def test_instance_add_and_list(dev_proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
     d = str(state_dir)
     code, out, _ = run_cli(capsys, "instance", "list", "--dir", d)
     assert code == 0 and "no instances" in out
@@ -66,10 +36,10 @@ def test_instance_add_and_list(proxy: BackgroundProxy, state_dir: Path, capsys) 
     assert code == 0 and "added instance acme-sales (DISCONNECTED)" in out
     code, out, _ = run_cli(capsys, "--dir", d, "instance", "add", "acme-vip", "--priority", "5")
     assert code == 0
-    assert proxy.store.get_instance("acme-vip")["priority"] == 5
+    assert dev_proxy.store.get_instance("acme-vip")["priority"] == 5
     code, _, err = run_cli(capsys, "instance", "add", "acme-sales", "--dir", d)
     assert code == 1 and "already exists" in err
-    proxy.store.update_status("acme-sales", "CONNECTED", qr_code=None, phone_number="5511999990000")
+    dev_proxy.store.update_status("acme-sales", "CONNECTED", qr_code=None, phone_number="5511999990000")
     code, out, _ = run_cli(capsys, "instance", "list", "--dir", d)
     assert code == 0
     assert re.search(r"acme-sales\s+CONNECTED\s+\+5511999990000", out)
@@ -82,16 +52,16 @@ def test_bad_instance_name_is_a_usage_error(state_dir: Path, capsys) -> None:
     assert exc.value.code == 2
 
 
-def test_send_and_messages(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
+def test_send_and_messages(dev_proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
     d = str(state_dir)
-    proxy.store.add_instance("acme")
+    dev_proxy.store.add_instance("acme")
     code, out, _ = run_cli(capsys, "send", "acme", "+55 11 99999-0000", "Olá, mundo", "--dir", d)
     assert code == 0
     mid = re.search(r"queued (m-[0-9a-f]+)", out).group(1)
-    msg = proxy.store.get_message(mid)
+    msg = dev_proxy.store.get_message(mid)
     assert (msg["instanceId"], msg["to"], msg["body"], msg["status"]) == ("acme", "+55 11 99999-0000", "Olá, mundo", "queued")
-    proxy.store.add_inbound("acme", {"wa_message_id": "W1", "from": "5511988887777@s.whatsapp.net", "body": "oi",
-                                     "push_name": "Maria"})
+    dev_proxy.store.add_inbound("acme", {"wa_message_id": "W1", "from": "5511988887777@s.whatsapp.net", "body": "oi",
+                                        "push_name": "Maria"})
     code, out, _ = run_cli(capsys, "messages", "--dir", d)
     assert code == 0
     lines = out.strip().splitlines()
@@ -109,36 +79,36 @@ PNG_1X1 = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000
                         "0000000d49444154789c6364f8cf000000040001a2f1d1bb0000000049454e44ae426082")
 
 
-def test_send_media_file_reply_and_caption(proxy: BackgroundProxy, state_dir: Path, tmp_path: Path, capsys) -> None:
+def test_send_media_file_reply_and_caption(dev_proxy: BackgroundProxy, state_dir: Path, tmp_path: Path, capsys) -> None:
     """``send --media FILE`` queues the bytes (base64 through the dev API) with its type and reply."""
     import hashlib
 
     d = str(state_dir)
-    proxy.store.add_instance("acme")
+    dev_proxy.store.add_instance("acme")
     photo = tmp_path / "foto.png"
     photo.write_bytes(PNG_1X1)
     code, out, err = run_cli(capsys, "send", "acme", "5511999990000", "--media", str(photo), "--caption", "olha",
                              "--reply-to", "3EB0AAA", "--dir", d)
     assert code == 0, err
     mid = re.search(r"queued (m-[0-9a-f]+) \(image\)", out).group(1)
-    msg = proxy.store.get_message(mid)
+    msg = dev_proxy.store.get_message(mid)
     assert (msg["type"], msg["body"], msg["filename"], msg["mimetype"], msg["reply_to"]) == (
         "image", "olha", "foto.png", "image/png", "3EB0AAA")
     assert msg["media_sha256"] == hashlib.sha256(PNG_1X1).hexdigest()
-    assert (proxy.store.media_dir / msg["media_sha256"]).read_bytes() == PNG_1X1
+    assert (dev_proxy.store.media_dir / msg["media_sha256"]).read_bytes() == PNG_1X1
     # a voice note from a file, with an explicit type; a document named differently
     code, out, _ = run_cli(capsys, "send", "acme", "5511999990000", "--media", str(photo), "--type", "document",
                            "--filename", "scan.png", "--dir", d)
     assert code == 0
-    doc = proxy.store.get_message(re.search(r"queued (m-[0-9a-f]+)", out).group(1))
+    doc = dev_proxy.store.get_message(re.search(r"queued (m-[0-9a-f]+)", out).group(1))
     assert (doc["type"], doc["filename"]) == ("document", "scan.png")
     code, out, _ = run_cli(capsys, "messages", "--dir", d)
     assert "[image foto.png reply to 3EB0AAA] olha" in out and "[document scan.png]" in out
 
 
-def test_send_location_contact_reaction(proxy: BackgroundProxy, state_dir: Path, tmp_path: Path, capsys) -> None:
+def test_send_location_contact_reaction(dev_proxy: BackgroundProxy, state_dir: Path, tmp_path: Path, capsys) -> None:
     d = str(state_dir)
-    proxy.store.add_instance("acme")
+    dev_proxy.store.add_instance("acme")
     vcard_file = tmp_path / "ana.vcf"
     vcard_file.write_text("BEGIN:VCARD\nVERSION:3.0\nFN:Ana\nTEL;waid=5511977776666:+5511977776666\nEND:VCARD\n")
     runs = [
@@ -152,7 +122,7 @@ def test_send_location_contact_reaction(proxy: BackgroundProxy, state_dir: Path,
     for extra in runs:
         code, _, err = run_cli(capsys, "send", "acme", "5511999990000", *extra, "--dir", d)
         assert code == 0, (extra, err)
-    claimed = proxy.store.claim_messages("acme")
+    claimed = dev_proxy.store.claim_messages("acme")
     assert [m.get("type") for m in claimed] == ["location", "contact", "reaction", "reaction", "voice", "contact"]
     assert (claimed[0]["latitude"], claimed[0]["longitude"], claimed[0]["name"], claimed[0]["address"]) == (
         -23.5614, -46.6559, "MASP", "Av. Paulista, 1578")
@@ -167,7 +137,7 @@ def test_send_location_contact_reaction(proxy: BackgroundProxy, state_dir: Path,
                 {"wa_message_id": "V1", "type": "voice", "body": "", "media": {"url": None, "mimetype": "audio/ogg"},
                  "media_error": "too_large"},
                 {"wa_message_id": "E1", "type": "edit", "body": "new text", "target_id": "T1"}):
-        proxy.store.add_inbound("acme", {"from": "5511988887777@s.whatsapp.net", **rec})
+        dev_proxy.store.add_inbound("acme", {"from": "5511988887777@s.whatsapp.net", **rec})
     code, out, _ = run_cli(capsys, "messages", "--dir", d)
     assert code == 0
     for expected in ("[location MASP -23.5 -46.6]", "[reaction ❤ on L1]", "[voice media not kept: too_large]",
@@ -175,9 +145,9 @@ def test_send_location_contact_reaction(proxy: BackgroundProxy, state_dir: Path,
         assert expected in out, expected
 
 
-def test_send_refusals_are_one_line(proxy: BackgroundProxy, state_dir: Path, tmp_path: Path, capsys) -> None:
+def test_send_refusals_are_one_line(dev_proxy: BackgroundProxy, state_dir: Path, tmp_path: Path, capsys) -> None:
     d = str(state_dir)
-    proxy.store.add_instance("acme")
+    dev_proxy.store.add_instance("acme")
     code, _, err = run_cli(capsys, "send", "acme", "5511999990000", "--dir", d)
     assert code == 2 and "nothing to send" in err
     code, _, err = run_cli(capsys, "send", "acme", "5511999990000", "--media", str(tmp_path / "missing.png"),
@@ -189,21 +159,21 @@ def test_send_refusals_are_one_line(proxy: BackgroundProxy, state_dir: Path, tmp
     assert code == 2 and "not both" in err
     with pytest.raises(SystemExit):
         main(["send", "acme", "1", "--location", "south", "--dir", d])
-    assert proxy.store.list_outbound() == []
+    assert dev_proxy.store.list_outbound() == []
 
 
-def test_send_wait(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
+def test_send_wait(dev_proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
     """``--wait`` returns 0 once a worker marks the message sent, 1 on failure."""
-    proxy.store.add_instance("acme")
+    dev_proxy.store.add_instance("acme")
 
     def fake_worker(outcome: str) -> None:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            for m in proxy.store.claim_messages("acme"):
+            for m in dev_proxy.store.claim_messages("acme"):
                 if outcome == "sent":
-                    proxy.store.mark_sent(m["id"], "WA-1")
+                    dev_proxy.store.mark_sent(m["id"], "WA-1")
                 else:
-                    proxy.store.mark_failed(m["id"], "send failed: boom")
+                    dev_proxy.store.mark_failed(m["id"], "send failed: boom")
                 return
             time.sleep(0.05)
 
@@ -219,10 +189,10 @@ def test_send_wait(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
     assert code == 1 and "still not sent" in out
 
 
-def test_secret_and_url_resolution(proxy: BackgroundProxy, state_dir: Path, capsys, monkeypatch) -> None:
+def test_secret_and_url_resolution(dev_proxy: BackgroundProxy, state_dir: Path, capsys, monkeypatch) -> None:
     d = str(state_dir)
     # explicit URL and secret win
-    code, _, _ = run_cli(capsys, "instance", "list", "--dir", d, "--proxy-url", proxy.url, "--secret", SECRET)
+    code, _, _ = run_cli(capsys, "instance", "list", "--dir", d, "--proxy-url", dev_proxy.url, "--secret", SECRET)
     assert code == 0
     code, out, err = run_cli(capsys, "instance", "list", "--dir", d, "--secret", "wrong-secret-123")
     assert code == 1 and "refused the secret" in err and "wrong-secret-123" not in out + err
@@ -230,7 +200,7 @@ def test_secret_and_url_resolution(proxy: BackgroundProxy, state_dir: Path, caps
     code, _, err = run_cli(capsys, "instance", "list", "--dir", d)
     assert code == 1 and "refused the secret" in err
     monkeypatch.setenv("WORKER_SECRET", SECRET)
-    monkeypatch.setenv("WA_DEV_PROXY_URL", proxy.url)
+    monkeypatch.setenv("WA_DEV_PROXY_URL", dev_proxy.url)
     code, _, _ = run_cli(capsys, "instance", "list", "--dir", str(state_dir.parent / "elsewhere"))
     assert code == 0
 
@@ -514,12 +484,12 @@ def test_dev_with_a_damaged_journal_fails_in_one_line_and_keeps_it(tmp_path: Pat
     assert db.read_bytes() == b"this is not a journal\n" * 20
 
 
-def test_instance_list_shows_the_lease_holder(proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
+def test_instance_list_shows_the_lease_holder(dev_proxy: BackgroundProxy, state_dir: Path, capsys) -> None:
     d = str(state_dir)
-    proxy.store.add_instance("acme")
-    proxy.store.add_instance("beta")
-    r = httpx.post(proxy.url + "/leases", headers={"Authorization": f"Bearer {SECRET}", "X-Worker-Id": "w-a1"},
-                   json={"worker_id": "w-a1", "capacity": 1}, trust_env=False)
+    dev_proxy.store.add_instance("acme")
+    dev_proxy.store.add_instance("beta")
+    r = httpx.post(dev_proxy.url + "/leases", headers={"Authorization": f"Bearer {SECRET}", "X-Worker-Id": "w-a1"},
+                       json={"worker_id": "w-a1", "capacity": 1}, trust_env=False)
     assert r.status_code == 200 and len(r.json()["leases"]) == 1
     leased = r.json()["leases"][0]["instanceId"]
     code, out, _ = run_cli(capsys, "instance", "list", "--dir", d)

@@ -10,55 +10,28 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import AUTH, make_settings, running_worker, wait_until
+from tests.conftest import AUTH, make_settings, run_cli, running_worker, wait_until
 from tests.fakeproxy import SECRET
 from wa_worker.dev.background import BackgroundProxy
-from wa_worker.dev.cli import main
-from wa_worker.dev.state import DevPaths
 from wa_worker.dev.store import DevStore
 from wa_worker.instances import settings as settings_mod
 
 PW = "dev-pr0xy-pw"
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("WORKER_SECRET", raising=False)
-    monkeypatch.delenv("WA_DEV_PROXY_URL", raising=False)
-    d = tmp_path / ".wa-worker"
-    DevPaths(d).prepare()
-    (d / "secret").write_text(SECRET + "\n")
-    return d
-
-
-@pytest.fixture
-def dev_proxy(state_dir: Path):
-    store = DevStore(state_dir / "proxy.db")
-    with BackgroundProxy(store, SECRET) as bp:
-        (state_dir / "proxy-url").write_text(bp.url + "\n")
-        yield bp
-    store.close()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 # long: the CLI, the dev API and both contract reads checked against each other in one sequence
 def test_instance_set_feeds_instance_settings_and_discovery(dev_proxy: BackgroundProxy, state_dir: Path,
                                                             capsys) -> None:
     d = str(state_dir)
-    assert cli(capsys, "instance", "add", "acme", "--dir", d)[0] == 0
-    assert cli(capsys, "instance", "add", "other", "--dir", d)[0] == 0
+    assert run_cli(capsys, "instance", "add", "acme", "--dir", d)[0] == 0
+    assert run_cli(capsys, "instance", "add", "other", "--dir", d)[0] == 0
     with httpx.Client(base_url=dev_proxy.url, headers=AUTH, trust_env=False) as http:
         first = http.get("/instance-settings").json()
         assert first == {"instances": [], "cursor": "0"}
         # nothing set yet: discovery items as before (no settings keys)
         assert http.get("/disconnected-instances").json()["instances"][0].keys() == {"id", "priority"}
 
-        code, out, _ = cli(capsys, "instance", "set", "acme", "--dir", d, "--setting", "call_reject=true",
+        code, out, _ = run_cli(capsys, "instance", "set", "acme", "--dir", d, "--setting", "call_reject=true",
                            "--setting", "call_reject_message=Sorry, text us", "--setting", "send_max_per_minute=10",
                            "--upstream-proxy", f"http://ops:{PW}@127.0.0.1:3128")
         assert code == 0 and PW not in out and "http://***@127.0.0.1:3128" in out
@@ -71,7 +44,7 @@ def test_instance_set_feeds_instance_settings_and_discovery(dev_proxy: Backgroun
         assert items["acme"]["settings"]["call_reject"] is True and items["acme"]["proxy_url"].endswith(":3128")
         assert "settings" not in items["other"]
 
-        code, _, _ = cli(capsys, "instance", "set", "acme", "--dir", d, "--unset", "send_max_per_minute", "--direct")
+        code, _, _ = run_cli(capsys, "instance", "set", "acme", "--dir", d, "--unset", "send_max_per_minute", "--direct")
         assert code == 0
         again = http.get("/instance-settings", params={"since": changed["cursor"]}).json()
         assert again["instances"] == [{"id": "acme", "proxy_url": None, "settings": {
@@ -79,7 +52,7 @@ def test_instance_set_feeds_instance_settings_and_discovery(dev_proxy: Backgroun
         assert int(again["cursor"]) > int(changed["cursor"])
 
         # refusals: a bad proxy URL (its credentials not echoed), an unknown instance, a bad cursor
-        code, _, err = cli(capsys, "instance", "set", "acme", "--dir", d, "--upstream-proxy", f"ftp://ops:{PW}@h:21")
+        code, _, err = run_cli(capsys, "instance", "set", "acme", "--dir", d, "--upstream-proxy", f"ftp://ops:{PW}@h:21")
         assert code == 1 and "scheme 'ftp' is not supported" in err and PW not in err
         r = http.post("/dev/instances/nobody/settings", json={"settings": {"call_reject": True}})
         assert r.status_code == 404
@@ -88,7 +61,7 @@ def test_instance_set_feeds_instance_settings_and_discovery(dev_proxy: Backgroun
         assert http.get("/instance-settings", params={"since": "abc"}).status_code == 400
         listed = {i["id"]: i for i in http.get("/dev/instances").json()["instances"]}
         assert listed["acme"]["proxy_url"] is None and listed["acme"]["settings"]["call_reject"] is True
-        code, _, _ = cli(capsys, "instance", "set", "acme", "--dir", d, "--reset")
+        code, _, _ = run_cli(capsys, "instance", "set", "acme", "--dir", d, "--reset")
         assert code == 0
         assert http.get("/dev/instances").json()["instances"][0]["settings"] is None
 

@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 import qrcode
 
+from tests.proc import stop_process
 from wa_worker.dev.background import BackgroundProxy
 from wa_worker.dev.leasing import LeaseRequest
 from wa_worker.dev.store import DevStore
@@ -274,12 +275,7 @@ def chromium_devtools(tmp_path: Path):
     try:
         yield _devtools_port(profile, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 10)
         log.close()
 
 

@@ -279,7 +279,7 @@ async def test_a_backend_exception_is_a_failed_attempt_not_a_dead_runner(proxy, 
         assert w.manager.runners["acme"].reconnects == 2
 
 
-async def test_descriptor_exhaustion_restarts_gracefully(proxy, tmp_path):
+async def test_descriptor_exhaustion_restarts_gracefully(proxy, tmp_path, fast_housekeeping):
     from wa_worker.fdguard import EXIT_FD_EXHAUSTED
 
     proxy.add_instance("acme")

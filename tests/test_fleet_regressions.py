@@ -28,7 +28,7 @@ async def test_a_batch_claim_for_an_instance_still_connecting_is_sent_once_it_co
         async with running_worker(make_settings(tmp_path, proxy.url)) as w:
             await connect(w, proxy, "a")
             await connect(w, proxy, "b")
-            w.backend.fail_connects["b"] = 3  # b's next dials fail: it reconnects with a backoff
+            w.backend.fail_connects["b"] = 2  # b's next dials fail: it reconnects with a backoff (1-2 s, then 2-4 s)
             await w.backend.session("b").drop()
             await wait_until(lambda: w.manager.runners["b"].state.value != "connected", what="b reconnecting")
             proxy.enqueue("b", "m1", "5511988887777", "while b reconnects")

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from tests.conftest import AUTH, stream_endlessly
 from tests.fakeproxy import SECRET, FakeProxy
-from tests.proc import ROOT, start_worker, worker_env
+from tests.proc import ROOT, start_worker, stop_process, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -225,12 +225,7 @@ def _rig(tmp: Path, *, batch: bool) -> Iterator[Rig]:
         assert "pw-in-location" not in log_text and "tok-in-location" not in log_text
         assert proxy.elsewhere_calls == 0  # no redirect was ever followed
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 15)
         loop.run(proxy.stop())
         loop.close()
 

@@ -370,7 +370,8 @@ def test_fd_usage_at_emfile(tmp_path: Path):
 
 
 @pytest.mark.anyio
-async def test_sockets_filling_the_budget_refuse_connections_instead_of_restarting(proxy, tmp_path: Path):
+async def test_sockets_filling_the_budget_refuse_connections_instead_of_restarting(proxy, tmp_path: Path,
+                                                                                    fast_housekeeping):
     proxy.add_instance("acme")
     async with running_worker(make_settings(tmp_path, proxy.url, SIMULATOR_AUTO_SCAN_MS=0)) as w:
         await wait_until(lambda: proxy.status_of("acme") == "CONNECTED")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.proc import ROOT, free_port, start_worker, worker_env
+from tests.proc import ROOT, free_port, start_worker, stop_process, worker_env
 
 pytestmark = [pytest.mark.neonize, pytest.mark.timeout(90)]
 
@@ -109,14 +108,9 @@ def _spawn(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> subpro
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log_f, stderr=log_f, stdin=subprocess.DEVNULL)
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+async def _stop(proc: subprocess.Popen[Any]) -> None:
+    # in a thread: the fake proxy (this loop) answers the worker's goodbyes (else each waits EDGE_TIMEOUT_S)
+    await anyio.to_thread.run_sync(stop_process, proc, 15)
 
 
 async def _run_worker(tmp_path: Path, proxy_url: str, **extra: str) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
@@ -128,7 +122,7 @@ async def _run_worker(tmp_path: Path, proxy_url: str, **extra: str) -> tuple[dic
         imported = await _wait_for_import(out, proc, log)
         tag = _launch_tag(proc.pid)
     finally:
-        _stop(proc)
+        await _stop(proc)
     assert imported["pid"] == proc.pid  # the re-exec keeps the pid (signals, Docker PID 1)
     return imported, _records(out), tag
 
@@ -173,7 +167,7 @@ async def test_simulator_worker_is_left_alone(proxy, tmp_path: Path) -> None:
             assert time.monotonic() < deadline and proc.poll() is None, _tail(log)
             await anyio.sleep(0.1)
     finally:
-        _stop(proc)
+        await _stop(proc)
     assert [r["kind"] for r in _records(out)] == ["start"], _records(out)
 
 
@@ -192,7 +186,7 @@ async def test_dev_loads_neonize_with_the_badge_off(tmp_path: Path) -> None:
     try:
         imported = await _wait_for_import(out, proc, log)
     finally:
-        _stop(proc)
+        await _stop(proc)
     assert imported["launch"] == "off" and imported["pid"] == proc.pid, _records(out)
 
 

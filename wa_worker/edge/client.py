@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import anyio
 from prometheus_client import Histogram
@@ -54,6 +54,7 @@ from .models import (
 )
 
 log = logging.getLogger("wa_worker.edge")
+_T = TypeVar("_T")
 
 DEFAULT_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 # what we read of an answer we do not parse: an error's snippet, a write's acknowledgement
@@ -386,6 +387,25 @@ class EdgeClient:
         log.log(level, "edge proxy call failed: %s", err)
         raise err
 
+    @overload
+    def _parsed(self, endpoint: str, payload: Any, parser: Callable[[Any, list[str]], _T | None],
+                not_parsed: str) -> _T: ...
+
+    @overload
+    def _parsed(self, endpoint: str, payload: Any, parser: Callable[[Any, list[str]], _T | None],
+                not_parsed: None) -> _T | None: ...
+
+    def _parsed(self, endpoint: str, payload: Any, parser: Callable[[Any, list[str]], _T | None],
+                not_parsed: str | None) -> _T | None:
+        """``parser(payload, rejected)``, its rejected records counted and logged; a None from it
+        fails the call with the transient error ``not_parsed`` (``not_parsed`` None: None is an answer)."""
+        rejected: list[str] = []
+        parsed = parser(payload, rejected)
+        self._reject(endpoint, rejected)
+        if parsed is None and not_parsed is not None:
+            return self._fail(EdgeError(endpoint, not_parsed, transient=True))
+        return parsed
+
     def _reject(self, endpoint: str, reasons: list[str]) -> None:
         for r in reasons:
             self.rejected[r] += 1
@@ -398,12 +418,7 @@ class EdgeClient:
     async def disconnected_instances(self) -> list[InstanceRef]:
         ep = "disconnected-instances"
         payload = await self._request("GET", "/disconnected-instances", endpoint=ep)
-        rejected: list[str] = []
-        items = parse_instances(payload, rejected)
-        self._reject(ep, rejected)
-        if items is None:
-            return self._fail(EdgeError(ep, "response is not a list of instances", transient=True))
-        return items
+        return self._parsed(ep, payload, parse_instances, "response is not a list of instances")
 
     async def instance_settings(self, since: str | None) -> tuple[list[InstanceSettings], str | None]:
         """``GET /instance-settings[?since=<cursor>]`` (optional): the instances whose
@@ -415,12 +430,7 @@ class EdgeClient:
                                           params={"since": since} if since is not None else None, optional=True)
         except EndpointMissing as exc:
             raise _absent_or_refused(ep, exc, transient=False) from None
-        rejected: list[str] = []
-        parsed = parse_instance_settings(payload, rejected)
-        self._reject(ep, rejected)
-        if parsed is None:
-            return self._fail(EdgeError(ep, "response is not {\"instances\": [...], \"cursor\"}", transient=True))
-        return parsed
+        return self._parsed(ep, payload, parse_instance_settings, "response is not {\"instances\": [...], \"cursor\"}")
 
     async def leases(self, worker_id: str, capacity: int, held: dict[str, int],
                      release: dict[str, int], *, api_url: str | None = None) -> tuple[float, list[Lease]]:
@@ -439,12 +449,7 @@ class EdgeClient:
                                           raw_headers={"X-Worker-Id": worker_id})
         except EndpointMissing as exc:
             raise _absent_or_refused(ep, exc, transient=False) from None
-        rejected: list[str] = []
-        parsed = parse_leases(payload, rejected)
-        self._reject(ep, rejected)
-        if parsed is None:
-            return self._fail(EdgeError(ep, "response is not {\"ttl_s\", \"leases\": [...]}", transient=True))
-        return parsed
+        return self._parsed(ep, payload, parse_leases, "response is not {\"ttl_s\", \"leases\": [...]}")
 
     async def lease_holder(self, instance_id: str) -> LeaseHolder | None:
         """``GET /lease-holder?instanceId=<id>`` (optional): who holds the instance's lease and
@@ -458,10 +463,8 @@ class EdgeClient:
             if exc.status in ABSENT:
                 return None
             raise _absent_or_refused(ep, exc, transient=False) from None
-        rejected: list[str] = []
-        holder = parse_lease_holder(payload, instance_id, rejected)
-        self._reject(ep, rejected)
-        return holder
+        # None is an answer here (not about this instance): never a failure
+        return self._parsed(ep, payload, lambda p, rejected: parse_lease_holder(p, instance_id, rejected), None)
 
     async def events(self, *, wait_s: float, cursor: str | None, worker_id: str | None) -> PushEvents:
         """``GET /events?wait=<s>[&cursor=…]`` (optional push channel): a long poll answered
@@ -480,12 +483,7 @@ class EdgeClient:
                                           max_bytes=EVENTS_MAX_BYTES, missing_level=logging.DEBUG)
         except EndpointMissing as exc:
             raise _absent_or_refused(ep, exc, transient=True) from None
-        rejected: list[str] = []
-        parsed = parse_events(payload, rejected)
-        self._reject(ep, rejected)
-        if parsed is None:
-            return self._fail(EdgeError(ep, "response is not {\"events\": [...]}", transient=True))
-        return parsed
+        return self._parsed(ep, payload, parse_events, "response is not {\"events\": [...]}")
 
     async def update_status(self, update: StatusUpdate) -> None:
         token = self.lease_token_of(update.instanceId) if update.lease_token is None else update.lease_token
@@ -515,11 +513,7 @@ class EdgeClient:
         except LeaseLost:
             self._lease_lost(instance_id, token)
             raise
-        rejected: list[str] = []
-        items = parse_messages(payload, rejected)
-        self._reject(ep, rejected)
-        if items is None:
-            return self._fail(EdgeError(ep, "response is not a list of messages", transient=True))
+        items = self._parsed(ep, payload, parse_messages, "response is not a list of messages")
         if token is not None:
             items = [m if m.lease_token is not None else replace(m, lease_token=token) for m in items]
         return items
@@ -536,12 +530,8 @@ class EdgeClient:
             # a bare list is how a per-instance proxy answers a missing parameter
             # (e.g. a filter on a null instance id): never take it for batch support
             raise EndpointMissing(ep, "batch response is not {\"messages\": [...]}", transient=False)
-        rejected: list[str] = []
-        items = parse_messages(payload, rejected, batch=True)
-        self._reject(ep, rejected)
-        if items is None:
-            return self._fail(EdgeError(ep, "batch response is not a list of messages", transient=True))
-        return items
+        return self._parsed(ep, payload, lambda p, rejected: parse_messages(p, rejected, batch=True),
+                            "batch response is not a list of messages")
 
     async def mark_sent(self, message_id: str, wa_message_id: str, *, lease_token: int | None = None,
                         instance_id: str | None = None) -> None:
