@@ -228,6 +228,15 @@ class InstanceManager:
     def running(self, instance_id: str) -> bool:
         return instance_id in self.runners
 
+    def unsent_claims(self, instance_ids: list[str], limit_each: int) -> dict[str, list[str]]:
+        return self.ctx.outbound.unsent_claims(instance_ids, limit_each)
+
+    def withhold_claims(self, message_ids: list[str]) -> None:
+        self.ctx.outbound.withhold_claims(message_ids)
+
+    def settle_claims(self, requeued: list[str], kept: list[str]) -> None:
+        self.ctx.outbound.settle_claims(requeued, kept)
+
     def request_stop(self) -> None:
         self._stop_event.set()
         self._discovery_wake.set()
