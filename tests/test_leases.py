@@ -678,6 +678,7 @@ async def test_a_self_fenced_runner_hands_its_unsent_claims_back_under_the_same_
             await wait_until(lambda: w.manager.leases.fenced and "acme" not in w.manager.runners, timeout=6,
                              what="fenced, runner stopped")
             w.outbound.resolver.lookups_per_minute = 0  # numbers no longer checked: m2 can go once offered
+            fenced_at = w.clock.monotonic()
             proxy.fail["leases"] = 0
             w.manager.leases.wake()
             await wait_until(lambda: "m2" in proxy.sent_marks, timeout=10, what="m2 sent after the fencing")
@@ -685,6 +686,9 @@ async def test_a_self_fenced_runner_hands_its_unsent_claims_back_under_the_same_
             assert back[0]["held"] == [{"instanceId": "acme", "token": 1, "unsent": ["m2"]}]
             assert book(proxy).requeued == [("m2", "w-a", 1)]
             assert book(proxy).current("acme") == ("w-a", 1)  # the same lease throughout
+            # a batch answer asked for before the hand-back is not sent from (it may name a requeued message)
+            assert w.manager.leases.handed_back_since("acme", fenced_at)
+            assert not w.manager.leases.handed_back_since("acme", w.clock.monotonic())
             assert w.outbound.prior_claims == {}
             assert [m["body"] for m in w.backend.sent("acme")] == ["first", "second: its lookup waits"]
             assert proxy.tokens_seen["mark-sent"] == [1, 1]

@@ -97,6 +97,7 @@ class LeaseKeeper:
         # held leases whose runner stopped (self-fencing): their unsent claims are handed back (in the held
         # item) before the runner starts again
         self.handing_back: set[str] = set()
+        self.handed_back_at: dict[str, float] = {}  # held instance -> clock.monotonic() of its last hand-back call
         self.fenced = False
         self.closed = False  # the final release was sent: no more calls
         self.unconfirmed = False  # single-worker mode by memory (the probe was not answered)
@@ -124,6 +125,13 @@ class LeaseKeeper:
         if not self.mode:
             return True
         return not self.check_fence() and instance_id in self.held
+
+    def handed_back_since(self, instance_id: str, asked_at: float) -> bool:
+        """The instance's claims were handed back under its current lease at or after ``asked_at``: a
+        claim asked for before then (a batch poll in flight) may name a message the proxy put back
+        to queued, so it must not be sent from that answer."""
+        at = self.handed_back_at.get(instance_id)
+        return at is not None and at >= asked_at
 
     def check_fence(self) -> bool:
         """Whether this worker is fenced now, by the clock: a process frozen past the fencing
@@ -305,6 +313,10 @@ class LeaseKeeper:
             back = [i for i in self.handing_back if not self.host.running(i)]
             unsent = self._unsent([*release, *back])
             started = self.clock.monotonic()
+            self.handed_back_at = {i: t for i, t in self.handed_back_at.items() if i in self.held}
+            for iid in back:
+                if iid in unsent:
+                    self.handed_back_at[iid] = started
             self.counts["renewals"] += 1
             ttl, leases, requeued = await self.edge.leases(self.worker_id, self.capacity, dict(self.held), release,
                                                            api_url=self.api_url, unsent=unsent)
