@@ -79,6 +79,8 @@ def test_leases_migration_on_a_database_with_rows(pg_server: PgServer) -> None:
         assert "permission denied" in denied.stderr
         denied = db.psql("set role wa_nobody; select public.wa_lease_changed()", check=False)
         assert "permission denied" in denied.stderr
+        denied = db.psql("set role wa_nobody; select * from public.wa_lease_hand_back('w', '[]')", check=False)
+        assert "permission denied" in denied.stderr
         # where Supabase's roles exist, they lose the EXECUTE Supabase grants them by default
         db.psql("drop role if exists anon; create role anon; "
                 "grant execute on function public.wa_lease_changed() to anon")

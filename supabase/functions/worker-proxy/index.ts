@@ -969,15 +969,18 @@ async function leases(req: Request): Promise<Response> {
   const sql = db();
   const handBack = [...held, ...release].filter((item) => item.unsent !== undefined);
   const listed = handBack.reduce((n, item) => n + (item.unsent?.length ?? 0), 0);
-  const { requeued, rows } = await sql.begin(async (tx) => {
-    const requeued = handBack.length === 0 ? [] : await tx`
-      select message_id from public.wa_lease_hand_back(${worker}, ${sql.json(handBack as postgres.JSONValue)})`;
-    const rows = await tx`
-      select * from public.wa_lease_call(${worker}, ${capacity}::integer,
+  const leaseCall = (q: Sql | postgres.TransactionSql) =>
+    q`select * from public.wa_lease_call(${worker}, ${capacity}::integer,
         ${sql.json(held as postgres.JSONValue)}, ${sql.json(release as postgres.JSONValue)},
         ${LEASE_TTL_S}::integer, ${LEASE_GRANTS_PER_CALL}::integer)`;
-    return { requeued, rows };
-  });
+  // a renewal is one statement; a hand-back goes first, in the same transaction
+  const { requeued, rows } = handBack.length === 0
+    ? { requeued: [] as postgres.Row[], rows: await leaseCall(sql) }
+    : await sql.begin(async (tx) => {
+      const requeued = await tx`
+        select message_id from public.wa_lease_hand_back(${worker}, ${sql.json(handBack as postgres.JSONValue)})`;
+      return { requeued, rows: await leaseCall(tx) };
+    });
   // where API clients reach this worker (GET /lease-holder); absent: it gave none. Written only
   // when it changed (a renewal is not a write); a worker that left has no row to write to.
   try {
