@@ -95,6 +95,7 @@ class OutboundRelay:
         self.prior_claims: Counter[str] = Counter()  # "reported" (delivery_unknown) | "sent_again" | "own_claim"
         # claims handed back to the proxy (leases): never counted as this worker's own, whatever the journal says
         self._handed_back: set[str] = set()
+        self._to_forget: set[str] = set()  # put back to queued by the proxy; journal rows not deleted yet
         self.acks = acks
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
@@ -150,7 +151,9 @@ class OutboundRelay:
         own claim (a restart, a lease lost and won back) and sent if it was never begun."""
         claims = [(m.id, instance_id or m.instance_id or "") for m in messages
                   if m.lease_token is not None and not m.prior_claim and m.problem is None]
-        self._handed_back.difference_update(mid for mid, _ in claims)  # claimed here again: this worker's
+        for mid, _ in claims:  # claimed here again: this worker's own claim
+            self._handed_back.discard(mid)
+            self._to_forget.discard(mid)
         try:
             self.journal.note_claimed(claims)
         except (JournalUnavailable, JournalWriteError) as exc:  # nothing is sent while it is unwritable
@@ -174,18 +177,21 @@ class OutboundRelay:
         self._handed_back.update(message_ids)
 
     def settle_claims(self, requeued: list[str], kept: list[str]) -> None:
-        """The proxy's answer: ``requeued`` went back to queued (forgotten here for good), ``kept``
-        were not taken back (still this worker's claims)."""
+        """The proxy's answer: ``requeued`` went back to queued (their journal rows deleted: not this
+        worker's claims any more), ``kept`` were not taken back (still this worker's claims). Ids of
+        a call that got no answer stay withheld in memory only (the journal keeps them)."""
         self._handed_back.difference_update(kept)
-        gone = sorted(self._handed_back.union(requeued))
+        gone = sorted(self._to_forget.union(requeued))
         try:
             self.journal.forget_claims(gone)
         except (JournalUnavailable, JournalWriteError) as exc:
-            # kept in memory meanwhile (not this worker's claims); deleted at the next hand-back
+            # withheld in memory meanwhile; deleted at the next hand-back
             log.warning("%d handed-back claim(s) not forgotten in the journal yet (%s)", len(gone), exc)
-            self._handed_back.update(requeued)
+            if len(self._to_forget) + len(requeued) <= MAX_HANDED_BACK:
+                self._to_forget.update(requeued)
             return
-        self._handed_back.clear()
+        self._to_forget.clear()
+        self._handed_back.difference_update(gone)
 
     def clear_media_leftovers(self) -> int:
         """Empty the staging folder (at start: files a killed process left)."""
