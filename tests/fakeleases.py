@@ -3,8 +3,9 @@
 Pure bookkeeping on an injectable monotonic clock: grants only of free leases (never held,
 released, or expired for at least one more TTL), a token per grant (monotonic per instance),
 fair share (``ceil(instances / live workers)``, at most ``grants_per_call`` per call, highest
-priority first), revocation above ``target + 1``, releases with the current token only, and
-the claim tokens of messages (``prior_claim`` when another token claimed one before).
+priority first), revocation above ``target + 1``, releases with the current token only,
+the claim tokens of messages (``prior_claim`` when another token claimed one before), and the hand-back
+of claims never begun (an item's ``unsent``: put back to queued when still claimed under the caller's token).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class LeaseBook:
     api_urls: dict[str, str | None] = field(default_factory=dict)  # worker id -> api_url of its last call
     events: list[tuple[float, str, str, str, int]] = field(default_factory=list)  # (at, kind, iid, worker, token)
     claim_token: dict[str, int] = field(default_factory=dict)  # message id -> token it was last claimed under
+    claim_iid: dict[str, str] = field(default_factory=dict)  # message id -> instance it was claimed for
+    requeued: list[tuple[str, str, int]] = field(default_factory=list)  # (message id, worker, token) handed back
+    unsent_ignored: int = 0  # handed-back ids not claimed under the caller's token (stale, foreign, unknown)
+    hand_back: bool = True  # False: a proxy from before ``unsent`` (ignores it, answers no ``requeued``)
     refused: Counter[str] = field(default_factory=Counter)  # endpoint -> 409 lease_lost answers
 
     # ------------------------------------------------------------------ queries
@@ -77,6 +82,7 @@ class LeaseBook:
         capacity = int(body["capacity"])
         self.workers[wid] = now
         self.api_urls[wid] = body.get("api_url")
+        requeued = self._hand_back(wid, [*body.get("held", []), *body.get("release", [])])
         for item in body.get("release", []):
             row = self.rows.get(item["instanceId"])
             if row is not None and row.holder == wid and row.token == item["token"]:
@@ -116,7 +122,30 @@ class LeaseBook:
             self.events.append((now, "grant", iid, wid, row.token))
             answer.append({"instanceId": iid, "token": row.token, "priority": needing[iid], "settings": None,
                            "proxy_url": None, "pair_phone": None, **item_of(iid)})
-        return {"ttl_s": self.ttl_s, "leases": answer}
+        extra = {} if requeued is None else {"requeued": requeued[0], "unsent_ignored": requeued[1]}
+        return {"ttl_s": self.ttl_s, "leases": answer, **extra}
+
+    def _hand_back(self, wid: str, items: list[dict[str, Any]]) -> tuple[list[str], int] | None:
+        """Items' ``unsent`` (before releases): back to queued when the item's token is the caller's
+        lease now and the message is still claimed under it for that instance; None: no item had any."""
+        if not self.hand_back or not any("unsent" in item for item in items):
+            return None
+        back: list[str] = []
+        ignored = 0
+        for item in items:
+            iid, token = item["instanceId"], item["token"]
+            row = self.rows.get(iid)
+            ours = row is not None and row.holder == wid and row.token == token
+            for mid in item.get("unsent", []):
+                if ours and self.claim_token.get(mid) == token and self.claim_iid.get(mid) == iid:
+                    del self.claim_token[mid]
+                    self.claim_iid.pop(mid, None)
+                    self.requeued.append((mid, wid, token))
+                    back.append(mid)
+                else:
+                    ignored += 1
+        self.unsent_ignored += ignored
+        return back, ignored
 
     def _expire(self, now: float) -> None:
         for iid, row in self.rows.items():
@@ -134,11 +163,13 @@ class LeaseBook:
 
     # ------------------------------------------------------------------ claims
 
-    def claim(self, mid: str, token: int) -> bool:
-        """Record that ``mid`` is handed out under ``token``; True when another token claimed it before
-        (``prior_claim``)."""
+    def claim(self, mid: str, token: int, iid: str | None = None) -> bool:
+        """Record that ``mid`` (of ``iid``) is handed out under ``token``; True when another token claimed
+        it before (``prior_claim``)."""
         before = self.claim_token.get(mid)
         self.claim_token[mid] = token
+        if iid is not None:
+            self.claim_iid[mid] = iid
         return before is not None and before != token
 
     def claimable(self, iid: str, mid: str) -> bool:

@@ -357,7 +357,7 @@ class FakeProxy:
                 if limit is not None and len(out) >= limit:
                     break
                 if self.lease_book.claimable(iid, m["id"]):
-                    prior = self.lease_book.claim(m["id"], cur[1])
+                    prior = self.lease_book.claim(m["id"], cur[1], iid)
                     out.append({**m, "lease_token": cur[1], **({"prior_claim": True} if prior else {})})
             return out
         end = len(q) if limit is None else limit

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -691,3 +691,98 @@ def test_lease_holder_is_not_a_revoked_lease(http: httpx.Client) -> None:
         assert holder(http, iid).status_code == 404
     for iid in tokens(second):
         assert holder(http, iid).json()["worker_id"] == "w-a"
+
+
+# ---------------------------------------------------------------------------- the hand-back of unsent claims
+
+
+def lease_post(http: httpx.Client, worker: str, held: Sequence[dict] = (), release: Sequence[dict] = (),
+               capacity: int = 500) -> dict:
+    r = http.post("/leases", headers={"X-Worker-Id": worker},
+                  json={"worker_id": worker, "capacity": capacity, "held": list(held), "release": list(release)})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def status_of(store: DevStore, mid: str) -> str:
+    msg = store.get_message(mid)
+    assert msg is not None
+    return str(msg["status"])
+
+
+def claim(http: httpx.Client, iid: str, token: int) -> list[tuple[str, int, bool | None]]:
+    r = http.get("/queued-messages", params={"instanceId": iid, "lease_token": token})
+    assert r.status_code == 200, r.text
+    return [(m["id"], m["lease_token"], m.get("prior_claim")) for m in r.json()["messages"]]
+
+
+def test_released_unsent_claims_go_back_to_queued_and_the_next_claim_is_clean(http: httpx.Client,
+                                                                            store: DevStore) -> None:
+    add(http, "acme")
+    add(http, "beta")
+    call(http, "w-a")
+    connected(http, "acme", 1)
+    connected(http, "beta", 1)
+    m1, m2, other = queue(http, "acme", "one"), queue(http, "acme", "two"), queue(http, "beta", "b")
+    assert [c[0] for c in claim(http, "acme", 1)] == [m1, m2]
+    assert [c[0] for c in claim(http, "beta", 1)] == [other]
+    # w-a stops acme: m1 never begun (handed back), m2 was in flight (not listed); an unknown id and
+    # another instance's claim are ignored and counted
+    answer = lease_post(http, "w-a", held=[{"instanceId": "beta", "token": 1}], capacity=1,
+                        release=[{"instanceId": "acme", "token": 1, "unsent": [m1, "no-such-id", other]}])
+    assert answer["requeued"] == [m1] and answer["unsent_ignored"] == 2
+    assert status_of(store, m1) == "queued"
+    granted = tokens(call(http, "w-b"))
+    assert granted.get("acme") == 2
+    connected(http, "acme", 2)
+    # the next holder: m1 clean, m2 (still w-a's claim) with prior_claim
+    assert claim(http, "acme", 2) == [(m1, 2, None), (m2, 2, True)]
+    # a late acknowledgement under token 1 of m2 (in flight on w-a) is still the truth about its send
+    r = http.post("/mark-sent", json={"messageId": m2, "wa_message_id": "WA2", "lease_token": 1})
+    assert r.status_code == 200 and r.json()["status"] == "sent"
+    assert http.get("/dev/fleet").json()["unsent"] == {"requeued": 1, "ignored": 2}
+    # a call without unsent answers as before
+    assert set(call(http, "w-b", {"acme": 2})) == {"ttl_s", "leases"}
+
+
+def test_a_stale_or_foreign_hand_back_is_ignored(http: httpx.Client, clock: FakeClock, store: DevStore) -> None:
+    add(http, "acme")
+    call(http, "w-a")
+    connected(http, "acme", 1)
+    mid = queue(http, "acme")
+    assert [c[0] for c in claim(http, "acme", 1)] == [mid]
+    token = move(http, clock, "acme", "w-a", "w-b")
+    assert token == 2
+    # w-a comes back from a pause: its lease is gone, its hand-back under token 1 is ignored
+    stale = lease_post(http, "w-a", release=[{"instanceId": "acme", "token": 1, "unsent": [mid]}])
+    assert stale["requeued"] == [] and stale["unsent_ignored"] == 1
+    # another worker naming the holder's token hands back nothing either
+    foreign = lease_post(http, "w-c", held=[{"instanceId": "acme", "token": 2, "unsent": [mid]}])
+    assert foreign["requeued"] == [] and foreign["unsent_ignored"] == 1
+    connected(http, "acme", 2)
+    assert claim(http, "acme", 2) == [(mid, 2, True)]  # still w-a's claim: prior_claim
+    # the holder's own claim under token 2 is not w-a's to hand back with any token
+    stale = lease_post(http, "w-a", release=[{"instanceId": "acme", "token": 2, "unsent": [mid]}])
+    assert stale["requeued"] == []
+    assert status_of(store, mid) == "sending"
+
+
+def test_a_held_item_hands_claims_back_under_the_same_token(http: httpx.Client) -> None:
+    """A runner stopped under a lease still held (self-fencing): its claims come back at once, not
+    after the claim lease."""
+    add(http, "acme")
+    call(http, "w-a")
+    connected(http, "acme", 1)
+    mid = queue(http, "acme")
+    assert [c[0] for c in claim(http, "acme", 1)] == [mid]
+    assert claim(http, "acme", 1) == []  # claimed: not offered again under the same token
+    answer = lease_post(http, "w-a", held=[{"instanceId": "acme", "token": 1, "unsent": [mid]}])
+    assert tokens(answer) == {"acme": 1} and answer["requeued"] == [mid]
+    assert claim(http, "acme", 1) == [(mid, 1, None)]
+
+
+@pytest.mark.parametrize("unsent", ["m1", [1], [""], ["x" * 257], ["m"] * 1001])
+def test_a_malformed_unsent_list_is_a_400(http: httpx.Client, unsent: Any) -> None:
+    r = http.post("/leases", json={"worker_id": "w-a", "release": [{"instanceId": "acme", "token": 1,
+                                                                     "unsent": unsent}]})
+    assert r.status_code == 400 and "unsent" in r.json()["error"]

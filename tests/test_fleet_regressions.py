@@ -7,10 +7,12 @@ import pytest
 
 from tests.conftest import connect, make_settings, running_worker, wait_until
 from tests.fakeleases import LeaseBook
-from tests.fakeproxy import FakeProxy
+from tests.fakeproxy import SECRET, FakeProxy
 from tests.pg_helpers import pg_server  # noqa: F401 - the fixture
 from wa_worker.backends.neonize.pgstore import PgSessionStore
 from wa_worker.backends.simstore import SimulatorPgStore
+from wa_worker.dev.background import BackgroundProxy
+from wa_worker.dev.store import DevStore
 
 pytestmark = pytest.mark.anyio
 
@@ -88,3 +90,34 @@ async def test_workers_starting_together_on_a_new_database_all_start(pg_server):
                 await s.close()
             for n in neo:
                 n.close()
+
+
+async def test_a_planned_move_on_the_dev_proxy_hands_unsent_claims_to_the_next_holder(tmp_path):
+    """The cluster test's 0-8 ``delivery_unknown`` per run: a worker stopped (SIGTERM's path) with a
+    message claimed and never begun. Against the real dev proxy its release hands the claim back, and
+    the next holder sends it once, as a clean claim."""
+    store = DevStore(tmp_path / "proxy.db")
+    try:
+        with BackgroundProxy(store, SECRET, lease_ttl_s=6.0) as bp:
+            store.add_instance("acme")
+            first = make_settings(tmp_path / "a", bp.url, WORKER_ID="w-a", NUMBER_LOOKUPS_PER_MINUTE=1,
+                                  SIMULATOR_AUTO_SCAN_MS=20)
+            async with running_worker(first) as wa:
+                await wait_until(lambda: store.get_instance("acme")["status"] == "CONNECTED", what="on w-a")
+                one = store.queue_message("acme", "5511988880001", "first", {})["id"]
+                two = store.queue_message("acme", "5511988880002", "second: its lookup waits", {})["id"]
+                wa.wake("acme")
+                await wait_until(lambda: store.get_message(one)["status"] == "sent" and wa.journal.claimed_here(two),
+                                 what="one sent, two claimed")
+                assert wa.journal.outbound_get(two) is None
+            assert store.get_message(two)["status"] == "queued"  # handed back at the release
+            assert bp.proxy.unsent == {"requeued": 1, "ignored": 0}
+            second = make_settings(tmp_path / "b", bp.url, WORKER_ID="w-b", NUMBER_LOOKUPS_PER_MINUTE=0,
+                                   SIMULATOR_AUTO_SCAN_MS=20)
+            async with running_worker(second) as wb:
+                await wait_until(lambda: store.get_message(two)["status"] == "sent", what="two sent by w-b")
+                assert wb.outbound.prior_claims == {}
+                assert [m["body"] for m in wb.backend.sent("acme")] == ["second: its lookup waits"]
+            assert [m["body"] for m in wa.backend.sent("acme")] == ["first"]
+    finally:
+        store.close()

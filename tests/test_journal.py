@@ -54,6 +54,23 @@ def test_store_states_and_never_twice(tmp_path):
     assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_unsent_claims_are_the_claims_never_begun_per_instance_oldest_first(tmp_path):
+    """Leases: what a stopped runner hands back (``unsent``): claimed here, no outbound row."""
+    c = FakeClock(1_000.0)
+    s = Journal(tmp_path / "db", clock=c)
+    s.note_claimed([("a1", "acme"), ("a2", "acme")])
+    c.now += 1
+    s.note_claimed([("a3", "acme"), ("b1", "beta"), ("g1", "gamma")])
+    assert s.begin_send("a2", "acme", "5511@s.whatsapp.net", claim_token=1)  # begun: never handed back
+    assert s.unsent_claims(["acme", "beta"], 10) == {"acme": ["a1", "a3"], "beta": ["b1"]}
+    assert s.unsent_claims(["acme"], 1) == {"acme": ["a1"]}
+    assert s.unsent_claims([], 10) == {} and s.unsent_claims(["nobody"], 10) == {}
+    assert s.forget_claims(["a1", "b1", "unknown"]) == 2
+    assert not s.claimed_here("a1") and s.claimed_here("a3") and s.claimed_here("a2")
+    assert s.unsent_claims(["acme", "beta", "gamma"], 10) == {"acme": ["a3"], "gamma": ["g1"]}
+    s.close()
+
+
 def test_store_inbound_heads_keep_chat_order(tmp_path):
     s = Journal(tmp_path / "db")
     for i in range(3):

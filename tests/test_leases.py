@@ -578,6 +578,8 @@ async def test_a_prior_claim_of_this_workers_own_unbegun_claim_is_sent_not_repor
         await wait_until(lambda: "m1" in fleet.sent_marks, what="m1 sent")
         await wait_until(lambda: w.journal.claimed_here("m2"), what="m2 claimed")
         assert w.journal.outbound_get("m2") is None  # claimed, never begun
+        fleet.fail["leases"] = 1000  # no hand-back at the stop (as after a crash): the claim stays under lease 1
+    fleet.fail["leases"] = 0
     again = lease_settings(tmp_path, fleet, NUMBER_LOOKUPS_PER_MINUTE=0, SIMULATOR_AUTO_SCAN_MS=20)
     async with running_worker(again) as w:
         await wait_until(lambda: "m2" in fleet.sent_marks, what="m2 sent after the restart")
@@ -585,3 +587,137 @@ async def test_a_prior_claim_of_this_workers_own_unbegun_claim_is_sent_not_repor
         assert w.outbound.prior_claims == {"own_claim": 1}
         assert "m2" not in fleet.failed_marks
         assert [m["body"] for m in w.backend.sent("acme")] == ["first", "second: its lookup waits"]  # each once
+
+
+async def test_sigterm_hands_unsent_claims_back_and_the_next_holder_sends_them_once(fleet, tmp_path):
+    """A message w-a claimed under lease 1 and never began (its number lookup had to wait) is listed in
+    the final release's ``unsent``; the proxy puts it back to queued, so w-b, the next holder, claims it
+    cleanly (no prior_claim) and sends it: not reported delivery_unknown, sent exactly once."""
+    fleet.add_instance("acme")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = lease_settings(tmp_path / "a", fleet, "w-a", NUMBER_LOOKUPS_PER_MINUTE=1, SIMULATOR_AUTO_SCAN_MS=20)
+    async with running_worker(first) as wa:
+        await wait_until(lambda: fleet.status_of("acme") == "CONNECTED", what="connected on w-a")
+        fleet.enqueue("acme", "m1", "5511988880001", "first")
+        fleet.enqueue("acme", "m2", "5511988880002", "second: its lookup waits")
+        wa.wake("acme")
+        await wait_until(lambda: "m1" in fleet.sent_marks, what="m1 sent")
+        await wait_until(lambda: wa.journal.claimed_here("m2"), what="m2 claimed")
+        assert wa.journal.outbound_get("m2") is None  # claimed, never begun
+    final = [c for c in fleet.lease_calls if c["worker_id"] == "w-a"][-1]
+    assert final["capacity"] == 0
+    assert final["release"] == [{"instanceId": "acme", "token": 1, "unsent": ["m2"]}]
+    assert fleet.lease_answers[-1]["requeued"] == ["m2"]
+    assert book(fleet).requeued == [("m2", "w-a", 1)]
+    second = lease_settings(tmp_path / "b", fleet, "w-b", NUMBER_LOOKUPS_PER_MINUTE=0, SIMULATOR_AUTO_SCAN_MS=20)
+    async with running_worker(second) as wb:
+        await wait_until(lambda: "m2" in fleet.sent_marks, what="m2 sent by w-b")
+        assert book(fleet).current("acme") == ("w-b", 2)
+        assert wb.outbound.prior_claims == {}  # a clean claim, not a prior_claim
+        assert "m2" not in fleet.failed_marks
+        assert [m["body"] for m in wb.backend.sent("acme")] == ["second: its lookup waits"]
+    assert len(fleet.sent_marks["m1"]) == 1 and len(fleet.sent_marks["m2"]) == 1
+    assert fleet.tokens_seen["mark-sent"] == [1, 2]
+
+
+async def test_a_revoked_lease_hands_its_unsent_claims_to_the_worker_that_takes_it_over(tmp_path):
+    """Fair share: w-b joins, w-a's lowest-priority leases are revoked; i0's claim that w-a never began
+    goes back to queued with the release, and w-b sends it once (no delivery_unknown)."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=3.0))
+    await proxy.start()
+    ids = [f"i{n}" for n in range(4)]
+    for n, iid in enumerate(ids):
+        proxy.add_instance(iid, priority=n)
+    try:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        first = lease_settings(tmp_path / "a", proxy, "w-a", NUMBER_LOOKUPS_PER_MINUTE=1, SIMULATOR_AUTO_SCAN_MS=20)
+        async with running_worker(first) as wa:
+            await wait_until(lambda: sum(1 for r in wa.manager.runners.values() if r.state.value == "connected") == 4,
+                             what="four connected on w-a")
+            proxy.enqueue("i0", "m1", "5511988880001", "first")
+            proxy.enqueue("i0", "m2", "5511988880002", "second: its lookup waits")
+            wa.wake("i0")
+            await wait_until(lambda: "m1" in proxy.sent_marks and wa.journal.claimed_here("m2"), what="m2 claimed")
+            second = lease_settings(tmp_path / "b", proxy, "w-b", NUMBER_LOOKUPS_PER_MINUTE=0,
+                                    SIMULATOR_AUTO_SCAN_MS=20)
+            async with running_worker(second) as wb:
+                await wait_until(lambda: "m2" in proxy.sent_marks, timeout=20, what="m2 sent by w-b")
+                assert book(proxy).holder_of("i0") == "w-b"
+                assert wb.outbound.prior_claims == {}
+                assert [m["body"] for m in wb.backend.sent("i0")] == ["second: its lookup waits"]
+                assert not wa.journal.claimed_here("m2")  # forgotten once the proxy took it back
+                assert wa.manager.leases.counts["unsent_requeued"] == 1
+        assert book(proxy).requeued == [("m2", "w-a", 1)]
+        release = [item for c in proxy.lease_calls if c["worker_id"] == "w-a" for item in c["release"]
+                   if item["instanceId"] == "i0"]
+        assert release[0] == {"instanceId": "i0", "token": 1, "unsent": ["m2"]}
+        assert "m2" not in proxy.failed_marks and len(proxy.sent_marks["m2"]) == 1
+        assert [m["body"] for m in wa.backend.sent("i0")] == ["first"]
+    finally:
+        await proxy.stop()
+
+
+async def test_a_self_fenced_runner_hands_its_unsent_claims_back_under_the_same_token(tmp_path):
+    """Self-fencing stops the runner with the lease still held: the renewal that ends the fencing lists
+    the claims it never began in its ``held`` item, the proxy puts them back to queued, and the runner,
+    started again under the same token, claims and sends them at once (not after the claim lease)."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=6.0))  # renewals every 2 s, fencing at 3 s
+    await proxy.start()
+    try:
+        proxy.add_instance("acme")
+        settings = lease_settings(tmp_path, proxy, NUMBER_LOOKUPS_PER_MINUTE=1, SIMULATOR_AUTO_SCAN_MS=20)
+        async with running_worker(settings) as w:
+            await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="connected")
+            proxy.enqueue("acme", "m1", "5511988880001", "first")
+            proxy.enqueue("acme", "m2", "5511988880002", "second: its lookup waits")
+            w.wake("acme")
+            await wait_until(lambda: "m1" in proxy.sent_marks and w.journal.claimed_here("m2"), what="m2 claimed")
+            proxy.fail["leases"] = 1000
+            await wait_until(lambda: w.manager.leases.fenced and "acme" not in w.manager.runners, timeout=6,
+                             what="fenced, runner stopped")
+            w.outbound.resolver.lookups_per_minute = 0  # numbers no longer checked: m2 can go once offered
+            fenced_at = w.clock.monotonic()
+            proxy.fail["leases"] = 0
+            w.manager.leases.wake()
+            await wait_until(lambda: "m2" in proxy.sent_marks, timeout=10, what="m2 sent after the fencing")
+            back = [c for c in proxy.lease_calls if any("unsent" in item for item in c["held"])]
+            assert back[0]["held"] == [{"instanceId": "acme", "token": 1, "unsent": ["m2"]}]
+            assert book(proxy).requeued == [("m2", "w-a", 1)]
+            assert book(proxy).current("acme") == ("w-a", 1)  # the same lease throughout
+            # a batch answer asked for before the hand-back is not sent from (it may name a requeued message)
+            assert w.manager.leases.handed_back_since("acme", fenced_at)
+            assert not w.manager.leases.handed_back_since("acme", w.clock.monotonic())
+            assert w.outbound.prior_claims == {}
+            assert [m["body"] for m in w.backend.sent("acme")] == ["first", "second: its lookup waits"]
+            assert proxy.tokens_seen["mark-sent"] == [1, 1]
+    finally:
+        await proxy.stop()
+
+
+async def test_a_proxy_that_ignores_unsent_leaves_the_claim_the_workers_own(tmp_path):
+    """Backward compatible: a proxy that does not know ``unsent`` (no ``requeued`` in its answer) keeps
+    the claim; the worker keeps it as its own too, so when its lease comes back (a new token) the
+    prior_claim re-offer is sent by it, as before."""
+    proxy = FakeProxy(lease_book=LeaseBook(ttl_s=3.0, hand_back=False))
+    await proxy.start()
+    try:
+        proxy.add_instance("acme")
+        settings = lease_settings(tmp_path, proxy, NUMBER_LOOKUPS_PER_MINUTE=1, SIMULATOR_AUTO_SCAN_MS=20)
+        async with running_worker(settings) as w:
+            await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="connected")
+            proxy.enqueue("acme", "m1", "5511988880001", "first")
+            proxy.enqueue("acme", "m2", "5511988880002", "second: its lookup waits")
+            w.wake("acme")
+            await wait_until(lambda: "m1" in proxy.sent_marks and w.journal.claimed_here("m2"), what="m2 claimed")
+            w.outbound.resolver.lookups_per_minute = 0
+            book(proxy).rows["acme"].revoked = True  # lost, released (listing m2), granted back under token 2
+            await wait_until(lambda: "m2" in proxy.sent_marks, timeout=10, what="m2 sent under lease 2")
+            assert any(item.get("unsent") == ["m2"] for c in proxy.lease_calls for item in c["release"])
+            assert "requeued" not in proxy.lease_answers[-1]
+            assert w.outbound.prior_claims == {"own_claim": 1}
+            assert proxy.tokens_seen["mark-sent"] == [1, 2]
+            assert w.manager.leases.counts["unsent_requeued"] == 0
+    finally:
+        await proxy.stop()

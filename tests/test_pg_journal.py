@@ -106,6 +106,12 @@ def scenario(j: Journal, clock: FakeClock) -> list[Any]:
     note(sorted(j.instance_settings()))
     j.note_claimed([("q1", "acme"), ("q1", "acme")])
     note(j.claimed_here("q1"))
+    clock.now += 1
+    j.note_claimed([("q2", "acme"), ("q,3", "beta"), ("m2", "acme")])  # m2 was begun: never "unsent"
+    note(j.unsent_claims(["acme", "beta", "gamma"], 10))
+    note(j.unsent_claims(["acme"], 1))
+    note(j.forget_claims(["q1", "q,3", "unknown"]))
+    note(j.unsent_claims(["acme", "beta"], 10))
     note(j.api_request_add("api:acme:k1", "acme", "k1", "h" * 64))
     note(j.api_request_add("api:acme:k1", "acme", "k1", "h" * 64))
     j.api_request_not_sent("api:acme:k1", "send_caps_reached", "caps")

@@ -6,6 +6,7 @@ long poll (LISTEN/NOTIFY), against the real function under Deno on a real Postgr
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ from tests.pg_helpers import (
     edge_function,
     migration_files,
     pg_server,
+    sql_literal,
     wa_db,
 )
 
@@ -76,6 +78,8 @@ def test_leases_migration_on_a_database_with_rows(pg_server: PgServer) -> None:
                          check=False)
         assert "permission denied" in denied.stderr
         denied = db.psql("set role wa_nobody; select public.wa_lease_changed()", check=False)
+        assert "permission denied" in denied.stderr
+        denied = db.psql("set role wa_nobody; select * from public.wa_lease_hand_back('w', '[]')", check=False)
         assert "permission denied" in denied.stderr
         # where Supabase's roles exist, they lose the EXECUTE Supabase grants them by default
         db.psql("drop role if exists anon; create role anon; "
@@ -760,3 +764,108 @@ def test_lease_holder_names_the_live_holder_and_its_api_url(fn: EdgeFunction, wa
     # the column is in the leases migration (idempotent: applying it again keeps the value)
     wa_db.psql(LEASES_MIGRATION.read_text())
     assert wa_db.scalar("select api_url from wa_workers where id = 'w-a'") == "https://w-a.internal"
+
+
+# ------------------------------------------------------------------ the hand-back of unsent claims
+
+
+def lease_raw(fn: EdgeFunction, worker: str, *, capacity: int = 500, held: list | None = None,
+              release: list | None = None) -> dict[str, Any]:
+    r = fn.request("POST", "leases", json={"worker_id": worker, "capacity": capacity,
+                                           "held": held or [], "release": release or []})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def claim_ids(fn: EdgeFunction, instance: str, token: int) -> list[tuple[str, int, bool | None]]:
+    r = fn.request("GET", "queued-messages", params={"instanceId": instance, "lease_token": token})
+    assert r.status_code == 200, r.text
+    return [(m["id"], m["lease_token"], m.get("prior_claim")) for m in r.json()["messages"]]
+
+
+@deno
+def test_released_unsent_claims_go_back_to_queued_and_the_next_claim_is_clean(fn: EdgeFunction, wa_db: WaDb) -> None:
+    wa_db.insert_instance("acme", "CONNECTED", priority=1)
+    wa_db.insert_instance("beta", "CONNECTED")
+    lease(fn, "w-a")
+    one = wa_db.insert_outbound("acme", "5511999990001", "one", created_ago_s=3)
+    two = wa_db.insert_outbound("acme", "5511999990001", "two", created_ago_s=2)
+    other = wa_db.insert_outbound("beta", "5511999990001", "beta's")
+    assert [c[0] for c in claim_ids(fn, "acme", 1)] == [one, two]
+    assert [c[0] for c in claim_ids(fn, "beta", 1)] == [other]
+    # w-a leaves: one never begun (handed back), two in flight (not listed); an unknown id, a non-uuid
+    # and another instance's claim are ignored and counted
+    answer = lease_raw(fn, "w-a", capacity=0, release=[
+        {"instanceId": "acme", "token": 1, "unsent": [one, str(uuid.uuid4()), "not-a-uuid", other]},
+        {"instanceId": "beta", "token": 1}])
+    assert answer["leases"] == [] and answer["requeued"] == [one] and answer["unsent_ignored"] == 3
+    row = wa_db.outbound(one)
+    assert (row["status"], row["claim_token"], row["claimed_at"]) == ("queued", None, None)
+    assert wa_db.outbound(other)["status"] == "sending" and wa_db.outbound(other)["claim_token"] == 1
+    assert wa_db.instance("acme")["lease_released"] is True
+    # the next holder: one clean, two (still w-a's claim) with prior_claim
+    assert token_of(lease(fn, "w-b"), "acme") == 2
+    assert claim_ids(fn, "acme", 2) == [(one, 2, None), (two, 2, True)]
+    # a call without unsent answers as before
+    assert set(lease_raw(fn, "w-b", held=[{"instanceId": "acme", "token": 2}])) == {"ttl_s", "leases"}
+
+
+@deno
+def test_a_stale_or_foreign_hand_back_is_ignored(fn: EdgeFunction, wa_db: WaDb) -> None:
+    wa_db.insert_instance("acme", "CONNECTED")
+    lease(fn, "w-a")
+    mid = wa_db.insert_outbound("acme", "5511999990001", "w-a's claim")
+    assert [c[0] for c in claim_ids(fn, "acme", 1)] == [mid]
+    expire(wa_db, "acme", TTL + 1)
+    assert token_of(lease(fn, "w-b"), "acme") == 2
+    # w-a back from a pause: its lease moved, its hand-back under token 1 is ignored
+    stale = lease_raw(fn, "w-a", release=[{"instanceId": "acme", "token": 1, "unsent": [mid]}])
+    assert stale["requeued"] == [] and stale["unsent_ignored"] == 1
+    # another worker naming the holder's token hands back nothing either
+    foreign = lease_raw(fn, "w-c", held=[{"instanceId": "acme", "token": 2, "unsent": [mid]}])
+    assert foreign["requeued"] == [] and foreign["unsent_ignored"] == 1
+    assert wa_db.outbound(mid)["status"] == "sending" and wa_db.outbound(mid)["claim_token"] == 1
+    assert claim_ids(fn, "acme", 2) == [(mid, 2, True)]  # still w-a's claim: a prior_claim
+    # w-b's own claim is not w-a's to hand back under any token
+    stale = lease_raw(fn, "w-a", release=[{"instanceId": "acme", "token": 2, "unsent": [mid]}])
+    assert stale["requeued"] == [] and wa_db.outbound(mid)["claim_token"] == 2
+    # malformed lists are a 400
+    for bad in ("x", [1], [""], ["m"] * 1001):
+        r = fn.request("POST", "leases", json={"worker_id": "w-a", "capacity": 1,
+                                               "release": [{"instanceId": "acme", "token": 1, "unsent": bad}]})
+        assert r.status_code == 400 and "unsent" in r.json()["error"], r.text
+
+
+@deno
+def test_a_held_item_hands_claims_back_under_the_same_token(fn: EdgeFunction, wa_db: WaDb) -> None:
+    """Self-fencing: the runner stopped, the lease is still held; its claims come back at once, not
+    after CLAIM_LEASE_SECONDS, and the renewal is unchanged."""
+    wa_db.insert_instance("acme", "CONNECTED")
+    lease(fn, "w-a")
+    mid = wa_db.insert_outbound("acme", "5511999990001", "claimed, never begun")
+    assert [c[0] for c in claim_ids(fn, "acme", 1)] == [mid]
+    assert claim_ids(fn, "acme", 1) == []
+    answer = lease_raw(fn, "w-a", held=[{"instanceId": "acme", "token": 1, "unsent": [mid]}])
+    assert held(answer) == [{"instanceId": "acme", "token": 1}] and answer["requeued"] == [mid]
+    assert claim_ids(fn, "acme", 1) == [(mid, 1, None)]
+
+
+def test_the_hand_back_function_alone_checks_the_token_and_the_holder(wa_db: WaDb, clean_wa_db: WaDb) -> None:
+    """wa_lease_hand_back on its own (SQL): the caller's current, unreleased token only."""
+    wa_db.insert_instance("acme", "CONNECTED", lease_worker="w-a", lease_token=4)
+    mine = wa_db.insert_outbound("acme", "5511999990001", "mine", status="sending", claim_token=4)
+    older = wa_db.insert_outbound("acme", "5511999990001", "older", status="sending", claim_token=3)
+
+    def hand_back(worker: str, token: int, unsent: list[str]) -> list[str]:
+        items = json.dumps([{"instanceId": "acme", "token": token, "unsent": unsent}])
+        return [r["message_id"] for r in wa_db.query(
+            f"select message_id from public.wa_lease_hand_back({sql_literal(worker)}, {sql_literal(items)}::jsonb)")]
+
+    assert hand_back("w-b", 4, [mine]) == []
+    assert hand_back("w-a", 3, [older]) == []
+    assert hand_back("w-a", 4, [older, "not-a-uuid", "x'; select 1; --"]) == []
+    wa_db.psql("update wa_instances set lease_released = true where id = 'acme'")
+    assert hand_back("w-a", 4, [mine]) == []
+    wa_db.psql("update wa_instances set lease_released = false where id = 'acme'")
+    assert hand_back("w-a", 4, [mine]) == [mine]
+    assert wa_db.outbound(mine)["status"] == "queued" and wa_db.outbound(older)["status"] == "sending"

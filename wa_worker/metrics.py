@@ -170,6 +170,10 @@ class WorkerCollector(Collector):
                        "lease_lost)", labels=["cause"],
                        samples={("not_renewed",): leases.counts["lost"] - leases.counts["revoked_409"],
                                 ("refused",): leases.counts["revoked_409"]})
+        yield _counter("claims_handed_back", "Claims never begun handed back with a lease (unsent), by outcome: "
+                       "requeued (put back to queued by the proxy), refused (not taken back)", labels=["outcome"],
+                       samples={("requeued",): leases.counts["unsent_requeued"],
+                                ("refused",): leases.counts["unsent_refused"]})
         relay_bytes = getattr(self.src.backend, "relay_bytes", None)  # neonize only: its CONNECT relay
         up, down = relay_bytes() if callable(relay_bytes) else (0, 0)
         yield _counter("relay_bytes", "Bytes through the CONNECT relay (WhatsApp traffic of neonize sessions)",

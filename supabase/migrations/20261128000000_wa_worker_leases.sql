@@ -14,6 +14,7 @@
 --   wa_outbound.prior_claim_token  the token of the claim a re-offer replaced (its mark-sent still counts)
 --   wa_outbound.queued_xact        the transaction that made the row 'queued' (GET /events' cursor)
 --   wa_fleet_state.lease_version   +1 when instances appear, disappear or are released
+--   wa_lease_hand_back()           a POST /leases item's `unsent` claims back to 'queued' (before wa_lease_call)
 --
 -- A lease is free (grantable) when never granted, released, or expired for at least one
 -- more TTL (lease_expires_at + TTL < now()): a worker that cannot renew stops its sessions
@@ -305,9 +306,54 @@ begin
 end
 $$;
 
+-- ---------------------------------------------------------------- hand-back
+-- The `unsent` ids of POST /leases items (held or release: [{instanceId, token, unsent: [...]}]):
+-- claims the worker made under that token and never began. Called in the same transaction as
+-- wa_lease_call, before it (the releases in it end the caller's hold on the token). A message
+-- goes back to 'queued' with its claim cleared (the next claim is not a prior_claim) only when
+-- the item's token is the instance's current lease token, granted to the caller and not
+-- released, and the message is still 'sending' under that token for that instance; any other
+-- id (unknown, not a uuid, another instance's, claimed under another token) is ignored. Returns
+-- the ids put back; prior_claim_token is kept (an earlier claimer's late mark-sent still counts).
+
+create or replace function public.wa_lease_hand_back(p_worker text, p_items jsonb)
+returns table (message_id text, instance_id text)
+language plpgsql
+set search_path = ''
+as $$
+#variable_conflict use_column
+begin
+    return query
+        with items as (
+            select x->>'instanceId' as iid, (x->>'token')::bigint as tok, x->'unsent' as unsent
+            from jsonb_array_elements(p_items) as x
+            where jsonb_typeof(x->'unsent') = 'array'
+        ), ours as (
+            select it.iid, it.tok, it.unsent
+            from items as it join public.wa_instances as i on i.id = it.iid
+            where i.lease_token = it.tok and i.lease_worker = p_worker and not i.lease_released
+            order by i.id
+            for update of i  -- a claim of the instance (FOR SHARE) waits, or went first
+        ), ids as (
+            select o.iid, o.tok,
+                   case when u.value ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                        then u.value::uuid end as mid
+            from ours as o cross join lateral jsonb_array_elements_text(o.unsent) as u(value)
+        ), back as (
+            update public.wa_outbound as m
+            set status = 'queued', claimed_at = null, claim_token = null
+            from ids
+            where m.id = ids.mid and m.instance_id = ids.iid and m.status = 'sending' and m.claim_token = ids.tok
+            returning m.id::text, m.instance_id
+        )
+        select back.id, back.instance_id from back;
+end
+$$;
+
 -- Only the table owner (the edge function) and the triggers call these: not through
 -- PostgREST's /rpc (Supabase grants EXECUTE on new public functions to anon and authenticated).
 revoke all on function public.wa_lease_call(text, integer, jsonb, jsonb, integer, integer) from public;
+revoke all on function public.wa_lease_hand_back(text, jsonb) from public;
 revoke all on function public.wa_lease_changed() from public;
 do $$
 declare
@@ -316,6 +362,7 @@ begin
     foreach r in array array['anon', 'authenticated'] loop
         if exists (select 1 from pg_roles where rolname = r) then
             execute format('revoke all on function public.wa_lease_call(text, integer, jsonb, jsonb, integer, integer) from %I', r);
+            execute format('revoke all on function public.wa_lease_hand_back(text, jsonb) from %I', r);
             execute format('revoke all on function public.wa_lease_changed() from %I', r);
         end if;
     end loop;

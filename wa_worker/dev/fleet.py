@@ -1,7 +1,8 @@
 """The dev proxy's fleet routes (docs/proxy-contract.md, "Leases and fencing" and "GET /events").
 
-    POST /leases   {"worker_id", "capacity", "held": [{"instanceId", "token"}], "release": [...]}
-                   → {"ttl_s", "leases": [{"instanceId", "token"} | a grant with the discovery fields]}
+    POST /leases   {"worker_id", "capacity", "held": [{"instanceId", "token", "unsent"?}], "release": [...]}
+                   → {"ttl_s", "leases": [{"instanceId", "token"} | a grant with the discovery fields],
+                      "requeued"?, "unsent_ignored"?}  (the last two when an item listed unsent)
     GET  /lease-holder?instanceId=<id> → {"instanceId", "worker_id", "api_url"} | 404 {"error": "no holder"}
     GET  /events?wait=<s>&cursor=<c>   (X-Worker-Id) → {"events": [...], "cursor": "..."}
     GET  /dev/fleet    (dev API) the workers, the fenced calls refused, the waiting /events calls
@@ -25,11 +26,25 @@ from .leasing import WORKER_ID_RE, LeaseRequest
 from .proxy import MAX_REQUEST_BYTES, PROXY_KEY, ApiError, DevProxy, worker_header
 
 MAX_LEASE_ITEMS = 10_000
+MAX_UNSENT_PER_ITEM = 1_000  # the worker sends at most 1,000 per instance (and 2,000 per call)
+MAX_MESSAGE_ID_CHARS = 256
 MAX_CAPACITY = 1_000_000
 DEFAULT_CAPACITY = 500
 
 
-def _lease_items(data: dict[str, Any], key: str) -> tuple[tuple[str, int], ...]:
+def _unsent(item: dict[str, Any], key: str) -> tuple[str, ...]:
+    ids = item.get("unsent")
+    if ids is None:
+        return ()
+    if (not isinstance(ids, list) or len(ids) > MAX_UNSENT_PER_ITEM
+            or not all(isinstance(m, str) and 0 < len(m) <= MAX_MESSAGE_ID_CHARS for m in ids)):
+        raise ApiError(400, f"{key}[].unsent must be a list of at most {MAX_UNSENT_PER_ITEM} message ids")
+    return tuple(ids)
+
+
+def _lease_items(data: dict[str, Any], key: str,
+                 unsent: list[tuple[str, int, tuple[str, ...]]] | None = None) -> tuple[tuple[str, int], ...]:
+    """``held`` or ``release``: (instance, token) pairs; each item's ``unsent`` ids appended to ``unsent``."""
     items = data.get(key) or []
     if not isinstance(items, list) or len(items) > MAX_LEASE_ITEMS:
         raise ApiError(400, f"{key} must be a list of at most {MAX_LEASE_ITEMS} items")
@@ -41,6 +56,9 @@ def _lease_items(data: dict[str, Any], key: str) -> tuple[tuple[str, int], ...]:
         if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < 2**63:
             raise ApiError(400, f"each {key} item needs its token (a non-negative integer)")
         out.append((item["instanceId"], token))
+        ids = _unsent(item, key)
+        if ids and unsent is not None:
+            unsent.append((item["instanceId"], token, ids))
     return tuple(out)
 
 
@@ -61,7 +79,9 @@ def _request(data: dict[str, Any], header: str | None) -> LeaseRequest:
             api_url = None
         if api_url is None:
             raise ApiError(400, "api_url must be an http(s) URL without credentials, query or fragment")
-    return LeaseRequest(worker_id, capacity, _lease_items(data, "held"), _lease_items(data, "release"), api_url)
+    unsent: list[tuple[str, int, tuple[str, ...]]] = []
+    return LeaseRequest(worker_id, capacity, _lease_items(data, "held", unsent), _lease_items(data, "release", unsent),
+                        api_url, tuple(unsent))
 
 
 def _seconds(value: float) -> float | int:
@@ -81,7 +101,11 @@ async def leases(request: web.Request) -> web.Response:
         proxy.emit("lease", iid, holder=req.worker_id, change="revoked")
     for iid in answer.released:
         proxy.emit("lease", iid, holder=req.worker_id, change="released")
-    return web.json_response({"ttl_s": _seconds(proxy.lease_ttl_s), "leases": answer.leases})
+    out: dict[str, Any] = {"ttl_s": _seconds(proxy.lease_ttl_s), "leases": answer.leases}
+    if answer.requeued is not None:
+        out.update(requeued=[mid for mid, _ in answer.requeued], unsent_ignored=answer.unsent_ignored)
+        proxy.handed_back(answer.requeued, answer.unsent_ignored)
+    return web.json_response(out)
 
 
 async def lease_holder(request: web.Request) -> web.Response:
@@ -136,7 +160,8 @@ async def dev_fleet(request: web.Request) -> web.Response:
     """``GET /dev/fleet``: what a fleet test or a person checks (no secrets in it)."""
     proxy: DevProxy = request.app[PROXY_KEY]
     return web.json_response({"ttl_s": _seconds(proxy.lease_ttl_s), "workers": proxy.store.workers(proxy.lease_ttl_s),
-                              "refused": dict(proxy.refused), "events_waiting": proxy.events.waiters})
+                              "refused": dict(proxy.refused), "unsent": dict(proxy.unsent),
+                              "events_waiting": proxy.events.waiters})
 
 
 async def _close_events(app: web.Application) -> None:

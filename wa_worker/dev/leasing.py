@@ -10,6 +10,11 @@ Per instance: ``lease_token`` (monotonic, bumped by each grant, never reused),
 of its holder's answer; free once released, or one TTL after it expires).
 Per worker: ``workers`` (capacity, last call, the ``api_url`` it gave: ``GET /lease-holder``);
 live = called within the TTL.
+
+Hand-back: an item's ``unsent`` ids (claims its worker never began) go back to ``queued``, their
+claim cleared, when the item's token is the instance's lease held by the caller (checked before this
+call's releases) and the message is still ``sending`` under that token for that instance; any other
+id is ignored and counted.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class LeaseRequest:
     held: tuple[tuple[str, int], ...] = ()
     release: tuple[tuple[str, int], ...] = ()
     api_url: str | None = None  # where API clients reach this worker (GET /lease-holder)
+    unsent: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (instance, token, message ids) of held/release
 
 
 @dataclass(slots=True)
@@ -49,11 +55,15 @@ class LeaseAnswer:
     # when the call released leases or came from a new worker: the other live workers
     # whose next call would get a grant or a revocation
     notify: list[str] = field(default_factory=list)
+    # the hand-back (None: no item listed unsent): (message id, instance id) put back to queued, ids ignored
+    requeued: list[tuple[str, str]] | None = None
+    unsent_ignored: int = 0
 
 
 def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float) -> LeaseAnswer:
     """One ``POST /leases`` (the caller holds the transaction)."""
     p = {"w": req.worker_id, "now": now, "ttl": ttl}
+    requeued, ignored = _hand_back(db, req, now)
     released = _release(db, req)
     db.execute("DELETE FROM workers WHERE last_seen < :now - :ttl", p)
     mine = db.execute(
@@ -63,7 +73,8 @@ def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float
         # a worker leaving (its last call, after SIGTERM): not counted in the fair share,
         # so the others take its instances over at once instead of one TTL later
         db.execute("DELETE FROM workers WHERE id = :w", p)
-        return LeaseAnswer([], released=released, notify=_notices(db, None, now, ttl))
+        return LeaseAnswer([], released=released, notify=_notices(db, None, now, ttl), requeued=requeued,
+                           unsent_ignored=ignored)
     arrived = db.execute("SELECT 1 FROM workers WHERE id = :w", p).fetchone() is None
     db.execute(
         "INSERT INTO workers (id, capacity, last_seen, api_url) VALUES (:w, :cap, :now, :url) "
@@ -73,7 +84,7 @@ def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float
     db.execute("UPDATE instances SET lease_expires_at = :now + :ttl WHERE lease_holder = :w AND lease_revoked = 0", p)
     target = _target(db)
     limit = min(req.capacity, target)
-    answer = LeaseAnswer([], released=released)
+    answer = LeaseAnswer([], released=released, requeued=requeued, unsent_ignored=ignored)
     held = dict(req.held)
     kept = list(mine)
     if len(mine) > target + 1 or len(mine) > req.capacity:
@@ -102,6 +113,28 @@ def lease_call(db: sqlite3.Connection, req: LeaseRequest, now: float, ttl: float
     if arrived or released:  # the share changed for the others (not for each renewal: no storm of calls)
         answer.notify = _notices(db, req.worker_id, now, ttl)
     return answer
+
+
+def _hand_back(db: sqlite3.Connection, req: LeaseRequest, now: float) -> tuple[list[tuple[str, str]] | None, int]:
+    """The items' ``unsent`` back to queued (before the releases: the lease must still be the caller's
+    under that token); returns what went back (None: nothing was listed) and how many were ignored."""
+    if not req.unsent:
+        return None, 0
+    back: list[tuple[str, str]] = []
+    ignored = 0
+    for iid, token, ids in req.unsent:
+        ours = db.execute("SELECT 1 FROM instances WHERE id = ? AND lease_token = ? AND lease_holder = ?",
+                          (iid, token, req.worker_id)).fetchone() is not None
+        for mid in ids:
+            row = db.execute(
+                "UPDATE outbound SET status = 'queued', claimed_at = NULL, claim_token = NULL, updated_at = ? "
+                "WHERE id = ? AND instance_id = ? AND status = 'sending' AND claim_token = ? RETURNING id",
+                (now, mid, iid, token)).fetchone() if ours else None
+            if row is None:
+                ignored += 1
+            else:
+                back.append((mid, iid))
+    return back, ignored
 
 
 def _release(db: sqlite3.Connection, req: LeaseRequest) -> list[str]:

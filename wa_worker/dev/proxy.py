@@ -142,6 +142,7 @@ class DevProxy:
         self.events = EventHub()
         self._lease_noticed: set[str] = set()  # workers told "leases" since their last /leases call
         self.refused = {"update_status": 0, "claim": 0, "ack": 0}  # fenced calls answered 409 lease_lost
+        self.unsent = {"requeued": 0, "ignored": 0}  # claims handed back in POST /leases (GET /dev/fleet)
         self.store = store
         self._secret = secret.encode()
         self._secret_str = secret
@@ -174,6 +175,16 @@ class DevProxy:
 
     def leases_called(self, worker_id: str) -> None:
         self._lease_noticed.discard(worker_id)
+
+    def handed_back(self, requeued: list[tuple[str, str]], ignored: int) -> None:
+        """A ``POST /leases`` put handed-back claims back to queued: counted, and a ``queued`` event
+        to each instance's holder (if any yet; a new holder claims at its start anyway)."""
+        self.unsent["requeued"] += len(requeued)
+        self.unsent["ignored"] += ignored
+        if ignored:
+            log.info("ignored %d handed-back message id(s): not claimed under the caller's lease token", ignored)
+        for instance_id in sorted({iid for _, iid in requeued}):
+            self.events.publish("queued", instance_id, self.store.lease_holder(instance_id))
 
     def lease_lost(self, call: str, what: str) -> ApiError:
         """The 409 of a fenced call refused for its token (counted, shown by ``GET /dev/fleet``)."""

@@ -50,6 +50,7 @@ from .models import (
     parse_instances,
     parse_lease_holder,
     parse_leases,
+    parse_requeued,
     parse_messages,
 )
 
@@ -432,16 +433,24 @@ class EdgeClient:
             raise _absent_or_refused(ep, exc, transient=False) from None
         return self._parsed(ep, payload, parse_instance_settings, "response is not {\"instances\": [...], \"cursor\"}")
 
-    async def leases(self, worker_id: str, capacity: int, held: dict[str, int],
-                     release: dict[str, int], *, api_url: str | None = None) -> tuple[float, list[Lease]]:
+    async def leases(self, worker_id: str, capacity: int, held: dict[str, int], release: dict[str, int], *,
+                     api_url: str | None = None, unsent: dict[str, list[str]] | None = None,
+                     ) -> tuple[float, list[Lease], list[str] | None]:
         """``POST /leases`` (optional): renew ``held``, give back ``release`` (instance id → token);
-        returns ``ttl_s`` and every lease held after the call. ``api_url``: where API clients reach
-        this worker (sent only when set). Raises :class:`EndpointMissing` on 404/405/501 (a proxy
-        without leases), :class:`EdgeError` otherwise."""
+        returns ``ttl_s``, every lease held after the call and the handed-back claims put back to
+        queued (None: the proxy does not say). ``unsent`` (instance id → message ids, for items of
+        ``held`` or ``release``): claims made under that token and never begun, handed back.
+        ``api_url``: where API clients reach this worker (sent only when set). Raises
+        :class:`EndpointMissing` on 404/405/501 (a proxy without leases), :class:`EdgeError` otherwise."""
         ep = "leases"
+        unsent = unsent or {}
+
+        def items(tokens: dict[str, int]) -> list[dict[str, Any]]:
+            return [{"instanceId": i, "token": t, **({"unsent": unsent[i]} if unsent.get(i) else {})}
+                    for i, t in sorted(tokens.items())]
+
         body: dict[str, Any] = {"worker_id": worker_id, "capacity": capacity,
-                                "held": [{"instanceId": i, "token": t} for i, t in sorted(held.items())],
-                                "release": [{"instanceId": i, "token": t} for i, t in sorted(release.items())]}
+                                "held": items(held), "release": items(release)}
         if api_url is not None:
             body["api_url"] = api_url
         try:
@@ -449,7 +458,10 @@ class EdgeClient:
                                           raw_headers={"X-Worker-Id": worker_id})
         except EndpointMissing as exc:
             raise _absent_or_refused(ep, exc, transient=False) from None
-        return self._parsed(ep, payload, parse_leases, "response is not {\"ttl_s\", \"leases\": [...]}")
+        def parse(answer: Any, rejected: list[str]) -> tuple[float, list[Lease], list[str] | None] | None:
+            parsed = parse_leases(answer, rejected)
+            return None if parsed is None else (parsed[0], parsed[1], parse_requeued(answer, rejected))
+        return self._parsed(ep, payload, parse, "response is not {\"ttl_s\", \"leases\": [...]}")
 
     async def lease_holder(self, instance_id: str) -> LeaseHolder | None:
         """``GET /lease-holder?instanceId=<id>`` (optional): who holds the instance's lease and

@@ -410,6 +410,18 @@ def parse_leases(payload: Any, rejected: list[str]) -> tuple[float, list[Lease]]
     return float(ttl), out
 
 
+def parse_requeued(payload: Any, rejected: list[str]) -> list[str] | None:
+    """``requeued`` of a ``POST /leases`` answer: the ids of the handed-back claims the proxy put
+    back to queued; None when the answer has no such field (a proxy that ignores ``unsent``)."""
+    if not isinstance(payload, dict) or "requeued" not in payload:
+        return None
+    ids = payload["requeued"]
+    if not isinstance(ids, list):
+        rejected.append("invalid_requeued")
+        return None
+    return [i for i in ids if isinstance(i, str) and 0 < len(i) <= MAX_MESSAGE_ID_CHARS]
+
+
 def _plain_text(content: Content) -> bool:
     return content.kind is Kind.TEXT and content.reply_to is None
 

@@ -11,6 +11,12 @@ Self-fencing: without a 2xx for ``ttl_s / 2`` (measured from the start of the la
 every leased runner stops and nothing is claimed until a renewal succeeds again. A 409
 ``lease_lost`` on an instance-scoped call loses that lease the same way. On SIGTERM, after the
 graceful stop, :meth:`LeaseKeeper.release_all` gives back every stopped instance.
+
+Hand-back: a release item lists in ``unsent`` the messages this worker claimed for the instance and
+never began (journal ``claimed`` rows without an ``outbound`` row; asked only once its runner has
+stopped, so nothing is in flight), and the proxy puts them back to queued: the next holder claims
+them cleanly (no ``prior_claim``). A runner stopped under a lease still held (self-fencing) hands
+its claims back the same way, in its ``held`` item, before it starts again.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ RAMP_RENEW_S = 1.0
 MIN_SEND_CAP_S = 5.0
 MIN_RENEW_S = 1.0
 PROBE_RETRY_CAP_S = 30.0
+# hand-back of claims never begun: at most this many ids per instance and per call (a few hundred KB)
+MAX_UNSENT_PER_INSTANCE = 1000
+MAX_UNSENT_PER_CALL = 2000
 
 
 class LeaseHost(Protocol):
@@ -54,6 +63,15 @@ class LeaseHost(Protocol):
 
     def running(self, instance_id: str) -> bool:
         """A runner exists for the instance (starting, connected, or still stopping)."""
+
+    def unsent_claims(self, instance_ids: list[str], limit_each: int) -> dict[str, list[str]]:
+        """Messages claimed here for these instances (runners stopped) and never begun."""
+
+    def withhold_claims(self, message_ids: list[str]) -> None:
+        """About to hand these claims back: no longer this worker's own claims."""
+
+    def settle_claims(self, requeued: list[str], kept: list[str]) -> None:
+        """The proxy put ``requeued`` back to queued (forgotten) and kept ``kept`` (still ours)."""
 
 
 class LeaseKeeper:
@@ -76,6 +94,10 @@ class LeaseKeeper:
         self.held: dict[str, int] = {}  # instance id -> current token
         self.priority: dict[str, int] = {}  # of the held leases, from their grant (start order)
         self.releasing: dict[str, int] = {}  # lost or ended: released on the next call once the runner stopped
+        # held leases whose runner stopped (self-fencing): their unsent claims are handed back (in the held
+        # item) before the runner starts again
+        self.handing_back: set[str] = set()
+        self.handed_back_at: dict[str, float] = {}  # held instance -> clock.monotonic() of its last hand-back call
         self.fenced = False
         self.closed = False  # the final release was sent: no more calls
         self.unconfirmed = False  # single-worker mode by memory (the probe was not answered)
@@ -103,6 +125,13 @@ class LeaseKeeper:
         if not self.mode:
             return True
         return not self.check_fence() and instance_id in self.held
+
+    def handed_back_since(self, instance_id: str, asked_at: float) -> bool:
+        """The instance's claims were handed back under its current lease at or after ``asked_at``: a
+        claim asked for before then (a batch poll in flight) may name a message the proxy put back
+        to queued, so it must not be sent from that answer."""
+        at = self.handed_back_at.get(instance_id)
+        return at is not None and at >= asked_at
 
     def check_fence(self) -> bool:
         """Whether this worker is fenced now, by the clock: a process frozen past the fencing
@@ -150,8 +179,8 @@ class LeaseKeeper:
             return
         if gone and instance_id in self.held:
             self.releasing[instance_id] = self.held.pop(instance_id)
-        if instance_id in self.releasing:
-            self._wake.set()
+        if instance_id in self.releasing or instance_id in self.handing_back:
+            self._wake.set()  # released (or its claims handed back, then started) by the next call
         elif instance_id in self.held and not self.fenced:
             self.host.start_leased(instance_id)
 
@@ -257,12 +286,14 @@ class LeaseKeeper:
         with anyio.move_on_after(timeout_s):
             async with self._lock:
                 self.closed = True
+                unsent = self._unsent(list(release))
                 try:
-                    await self.edge.leases(self.worker_id, 0, {}, release)
+                    _, _, requeued = await self.edge.leases(self.worker_id, 0, {}, release, unsent=unsent)
                 except EdgeError as exc:
                     log.warning("could not release %d lease(s) at shutdown (%s): they expire after %gs",
                                 len(release), exc, self.ttl_s)
                     return 0
+                self._settle(unsent, requeued)
                 self.counts["released"] += len(release)
                 log.info("released %d lease(s) at shutdown", len(release))
                 return len(release)
@@ -278,10 +309,19 @@ class LeaseKeeper:
             release = dict(self.releasing)
             for iid in [i for i in release if self.host.running(i)]:
                 del release[iid]  # still stopping: released once stopped
+            self.handing_back &= set(self.held)
+            back = [i for i in self.handing_back if not self.host.running(i)]
+            unsent = self._unsent([*release, *back])
             started = self.clock.monotonic()
+            self.handed_back_at = {i: t for i, t in self.handed_back_at.items() if i in self.held}
+            for iid in back:
+                if iid in unsent:
+                    self.handed_back_at[iid] = started
             self.counts["renewals"] += 1
-            ttl, leases = await self.edge.leases(self.worker_id, self.capacity, dict(self.held), release,
-                                                 api_url=self.api_url)
+            ttl, leases, requeued = await self.edge.leases(self.worker_id, self.capacity, dict(self.held), release,
+                                                           api_url=self.api_url, unsent=unsent)
+            self.handing_back.difference_update(back)  # asked once: what the proxy did not take back waits
+            self._settle(unsent, requeued)
             self.last_ok = started
             self.ttl_s = ttl
             self.health.stale_after_s = 3 * (self.interval_s + self.edge.timeout_s)
@@ -315,7 +355,41 @@ class LeaseKeeper:
         if self.mode:
             self._start_missing()
 
+    def _unsent(self, instance_ids: list[str]) -> dict[str, list[str]]:
+        """The claims to hand back with these (stopped) instances, bounded per instance and per call;
+        withheld from now on (no longer counted as this worker's own, whatever becomes of the call)."""
+        if not instance_ids:
+            return {}
+        found = self.host.unsent_claims(instance_ids, MAX_UNSENT_PER_INSTANCE)
+        out: dict[str, list[str]] = {}
+        room = MAX_UNSENT_PER_CALL
+        for iid in sorted(found):
+            ids = found[iid][:room]
+            if ids:
+                out[iid] = ids
+                room -= len(ids)
+        if out:
+            self.host.withhold_claims([m for ids in out.values() for m in ids])
+        return out
+
+    def _settle(self, unsent: dict[str, list[str]], requeued: list[str] | None) -> None:
+        """After an answered call: forget what the proxy put back to queued; the rest (all of it with a
+        proxy that does not answer ``requeued``) stays this worker's claims, as before."""
+        if not unsent:
+            return
+        listed = [m for ids in unsent.values() for m in ids]
+        back = set(requeued or ()) & set(listed)
+        kept = [m for m in listed if m not in back]
+        self.host.settle_claims(sorted(back), kept)
+        if back:
+            self.counts["unsent_requeued"] += len(back)
+        if kept and requeued is not None:
+            self.counts["unsent_refused"] += len(kept)
+        log.info("handed back %d claimed message(s) never begun (%d put back to queued, %d not taken back%s)",
+                 len(listed), len(back), len(kept), "" if requeued is not None else ": the proxy does not say")
+
     def _lose(self, instance_id: str) -> None:
+        self.handing_back.discard(instance_id)
         token = self.held.pop(instance_id, None)
         self.priority.pop(instance_id, None)
         if token is None:
@@ -329,7 +403,7 @@ class LeaseKeeper:
         """Every held lease without a runner gets one (highest priority first), unless fenced."""
         if self.fenced or not self.mode:
             return
-        waiting = [i for i in self.held if not self.host.running(i)]
+        waiting = [i for i in self.held if not self.host.running(i) and i not in self.handing_back]
         for iid in sorted(waiting, key=lambda i: -self.priority.get(i, 0)):
             self.host.start_leased(iid)
 
@@ -349,3 +423,4 @@ class LeaseKeeper:
         for iid in list(self.held):
             if self.host.running(iid):
                 self.host.stop_unleased(iid)
+                self.handing_back.add(iid)

@@ -228,6 +228,15 @@ class InstanceManager:
     def running(self, instance_id: str) -> bool:
         return instance_id in self.runners
 
+    def unsent_claims(self, instance_ids: list[str], limit_each: int) -> dict[str, list[str]]:
+        return self.ctx.outbound.unsent_claims(instance_ids, limit_each)
+
+    def withhold_claims(self, message_ids: list[str]) -> None:
+        self.ctx.outbound.withhold_claims(message_ids)
+
+    def settle_claims(self, requeued: list[str], kept: list[str]) -> None:
+        self.ctx.outbound.settle_claims(requeued, kept)
+
     def request_stop(self) -> None:
         self._stop_event.set()
         self._discovery_wake.set()
@@ -395,12 +404,12 @@ class InstanceManager:
                     if self.batch_supported is None:
                         log.info("the proxy supports batch polling: one call serves every instance")
                         self.batch_supported = True
-                    wait = self._dispatch(messages)
+                    wait = self._dispatch(messages, last_start)
             self.batch_health.ok()
             if await self.ctx.clock.wait(self._batch_wake, wait):
                 await _wake_gap(self.ctx.clock, last_start)
 
-    def _dispatch(self, messages: list[QueuedMessage]) -> float:
+    def _dispatch(self, messages: list[QueuedMessage], asked_at: float = 0.0) -> float:
         if not messages:
             return self.batch_interval.idle(self.ctx.idle_poll_max_s())
         by_instance: dict[str, list[QueuedMessage]] = {}
@@ -413,6 +422,10 @@ class InstanceManager:
                 token = self.leases.held.get(mid_iid)
                 if token is None or (m.lease_token is not None and m.lease_token != token):
                     self.foreign_token_messages += 1
+                    continue
+                if self.leases.handed_back_since(mid_iid, asked_at):
+                    # asked before this instance's claims were handed back under the same token: the proxy may
+                    # have put this one back to queued meanwhile; left (it comes back through a new claim)
                     continue
                 if m.lease_token is None:
                     m = replace(m, lease_token=token)

@@ -62,6 +62,7 @@ MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
 ACK_RETRY_BASE_S = 1.0
 ACK_RETRY_CAP_S = 300.0
 QUERY_GAP_S = 0.002
+MAX_HANDED_BACK = 100_000  # handed-back claims remembered in memory (see withhold_claims)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,9 @@ class OutboundRelay:
         # UNKNOWN_SEND_POLICY for a prior_claim message this journal has no row of (leases)
         self.at_least_once = at_least_once
         self.prior_claims: Counter[str] = Counter()  # "reported" (delivery_unknown) | "sent_again" | "own_claim"
+        # claims handed back to the proxy (leases): never counted as this worker's own, whatever the journal says
+        self._handed_back: set[str] = set()
+        self._to_forget: set[str] = set()  # put back to queued by the proxy; journal rows not deleted yet
         self.acks = acks
         self.clock = clock or Clock()
         self.rng = rng or random.Random()
@@ -147,10 +151,47 @@ class OutboundRelay:
         own claim (a restart, a lease lost and won back) and sent if it was never begun."""
         claims = [(m.id, instance_id or m.instance_id or "") for m in messages
                   if m.lease_token is not None and not m.prior_claim and m.problem is None]
+        for mid, _ in claims:  # claimed here again: this worker's own claim
+            self._handed_back.discard(mid)
+            self._to_forget.discard(mid)
         try:
             self.journal.note_claimed(claims)
         except (JournalUnavailable, JournalWriteError) as exc:  # nothing is sent while it is unwritable
             log.debug("claims not remembered (%s)", exc)
+
+    def unsent_claims(self, instance_ids: list[str], limit_each: int) -> dict[str, list[str]]:
+        """Leases: the messages claimed here for these instances (their runners stopped) and never
+        begun (no journal row); empty when the journal cannot say."""
+        try:
+            return self.journal.unsent_claims(instance_ids, limit_each)
+        except (JournalUnavailable, JournalWriteError) as exc:
+            log.debug("unsent claims not read (%s)", exc)
+            return {}
+
+    def withhold_claims(self, message_ids: list[str]) -> None:
+        """About to hand these claims back to the proxy: from now on they are not counted as this
+        worker's own (a ``prior_claim`` re-offer of one follows UNKNOWN_SEND_POLICY), whatever
+        becomes of the call, until :meth:`settle_claims` says the proxy kept them."""
+        if len(self._handed_back) + len(message_ids) > MAX_HANDED_BACK:
+            self._handed_back.clear()  # bounded: the journal rows stay (this worker's claims, as before)
+        self._handed_back.update(message_ids)
+
+    def settle_claims(self, requeued: list[str], kept: list[str]) -> None:
+        """The proxy's answer: ``requeued`` went back to queued (their journal rows deleted: not this
+        worker's claims any more), ``kept`` were not taken back (still this worker's claims). Ids of
+        a call that got no answer stay withheld in memory only (the journal keeps them)."""
+        self._handed_back.difference_update(kept)
+        gone = sorted(self._to_forget.union(requeued))
+        try:
+            self.journal.forget_claims(gone)
+        except (JournalUnavailable, JournalWriteError) as exc:
+            # withheld in memory meanwhile; deleted at the next hand-back
+            log.warning("%d handed-back claim(s) not forgotten in the journal yet (%s)", len(gone), exc)
+            if len(self._to_forget) + len(requeued) <= MAX_HANDED_BACK:
+                self._to_forget.update(requeued)
+            return
+        self._to_forget.clear()
+        self._handed_back.difference_update(gone)
 
     def clear_media_leftovers(self) -> int:
         """Empty the staging folder (at start: files a killed process left)."""
@@ -238,6 +279,8 @@ class OutboundRelay:
         self.acks.wake()
 
     def _claimed_here(self, message_id: str) -> bool:
+        if message_id in self._handed_back:
+            return False
         try:
             return self.journal.claimed_here(message_id)
         except JournalUnavailable:

@@ -790,6 +790,33 @@ class Journal:
         """This worker claimed ``message_id`` before (under a lease token)."""
         return self._scalar("SELECT 1 FROM claimed WHERE message_id = ?", (message_id,)) is not None
 
+    def unsent_claims(self, instance_ids: list[str], limit_each: int) -> dict[str, list[str]]:
+        """Of the ``claimed`` rows of ``instance_ids``, the ids with no ``outbound`` row (claimed here,
+        never begun), oldest claim first, at most ``limit_each`` per instance (one pass over the table)."""
+        if not instance_ids or limit_each <= 0:
+            return {}
+        rows = self._read(
+            "SELECT message_id, instance_id FROM ("
+            " SELECT c.message_id, c.instance_id, ROW_NUMBER() OVER "
+            "  (PARTITION BY c.instance_id ORDER BY c.claimed_at, c.message_id) AS n FROM claimed c"
+            " WHERE c.instance_id IN (SELECT value FROM json_each(?))"
+            " AND NOT EXISTS (SELECT 1 FROM outbound o WHERE o.message_id = c.message_id)"
+            ") WHERE n <= ? ORDER BY instance_id, n",
+            (json.dumps(sorted(set(instance_ids))), limit_each))
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            out.setdefault(r["instance_id"], []).append(r["message_id"])
+        return out
+
+    def forget_claims(self, message_ids: list[str]) -> int:
+        """Forget claims the proxy took back (put back to queued): a later ``prior_claim`` of one of
+        them is another worker's claim, not this one's. Returns how many rows went."""
+        if not message_ids:
+            return 0
+        with self._tx():
+            return self._write("DELETE FROM claimed WHERE message_id IN (SELECT value FROM json_each(?))",
+                               (json.dumps(message_ids),)).rowcount
+
     def prune(self) -> int:
         now = self._now()
         self._write("DELETE FROM claimed WHERE claimed_at < ?", (now - JOURNAL_RETENTION_S,))

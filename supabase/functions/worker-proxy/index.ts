@@ -88,6 +88,8 @@ const LEASE_SECONDS = envInt("CLAIM_LEASE_SECONDS", 300);
 const LEASE_TTL_S = envInt("WORKER_LEASE_TTL_SECONDS", 30);
 const LEASE_GRANTS_PER_CALL = 5;
 const MAX_LEASE_ITEMS = 10_000; // held / release entries per call
+const MAX_UNSENT_PER_ITEM = 1_000; // handed-back claims per held / release entry (the worker sends at most 1,000)
+const MAX_MESSAGE_ID = 256;
 const MAX_CAPACITY = 100_000;
 const EVENTS_MAX_WAIT_S = envInt("WORKER_EVENTS_MAX_WAIT_SECONDS", 25);
 const EVENTS_CHANNEL = "wa_worker_events";
@@ -911,7 +913,19 @@ async function messageStatus(req: Request): Promise<Response> {
 
 // ------------------------------------------------------------------ leases
 
-type LeaseItem = { instanceId: string; token: number };
+type LeaseItem = { instanceId: string; token: number; unsent?: string[] };
+
+// An item's optional `unsent`: the ids of claims its worker never began (handed back).
+function unsentIds(value: unknown, where: string): string[] | undefined {
+  if (value === undefined || value === null) return undefined;
+  if (
+    !Array.isArray(value) || value.length > MAX_UNSENT_PER_ITEM ||
+    !value.every((m) => typeof m === "string" && m.length > 0 && m.length <= MAX_MESSAGE_ID)
+  ) {
+    throw bad(`${where}.unsent must be a list of at most ${MAX_UNSENT_PER_ITEM} message ids`);
+  }
+  return value as string[];
+}
 
 function leaseItems(body: Json, field: string): LeaseItem[] {
   const value = body[field];
@@ -926,7 +940,9 @@ function leaseItems(body: Json, field: string): LeaseItem[] {
     if (typeof token !== "number" || !Number.isSafeInteger(token) || token < 1) {
       throw bad(`${field}[${i}].token must be a positive integer`);
     }
-    return { instanceId: instanceId(it.instanceId, `${field}[${i}].instanceId`), token };
+    const id = instanceId(it.instanceId, `${field}[${i}].instanceId`);
+    const unsent = unsentIds(it.unsent, `${field}[${i}]`);
+    return unsent && unsent.length > 0 ? { instanceId: id, token, unsent } : { instanceId: id, token };
   });
 }
 
@@ -934,7 +950,9 @@ function leaseItems(body: Json, field: string): LeaseItem[] {
 // {"ttl_s", "leases": [...]}: the complete set the worker holds after this call, in one
 // transaction (public.wa_lease_call): releases, renewals, revocations (fair share) and at
 // most LEASE_GRANTS_PER_CALL grants, highest priority first. A new grant carries the
-// discovery fields (priority, settings, proxy_url, pair_phone).
+// discovery fields (priority, settings, proxy_url, pair_phone). Items' `unsent` claims go back
+// to 'queued' first, in the same transaction (public.wa_lease_hand_back): the answer then says
+// which (`requeued`) and how many ids were ignored (`unsent_ignored`).
 async function leases(req: Request): Promise<Response> {
   const body = await readJson(req);
   const worker = body.worker_id;
@@ -949,10 +967,20 @@ async function leases(req: Request): Promise<Response> {
   const release = leaseItems(body, "release");
   const apiUrl = publicUrl(body.api_url);
   const sql = db();
-  const rows = await sql`
-    select * from public.wa_lease_call(${worker}, ${capacity}::integer,
-      ${sql.json(held as postgres.JSONValue)}, ${sql.json(release as postgres.JSONValue)},
-      ${LEASE_TTL_S}::integer, ${LEASE_GRANTS_PER_CALL}::integer)`;
+  const handBack = [...held, ...release].filter((item) => item.unsent !== undefined);
+  const listed = handBack.reduce((n, item) => n + (item.unsent?.length ?? 0), 0);
+  const leaseCall = (q: Sql | postgres.TransactionSql) =>
+    q`select * from public.wa_lease_call(${worker}, ${capacity}::integer,
+        ${sql.json(held as postgres.JSONValue)}, ${sql.json(release as postgres.JSONValue)},
+        ${LEASE_TTL_S}::integer, ${LEASE_GRANTS_PER_CALL}::integer)`;
+  // a renewal is one statement; a hand-back goes first, in the same transaction
+  const { requeued, rows } = handBack.length === 0
+    ? { requeued: [] as postgres.Row[], rows: await leaseCall(sql) }
+    : await sql.begin(async (tx) => {
+      const requeued = await tx`
+        select message_id from public.wa_lease_hand_back(${worker}, ${sql.json(handBack as postgres.JSONValue)})`;
+      return { requeued, rows: await leaseCall(tx) };
+    });
   // where API clients reach this worker (GET /lease-holder); absent: it gave none. Written only
   // when it changed (a renewal is not a write); a worker that left has no row to write to.
   try {
@@ -975,6 +1003,10 @@ async function leases(req: Request): Promise<Response> {
         }
         : { instanceId: r.instance_id, token: Number(r.token) }
     ),
+    ...(handBack.length === 0 ? {} : {
+      requeued: requeued.map((r) => r.message_id),
+      unsent_ignored: listed - requeued.length,
+    }),
   });
 }
 
