@@ -235,7 +235,8 @@ async def test_disk_full_stops_pulling_stays_connected_and_recovers(proxy, tmp_p
         assert "during" not in proxy.sent_marks and [m["body"] for m in w.backend.sent("acme")] == ["fine"]
         filler.unlink()
         await wait_until(lambda: w.journal.writable, timeout=10, what="recovered")
-        await wait_until(lambda: "during" in proxy.sent_marks, timeout=10)
+        # the recovery wakes the instances' paused polls (they looked again only every 5 s)
+        await wait_until(lambda: "during" in proxy.sent_marks, timeout=3)
         await wait_until(lambda: wa in proxy.inbound_ids(), timeout=10)
         assert [m["body"] for m in w.backend.sent("acme")] == ["fine", "must wait"]
 

@@ -444,6 +444,7 @@ class Worker:
             if not self.journal.writable:
                 await anyio.to_thread.run_sync(self.journal.reconnect)  # a shared journal's lost connection
             if not self.journal.writable and self.journal.probe_writable():
+                self.manager.wake()  # the instances' polls paused while nothing could be journaled
                 self.acks.wake()
                 self.inbound.wake()
                 self.receipts.wake()
