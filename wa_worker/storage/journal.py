@@ -226,11 +226,11 @@ class Journal:
         except self._errors as exc:
             raise JournalUnavailable(f"read failed: {exc}") from exc
 
-    def _mine(self) -> tuple[str, tuple[Any, ...]]:
+    def _mine(self, column: str = "worker_id") -> tuple[str, tuple[Any, ...]]:
         """A condition (`` AND …``) and its parameters: a shared journal's rows this worker wrote."""
         if self.owner is None:
             return "", ()
-        return " AND worker_id = ?", (self.owner,)
+        return f" AND {column} = ?", (self.owner,)
 
     def _in_scope(self, column: str) -> tuple[str, tuple[Any, ...]]:
         """A condition (`` AND …``) and its parameters: a shared journal's rows of the instances this
@@ -791,18 +791,21 @@ class Journal:
         return self._scalar("SELECT 1 FROM claimed WHERE message_id = ?", (message_id,)) is not None
 
     def unsent_claims(self, instance_ids: list[str], limit_each: int) -> dict[str, list[str]]:
-        """Of the ``claimed`` rows of ``instance_ids``, the ids with no ``outbound`` row (claimed here,
-        never begun), oldest claim first, at most ``limit_each`` per instance (one pass over the table)."""
+        """Of the ``claimed`` rows of ``instance_ids`` (a shared journal: this worker's), the ids with no
+        ``outbound`` row (claimed here, never begun), oldest claim first, at most ``limit_each`` per
+        instance (one pass over the table)."""
         if not instance_ids or limit_each <= 0:
             return {}
+        scope, ids = self._in_list("c.instance_id", sorted(set(instance_ids)))
+        mine, owner = self._mine("c.worker_id")
         rows = self._read(
             "SELECT message_id, instance_id FROM ("
             " SELECT c.message_id, c.instance_id, ROW_NUMBER() OVER "
             "  (PARTITION BY c.instance_id ORDER BY c.claimed_at, c.message_id) AS n FROM claimed c"
-            " WHERE c.instance_id IN (SELECT value FROM json_each(?))"
+            f" WHERE 1 = 1{scope}{mine}"
             " AND NOT EXISTS (SELECT 1 FROM outbound o WHERE o.message_id = c.message_id)"
-            ") WHERE n <= ? ORDER BY instance_id, n",
-            (json.dumps(sorted(set(instance_ids))), limit_each))
+            ") AS unsent WHERE n <= ? ORDER BY instance_id, n",
+            (*ids, *owner, limit_each))
         out: dict[str, list[str]] = {}
         for r in rows:
             out.setdefault(r["instance_id"], []).append(r["message_id"])

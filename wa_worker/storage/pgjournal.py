@@ -382,24 +382,6 @@ class PgJournal(Journal):
         worker journals ``sending`` here first), so it is as good as this worker's own claim."""
         return True
 
-    def unsent_claims(self, instance_ids: list[str], limit_each: int) -> dict[str, list[str]]:
-        """This worker's claims of ``instance_ids`` that no worker began (no outbound row), oldest
-        first, at most ``limit_each`` per instance."""
-        if not instance_ids or limit_each <= 0:
-            return {}
-        scope, ids = self._in_list("c.instance_id", sorted(set(instance_ids)))
-        rows = self._read(
-            "SELECT message_id, instance_id FROM ("
-            " SELECT c.message_id, c.instance_id, ROW_NUMBER() OVER "
-            "  (PARTITION BY c.instance_id ORDER BY c.claimed_at, c.message_id) AS n FROM claimed c"
-            f" WHERE c.worker_id = ?{scope}"
-            " AND NOT EXISTS (SELECT 1 FROM outbound o WHERE o.message_id = c.message_id)"
-            ") AS unsent WHERE n <= ? ORDER BY instance_id, n", (self.owner, *ids, limit_each))
-        out: dict[str, list[str]] = {}
-        for r in rows:
-            out.setdefault(r["instance_id"], []).append(r["message_id"])
-        return out
-
     def forget_claims(self, message_ids: list[str]) -> int:
         if not message_ids:
             return 0
