@@ -45,6 +45,15 @@ def lease_settings(tmp_path: Any, proxy: FakeProxy, worker_id: str = "w-a", **ex
     return make_settings(tmp_path, proxy.url, WORKER_ID=worker_id, **extra)
 
 
+async def claim_one_never_begun(w: Any, proxy: FakeProxy, iid: str) -> None:
+    """``m1`` sent and ``m2`` claimed but never begun: the worker's settings allow one number lookup
+    a minute (``NUMBER_LOOKUPS_PER_MINUTE=1``), which m1 spent, so m2's waits."""
+    proxy.enqueue(iid, "m1", "5511988880001", "first")
+    proxy.enqueue(iid, "m2", "5511988880002", "second: its lookup waits")
+    w.wake(iid)
+    await wait_until(lambda: "m1" in proxy.sent_marks and w.journal.claimed_here("m2"), what="m1 sent, m2 claimed")
+
+
 async def test_a_granted_lease_starts_a_runner_and_every_call_says_who_is_calling(fleet, tmp_path):
     fleet.add_instance("acme", priority=3)
     async with running_worker(lease_settings(tmp_path, fleet)) as w:
@@ -572,11 +581,7 @@ async def test_a_prior_claim_of_this_workers_own_unbegun_claim_is_sent_not_repor
     first = lease_settings(tmp_path, fleet, NUMBER_LOOKUPS_PER_MINUTE=1, SIMULATOR_AUTO_SCAN_MS=20)
     async with running_worker(first) as w:
         await wait_until(lambda: fleet.status_of("acme") == "CONNECTED", what="connected")
-        fleet.enqueue("acme", "m1", "5511988880001", "first")
-        fleet.enqueue("acme", "m2", "5511988880002", "second: its lookup waits")
-        w.wake("acme")
-        await wait_until(lambda: "m1" in fleet.sent_marks, what="m1 sent")
-        await wait_until(lambda: w.journal.claimed_here("m2"), what="m2 claimed")
+        await claim_one_never_begun(w, fleet, "acme")
         assert w.journal.outbound_get("m2") is None  # claimed, never begun
         fleet.fail["leases"] = 1000  # no hand-back at the stop (as after a crash): the claim stays under lease 1
     fleet.fail["leases"] = 0
@@ -599,11 +604,7 @@ async def test_sigterm_hands_unsent_claims_back_and_the_next_holder_sends_them_o
     first = lease_settings(tmp_path / "a", fleet, "w-a", NUMBER_LOOKUPS_PER_MINUTE=1, SIMULATOR_AUTO_SCAN_MS=20)
     async with running_worker(first) as wa:
         await wait_until(lambda: fleet.status_of("acme") == "CONNECTED", what="connected on w-a")
-        fleet.enqueue("acme", "m1", "5511988880001", "first")
-        fleet.enqueue("acme", "m2", "5511988880002", "second: its lookup waits")
-        wa.wake("acme")
-        await wait_until(lambda: "m1" in fleet.sent_marks, what="m1 sent")
-        await wait_until(lambda: wa.journal.claimed_here("m2"), what="m2 claimed")
+        await claim_one_never_begun(wa, fleet, "acme")
         assert wa.journal.outbound_get("m2") is None  # claimed, never begun
     final = [c for c in fleet.lease_calls if c["worker_id"] == "w-a"][-1]
     assert final["capacity"] == 0
@@ -636,10 +637,7 @@ async def test_a_revoked_lease_hands_its_unsent_claims_to_the_worker_that_takes_
         async with running_worker(first) as wa:
             await wait_until(lambda: sum(1 for r in wa.manager.runners.values() if r.state.value == "connected") == 4,
                              what="four connected on w-a")
-            proxy.enqueue("i0", "m1", "5511988880001", "first")
-            proxy.enqueue("i0", "m2", "5511988880002", "second: its lookup waits")
-            wa.wake("i0")
-            await wait_until(lambda: "m1" in proxy.sent_marks and wa.journal.claimed_here("m2"), what="m2 claimed")
+            await claim_one_never_begun(wa, proxy, "i0")
             second = lease_settings(tmp_path / "b", proxy, "w-b", NUMBER_LOOKUPS_PER_MINUTE=0,
                                     SIMULATOR_AUTO_SCAN_MS=20)
             async with running_worker(second) as wb:
@@ -670,10 +668,7 @@ async def test_a_self_fenced_runner_hands_its_unsent_claims_back_under_the_same_
         settings = lease_settings(tmp_path, proxy, NUMBER_LOOKUPS_PER_MINUTE=1, SIMULATOR_AUTO_SCAN_MS=20)
         async with running_worker(settings) as w:
             await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="connected")
-            proxy.enqueue("acme", "m1", "5511988880001", "first")
-            proxy.enqueue("acme", "m2", "5511988880002", "second: its lookup waits")
-            w.wake("acme")
-            await wait_until(lambda: "m1" in proxy.sent_marks and w.journal.claimed_here("m2"), what="m2 claimed")
+            await claim_one_never_begun(w, proxy, "acme")
             proxy.fail["leases"] = 1000
             await wait_until(lambda: w.manager.leases.fenced and "acme" not in w.manager.runners, timeout=6,
                              what="fenced, runner stopped")
@@ -707,10 +702,7 @@ async def test_a_proxy_that_ignores_unsent_leaves_the_claim_the_workers_own(tmp_
         settings = lease_settings(tmp_path, proxy, NUMBER_LOOKUPS_PER_MINUTE=1, SIMULATOR_AUTO_SCAN_MS=20)
         async with running_worker(settings) as w:
             await wait_until(lambda: proxy.status_of("acme") == "CONNECTED", what="connected")
-            proxy.enqueue("acme", "m1", "5511988880001", "first")
-            proxy.enqueue("acme", "m2", "5511988880002", "second: its lookup waits")
-            w.wake("acme")
-            await wait_until(lambda: "m1" in proxy.sent_marks and w.journal.claimed_here("m2"), what="m2 claimed")
+            await claim_one_never_begun(w, proxy, "acme")
             w.outbound.resolver.lookups_per_minute = 0
             book(proxy).rows["acme"].revoked = True  # lost, released (listing m2), granted back under token 2
             await wait_until(lambda: "m2" in proxy.sent_marks, timeout=10, what="m2 sent under lease 2")
