@@ -783,8 +783,8 @@ class Journal:
         now = self._now()
         with self._tx():
             for message_id, instance_id in claims:
-                self._write("INSERT INTO claimed (message_id, instance_id, claimed_at) VALUES (?, ?, ?) "
-                            "ON CONFLICT DO NOTHING", (message_id, instance_id, now))
+                self._write("INSERT INTO claimed (message_id, instance_id, claimed_at, worker_id) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT DO NOTHING", (message_id, instance_id, now, self.owner))
 
     def claimed_here(self, message_id: str) -> bool:
         """This worker claimed ``message_id`` before (under a lease token)."""

@@ -200,10 +200,12 @@ CREATE TABLE claimed (
 CREATE INDEX claimed_at ON claimed (claimed_at);
 """
 
-# issue #13, a journal shared by a fleet (PostgreSQL, pgjournal.py, has it from its first version): the
-# worker that wrote an outbound row last. A journal of its own leaves it NULL (every row is its own)
+# issue #13, a journal shared by a fleet (PostgreSQL, pgjournal.py, has them from its first version): the
+# worker that wrote an outbound row last, and the one that made a claim. A journal of its own leaves them
+# NULL (every row is its own); the SQL that writes them is the same for both
 V11_OUTBOUND_WORKER = """
 ALTER TABLE outbound ADD COLUMN worker_id TEXT;
+ALTER TABLE claimed ADD COLUMN worker_id TEXT;
 """
 
 WORKER_MIGRATIONS: tuple[Migration, ...] = (
@@ -217,7 +219,7 @@ WORKER_MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "instance settings", V8_INSTANCE_SETTINGS),
     Migration(9, "claim token", V9_CLAIM_TOKEN),
     Migration(10, "claims made here", V10_CLAIMED),
-    Migration(11, "outbound row's worker", V11_OUTBOUND_WORKER),
+    Migration(11, "the worker of an outbound row and of a claim", V11_OUTBOUND_WORKER),
 )
 # the tables a pre-versioning (user_version 0) journal has
 V1_TABLES = frozenset({"inbound", "outbound", "dead_letter", "meta"})

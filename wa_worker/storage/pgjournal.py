@@ -368,15 +368,6 @@ class PgJournal(Journal):
         self._write("INSERT INTO meta (worker_id, key, value) VALUES (?, ?, ?) ON CONFLICT (worker_id, key) "
                     "DO UPDATE SET value = excluded.value", (self.owner, key, value))
 
-    def note_claimed(self, claims: list[tuple[str, str]]) -> None:
-        if not claims:
-            return
-        now = self._now()
-        with self._tx():
-            for message_id, instance_id in claims:
-                self._write("INSERT INTO claimed (message_id, instance_id, claimed_at, worker_id) VALUES (?, ?, ?, ?) "
-                            "ON CONFLICT DO NOTHING", (message_id, instance_id, now, self.owner))
-
     def claimed_here(self, message_id: str) -> bool:
         """Asked of a message offered again with no outbound row: none was begun anywhere (every
         worker journals ``sending`` here first), so it is as good as this worker's own claim."""
