@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from anyio.abc import SocketStream
 
+from tests.fakeleases import LeaseBook
 from tests.fakeproxy import SECRET, FakeProxy
 from wa_worker.backends.base import SessionState
 from wa_worker.backends.simulator import SimulatorBackend
@@ -35,6 +36,16 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def proxy() -> AsyncIterator[FakeProxy]:
     p = await FakeProxy().start()
+    try:
+        yield p
+    finally:
+        await p.stop()
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[FakeProxy]:
+    """A fake proxy with leases (a fleet's proxy), TTL 30 s."""
+    p = await FakeProxy(lease_book=LeaseBook(ttl_s=30.0)).start()
     try:
         yield p
     finally:

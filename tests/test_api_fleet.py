@@ -17,7 +17,6 @@ import pytest
 from openapi_spec_validator import validate
 
 from tests.conftest import FakeClock, connect, make_settings, running_worker, wait_until
-from tests.fakeleases import LeaseBook
 from tests.fakeproxy import SECRET, FakeProxy
 from tests.proc import free_port
 from wa_worker.api.elsewhere import CACHE_S, HolderFinder
@@ -31,16 +30,6 @@ pytestmark = pytest.mark.anyio
 TOKEN = "api-token-0123456789abcdef"
 API = {"Authorization": f"Bearer {TOKEN}"}
 TO = "5511988887777"
-
-
-@pytest.fixture
-async def fleet() -> AsyncIterator[FakeProxy]:
-    p = FakeProxy(lease_book=LeaseBook(ttl_s=30.0))
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 @asynccontextmanager

@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -24,16 +23,6 @@ from wa_worker.edge.client import EdgeClient, LeaseLost
 from wa_worker.edge.models import Status, StatusUpdate
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def fleet() -> AsyncIterator[FakeProxy]:
-    p = FakeProxy(lease_book=LeaseBook(ttl_s=30.0))
-    await p.start()
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 def book(proxy: FakeProxy) -> LeaseBook:
