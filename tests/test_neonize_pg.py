@@ -61,6 +61,15 @@ def fabricate_device(server: PgServer, db: str, device_jid: str) -> None:
         "'android', '', 'me')", db)
 
 
+async def put_push_name(session: Any, phone: str, name: bytes) -> None:
+    """One of whatsmeow's own store writes (a contact's push name), through the session's Go client."""
+    nz = NeonizeLib.get()
+    contact = jid(phone).SerializeToString()
+    att = session._attempt
+    await session._go_call("PutPushName", lambda: nz.gocode.PutPushName(att.uuid, contact, len(contact), name),
+                           timeout_s=10)
+
+
 async def dialing(backend: NeonizeBackend, iid: str, rec: Recorder) -> Any:
     """A session whose Go client is up and stuck dialing (a silent upstream proxy)."""
     session = await backend.open_session(iid, rec)
@@ -145,11 +154,7 @@ async def _pairing_story(server: PgServer, db: str, url: str, tmp_path: Path, id
             session = await dialing(backend, "acme", Recorder())
             assert await loaded_device(session) == ACME
             # whatsmeow's own store writes land under that device
-            nz = NeonizeLib.get()
-            contact = jid("5511888880000").SerializeToString()
-            att = session._attempt
-            await session._go_call("PutPushName", lambda: nz.gocode.PutPushName(att.uuid, contact, len(contact),
-                                                                               b"Alice"), timeout_s=10)
+            await put_push_name(session, "5511888880000", b"Alice")
             assert server.query("select our_jid, push_name from whatsmeow_contacts", db) == [
                 {"our_jid": ACME, "push_name": "Alice"}]
             await session.close()
@@ -214,11 +219,7 @@ def test_idle_session_connections_are_closed_and_go_reconnects_on_its_next_query
                     assert time.monotonic() < deadline, "idle connections were not closed"
                     await asyncio.sleep(0.2)
                 # the live client's pool lost its connection: its next write still lands
-                nz = NeonizeLib.get()
-                contact = jid("5511888880000").SerializeToString()
-                att = session._attempt
-                await session._go_call("PutPushName", lambda: nz.gocode.PutPushName(att.uuid, contact, len(contact),
-                                                                                   b"Bob"), timeout_s=10)
+                await put_push_name(session, "5511888880000", b"Bob")
                 assert server.query("select our_jid, push_name from whatsmeow_contacts", db) == [
                     {"our_jid": ACME, "push_name": "Bob"}]
                 await session.close()
