@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,23 @@ class Fleet:
 
 def holders(store: DevStore) -> dict[str, str | None]:
     return {i["id"]: i["lease_holder"] for i in store.list_instances()}
+
+
+def race(target: Callable[..., None], args: list[tuple[Any, ...]]) -> None:
+    """``target(*a, barrier)`` for each ``a``, each in its thread, released together; joined."""
+    barrier = threading.Barrier(len(args))
+    threads = [threading.Thread(target=target, args=(*a, barrier)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+
+def assert_granted_once(answers: dict[str, dict[str, int]], owned: dict[str, str | None], n: int) -> None:
+    """Every one of ``n`` instances granted to exactly one worker, the one the store names."""
+    granted = [i for held in answers.values() for i in held]
+    assert len(granted) == len(set(granted)) == n
+    assert all(owned[i] == w for w, held in answers.items() for i in held)
 
 
 # ---------------------------------------------------------------------------- grants and renewals
@@ -268,17 +285,9 @@ def test_two_workers_calling_at_once_never_both_get_one_instance(http: httpx.Cli
         except (AssertionError, httpx.HTTPError, threading.BrokenBarrierError) as exc:  # the main thread reports it
             errors.append(exc)
 
-    barrier = threading.Barrier(len(workers))
-    threads = [threading.Thread(target=run, args=(w, barrier)) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    race(run, [(w,) for w in workers])
     assert not errors
-    granted = [i for held in answers.values() for i in held]
-    assert len(granted) == len(set(granted)) == 40
-    owned = holders(store)
-    assert all(owned[i] == w for w, held in answers.items() for i in held)
+    assert_granted_once(answers, holders(store), 40)
 
 
 @pytest.mark.parametrize("body,why", [
@@ -501,17 +510,9 @@ def test_two_proxies_on_one_database_never_grant_one_instance_twice(tmp_path: Pa
                 except (AssertionError, httpx.HTTPError, threading.BrokenBarrierError) as exc:
                     errors.append(exc)
 
-            barrier = threading.Barrier(len(workers))
-            threads = [threading.Thread(target=run, args=(n, w, barrier)) for n, w in enumerate(workers)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(30)
+            race(run, list(enumerate(workers)))
         assert not errors
-        granted = [i for held in answers.values() for i in held]
-        assert len(granted) == len(set(granted)) == 40
-        owned = holders(stores[0])
-        assert all(owned[i] == w for w, held in answers.items() for i in held)
+        assert_granted_once(answers, holders(stores[0]), 40)
     finally:
         for s in stores:
             s.close()
